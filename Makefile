@@ -1,0 +1,31 @@
+# Each target sets itself up first (scripts/bootstrap.py: idempotent, quick when done).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.traindyn-installed
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow lint bench clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.py
+	$(PYTHON) scripts/bootstrap.py --venv $(VENV)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/traindyn demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,38 @@
+"""Helpers shared by tests: tolerances, notebook execution."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = ROOT / "notebooks"
+
+
+def assert_rel(actual, expected, rtol: float, what: str = "") -> None:
+    """Assert ``|actual - expected| <= rtol·|expected|`` elementwise, with a readable message."""
+    actual, expected = np.asarray(actual, float), np.asarray(expected, float)
+    err = np.abs(actual - expected) / np.maximum(np.abs(expected), 1e-300)
+    assert np.all(err <= rtol), f"{what}: max relative error {err.max():.3e} > {rtol:.1e}"
+
+
+def run_notebook(name: str, tmp_path: Path, timeout: int = 600) -> object:
+    """Execute ``notebooks/<name>`` at small size (``TRAINDYN_NOTEBOOK_SMALL=1``) in ``tmp_path``.
+
+    Notebooks read that variable in their first cell to pick small sizes; outputs (figures,
+    files) land in ``tmp_path``.  Returns the executed notebook.
+    """
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    os.environ["TRAINDYN_NOTEBOOK_SMALL"] = "1"
+    os.environ["TRAINDYN_NOTEBOOK_OUT"] = str(tmp_path)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    return nb
