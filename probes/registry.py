@@ -12,7 +12,16 @@ from dataclasses import dataclass
 
 from probes import spectral
 
-__all__ = ["FEATURE_PROBES", "FeatureProbe", "get_feature_probe", "register_feature_probe"]
+__all__ = [
+    "FEATURE_PROBES",
+    "MODEL_PROBES",
+    "FeatureProbe",
+    "ModelProbe",
+    "get_feature_probe",
+    "get_model_probe",
+    "register_feature_probe",
+    "register_model_probe",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,47 @@ def get_feature_probe(name: str) -> FeatureProbe:
     except KeyError:
         raise KeyError(
             f"unknown probe {name!r}; available: {', '.join(sorted(FEATURE_PROBES))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ModelProbe:
+    """A named metric of a whole model on probe inputs (and targets), e.g. NTK alignment.
+
+    ``factory()`` returns a fresh callable ``probe(model, inputs, targets) -> {var: value}``;
+    the callable may keep state between calls (kernel at initialisation, previous kernel), so
+    one instance is made per run.  ``variables`` maps each returned name to its
+    ``(long_name, units)``.
+    """
+
+    name: str
+    factory: Callable[[], Callable[..., dict[str, float]]]
+    variables: dict[str, tuple[str, str]]
+    source: str
+
+
+MODEL_PROBES: dict[str, ModelProbe] = {}
+
+
+def register_model_probe(
+    name: str,
+    factory: Callable[[], Callable[..., dict[str, float]]],
+    variables: dict[str, tuple[str, str]],
+    source: str,
+) -> ModelProbe:
+    """Add (or replace) a named model probe and return it."""
+    probe = ModelProbe(name, factory, variables, source)
+    MODEL_PROBES[name] = probe
+    return probe
+
+
+def get_model_probe(name: str) -> ModelProbe:
+    """Look a model probe up by name; unknown names raise ``KeyError`` listing the known ones."""
+    try:
+        return MODEL_PROBES[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown model probe {name!r}; available: {', '.join(sorted(MODEL_PROBES))}"
         ) from None
 
 
