@@ -1,0 +1,436 @@
+r"""Neural-collapse metrics of last-layer features, one-shot and streaming.
+
+Papyan, Han & Donoho, "Prevalence of neural collapse during the terminal phase of deep
+learning training", PNAS 117 (2020) 24652 (Figs. 2-7 and the authors' notebook); the class-
+distance normalised variance (CDNV) of Galanti, György & Hutter, "On the role of neural
+collapse in transfer learning", ICLR 2022 (Def. 1).
+
+Notation: features ``h_i ∈ R^d`` with labels ``y_i``; ``N_c`` samples in class ``c``, ``C``
+classes present, ``N = Σ_c N_c``;
+
+.. math::
+    \mu_c = \frac{1}{N_c}\sum_{y_i=c} h_i,\qquad
+    \tilde M = [\mu_c - \mu_G]_{c} \in \mathbb R^{d\times C},
+
+    \Sigma_W = \frac{1}{N}\sum_c \sum_{y_i=c}(h_i-\mu_c)(h_i-\mu_c)^\top,\qquad
+    \Sigma_B = \frac{1}{C}\tilde M\tilde M^\top .
+
+**Global mean convention** (``global_mean=``): ``"class_means"`` (default) takes
+``μ_G = (1/C) Σ_c μ_c``, the unweighted mean of class means, as the authors' notebook does;
+then ``Σ_c (μ_c − μ_G) = 0`` and ``Σ_B`` has rank at most ``C − 1``, whatever the class
+sizes.  ``"samples"`` takes the sample mean ``μ_G = (1/N) Σ_i h_i`` (used by several later
+codes).  The two agree for balanced classes; for imbalanced classes they differ and the
+choice is recorded in the Dataset's ``parameters``.
+
+**Standard deviations** (equinorm, equiangle) are population standard deviations (``ddof=0``)
+over classes or class pairs.  The authors' notebook uses ``torch.std`` (``ddof=1``) for the
+equinorm coefficient of variation: multiply ours by ``√(C/(C−1))`` to compare.
+
+Streaming: :class:`CollapseAccumulator` keeps class counts, class means and the pooled
+within-class scatter (``d × d``) in float64, merged batch by batch with Chan, Golub & LeVeque's
+pairwise update (1979), so the result does not depend on batching and memory does not grow
+with ``N``.  :func:`neural_collapse` is the accumulator fed once.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import xarray as xr
+
+from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor
+
+__all__ = ["GLOBAL_MEANS", "NC_VARIABLES", "CollapseAccumulator", "neural_collapse"]
+
+GLOBAL_MEANS: tuple[str, ...] = ("class_means", "samples")
+
+SOURCE = (
+    "Papyan, Han, Donoho (2020), Prevalence of neural collapse during the terminal phase of "
+    "deep learning training, PNAS 117:24652; CDNV: Galanti, Gyorgy, Hutter (2022), On the "
+    "role of neural collapse in transfer learning, ICLR"
+)
+
+NC_VARIABLES: dict[str, dict[str, str]] = {
+    "nc1": {"long_name": "NC1 within-class variability, Tr(Sigma_W Sigma_B^+)/C", "units": "1"},
+    "nc2_equinorm": {"long_name": "NC2 equinorm: std/mean of centred class-mean norms",
+                     "units": "1"},
+    "nc2_equinorm_classifier": {"long_name": "NC2 equinorm: std/mean of classifier row norms",
+                                "units": "1"},
+    "nc2_equiangle": {"long_name": "NC2 equiangularity: std of cosines of centred class means",
+                      "units": "1"},
+    "nc2_equiangle_classifier": {
+        "long_name": "NC2 equiangularity: std of cosines of classifier rows", "units": "1"},
+    "nc2_coherence": {"long_name": "NC2 maximal angle: mean |cos + 1/(C-1)| of centred means",
+                      "units": "1"},
+    "nc2_coherence_classifier": {
+        "long_name": "NC2 maximal angle: mean |cos + 1/(C-1)| of classifier rows", "units": "1"},
+    "nc3": {"long_name": "NC3 self-duality, ||W^T/||W||_F - M/||M||_F||_F^2", "units": "1"},
+    "nc4": {"long_name": "NC4 nearest-class-mean vs network prediction mismatch fraction",
+            "units": "1"},
+    "cdnv": {"long_name": "class-distance normalised variance, mean over class pairs",
+             "units": "1"},
+}
+"""Variables of :func:`neural_collapse` with their attributes (all scalars)."""
+
+
+def _warn(msg: str) -> None:
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _cv(x: torch.Tensor) -> float:
+    """Coefficient of variation std/mean (population std)."""
+    mean = x.mean()
+    if not mean > 0:
+        return float("nan")
+    return float(x.std(correction=0) / mean)
+
+
+def _cosines(vectors: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Off-diagonal cosines (i < j) between the columns of ``vectors`` (d × C)."""
+    norms = vectors.norm(dim=0)
+    ok = bool((norms > 0).all())
+    unit = vectors / norms.clamp(min=torch.finfo(vectors.dtype).tiny)
+    gram = unit.T @ unit
+    i, j = torch.triu_indices(gram.shape[0], gram.shape[1], offset=1, device=gram.device)
+    return gram[i, j], ok
+
+
+def _angle_metrics(vectors: torch.Tensor) -> tuple[float, float]:
+    """(std of pairwise cosines, mean |cos + 1/(C-1)|) of the columns of ``vectors``."""
+    cos, ok = _cosines(vectors)
+    if not ok:
+        return float("nan"), float("nan")
+    c = vectors.shape[1]
+    return float(cos.std(correction=0)), float((cos + 1.0 / (c - 1)).abs().mean())
+
+
+@dataclass
+class _Stats:
+    labels: list[int]
+    counts: torch.Tensor  # (C,)
+    means: torch.Tensor  # (C, d)
+    within_ss: torch.Tensor  # (C,) Σ_{i∈c} ||h_i - μ_c||²
+    scatter: torch.Tensor  # (d, d) Σ_c Σ_{i∈c} (h_i - μ_c)(h_i - μ_c)ᵀ
+
+
+class CollapseAccumulator:
+    r"""Streaming class statistics for neural-collapse metrics.
+
+    Keeps, in float64 on the device of the first batch, the class counts ``N_c``, class means
+    ``μ_c``, per-class sums of squared deviations and the pooled within-class scatter
+    ``Σ_c Σ_{i∈c}(h_i−μ_c)(h_i−μ_c)ᵀ``.  Each batch is merged by the pairwise update of Chan,
+    Golub & LeVeque (1979): for a class with ``n_a`` seen samples of mean ``μ_a`` and ``n_b``
+    new ones of mean ``m_b`` and scatter ``S_b``,
+
+    .. math:: S \leftarrow S + S_b + \frac{n_a n_b}{n_a+n_b}(m_b-\mu_a)(m_b-\mu_a)^\top ,
+
+    which avoids the cancellation of ``Σ h hᵀ − N μμᵀ``.  Memory is ``O(d² + C·d)``.
+
+    NC4 needs the final class means, so it takes a second pass: after every ``update``, call
+    :meth:`update_predictions` on the same data with the network's logits (or the classifier).
+
+    Examples
+    --------
+    >>> acc = CollapseAccumulator()
+    >>> for x, y in loader:                                  # doctest: +SKIP
+    ...     acc.update(penultimate(x), y)
+    >>> for x, y in loader:                                  # doctest: +SKIP
+    ...     acc.update_predictions(penultimate(x), logits=model(x))
+    >>> ds = acc.compute(weight=model.fc.weight)             # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
+        self.n = 0
+        self.d: int | None = None
+        self.nonfinite = False
+        self._index: dict[int, int] = {}
+        self._counts: torch.Tensor | None = None
+        self._means: torch.Tensor | None = None
+        self._within_ss: torch.Tensor | None = None
+        self._scatter: torch.Tensor | None = None
+        self._mismatch = 0
+        self._predicted = 0
+
+    # ------------------------------------------------------------------ updates
+    def _grow(self, new_labels: list[int], device: torch.device) -> None:
+        k = len(new_labels)
+        zeros = dict(dtype=STAT_DTYPE, device=device)
+        for label in new_labels:
+            self._index[label] = len(self._index)
+        if self._counts is None:
+            self._counts = torch.zeros(k, **zeros)
+            self._means = torch.zeros(k, self.d, **zeros)
+            self._within_ss = torch.zeros(k, **zeros)
+            self._scatter = torch.zeros(self.d, self.d, **zeros)
+        else:
+            self._counts = torch.cat([self._counts, torch.zeros(k, **zeros)])
+            self._means = torch.cat([self._means, torch.zeros(k, self.d, **zeros)])
+            self._within_ss = torch.cat([self._within_ss, torch.zeros(k, **zeros)])
+
+    def update(self, features: ArrayLike, labels: ArrayLike) -> CollapseAccumulator:
+        """Add a batch: ``features`` of shape ``(b, d)`` (trailing axes flattened), integer
+        ``labels`` of shape ``(b,)``."""
+        z = as_features(features).to(STAT_DTYPE)
+        y = _as_labels(labels, z.shape[0], z.device)
+        if self.d is None:
+            self.d = z.shape[1]
+        elif z.shape[1] != self.d:
+            raise ValueError(f"batch has {z.shape[1]} features; earlier batches had {self.d}")
+        if not all_finite(z):
+            self.nonfinite = True
+        uniq, inv = torch.unique(y, return_inverse=True)
+        values = [int(u) for u in uniq.tolist()]
+        new = [v for v in values if v not in self._index]
+        if new:
+            self._grow(new, z.device)
+        rows = torch.tensor([self._index[v] for v in values], device=z.device)
+        nb = torch.bincount(inv, minlength=len(values)).to(STAT_DTYPE)
+        sums = torch.zeros(len(values), self.d, dtype=STAT_DTYPE, device=z.device)
+        sums.index_add_(0, inv, z)
+        mb = sums / nb[:, None]
+        zc = z - mb[inv]
+        ss_b = torch.zeros(len(values), dtype=STAT_DTYPE, device=z.device)
+        ss_b.index_add_(0, inv, (zc * zc).sum(1))
+        na = self._counts[rows]
+        n = na + nb
+        delta = mb - self._means[rows]
+        w = na * nb / n
+        self._scatter.addmm_(zc.T, zc)
+        self._scatter.addmm_((delta * w[:, None]).T, delta)
+        self._within_ss[rows] += ss_b + w * (delta * delta).sum(1)
+        self._means[rows] += delta * (nb / n)[:, None]
+        self._counts[rows] = n
+        self.n += z.shape[0]
+        return self
+
+    def update_predictions(
+        self,
+        features: ArrayLike,
+        logits: ArrayLike | None = None,
+        weight: ArrayLike | None = None,
+        bias: ArrayLike | None = None,
+    ) -> CollapseAccumulator:
+        """Second pass for NC4: count samples whose nearest class mean (of the means
+        accumulated so far, which should be final) differs from the network's prediction,
+        ``argmax`` of ``logits`` or of ``h Wᵀ + b``."""
+        self._check()
+        z = as_features(features).to(STAT_DTYPE)
+        pred = _network_prediction(z, logits, weight, bias)
+        if pred is None:
+            raise ValueError("update_predictions needs logits, or the classifier weight")
+        self._mismatch += int((self.ncc_predict(z) != pred).sum())
+        self._predicted += z.shape[0]
+        return self
+
+    def ncc_predict(self, features: ArrayLike) -> torch.Tensor:
+        """Label of the nearest class mean (Euclidean) of each row of ``features``."""
+        self._check()
+        z = as_features(features).to(STAT_DTYPE)
+        means = self._means.to(z.device)
+        dist = (means * means).sum(1)[None, :] - 2.0 * z @ means.T
+        labels = torch.tensor(list(self._index), device=z.device)
+        return labels[dist.argmin(1)]
+
+    # ------------------------------------------------------------------ results
+    def _check(self) -> None:
+        if self.n == 0:
+            raise ValueError("no samples were accumulated: call update(features, labels) first")
+
+    def stats(self) -> _Stats:
+        """Accumulated statistics, classes sorted by label."""
+        self._check()
+        labels = sorted(self._index)
+        order = torch.tensor([self._index[v] for v in labels], device=self._means.device)
+        return _Stats(labels, self._counts[order], self._means[order], self._within_ss[order],
+                      self._scatter)
+
+    def compute(
+        self,
+        weight: ArrayLike | None = None,
+        bias: ArrayLike | None = None,
+        global_mean: str = "class_means",
+    ) -> xr.Dataset:
+        """Neural-collapse metrics of everything accumulated (see :func:`neural_collapse`).
+
+        ``nc4`` is NaN unless :meth:`update_predictions` was called.  ``bias`` is accepted for
+        symmetry with :func:`neural_collapse` and is not used by NC1-NC3.
+        """
+        del bias
+        if global_mean not in GLOBAL_MEANS:
+            raise ValueError(f"unknown global_mean {global_mean!r}; choose one of {GLOBAL_MEANS}")
+        st = self.stats()
+        values = _metrics(st, self.n, weight, global_mean, self.nonfinite)
+        values["nc4"] = (self._mismatch / self._predicted if self._predicted and
+                         not self.nonfinite else float("nan"))
+        params = {"global_mean": global_mean, "n_classes": len(st.labels), "n_samples": self.n,
+                  "n_features": self.d, "std_ddof": 0,
+                  "class_counts": [int(c) for c in st.counts.tolist()],
+                  "classes": st.labels}
+        return _dataset(values, params)
+
+
+def _as_labels(labels: ArrayLike, n: int, device: torch.device) -> torch.Tensor:
+    y = as_tensor(labels)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"labels must be integers; got dtype {y.dtype}")
+    y = y.reshape(-1) if y.ndim > 1 and y.numel() == n else y
+    if y.ndim != 1 or y.shape[0] != n:
+        raise ValueError(f"labels must have shape ({n},) to match the features; got "
+                         f"{tuple(y.shape)}")
+    return y.to(device=device, dtype=torch.long)
+
+
+def _network_prediction(z, logits, weight, bias) -> torch.Tensor | None:
+    if logits is not None:
+        lg = as_features(logits, "logits").to(z.device)
+        if lg.shape[0] != z.shape[0]:
+            raise ValueError(f"logits have {lg.shape[0]} rows; features have {z.shape[0]}")
+        return lg.argmax(1)
+    if weight is None:
+        return None
+    w = as_features(weight, "weight").to(device=z.device, dtype=STAT_DTYPE)
+    out = z @ w.T
+    if bias is not None:
+        out = out + as_tensor(bias).to(device=z.device, dtype=STAT_DTYPE).reshape(-1)
+    return out.argmax(1)
+
+
+def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> dict[str, float]:
+    nan = float("nan")
+    out = dict.fromkeys(NC_VARIABLES, nan)
+    c = len(st.labels)
+    if nonfinite:
+        _warn("neural collapse: the features are not finite (NaN or Inf); metrics are NaN")
+        return out
+    if c < 2:
+        _warn(f"neural collapse needs at least 2 classes; got {c} (label {st.labels}); "
+              "metrics are NaN")
+        return out
+    singles = [lab for lab, k in zip(st.labels, st.counts.tolist(), strict=True) if k < 2]
+    if singles:
+        _warn(f"classes {singles} have a single sample: their within-class variance is 0 by "
+              "construction, which biases NC1 and CDNV downwards")
+    means = st.means
+    if global_mean == "class_means":
+        mu_g = means.mean(0)
+    else:
+        mu_g = (st.counts[:, None] * means).sum(0) / st.counts.sum()
+    m = (means - mu_g).T  # d × C, columns μ_c - μ_G
+    sigma_w = st.scatter / n
+
+    # NC1 = Tr(Σ_W Σ_B^†)/C with Σ_B = M Mᵀ/C.  With M = U S Vᵀ, Σ_B^† = C U S^-2 Uᵀ, so
+    # NC1 = Σ_k u_kᵀ Σ_W u_k / s_k² = Σ_k a_kᵀ Σ_W a_k / s_k⁴ with a_k = M v_k (C×C eigenproblem).
+    s2, v = torch.linalg.eigh(m.T @ m)
+    keep = s2 > max(m.shape) * torch.finfo(STAT_DTYPE).eps * s2.max().clamp(min=0) * 10
+    if not bool(keep.any()):
+        _warn("neural collapse: all class means coincide (Sigma_B = 0); NC1 is undefined")
+    else:
+        a = m @ v[:, keep]
+        out["nc1"] = float(((a * (sigma_w @ a)).sum(0) / s2[keep] ** 2).sum())
+
+    out["nc2_equinorm"] = _cv(m.norm(dim=0))
+    out["nc2_equiangle"], out["nc2_coherence"] = _angle_metrics(m)
+
+    diffs = means[:, None, :] - means[None, :, :]
+    dist2 = (diffs * diffs).sum(-1)
+    var = st.within_ss / st.counts
+    i, j = torch.triu_indices(c, c, offset=1, device=means.device)
+    out["cdnv"] = float(((var[i] + var[j]) / (2.0 * dist2[i, j])).mean())
+
+    if weight is not None:
+        w = as_features(weight, "weight").to(device=means.device, dtype=STAT_DTYPE)
+        if w.shape[1] != means.shape[1]:
+            raise ValueError(f"weight has {w.shape[1]} columns; features have {means.shape[1]}")
+        if min(st.labels) < 0 or max(st.labels) >= w.shape[0]:
+            raise ValueError(f"labels must index the rows of weight (0..{w.shape[0] - 1}); "
+                             f"got labels {st.labels[0]}..{st.labels[-1]}")
+        if w.shape[0] != c:
+            _warn(f"weight has {w.shape[0]} rows but only {c} classes are present; classifier "
+                  "metrics use the rows of the present classes")
+        wc = w[torch.tensor(st.labels, device=w.device)].T  # d × C, column c = w_c
+        out["nc2_equinorm_classifier"] = _cv(wc.norm(dim=0))
+        out["nc2_equiangle_classifier"], out["nc2_coherence_classifier"] = _angle_metrics(wc)
+        wn, mn = wc.norm(), m.norm()
+        if wn > 0 and mn > 0:
+            out["nc3"] = float(((wc / wn - m / mn) ** 2).sum())
+    return out
+
+
+def _dataset(values: dict[str, float], params: dict) -> xr.Dataset:
+    data_vars = {name: ((), np.float64(values[name]), dict(attrs))
+                 for name, attrs in NC_VARIABLES.items()}
+    return xr.Dataset(
+        data_vars,
+        attrs={"source": SOURCE, "kind": "probe", "parameters": json.dumps(params,
+                                                                            sort_keys=True)},
+    )
+
+
+def neural_collapse(
+    features: ArrayLike,
+    labels: ArrayLike,
+    weight: ArrayLike | None = None,
+    bias: ArrayLike | None = None,
+    logits: ArrayLike | None = None,
+    global_mean: str = "class_means",
+) -> xr.Dataset:
+    r"""Neural-collapse metrics NC1-NC4 and CDNV of features with class labels.
+
+    Papyan, Han & Donoho (PNAS 2020); CDNV from Galanti et al. (ICLR 2022).  With the notation
+    of the module docstring:
+
+    * ``nc1`` = ``Tr(Σ_W Σ_B^†)/C`` (the paper's Fig. 6); ``Σ_B^†`` is the pseudo-inverse over
+      the non-zero eigenvalues (``C − 1`` of them under ``global_mean="class_means"``).
+    * ``nc2_equinorm`` = std/mean of ``‖μ_c − μ_G‖``; ``nc2_equinorm_classifier`` = std/mean of
+      the classifier row norms ``‖w_c‖`` (Fig. 2).
+    * ``nc2_equiangle`` = std over pairs ``c < c'`` of ``cos∠(μ_c − μ_G, μ_c' − μ_G)``
+      (Fig. 3); ``nc2_coherence`` = mean over pairs of ``|cos + 1/(C−1)|`` (Fig. 4, the
+      notebook's coherence); ``_classifier`` versions use the rows ``w_c`` (not centred).
+    * ``nc3`` = ``‖Wᵀ/‖W‖_F − M̃/‖M̃‖_F‖_F²`` (Fig. 5).
+    * ``nc4`` = fraction of samples whose nearest class mean (Euclidean) differs from the
+      network's prediction, ``argmax`` of ``logits`` or of ``h Wᵀ + b`` (Fig. 7).
+    * ``cdnv`` = mean over pairs of ``(V_i + V_j) / (2‖μ_i − μ_j‖²)``,
+      ``V_c = (1/N_c) Σ_{i∈c} ‖h_i − μ_c‖²`` (Galanti et al. 2022, Def. 1).
+
+    All vanish for features on a simplex equiangular tight frame with no within-class spread
+    (and a classifier proportional to it).  Class sizes may differ.
+
+    Parameters
+    ----------
+    features : array (N, d)
+        Penultimate-layer features (torch, numpy or jax; computed in float64 on their device).
+    labels : integer array (N,)
+        Class labels; with ``weight`` or ``logits`` they index rows of ``weight`` / columns of
+        ``logits``.
+    weight : array (K, d), optional
+        Last-layer classifier; enables the ``_classifier`` NC2 metrics, NC3 and (with ``bias``)
+        NC4.  NaN without it.
+    bias : array (K,), optional
+    logits : array (N, K), optional
+        The network's outputs; NC4 uses ``argmax`` of these when given.
+    global_mean : {"class_means", "samples"}
+        Convention for ``μ_G`` (module docstring).
+
+    Returns
+    -------
+    xarray.Dataset
+        Scalar variables ``nc1``, ``nc2_equinorm``, ``nc2_equinorm_classifier``,
+        ``nc2_equiangle``, ``nc2_equiangle_classifier``, ``nc2_coherence``,
+        ``nc2_coherence_classifier``, ``nc3``, ``nc4``, ``cdnv`` with ``long_name``/``units``;
+        attributes ``source``, ``kind`` and ``parameters`` (JSON: the convention, class counts).
+        Non-finite features or fewer than two classes give NaN with a ``RuntimeWarning``.
+    """
+    if global_mean not in GLOBAL_MEANS:
+        raise ValueError(f"unknown global_mean {global_mean!r}; choose one of {GLOBAL_MEANS}")
+    acc = CollapseAccumulator().update(features, labels)
+    if (logits is not None or weight is not None) and not acc.nonfinite:
+        acc.update_predictions(features, logits=logits, weight=weight, bias=bias)
+    return acc.compute(weight=weight, bias=bias, global_mean=global_mean)
