@@ -143,7 +143,8 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
         if not isinstance(value, (str, int, float, np.number, np.ndarray, list, tuple)):
             problems.append(f"attribute {key!r} is a {type(value).__name__}; store it as JSON")
     if problems:
-        raise ValueError("Dataset does not follow traindyn's data model:\n- " + "\n- ".join(problems))
+        raise ValueError(
+            "Dataset does not follow traindyn's data model:\n- " + "\n- ".join(problems))
     return ds
 
 
@@ -189,10 +190,19 @@ def save_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     return path
 
 
+def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:
+    """Prepared for Zarr: fixed-width unicode (no Zarr v3 spec) becomes variable-length."""
+    ds = _prepare(ds)
+    for name, var in ds.variables.items():
+        if var.dtype.kind == "U":
+            ds[name] = var.astype(object)
+    return ds
+
+
 def save_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     """Write ``ds`` to a new Zarr store (replacing one that is there)."""
     path = Path(path)
-    _prepare(ds).to_zarr(path, mode="w", consolidated=False)
+    _zarr_ready(ds).to_zarr(path, mode="w", consolidated=False)
     return path
 
 
@@ -202,7 +212,7 @@ def append_zarr(ds: xr.Dataset, path: str | os.PathLike, dim: str = "step") -> P
     Each call writes one evaluation; a crash between calls loses nothing already written.
     """
     path = Path(path)
-    prepared = _prepare(ds)
+    prepared = _zarr_ready(ds)
     if not path.exists():
         prepared.to_zarr(path, mode="w", consolidated=False)
     else:

@@ -1,4 +1,4 @@
-"""One place for the array policy of the probes: torch, numpy or jax in; torch on the input's device.
+"""Array policy of the probes, in one place: torch, numpy or jax in; torch on the input's device.
 
 Every probe converts its input with :func:`as_tensor`, so the computation runs on the device the
 array already lives on (a CUDA jax array becomes a CUDA torch tensor through DLPack, without a
@@ -44,7 +44,8 @@ def as_tensor(x: ArrayLike, dtype: torch.dtype | None = None) -> torch.Tensor:
     else:
         arr = np.asarray(x)
         if arr.dtype == object:
-            raise TypeError(f"cannot convert an object array of type {type(x).__name__} to a tensor")
+            raise TypeError(
+                f"cannot convert an object array of type {type(x).__name__} to a tensor")
         t = torch.from_numpy(np.ascontiguousarray(arr))
     if dtype is not None:
         t = t.to(dtype)

@@ -98,14 +98,16 @@ def reduce_tokens(
     if reduce == "flatten":
         return x.reshape(x.shape[0], -1)
     if x.ndim != 3:
-        raise ValueError(f"reduce={reduce!r} expects (batch, tokens, features); got {tuple(x.shape)}")
+        raise ValueError(
+            f"reduce={reduce!r} expects (batch, tokens, features); got {tuple(x.shape)}")
     if reduce == "cls":
         return x[:, 0]
     if attention_mask is None:
         return x.mean(1) if reduce == "mean" else x[:, -1]
     mask = attention_mask.to(x.device)
     if mask.shape != x.shape[:2]:
-        raise ValueError(f"attention mask shape {tuple(mask.shape)} does not match {tuple(x.shape[:2])}")
+        raise ValueError(
+            f"attention mask shape {tuple(mask.shape)} does not match {tuple(x.shape[:2])}")
     mask = mask.to(x.dtype)
     if reduce == "mean":
         return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)

@@ -15,7 +15,6 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
-    np.random.seed(0)
     yield
 
 

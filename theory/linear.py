@@ -57,7 +57,9 @@ def marchenko_pastur_density(lam: np.ndarray, load_ratio: float) -> np.ndarray:
     return out
 
 
-def marchenko_pastur_quadrature(load_ratio: float, n_nodes: int = 400) -> tuple[np.ndarray, np.ndarray]:
+def marchenko_pastur_quadrature(
+    load_ratio: float, n_nodes: int = 400
+) -> tuple[np.ndarray, np.ndarray]:
     r"""Nodes and weights for ``∫ρ(λ) f(λ) dλ`` over the continuous Marchenko–Pastur part.
 
     Substituting ``λ = (1+α) + 2√α cos θ`` turns the square-root edges into a smooth
@@ -76,7 +78,7 @@ def marchenko_pastur_quadrature(load_ratio: float, n_nodes: int = 400) -> tuple[
 
 
 def _decay(lam: np.ndarray, t: np.ndarray, learning_rate: float | None) -> np.ndarray:
-    """``e^{-λt}`` (gradient flow) or ``(1-ηλ)^{t/η}`` (gradient descent), shape (len(t), len(λ))."""
+    """``e^{-λt}`` (gradient flow) or ``(1-ηλ)^{t/η}`` (gradient descent); shape (t, λ)."""
     if learning_rate is None:
         return np.exp(-np.outer(t, lam))
     steps = np.rint(t / learning_rate).astype(np.int64)
