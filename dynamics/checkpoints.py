@@ -1,0 +1,523 @@
+"""Find, order, hash and safely load the checkpoints of a training run.
+
+A *checkpoint series* is a folder (or a list of paths) holding one of:
+
+* PyTorch state dicts (``.pt``, ``.pth``, ``.bin``, ``.ckpt``), read with
+  ``torch.load(weights_only=True)``: the restricted unpickler builds tensors and plain
+  containers only, so a pickle that asks to import or call anything (``os.system``, a class of
+  the writer's code …) is refused with :class:`UnsafeCheckpointError` before anything runs;
+* ``.safetensors`` files, read lazily (one tensor at a time, shapes checked before any data is
+  read);
+* Hugging Face model folders (``config.json`` plus ``model.safetensors`` or
+  ``pytorch_model.bin``), loaded with ``local_files_only=True`` and ``HF_HUB_OFFLINE=1``:
+  never a call to the Hub.
+
+Steps come from the names (``step1000``, ``step=1000``, ``checkpoint-1000``, ``ckpt_000100``,
+``global_step1000``, ``iter_1000``, or a name that is only digits) unless an explicit list is
+given.  Checkpoints are hashed by **content** (names, dtypes, shapes and bytes of the tensors),
+not by file bytes, so that the same weights saved twice under different names are recognised
+as duplicates (published step series have been found to serve identical weights at different
+steps).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "HF_WEIGHT_FILES",
+    "STATE_DICT_SUFFIXES",
+    "Checkpoint",
+    "CheckpointError",
+    "UnsafeCheckpointError",
+    "find_checkpoints",
+    "hash_state_dict",
+    "is_hf_folder",
+    "load_hf_model",
+    "load_into",
+    "load_state_dict",
+    "parse_step",
+    "resolve_factory",
+]
+
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+"""File suffixes read with ``torch.load(weights_only=True)``."""
+
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+"""Any of these next to ``config.json`` makes a folder a Hugging Face checkpoint."""
+
+_STEP_PATTERN = re.compile(
+    r"(?:global[_-]?step|step|checkpoint|ckpt|iteration|iter)[_=-]?(\d+)", re.IGNORECASE)
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights", "params")
+_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be analysed; the message is the reason recorded in the Dataset."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that would run code when loaded; it was refused and nothing was executed."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint of a series.
+
+    Attributes
+    ----------
+    path : Path
+        The weights file, or the Hugging Face model folder.
+    step : int
+        Training step (parsed from the name, or given).
+    format : {"torch", "safetensors", "hf"}
+    """
+
+    path: Path
+    step: int
+    format: str
+
+    def weight_files(self) -> list[Path]:
+        """The files whose bytes make up this checkpoint (for identity and resume checks)."""
+        if self.format != "hf":
+            return [self.path]
+        files = [self.path / "config.json"]
+        files += sorted(p for p in self.path.iterdir()
+                        if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
+        return files
+
+    def identity(self) -> dict[str, Any]:
+        """Path, sizes and modification times: a re-run recomputes a checkpoint that changed."""
+        files = [p for p in self.weight_files() if p.exists()]
+        return {
+            "path": str(self.path.resolve()),
+            "step": int(self.step),
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files},
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# discovery
+
+
+def parse_step(name: str) -> int | None:
+    """Training step encoded in a checkpoint's file or folder name, or ``None``.
+
+    Recognises ``step1000``, ``step_1000``, ``step=1000`` (Lightning's ``epoch=3-step=1000``),
+    ``checkpoint-1000``, ``ckpt_000100``, ``global_step1000``, ``iter_1000``, and names made of
+    digits only (``001000.pt``).  The last match in the name wins.
+
+    >>> parse_step("checkpoint-1000"), parse_step("ckpt_000100.pt"), parse_step("final.pt")
+    (1000, 100, None)
+    """
+    stem = Path(name).name
+    for suffix in (".safetensors", *STATE_DICT_SUFFIXES):
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    matches = _STEP_PATTERN.findall(stem)
+    if matches:
+        return int(matches[-1])
+    if stem.isdigit():
+        return int(stem)
+    return None
+
+
+def is_hf_folder(path: str | os.PathLike) -> bool:
+    """True for a folder with ``config.json`` and Hugging Face weights."""
+    path = Path(path)
+    return (path.is_dir() and (path / "config.json").is_file()
+            and any((path / name).is_file() for name in HF_WEIGHT_FILES))
+
+
+def _format_of(path: Path) -> str | None:
+    if path.is_dir():
+        return "hf" if is_hf_folder(path) else None
+    if path.name.startswith(".") or path.name.endswith(".tmp"):
+        return None
+    if path.suffix == ".safetensors":
+        return "safetensors"
+    if path.suffix in STATE_DICT_SUFFIXES:
+        return "torch"
+    return None
+
+
+def _natural_key(path: Path) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def find_checkpoints(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    steps: Sequence[int] | None = None,
+) -> list[Checkpoint]:
+    """The checkpoints of a run, ordered by step.
+
+    Parameters
+    ----------
+    source : path or sequence of paths
+        A folder of weight files and/or Hugging Face model folders; a single Hugging Face
+        folder (a series of one); or an explicit list of files and folders.
+    steps : sequence of int, optional
+        Steps to use instead of parsing names, one per checkpoint, matched to the checkpoints
+        in natural name order (``step2`` before ``step10``).
+
+    Raises
+    ------
+    FileNotFoundError
+        No checkpoints were found.
+    ValueError
+        A step cannot be parsed from a name (pass ``steps``), two checkpoints share a step, or
+        ``steps`` has the wrong length.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        root = Path(source)
+        if not root.exists():
+            raise FileNotFoundError(f"no checkpoint file or folder at {root}")
+        if root.is_dir() and not is_hf_folder(root):
+            paths = [p for p in root.iterdir() if _format_of(p)]
+            if not paths:
+                raise FileNotFoundError(
+                    f"no checkpoints in {root}: expected *.safetensors, "
+                    f"{', '.join('*' + s for s in STATE_DICT_SUFFIXES)} files or Hugging Face "
+                    f"model folders (config.json + weights)")
+        else:
+            paths = [root]
+    else:
+        paths = [Path(p) for p in source]
+        if not paths:
+            raise FileNotFoundError("the list of checkpoints is empty")
+    found = []
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        fmt = _format_of(path)
+        if fmt is None:
+            raise ValueError(f"{path} is not a checkpoint (weights file or Hugging Face folder)")
+        found.append((path, fmt))
+    found.sort(key=lambda pf: _natural_key(pf[0]))
+    if steps is not None:
+        steps = [int(s) for s in steps]
+        if len(steps) != len(found):
+            raise ValueError(f"{len(steps)} steps were given for {len(found)} checkpoints "
+                             f"({', '.join(p.name for p, _ in found[:6])} …)")
+        parsed = steps
+    else:
+        parsed = [parse_step(p.name) for p, _ in found]
+        if len(found) == 1 and parsed[0] is None:
+            parsed = [0]
+        missing = [p.name for (p, _), s in zip(found, parsed, strict=True) if s is None]
+        if missing:
+            raise ValueError(
+                f"cannot read a step from {', '.join(missing[:5])}: name checkpoints like "
+                f"step1000 / checkpoint-1000 / ckpt_000100, or pass the steps explicitly")
+    by_step: dict[int, Path] = {}
+    for (path, _), step in zip(found, parsed, strict=True):
+        if step in by_step:
+            raise ValueError(f"two checkpoints have step {step}: {by_step[step]} and {path}")
+        by_step[step] = path
+    series = [Checkpoint(path, step, fmt) for (path, fmt), step in zip(found, parsed, strict=True)]
+    return sorted(series, key=lambda c: c.step)
+
+
+# --------------------------------------------------------------------------------------------
+# safe loading
+
+
+def _unsafe_message(path: Path, error: BaseException) -> str:
+    detail = str(error).strip().splitlines()
+    hint = next((line for line in detail if "GLOBAL" in line or "Unsupported" in line),
+                detail[0] if detail else type(error).__name__)
+    return (f"refused to load {path.name}: the pickle asks to run code or build objects that "
+            f"are not tensors ({hint.strip()}). traindyn reads checkpoints with "
+            f"torch.load(weights_only=True) and never executes pickled code; re-save the "
+            f"weights as a plain state dict (or .safetensors) from a trusted environment")
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        try:  # memory-mapped: tensors are read as they are touched
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError:
+            raise
+        except (RuntimeError, OSError, ValueError):
+            # legacy (non-zip) files cannot be memory-mapped, and a truncated zip gives a
+            # clearer message without mmap
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(_unsafe_message(path, err)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as err:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+        if head == b"PK" and not zipfile.is_zipfile(path):
+            raise CheckpointError(
+                f"cannot read {path.name}: the zip archive is truncated or corrupt "
+                f"({path.stat().st_size} bytes; torch says {type(err).__name__}: {err})") from None
+        raise CheckpointError(
+            f"cannot read {path.name} (truncated or not a PyTorch file?): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}") from None
+
+
+def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(3):
+        if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor)
+                                                    for v in obj.values()):
+            return dict(obj)
+        if isinstance(obj, Mapping):
+            nested = next((obj[k] for k in _NESTED_KEYS if isinstance(obj.get(k), Mapping)), None)
+            if nested is not None:
+                obj = nested
+                continue
+            tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+            if tensors:
+                return tensors
+        break
+    raise CheckpointError(
+        f"{path.name} holds no state dict (a mapping of names to tensors); found "
+        f"{type(obj).__name__}" + (f" with keys {list(obj)[:8]}" if isinstance(obj, Mapping)
+                                   else ""))
+
+
+class _SafetensorsDict(Mapping):
+    """Lazy read-only mapping over a ``.safetensors`` file: a tensor is read when asked for."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            self._keys = list(self._file.keys())
+        except Exception as err:  # safetensors raises its own SafetensorError
+            raise CheckpointError(f"cannot read {path.name} (truncated or not safetensors?): "
+                                  f"{type(err).__name__}: {err}") from None
+        self.path = path
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        try:
+            return self._file.get_tensor(key)
+        except Exception as err:
+            raise CheckpointError(f"cannot read tensor {key!r} of {self.path.name}: {err}") \
+                from None
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._file.get_slice(key).get_shape())
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def load_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """Read a state dict safely: ``.safetensors`` lazily, PyTorch files with ``weights_only``.
+
+    PyTorch files may hold the state dict at the top level or under ``state_dict``,
+    ``model_state_dict``, ``model`` or ``module`` (training-loop checkpoints).
+
+    Raises
+    ------
+    UnsafeCheckpointError
+        The pickle would import or call something: refused, nothing executed.
+    CheckpointError
+        Truncated or unreadable file, or no tensors in it.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return _SafetensorsDict(path)
+    return _extract_state_dict(_torch_load(path), path)
+
+
+def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
+    if isinstance(state, _SafetensorsDict):
+        return state.shape(key)
+    return tuple(state[key].shape)
+
+
+def _strip_prefix(keys: Iterable[str], model_keys: set[str]) -> str:
+    """A common prefix (``module.``, ``_orig_mod.``, ``model.``) to drop so keys match the model."""
+    keys = list(keys)
+    best, best_overlap = "", len(set(keys) & model_keys)
+    for prefix in _PREFIXES:
+        if keys and all(k.startswith(prefix) for k in keys):
+            overlap = len({k[len(prefix):] for k in keys} & model_keys)
+            if overlap > best_overlap:
+                best, best_overlap = prefix, overlap
+    return best
+
+
+def _list(names: Sequence[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" … ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def hash_state_dict(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's content: sorted names, dtypes, shapes and raw bytes.
+
+    Independent of the file format and name, so identical weights saved as ``step100.pt`` and
+    ``step200.safetensors`` hash the same.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        _hash_tensor(digest, key, state[key])
+    return digest.hexdigest()
+
+
+def _hash_tensor(digest: Any, key: str, tensor: torch.Tensor) -> None:
+    t = tensor.detach().to("cpu").contiguous().reshape(-1)
+    digest.update(f"{key}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+    if t.numel():
+        digest.update(t.view(torch.uint8).numpy().tobytes())
+
+
+def load_into(model: nn.Module, checkpoint: Checkpoint | str | os.PathLike,
+              strict: bool = True) -> str:
+    """Copy a checkpoint's weights into ``model`` after checking them; return the content hash.
+
+    Checks, each failing with a :class:`CheckpointError` that names the problem: the file reads
+    (not truncated, not an unsafe pickle), the keys match the model's state dict (missing or,
+    with ``strict``, unexpected keys), every shape matches, every floating value is finite.
+    Shapes are checked before any tensor is copied.  Tensors are read and copied one at a time
+    (safetensors lazily), so peak memory is the model plus one tensor.
+
+    Returns
+    -------
+    str
+        :func:`hash_state_dict` of the checkpoint's tensors.
+    """
+    path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
+    state = load_state_dict(path)
+    target = model.state_dict()
+    prefix = _strip_prefix(state.keys(), set(target))
+    names = {key[len(prefix):]: key for key in state}
+    missing = [k for k in target if k not in names]
+    unexpected = [k for k in names if k not in target]
+    if missing:
+        raise CheckpointError(f"{path.name} lacks {len(missing)} of the model's "
+                              f"{len(target)} tensors: {_list(missing)}")
+    if strict and unexpected:
+        raise CheckpointError(f"{path.name} has {len(unexpected)} tensors the model does not: "
+                              f"{_list(unexpected)}")
+    wrong = [f"{k} {_shape(state, names[k])} vs model {tuple(target[k].shape)}"
+             for k in target if _shape(state, names[k]) != tuple(target[k].shape)]
+    if wrong:
+        raise CheckpointError(f"shape mismatch in {path.name}: {_list(wrong, 3)}")
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for key in sorted(names):
+            tensor = state[names[key]]
+            if tensor.is_floating_point() or tensor.is_complex():
+                if not bool(torch.isfinite(tensor).all()):
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    raise CheckpointError(f"{path.name}: tensor {key!r} has {bad} non-finite "
+                                          f"value(s) (NaN or Inf)")
+            _hash_tensor(digest, names[key], tensor)
+            if key in target:
+                target[key].copy_(tensor)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# model construction
+
+
+def resolve_factory(spec: str | Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """A model factory from ``"package.module:function"``, ``"path/file.py:function"``, or
+    ``"path/file.py"`` (function ``make_model``); callables are returned unchanged.
+
+    The factory is the user's own code and runs in this process; checkpoints never do.
+    """
+    if callable(spec):
+        return spec
+    text = str(spec)
+    target, sep, attr = text.rpartition(":")
+    if not sep:
+        target, attr = text, ""
+    if target.endswith(".py"):
+        file = Path(target).resolve()
+        if not file.is_file():
+            raise FileNotFoundError(f"model factory file {file} does not exist")
+        name = "_traindyn_factory_" + hashlib.sha1(str(file).encode()).hexdigest()[:12]
+        module_spec = importlib.util.spec_from_file_location(name, file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        attr = attr or "make_model"
+    else:
+        if not attr:
+            raise ValueError(f"model factory {text!r} must look like 'package.module:function' "
+                             f"or 'path/to/file.py:function'")
+        module = importlib.import_module(target)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{target} has no attribute {attr!r} (model factory {text!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"model factory {text!r} is not callable")
+    return obj
+
+
+def _offline_transformers() -> Any:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    try:
+        import transformers
+    except ImportError as err:  # pragma: no cover - optional dependency
+        raise ImportError("Hugging Face checkpoints need transformers: "
+                          "pip install 'traindyn[hf]'") from err
+    return transformers
+
+
+def load_hf_model(folder: str | os.PathLike, model_class: str = "AutoModel",
+                  strict: bool = True) -> tuple[nn.Module, str]:
+    """Load a local Hugging Face model folder (never the Hub) and return ``(model, hash)``.
+
+    ``model_class`` names a ``transformers`` class (``AutoModel`` gives the hidden states,
+    ``AutoModelForCausalLM`` adds the LM head).  Weights are read by ``transformers`` with
+    ``weights_only=True`` (safetensors preferred).  With ``strict``, weights the checkpoint
+    lacks (which ``transformers`` would initialise at random) fail the checkpoint; non-finite
+    weights always do.
+    """
+    folder = Path(folder).resolve()
+    if not is_hf_folder(folder):
+        raise CheckpointError(f"{folder} is not a Hugging Face model folder "
+                              f"(config.json plus one of {', '.join(HF_WEIGHT_FILES)})")
+    transformers = _offline_transformers()
+    cls = getattr(transformers, model_class, None)
+    if cls is None:
+        raise ValueError(f"transformers has no class {model_class!r}")
+    torch.manual_seed(0)  # weights the checkpoint lacks (strict=False) are drawn reproducibly
+    try:
+        model, info = cls.from_pretrained(str(folder), local_files_only=True, weights_only=True,
+                                          output_loading_info=True)
+    except pickle.UnpicklingError as err:
+        raise UnsafeCheckpointError(_unsafe_message(folder, err)) from None
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(f"cannot load {folder.name}: {type(err).__name__}: "
+                              f"{str(err).strip().splitlines()[0] if str(err) else ''}") from None
+    missing = sorted(info.get("missing_keys", []))
+    mismatched = info.get("mismatched_keys", [])
+    if mismatched:
+        raise CheckpointError(
+            f"shape mismatch in {folder.name}: {_list([str(m) for m in mismatched], 3)}")
+    if strict and missing:
+        raise CheckpointError(f"{folder.name} lacks {len(missing)} weights of {model_class} "
+                              f"(they would be random): {_list(missing)}")
+    state = model.state_dict()
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{folder.name}: tensor {key!r} has non-finite values")
+    return model, hash_state_dict(state)

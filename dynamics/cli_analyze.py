@@ -1,0 +1,166 @@
+"""``traindyn analyze``: a run's checkpoint series → one Dataset, a figure per probe, a table.
+
+Wired into ``dynamics/cli.py`` with :func:`add_parser`; also runs alone as
+``python -m dynamics.cli_analyze …``.  Exit codes: 0 when every checkpoint was analysed, 1 when
+any failed (the Dataset is still written, with the reasons), 2 for a usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["add_parser", "main", "run"]
+
+_EPILOG = """\
+examples:
+  # a folder of state dicts from your run, an MLP factory from your own code
+  traindyn analyze runs/mlp/ckpt --model mypkg.models:make_mlp --layers 'net.*' \\
+      --inputs digits --output runs/mlp/geometry.nc --workers 2
+
+  # Hugging Face model folders (local only: never the Hub), last-token features
+  traindyn analyze runs/lm/checkpoint-* --layers 'model.layers.*' --inputs stdlib-text \\
+      --reduce last --output lm.nc
+
+  # a single pretrained model as a one-checkpoint series
+  traindyn analyze path/to/all-MiniLM-L6-v2 --layers 'encoder.layer.*' --inputs stdlib-text \\
+      --n-samples 300 --output minilm.nc
+
+checkpoints are read safely: torch.load(weights_only=True), safetensors lazily; a pickle that
+would run code is refused. Re-running with the same --output resumes: finished checkpoints are
+skipped. Exit code 1 when any checkpoint failed (reasons in the table and the Dataset).
+"""
+
+
+def _json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"width\": 128}'")
+    return value
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"steps must be integers, got {text!r}") from None
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``analyze`` sub-command to ``subparsers``; its ``func`` returns an exit code."""
+    p = subparsers.add_parser(
+        "analyze",
+        help="probe the geometry of every checkpoint of a run (one Dataset over step × layer)",
+        description="Load each checkpoint of a run safely, run fixed probe inputs through it, "
+                    "and measure feature probes (RankMe, alpha-ReQ, …) of the chosen layers. "
+                    "Writes one Dataset (step × layer) with per-checkpoint status, reason and "
+                    "content hash, a summary figure per probe, and prints a short table.",
+        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("checkpoints")
+    src.add_argument("checkpoints", nargs="+", metavar="PATH",
+                     help="a folder of *.pt/*.pth/*.bin/*.safetensors files (step in the name: "
+                          "step1000, checkpoint-1000, ckpt_000100), Hugging Face model folders, "
+                          "or explicit files/folders")
+    src.add_argument("--steps", type=_steps,
+                     help="explicit steps, one per checkpoint in name order (overrides names)")
+    src.add_argument("--model", metavar="FACTORY",
+                     help="model factory for state dicts: package.module:function or "
+                          "path/to/file.py:function (your own code, run in this process)")
+    src.add_argument("--model-kwargs", type=_json, default={}, metavar="JSON",
+                     help="keyword arguments for the factory, as a JSON object")
+    src.add_argument("--hf-class", default="AutoModel",
+                     help="transformers class for Hugging Face folders (default AutoModel)")
+    src.add_argument("--no-strict", dest="strict", action="store_false",
+                     help="accept checkpoints with extra keys or (HF) missing weights")
+    inp = p.add_argument_group("probe inputs")
+    inp.add_argument("--inputs", default="digits",
+                     help="digits | stdlib-text | a .npz/.npy/.pt tensor file | a text file "
+                          "(one sample per line) (default: digits)")
+    inp.add_argument("--n-samples", type=int, help="number of samples (default: all; text: 512)")
+    inp.add_argument("--batch-size", type=int, default=256, help="samples per forward pass")
+    inp.add_argument("--tokenizer",
+                     help="for text: 'bytes' (UTF-8 byte ids) or a local tokenizer folder "
+                          "(default: the Hugging Face checkpoint's own)")
+    inp.add_argument("--max-length", type=int, default=128, help="tokens per text sample")
+    what = p.add_argument_group("what to measure")
+    what.add_argument("--probes", type=_csv, default=["rankme", "rankme_covariance", "alpha_req"],
+                      help="comma-separated names from the probe registry "
+                           "(default: rankme,rankme_covariance,alpha_req; see `traindyn info`)")
+    what.add_argument("--probe-kwargs", type=_json, default={}, metavar="JSON",
+                      help='per-probe arguments, e.g. \'{"alpha_req": {"fit_range": [11, 100]}}\'')
+    what.add_argument("--layers", type=_csv, required=True,
+                      help="comma-separated module names or glob patterns, e.g. 'blocks.*'")
+    what.add_argument("--reduce", choices=["flatten", "mean", "last", "cls", "none"],
+                      help="token reduction (default: mean for text, flatten otherwise)")
+    what.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 or auto")
+    what.add_argument("--dtype", default="float32",
+                      choices=["float32", "float64", "bfloat16", "float16"],
+                      help="model precision (statistics are always float64)")
+    what.add_argument("--learning-rate", type=float,
+                      help="gives the coordinate time = learning rate × step")
+    out = p.add_argument_group("output and scale")
+    out.add_argument("--output", "-o", help="result file, .nc or .zarr (resumable)")
+    out.add_argument("--workers", type=int, default=0,
+                     help="fan out over a dask LocalCluster with this many processes")
+    out.add_argument("--scheduler", metavar="ADDRESS",
+                     help="use an existing dask cluster, e.g. tcp://10.0.0.1:8786")
+    out.add_argument("--no-figures", dest="figures", action="store_false",
+                     help="do not write the summary figures")
+    out.add_argument("--no-progress", dest="progress", action="store_false",
+                     help="hide the progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``traindyn analyze``: returns 0, or 1 when any checkpoint failed."""
+    from dynamics.analyze import analyze, summary_table
+
+    sources = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
+    try:
+        ds = analyze(
+            sources, model=args.model, model_kwargs=args.model_kwargs, hf_class=args.hf_class,
+            inputs=args.inputs, n_samples=args.n_samples, batch_size=args.batch_size,
+            tokenizer=args.tokenizer, max_length=args.max_length, probes=args.probes,
+            probe_kwargs=args.probe_kwargs, layers=args.layers, reduce=args.reduce,
+            device=args.device, dtype=args.dtype, strict=args.strict, steps=args.steps,
+            learning_rate=args.learning_rate, output=args.output, workers=args.workers,
+            scheduler=args.scheduler, progress=args.progress,
+            figures=bool(args.figures and args.output))
+    except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError,
+            AttributeError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"traindyn analyze: error: {message}", file=sys.stderr)
+        return 2
+    print(summary_table(ds))
+    if args.output:
+        print(f"wrote {args.output}" + (f" and summary figures in "
+                                        f"{Path(args.output).resolve().parent}"
+                                        if args.figures else ""))
+    failed = int(ds.attrs.get("n_failed", 0))
+    if failed:
+        print(f"{failed} checkpoint(s) failed; see the table above and the 'reason' variable",
+              file=sys.stderr)
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``analyze`` on its own: ``python -m dynamics.cli_analyze PATH …``."""
+    parser = argparse.ArgumentParser(prog="traindyn")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["analyze", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
