@@ -1,4 +1,5 @@
-"""Spectral probes of a representation: RankMe (both published variants) and alpha-ReQ.
+r"""Spectral probes of a representation: RankMe (both published variants), alpha-ReQ, and the
+effective-rank family (participation ratio, stable rank, Rényi effective ranks).
 
 Notation: ``Z`` is an ``n × d`` matrix of features (samples × features), ``σ_k`` its singular
 values and ``λ_k`` eigenvalues sorted in descending order.
@@ -6,37 +7,58 @@ values and ``λ_k`` eigenvalues sorted in descending order.
 Every metric comes in two forms that share their math, as torchmetrics does:
 
 * a one-shot function (``rankme(Z)``), and
-* a streaming accumulator (:class:`SpectrumAccumulator`) fed batch by batch with ``update``.
+* a streaming metric (:class:`RankMe`, :class:`AlphaReQ`, … or :class:`SpectralMetrics` for
+  several at once) with ``update(batch)`` / ``compute()``, built on one
+  :class:`SpectrumAccumulator`.
 
-The one-shot function is the accumulator fed once.  Second moments are accumulated in float64
-on the input's device; memory is ``O(d²)`` and does not grow with ``n``.  While fewer samples
-than features have been seen (``n < d``), the accumulator keeps the rows themselves (fewer
-than ``d²`` numbers) and works on the ``n × n`` Gram side, which has the same non-zero
-spectrum.
+The one-shot function is the accumulator fed once, followed by the same ``_compute`` function
+the streaming class calls.  Second moments are accumulated in float64 on the input's device;
+memory is ``O(d²)`` and does not grow with ``n``.  While fewer samples than features have been
+seen (``n < d``), the accumulator keeps the rows themselves (fewer than ``d²`` numbers) and
+works on the ``n × n`` Gram side, which has the same non-zero spectrum.
+
+Precision: half-precision (float16 / bfloat16) features are upcast exactly to float64 before
+any product, so they cannot overflow; non-finite features (NaN, Inf, e.g. a float16
+overflow upstream) give NaN with a ``RuntimeWarning``.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, warn_nan
+from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor, warn_nan
 
 __all__ = [
     "DEFAULT_EPS",
     "DEFAULT_FIT_RANGE",
+    "SPECTRAL_METRICS",
+    "AlphaReQ",
+    "EffectiveRank",
+    "ParticipationRatio",
     "PowerLawFit",
+    "RankMe",
+    "RankMeCovariance",
+    "SpectralMetrics",
     "SpectrumAccumulator",
+    "StableRank",
     "alpha_req",
     "alpha_req_fit",
     "covariance_spectrum",
+    "effective_rank",
+    "effective_rank_from_spectrum",
+    "participation_ratio",
     "power_law_fit",
     "rankme",
     "rankme_covariance",
     "rankme_from_spectrum",
+    "register_probes",
     "singular_values",
+    "stable_rank",
 ]
 
 DEFAULT_EPS = 1e-7
@@ -46,11 +68,28 @@ DEFAULT_FIT_RANGE = (10, 100)
 """0-based half-open index range of the alpha-ReQ fit: ranks 11..100 (reptrix's default)."""
 
 
+# --------------------------------------------------------------------------- accumulator
 class SpectrumAccumulator:
-    """Streaming second-moment statistics of features, from which every spectrum is computed.
+    r"""Streaming second-moment statistics of features, from which every spectrum is computed.
 
-    Accumulates ``n``, ``Σ_i z_i`` and ``ZᵀZ = Σ_i z_i z_iᵀ`` in float64 on the device of the
-    first batch.  Until ``n ≥ d`` the rows are kept instead (memory ``n·d < d²``).
+    Keeps ``n``, the mean ``z̄`` and the centred scatter ``M₂ = Σ_i (z_i − z̄)(z_i − z̄)ᵀ`` in
+    float64 on the device of the first batch.  A batch ``b`` (``n_b`` rows, mean ``m_b``,
+    centred scatter ``S_b``) is merged by the pairwise update of Chan, Golub & LeVeque (1979):
+
+    .. math:: M_2 \leftarrow M_2 + S_b + \frac{n\,n_b}{n+n_b}(m_b-\bar z)(m_b-\bar z)^\top,
+
+    which has none of the cancellation of ``ZᵀZ − n z̄z̄ᵀ``; the raw second moment is then the
+    sum of two positive semi-definite terms, ``ZᵀZ = M₂ + n z̄z̄ᵀ``, also without cancellation.
+    Until ``n ≥ d`` the rows are kept instead (memory ``n·d < d²``) and spectra come from the
+    ``n × n`` Gram matrix.
+
+    Parameters
+    ----------
+    batch_dtype : torch.dtype or None
+        dtype in which each batch's product ``S_b`` is formed before it is added to the
+        float64 state.  ``torch.float64`` (default) is exact to float64 round-off; ``None``
+        uses the input's dtype (e.g. float32: about 2× faster on CPUs, with float32 round-off
+        in each batch's product).
 
     Examples
     --------
@@ -60,76 +99,127 @@ class SpectrumAccumulator:
     >>> rankme_from_spectrum(acc.singular_values())  # doctest: +SKIP
     """
 
-    def __init__(self) -> None:
+    def __init__(self, batch_dtype: torch.dtype | None = STAT_DTYPE) -> None:
+        self.batch_dtype = batch_dtype
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything seen so far."""
         self.n = 0
         self.d: int | None = None
         self.nonfinite = False
         self._rows: list[torch.Tensor] | None = []
-        self._sum: torch.Tensor | None = None
-        self._scatter: torch.Tensor | None = None
+        self._mean: torch.Tensor | None = None
+        self._m2: torch.Tensor | None = None
 
     def update(self, features: ArrayLike) -> SpectrumAccumulator:
         """Add a batch of shape ``(batch, d)`` (trailing axes are flattened)."""
-        z = as_features(features).to(STAT_DTYPE)
+        z = as_features(features)
+        if z.is_complex():
+            raise TypeError("complex features are not supported")
         if self.d is None:
             self.d = z.shape[1]
         elif z.shape[1] != self.d:
             raise ValueError(f"batch has {z.shape[1]} features; earlier batches had {self.d}")
         if not all_finite(z):
             self.nonfinite = True
+        if self._rows is None:
+            self._merge_batch(z)  # increments n
+            return self
+        self._rows.append(z.clone() if z.dtype == STAT_DTYPE else z.to(STAT_DTYPE))
         self.n += z.shape[0]
-        if self._rows is not None:
-            self._rows.append(z)
-            if self.n >= self.d:
-                rows = torch.cat(self._rows)
-                self._scatter = rows.T @ rows
-                self._sum = rows.sum(0)
-                self._rows = None
-        else:
-            self._scatter.addmm_(z.T, z)
-            self._sum += z.sum(0)
+        if self.n >= self.d:
+            rows = torch.cat(self._rows)
+            self._rows, self.n = None, 0
+            self._mean = torch.zeros(self.d, dtype=STAT_DTYPE, device=rows.device)
+            self._m2 = torch.zeros(self.d, self.d, dtype=STAT_DTYPE, device=rows.device)
+            self._merge_batch(rows)
         return self
 
-    def reset(self) -> None:
-        """Forget everything seen so far."""
-        self.__init__()
+    def _merge_batch(self, z: torch.Tensor) -> None:
+        nb = z.shape[0]
+        work = z.dtype if self.batch_dtype is None else self.batch_dtype
+        if not work.is_floating_point or torch.finfo(work).bits < 32:
+            work = torch.float32 if self.batch_dtype is None else STAT_DTYPE
+        zw = z.to(work)
+        shift = zw.mean(0)
+        zc = zw - shift
+        resid = zc.sum(0, dtype=STAT_DTYPE)  # ≈ 0; keeps the update exact for any shift
+        s_b = (zc.T @ zc).to(STAT_DTYPE) - torch.outer(resid, resid) / nb
+        m_b = shift.to(STAT_DTYPE) + resid / nb
+        delta = m_b - self._mean
+        na = self.n
+        self._m2 += s_b
+        self._m2.add_(torch.outer(delta, delta), alpha=na * nb / (na + nb))
+        self._mean += delta * (nb / (na + nb))
+        self.n = na + nb
+
+    def merge(self, other: SpectrumAccumulator) -> SpectrumAccumulator:
+        """Add everything ``other`` has seen (e.g. on another process or device), by the same
+        pairwise update as :meth:`update`."""
+        if other.n == 0:
+            return self
+        if other._rows is not None:
+            for rows in other._rows:
+                self.update(rows)
+            return self
+        if self.d is not None and other.d != self.d:
+            raise ValueError(f"cannot merge: {other.d} features vs {self.d}")
+        self.nonfinite = self.nonfinite or other.nonfinite
+        if self._rows is not None:  # adopt other's moments, then add the rows kept here
+            mine = torch.cat(self._rows) if self._rows else None
+            self.d, self.n, self._rows = other.d, other.n, None
+            self._mean, self._m2 = other._mean.clone(), other._m2.clone()
+            if mine is not None:
+                self._merge_batch(mine.to(self._m2.device))
+            return self
+        na, nb = self.n, other.n
+        delta = other._mean.to(self._mean.device) - self._mean
+        self._m2 += other._m2.to(self._m2.device)
+        self._m2.add_(torch.outer(delta, delta), alpha=na * nb / (na + nb))
+        self._mean += delta * (nb / (na + nb))
+        self.n = na + nb
+        return self
 
     @property
     def device(self) -> torch.device | None:
         if self._rows:
             return self._rows[0].device
-        return None if self._scatter is None else self._scatter.device
+        return None if self._m2 is None else self._m2.device
 
     def _check(self) -> bool:
         if self.n == 0:
             raise ValueError("no samples were accumulated: call update() first")
         return not self.nonfinite
 
+    def _gram_or_scatter(self, centered: bool) -> torch.Tensor:
+        """``ZᵀZ`` / ``Z_cᵀZ_c`` (``d × d``) or, while rows are kept, ``ZZᵀ`` / ``Z_cZ_cᵀ``."""
+        if self._rows is not None:
+            z = torch.cat(self._rows)
+            if centered:
+                z = z - z.mean(0, keepdim=True)
+            return z @ z.T
+        if centered:
+            return self._m2
+        return self._m2 + self.n * torch.outer(self._mean, self._mean)
+
     def eigenvalues(self, centered: bool) -> torch.Tensor:
         """Eigenvalues of the second-moment matrix ``(1/n) ZᵀZ`` (``centered=False``) or of the
         covariance ``(1/n) Z_cᵀ Z_c`` with column-centred ``Z_c`` (``centered=True``).
 
         Returns ``min(n, d)`` values in descending order (float64, on the accumulator's
-        device), with round-off below ``max(n, d)·ε_64·λ_max`` set to zero.
+        device), with round-off below ``max(n, d)·ε_64·λ_max`` set to zero.  NaN when the
+        features were not finite.
         """
         if not self._check():
-            return torch.full((min(self.n, self.d),), float("nan"), dtype=STAT_DTYPE)
-        if self._rows is not None:
-            z = torch.cat(self._rows)
-            if centered:
-                z = z - z.mean(0, keepdim=True)
-            matrix = z @ z.T
-        else:
-            matrix = self._scatter
-            if centered:
-                mean = self._sum / self.n
-                matrix = matrix - self.n * torch.outer(mean, mean)
-        evals = torch.linalg.eigvalsh(matrix).flip(0) / self.n
+            return torch.full((min(self.n, self.d),), float("nan"), dtype=STAT_DTYPE,
+                              device=self.device)
+        evals = torch.linalg.eigvalsh(self._gram_or_scatter(centered)).flip(0) / self.n
         tol = max(self.n, self.d) * torch.finfo(STAT_DTYPE).eps * evals[0].clamp(min=0)
         return torch.where(evals > tol, evals, torch.zeros_like(evals))
 
     def singular_values(self) -> torch.Tensor:
-        """Singular values ``σ_k`` of the raw (uncentred) ``Z``, descending, ``min(n, d)`` of them."""
+        """Singular values ``σ_k`` of the raw (uncentred) ``Z``, descending, ``min(n, d)``."""
         return (self.eigenvalues(centered=False) * self.n).sqrt()
 
     def covariance_spectrum(self) -> torch.Tensor:
@@ -139,6 +229,14 @@ class SpectrumAccumulator:
             pad = torch.zeros(self.d - evals.numel(), dtype=evals.dtype, device=evals.device)
             evals = torch.cat([evals, pad])
         return evals
+
+    def trace_moments(self, centered: bool = True) -> tuple[float, float]:
+        """``(Tr A, ‖A‖_F²)`` of ``A = (1/n)·second moment``, without an eigensolve (the Gram
+        side has the same non-zero eigenvalues, hence the same two numbers)."""
+        if not self._check():
+            return float("nan"), float("nan")
+        a = self._gram_or_scatter(centered) / self.n
+        return float(torch.diagonal(a).sum()), float((a * a).sum())
 
 
 def _accumulate(features: ArrayLike) -> SpectrumAccumulator:
@@ -155,6 +253,12 @@ def covariance_spectrum(features: ArrayLike) -> torch.Tensor:
     return _accumulate(features).covariance_spectrum()
 
 
+# --------------------------------------------------------------------------- spectrum → number
+def _spectrum_tensor(spectrum: ArrayLike) -> torch.Tensor:
+    s = as_tensor(spectrum).to(STAT_DTYPE).reshape(-1)
+    return s
+
+
 def rankme_from_spectrum(spectrum: ArrayLike, eps: float = DEFAULT_EPS) -> float:
     r"""Exponential of the entropy of a normalised non-negative spectrum.
 
@@ -163,12 +267,15 @@ def rankme_from_spectrum(spectrum: ArrayLike, eps: float = DEFAULT_EPS) -> float
 
     (Garrido, Balestriero, Najman, LeCun 2023, Eq. 1; ε is added *after* normalisation.)
 
-    Returns NaN with a warning for a spectrum that is all zero or not finite.
+    Returns NaN with a warning for a spectrum that is all zero or not finite; raises
+    ``ValueError`` for negative entries.
     """
-    s = torch.as_tensor(spectrum, dtype=STAT_DTYPE) if not isinstance(spectrum, torch.Tensor) \
-        else spectrum.to(STAT_DTYPE)
+    s = _spectrum_tensor(spectrum)
     if not all_finite(s):
         return warn_nan("RankMe: the spectrum is not finite (NaN or Inf in the features)")
+    if bool((s < 0).any()):
+        raise ValueError("RankMe: a spectrum must be non-negative (singular values or "
+                         "eigenvalues of a covariance)")
     total = s.sum()
     if not total > 0:
         return warn_nan("RankMe: the features are all zero; RankMe is undefined (NaN)")
@@ -176,6 +283,143 @@ def rankme_from_spectrum(spectrum: ArrayLike, eps: float = DEFAULT_EPS) -> float
     return float(torch.exp(-(p * p.log()).sum()))
 
 
+def effective_rank_from_spectrum(spectrum: ArrayLike, order: float = 1.0) -> float:
+    r"""Rényi effective rank: the exponential of the order-``q`` Rényi entropy of ``p = s/Σs``.
+
+    .. math:: \mathrm{erank}_q = \exp H_q(p),\quad H_q = \frac{1}{1-q}\ln\sum_k p_k^q,\quad
+              H_1 = -\sum_k p_k\ln p_k,\quad H_\infty = -\ln\max_k p_k .
+
+    ``q = 1`` on singular values is the effective rank of Roy & Vetterli (EUSIPCO 2007, Eq. 3)
+    (RankMe without ε); ``q = 2`` on covariance eigenvalues is the participation ratio;
+    ``q = ∞`` on squared singular values is the stable rank.  Non-increasing in ``q``; between
+    1 and the number of non-zero entries.  NaN with a warning for all-zero or non-finite input.
+    """
+    s = _spectrum_tensor(spectrum)
+    if order < 0 or math.isnan(order):
+        raise ValueError(f"the order of a Rényi entropy must be >= 0; got {order}")
+    if not all_finite(s):
+        return warn_nan("effective rank: the spectrum is not finite")
+    if bool((s < 0).any()):
+        raise ValueError("effective rank: a spectrum must be non-negative")
+    total = s.sum()
+    if not total > 0:
+        return warn_nan("effective rank: the spectrum is all zero (NaN)")
+    p = s / total
+    if order == 1:
+        logp = torch.where(p > 0, p.log(), torch.zeros_like(p))
+        return float(torch.exp(-(p * logp).sum()))
+    if math.isinf(order):
+        return float(1.0 / p.max())
+    if order == 0:
+        return float((p > 0).sum())
+    return float(torch.exp(torch.log((p[p > 0] ** order).sum()) / (1.0 - order)))
+
+
+@dataclass(frozen=True)
+class PowerLawFit:
+    """Result of a power-law fit ``λ_r ≈ c · r^{-alpha}`` over a rank range."""
+
+    alpha: float
+    """Decay exponent (positive for a decaying spectrum)."""
+    intercept: float
+    """``ln c``."""
+    r2: float
+    """Coefficient of determination of ``ln λ_r`` over the fit range (unweighted)."""
+    fit_range: tuple[int, int]
+    """0-based half-open index range used."""
+    r2_weighted: float = float("nan")
+    """Coefficient of determination with the fit's own weights ``1/r``."""
+
+
+def _nan_fit(reason: str, lo: int, hi: int) -> PowerLawFit:
+    return PowerLawFit(warn_nan(reason), np.nan, np.nan, (lo, hi), np.nan)
+
+
+def power_law_fit(
+    eigenvalues: ArrayLike, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE
+) -> PowerLawFit:
+    r"""Weighted least-squares fit of ``ln λ_r = ln c − α ln r`` over a rank range.
+
+    Ranks are 1-based, ``r = i + 1`` for the 0-based indices ``i ∈ [lo, hi)``; each point has
+    weight ``w_r = 1/r`` on its squared residual, so that the fit is not dominated by the many
+    ranks of the tail (Agrawal, Mondal, Ghosh, Richards 2022, following Stringer et al. 2019):
+
+    .. math:: \hat\alpha = \frac{\sum_r w_r (x_r-\bar x_w)(y_r-\bar y_w)}
+                                {\sum_r w_r (x_r-\bar x_w)^2},\quad x_r=-\ln r,\ y_r=\ln\lambda_r
+
+    Returns NaN values with a warning when the range asks for more positive eigenvalues than
+    there are, or the spectrum is not finite.
+    """
+    lo, hi = int(fit_range[0]), int(fit_range[1])
+    if not 0 <= lo < hi - 1:
+        raise ValueError(f"fit_range must be (lo, hi) with 0 <= lo < hi - 1; got {fit_range}")
+    lam = _spectrum_tensor(eigenvalues).cpu().numpy()
+    if not np.all(np.isfinite(lam)):
+        return _nan_fit("alpha-ReQ: the spectrum is not finite", lo, hi)
+    positive = int(np.sum(lam > 0))
+    if hi > lam.size or np.any(lam[lo:hi] <= 0):
+        return _nan_fit(
+            f"alpha-ReQ: fit range [{lo}, {hi}) needs {hi} positive eigenvalues, but the "
+            f"spectrum has {positive} of {lam.size} (use more samples or features, or a "
+            f"smaller fit_range)", lo, hi)
+    ranks = np.arange(lo, hi, dtype=np.float64) + 1.0
+    x, y, w = -np.log(ranks), np.log(lam[lo:hi]), 1.0 / ranks
+    xm, ym = np.average(x, weights=w), np.average(y, weights=w)
+    alpha = float(np.sum(w * (x - xm) * (y - ym)) / np.sum(w * (x - xm) ** 2))
+    intercept = float(ym - alpha * xm)
+    resid = y - (intercept + alpha * x)
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    ss_tot_w = float(np.sum(w * (y - ym) ** 2))
+    r2 = float(1.0 - np.sum(resid**2) / ss_tot) if ss_tot > 0 else 1.0
+    r2_w = float(1.0 - np.sum(w * resid**2) / ss_tot_w) if ss_tot_w > 0 else 1.0
+    return PowerLawFit(alpha, intercept, r2, (lo, hi), r2_w)
+
+
+# --------------------------------------------------------------------------- shared computes
+def _rankme_compute(acc: SpectrumAccumulator, eps: float = DEFAULT_EPS) -> float:
+    return rankme_from_spectrum(acc.singular_values(), eps)
+
+
+def _rankme_covariance_compute(acc: SpectrumAccumulator, eps: float = DEFAULT_EPS) -> float:
+    return rankme_from_spectrum(acc.covariance_spectrum(), eps)
+
+
+def _alpha_req_compute(
+    acc: SpectrumAccumulator, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE
+) -> PowerLawFit:
+    return power_law_fit(acc.covariance_spectrum(), fit_range)
+
+
+def _participation_ratio_compute(acc: SpectrumAccumulator) -> float:
+    trace, frob2 = acc.trace_moments(centered=True)
+    if math.isnan(trace):
+        return warn_nan("participation ratio: the features are not finite")
+    if not frob2 > 0:
+        return warn_nan("participation ratio: the features are constant (zero covariance)")
+    return trace * trace / frob2
+
+
+def _stable_rank_compute(acc: SpectrumAccumulator, centered: bool = False) -> float:
+    evals = acc.eigenvalues(centered)
+    if not all_finite(evals):
+        return warn_nan("stable rank: the features are not finite")
+    if not evals[0] > 0:
+        return warn_nan("stable rank: the matrix is zero (NaN)")
+    return float(evals.sum() / evals[0])
+
+
+def _effective_rank_compute(acc: SpectrumAccumulator, order: float = 1.0,
+                            spectrum: str = "singular") -> float:
+    if spectrum == "singular":
+        s = acc.singular_values()
+    elif spectrum == "covariance":
+        s = acc.covariance_spectrum()
+    else:
+        raise ValueError(f"spectrum must be 'singular' or 'covariance'; got {spectrum!r}")
+    return effective_rank_from_spectrum(s, order)
+
+
+# --------------------------------------------------------------------------- one-shot functions
 def rankme(features: ArrayLike, eps: float = DEFAULT_EPS) -> float:
     r"""RankMe of features, the paper's definition: raw, uncentred singular values.
 
@@ -201,8 +445,9 @@ def rankme(features: ArrayLike, eps: float = DEFAULT_EPS) -> float:
     See Also
     --------
     rankme_covariance : the variant on centred covariance eigenvalues.
+    RankMe : the streaming form.
     """
-    return rankme_from_spectrum(_accumulate(features).singular_values(), eps)
+    return _rankme_compute(_accumulate(features), eps)
 
 
 def rankme_covariance(features: ArrayLike, eps: float = DEFAULT_EPS) -> float:
@@ -217,71 +462,14 @@ def rankme_covariance(features: ArrayLike, eps: float = DEFAULT_EPS) -> float:
     RankMe paper's formula and gives different numbers (≈613 vs ≈814 on a 1000 × 1024
     Gaussian matrix).
     """
-    return rankme_from_spectrum(_accumulate(features).covariance_spectrum(), eps)
-
-
-@dataclass(frozen=True)
-class PowerLawFit:
-    """Result of a power-law fit ``λ_r ≈ c · r^{-alpha}`` over a rank range."""
-
-    alpha: float
-    """Decay exponent (positive for a decaying spectrum)."""
-    intercept: float
-    """``ln c``."""
-    r2: float
-    """Coefficient of determination of ``ln λ_r`` over the fit range (unweighted)."""
-    fit_range: tuple[int, int]
-    """0-based half-open index range used."""
-
-
-def power_law_fit(
-    eigenvalues: ArrayLike, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE
-) -> PowerLawFit:
-    r"""Weighted least-squares fit of ``ln λ_r = ln c − α ln r`` over a rank range.
-
-    Ranks are 1-based, ``r = i + 1`` for the 0-based indices ``i ∈ [lo, hi)``; each point has
-    weight ``w_r = 1/r`` on its squared residual, so that the fit is not dominated by the many
-    ranks of the tail (Agrawal, Mondal, Ghosh, Richards 2022, following Stringer et al. 2019):
-
-    .. math:: \hat\alpha = \frac{\sum_r w_r (x_r-\bar x_w)(y_r-\bar y_w)}
-                                {\sum_r w_r (x_r-\bar x_w)^2},\quad x_r=-\ln r,\ y_r=\ln\lambda_r
-
-    Returns NaN values with a warning when the range asks for more positive eigenvalues than
-    there are.
-    """
-    lo, hi = int(fit_range[0]), int(fit_range[1])
-    if not 0 <= lo < hi - 1:
-        raise ValueError(f"fit_range must be (lo, hi) with 0 <= lo < hi - 1; got {fit_range}")
-    lam = np.asarray(torch.as_tensor(eigenvalues).detach().cpu().double().numpy())
-    if not np.all(np.isfinite(lam)):
-        return PowerLawFit(warn_nan("alpha-ReQ: the spectrum is not finite"), np.nan, np.nan,
-                           (lo, hi))
-    positive = int(np.sum(lam > 0))
-    if hi > lam.size or np.any(lam[lo:hi] <= 0):
-        return PowerLawFit(
-            warn_nan(
-                f"alpha-ReQ: fit range [{lo}, {hi}) needs {hi} positive eigenvalues, but the "
-                f"spectrum has {positive} of {lam.size} (use more samples or features, or a "
-                f"smaller fit_range)"
-            ),
-            np.nan, np.nan, (lo, hi),
-        )
-    ranks = np.arange(lo, hi, dtype=np.float64) + 1.0
-    x, y, w = -np.log(ranks), np.log(lam[lo:hi]), 1.0 / ranks
-    xm, ym = np.average(x, weights=w), np.average(y, weights=w)
-    alpha = float(np.sum(w * (x - xm) * (y - ym)) / np.sum(w * (x - xm) ** 2))
-    intercept = float(ym - alpha * xm)
-    resid = y - (intercept + alpha * x)
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
-    r2 = float(1.0 - np.sum(resid**2) / ss_tot) if ss_tot > 0 else 1.0
-    return PowerLawFit(alpha, intercept, r2, (lo, hi))
+    return _rankme_covariance_compute(_accumulate(features), eps)
 
 
 def alpha_req_fit(
     features: ArrayLike, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE
 ) -> PowerLawFit:
     """alpha-ReQ with the fit's details (:class:`PowerLawFit`): see :func:`alpha_req`."""
-    return power_law_fit(_accumulate(features).covariance_spectrum(), fit_range)
+    return _alpha_req_compute(_accumulate(features), fit_range)
 
 
 def alpha_req(features: ArrayLike, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE) -> float:
@@ -301,3 +489,183 @@ def alpha_req(features: ArrayLike, fit_range: tuple[int, int] = DEFAULT_FIT_RANG
         positive eigenvalues than the fit range needs, or the features are not finite.
     """
     return alpha_req_fit(features, fit_range).alpha
+
+
+def participation_ratio(features: ArrayLike) -> float:
+    r"""Participation ratio of the centred covariance ``C``:
+
+    .. math:: \mathrm{PR} = \frac{(\sum_k \lambda_k)^2}{\sum_k \lambda_k^2}
+              = \frac{(\operatorname{Tr} C)^2}{\lVert C\rVert_F^2}
+
+    Gao, Trautmann, Yu, Santhanam, Ryu, Shenoy & Ganguli, "A theory of multineuronal
+    dimensionality, dynamics and measurement", bioRxiv 2017 (Eq. 1); Recanatesi et al. (2019).
+    Computed from the trace and Frobenius norm, without an eigensolve.  Between 1 and
+    ``rank(C)``; NaN with a warning for constant or non-finite features.
+    """
+    return _participation_ratio_compute(_accumulate(features))
+
+
+def stable_rank(features: ArrayLike, centered: bool = False) -> float:
+    r"""Stable (numerical) rank ``‖Z‖_F² / ‖Z‖_2² = Σ_k σ_k² / σ_1²``.
+
+    Rudelson & Vershynin, "Sampling from large matrices: an approach through geometric
+    functional analysis", J. ACM 54 (2007), Sec. 1.4.  ``centered=True`` uses the column-
+    centred ``Z``.  Between 1 and ``rank(Z)``; NaN with a warning for a zero matrix.
+    """
+    return _stable_rank_compute(_accumulate(features), centered)
+
+
+def effective_rank(features: ArrayLike, order: float = 1.0, spectrum: str = "singular") -> float:
+    """Rényi effective rank of the singular values of raw ``Z`` (``spectrum="singular"``) or
+    of the centred covariance eigenvalues (``"covariance"``): see
+    :func:`effective_rank_from_spectrum`.  ``order=1, spectrum="singular"`` is Roy & Vetterli's
+    effective rank (2007)."""
+    return _effective_rank_compute(_accumulate(features), order, spectrum)
+
+
+# --------------------------------------------------------------------------- streaming metrics
+class _StreamingSpectral:
+    """Base of the streaming metrics: one :class:`SpectrumAccumulator` and a ``compute``."""
+
+    def __init__(self, batch_dtype: torch.dtype | None = STAT_DTYPE) -> None:
+        self.accumulator = SpectrumAccumulator(batch_dtype)
+
+    def update(self, features: ArrayLike):
+        """Add a batch ``(batch, d)``."""
+        self.accumulator.update(features)
+        return self
+
+    def reset(self) -> None:
+        self.accumulator.reset()
+
+    def compute(self):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class RankMe(_StreamingSpectral):
+    """Streaming :func:`rankme` (Garrido et al. 2023, Eq. 1)."""
+
+    def __init__(self, eps: float = DEFAULT_EPS, batch_dtype: torch.dtype | None = STAT_DTYPE):
+        super().__init__(batch_dtype)
+        self.eps = eps
+
+    def compute(self) -> float:
+        return _rankme_compute(self.accumulator, self.eps)
+
+
+class RankMeCovariance(RankMe):
+    """Streaming :func:`rankme_covariance` (centred-covariance variant)."""
+
+    def compute(self) -> float:
+        return _rankme_covariance_compute(self.accumulator, self.eps)
+
+
+class AlphaReQ(_StreamingSpectral):
+    """Streaming :func:`alpha_req` (Agrawal et al. 2022); :meth:`compute_fit` gives the fit."""
+
+    def __init__(self, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE,
+                 batch_dtype: torch.dtype | None = STAT_DTYPE):
+        super().__init__(batch_dtype)
+        self.fit_range = fit_range
+
+    def compute_fit(self) -> PowerLawFit:
+        return _alpha_req_compute(self.accumulator, self.fit_range)
+
+    def compute(self) -> float:
+        return self.compute_fit().alpha
+
+
+class ParticipationRatio(_StreamingSpectral):
+    """Streaming :func:`participation_ratio`."""
+
+    def compute(self) -> float:
+        return _participation_ratio_compute(self.accumulator)
+
+
+class StableRank(_StreamingSpectral):
+    """Streaming :func:`stable_rank`."""
+
+    def __init__(self, centered: bool = False, batch_dtype: torch.dtype | None = STAT_DTYPE):
+        super().__init__(batch_dtype)
+        self.centered = centered
+
+    def compute(self) -> float:
+        return _stable_rank_compute(self.accumulator, self.centered)
+
+
+class EffectiveRank(_StreamingSpectral):
+    """Streaming :func:`effective_rank`."""
+
+    def __init__(self, order: float = 1.0, spectrum: str = "singular",
+                 batch_dtype: torch.dtype | None = STAT_DTYPE):
+        super().__init__(batch_dtype)
+        self.order, self.spectrum = order, spectrum
+
+    def compute(self) -> float:
+        return _effective_rank_compute(self.accumulator, self.order, self.spectrum)
+
+
+SPECTRAL_METRICS: dict[str, Callable[[SpectrumAccumulator], float]] = {
+    "rankme": _rankme_compute,
+    "rankme_covariance": _rankme_covariance_compute,
+    "alpha_req": lambda acc: _alpha_req_compute(acc).alpha,
+    "alpha_req_r2": lambda acc: _alpha_req_compute(acc).r2,
+    "participation_ratio": _participation_ratio_compute,
+    "stable_rank": _stable_rank_compute,
+    "effective_rank": _effective_rank_compute,
+}
+"""Metrics :class:`SpectralMetrics` can compute from one accumulator (default parameters)."""
+
+
+class SpectralMetrics(_StreamingSpectral):
+    """Several spectral metrics from one pass and one accumulator.
+
+    ``SpectralMetrics(["rankme", "alpha_req"])`` accumulates once and ``compute()`` returns
+    ``{"rankme": …, "alpha_req": …}``; each value equals the one-shot function's.  Names are
+    keys of :data:`SPECTRAL_METRICS`; ``fit_range`` and ``eps`` apply to alpha-ReQ and RankMe.
+    """
+
+    def __init__(self, metrics: Sequence[str] = ("rankme", "alpha_req"),
+                 eps: float = DEFAULT_EPS, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE,
+                 batch_dtype: torch.dtype | None = STAT_DTYPE):
+        super().__init__(batch_dtype)
+        unknown = [m for m in metrics if m not in SPECTRAL_METRICS]
+        if unknown:
+            raise KeyError(f"unknown spectral metrics {unknown}; available: "
+                           f"{', '.join(SPECTRAL_METRICS)}")
+        self.metrics, self.eps, self.fit_range = tuple(metrics), eps, fit_range
+
+    def compute(self) -> dict[str, float]:
+        acc, out = self.accumulator, {}
+        fit = None
+        for name in self.metrics:
+            if name in ("alpha_req", "alpha_req_r2"):
+                fit = fit or _alpha_req_compute(acc, self.fit_range)
+                out[name] = fit.alpha if name == "alpha_req" else fit.r2
+            elif name in ("rankme", "rankme_covariance"):
+                out[name] = SPECTRAL_METRICS[name](acc, self.eps)
+            else:
+                out[name] = SPECTRAL_METRICS[name](acc)
+        return out
+
+
+# --------------------------------------------------------------------------- registry
+_PROBES = (
+    ("participation_ratio", participation_ratio,
+     "participation ratio of the centred covariance", "1",
+     "Gao et al. (2017), A theory of multineuronal dimensionality, Eq. 1"),
+    ("stable_rank", stable_rank, "stable rank ||Z||_F^2/||Z||_2^2", "1",
+     "Rudelson & Vershynin (2007), J. ACM 54, Sec. 1.4"),
+    ("effective_rank", effective_rank, "effective rank (exp entropy of singular values)", "1",
+     "Roy & Vetterli (2007), The effective rank, EUSIPCO, Eq. 3"),
+)
+
+
+def register_probes() -> None:
+    """Register the effective-rank feature probes (``participation_ratio``, ``stable_rank``,
+    ``effective_rank``) in :mod:`probes.registry` (idempotent).  ``rankme``,
+    ``rankme_covariance`` and ``alpha_req`` are registered by the registry itself."""
+    from probes.registry import register_feature_probe
+
+    for name, fn, long_name, units, source in _PROBES:
+        register_feature_probe(name, fn, long_name, units, source)
