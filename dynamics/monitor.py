@@ -3,21 +3,47 @@
 ::
 
     monitor = Monitor(model, probes=["rankme", "alpha_req"], layers=["net.1", "net.3"],
-                      schedule=log_spaced(5000, 40), probe_data=x_probe, learning_rate=lr)
-    for step in range(5001):
-        ...                                   # the user's own training step
-        monitor.step(step, train_loss=loss)   # evaluates only when schedule(step) is True
-    ds = monitor.to_dataset()                 # (step × layer) probes, (step) scalars
+                      schedule=log_spaced(5000, 40), probe_data=x_probe, learning_rate=lr,
+                      store="run.zarr")
+    with monitor:
+        for step in range(5001):
+            ...                                   # the user's own training step
+            monitor.step(step, train_loss=loss)   # evaluates only when schedule(step) is True
+    ds = monitor.to_dataset()                     # (step × layer) probes, (step) scalars
 
-An evaluation runs the probe batch through the model in eval mode under ``torch.no_grad``,
-captures the chosen layers through forward hooks (removed afterwards), and restores the
-model's train/eval mode and the global random state, so the training run is not disturbed.
+Three kinds of probe (``probes=`` takes names or objects, mixed):
+
+* *feature probes* (``probes.registry.FEATURE_PROBES``: ``rankme``, ``alpha_req`` …) map the
+  captured ``(n, d)`` features of each layer to a number; they give ``(step, layer)``
+  variables.  A feature probe whose function takes ``labels`` receives ``probe_targets``;
+  ``"neural_collapse"`` (``probes.collapse``) gives its NC variables per layer this way.
+* *model probes* (``probes.registry.MODEL_PROBES``) are stateful callables
+  ``probe(model, inputs, targets) -> {variable: value}`` made once per monitor; a value is a
+  number (a ``(step,)`` variable) or an ``xarray.DataArray`` with its own dims.
+* scalars passed to :meth:`Monitor.step` (losses, accuracies) give ``(step,)`` variables.
+
+**The training run is not disturbed.**  An evaluation runs in eval mode under
+``torch.no_grad`` and afterwards restores: every module's train/eval flag, the torch CPU and
+CUDA, numpy and Python random states, every buffer (BatchNorm running statistics, even if a
+model probe ran in train mode) and every parameter's ``.grad`` (probes that backpropagate see
+``grad = None`` and their gradients are discarded).  The optimiser is never touched.  A run with
+the monitor is bit-identical in its weights to a run without it (tested).
+
+**Nothing measured is lost.**  With ``store=`` each evaluation is appended to a Zarr store
+along ``step`` as soon as it is measured, and the count of complete evaluations is written
+after the data; :func:`load_stream` reads the store back, dropping a half-written last
+evaluation, so a crash loses at most the evaluation in progress.  :meth:`Monitor.save` (or
+``netcdf=``, written when the ``with`` block ends) writes the finished run to NetCDF.
 """
 
 from __future__ import annotations
 
+import inspect
+import random
 import time as _time
-from collections.abc import Iterable, Mapping, Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,56 +54,132 @@ from torch import nn
 from dynamics import records
 from dynamics.schedules import Schedule, log_spaced
 from probes import capture, get_feature_probe
-from probes.registry import FeatureProbe
+from probes.registry import MODEL_PROBES, FeatureProbe, ModelProbe
 
-__all__ = ["Monitor"]
+__all__ = ["Monitor", "load_stream", "preserved_state"]
+
+COMPLETE_ATTR = "monitor_evaluations_complete"
+"""Zarr group attribute: number of evaluations fully written to the store."""
 
 
-class _preserved_state:  # noqa: N801
-    """Restore train/eval mode of every module and the torch RNG state on exit."""
+class preserved_state:  # noqa: N801 - a context manager used like a function
+    """Restore a model's modes, buffers, gradients and all random states on exit.
+
+    Saved on entry, restored on exit: the ``training`` flag of every module; a copy of every
+    buffer (BatchNorm running mean/var and ``num_batches_tracked``); each parameter's ``.grad``
+    (set to ``None`` inside, so a backward pass inside cannot add to the run's gradients); the
+    torch CPU RNG, the CUDA RNGs (if CUDA is initialised), numpy's and Python's global RNGs.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def __enter__(self) -> None:
-        self.modes = {m: m.training for m in self.model.modules()}
+    def __enter__(self) -> preserved_state:
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.buffers = [(b, b.detach().clone()) for b in self.model.buffers()]
+        self.grads = [(p, p.grad) for p in self.model.parameters()]
+        for p, _ in self.grads:
+            p.grad = None
         self.cpu_rng = torch.get_rng_state()
         self.cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+        self.np_rng = np.random.get_state()  # noqa: NPY002 - the legacy global state
+        self.py_rng = random.getstate()
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        for module, mode in self.modes.items():
+        for module, mode in self.modes:
             module.training = mode
+        with torch.no_grad():
+            for buffer, saved in self.buffers:
+                if buffer.shape == saved.shape:
+                    buffer.copy_(saved)
+        for p, grad in self.grads:
+            p.grad = grad
         torch.set_rng_state(self.cpu_rng)
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
+        np.random.set_state(self.np_rng)  # noqa: NPY002
+        random.setstate(self.py_rng)
+
+
+_preserved_state = preserved_state  # the foundation's private name
+
+
+def _collapse_probe() -> FeatureProbe:
+    from probes.collapse import SOURCE, neural_collapse
+
+    return FeatureProbe("neural_collapse", neural_collapse, "neural-collapse metrics", "1",
+                        SOURCE)
+
+
+def _resolve(probe: str | FeatureProbe | ModelProbe) -> FeatureProbe | ModelProbe:
+    if isinstance(probe, (FeatureProbe, ModelProbe)):
+        return probe
+    if probe not in MODEL_PROBES:
+        import probes.instability  # noqa: F401 - registers its model probes
+    if probe in MODEL_PROBES:
+        return MODEL_PROBES[probe]
+    if probe == "neural_collapse":
+        try:
+            return get_feature_probe(probe)
+        except KeyError:
+            return _collapse_probe()
+    return get_feature_probe(probe)  # KeyError listing the known names
+
+
+def _takes_labels(probe: FeatureProbe) -> bool:
+    try:
+        return "labels" in inspect.signature(probe.fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _concat(batches: torch.Tensor | Sequence[torch.Tensor] | None) -> Any:
+    if batches is None or isinstance(batches, torch.Tensor):
+        return batches
+    batches = list(batches)
+    return batches[0] if len(batches) == 1 else torch.cat(batches)
 
 
 class Monitor:
-    """Evaluate feature probes on chosen layers at scheduled steps and record the results.
+    """Evaluate probes on chosen layers at scheduled steps; record and stream the results.
 
     Parameters
     ----------
     model : nn.Module
-    probes : sequence of str or FeatureProbe
-        Names from ``probes.FEATURE_PROBES`` (``"rankme"``, ``"alpha_req"`` …) or probe objects.
+    probes : sequence of str, FeatureProbe or ModelProbe
+        Feature-probe names (``"rankme"``, ``"alpha_req"``, ``"neural_collapse"`` …),
+        model-probe names (``probes.registry.MODEL_PROBES``) or probe objects.
     layers : sequence of str
-        Module names or glob patterns (unknown names raise ``KeyError`` listing the modules).
+        Module names or glob patterns for the feature probes (unknown names raise
+        ``KeyError`` listing the modules).
     schedule : callable ``step -> bool``
         When to evaluate (default: 30 log-spaced steps up to 10,000).
     probe_data : tensor or sequence of tensors
-        A fixed probe batch (or batches), passed to ``model(...)``.
+        A fixed probe batch (or batches), passed to ``model(...)``; model probes receive the
+        batches concatenated.
     learning_rate : float, optional
         Gives the ``time = learning_rate × step`` coordinate.
     reduce : str
         Token reduction of captured outputs (``probes.capture``).
     seed : int, optional
         Stored as a scalar ``seed`` coordinate, so runs concatenate along ``seed``.
+    source : str
+        The Dataset's ``source`` attribute.
+    probe_targets : tensor or sequence of tensors, optional
+        Targets/labels of the probe data: passed to model probes and to feature probes that
+        take ``labels`` (neural collapse).
+    store : path, optional
+        Zarr store to which each evaluation is appended as it is measured (replaced if it
+        exists when the first evaluation is written).
+    netcdf : path, optional
+        NetCDF file written by :meth:`close` (the end of a ``with`` block).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        probes: Sequence[str | FeatureProbe] = ("rankme", "alpha_req"),
+        probes: Sequence[str | FeatureProbe | ModelProbe] = ("rankme", "alpha_req"),
         layers: Sequence[str] = (),
         schedule: Schedule | None = None,
         probe_data: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -85,88 +187,243 @@ class Monitor:
         reduce: str = "flatten",
         seed: int | None = None,
         source: str = "traindyn Monitor",
+        probe_targets: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        store: str | Path | None = None,
+        netcdf: str | Path | None = None,
     ) -> None:
         self.model = model
-        self.probes = [p if isinstance(p, FeatureProbe) else get_feature_probe(p) for p in probes]
+        resolved = [_resolve(p) for p in probes]
+        self.probes = [p for p in resolved if isinstance(p, FeatureProbe)]
+        self.model_probes = [p for p in resolved if isinstance(p, ModelProbe)]
         self.layers = list(capture(model, layers).layers) if layers else []
-        if self.probes and self.layers and probe_data is None:
-            raise ValueError("probe_data is required to evaluate probes on layers")
+        if (self.probes and self.layers or self.model_probes) and probe_data is None:
+            raise ValueError("probe_data is required to evaluate probes")
+        needs_labels = [p.name for p in self.probes if _takes_labels(p)]
+        if needs_labels and self.layers and probe_targets is None:
+            raise ValueError(f"probes {needs_labels} need labels: pass probe_targets=")
         self.schedule = schedule or log_spaced(10_000, 30)
         self.probe_data = probe_data
+        self.probe_targets = probe_targets
         self.learning_rate = learning_rate
         self.reduce = reduce
         self.seed = seed
         self.source = source
-        self._steps: list[int] = []
-        self._probe_values: list[np.ndarray] = []  # each (layer, probe)
-        self._scalars: list[dict[str, float]] = []
+        self.store = Path(store) if store is not None else None
+        self.netcdf = Path(netcdf) if netcdf is not None else None
+        self._model_probe_fns = [(p, p.factory()) for p in self.model_probes]
+        self._evaluations: list[xr.Dataset] = []
+        self._stream_vars: set[str] | None = None
         self.seconds_spent = 0.0
+        self.seconds_storing = 0.0
 
+    # -- context manager -----------------------------------------------------------------
     def __enter__(self) -> Monitor:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        return None
+        self.close()
 
-    def _batches(self) -> Iterable[torch.Tensor]:
+    def close(self) -> None:
+        """Write the NetCDF file if ``netcdf=`` was given (the Zarr store is already complete)."""
+        if self.netcdf is not None and self._evaluations:
+            self.save(self.netcdf)
+
+    # -- measuring -----------------------------------------------------------------------
+    def _batches(self) -> list[torch.Tensor]:
         data = self.probe_data
-        if isinstance(data, torch.Tensor):
-            return [data]
-        return list(data)
+        return [data] if isinstance(data, torch.Tensor) else list(data)
+
+    def _feature_values(self) -> dict[str, np.ndarray]:
+        """``{variable: values over layers}`` of every feature probe (inside preserved state)."""
+        out: dict[str, np.ndarray] = {}
+        if not (self.layers and self.probes):
+            return out
+        self.model.eval()
+        with capture(self.model, self.layers, reduce=self.reduce) as cap:
+            for batch in self._batches():
+                self.model(batch)
+        feats = cap.activations()
+        labels = _concat(self.probe_targets)
+        for probe in self.probes:
+            kwargs = {"labels": labels} if _takes_labels(probe) else {}
+            for i, layer in enumerate(self.layers):
+                value = probe(feats[layer], **kwargs)
+                items = (value.data_vars.items() if isinstance(value, xr.Dataset)
+                         else value.items() if isinstance(value, Mapping)
+                         else [(probe.name, value)])
+                for name, v in items:
+                    arr = out.setdefault(name, np.full(len(self.layers), np.nan))
+                    arr[i] = float(v)
+        return out
+
+    def _variable_attrs(self, name: str) -> dict[str, str]:
+        for probe in self.probes:
+            if probe.name == name:
+                return {"long_name": probe.long_name, "units": probe.units,
+                        "source": probe.source}
+        if any(p.name == "neural_collapse" for p in self.probes):
+            from probes.collapse import NC_VARIABLES, SOURCE
+
+            if name in NC_VARIABLES:
+                return {**NC_VARIABLES[name], "source": SOURCE}
+        for probe in self.model_probes:
+            if name in probe.variables:
+                long_name, units = probe.variables[name]
+                return {"long_name": long_name, "units": units, "source": probe.source}
+        return records.variable_attrs(name)
 
     def measure(self) -> np.ndarray:
-        """Probe values now, shape ``(len(layers), len(probes))``, without recording them."""
+        """Feature-probe values now, shape ``(len(layers), len(probes))``, not recorded.
+
+        Only single-valued feature probes; :meth:`evaluate` gives every variable.
+        """
         out = np.full((len(self.layers), len(self.probes)), np.nan)
         if not self.layers or not self.probes:
             return out
-        with _preserved_state(self.model), torch.no_grad():
-            self.model.eval()
-            with capture(self.model, self.layers, reduce=self.reduce) as cap:
-                for batch in self._batches():
-                    self.model(batch)
-            feats = cap.activations()
-        for i, layer in enumerate(self.layers):
-            for j, probe in enumerate(self.probes):
-                out[i, j] = probe(feats[layer])
+        with preserved_state(self.model), torch.no_grad():
+            values = self._feature_values()
+        for j, probe in enumerate(self.probes):
+            if probe.name in values:
+                out[:, j] = values[probe.name]
         return out
 
-    def step(self, step: int, **scalars: float) -> bool:
-        """Evaluate and record if ``schedule(step)``; returns whether it did."""
-        if not self.schedule(step):
-            return False
-        start = _time.perf_counter()
-        values = self.measure()
-        self._steps.append(int(step))
-        self._probe_values.append(values)
-        self._scalars.append({k: float(v) for k, v in scalars.items()})
-        self.seconds_spent += _time.perf_counter() - start
-        return True
-
-    def to_dataset(self, attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
-        """Everything recorded so far as a Dataset over ``step`` (and ``layer``)."""
-        coords: dict[str, Any] = records.step_coords(self._steps, self.learning_rate)
+    def evaluate(self, step: int = 0, **scalars: float) -> xr.Dataset:
+        """One evaluation as a Dataset with a length-1 ``step`` dimension (not recorded)."""
+        with preserved_state(self.model):
+            with torch.no_grad():
+                feature_values = self._feature_values()
+            extra: dict[str, Any] = {}
+            if self._model_probe_fns:
+                inputs, targets = _concat(self.probe_data), _concat(self.probe_targets)
+                self.model.eval()
+                for _, fn in self._model_probe_fns:
+                    extra.update(fn(self.model, inputs, targets))
+        coords: dict[str, Any] = records.step_coords([step], self.learning_rate)
         data_vars: dict[str, Any] = {}
-        if self.layers and self.probes:
+        if feature_values:
             coords["layer"] = ("layer", np.array(self.layers, dtype=object))
-            values = np.stack(self._probe_values) if self._probe_values else np.empty(
-                (0, len(self.layers), len(self.probes)))
-            for j, probe in enumerate(self.probes):
-                data_vars[probe.name] = (("step", "layer"), values[:, :, j],
-                                         {"long_name": probe.long_name, "units": probe.units,
-                                          "source": probe.source})
-        names = sorted({k for row in self._scalars for k in row})
-        for name in names:
-            data_vars[name] = ("step", np.array([row.get(name, np.nan) for row in self._scalars]),
-                               records.variable_attrs(name))
+            for name, values in feature_values.items():
+                data_vars[name] = (("step", "layer"), values[None], self._variable_attrs(name))
+        arrays = []
+        for name, value in extra.items():
+            if isinstance(value, xr.DataArray):
+                da = value.expand_dims(step=1).assign_coords(step=[step])
+                da.attrs = {**self._variable_attrs(name), **value.attrs}
+                arrays.append(da.rename(name))
+            else:
+                data_vars[name] = ("step", [float(value)], self._variable_attrs(name))
+        for name, value in scalars.items():
+            data_vars[name] = ("step", [float(value)], records.variable_attrs(name))
         if self.seed is not None:
             coords["seed"] = self.seed
         ds = xr.Dataset(data_vars, coords=coords)
-        ds.attrs.update(
-            source=self.source,
-            parameters=records.params_attr(
-                dict(probes=[p.name for p in self.probes], layers=self.layers,
-                     reduce=self.reduce, learning_rate=self.learning_rate)),
-            monitor_seconds=self.seconds_spent,
-            **(attrs or {}),
-        )
+        if arrays:
+            ds = xr.merge([ds, *arrays], join="outer", combine_attrs="override")
+        ds.attrs = self._attrs()
         return ds
+
+    def step(self, step: int, **scalars: float) -> bool:
+        """Evaluate, record and stream if ``schedule(step)``; returns whether it did."""
+        if not self.schedule(step):
+            return False
+        start = _time.perf_counter()
+        ds = self.evaluate(int(step), **scalars)
+        self._evaluations.append(ds)
+        if self.store is not None:
+            stored = _time.perf_counter()
+            self._append(ds)
+            self.seconds_storing += _time.perf_counter() - stored
+        self.seconds_spent += _time.perf_counter() - start
+        return True
+
+    # -- storage -------------------------------------------------------------------------
+    def _append(self, ds: xr.Dataset) -> None:
+        import zarr
+
+        if self._stream_vars is None:
+            if self.store.exists():
+                import shutil
+
+                shutil.rmtree(self.store)
+            self._stream_vars = set(ds.data_vars)
+        else:
+            new = set(ds.data_vars) - self._stream_vars
+            if new:
+                warnings.warn(f"variables {sorted(new)} first appeared after the first "
+                              "evaluation; they are kept in memory but not streamed", stacklevel=3)
+                ds = ds.drop_vars(sorted(new))
+            for name in self._stream_vars - set(ds.data_vars):
+                template = self._evaluations[0][name]
+                ds[name] = xr.full_like(template, np.nan, dtype=float).assign_coords(
+                    step=ds["step"].values)
+        records.append_zarr(ds, self.store)
+        zarr.open_group(str(self.store), mode="r+").attrs[COMPLETE_ATTR] = len(
+            self._evaluations)
+
+    def _attrs(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "parameters": records.params_attr(dict(
+                probes=[p.name for p in self.probes] + [p.name for p in self.model_probes],
+                layers=self.layers, reduce=self.reduce, learning_rate=self.learning_rate)),
+        }
+
+    def to_dataset(self, attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
+        """Everything recorded so far as a Dataset over ``step`` (and ``layer``)."""
+        if self._evaluations:
+            names = {n for ds in self._evaluations for n in ds.data_vars}
+            filled = []
+            for ds in self._evaluations:
+                for name in names - set(ds.data_vars):
+                    template = next(e[name] for e in self._evaluations if name in e)
+                    ds = ds.assign({name: xr.full_like(template, np.nan, dtype=float)
+                                    .assign_coords(step=ds["step"].values)})
+                filled.append(ds)
+            ds = xr.concat(filled, dim="step", data_vars="all", coords="minimal",
+                           compat="override", join="outer", combine_attrs="override")
+        else:
+            ds = xr.Dataset(coords=records.step_coords([], self.learning_rate))
+            if self.layers and self.probes:
+                ds = ds.assign_coords(layer=("layer", np.array(self.layers, dtype=object)))
+                for p in self.probes:
+                    ds[p.name] = (("step", "layer"), np.empty((0, len(self.layers))),
+                                  self._variable_attrs(p.name))
+            if self.seed is not None:
+                ds = ds.assign_coords(seed=self.seed)
+        ds.attrs = {**self._attrs(), "monitor_seconds": self.seconds_spent,
+                    "monitor_seconds_storing": self.seconds_storing, **(attrs or {})}
+        return ds
+
+    def save(self, path: str | Path) -> Path:
+        """Write everything recorded so far to NetCDF (atomically; see ``records.save_netcdf``)."""
+        return records.save_netcdf(self.to_dataset(), path)
+
+
+def load_stream(path: str | Path) -> xr.Dataset:
+    """Read a monitor's Zarr store, keeping only the evaluations written completely.
+
+    A process killed while appending can leave some arrays one evaluation longer than others
+    (or longer than the count of complete evaluations); they are cut back to that count in the
+    store before it is read, so the result holds every completed evaluation.
+    """
+    import zarr
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no monitor store at {path}")
+    group = zarr.open_group(str(path), mode="r+")
+    complete = group.attrs.get(COMPLETE_ATTR)
+    arrays = []
+    for _, array in group.arrays():
+        dims = getattr(array.metadata, "dimension_names", None) or array.attrs.get(
+            "_ARRAY_DIMENSIONS")
+        if dims and dims[0] == "step":
+            arrays.append(array)
+    if complete is None:
+        if not arrays:
+            raise ValueError(f"{path} holds no complete evaluation")
+        complete = min(a.shape[0] for a in arrays)
+    for array in arrays:
+        if array.shape[0] > complete:
+            array.resize((complete, *array.shape[1:]))
+    return records.load(path)

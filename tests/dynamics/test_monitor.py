@@ -1,0 +1,259 @@
+"""Tests of the training monitor: undisturbed training, recorded values, streaming, crashes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from torch import nn
+
+import dynamics.monitor as monitor_module
+from dynamics import records
+from dynamics.monitor import COMPLETE_ATTR, Monitor, load_stream
+from dynamics.schedules import at_steps, linear
+from probes.registry import ModelProbe
+from tests.helpers import ROOT
+
+
+def brute_rankme(z: np.ndarray, eps: float = 1e-7) -> float:
+    """RankMe, Garrido et al. (2023) Eq. 1, from numpy's float64 SVD."""
+    s = np.linalg.svd(np.asarray(z, np.float64), compute_uv=False)
+    p = s / s.sum() + eps
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def make_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
+                         nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def disturbing_probe_factory():
+    """A model probe that does everything a careless probe could: train mode (BatchNorm
+    statistics move), random draws from torch/numpy/Python, and a backward pass."""
+
+    def probe(model, inputs, targets):
+        model.train()
+        noise = torch.randn_like(inputs) + float(np.random.rand())  # noqa: NPY002 - the global RNG + random.random()
+        loss = nn.functional.cross_entropy(model(inputs + noise), targets)
+        loss.backward()
+        return {"probe_loss": loss.item()}
+
+    return probe
+
+
+DISTURBING = ModelProbe("disturbing", disturbing_probe_factory,
+                        {"probe_loss": ("loss seen by the probe", "nat")}, "test")
+
+
+def train(with_monitor: bool, steps: int = 25) -> tuple[dict, Monitor | None]:
+    torch.manual_seed(0)
+    np.random.seed(0)  # noqa: NPY002 - the monitor must leave the global RNG alone
+    random.seed(0)
+    model = make_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x_probe, y_probe = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    monitor = Monitor(model, probes=["rankme", DISTURBING], layers=["2", "5"],
+                      schedule=linear(3), probe_data=x_probe, probe_targets=y_probe,
+                      learning_rate=0.1) if with_monitor else None
+    for step in range(steps):
+        x = torch.randn(32, 6) + float(np.random.rand()) + random.random()  # noqa: NPY002
+        y = torch.randint(0, 3, (32,))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if monitor is not None:  # between backward and the update: the worst place
+            monitor.step(step, train_loss=loss.item())
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}, monitor
+
+
+def test_training_with_the_monitor_is_bit_identical():
+    plain, _ = train(False)
+    monitored, monitor = train(True)
+    assert set(plain) == set(monitored)
+    for name in plain:
+        assert torch.equal(plain[name], monitored[name]), name
+    ds = monitor.to_dataset()
+    assert list(ds["step"].values) == list(range(0, 25, 3))
+    assert np.isfinite(ds["probe_loss"].values).all()
+
+
+def test_the_bit_identity_test_would_catch_a_disturbance(monkeypatch):
+    """Control: without state preservation the disturbing probe does change the run."""
+
+    class Nothing(contextlib.nullcontext):
+        def __init__(self, model):
+            super().__init__()
+
+    monkeypatch.setattr(monitor_module, "preserved_state", Nothing)
+    plain, _ = train(False)
+    monitored, _ = train(True)
+    assert not all(torch.equal(plain[k], monitored[k]) for k in plain)
+
+
+def test_recorded_probes_equal_a_brute_force_reference():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh())
+    x = torch.randn(30, 5)
+    monitor = Monitor(model, probes=["rankme"], layers=["1", "3"], schedule=at_steps([0, 2]),
+                      probe_data=[x[:10], x[10:]], learning_rate=0.5, seed=7)
+    expected = []
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for step in range(3):
+        if monitor.step(step, train_loss=float(step) / 4):
+            with torch.no_grad():
+                h1 = torch.tanh(x @ model[0].weight.T + model[0].bias)
+                h2 = torch.tanh(h1 @ model[2].weight.T + model[2].bias)
+            expected.append([brute_rankme(h1.numpy()), brute_rankme(h2.numpy())])
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    ds = records.validate(monitor.to_dataset())
+    np.testing.assert_allclose(ds["rankme"].values, expected, rtol=1e-5)
+    np.testing.assert_allclose(ds["time"].values, [0.0, 1.0])
+    np.testing.assert_allclose(ds["train_loss"].values, [0.0, 0.5])
+    assert int(ds["seed"]) == 7 and list(ds["layer"].values) == ["1", "3"]
+    # measure() gives the same numbers now, without recording
+    before = len(monitor.to_dataset()["step"])
+    with torch.no_grad():
+        h1 = torch.tanh(x @ model[0].weight.T + model[0].bias)
+    assert abs(monitor.measure()[0, 0] - brute_rankme(h1.numpy())) < 1e-4 * brute_rankme(h1)
+    assert len(monitor.to_dataset()["step"]) == before
+
+
+def test_zarr_stream_and_netcdf_hold_what_was_measured(tmp_path):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 3))
+    x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
+    with Monitor(model, probes=["rankme", "neural_collapse", "log_partition"], layers=["1"],
+                 schedule=linear(2), probe_data=x, probe_targets=y, learning_rate=0.01,
+                 store=tmp_path / "run.zarr", netcdf=tmp_path / "run.nc") as monitor:
+        for step in range(7):
+            monitor.step(step, train_loss=step * 0.1)
+            with torch.no_grad():
+                model[2].bias += 0.5   # mean log Z moves by exactly 0.5 per step
+    memory = monitor.to_dataset()
+    streamed = load_stream(tmp_path / "run.zarr")
+    on_disk = records.load(tmp_path / "run.nc")
+    for ds in (streamed, on_disk):
+        assert list(ds["step"].values) == [0, 2, 4, 6]
+        for name in ("rankme", "nc1", "cdnv", "mean_log_z", "train_loss"):
+            np.testing.assert_array_equal(ds[name].values, memory[name].values)
+    np.testing.assert_allclose(memory["log_z_drift"].values, [0.0, 1.0, 2.0, 3.0], atol=1e-5)
+    assert memory["nc1"].attrs["units"] == "1" and "Papyan" in memory["nc1"].attrs["source"]
+    assert zarr.open_group(str(tmp_path / "run.zarr")).attrs[COMPLETE_ATTR] == 4
+
+
+def test_model_probe_arrays_share_the_layer_dimension_with_feature_probes(tmp_path):
+    from dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig
+    from probes.instability import attention_logit_stats
+
+    model = TinyLM(TinyLMConfig(context=8, d_model=16, n_layers=2, n_heads=2))
+    tokens = torch.randint(0, 256, (6, 8))
+    monitor = Monitor(model, probes=["rankme", "attention_logits"], layers=["blocks.1"],
+                      reduce="mean", schedule=at_steps([0, 1]), probe_data=tokens,
+                      store=tmp_path / "lm.zarr")
+    monitor.step(0)
+    monitor.step(1)
+    ds = monitor.to_dataset()
+    assert set(ds["layer"].values) == {"blocks.1", "blocks.0.attn", "blocks.1.attn"}
+    direct = attention_logit_stats(model.eval(), tokens)["max_attention_logit"]
+    np.testing.assert_allclose(
+        ds["max_attention_logit"].sel(step=1, layer=["blocks.0.attn", "blocks.1.attn"]), direct)
+    assert np.isnan(ds["rankme"].sel(step=0, layer="blocks.0.attn"))
+    stream = load_stream(tmp_path / "lm.zarr")
+    np.testing.assert_array_equal(stream["max_attention_logit"].sel(layer=ds["layer"].values),
+                                  ds["max_attention_logit"].values)
+
+
+def test_a_half_written_evaluation_is_dropped_on_load(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    monitor = Monitor(model, probes=["rankme"], layers=["1"], schedule=linear(1),
+                      probe_data=torch.randn(20, 3), store=tmp_path / "s.zarr")
+    for step in range(3):
+        monitor.step(step, train_loss=1.0)
+    # a crash mid-append: one array already grew, the others and the count did not
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r+")
+    group["rankme"].resize((4, 1))
+    with pytest.raises(ValueError):
+        records.load(tmp_path / "s.zarr")
+    ds = load_stream(tmp_path / "s.zarr")
+    assert list(ds["step"].values) == [0, 1, 2] and ds["rankme"].shape == (3, 1)
+
+
+CHILD = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    from dynamics.monitor import Monitor
+    from dynamics.schedules import linear
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = Monitor(model, probes=["rankme", "alpha_req"], layers=["1"], schedule=linear(1),
+                      probe_data=torch.randn(200, 8), store=sys.argv[1])
+    for step in range(100000):
+        x = torch.randn(64, 8)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad(); loss.backward(); opt.step()
+        monitor.step(step, train_loss=float(step))
+        print(step, flush=True)
+""")
+
+
+def test_a_killed_run_keeps_every_completed_evaluation(tmp_path):
+    store = tmp_path / "killed.zarr"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store)], stdout=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+    completed = -1
+    deadline = time.monotonic() + 60
+    try:
+        while completed < 6 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            completed = int(line)
+        time.sleep(0.05)   # let it get into the next evaluations before the kill
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert completed >= 6, "the child did not get far enough"
+    ds = load_stream(store)
+    steps = ds["step"].values
+    assert len(steps) >= completed + 1                     # every reported evaluation is there
+    np.testing.assert_array_equal(steps, np.arange(len(steps)))
+    np.testing.assert_array_equal(ds["train_loss"].values, steps.astype(float))
+    assert np.isfinite(ds["rankme"].values).all()
+
+
+def test_bad_arguments_get_clear_errors():
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    with pytest.raises(ValueError, match="probe_data"):
+        Monitor(model, probes=["rankme"], layers=["1"])
+    with pytest.raises(ValueError, match="probe_targets"):
+        Monitor(model, probes=["neural_collapse"], layers=["1"], probe_data=torch.ones(2, 3))
+    with pytest.raises(KeyError, match="available"):
+        Monitor(model, probes=["no_such_probe"], layers=["1"], probe_data=torch.ones(2, 3))
+    with pytest.raises(KeyError, match="available"):
+        Monitor(model, probes=["rankme"], layers=["9"], probe_data=torch.ones(2, 3))
+
+
+def test_an_empty_monitor_still_gives_a_valid_dataset():
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    monitor = Monitor(model, probes=["rankme"], layers=["1"], schedule=at_steps([5]),
+                      probe_data=torch.ones(4, 3))
+    assert not monitor.step(0)
+    ds = records.validate(monitor.to_dataset())
+    assert ds["rankme"].shape == (0, 1)
+    assert isinstance(ds, xr.Dataset)
