@@ -11,7 +11,17 @@ import numpy as np
 
 Schedule = Callable[[int], bool]
 
-__all__ = ["Schedule", "at_steps", "every", "linear", "log_spaced", "log_steps", "piecewise"]
+__all__ = [
+    "Schedule",
+    "any_of",
+    "at_steps",
+    "evaluation_steps",
+    "every",
+    "linear",
+    "log_spaced",
+    "log_steps",
+    "piecewise",
+]
 
 
 def log_steps(total: int, count: int, start: int = 0) -> np.ndarray:
@@ -60,4 +70,27 @@ def log_spaced(total: int, count: int = 30, start: int = 0) -> at_steps:
 
 def piecewise(first_every: int, until: int, then_every: int) -> Schedule:
     """Every ``first_every`` steps until ``until``, then every ``then_every`` steps."""
+    if first_every < 1 or then_every < 1:
+        raise ValueError("first_every and then_every must be >= 1")
     return lambda step: (step % first_every == 0) if step < until else (step % then_every == 0)
+
+
+class any_of:  # noqa: N801 - a schedule is used like a function
+    """True when any of the given schedules is (e.g. log-spaced plus every 1000 steps)."""
+
+    def __init__(self, *schedules: Schedule) -> None:
+        if not schedules:
+            raise ValueError("any_of needs at least one schedule")
+        self.schedules = schedules
+
+    def __call__(self, step: int) -> bool:
+        return any(schedule(step) for schedule in self.schedules)
+
+
+def evaluation_steps(schedule: Schedule, total: int, start: int = 0) -> np.ndarray:
+    """The steps in ``start..total`` at which ``schedule`` is True: its cost in evaluations.
+
+    The monitor's overhead is about ``len(evaluation_steps(...)) × (cost of one evaluation)``
+    divided by the cost of ``total`` training steps.
+    """
+    return np.array([s for s in range(start, total + 1) if schedule(s)], dtype=np.int64)
