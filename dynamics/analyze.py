@@ -39,6 +39,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -72,6 +73,7 @@ __all__ = [
     "AnalyzeSpec",
     "analyze",
     "analyze_checkpoint",
+    "match_layers",
     "summary_figures",
     "summary_table",
 ]
@@ -79,6 +81,50 @@ __all__ = [
 DEFAULT_PROBES = ("rankme", "rankme_covariance", "alpha_req")
 TIMING_VARIABLES = ("load_seconds", "forward_seconds", "probe_seconds", "total_seconds")
 """Per-checkpoint wall-clock times: the only variables that differ between identical runs."""
+
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^.]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def match_layers(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Module names matching names or dotted glob patterns, in model order.
+
+    ``*`` matches within one dotted component and ``**`` across components, so
+    ``"encoder.layer.*"`` selects the blocks ``encoder.layer.0`` … and not their sub-modules
+    (``"encoder.layer.**"`` selects everything below).  An exact name always matches itself.
+    A pattern that matches nothing under these rules falls back to ``probes.capture``'s
+    ``fnmatch`` rule, where ``*`` also crosses dots (``"*.attn"`` → ``blocks.0.attn`` …).
+
+    Raises
+    ------
+    KeyError
+        A pattern matches no module; the message lists the model's modules.
+    """
+    names = module_names(model)
+    chosen: set[str] = set()
+    for pattern in patterns:
+        regex = _glob_regex(pattern)
+        matches = [n for n in names if n == pattern or regex.match(n)]
+        if not matches:
+            resolve_layers(model, [pattern])  # raises KeyError listing the available names
+            matches = list(resolve_layers(model, [pattern]))
+        chosen.update(matches)
+    return [n for n in names if n in chosen]
+
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
@@ -239,7 +285,7 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
         result["checkpoint_hash"] = digest
         loaded = time.perf_counter()
         inputs = _inputs(spec)
-        layers = list(resolve_layers(model, spec.layers))
+        layers = match_layers(model, spec.layers)
         fast = [get_feature_probe(p).fn in _FAST for p in spec.probes]
         accumulators = {layer: spectral.SpectrumAccumulator() for layer in layers} \
             if any(fast) else {}
@@ -452,7 +498,7 @@ def summary_table(ds: xr.Dataset, max_rows: int = 40) -> str:
         rows.append(row)
     if len(rows) > max_rows:
         rows = rows[: max_rows // 2] + [["…"] * len(header)] + rows[-max_rows // 2:]
-    widths = [max(len(h), *(len(r[k]) for r in rows if k < len(r))) for k, h in
+    widths = [max([len(h)] + [len(r[k]) for r in rows if k < len(r)]) for k, h in
               enumerate(header)]
     lines = [f"probes at layer {last}; {ds.attrs.get('n_failed', 0)} failed, "
              f"{ds.attrs.get('n_duplicates', 0)} with duplicate weights"]
@@ -548,8 +594,9 @@ def analyze(
         Default ``rankme``, ``rankme_covariance``, ``alpha_req`` (which adds ``alpha_req_r2``).
     probe_kwargs : {probe: {argument: value}}
         e.g. ``{"alpha_req": {"fit_range": (11, 100)}}``.
-    layers : module names or glob patterns
-        Required; an unknown pattern raises ``KeyError`` listing the model's modules.
+    layers : module names or dotted glob patterns (:func:`match_layers`)
+        Required; ``"blocks.*"`` selects the blocks, not their sub-modules.  A pattern that
+        matches nothing raises ``KeyError`` listing the model's modules.
     reduce : token reduction of ``probes.capture``
         Default ``"mean"`` for text inputs and ``"flatten"`` otherwise.
     device, dtype : where and in which precision the model runs (``device="auto"``: CUDA if
@@ -617,7 +664,7 @@ def analyze(
         if not layers:
             raise ValueError(f"choose layers (names or glob patterns); the model has: "
                              f"{', '.join(module_names(reference)[:60])}")
-        resolve_layers(reference, layers)
+        match_layers(reference, layers)
     elif not layers:
         raise ValueError("choose layers (names or glob patterns), e.g. 'encoder.layer.*'")
 

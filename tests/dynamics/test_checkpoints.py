@@ -1,0 +1,308 @@
+"""Finding, ordering, hashing and safely loading checkpoints (dynamics.checkpoints)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from dynamics.checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    UnsafeCheckpointError,
+    find_checkpoints,
+    hash_state_dict,
+    is_hf_folder,
+    load_hf_model,
+    load_into,
+    load_state_dict,
+    parse_step,
+    resolve_factory,
+)
+
+
+def make_net() -> nn.Module:
+    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+
+
+class _OpenFile:
+    """Pickle payload: unpickling calls ``open(path, "w")``, which creates ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# -------------------------------------------------------------------------- step parsing
+
+
+@pytest.mark.parametrize(("name", "step"), [
+    ("step1000.pt", 1000), ("step_1000.safetensors", 1000), ("step000100.safetensors", 100),
+    ("checkpoint-1000", 1000), ("ckpt_000100.pth", 100), ("global_step42", 42),
+    ("epoch=3-step=1000.ckpt", 1000), ("iter_7.pt", 7), ("000250.pt", 250),
+    ("model_step5_seed3.pt", 5),
+])
+def test_parse_step_reads_common_names(name, step):
+    assert parse_step(name) == step
+
+
+@pytest.mark.parametrize("name", ["final.pt", "resnet18.pt", "model.safetensors"])
+def test_parse_step_returns_none_without_a_step(name):
+    assert parse_step(name) is None
+
+
+# -------------------------------------------------------------------------- discovery
+
+
+def _save_series(folder, steps, fmt="pt"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        torch.manual_seed(step)
+        state = make_net().state_dict()
+        if fmt == "pt":
+            torch.save(state, folder / f"step{step}.pt")
+        else:
+            save_file(state, str(folder / f"step{step}.safetensors"))
+
+
+def test_find_checkpoints_orders_by_step_not_by_name(tmp_path):
+    _save_series(tmp_path, [2, 10, 100, 1])
+    (tmp_path / "config.json").write_text("{}")        # a recipe's config: not a checkpoint
+    (tmp_path / ".step5.pt.123.tmp").write_bytes(b"x")  # half-written file: ignored
+    series = find_checkpoints(tmp_path)
+    assert [c.step for c in series] == [1, 2, 10, 100]
+    assert all(c.format == "torch" for c in series)
+
+
+def test_explicit_steps_override_names_in_natural_order(tmp_path):
+    for name in ["a2.pt", "a10.pt", "a1.pt"]:
+        torch.save(make_net().state_dict(), tmp_path / name)
+    series = find_checkpoints(tmp_path, steps=[5, 50, 500])
+    assert [(c.path.name, c.step) for c in series] == [("a1.pt", 5), ("a2.pt", 50),
+                                                        ("a10.pt", 500)]
+    with pytest.raises(ValueError, match="3 checkpoints"):
+        find_checkpoints(tmp_path, steps=[1, 2])
+
+
+def test_unparseable_or_repeated_steps_are_clear_errors(tmp_path):
+    torch.save(make_net().state_dict(), tmp_path / "first.pt")
+    torch.save(make_net().state_dict(), tmp_path / "second.pt")
+    with pytest.raises(ValueError, match="cannot read a step from first.pt"):
+        find_checkpoints(tmp_path)
+    with pytest.raises(ValueError, match="two checkpoints have step 3"):
+        find_checkpoints([tmp_path / "first.pt", tmp_path / "second.pt"], steps=[3, 3])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no checkpoints in"):
+        find_checkpoints(tmp_path / "empty")
+
+
+def test_hf_folders_are_recognised(tmp_path):
+    folder = tmp_path / "checkpoint-30"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    assert not is_hf_folder(folder)  # no weights yet
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    assert is_hf_folder(folder)
+    other = tmp_path / "checkpoint-4"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    save_file({"w": torch.ones(2)}, str(other / "model.safetensors"))
+    series = find_checkpoints(tmp_path)
+    assert [(c.step, c.format) for c in series] == [(4, "hf"), (30, "hf")]
+    # a single folder is a series of one; without a step in its name it is step 0
+    plain = tmp_path / "pretrained"
+    plain.mkdir()
+    (plain / "config.json").write_text("{}")
+    save_file({"w": torch.ones(2)}, str(plain / "model.safetensors"))
+    assert [(c.step, c.format) for c in find_checkpoints(plain)] == [(0, "hf")]
+
+
+# -------------------------------------------------------------------------- safety
+
+
+def test_malicious_zip_pickle_is_refused_and_nothing_runs(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "step100.pt"
+    torch.save({"0.weight": torch.zeros(8, 4), "payload": _OpenFile(str(marker))}, path)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError, match="refused to load step100.pt") as info:
+        load_state_dict(path)
+    assert "weights_only=True" in str(info.value) and "open" in str(info.value)
+    assert not marker.exists()
+    with pytest.raises(UnsafeCheckpointError):
+        load_into(make_net(), path)
+    assert not marker.exists()
+
+
+def test_malicious_legacy_pickle_is_refused_and_the_payload_is_live(tmp_path):
+    marker = tmp_path / "created_by_payload.txt"
+    path = tmp_path / "ckpt_000010.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"w": _OpenFile(str(marker))}, handle, protocol=2)
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_state_dict(path)
+    assert not marker.exists()
+    # control: an ordinary unpickler does run the payload, so the assertion above is not vacuous
+    code = f"import pickle; pickle.load(open({str(path)!r}, 'rb'))"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert marker.exists()
+
+
+def test_truncated_files_fail_with_a_clear_reason(tmp_path):
+    torch.save(make_net().state_dict(), tmp_path / "good.pt")
+    save_file(make_net().state_dict(), str(tmp_path / "good.safetensors"))
+    for name in ("good.pt", "good.safetensors"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / f"cut_{name}").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_state_dict(tmp_path / "cut_good.pt")
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_state_dict(tmp_path / "cut_good.safetensors")
+
+
+# -------------------------------------------------------------------------- load_into checks
+
+
+def test_load_into_copies_weights_and_handles_wrappers(tmp_path):
+    torch.manual_seed(1)
+    source = make_net()
+    state = source.state_dict()
+    torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state.items()}},
+               tmp_path / "step3.pt")
+    target = make_net()
+    digest = load_into(target, tmp_path / "step3.pt")
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    assert digest == hash_state_dict({f"module.{k}": v for k, v in state.items()})
+
+
+def test_safetensors_and_torch_files_of_the_same_weights_hash_alike(tmp_path):
+    torch.manual_seed(2)
+    state = make_net().state_dict()
+    torch.save(state, tmp_path / "step1.pt")
+    save_file(state, str(tmp_path / "step2.safetensors"))
+    a = load_into(make_net(), tmp_path / "step1.pt")
+    b = load_into(make_net(), tmp_path / "step2.safetensors")
+    assert a == b == hash_state_dict(state)
+    # a hash written out by hand: names, dtypes, shapes, raw bytes in sorted-name order
+    manual = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].contiguous()
+        manual.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        manual.update(t.numpy().tobytes())
+    assert a == manual.hexdigest()
+    changed = dict(state)
+    changed["2.bias"] = state["2.bias"].clone()
+    changed["2.bias"][0] += 1e-6
+    assert hash_state_dict(changed) != a
+
+
+def test_missing_unexpected_shape_and_nan_are_named(tmp_path):
+    state = make_net().state_dict()
+    cases = {
+        "missing": ({k: v for k, v in state.items() if k != "2.bias"}, "lacks 1 .*2.bias"),
+        "unexpected": ({**state, "extra.weight": torch.zeros(1)}, "extra.weight"),
+        "shape": ({**state, "0.weight": torch.zeros(8, 5)}, r"shape mismatch.*0.weight \(8, 5\)"),
+        "nan": ({**state, "2.weight": state["2.weight"].clone().fill_(float("nan"))},
+                "2.weight.*non-finite"),
+    }
+    for name, (bad, pattern) in cases.items():
+        for fmt in ("pt", "safetensors"):
+            path = tmp_path / f"{name}.{fmt}"
+            if fmt == "pt":
+                torch.save(bad, path)
+            else:
+                save_file(bad, str(path))
+            with pytest.raises(CheckpointError, match=pattern):
+                load_into(make_net(), path)
+    # shapes are checked before anything is copied: the model is untouched
+    net = make_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(CheckpointError):
+        load_into(net, tmp_path / "shape.safetensors")
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, before[key])
+    # non-strict loading accepts extra keys
+    load_into(make_net(), tmp_path / "unexpected.pt", strict=False)
+
+
+def test_checkpoint_identity_changes_when_the_file_changes(tmp_path):
+    _save_series(tmp_path, [1])
+    ckpt = Checkpoint(tmp_path / "step1.pt", 1, "torch")
+    before = ckpt.identity()
+    torch.manual_seed(9)
+    torch.save(nn.Sequential(nn.Linear(4, 9)).state_dict(), tmp_path / "step1.pt")
+    os.utime(tmp_path / "step1.pt", ns=(1, 1))
+    assert ckpt.identity() != before
+
+
+# -------------------------------------------------------------------------- factories
+
+
+def test_resolve_factory_accepts_module_and_file_specs(tmp_path):
+    assert resolve_factory("torch.nn:Identity")() is not None
+    file = tmp_path / "factory.py"
+    file.write_text("from torch import nn\n\ndef make_model(width=3):\n"
+                    "    return nn.Linear(2, width)\n\ndef other():\n    return nn.Tanh()\n")
+    assert resolve_factory(str(file))().out_features == 3
+    assert isinstance(resolve_factory(f"{file}:other")(), nn.Tanh)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        resolve_factory(f"{file}:nope")
+    with pytest.raises(ValueError, match="module:function"):
+        resolve_factory("torch.nn")
+    with pytest.raises(FileNotFoundError):
+        resolve_factory(str(tmp_path / "missing.py:f"))
+
+
+# -------------------------------------------------------------------------- Hugging Face
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_folder(tmp_path_factory):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("hf") / "checkpoint-7"
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=32,
+                                     max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def test_hf_folder_loads_offline_and_hashes_its_weights(tiny_bert_folder):
+    from safetensors.torch import load_file
+
+    model, digest = load_hf_model(tiny_bert_folder)
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    stored = load_file(str(tiny_bert_folder / "model.safetensors"))
+    for key, value in stored.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    assert digest == hash_state_dict(model.state_dict())
+
+
+def test_hf_folder_with_nan_or_missing_weights_fails(tiny_bert_folder, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    stored = load_file(str(tiny_bert_folder / "model.safetensors"))
+    for name, state, pattern in [
+        ("nan", {**stored, "pooler.dense.bias": torch.full_like(stored["pooler.dense.bias"],
+                                                                float("nan"))}, "non-finite"),
+        ("missing", {k: v for k, v in stored.items() if not k.startswith("pooler.")},
+         "lacks 2 weights"),
+    ]:
+        folder = tmp_path / name
+        shutil.copytree(tiny_bert_folder, folder)
+        save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=pattern):
+            load_hf_model(folder)
