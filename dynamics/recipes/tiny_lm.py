@@ -49,6 +49,7 @@ __all__ = [
     "load_tiny_lm",
     "lm_loss",
     "train_tiny_lm",
+    "train_tiny_lm_flat",
 ]
 
 
@@ -470,3 +471,25 @@ def initial_loss(config: TinyLMConfig | None = None, seed: int = 0,
     ds = train_tiny_lm(config, steps=0, lr=1e-3, seed=seed, corpus=corpus, eval_steps=[0],
                        eval_batches=batches, batch_size=batch_size)
     return float(ds["val_loss"].isel(step=0))
+
+
+def train_tiny_lm_flat(
+    lr: float = 1e-3,
+    steps: int = 500,
+    seed: int = 0,
+    qk_layernorm: bool = False,
+    z_loss: float = 0.0,
+    corpus_bytes: int = 500_000,
+    **kwargs,
+) -> xr.Dataset:
+    """:func:`train_tiny_lm` with flat keyword arguments, for ``dynamics.sweep`` grids.
+
+    Keyword arguments that are fields of :class:`TinyLMConfig` (``d_model``, ``n_layers`` …)
+    build the configuration; the rest go to :func:`train_tiny_lm`.  The corpus is the first
+    ``corpus_bytes`` bytes of :func:`load_corpus`.
+    """
+    fields = {f.name for f in dataclasses.fields(TinyLMConfig)}
+    config = TinyLMConfig(qk_layernorm=qk_layernorm,
+                          **{k: kwargs.pop(k) for k in list(kwargs) if k in fields})
+    return train_tiny_lm(config, steps=steps, lr=lr, seed=seed, z_loss=z_loss,
+                         corpus=load_corpus(corpus_bytes), **kwargs)
