@@ -1,0 +1,361 @@
+r"""Learning curves of kernel ridge regression from the kernel's spectrum (eigenlearning).
+
+Bordelon, Canatar & Pehlevan, "Spectrum dependent learning curves in kernel regression and wide
+neural networks" (ICML 2020); Canatar, Bordelon & Pehlevan, "Spectral bias and task-model
+alignment explain generalization in kernel regression" (Nat. Commun. 2021); Simon, Dickens,
+Karkada & DeWeese, "The eigenlearning framework" (arXiv:2110.03922, 2021; TMLR 2023), Eqs. 6–10.
+
+Setup.  A kernel ``K(x, x') = Σ_i λ_i φ_i(x) φ_i(x')`` with eigenfunctions orthonormal under the
+input measure, a target ``f(x) = Σ_i v_i φ_i(x)`` observed with label noise of variance ``σ²``,
+``n`` i.i.d. samples and the predictor ``f̂(x) = K(x, X)[K(X, X) + δ I]⁻¹ y`` (ridge ``δ``, not
+scaled by ``n``).  The effective regularisation ``κ`` solves
+
+.. math:: \sum_i \frac{\lambda_i}{\lambda_i + \kappa} + \frac{\delta}{\kappa} = n ,
+
+and with learnabilities ``L_i = λ_i/(λ_i+κ)`` and overfitting coefficient
+``E₀ = n/(n − Σ_i L_i²)``
+
+.. math::
+    \mathcal E_{te} = E_0\Big[\sum_i (1-L_i)^2 v_i^2 + \sigma^2\Big], \qquad
+    \mathcal E_{tr} = \Big(\frac{\delta}{n\kappa}\Big)^2 \mathcal E_{te}
+
+(Simon et al. 2021, Eqs. 8–10).  ``𝓔_te`` is the mean squared error against *noisy* test labels:
+it includes ``σ²`` (``excess_test_error = 𝓔_te − σ²`` is the error against the clean target);
+``𝓔_tr`` is the mean squared error on the noisy training labels.  The predictions are exact for
+Gaussian eigenfeatures as ``n`` and the number of modes grow together, and accurate to a few per
+cent at ``n`` of a few hundred.
+
+Degenerate eigenvalues are passed once with a ``multiplicity`` ``m_i``: every sum above becomes
+``Σ_i m_i (…)`` and ``target_power`` is ``v_i²`` *per eigenfunction* (each of the ``m_i``
+eigenfunctions of eigenvalue ``λ_i`` carries power ``v_i²``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from theory._dataset import theory_attrs
+
+__all__ = [
+    "Spectrum",
+    "krr_learning_curve",
+    "power_law_spectrum",
+    "solve_kappa",
+]
+
+SOURCE = (
+    "Bordelon, Canatar & Pehlevan (2020), ICML; Simon, Dickens, Karkada & DeWeese (2021), "
+    "The eigenlearning framework, arXiv:2110.03922, Eqs. 6-10"
+)
+
+_CHUNK = 4_000_000  # grid points × modes evaluated at once (≈ 32 MB of float64)
+
+
+class Spectrum:
+    """A kernel spectrum with target power per mode, validated once.
+
+    Parameters
+    ----------
+    eigenvalues : array (M,)
+        Kernel eigenvalues ``λ_i ≥ 0`` (any order).
+    target_power : array (M,), optional
+        ``v_i²`` per eigenfunction (default: zeros, a pure-noise task).
+    multiplicity : array (M,), optional
+        Number of eigenfunctions sharing ``λ_i`` (default: ones).  Need not be integer.
+    """
+
+    def __init__(self, eigenvalues: Any, target_power: Any = None, multiplicity: Any = None):
+        lam = np.asarray(eigenvalues, dtype=float).ravel()
+        if lam.size == 0:
+            raise ValueError("the spectrum is empty: pass at least one eigenvalue")
+        v2 = np.zeros_like(lam) if target_power is None else np.asarray(target_power, float).ravel()
+        m = np.ones_like(lam) if multiplicity is None else np.asarray(multiplicity, float).ravel()
+        if v2.shape != lam.shape or m.shape != lam.shape:
+            raise ValueError(
+                f"eigenvalues, target_power and multiplicity need the same length; got "
+                f"{lam.size}, {v2.size}, {m.size}")
+        for name, arr in (("eigenvalues", lam), ("target_power", v2), ("multiplicity", m)):
+            if not np.all(np.isfinite(arr)):
+                raise ValueError(f"{name} must be finite")
+            if np.any(arr < 0):
+                raise ValueError(f"{name} must be non-negative (got min {arr.min():.3g})")
+        order = np.argsort(-lam, kind="stable")
+        self.eigenvalues, self.target_power, self.multiplicity = lam[order], v2[order], m[order]
+        positive = self.eigenvalues > 0
+        self.n_positive = float(self.multiplicity[positive].sum())
+        """Number of eigenfunctions with non-zero eigenvalue, ``Σ_{λ_i>0} m_i``."""
+        self.trace = float((self.multiplicity * self.eigenvalues).sum())
+        self.lambda_min = float(self.eigenvalues[positive].min()) if positive.any() else 0.0
+        self.target_total = float((self.multiplicity * self.target_power).sum())
+
+    def sums(self, kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``z = Σ m_i L_i`` and ``q = Σ m_i L_i²`` at each ``κ > 0`` (flat array), chunked."""
+        return self._reduce(kappa, lambda L: (L, L * L), (self.multiplicity, self.multiplicity))
+
+    def bias_terms(self, kappa: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
+        r"""``Σ m_i (1−L_i)(1 − c L_i) v_i²`` with ``c = factor`` (1 for kernel regression)."""
+        c = np.ones_like(kappa) if factor is None else factor
+        w = self.multiplicity * self.target_power
+        out = np.empty_like(kappa)
+        for sl in self._chunks(kappa.size):
+            L = self.learnabilities(kappa[sl])
+            out[sl] = ((1 - L) * (1 - c[sl, None] * L)) @ w
+        return out
+
+    def learnabilities(self, kappa: np.ndarray) -> np.ndarray:
+        """``L_i = λ_i/(λ_i+κ)``, shape ``κ.shape + (M,)``; ``κ = 0`` gives 1 where ``λ_i > 0``."""
+        kappa = np.asarray(kappa, dtype=float)[..., None]
+        lam = self.eigenvalues
+        with np.errstate(invalid="ignore", divide="ignore"):
+            L = lam / (lam + kappa)
+        return np.where(kappa == 0, (lam > 0).astype(float), L)
+
+    def _chunks(self, size: int):
+        step = max(1, _CHUNK // self.eigenvalues.size)
+        for start in range(0, size, step):
+            yield slice(start, min(size, start + step))
+
+    def _reduce(self, kappa, fn: Callable, weights) -> tuple[np.ndarray, ...]:
+        outs = [np.empty(kappa.size) for _ in weights]
+        for sl in self._chunks(kappa.size):
+            L = self.learnabilities(kappa[sl])
+            for out, term, w in zip(outs, fn(L), weights, strict=True):
+                out[sl] = term @ w
+        return tuple(outs)
+
+
+def power_law_spectrum(
+    n_modes: int, a: float = 1.5, b: float = 1.5, noise_free_norm: bool = False,
+) -> Spectrum:
+    r"""The power-law task ``λ_i = i^{−a}``, ``v_i² = i^{−b}``, ``i = 1 … n_modes``.
+
+    The model of Simon, Karkada, Ghosh & Belkin (2023, Sec. 5) and, with ``b = a = 1 + α_K``,
+    the generic teacher of Bahri et al. (2021).  With ``noise_free_norm`` the target power is
+    rescaled so that ``Σ v_i² = 1``.
+    """
+    if n_modes < 1:
+        raise ValueError(f"n_modes must be at least 1; got {n_modes}")
+    i = np.arange(1, int(n_modes) + 1, dtype=float)
+    v2 = i ** (-float(b))
+    if noise_free_norm:
+        v2 = v2 / v2.sum()
+    return Spectrum(i ** (-float(a)), v2)
+
+
+def _as_spectrum(eigenvalues: Any, target_power: Any, multiplicity: Any) -> Spectrum:
+    if isinstance(eigenvalues, Spectrum):
+        if target_power is not None or multiplicity is not None:
+            raise ValueError("pass either a Spectrum or arrays, not both")
+        return eigenvalues
+    return Spectrum(eigenvalues, target_power, multiplicity)
+
+
+def root_decreasing(
+    evaluate: Callable[[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]],
+    lo: np.ndarray, hi: np.ndarray, tol: float = 1e-12, max_iter: int = 200,
+) -> np.ndarray:
+    """Vectorised safeguarded Newton–bisection for decreasing ``f(t)`` with ``f(lo) ≥ 0 ≥ f(hi)``.
+
+    ``evaluate(t, active)`` returns ``(f, df/dt)`` at the points ``t`` (only the ``active`` mask
+    needs to be right; others may be anything).  Newton steps are taken when they stay inside
+    the current bracket and at least halve it; otherwise the bracket is bisected, so the
+    iteration always converges (Press et al., Numerical Recipes, ``rtsafe``).
+    """
+    lo, hi = np.array(lo, dtype=float), np.array(hi, dtype=float)
+    t = 0.5 * (lo + hi)
+    active = np.ones(t.shape, dtype=bool)
+    for _ in range(max_iter):
+        idx = np.flatnonzero(active)
+        if idx.size == 0:
+            break
+        f, df = evaluate(t[idx], idx)
+        up = f > 0
+        lo[idx] = np.where(up, t[idx], lo[idx])
+        hi[idx] = np.where(up, hi[idx], t[idx])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            newton = t[idx] - f / df
+        width = hi[idx] - lo[idx]
+        ok = (np.isfinite(newton) & (newton > lo[idx]) & (newton < hi[idx])
+              & (np.abs(newton - t[idx]) < 0.5 * width))
+        new = np.where(ok, newton, 0.5 * (lo[idx] + hi[idx]))
+        done = (np.abs(new - t[idx]) <= tol * np.maximum(1.0, np.abs(t[idx]))) | (f == 0)
+        t[idx] = np.where(f == 0, t[idx], new)
+        active[idx[done]] = False
+    return t
+
+
+def solve_kappa(
+    spectrum: Spectrum, n: Any, ridge: Any, tol: float = 1e-12,
+) -> np.ndarray:
+    r"""Effective regularisation ``κ`` of kernel ridge regression (broadcast over ``n``, ridge).
+
+    Solves ``Σ_i m_i λ_i/(λ_i+κ) + δ/κ = n`` (Simon et al. 2021, Eq. 6; Bordelon et al. 2020,
+    Eq. 9) for ``κ > 0``: the left side decreases strictly in ``κ``, so the root is unique.  It
+    is found in ``t = log κ`` by safeguarded Newton with the bracket
+
+    * ``δ > 0``: ``δ/n ≤ κ ≤ (Σ m_i λ_i + δ)/n``;
+    * ``δ = 0`` and more modes than samples (``Σ m_i > n``): ``c λ_min ≤ κ ≤ Σ m_i λ_i / n``,
+      ``c = min(1, (Σ m_i/n − 1)/2)``,
+
+    which stays accurate for 10⁶ modes and ``δ → 0`` (``κ`` is resolved to relative ``tol``).
+    With ``δ = 0`` and no more modes than samples the limit ``κ = 0`` is returned.
+    """
+    n, ridge = np.broadcast_arrays(np.asarray(n, dtype=float), np.asarray(ridge, dtype=float))
+    shape = n.shape
+    n, ridge = n.ravel().copy(), ridge.ravel().copy()
+    if np.any(~np.isfinite(n)) or np.any(n <= 0):
+        raise ValueError("n must be positive and finite")
+    if np.any(ridge < 0) or np.any(~np.isfinite(ridge)):
+        raise ValueError("ridge must be non-negative and finite (negative ridge is not supported)")
+    kappa = np.zeros(n.size)
+    need = (ridge > 0) | (spectrum.n_positive > n)
+    if spectrum.trace == 0:
+        kappa[:] = ridge / n
+        return kappa.reshape(shape)
+    lo = np.full(n.size, -np.inf)
+    with np.errstate(divide="ignore"):
+        lo = np.where(ridge > 0, np.log(ridge / n), lo)
+        c = np.minimum(1.0, (spectrum.n_positive / n - 1) / 2)
+        lo_rank = np.where(c > 0, np.log(spectrum.lambda_min * np.clip(c, 1e-300, None)), -np.inf)
+    lo = np.maximum(lo, lo_rank)
+    hi = np.log((spectrum.trace + ridge) / n)
+    idx = np.flatnonzero(need)
+
+    def evaluate(t, sub):
+        k = np.exp(t)
+        z, q = spectrum.sums(k)
+        d = ridge[idx][sub] / k
+        total = z + d
+        return np.log(total / n[idx][sub]), (-(z - q) - d) / total
+
+    if idx.size:
+        kappa[idx] = np.exp(root_decreasing(evaluate, lo[idx], hi[idx], tol=tol))
+    return kappa.reshape(shape)
+
+
+def krr_errors(spectrum: Spectrum, n: np.ndarray, ridge: np.ndarray, noise_var: float) -> dict:
+    """Kernel-regression predictions at flat, equally shaped arrays ``n`` and ``ridge``.
+
+    Returns a dict of flat arrays: ``kappa``, ``overfitting_coefficient``, ``test_error``
+    (with noise), ``train_error``, ``excess_test_error`` (without noise), ``learnability_sum``.
+    """
+    kappa = solve_kappa(spectrum, n, ridge)
+    z, q = spectrum.sums(kappa)
+    with np.errstate(divide="ignore"):
+        e0 = np.where(n - q > 0, n / np.where(n - q > 0, n - q, 1.0), np.inf)
+    bias = spectrum.bias_terms(kappa)
+    test = e0 * (bias + noise_var)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # δ/(nκ); at κ = 0 (ridgeless, fewer modes than samples) its limit 1 − Σ L_i / n
+        factor = np.where(ridge > 0, ridge / (n * np.where(kappa > 0, kappa, 1.0)),
+                          1 - np.minimum(n, spectrum.n_positive) / n)
+        train = np.where(factor == 0, 0.0, factor**2 * test)
+        excess = test - noise_var
+    return dict(kappa=kappa, overfitting_coefficient=e0, test_error=test, train_error=train,
+                excess_test_error=excess, learnability_sum=z)
+
+
+_ATTRS = {
+    "kappa": {"long_name": "effective regularisation κ", "units": "1"},
+    "gamma": {"long_name": "effective regularisation γ of the random-feature kernel",
+              "units": "1"},
+    "overfitting_coefficient": {"long_name": "overfitting coefficient E₀", "units": "1"},
+    "test_error": {"long_name": "test mean squared error (noisy labels, includes σ²)",
+                   "units": "1"},
+    "excess_test_error": {"long_name": "test mean squared error against the clean target",
+                          "units": "1"},
+    "train_error": {"long_name": "training mean squared error (noisy labels)", "units": "1"},
+    "learnability": {"long_name": "mode learnability L_i", "units": "1"},
+    "learnability_sum": {"long_name": "sum of learnabilities Σ m_i L_i", "units": "1"},
+}
+
+
+def _coord(name: str, values: np.ndarray, long_name: str) -> tuple:
+    return (name, values, {"long_name": long_name, "units": "1"})
+
+
+def krr_learning_curve(
+    eigenvalues: Any,
+    target_power: Any = None,
+    n: Any = (10, 30, 100, 300),
+    ridge: Any = 0.0,
+    noise_var: float = 0.0,
+    multiplicity: Any = None,
+    n_modes_out: int = 50,
+) -> xr.Dataset:
+    r"""Kernel ridge regression test and training error over a grid of ``n`` and ridge ``δ``.
+
+    .. math::
+        \sum_i \frac{m_i\lambda_i}{\lambda_i+\kappa} + \frac{\delta}{\kappa} = n,\quad
+        L_i = \frac{\lambda_i}{\lambda_i+\kappa},\quad
+        E_0 = \frac{n}{n-\sum_i m_i L_i^2},\quad
+        \mathcal E_{te} = E_0\Big[\sum_i m_i(1-L_i)^2 v_i^2+\sigma^2\Big],\quad
+        \mathcal E_{tr} = \Big(\frac{\delta}{n\kappa}\Big)^2\mathcal E_{te}
+
+    Simon et al. (2021), Eqs. 6–10; Bordelon, Canatar & Pehlevan (2020), Eq. 9; Canatar et al.
+    (2021), Eq. 4.  At ``δ = 0`` the factor ``δ/(nκ)`` takes its exact value
+    ``1 − min(n, Σ_{λ_i>0} m_i)/n`` (from the κ equation), free of round-off.
+
+    Parameters
+    ----------
+    eigenvalues : array (M,) or Spectrum
+        Kernel eigenvalues (e.g. :func:`power_law_spectrum`, or ``theory.spectra``'s empirical
+        spectrum of a Gram matrix).
+    target_power : array (M,), optional
+        ``v_i²`` per eigenfunction.
+    n, ridge : float or array
+        Sample sizes (may be non-integer) and ridges ``δ ≥ 0``; arrays give dims ``n``, ``ridge``.
+    noise_var : float
+        Label-noise variance ``σ²``.
+    multiplicity : array (M,), optional
+        Degeneracy ``m_i`` of each eigenvalue.
+    n_modes_out : int
+        ``learnability`` is returned for the largest ``n_modes_out`` eigenvalues only (a
+        10⁶-mode spectrum over a grid would not fit in memory).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``test_error`` (includes ``σ²``), ``excess_test_error`` (without), ``train_error``,
+        ``kappa``, ``overfitting_coefficient``, ``learnability_sum`` over (``n``, ``ridge``) and
+        ``learnability`` over (``n``, ``ridge``, ``mode``), with an ``eigenvalue`` coordinate on
+        ``mode``.  Scalar ``n`` or ``ridge`` give no dimension.
+    """
+    spec = _as_spectrum(eigenvalues, target_power, multiplicity)
+    if not np.isfinite(noise_var) or noise_var < 0:
+        raise ValueError(f"noise_var must be non-negative; got {noise_var}")
+    n_arr = np.atleast_1d(np.asarray(n, dtype=float))
+    r_arr = np.atleast_1d(np.asarray(ridge, dtype=float))
+    if n_arr.ndim != 1 or r_arr.ndim != 1:
+        raise ValueError("n and ridge must be scalars or 1-D arrays")
+    nn, rr = np.meshgrid(n_arr, r_arr, indexing="ij")
+    out = krr_errors(spec, nn.ravel(), rr.ravel(), float(noise_var))
+    n_out = min(int(n_modes_out), spec.eigenvalues.size)
+    L = spec.learnabilities(out["kappa"])[:, :n_out] if n_out else np.empty((nn.size, 0))
+    shape = nn.shape
+    if np.any(np.isinf(out["test_error"])):
+        warnings.warn("test error diverges (ridgeless regression with n equal to the number of "
+                      "modes): returned as inf", RuntimeWarning, stacklevel=2)
+    data = {k: (("n", "ridge"), v.reshape(shape), _ATTRS[k]) for k, v in out.items()}
+    data["learnability"] = (("n", "ridge", "mode"), L.reshape(*shape, n_out),
+                            _ATTRS["learnability"])
+    ds = xr.Dataset(
+        data,
+        coords={
+            "n": _coord("n", n_arr, "number of training samples"),
+            "ridge": _coord("ridge", r_arr, "ridge regularisation δ"),
+            "mode": _coord("mode", np.arange(n_out), "kernel eigenmode index (descending λ)"),
+            "eigenvalue": ("mode", spec.eigenvalues[:n_out],
+                           {"long_name": "kernel eigenvalue λ_i", "units": "1"}),
+        },
+        attrs=theory_attrs(SOURCE, dict(noise_var=noise_var, n_modes=spec.eigenvalues.size,
+                                        n_eigenfunctions=float(spec.multiplicity.sum())),
+                           noise="test_error includes the label-noise variance σ²"),
+    )
+    squeeze = [d for d, v in (("n", n), ("ridge", ridge)) if np.ndim(v) == 0]
+    return ds.squeeze(squeeze, drop=False) if squeeze else ds
