@@ -11,22 +11,39 @@ Token reduction rules (``reduce=``), for outputs of shape ``(batch, tokens, feat
 ``"mean"``     mean over tokens (over non-pad tokens when an attention mask is set)
 ``"last"``     the last token, or the last non-pad token of each sequence under a mask
 ``"cls"``      the first token (BERT's [CLS] position)
+``"tokens"``   every (non-pad) token becomes a sample: ``(Σ tokens, features)``; with
+               ``positions=k``, at most ``k`` positions per sequence, drawn uniformly without
+               replacement from a seeded generator, so token-level statistics stay affordable
 ``"none"``     keep the output as it is
+
+Streaming: with ``sink=`` nothing is stored; each reduced batch is handed over as it arrives
+and freed.  :func:`stream_features` runs a data loader through the model and feeds one
+accumulator per layer (anything with ``update(batch)``, e.g.
+:class:`probes.spectral.SpectralMetrics`, or ``update(batch, labels)`` such as
+:class:`probes.collapse.CollapseAccumulator`).
 """
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable, Sequence
-from typing import Literal
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-Reduce = Literal["flatten", "mean", "last", "cls", "none"]
-REDUCTIONS: tuple[str, ...] = ("flatten", "mean", "last", "cls", "none")
+Reduce = Literal["flatten", "mean", "last", "cls", "tokens", "none"]
+REDUCTIONS: tuple[str, ...] = ("flatten", "mean", "last", "cls", "tokens", "none")
 
-__all__ = ["REDUCTIONS", "capture", "module_names", "reduce_tokens", "resolve_layers"]
+__all__ = [
+    "REDUCTIONS",
+    "capture",
+    "default_forward",
+    "module_names",
+    "reduce_tokens",
+    "resolve_layers",
+    "stream_features",
+]
 
 
 def module_names(model: nn.Module) -> list[str]:
@@ -83,16 +100,44 @@ def _first_tensor(output: object) -> torch.Tensor:
     raise TypeError(f"cannot find a tensor in a module output of type {type(output).__name__}")
 
 
-def reduce_tokens(
-    x: torch.Tensor, reduce: Reduce = "flatten", attention_mask: torch.Tensor | None = None
+def _token_samples(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    positions: int | None,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """Reduce a ``(batch, tokens, features)`` output to ``(batch, features)`` by a named rule.
+    """Rows of ``x`` (b, t, f) at valid positions, at most ``positions`` per sequence."""
+    if mask is None:
+        valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+    else:
+        valid = mask.to(x.device) > 0
+    if positions is not None and positions < x.shape[1]:
+        scores = torch.rand(x.shape[:2], generator=generator).to(x.device)
+        scores = torch.where(valid, scores, torch.full_like(scores, -1.0))
+        top = scores.topk(positions, dim=1)
+        keep = torch.zeros_like(valid)
+        keep.scatter_(1, top.indices, top.values >= 0)
+        valid = keep
+    return x[valid]
+
+
+def reduce_tokens(
+    x: torch.Tensor,
+    reduce: Reduce = "flatten",
+    attention_mask: torch.Tensor | None = None,
+    positions: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Reduce a ``(batch, tokens, features)`` output to ``(samples, features)`` by a named rule.
 
     2-D outputs pass through unchanged for every rule but ``"none"`` (which never changes
-    anything).  See the module docstring for the rules.
+    anything).  See the module docstring for the rules; ``positions`` (at most that many
+    token positions per sequence) and ``generator`` apply to ``"tokens"``.
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"unknown reduce rule {reduce!r}; choose one of {REDUCTIONS}")
+    if positions is not None and positions < 1:
+        raise ValueError(f"positions must be a positive number of tokens; got {positions}")
     if reduce == "none" or x.ndim <= 2:
         return x
     if reduce == "flatten":
@@ -100,20 +145,21 @@ def reduce_tokens(
     if x.ndim != 3:
         raise ValueError(
             f"reduce={reduce!r} expects (batch, tokens, features); got {tuple(x.shape)}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"attention mask shape {tuple(attention_mask.shape)} does not match "
+                         f"{tuple(x.shape[:2])}")
+    if reduce == "tokens":
+        return _token_samples(x, attention_mask, positions, generator)
     if reduce == "cls":
         return x[:, 0]
     if attention_mask is None:
         return x.mean(1) if reduce == "mean" else x[:, -1]
-    mask = attention_mask.to(x.device)
-    if mask.shape != x.shape[:2]:
-        raise ValueError(
-            f"attention mask shape {tuple(mask.shape)} does not match {tuple(x.shape[:2])}")
-    mask = mask.to(x.dtype)
+    mask = attention_mask.to(device=x.device, dtype=x.dtype)
     if reduce == "mean":
         return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     # last non-pad token: the highest position whose mask is 1 (works for left and right padding)
-    positions = torch.arange(x.shape[1], device=x.device).expand_as(mask)
-    last = torch.where(mask > 0, positions, torch.full_like(positions, -1)).amax(1).clamp(min=0)
+    idx = torch.arange(x.shape[1], device=x.device).expand_as(mask)
+    last = torch.where(mask > 0, idx, torch.full_like(idx, -1)).amax(1).clamp(min=0)
     return x[torch.arange(x.shape[0], device=x.device), last]
 
 
@@ -125,7 +171,7 @@ class capture:  # noqa: N801 - used as a function-like context manager
     model : nn.Module
     layers : str or iterable of str
         Module names or glob patterns; unknown names raise ``KeyError`` listing what exists.
-    reduce : {"flatten", "mean", "last", "cls", "none"}
+    reduce : {"flatten", "mean", "last", "cls", "tokens", "none"}
         Token reduction applied as each output arrives (module docstring).
     sink : callable ``(layer_name, tensor) -> None``, optional
         Receives each reduced batch instead of storing it (for streaming accumulators).
@@ -133,12 +179,21 @@ class capture:  # noqa: N801 - used as a function-like context manager
         Move captured tensors here (default: leave them where they are).
     dtype : torch.dtype, optional
         Cast captured tensors (e.g. ``torch.float64``).
+    positions : int, optional
+        With ``reduce="tokens"``: keep at most this many positions per sequence.
+    seed : int
+        Seed of the position subsampling (a private generator; the global RNG is untouched).
+
+    Set ``cap.attention_mask`` before a forward pass to reduce under a padding mask
+    (:meth:`run` does it from ``batch["attention_mask"]``).
 
     Examples
     --------
     >>> with capture(model, ["encoder.layer.*.output"], reduce="mean") as cap:  # doctest: +SKIP
     ...     model(**batch)
     >>> feats = cap["encoder.layer.5.output"]                                # doctest: +SKIP
+    >>> with capture(model, ["net.1"]) as cap:                                # doctest: +SKIP
+    ...     cap.run(loader)          # every batch, under torch.no_grad
     """
 
     def __init__(
@@ -149,15 +204,22 @@ class capture:  # noqa: N801 - used as a function-like context manager
         sink: Callable[[str, torch.Tensor], None] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        positions: int | None = None,
+        seed: int = 0,
     ) -> None:
         if reduce not in REDUCTIONS:
             raise ValueError(f"unknown reduce rule {reduce!r}; choose one of {REDUCTIONS}")
+        if positions is not None and (reduce != "tokens" or positions < 1):
+            raise ValueError("positions=k (k >= 1) subsamples token positions and needs "
+                             f"reduce='tokens'; got reduce={reduce!r}, positions={positions}")
         self.model = model
         self.modules = resolve_layers(model, layers)
         self.reduce = reduce
         self.sink = sink
         self.device = device
         self.dtype = dtype
+        self.positions = positions
+        self.generator = torch.Generator().manual_seed(seed)
         self.attention_mask: torch.Tensor | None = None
         self._batches: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
@@ -169,7 +231,8 @@ class capture:  # noqa: N801 - used as a function-like context manager
 
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: object, output: object) -> None:
-            x = reduce_tokens(_first_tensor(output).detach(), self.reduce, self.attention_mask)
+            x = reduce_tokens(_first_tensor(output).detach(), self.reduce, self.attention_mask,
+                              self.positions, self.generator)
             if self.device is not None or self.dtype is not None:
                 x = x.to(device=self.device, dtype=self.dtype)
             if self.sink is not None:
@@ -201,6 +264,42 @@ class capture:  # noqa: N801 - used as a function-like context manager
         for batches in self._batches.values():
             batches.clear()
 
+    def run(
+        self,
+        loader: Iterable[Any],
+        forward: Callable[[nn.Module, Any], Any] | None = None,
+        max_batches: int | None = None,
+        on_batch: Callable[[Any], None] | None = None,
+    ) -> int:
+        """Run every batch of ``loader`` through the model under ``torch.no_grad``.
+
+        Each batch is moved to the model's device and passed by ``forward(model, batch)``
+        (default :func:`default_forward`); a mapping with an ``attention_mask`` sets the
+        mask for the reduction.  ``on_batch(batch)`` is called after each forward pass (e.g.
+        to hand labels to an accumulator).  The model's train/eval mode is left as it is.
+        Hooks must be registered (inside ``with``).  Returns the number of batches run.
+        """
+        if not self._handles:
+            raise RuntimeError("capture.run needs the hooks: use it inside `with capture(...)`")
+        forward = forward or default_forward
+        device = _model_device(self.model)
+        count = 0
+        with torch.no_grad():
+            for batch in loader:
+                if max_batches is not None and count >= max_batches:
+                    break
+                batch = _to_device(batch, device)
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                self.attention_mask = mask
+                try:
+                    forward(self.model, batch)
+                finally:
+                    self.attention_mask = None
+                if on_batch is not None:
+                    on_batch(batch)
+                count += 1
+        return count
+
     def __getitem__(self, name: str) -> torch.Tensor:
         """All recorded batches of layer ``name``, concatenated along the batch axis."""
         if name not in self._batches:
@@ -213,3 +312,106 @@ class capture:  # noqa: N801 - used as a function-like context manager
     def activations(self) -> dict[str, torch.Tensor]:
         """All recorded layers: ``{name: tensor}``."""
         return {name: self[name] for name, b in self._batches.items() if b}
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return None
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return type(batch)({k: _to_device(v, device) for k, v in batch.items()}) \
+            if not hasattr(batch, "to") else batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """How :meth:`capture.run` feeds a batch: ``model(**batch)`` for a mapping (a tokenizer's
+    output), ``model(batch[0])`` for a ``(inputs, targets, …)`` tuple or list, else
+    ``model(batch)``."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (list, tuple)):
+        return model(batch[0])
+    return model(batch)
+
+
+def _default_labels(batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        for key in ("labels", "label", "targets", "y"):
+            if key in batch:
+                return batch[key]
+    if isinstance(batch, (list, tuple)) and len(batch) > 1:
+        return batch[1]
+    raise ValueError("cannot find labels in the batch: pass labels=callable(batch) -> labels")
+
+
+def stream_features(
+    model: nn.Module,
+    loader: Iterable[Any],
+    layers: str | Iterable[str],
+    accumulator: Callable[[], Any],
+    reduce: Reduce = "flatten",
+    labels: bool | Callable[[Any], Any] = False,
+    positions: int | None = None,
+    seed: int = 0,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    max_batches: int | None = None,
+) -> dict[str, Any]:
+    """Feed one accumulator per layer with every batch of ``loader``; nothing is stored.
+
+    Parameters
+    ----------
+    model, layers, reduce, positions, seed
+        As for :class:`capture`.
+    loader : iterable of batches
+        Tensors, ``(inputs, targets)`` tuples or mappings (see :func:`default_forward`).
+    accumulator : callable returning an object with ``update``
+        A factory, called once per layer: e.g. ``SpectralMetrics`` or
+        ``lambda: SpectralMetrics(["rankme", "alpha_req"])`` or ``CollapseAccumulator``.
+    labels : bool or callable
+        Pass labels to ``update(features, labels)``: ``True`` takes them from the batch
+        (``batch[1]`` or ``batch["labels"]``), a callable ``batch -> labels`` picks them.
+        Per-sequence labels need a per-sequence reduction (not ``"tokens"``).
+    forward : callable ``(model, batch)``, optional
+    max_batches : int, optional
+
+    Returns
+    -------
+    dict
+        ``{layer_name: accumulator}`` in model order; call ``compute()`` on each.
+    """
+    if labels and reduce in ("tokens", "none"):
+        raise ValueError(f"labels need one feature vector per sequence; reduce={reduce!r} "
+                         "does not give that")
+    layer_names = list(resolve_layers(model, layers))
+    accs = {name: accumulator() for name in layer_names}
+    label_fn = _default_labels if labels is True else (labels or None)
+    pending: dict[str, torch.Tensor] = {}
+
+    def sink(name: str, x: torch.Tensor) -> None:
+        if label_fn is None:
+            accs[name].update(x)
+        else:
+            pending[name] = x  # labels arrive with the batch, after the forward pass
+
+    def on_batch(batch: Any) -> None:
+        if label_fn is None:
+            return
+        y = label_fn(batch)
+        for name, x in pending.items():
+            accs[name].update(x, y)
+        pending.clear()
+
+    with capture(model, layer_names, reduce=reduce, sink=sink, positions=positions,
+                 seed=seed) as cap:
+        cap.run(loader, forward=forward, max_batches=max_batches, on_batch=on_batch)
+    return accs

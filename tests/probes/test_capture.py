@@ -1,0 +1,136 @@
+"""Forward-hook capture: layers, token reductions, data loaders, streaming into accumulators."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probes.capture import capture, reduce_tokens, stream_features
+from probes.collapse import CollapseAccumulator, neural_collapse
+from probes.spectral import SpectralMetrics, alpha_req, rankme
+from tests.helpers import assert_rel
+
+
+class Seq(nn.Module):
+    """Token model: (batch, tokens) ids → embeddings → linear; takes an attention mask."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, input_ids, attention_mask=None):
+        return self.proj(self.embed(input_ids))
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(),
+                         nn.Linear(32, 3))
+
+
+def test_captures_named_layers_and_lists_names_for_unknown_ones():
+    model, x = mlp(), torch.randn(20, 8)
+    with capture(model, ["1", "3"]) as cap:
+        model(x)
+    h1 = torch.relu(model[0](x))
+    torch.testing.assert_close(cap["1"], h1.detach())
+    torch.testing.assert_close(cap["3"], torch.tanh(model[2](h1)).detach())
+    assert not cap["1"].requires_grad
+    with pytest.raises(KeyError, match="available: 0, 1, 2, 3, 4"):
+        capture(model, ["5"])
+
+
+def test_hooks_are_removed_even_when_the_forward_raises():
+    model = mlp()
+    with pytest.raises(RuntimeError):
+        with capture(model, ["*"]):
+            model(torch.randn(4, 7))  # wrong width
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_token_reductions_under_left_and_right_padding():
+    x = torch.arange(2 * 4 * 3, dtype=torch.float64).reshape(2, 4, 3)
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])  # right-padded, left-padded
+    torch.testing.assert_close(reduce_tokens(x, "mean", mask),
+                               torch.stack([x[0, :3].mean(0), x[1, 1:].mean(0)]))
+    torch.testing.assert_close(reduce_tokens(x, "last", mask), torch.stack([x[0, 2], x[1, 3]]))
+    torch.testing.assert_close(reduce_tokens(x, "cls"), x[:, 0])
+    torch.testing.assert_close(reduce_tokens(x, "tokens", mask),
+                               torch.cat([x[0, :3], x[1, 1:]]))
+    assert reduce_tokens(x, "flatten").shape == (2, 12)
+    with pytest.raises(ValueError, match="does not match"):
+        reduce_tokens(x, "mean", mask[:, :3])
+    with pytest.raises(ValueError, match="unknown reduce"):
+        reduce_tokens(x, "max")
+
+
+def test_position_subsampling_keeps_valid_positions_and_is_seeded():
+    x = torch.randn(5, 40, 6)
+    mask = torch.ones(5, 40, dtype=torch.long)
+    mask[0, 3:] = 0  # a sequence with only 3 real tokens
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    a = reduce_tokens(x, "tokens", mask, positions=8, generator=g1)
+    b = reduce_tokens(x, "tokens", mask, positions=8, generator=g2)
+    assert a.shape == (3 + 4 * 8, 6)
+    torch.testing.assert_close(a, b)
+    rows = {tuple(r.tolist()) for r in x[mask > 0]}
+    assert all(tuple(r.tolist()) in rows for r in a)
+    with pytest.raises(ValueError, match="reduce='tokens'"):
+        capture(nn.Linear(2, 2), "*", reduce="mean", positions=4)
+
+
+def test_run_over_a_loader_matches_manual_features():
+    model, x, y = mlp(), torch.randn(50, 8), torch.randint(0, 3, (50,))
+    loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)]
+    with capture(model, ["3"]) as cap:
+        assert cap.run(loader) == 4
+    torch.testing.assert_close(cap["3"], model[:4](x).detach())
+    with pytest.raises(RuntimeError, match="inside"):
+        capture(model, ["3"]).run(loader)
+
+
+def test_dict_batches_pass_their_attention_mask_to_the_reduction():
+    torch.manual_seed(0)
+    model = Seq()
+    ids = torch.randint(0, 50, (6, 9))
+    mask = torch.ones(6, 9, dtype=torch.long)
+    mask[:, 6:] = 0
+    with capture(model, ["proj"], reduce="mean") as cap:
+        cap.run([{"input_ids": ids, "attention_mask": mask}])
+    torch.testing.assert_close(cap["proj"], model(ids)[:, :6].mean(1).detach())
+
+
+def test_streaming_spectral_metrics_equal_oneshot_on_captured_features():
+    model, x = mlp(), torch.randn(300, 8)
+    loader = [(x[i:i + 64], None) for i in range(0, 300, 64)]
+    accs = stream_features(model, loader, ["1", "3"],
+                           lambda: SpectralMetrics(("rankme", "alpha_req"), fit_range=(2, 20)))
+    for name, upto in (("1", 2), ("3", 4)):
+        feats = model[:upto](x).detach()
+        out = accs[name].compute()
+        assert_rel(out["rankme"], rankme(feats), 1e-10, f"rankme {name}")
+        assert_rel(out["alpha_req"], alpha_req(feats, (2, 20)), 1e-10, f"alpha {name}")
+
+
+def test_streaming_collapse_with_labels_equals_oneshot():
+    model, x = mlp(), torch.randn(200, 8)
+    y = torch.randint(0, 3, (200,))
+    loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
+    accs = stream_features(model, loader, "3", CollapseAccumulator, labels=True)
+    feats = model[:4](x).detach()
+    streamed, oneshot = accs["3"].compute(), neural_collapse(feats, y)
+    for var in ("nc1", "nc2_equinorm", "nc2_equiangle", "cdnv"):
+        assert_rel(float(streamed[var]), float(oneshot[var]), 1e-9, var)
+    with pytest.raises(ValueError, match="per sequence"):
+        stream_features(model, loader, "3", CollapseAccumulator, reduce="tokens", labels=True)
+
+
+def test_sink_keeps_nothing_in_the_capture():
+    model, seen = mlp(), []
+    with capture(model, ["1"], sink=lambda name, t: seen.append(t.shape)) as cap:
+        cap.run([torch.randn(10, 8), torch.randn(5, 8)])
+    assert seen == [(10, 32), (5, 32)] and cap.activations() == {}
+    assert np.all([not m._forward_hooks for m in model.modules()])
