@@ -1,0 +1,256 @@
+"""Empirical NTK of torch modules vs a float64 brute-force Jacobian (one backward per output)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from probes.ntk import (
+    NTKProbe,
+    batch_coupled_modules,
+    conjugate_kernel,
+    empirical_ntk,
+    select_parameters,
+)
+from probes.registry import get_model_probe
+from tests.helpers import assert_rel
+
+METHODS = ["structured", "jacobian", "ntk_vp", "auto"]
+
+
+def brute_ntk(model, x1, x2=None, params=None):
+    """Θ[i, j, a, b] from explicit Jacobian rows: one backward per (sample, output) entry."""
+    ps = list(model.parameters()) if params is None else params
+
+    def jac(x):
+        rows = []
+        for i in range(x.shape[0]):
+            f = model(x[i:i + 1]).reshape(-1)
+            for a in range(f.shape[0]):
+                g = torch.autograd.grad(f[a], ps, retain_graph=True, allow_unused=True)
+                rows.append(torch.cat([(torch.zeros_like(p) if gi is None else gi).reshape(-1)
+                                       for gi, p in zip(g, ps, strict=True)]))
+        return torch.stack(rows).reshape(x.shape[0], -1, sum(p.numel() for p in ps))
+
+    J1 = jac(x1)
+    J2 = J1 if x2 is None else jac(x2)
+    return torch.einsum("iap,jbp->ijab", J1, J2)
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+class TiedMLP(nn.Module):
+    """One hidden Linear applied twice (shared weights) plus a weight used directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 6)
+        self.shared = nn.Linear(6, 6)
+        self.out = nn.Linear(6, 3, bias=False)
+        self.scale = nn.Parameter(torch.randn(6))  # elementwise: not a linear-layer weight
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.shared(h))
+        h = torch.tanh(self.shared(h)) * self.scale
+        return self.out(h)
+
+
+class TransposedTie(nn.Module):
+    """A weight used by F.linear and, transposed, by a matmul: structured must fall back."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.enc(x))
+        return h @ self.enc.weight  # (n, 5)
+
+
+def models():
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.ReLU(inplace=True),
+                        nn.Linear(6, 3))
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.Conv2d(3, 4, 3, stride=2),
+                        nn.Tanh(), nn.Flatten(), nn.Linear(36, 3))
+    seq = nn.Sequential(nn.Conv1d(2, 3, 3, padding="same"), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(18, 2))
+    nobias = nn.Sequential(nn.Linear(5, 8, bias=False), nn.Tanh(), nn.Linear(8, 1, bias=False))
+    return {
+        "mlp": (mlp, (5,)), "cnn": (cnn, (2, 7, 7)), "conv1d": (seq, (2, 6)),
+        "nobias_one_output": (nobias, (5,)), "tied": (TiedMLP(), (4,)),
+        "transposed_tie": (TransposedTie(), (5,)),
+    }
+
+
+@pytest.mark.parametrize("name", list(models()))
+@pytest.mark.parametrize("method", METHODS)
+def test_full_ntk_equals_brute_force_jacobian(name, method):
+    model, shape = models()[name]
+    model = model.double()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    ref = brute_ntk(model, x)
+    K = empirical_ntk(model, x, output="full", method=method)
+    assert K.shape == ref.shape and K.dtype == torch.float64
+    assert rel_err(K, ref) < 1e-6, f"{name}/{method}: {rel_err(K, ref):.2e}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cross_kernel_trace_and_mean_conventions(method):
+    model, shape = models()["cnn"]
+    model = model.double()
+    x1 = torch.randn(3, *shape, dtype=torch.float64)
+    x2 = torch.randn(5, *shape, dtype=torch.float64)
+    ref = brute_ntk(model, x1, x2)
+    tr = torch.einsum("ijaa->ij", ref)
+    assert rel_err(empirical_ntk(model, x1, x2, method=method), tr) < 1e-6
+    assert rel_err(empirical_ntk(model, x1, x2, method=method, output="mean"), tr / 3) < 1e-6
+
+
+@pytest.mark.parametrize("method", ["structured", "jacobian", "ntk_vp"])
+@pytest.mark.parametrize("output", ["full", "trace"])
+def test_chunked_equals_unchunked(method, output):
+    model, shape = models()["tied"]
+    model = model.double()
+    x = torch.randn(7, *shape, dtype=torch.float64)
+    whole = empirical_ntk(model, x, output=output, method=method)
+    for chunk in (1, 3):
+        assert rel_err(empirical_ntk(model, x, output=output, method=method, chunk_size=chunk),
+                       whole) < 1e-12
+    x2 = torch.randn(5, *shape, dtype=torch.float64)
+    assert rel_err(empirical_ntk(model, x, x2, output=output, method=method, chunk_size=2),
+                   empirical_ntk(model, x, x2, output=output, method=method)) < 1e-12
+
+
+def test_parameter_subset_equals_brute_force_on_that_subset():
+    model, shape = models()["mlp"]
+    model = model.double()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    sub = [model[2].weight, model[4].bias]
+    ref = brute_ntk(model, x, params=sub)
+    for method in METHODS:
+        K = empirical_ntk(model, x, output="full", method=method, params=["2.weight", "4.bias"])
+        assert rel_err(K, ref) < 1e-6, method
+    # a module name selects all its parameters; kernels over disjoint subsets add up
+    k_all = empirical_ntk(model, x)
+    k_parts = sum(empirical_ntk(model, x, params=m) for m in ("0", "2", "4"))
+    assert rel_err(k_parts, k_all) < 1e-12
+    assert list(select_parameters(model, "*.bias")) == ["0.bias", "2.bias", "4.bias"]
+    with pytest.raises(KeyError, match="available|parameters"):
+        select_parameters(model, "nope")
+
+
+def test_float32_close_to_float64():
+    model, shape = models()["mlp"]
+    x = torch.randn(6, *shape)
+    ref = brute_ntk(model.double(), x.double())
+    K = empirical_ntk(model.float(), x, output="full")
+    assert K.dtype == torch.float32
+    assert rel_err(K.double(), ref) < 1e-5
+
+
+def test_batchnorm_in_train_mode_is_refused_or_computed_as_batch_map():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    assert batch_coupled_modules(model) == ["1"]
+    with pytest.raises(ValueError, match="BatchNorm in train mode"):
+        empirical_ntk(model, x)
+    running = model[1].running_mean.clone()
+    K = empirical_ntk(model, x, output="full", per_sample=False)
+    assert torch.equal(model[1].running_mean, running), "running statistics must be restored"
+    # reference: Jacobian of the whole batch map X -> f(X), which is not per-sample
+    ps = list(model.parameters())
+    f = model(x)
+    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(f[i, a], ps, retain_graph=True)])
+            for i in range(6) for a in range(2)]
+    J = torch.stack(rows).reshape(6, 2, -1)
+    assert rel_err(K, torch.einsum("iap,jbp->ijab", J, J)) < 1e-10
+    model.eval()
+    assert batch_coupled_modules(model) == []
+    assert rel_err(empirical_ntk(model, x, output="full"), brute_ntk(model, x)) < 1e-6
+
+
+def test_bad_arguments_raise_clear_errors():
+    model, shape = models()["mlp"]
+    x = torch.randn(3, *shape)
+    with pytest.raises(ValueError, match="output"):
+        empirical_ntk(model, x, output="diag")
+    with pytest.raises(ValueError, match="unknown method"):
+        empirical_ntk(model, x, method="fast")
+    with pytest.raises(ValueError, match="chunk_size"):
+        empirical_ntk(model, x, chunk_size=0)
+    with pytest.raises(ValueError, match="per_sample=False"):
+        empirical_ntk(model, x, per_sample=False)
+
+
+def test_numpy_input_and_gradients_untouched():
+    model, shape = models()["mlp"]
+    x = np.random.default_rng(0).normal(size=(4, *shape))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    K = empirical_ntk(model, x)  # float64 numpy input is cast to the model's float32
+    assert K.shape == (4, 4) and K.dtype == torch.float32
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+
+
+def test_conjugate_kernel_is_feature_gram():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 2))
+    x1, x2 = torch.randn(5, 4), torch.randn(3, 4)
+    phi1, phi2 = torch.relu(model[0](x1)), torch.relu(model[0](x2))
+    K = conjugate_kernel(model, x1, x2, layer="1")
+    assert_rel(K.detach().numpy(), (phi1 @ phi2.T / 10).detach().numpy(), 1e-5, "CK")
+    K11 = conjugate_kernel(model, x1, layer="1", normalize=False)
+    assert_rel(K11.numpy(), (phi1 @ phi1.T).detach().numpy(), 1e-5, "CK raw")
+
+
+def test_ntk_model_probe_tracks_alignment_and_motion():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    x = torch.randn(12, 3, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    spec = get_model_probe("ntk")
+    probe = spec.factory()
+    assert isinstance(probe, NTKProbe)
+    with torch.no_grad():  # the monitor calls probes under no_grad
+        r0 = probe(model, x, y)
+    assert set(r0) == set(spec.variables)
+    assert r0["ntk_relative_change"] == 0 and np.isnan(r0["ntk_distance_previous"])
+    K0 = torch.einsum("ijaa->ij", brute_ntk(model, x))
+    Y = torch.nn.functional.one_hot(y, 2).double()
+    A = float((Y.T @ K0 @ Y).trace() / (K0.norm() * (Y @ Y.T).norm()))
+    assert_rel(r0["ntk_alignment"], A, 1e-8, "alignment")
+    with torch.no_grad():
+        model[0].weight.mul_(1.5)
+    r1 = probe(model, x, y)
+    K1 = torch.einsum("ijaa->ij", brute_ntk(model, x))
+    assert_rel(r1["ntk_relative_change"], float((K1 - K0).norm() / K0.norm()), 1e-8, "change")
+    cos = float((K0 * K1).sum() / (K0.norm() * K1.norm()))
+    assert_rel(r1["ntk_distance_previous"], 1 - cos, 1e-6, "distance")
+    assert_rel(r1["ntk_trace_mean"], float(K1.diagonal().mean()), 1e-8, "trace mean")
+
+
+def test_structured_plan_covers_linear_and_conv_weights_and_falls_back_for_the_rest():
+    from probes.ntk import _plan_structured
+
+    def plan_of(name):
+        model, shape = models()[name]
+        model = model.double()
+        chosen = select_parameters(model)
+        plan, _ = _plan_structured(model, torch.randn(3, *shape, dtype=torch.float64), chosen,
+                                   True, 3)
+        names = {id(p): n for n, p in chosen.items()}
+        done = sorted(names[id(p)] for g in plan.groups for p in (g.weight, g.bias)
+                      if p is not None)
+        return done, sorted(plan.fallback)
+
+    assert plan_of("tied") == (
+        ["inp.bias", "inp.weight", "out.weight", "shared.bias", "shared.weight"], ["scale"])
+    assert plan_of("cnn")[1] == []
+    assert plan_of("transposed_tie") == ([], ["enc.bias", "enc.weight"])
