@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--out", help="save to this .nc or .zarr path instead of printing")
     lin.set_defaults(func=_cmd_theory_linear)
 
+    from dynamics import cli_analyze
+
+    cli_analyze.add_parser(sub)
+
     info = sub.add_parser("info", help="versions and the available probes",
                           description="Print package versions and the registered probes.")
     info.set_defaults(func=_cmd_info)

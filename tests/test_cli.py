@@ -15,7 +15,7 @@ def test_help_explains_every_subcommand(capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--help"])
     text = capsys.readouterr().out
-    for command in ("demo", "theory", "info"):
+    for command in ("demo", "analyze", "theory", "info"):
         assert command in text
     with pytest.raises(SystemExit):
         parser.parse_args(["demo", "--help"])
