@@ -18,6 +18,8 @@ neural-tangents when that path matters.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +37,7 @@ def _jacobian_block(f, params, x1, x2, full: bool):
         return _flat_out(f, p, xi[None])[0]
 
     def jac(x):
-        return jax.vmap(jax.jacrev(one), in_dims=(None, 0))(params, x)
+        return jax.vmap(jax.jacrev(one), in_axes=(None, 0))(params, x)
 
     j1 = jac(x1)
     j2 = j1 if x2 is None else jac(x2)
@@ -59,6 +61,14 @@ def _ntk_vp_block(f, params, x1, x2, k: int):
 
     res = jax.vmap(push)(tangents)  # (n2·k, n1, k)
     return res.reshape(n2, k, x1.shape[0], k).transpose(2, 0, 3, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_block(f, method: str, full: bool, k: int):
+    """One jitted block function per (f, method, output, k), reused across calls."""
+    if method == "jacobian":
+        return jax.jit(lambda p, a, b: _jacobian_block(f, p, a, b, full))
+    return jax.jit(lambda p, a, b: _ntk_vp_block(f, p, a, b, k))
 
 
 def _forward_flops(f, params, x1) -> float:
@@ -115,18 +125,16 @@ def empirical_ntk_jax(
         vp = n2 * k * 3 * fl * (1 + n1)
         method = "jacobian" if jac <= vp else "ntk_vp"
     c = chunk_size or max(n1, n2)
+    block = _compiled_block(f, method, full, k)
     rows = []
     for s in range(0, n1, c):
         a = x1[s:s + c]
         cols = []
         for t in range(0, n2, c):
             b = x2[t:t + c]
-            if method == "jacobian":
-                blk = _jacobian_block(f, params, a, b, full)
-            else:
-                blk = _ntk_vp_block(f, params, a, b, k)
-                if not full:
-                    blk = jnp.trace(blk, axis1=2, axis2=3)
+            blk = block(params, a, b)
+            if method == "ntk_vp" and not full:
+                blk = jnp.trace(blk, axis1=2, axis2=3)
             cols.append(blk)
         rows.append(jnp.concatenate(cols, 1))
     K = jnp.concatenate(rows, 0)
