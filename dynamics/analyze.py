@@ -94,6 +94,12 @@ def _glob_regex(pattern: str) -> re.Pattern[str]:
         elif pattern[i] == "?":
             out.append("[^.]")
             i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + re.escape(body[1:]) if body.startswith("!")
+                              else re.escape(body)) + "]")
+            i = end + 1
         else:
             out.append(re.escape(pattern[i]))
             i += 1
@@ -264,6 +270,28 @@ def _probe_values(layers: Sequence[str], accumulators: dict, raw: dict,
 _FAST = (spectral.rankme, spectral.rankme_covariance, spectral.alpha_req)
 
 
+class _single_threaded:  # noqa: N801
+    """Run the CPU eigendecompositions on one thread, whatever the worker's thread count.
+
+    LAPACK's multi-threaded symmetric eigensolver changes the last bits of the eigenvalues
+    with the number of threads (~1e-15 relative), so a fixed count makes a parallel run equal
+    to the serial one bit for bit; for the d × d matrices of per-layer statistics one thread
+    also avoids the large overhead of OpenMP on a busy machine.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.active = device.type == "cpu"
+
+    def __enter__(self) -> None:
+        if self.active:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active:
+            torch.set_num_threads(self.saved)
+
+
 def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
                        threads: int | None = None) -> dict[str, Any]:
     """Analyse one checkpoint; never raises for a bad checkpoint (status ``failed`` + reason).
@@ -308,7 +336,7 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
                 else:
                     model(batch.inputs)
         forwarded = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _single_threaded(device):
             warnings.simplefilter("always")
             result["values"] = _probe_values(layers, accumulators, raw, spec)
         result["notes"] = "; ".join(dict.fromkeys(str(w.message) for w in caught))
@@ -522,7 +550,7 @@ def _describe(result: dict) -> str:
 
 
 def _run_dask(pending: list[Checkpoint], spec: AnalyzeSpec, workers: int,
-              scheduler: str | None, on_result: Callable[[dict], None]) -> None:
+              scheduler: str | None, threads: int, on_result: Callable[[dict], None]) -> None:
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError as err:  # pragma: no cover - optional dependency
@@ -531,12 +559,10 @@ def _run_dask(pending: list[Checkpoint], spec: AnalyzeSpec, workers: int,
     cluster = None
     if scheduler:
         client = Client(scheduler)
-        threads = None
     else:
         cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                dashboard_address=None, silence_logs=logging.ERROR)
         client = Client(cluster)
-        threads = max(1, (os.cpu_count() or 1) // workers)
     try:
         futures = [client.submit(analyze_checkpoint, c, spec, threads, pure=False,
                                  key=f"traindyn-analyze-{spec.key()[:8]}-step{c.step}")
@@ -572,6 +598,7 @@ def analyze(
     output: str | os.PathLike | None = None,
     workers: int = 0,
     scheduler: str | None = None,
+    threads: int | None = None,
     retry_failed: bool = True,
     progress: bool = True,
     figures: bool | str | os.PathLike = False,
@@ -609,6 +636,11 @@ def analyze(
         Save the Dataset there; per-checkpoint results go to ``<output>.parts/`` as they
         finish, and a re-run resumes from them.
     workers, scheduler : dask fan-out (module docstring).
+    threads : int, optional
+        torch threads of each dask worker for the forward pass (default: this process's
+        ``torch.get_num_threads()``, so that the forward pass, and hence every number, equals
+        the serial run's bit for bit; fewer threads per worker run faster on a small machine
+        and agree to about 1e-15).  Eigendecompositions always run on one thread.
     retry_failed : bool
         Re-run checkpoints that failed in an earlier run (default); finished ones are skipped.
     figures : bool or folder
@@ -701,7 +733,8 @@ def analyze(
 
     try:
         if pending and (workers > 1 or scheduler):
-            _run_dask(pending, spec, workers, scheduler, on_result)
+            _run_dask(pending, spec, workers, scheduler,
+                      threads or torch.get_num_threads(), on_result)
         else:
             for checkpoint in pending:
                 on_result(analyze_checkpoint(checkpoint, spec))

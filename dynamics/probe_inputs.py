@@ -256,11 +256,11 @@ def _split(data: torch.Tensor | dict[str, torch.Tensor], n: int | None,
     if isinstance(data, dict):
         total = int(data["input_ids"].shape[0])
         n = total if n is None else min(n, total)
-        return [Batch({k: v[i:i + batch_size] for k, v in data.items()},
-                      data["attention_mask"][i:i + batch_size] if "attention_mask" in data
-                      else None) for i in range(0, n, batch_size)]
+        return [Batch({k: v[i:min(i + batch_size, n)] for k, v in data.items()},
+                      data["attention_mask"][i:min(i + batch_size, n)]
+                      if "attention_mask" in data else None) for i in range(0, n, batch_size)]
     n = data.shape[0] if n is None else min(n, data.shape[0])
-    return [Batch(data[i:i + batch_size]) for i in range(0, n, batch_size)]
+    return [Batch(data[i:min(i + batch_size, n)]) for i in range(0, n, batch_size)]
 
 
 def load_probe_inputs(
