@@ -111,6 +111,8 @@ class Spectrum:
         """``L_i = λ_i/(λ_i+κ)``, shape ``κ.shape + (M,)``; ``κ = 0`` gives 1 where ``λ_i > 0``."""
         kappa = np.asarray(kappa, dtype=float)[..., None]
         lam = self.eigenvalues
+        if np.all(kappa > 0):
+            return lam / (lam + kappa)
         with np.errstate(invalid="ignore", divide="ignore"):
             L = lam / (lam + kappa)
         return np.where(kappa == 0, (lam > 0).astype(float), L)

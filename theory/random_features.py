@@ -141,6 +141,8 @@ def rf_errors(
         cross = np.where(ok, (z - q) ** 2 / np.where(ok, n_minus_q, 1.0), 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             denom = n_r - q - cross
+            # the interpolation threshold n = N_f < rank, exactly (round-off would leave ~1e-13)
+            denom = np.where((d_r == 0) & (n_r == nf_r) & (n_r < spec.n_positive), 0.0, denom)
             e0 = np.where(np.isinf(n_r), 1.0,
                           np.where(denom > 0, n_r / np.where(denom > 0, denom, 1.0), np.inf))
             test = e0 * (spec.bias_terms(gamma, c) + noise_var)

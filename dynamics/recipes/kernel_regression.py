@@ -22,7 +22,7 @@ float64 with torch on ``device``.
 
 Digits.  The same kernel regression on scikit-learn's digits (1797 images) with a chosen kernel
 (Gaussian RBF by default, or any Gram matrix such as an empirical NTK): ``n`` training points
-are drawn i.i.d. (with replacement by default) from the 1797, and the test error is the mean
+are drawn at random (without replacement by default) from the 1797, and the test error is the mean
 squared error over all 1797 points and the centred one-hot outputs — the population whose
 spectrum ``theory.spectra.spectrum_from_gram`` gives.
 """
@@ -43,6 +43,7 @@ __all__ = [
     "simulate_digits_krr",
     "simulate_krr",
     "simulate_rf",
+    "simulate_rf_infinite_data",
 ]
 
 _SOURCE_KRR = "traindyn recipe kernel_regression.simulate_krr (Gaussian eigenfeatures)"
@@ -135,6 +136,14 @@ def _draw(lam: np.ndarray, v2: np.ndarray, noise_var: float, n_max: int, seed: i
     return x, w_star, (x @ w_star + eps)[:, None], g
 
 
+def _features(n_modes: int, n_features: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The random projection ``Z`` (N_f × M) of a seed: its own stream, so that the same seed
+    gives the same features whatever ``n`` is (paired comparisons across ``n``, and with
+    :func:`simulate_rf_infinite_data`)."""
+    g = torch.Generator(device=device).manual_seed(int(seed) + 7_919_000_003)
+    return torch.randn(n_features, n_modes, generator=g, dtype=torch.float64, device=device)
+
+
 def _test_error(w: torch.Tensor, w_star: torch.Tensor, lam: torch.Tensor,
                 noise_var: float) -> torch.Tensor:
     """Exact test MSE against noisy labels, ``Σ λ_i (w_i − w*_i)² + σ²``, for w of (R, M)."""
@@ -208,7 +217,8 @@ def simulate_rf(
     kernel ``g(x)·g(x')/N_f`` averages to ``x·x'`` (Simon, Karkada, Ghosh & Belkin 2023,
     Sec. 4); ridge regression on ``G = g(X)/√N_f`` with ridge ``δ``.  The learnt function is
     linear in ``x`` with weights ``Zᵀa/√N_f``, whose test error is exact.  Sample and feature
-    sets are nested within a seed.
+    sets are nested within a seed; a seed's data are those of :func:`simulate_krr` with the same
+    seed and largest ``n``, and its features those of :func:`simulate_rf_infinite_data`.
 
     Returns
     -------
@@ -225,9 +235,8 @@ def simulate_rf(
     test = np.empty((n_arr.size, f_arr.size, r_arr.size, len(seeds)))
     train = np.empty_like(test)
     for s_i, seed in enumerate(seeds):
-        x, w_star, y, g = _draw(lam, v2, noise_var, int(n_arr.max()), seed, device)
-        z = torch.randn(int(f_arr.max()), lam.size, generator=g, dtype=torch.float64,
-                        device=device)
+        x, w_star, y, _ = _draw(lam, v2, noise_var, int(n_arr.max()), seed, device)
+        z = _features(lam.size, int(f_arr.max()), seed, device)
         feats = x @ z.T                                          # (n_max, N_max)
         for f_i, nf in enumerate(f_arr):
             scale = 1.0 / np.sqrt(nf)
@@ -239,6 +248,48 @@ def simulate_rf(
     return _dataset(test, train, ("n", "n_features", "ridge", "seed"),
                     _coords(n=n_arr, n_features=f_arr, ridge=r_arr, seed=np.asarray(seeds)),
                     _SOURCE_RF, dict(noise_var=noise_var, n_modes=lam.size))
+
+
+def simulate_rf_infinite_data(
+    eigenvalues: Any,
+    target_power: Any = None,
+    n_features: Sequence[int] = (10, 30, 100),
+    noise_var: float = 0.0,
+    seeds: Sequence[int] = (0, 1, 2, 3),
+    multiplicity: Any = None,
+    device: str | torch.device | None = None,
+) -> xr.Dataset:
+    """Random-feature regression with infinite data: the best predictor in the features' span.
+
+    With ``n → ∞`` (any fixed ridge) the weights minimise the population error,
+    ``w = Zᵀ(ZΛZᵀ)⁺ZΛw*`` (``Λ = diag λ``), whose test error ``Σ λ_i (w_i − w*_i)² + σ²`` is
+    exact.  The features ``Z`` of a seed are those :func:`simulate_rf` uses with the same seed,
+    so ``simulate_rf(...) − simulate_rf_infinite_data(...)`` is a paired, low-noise estimate of
+    the variance-limited excess ``L(n) − L(∞)`` (Bahri et al. 2021).
+
+    Returns
+    -------
+    xarray.Dataset
+        ``test_error`` and ``train_error`` (equal here) over (``n_features``, ``seed``).
+    """
+    lam, v2 = _expand(eigenvalues, target_power, multiplicity)
+    f_arr = _grid(n_features, "n_features", integer=True)
+    device = torch.device(device or "cpu")
+    lam_t = torch.as_tensor(lam, dtype=torch.float64, device=device)
+    w_star = torch.as_tensor(np.sqrt(v2 / lam), dtype=torch.float64, device=device)
+    test = np.empty((f_arr.size, len(seeds)))
+    for s_i, seed in enumerate(seeds):
+        z_all = _features(lam.size, int(f_arr.max()), seed, device)
+        for f_i, nf in enumerate(f_arr):
+            z = z_all[:nf]
+            coef = _solve_all_ridges((z * lam_t) @ z.T, ((z * lam_t) @ w_star)[:, None],
+                                     torch.zeros(1, dtype=torch.float64, device=device))
+            w = (coef[0, :, 0] @ z)[None]
+            test[f_i, s_i] = _test_error(w, w_star, lam_t, noise_var).item()
+    return _dataset(test, test.copy(), ("n_features", "seed"),
+                    _coords(n_features=f_arr, seed=np.asarray(seeds)),
+                    "traindyn recipe kernel_regression.simulate_rf_infinite_data",
+                    dict(noise_var=noise_var, n_modes=lam.size))
 
 
 def _dataset(test, train, dims, coords, source, params, note=None) -> xr.Dataset:
@@ -293,13 +344,14 @@ def simulate_digits_krr(
     seeds: Sequence[int] = (0, 1, 2, 3),
     gram: np.ndarray | None = None,
     targets: np.ndarray | None = None,
-    replace: bool = True,
+    replace: bool = False,
     device: str | torch.device | None = None,
 ) -> xr.Dataset:
     """Kernel ridge regression on the digits population with a given (or RBF) kernel.
 
-    ``n`` training points are drawn i.i.d. from the ``P`` points of ``gram`` (with replacement
-    when ``replace``, as the theory assumes); the test error is the mean squared error of
+    ``n`` distinct training points are drawn at random from the ``P`` points of ``gram`` (i.i.d.
+    with replacement when ``replace``; the default, without, agrees better with the theory:
+    repeated points are not the Gaussian-like features the theory assumes); the test error is the mean squared error of
     ``K(:, S)[K(S, S) + δI]⁺ y_S`` over all ``P`` points and all target columns.  Draws are
     nested along ``n`` within a seed.  Pass ``gram`` and ``targets`` for another kernel (e.g.
     an empirical NTK of the digits inputs); default :func:`digits_kernel`.
