@@ -22,8 +22,8 @@ float64 with torch on ``device``.
 
 Digits.  The same kernel regression on scikit-learn's digits (1797 images) with a chosen kernel
 (Gaussian RBF by default, or any Gram matrix such as an empirical NTK): ``n`` training points
-are drawn at random (without replacement by default) from the 1797, and the test error is the mean
-squared error over all 1797 points and the centred one-hot outputs — the population whose
+are drawn at random (without replacement by default) from the 1797, and the test error is the
+mean squared error over all 1797 points and the centred one-hot outputs — the population whose
 spectrum ``theory.spectra.spectrum_from_gram`` gives.
 """
 
@@ -351,8 +351,9 @@ def simulate_digits_krr(
 
     ``n`` distinct training points are drawn at random from the ``P`` points of ``gram`` (i.i.d.
     with replacement when ``replace``; the default, without, agrees better with the theory:
-    repeated points are not the Gaussian-like features the theory assumes); the test error is the mean squared error of
-    ``K(:, S)[K(S, S) + δI]⁺ y_S`` over all ``P`` points and all target columns.  Draws are
+    repeated points are not the Gaussian-like features the theory assumes); the test error is
+    the mean squared error of ``K(:, S)[K(S, S) + δI]⁺ y_S`` over all ``P`` points and all
+    target columns.  Draws are
     nested along ``n`` within a seed.  Pass ``gram`` and ``targets`` for another kernel (e.g.
     an empirical NTK of the digits inputs); default :func:`digits_kernel`.
 
