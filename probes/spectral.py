@@ -126,10 +126,12 @@ class SpectrumAccumulator:
         if self._rows is None:
             self._merge_batch(z)  # increments n
             return self
-        self._rows.append(z.clone() if z.dtype == STAT_DTYPE else z.to(STAT_DTYPE))
+        self._rows.append(z.clone())  # few rows (n < d); kept in the input's dtype
         self.n += z.shape[0]
         if self.n >= self.d:
             rows = torch.cat(self._rows)
+            if self.batch_dtype is not None:
+                rows = rows.to(STAT_DTYPE)
             self._rows, self.n = None, 0
             self._mean = torch.zeros(self.d, dtype=STAT_DTYPE, device=rows.device)
             self._m2 = torch.zeros(self.d, self.d, dtype=STAT_DTYPE, device=rows.device)
@@ -167,7 +169,7 @@ class SpectrumAccumulator:
             raise ValueError(f"cannot merge: {other.d} features vs {self.d}")
         self.nonfinite = self.nonfinite or other.nonfinite
         if self._rows is not None:  # adopt other's moments, then add the rows kept here
-            mine = torch.cat(self._rows) if self._rows else None
+            mine = torch.cat(self._rows).to(STAT_DTYPE) if self._rows else None
             self.d, self.n, self._rows = other.d, other.n, None
             self._mean, self._m2 = other._mean.clone(), other._m2.clone()
             if mine is not None:
@@ -195,7 +197,7 @@ class SpectrumAccumulator:
     def _gram_or_scatter(self, centered: bool) -> torch.Tensor:
         """``ZᵀZ`` / ``Z_cᵀZ_c`` (``d × d``) or, while rows are kept, ``ZZᵀ`` / ``Z_cZ_cᵀ``."""
         if self._rows is not None:
-            z = torch.cat(self._rows)
+            z = torch.cat(self._rows).to(STAT_DTYPE)
             if centered:
                 z = z - z.mean(0, keepdim=True)
             return z @ z.T
