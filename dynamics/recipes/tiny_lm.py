@@ -320,6 +320,7 @@ def train_tiny_lm(
     checkpoint_format: str = "safetensors",
     device: str | torch.device = "cpu",
     monitor: object | None = None,
+    model: TinyLM | None = None,
 ) -> xr.Dataset:
     """Train :class:`TinyLM` with AdamW on next-byte prediction and record its losses.
 
@@ -344,7 +345,11 @@ def train_tiny_lm(
         Save the state dict at these steps as ``step000100.safetensors`` (or ``.pt`` with
         ``checkpoint_format="pt"``), with ``config.json`` holding the configuration.
     monitor : dynamics.monitor.Monitor, optional
-        Called as ``monitor.step(step, train_loss=…)`` after each step's loss is known.
+        Called as ``monitor.step(step, train_loss=…)`` after each step's loss is known (build
+        it on ``model``).
+    model : TinyLM, optional
+        Train this model (its ``config`` replaces ``config``) instead of a fresh one made
+        after ``torch.manual_seed(seed)``; the data order still follows ``seed``.
 
     Returns
     -------
@@ -357,6 +362,8 @@ def train_tiny_lm(
     from dynamics.schedules import log_steps
     from probes.instability import attention_logit_stats
 
+    if model is not None:
+        config = model.config
     config = config or TinyLMConfig()
     device = torch.device(device)
     if corpus is None:
@@ -380,7 +387,7 @@ def train_tiny_lm(
         (folder / "config.json").write_text(json.dumps(params_for_file, indent=2))
 
     torch.manual_seed(seed)
-    model = TinyLM(config).to(device)
+    model = (model if model is not None else TinyLM(config)).to(device)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},

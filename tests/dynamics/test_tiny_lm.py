@@ -154,3 +154,20 @@ def test_a_diverging_run_stops_and_is_flagged(corpus):
     assert ds.attrs["diverged"] == 1
     assert np.isfinite(ds["val_loss"].values[0])        # step 0 is measured before any update
     assert np.isnan(ds["val_loss"].values[1:]).all()
+
+
+def test_a_given_model_is_trained_and_a_monitor_sees_every_step(corpus):
+    from dynamics.monitor import Monitor
+    from dynamics.schedules import linear
+
+    torch.manual_seed(5)
+    model = TinyLM(SMALL)
+    before = model.head.weight.detach().clone()
+    monitor = Monitor(model, probes=["attention_logits"], schedule=linear(4),
+                      probe_data=corpus[:64].view(4, 16))
+    ds = train_tiny_lm(model=model, monitor=monitor, steps=8, lr=1e-3, corpus=corpus,
+                       eval_steps=[0, 4, 8])
+    assert not torch.equal(before, model.head.weight)           # this very model was trained
+    mon = monitor.to_dataset()
+    assert list(mon["step"].values) == [0, 4, 8]
+    np.testing.assert_array_equal(mon["train_loss"].values, ds["train_loss"].values)
