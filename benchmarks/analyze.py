@@ -1,0 +1,141 @@
+"""Benchmark of ``traindyn analyze``: its cost per checkpoint against the unavoidable work.
+
+For each case, a checkpoint series is written to a temporary folder, then, in this process:
+
+* **baseline** – per checkpoint: read the weights (safetensors), ``load_state_dict``, and one
+  forward pass over the same probe inputs, with no hooks and no statistics;
+* **analyze** – ``dynamics.analyze.analyze`` on the same series, serially (safe loading with
+  shape/NaN checks and a content hash, hooks, streaming float64 statistics, probes);
+* **workers** – the same with ``workers=2`` (a dask ``LocalCluster``; its start-up included).
+
+Printed: seconds per checkpoint for each, the ratio analyze / baseline (target ≤ 1.5), and the
+speed-up of 2 workers over the serial run.  Timings on a shared machine are noisy: run it when
+the machine is quiet and read the numbers as measured, not as constants.
+
+Run: ``.venv/bin/python benchmarks/analyze.py [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dynamics.analyze import analyze  # noqa: E402
+from dynamics.checkpoints import resolve_factory  # noqa: E402
+from dynamics.probe_inputs import load_probe_inputs  # noqa: E402
+
+
+def make_tiny_lm(**config):
+    """Factory used by the benchmark (and its dask workers): a TinyLM of the given config."""
+    from dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig
+
+    return TinyLM(TinyLMConfig(**config))
+
+
+def make_mlp(width: int = 512, depth: int = 3):
+    """Digits MLP factory: ``64 → width × depth → 10``, ReLU."""
+    from torch import nn
+
+    layers, prev = [], 64
+    for _ in range(depth):
+        layers += [nn.Linear(prev, width), nn.ReLU()]
+        prev = width
+    return nn.Sequential(*layers, nn.Linear(prev, 10))
+
+
+def _write_series(folder: Path, factory, kwargs: dict, n: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        torch.manual_seed(i)
+        state = {k: v.contiguous() for k, v in factory(**kwargs).state_dict().items()}
+        save_file(state, str(folder / f"step{10 ** i}.safetensors"))
+
+
+def _baseline(folder: Path, factory, kwargs: dict, inputs) -> float:
+    model = factory(**kwargs).eval()
+    files = sorted(folder.glob("*.safetensors"))
+    start = time.perf_counter()
+    for path in files:
+        model.load_state_dict(load_file(str(path)))
+        with torch.no_grad():
+            for batch in inputs.batches:
+                if isinstance(batch.inputs, dict):
+                    model(**batch.inputs)
+                else:
+                    model(batch.inputs)
+    return (time.perf_counter() - start) / len(files)
+
+
+def run_case(name: str, factory_spec: str, kwargs: dict, analyze_kw: dict, n: int,
+             workers: bool) -> dict:
+    factory = resolve_factory(factory_spec)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "series"
+        _write_series(folder, factory, kwargs, n)
+        inputs = load_probe_inputs(analyze_kw["inputs"], n_samples=analyze_kw.get("n_samples"),
+                                   batch_size=analyze_kw.get("batch_size", 256),
+                                   tokenizer=analyze_kw.get("tokenizer"),
+                                   max_length=analyze_kw.get("max_length", 128))
+        _baseline(folder, factory, kwargs, inputs)  # warm-up (allocator, kernels)
+        base = _baseline(folder, factory, kwargs, inputs)
+        analyze(folder, model=factory_spec, model_kwargs=kwargs, progress=False, **analyze_kw)
+        start = time.perf_counter()
+        ds = analyze(folder, model=factory_spec, model_kwargs=kwargs, progress=False,
+                     **analyze_kw)
+        serial = (time.perf_counter() - start) / n
+        out = {"case": name, "baseline": base, "analyze": serial, "ratio": serial / base,
+               "probes_share": float(ds["probe_seconds"].sum() / ds["total_seconds"].sum())}
+        if workers:
+            start = time.perf_counter()
+            par = analyze(folder, model=factory_spec, model_kwargs=kwargs, progress=False,
+                          workers=2, threads=max(1, (os.cpu_count() or 2) // 2), **analyze_kw)
+            out["workers2"] = (time.perf_counter() - start) / n
+            out["speedup"] = serial / out["workers2"]
+            out["max_rel_diff"] = float(np.nanmax(np.abs(par["rankme"].values
+                                                         - ds["rankme"].values)
+                                                  / np.abs(ds["rankme"].values)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller checkpoints")
+    parser.add_argument("--no-workers", action="store_true", help="skip the dask comparison")
+    args = parser.parse_args()
+    n = 3 if args.quick else 6
+    here = f"{Path(__file__).resolve()}"
+    lm = dict(vocab_size=256, context=64, d_model=128 if args.quick else 256, n_layers=4,
+              n_heads=4)
+    cases = [
+        ("tiny LM, 512 sentences, last token, 4 blocks", f"{here}:make_tiny_lm", lm,
+         dict(inputs="stdlib-text", tokenizer="bytes", max_length=64, batch_size=128,
+              n_samples=512, layers=["blocks.*"], reduce="last")),
+        ("digits MLP 3×512, 1797 samples, 3 layers", f"{here}:make_mlp", {},
+         dict(inputs="digits", layers=["[135]"], batch_size=512)),
+    ]
+    print(f"torch threads {torch.get_num_threads()}, cpu {os.cpu_count()}, "
+          f"load average {os.getloadavg()[0]:.1f} (timings on a shared machine are noisy)")
+    for name, spec, kwargs, kw in cases:
+        r = run_case(name, spec, kwargs, kw, n, workers=not args.no_workers)
+        line = (f"{r['case']}: baseline load+forward {r['baseline']:.3f} s/ckpt, analyze "
+                f"{r['analyze']:.3f} s/ckpt, ratio {r['ratio']:.2f} (target <= 1.5; probes "
+                f"{100 * r['probes_share']:.0f}% of analyze)")
+        if "workers2" in r:
+            line += (f"; 2 workers {r['workers2']:.3f} s/ckpt incl. cluster start, speed-up "
+                     f"{r['speedup']:.2f}x, max rel. diff vs serial {r['max_rel_diff']:.1e}")
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()
