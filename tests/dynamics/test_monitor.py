@@ -257,3 +257,53 @@ def test_an_empty_monitor_still_gives_a_valid_dataset():
     ds = records.validate(monitor.to_dataset())
     assert ds["rankme"].shape == (0, 1)
     assert isinstance(ds, xr.Dataset)
+
+
+def _fit_lightning(callbacks: list) -> dict:
+    lightning = pytest.importorskip("lightning")
+
+    class Module(lightning.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_net()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    lightning.seed_everything(0, verbose=False)
+    module = Module()
+    data = torch.utils.data.TensorDataset(torch.randn(96, 6), torch.randint(0, 3, (96,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=16, shuffle=True)
+    trainer = lightning.Trainer(max_steps=9, accelerator="cpu", logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, callbacks=callbacks)
+    trainer.fit(module, loader)
+    return {k: v.clone() for k, v in module.state_dict().items()}, module
+
+
+def test_lightning_callback_records_without_disturbing_the_run(tmp_path):
+    pytest.importorskip("lightning")
+    from dynamics.lightning import MonitorCallback
+
+    plain, _ = _fit_lightning([])
+    x_probe, y_probe = torch.randn(40, 6), torch.randint(0, 3, (40,))
+    callback = MonitorCallback(probes=["rankme", DISTURBING], layers=["net.2"],
+                               schedule=linear(3), probe_data=x_probe, probe_targets=y_probe,
+                               store=tmp_path / "pl.zarr")
+    monitored, module = _fit_lightning([callback])
+    for name in plain:
+        assert torch.equal(plain[name], monitored[name]), name
+    ds = callback.to_dataset()
+    assert list(ds["step"].values) == [0, 3, 6, 9]
+    np.testing.assert_allclose(ds["time"].values, 0.1 * ds["step"].values)
+    with torch.no_grad():
+        h = module.net[:3].eval()(x_probe)
+    assert abs(ds["rankme"].sel(step=9, layer="net.2").item() - brute_rankme(h.numpy())) < 1e-4
+    assert list(load_stream(tmp_path / "pl.zarr")["step"].values) == [0, 3, 6, 9]
