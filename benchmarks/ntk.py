@@ -1,0 +1,186 @@
+"""Benchmark of ``probes.ntk.empirical_ntk``: ``method="auto"`` against each explicit method and
+against neural-tangents' ``empirical_ntk_fn`` (all three implementations), same weights.
+
+Run::
+
+    .venv/bin/python benchmarks/ntk.py                 # all shapes, neural-tangents if found
+    .venv/bin/python benchmarks/ntk.py --no-nt         # traindyn only
+    .venv/bin/python benchmarks/ntk.py --peak 4096     # peak memory of an n = 4096 NTK
+
+neural-tangents lives in its own environment (see ``benchmarks/ntk_reference.py`` for the two
+commands that create ``/tmp/nt-env``); point ``--nt-python`` (or ``$NT_PYTHON``) at its python.
+Timings are the best of interleaved repeats after one warm-up call (neural-tangents: the median
+and best after jit compilation), on whatever the machine is doing at the time: on a shared
+machine they are noisy, so the script prints ratios measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from probes.ntk import empirical_ntk  # noqa: E402
+
+METHODS = ("auto", "structured", "ntk_vp", "jacobian")
+
+
+def mlp(d_in: int, width: int, depth: int, k: int) -> nn.Sequential:
+    layers, d = [], d_in
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.ReLU()]
+        d = width
+    return nn.Sequential(*layers, nn.Linear(d, k))
+
+
+def cnn(channels: int, k: int, side: int) -> nn.Sequential:
+    """Conv(3×3, pad 1) → ReLU → Conv(3×3, stride 2) → ReLU → flatten → Linear."""
+    out = (side - 3) // 2 + 1
+    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(channels, channels, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(channels * out * out, k))
+
+
+def timeit_interleaved(fns: dict, repeats: dict) -> dict:
+    """Best time of each function over rounds that alternate between them (after a warm-up).
+
+    Alternating rounds and taking the minimum keep a shared machine's load bursts from landing
+    on one method only.
+    """
+    best = {}
+    for name, fn in fns.items():
+        fn()
+        best[name] = float("inf")
+    for r in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if r < repeats[name]:
+                t = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+def nt_case(model: nn.Module, x: torch.Tensor, kind: str, path: str, skip: str) -> None:
+    arrays = {"kind": kind, "x": x.numpy(), "skip": skip}
+    i = 0
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            arrays[f"p{i}"] = m.weight.detach().numpy()
+            arrays[f"p{i + 1}"] = m.bias.detach().numpy()
+            i += 2
+    np.savez(path, **arrays)
+
+
+def run_nt(nt_python: str, model, x, kind, repeats, skip) -> dict | None:
+    with tempfile.TemporaryDirectory() as tmp:
+        case, out = os.path.join(tmp, "case.npz"), os.path.join(tmp, "out.json")
+        nt_case(model, x, kind, case, skip)
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([nt_python, str(ROOT / "benchmarks" / "ntk_reference.py"), case,
+                               out, str(repeats)], capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            print("  neural-tangents failed:", proc.stderr.strip().splitlines()[-1:])
+            return None
+        res = json.load(open(out))
+        for r in res["results"]:
+            if "kernel_file" in r:
+                r["kernel"] = np.load(r.pop("kernel_file"))
+        return res
+
+
+def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip):
+    print(f"\n== {name}: n = {x.shape[0]}, output = {output!r}")
+    model.eval()
+    fns = {m: (lambda m=m: empirical_ntk(model, x, output=output, method=m)) for m in methods}
+    reps = {m: 1 if m == "jacobian" and x.shape[0] >= 128 else repeats for m in methods}
+    with torch.no_grad():
+        times = timeit_interleaved(fns, reps)
+    kernels = {m: fn() for m, fn in fns.items()}
+    for m in methods:
+        print(f"  traindyn {m:<11s} {times[m]:9.4f} s")
+    best = min(t for m, t in times.items() if m != "auto")
+    ref = kernels["jacobian"] if "jacobian" in kernels else kernels["structured"]
+    err = max(float((K - ref).abs().max() / ref.abs().max()) for K in kernels.values())
+    print(f"  auto / best explicit = {times['auto'] / best:.3f}   "
+          f"(max relative difference between methods {err:.1e})")
+    if nt_python and output == "full":
+        res = run_nt(nt_python, model, x, "mlp" if isinstance(model[0], nn.Linear) else "cnn",
+                     repeats, nt_skip)
+        if res:
+            print(f"  neural-tangents {res['versions']}")
+            for r in res["results"]:
+                if "error" in r:
+                    print(f"  nt {r['method']:<11s} failed: {r['error']}")
+                    continue
+                K = torch.from_numpy(np.ascontiguousarray(r["kernel"]))
+                e = float((K - kernels["auto"]).abs().max() / K.abs().max())
+                print(f"  nt {r['method']:<11s} {r['best']:9.4f} s (median {r['seconds']:.4f})  "
+                      f"traindyn auto / nt best = {times['auto'] / r['best']:.4f}   "
+                      f"(kernels differ by {e:.1e})")
+    return times
+
+
+def peak(n: int) -> None:
+    """Peak resident memory of an n-sample traced NTK of the headline MLP (fresh process)."""
+    torch.manual_seed(0)
+    model = mlp(64, 512, 2, 10)
+    x = torch.randn(n, 64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    t = time.perf_counter()
+    with torch.no_grad():
+        K = empirical_ntk(model, x, output="trace")
+    dt = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    full_gib = n * n * 100 * 4 / 2**30
+    print(f"n = {n}: traced NTK {tuple(K.shape)} in {dt:.1f} s; peak RSS {after:.2f} GiB "
+          f"(process before: {before:.2f} GiB); the full (n, n, 10, 10) float32 kernel alone "
+          f"would take {full_gib:.1f} GiB")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-nt", action="store_true")
+    ap.add_argument("--nt-python", default=os.environ.get("NT_PYTHON", "/tmp/nt-env/bin/python"))
+    ap.add_argument("--peak", type=int, default=0, help="only measure peak memory at this n")
+    ap.add_argument("--quick", action="store_true", help="skip the slow explicit methods at n=128")
+    args = ap.parse_args()
+    if args.peak:
+        peak(args.peak)
+        return
+    nt_python = None if args.no_nt or not Path(args.nt_python).exists() else args.nt_python
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}"
+          f"; neural-tangents python: {nt_python}")
+    torch.manual_seed(0)
+    head = METHODS[:2] if args.quick else METHODS
+    cases = [
+        ("MLP 64-512-512-10 (headline)", mlp(64, 512, 2, 10), torch.randn(128, 64), "full",
+         head, "jacobian"),
+        ("MLP 64-512-512-10", mlp(64, 512, 2, 10), torch.randn(128, 64), "trace", head, ""),
+        ("MLP 32-128x3-5", mlp(32, 128, 3, 5), torch.randn(64, 32), "full", METHODS, ""),
+        ("MLP 16-256-1", mlp(16, 256, 1, 1), torch.randn(256, 16), "full", METHODS, ""),
+        ("CNN 3x8x8, 16 channels, 10 outputs", cnn(16, 10, 8), torch.randn(32, 3, 8, 8),
+         "full", METHODS, ""),
+    ]
+    for name, model, x, output, methods, skip in cases:
+        bench_case(name, model, x, output, args.repeats, methods, nt_python, skip)
+    print("\npeak memory (fresh process):")
+    subprocess.run([sys.executable, __file__, "--peak", "4096"], check=False)
+
+
+if __name__ == "__main__":
+    main()
