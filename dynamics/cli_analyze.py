@@ -114,6 +114,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="fan out over a dask LocalCluster with this many processes")
     out.add_argument("--scheduler", metavar="ADDRESS",
                      help="use an existing dask cluster, e.g. tcp://10.0.0.1:8786")
+    out.add_argument("--threads", type=int,
+                     help="torch threads in each dask worker (default: as in this process, "
+                          "which makes results equal the serial run bit for bit)")
     out.add_argument("--no-figures", dest="figures", action="store_false",
                      help="do not write the summary figures")
     out.add_argument("--no-progress", dest="progress", action="store_false",
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             probe_kwargs=args.probe_kwargs, layers=args.layers, reduce=args.reduce,
             device=args.device, dtype=args.dtype, strict=args.strict, steps=args.steps,
             learning_rate=args.learning_rate, output=args.output, workers=args.workers,
-            scheduler=args.scheduler, progress=args.progress,
+            scheduler=args.scheduler, threads=args.threads, progress=args.progress,
             figures=bool(args.figures and args.output))
     except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError,
             AttributeError) as err:

@@ -25,6 +25,7 @@ folder), or ``"bytes"`` (UTF-8 bytes as ids 0..255, pad 0, for byte-level models
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import re
 import sysconfig
@@ -135,6 +136,22 @@ def _is_prose(sentence: str) -> bool:
     return letters / len(sentence) > 0.85
 
 
+@functools.lru_cache(maxsize=4)
+def _all_stdlib_sentences(stdlib: str, modules: tuple[str, ...]) -> tuple[str, ...]:
+    seen: dict[str, None] = {}
+    for name in modules:
+        path = _module_file(Path(stdlib), name)
+        if path is None:
+            continue
+        for doc in _docstrings(path.read_text(encoding="utf-8", errors="replace")):
+            for paragraph in re.split(r"\n\s*\n", doc):
+                text = " ".join(paragraph.split())
+                for sentence in _SENTENCE_END.split(text):
+                    if _is_prose(sentence):
+                        seen.setdefault(sentence, None)
+    return tuple(seen)
+
+
 def stdlib_sentences(n: int | None = None, seed: int = 0,
                      modules: Sequence[str] = STDLIB_TEXT_MODULES) -> list[str]:
     """English sentences from standard-library docstrings, shuffled with ``seed``.
@@ -148,27 +165,15 @@ def stdlib_sentences(n: int | None = None, seed: int = 0,
     ValueError
         When ``n`` is larger than the number of sentences found.
     """
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    seen: dict[str, None] = {}
-    for name in modules:
-        path = _module_file(stdlib, name)
-        if path is None:
-            continue
-        for doc in _docstrings(path.read_text(encoding="utf-8", errors="replace")):
-            for paragraph in re.split(r"\n\s*\n", doc):
-                text = " ".join(paragraph.split())
-                for sentence in _SENTENCE_END.split(text):
-                    if _is_prose(sentence):
-                        seen.setdefault(sentence, None)
-    sentences = list(seen)
+    sentences = _all_stdlib_sentences(sysconfig.get_paths()["stdlib"], tuple(modules))
     order = np.random.default_rng(seed).permutation(len(sentences))
-    sentences = [sentences[i] for i in order]
+    chosen = [sentences[i] for i in order]
     if n is not None:
-        if n > len(sentences):
+        if n > len(chosen):
             raise ValueError(f"asked for {n} sentences; the standard-library docstrings give "
-                             f"{len(sentences)}")
-        sentences = sentences[:n]
-    return sentences
+                             f"{len(chosen)}")
+        chosen = chosen[:n]
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------

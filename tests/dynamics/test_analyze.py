@@ -96,9 +96,12 @@ def ref_alpha(z: np.ndarray, lo: int = 10, hi: int = 100) -> float:
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """One intra-op thread: these models are tiny, and OpenMP on a busy 2-core machine is not."""
+    from threadpoolctl import threadpool_limits
+
     saved = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with threadpool_limits(1):  # numpy's BLAS in the references, likewise
+        yield
     torch.set_num_threads(saved)
 
 
@@ -449,3 +452,12 @@ def test_byte_text_with_last_token_reduction(tmp_path):
     emb = state["embed.weight"].double().numpy()
     z = np.stack([emb[list(t.encode()[:32])].sum(0) for t in texts])
     assert_rel(ds["rankme"].values[0, 0], ref_rankme(z), 1e-6, "last-token rankme")
+
+
+@pytest.mark.slow
+def test_existing_scheduler_address_equals_serial(series, factory, clean):
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        remote = _run(series, factory, scheduler=cluster.scheduler_address, learning_rate=0.1)
+    xr.testing.assert_identical(_drop_timing(clean), _drop_timing(remote))
