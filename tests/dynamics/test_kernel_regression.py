@@ -78,7 +78,7 @@ def test_double_descent_in_simulation_peaks_at_n_features_equal_n():
     sim = simulate_rf(SPEC.eigenvalues, SPEC.target_power, n=[100], n_features=nf, ridge=[0.0],
                       noise_var=NOISE, seeds=range(6))
     curve = sim.test_error.median("seed").squeeze()
-    assert int(curve.argmax()) == nf.index(100)
+    assert int(np.argmax(curve.values)) == nf.index(100)
     assert float(curve.sel(n_features=100)) > 5 * float(curve.sel(n_features=40))
 
 

@@ -90,7 +90,7 @@ def test_bayes_optimal_ridge_equals_noise_for_a_matched_prior():
 
 def test_power_law_fitting_ratio_closed_form_vs_numerical_optimum():
     a, b = 3.0, 2.0
-    spec = power_law_spectrum(20_000, a=a, b=b)
+    spec = power_law_spectrum(10_000, a=a, b=b)
     coarse = np.concatenate([[0.0], np.logspace(-9, 0, 19)])
     opt = optimal_ridge(spec, n=100, n_features=np.inf, noise_var=0.0, ridge_grid=coarse)
     expected = power_law_optimal_fitting_ratio(a, b)
