@@ -3,7 +3,9 @@ r"""Learning curves of kernel ridge regression from the kernel's spectrum (eigen
 Bordelon, Canatar & Pehlevan, "Spectrum dependent learning curves in kernel regression and wide
 neural networks" (ICML 2020); Canatar, Bordelon & Pehlevan, "Spectral bias and task-model
 alignment explain generalization in kernel regression" (Nat. Commun. 2021); Simon, Dickens,
-Karkada & DeWeese, "The eigenlearning framework" (arXiv:2110.03922, 2021; TMLR 2023), Eqs. 6–10.
+Karkada & DeWeese, "The eigenlearning framework" (arXiv:2110.03922, 2021; TMLR 2023), the
+eigenlearning equations (their Sec. 4; equation numbers differ between versions, so none are
+quoted here).
 
 Setup.  A kernel ``K(x, x') = Σ_i λ_i φ_i(x) φ_i(x')`` with eigenfunctions orthonormal under the
 input measure, a target ``f(x) = Σ_i v_i φ_i(x)`` observed with label noise of variance ``σ²``,
@@ -19,11 +21,11 @@ and with learnabilities ``L_i = λ_i/(λ_i+κ)`` and overfitting coefficient
     \mathcal E_{te} = E_0\Big[\sum_i (1-L_i)^2 v_i^2 + \sigma^2\Big], \qquad
     \mathcal E_{tr} = \Big(\frac{\delta}{n\kappa}\Big)^2 \mathcal E_{te}
 
-(Simon et al. 2021, Eqs. 8–10).  ``𝓔_te`` is the mean squared error against *noisy* test labels:
-it includes ``σ²`` (``excess_test_error = 𝓔_te − σ²`` is the error against the clean target);
-``𝓔_tr`` is the mean squared error on the noisy training labels.  The predictions are exact for
-Gaussian eigenfeatures as ``n`` and the number of modes grow together, and accurate to a few per
-cent at ``n`` of a few hundred.
+(Simon et al. 2021, eigenlearning equations).  ``𝓔_te`` is the mean squared error against
+*noisy* test labels: it includes ``σ²`` (``excess_test_error = 𝓔_te − σ²`` is the error
+against the clean target); ``𝓔_tr`` is the mean squared error on the noisy training labels.
+The predictions are exact for Gaussian eigenfeatures as ``n`` and the number of modes grow
+together, and accurate to a few per cent at ``n`` of a few hundred.
 
 Degenerate eigenvalues are passed once with a ``multiplicity`` ``m_i``: every sum above becomes
 ``Σ_i m_i (…)`` and ``target_power`` is ``v_i²`` *per eigenfunction* (each of the ``m_i``
@@ -50,7 +52,7 @@ __all__ = [
 
 SOURCE = (
     "Bordelon, Canatar & Pehlevan (2020), ICML; Simon, Dickens, Karkada & DeWeese (2021), "
-    "The eigenlearning framework, arXiv:2110.03922, Eqs. 6-10"
+    "The eigenlearning framework, arXiv:2110.03922 (eigenlearning equations)"
 )
 
 _CHUNK = 4_000_000  # grid points × modes evaluated at once (≈ 32 MB of float64)
@@ -196,9 +198,9 @@ def solve_kappa(
 ) -> np.ndarray:
     r"""Effective regularisation ``κ`` of kernel ridge regression (broadcast over ``n``, ridge).
 
-    Solves ``Σ_i m_i λ_i/(λ_i+κ) + δ/κ = n`` (Simon et al. 2021, Eq. 6; Bordelon et al. 2020,
-    Eq. 9) for ``κ > 0``: the left side decreases strictly in ``κ``, so the root is unique.  It
-    is found in ``t = log κ`` by safeguarded Newton with the bracket
+    Solves ``Σ_i m_i λ_i/(λ_i+κ) + δ/κ = n`` (Simon et al. 2021; the self-consistent κ
+    of Bordelon et al. 2020) for ``κ > 0``: the left side decreases strictly in ``κ``, so the
+    root is unique.  It is found in ``t = log κ`` by safeguarded Newton with the bracket
 
     * ``δ > 0``: ``δ/n ≤ κ ≤ (Σ m_i λ_i + δ)/n``;
     * ``δ = 0`` and more modes than samples (``Σ m_i > n``): ``c λ_min ≤ κ ≤ Σ m_i λ_i / n``,
@@ -299,9 +301,10 @@ def krr_learning_curve(
         \mathcal E_{te} = E_0\Big[\sum_i m_i(1-L_i)^2 v_i^2+\sigma^2\Big],\quad
         \mathcal E_{tr} = \Big(\frac{\delta}{n\kappa}\Big)^2\mathcal E_{te}
 
-    Simon et al. (2021), Eqs. 6–10; Bordelon, Canatar & Pehlevan (2020), Eq. 9; Canatar et al.
-    (2021), Eq. 4.  At ``δ = 0`` the factor ``δ/(nκ)`` takes its exact value
-    ``1 − min(n, Σ_{λ_i>0} m_i)/n`` (from the κ equation), free of round-off.
+    Simon et al. (2021), eigenlearning equations; Bordelon, Canatar & Pehlevan (2020); Canatar
+    et al. (2021) (the same result in their notation).  At ``δ = 0`` the factor ``δ/(nκ)``
+    takes its exact value ``1 − min(n, Σ_{λ_i>0} m_i)/n`` (from the κ equation), free of
+    round-off.
 
     Parameters
     ----------

@@ -44,7 +44,7 @@ REGIMES = ("variance_limited_n", "variance_limited_features", "resolution_limite
 def predicted_exponents(a: float, b: float | None = None) -> dict[str, float]:
     r"""Predicted exponents of the four regimes for ``λ_i = i^{−a}``, ``v_i² = i^{−b}``.
 
-    Variance-limited: 1 (Bahri et al. 2021, Eq. 2).  Resolution-limited, noiseless and
+    Variance-limited: 1 (Bahri et al. 2021, Sec. 2).  Resolution-limited, noiseless and
     ridgeless: ``min(b−1, 2a)`` in ``n`` and ``min(b−1, a)`` in ``N_f`` (module docstring);
     ``b`` defaults to ``a`` (the generic teacher), giving ``α_K = a − 1`` for both.
     """
