@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
-from scipy import special, stats
+from scipy import optimize, special, stats
 
 from probes._arrays import STAT_DTYPE, ArrayLike, as_tensor
 
@@ -51,6 +51,7 @@ __all__ = [
     "kernel_hypothesis_errors",
     "linear_kernel",
     "log_cdf_ncx2",
+    "ncx2_logpdf",
     "network_hypothesis_errors",
     "rbf_kernel",
     "sankaran_log_cdf",
@@ -113,17 +114,42 @@ def _moment_guess(e: np.ndarray) -> tuple[float, float, float]:
     return s, k, lam
 
 
-def fit_ncx2(errors: ArrayLike) -> NcxFit:
-    r"""Maximum-likelihood fit of ``e ~ scale · χ'²(df, nc)`` with location 0.
+def ncx2_logpdf(x: ArrayLike, df: float, nc: float, scale: float = 1.0) -> np.ndarray:
+    r"""Log-density of ``scale · χ'²(df, nc)``, as a Poisson mixture summed in log space.
 
-    As in the authors' code (``scipy.stats.ncx2.fit(errors, floc=0)``), started from the method
-    of moments (:func:`_moment_guess`), which makes the fit fast and reproducible.
+    .. math:: f(x) = \sum_{j\ge0} e^{-\lambda/2}\frac{(\lambda/2)^j}{j!}\,
+              f_{\chi^2_{k+2j}}(x)
 
-    Raises
-    ------
-    ValueError
-        If there are fewer than 3 errors, or any is negative or non-finite.
+    (Johnson, Kotz & Balakrishnan 1995, Eq. 29.4), over the window of ``j`` that carries the
+    Poisson mass (``λ/2 ± 8√(λ/2)`` and more).  ``scipy.stats.ncx2.logpdf`` underflows to
+    ``-inf`` for ``df`` above a few hundred (its density is not computed in log space), which
+    breaks ``scipy.stats.ncx2.fit`` exactly where sampled test errors concentrate; this form
+    does not.
     """
+    xs = np.atleast_1d(np.asarray(x, dtype=float)) / scale
+    half = max(float(nc), 0.0) / 2.0
+    spread = 8 * math.sqrt(half) + 8
+    j = np.arange(max(0, int(half - spread)), int(half + spread) + 1, dtype=float)
+    log_pois = (-half + j * math.log(half) - special.gammaln(j + 1) if half > 0
+                else np.where(j == 0, 0.0, -np.inf))
+    nu = df + 2 * j[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_chi2 = ((nu / 2 - 1) * np.log(xs) - xs / 2 - nu / 2 * math.log(2)
+                    - special.gammaln(nu / 2))
+    out = special.logsumexp(log_pois[:, None] + log_chi2, axis=0) - math.log(scale)
+    out = np.where(xs > 0, out, -np.inf)
+    return out.reshape(np.shape(x))
+
+
+def _fit_ks(e: np.ndarray, df: float, nc: float, scale: float) -> NcxFit:
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ks = stats.kstest(e, stats.ncx2(df, nc, loc=0, scale=scale).cdf)
+    return NcxFit(float(df), float(nc), float(scale), float(ks.statistic), float(ks.pvalue),
+                  int(e.size))
+
+
+def _check_errors(errors: ArrayLike) -> np.ndarray:
     e = np.asarray(as_tensor(errors, STAT_DTYPE).cpu().numpy(), dtype=float).ravel()
     if e.size < 3:
         raise ValueError(f"need at least 3 sampled test errors to fit a χ²; got {e.size}")
@@ -131,13 +157,63 @@ def fit_ncx2(errors: ArrayLike) -> NcxFit:
         raise ValueError("test errors must be finite and non-negative (squared errors)")
     if np.ptp(e) == 0:
         raise ValueError("all sampled test errors are equal; the χ² fit needs a spread")
-    s0, k0, l0 = _moment_guess(e)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        df, nc, _, scale = stats.ncx2.fit(e, k0, max(l0, 1e-3), floc=0, scale=s0)
-        ks = stats.kstest(e, stats.ncx2(df, nc, loc=0, scale=scale).cdf)
-    return NcxFit(float(df), float(nc), float(scale), float(ks.statistic), float(ks.pvalue),
-                  int(e.size))
+    return e
+
+
+def _from_moments(theta: np.ndarray) -> tuple[float, float, float]:
+    """``(df, nc, scale)`` from ``θ = (ln mean, ln variance, logit ρ)``, ``ρ = λ/(k+λ)``.
+
+    Mean ``s(k+λ)`` and variance ``2s²(k+2λ)`` are pinned down by the data; only the share
+    ``ρ`` of non-centrality is weakly identified, so the likelihood is well conditioned in θ.
+    """
+    m, v = math.exp(theta[0]), math.exp(theta[1])
+    rho = 1 / (1 + math.exp(-theta[2]))
+    scale = v / (2 * m * (1 + rho))
+    total = m / scale
+    return total * (1 - rho), total * rho, scale
+
+
+def _to_moments(df: float, nc: float, scale: float) -> np.ndarray:
+    rho = min(max(nc / (df + nc), 1e-6), 1 - 1e-6)
+    mean, var = scale * (df + nc), 2 * scale**2 * (df + 2 * nc)
+    return np.array([math.log(mean), math.log(var), math.log(rho / (1 - rho))])
+
+
+def fit_ncx2(errors: ArrayLike, start: tuple[float, float, float] | None = None) -> NcxFit:
+    r"""Maximum-likelihood fit of ``e ~ scale · χ'²(df, nc)`` with location 0.
+
+    The model of the authors' code (``scipy.stats.ncx2.fit(errors, floc=0)``), maximised by
+    L-BFGS-B over ``(ln mean, ln variance, logit λ/(k+λ))`` (:func:`_from_moments`; the natural
+    parameters trade off along a flat ridge) with the log-space density :func:`ncx2_logpdf`
+    (scipy's own density underflows for large ``df``).  Started from the method of moments
+    (:func:`_moment_guess`) or from ``start = (df, nc, scale)``.  ``nc ≤ 10³`` (beyond that
+    the law is normal to any precision a sample can see).
+
+    Raises
+    ------
+    ValueError
+        If there are fewer than 3 errors, or any is negative or non-finite, or all are equal.
+    """
+    e = _check_errors(errors)
+    if start is None:
+        s0, k0, l0 = _moment_guess(e)
+    else:
+        k0, l0, s0 = start
+    theta0 = _to_moments(k0, l0, s0)
+    bounds = [(theta0[0] - 5, theta0[0] + 5), (theta0[1] - 10, theta0[1] + 10), (-14.0, 5.0)]
+
+    def nll(theta: np.ndarray) -> float:
+        k, lam, sc = _from_moments(theta)
+        if k < 1e-3 or lam > 1e3:
+            return 1e300
+        value = -float(ncx2_logpdf(e, k, lam, sc).sum())
+        return value if np.isfinite(value) else 1e300
+
+    with np.errstate(all="ignore"):
+        res = optimize.minimize(nll, theta0, method="L-BFGS-B", bounds=bounds,
+                                options={"maxiter": 200})
+    theta = res.x if res.fun <= nll(theta0) else theta0
+    return _fit_ks(e, *_from_moments(theta))
 
 
 def sankaran_log_cdf(x: ArrayLike, df: float, nc: float, scale: float = 1.0) -> np.ndarray:

@@ -16,6 +16,7 @@ from probes.inductive_bias import (
     inductive_bias,
     kernel_hypothesis_errors,
     log_cdf_ncx2,
+    ncx2_logpdf,
     network_hypothesis_errors,
     sankaran_log_cdf,
     series_log_cdf,
@@ -52,6 +53,25 @@ def test_sankaran_approximation_good_in_bulk_saturates_in_far_tail():
     # the normal approximation bottoms out (P(X ≤ 0) > 0): why the series is the default
     x = stats.ncx2.ppf(1e-100, 10, 5)
     assert sankaran_log_cdf(x, 10, 5) > -30 > stats.ncx2.logcdf(x, 10, 5)
+
+
+@pytest.mark.parametrize("df,nc", [(3, 0.0), (40, 7.0), (150, 60.0)])
+def test_log_density_equals_scipy_where_scipy_is_finite(df, nc):
+    x = 0.2 * stats.ncx2.ppf([1e-6, 0.01, 0.5, 0.99, 1 - 1e-9], df, nc)
+    np.testing.assert_allclose(ncx2_logpdf(x, df, nc, 0.2),
+                               stats.ncx2.logpdf(x, df, nc, scale=0.2), rtol=1e-9)
+
+
+def test_fit_survives_large_df_where_scipy_density_underflows():
+    # regression: scipy's ncx2.logpdf is -inf at df ~ 2000, so ncx2.fit cannot fit such errors
+    df, nc, scale = 2000.0, 30.0, 1e-3
+    assert np.isneginf(stats.ncx2.logpdf(df + nc, df, 1e-3))
+    e = scale * stats.ncx2.rvs(df, nc, size=400, random_state=np.random.default_rng(5))
+    fit = fit_ncx2(e)
+    law = stats.ncx2(fit.df, fit.nc, scale=fit.scale)
+    assert abs(law.mean() / e.mean() - 1) < 1e-3
+    assert abs(law.std() / e.std() - 1) < 0.05
+    assert fit.ks_pvalue > 0.05
 
 
 def test_bits_are_nats_over_ln2_of_the_fitted_law():
