@@ -11,7 +11,7 @@ Prints, for an ``n × d`` float32 feature matrix on the chosen device:
   PCA for alpha-ReQ; CPU only);
 * the accuracy of each route against the float64 one-shot value;
 * peak memory of streaming ``n`` and ``10 n`` samples generated batch by batch (never held in
-  memory at once): resident-set peak on CPU (reset through ``/proc/self/clear_refs``), peak
+  memory at once): resident-set peak of a fresh subprocess on CPU (Linux ``/proc``), peak
   allocated memory on CUDA.
 
 Run: ``python benchmarks/spectral.py [--device cuda] [--n 25600 --d 1024] [--reference]``.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,15 +41,37 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device, repeats: int) -> tuple[float, object]:
-    times, out = [], None
+def timed(fn, device: torch.device) -> tuple[float, float, object]:
+    """(wall seconds, process CPU seconds, result) of one call."""
+    _sync(device)
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    _sync(device)
+    return time.perf_counter() - w0, time.process_time() - c0, out
+
+
+def interleaved(routes: dict, device: torch.device, repeats: int) -> dict:
+    """Run the routes one after the other, ``repeats`` rounds; per route the median wall and CPU
+    time and the median of per-round ratios to the first route (the baseline), so that a load
+    change on a shared machine hits baseline and probe alike."""
+    rounds = {name: [] for name in routes}
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), out
+        for name, fn in routes.items():
+            rounds[name].append(timed(fn, device))
+    base = next(iter(routes))
+    out = {}
+    for name, runs in rounds.items():
+        wall = [r[0] for r in runs]
+        cpu = [r[1] for r in runs]
+        out[name] = {
+            "wall": statistics.median(wall), "cpu": statistics.median(cpu),
+            "ratio_wall": statistics.median(
+                w / b[0] for w, b in zip(wall, rounds[base], strict=True)),
+            "ratio_cpu": statistics.median(
+                c / b[1] for c, b in zip(cpu, rounds[base], strict=True)),
+            "result": runs[-1][2],
+        }
+    return out
 
 
 def features(n: int, d: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -81,28 +104,45 @@ def reference_route(x: torch.Tensor) -> dict[str, float]:
 
 
 def peak_memory_of_stream(n: int, d: int, batch: int, device: torch.device) -> float:
-    """Peak memory (MiB) while streaming n generated samples; only one batch exists at a time."""
+    """Extra peak memory (MiB) while streaming n generated samples (one batch at a time).
+
+    CUDA: peak allocated bytes above what was allocated before.  CPU: measured in a fresh
+    subprocess (the allocator of a long-lived process reuses freed memory, which hides peaks):
+    peak resident set minus the resident set after imports and a warm-up batch.
+    """
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset the resident-set peak (Linux)
-        base = _rss_peak()
+        _stream(n, d, batch, device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", str(n), "--d", str(d), "--batch",
+         str(batch), "--device", "cpu", "--threads", str(torch.get_num_threads())],
+        capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _stream(n: int, d: int, batch: int, device: torch.device) -> None:
     m = SpectralMetrics(("rankme", "alpha_req"))
     for i in range(0, n, batch):
         m.update(features(min(batch, n - i), d, device, seed=i))
     m.compute()
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return (_rss_peak() - base) / 2**20
 
 
-def _rss_peak() -> int:
+def _memory_child(n: int, d: int, batch: int) -> None:
+    device = torch.device("cpu")
+    _stream(2 * d, d, batch, device)  # warm-up: allocator, BLAS, LAPACK
+    base = _status_kib("VmRSS")
+    _stream(n, d, batch, device)
+    print((_status_kib("VmHWM") - base) / 1024)
+
+
+def _status_kib(key: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,51 +152,63 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=2560)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--reference", action="store_true", help="also time the published route")
     ap.add_argument("--memory-n", type=int, default=None,
                     help="n of the memory test (default: --n); it streams n and 10 n")
+    ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.memory_child is not None:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _memory_child(args.memory_child, args.d, args.batch)
+        return
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     x = features(args.n, args.d, device)
     print(f"device {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else ''}"
           f"{torch.get_num_threads()} threads), n = {args.n}, d = {args.d}, batch = {args.batch}")
 
-    # warm-up (allocators, BLAS threads, CUDA kernels)
+    # warm-up (allocators, BLAS threads, LAPACK's first eigensolve costs seconds, CUDA kernels)
     streamed(x[: 4 * args.d], args.batch, None)
-    _ = x.T @ x
+    streamed(x[: 4 * args.d], args.batch, torch.float64)
+    torch.linalg.eigvalsh(x.T @ x)
 
-    t_gram, _ = timed(lambda: x.T @ x, device, args.repeats)
-    t_eig, _ = timed(lambda: torch.linalg.eigvalsh(x.T @ x), device, args.repeats)
-    t64, out64 = timed(lambda: streamed(x, args.batch, torch.float64), device, args.repeats)
-    t32, out32 = timed(lambda: streamed(x, args.batch, None), device, args.repeats)
+    routes = {
+        "bare XᵀX (float32)": lambda: x.T @ x,
+        "XᵀX + eigvalsh (float32)": lambda: torch.linalg.eigvalsh(x.T @ x),
+        "RankMe + alpha-ReQ, streaming, float64": lambda: streamed(x, args.batch, torch.float64),
+        "RankMe + alpha-ReQ, streaming, float32": lambda: streamed(x, args.batch, None),
+    }
+    if args.reference and device.type == "cpu":
+        routes["published route (SVD + sklearn PCA)"] = lambda: reference_route(x)
+    res = interleaved(routes, device, args.repeats)
     exact = {"rankme": rankme(x), "alpha_req": alpha_req(x)}
 
     def err(out):
-        return max(abs(out[k] - exact[k]) / abs(exact[k]) for k in exact)
+        if not isinstance(out, dict):
+            return ""
+        e = max(abs(out[k] - exact[k]) / abs(exact[k]) for k in exact)
+        return f"   max rel. error {e:.1e}"
 
-    print(f"bare XᵀX (float32)                        {t_gram * 1e3:9.1f} ms   1.00×")
-    print(f"XᵀX + eigvalsh (float32)                  {t_eig * 1e3:9.1f} ms   "
-          f"{t_eig / t_gram:.2f}×")
-    print(f"RankMe + alpha-ReQ, streaming, float64    {t64 * 1e3:9.1f} ms   {t64 / t_gram:.2f}×"
-          f"   max rel. error {err(out64):.1e}")
-    print(f"RankMe + alpha-ReQ, streaming, float32    {t32 * 1e3:9.1f} ms   {t32 / t_gram:.2f}×"
-          f"   max rel. error {err(out32):.1e}")
-    if args.reference:
-        if device.type != "cpu":
-            print("reference route: skipped (scikit-learn runs on the CPU only)")
-        else:
-            t_ref, out_ref = timed(lambda: reference_route(x), device, 1)
-            print(f"published route (SVD + sklearn PCA)       {t_ref * 1e3:9.1f} ms   "
-                  f"{t_ref / t_gram:.2f}×   max rel. error {err(out_ref):.1e}")
+    cpu_note = " (CPU time: all threads of this process)" if device.type == "cpu" else ""
+    print(f"{'route':42s} {'wall ms':>9s} {'ratio':>7s} {'cpu ms':>9s} {'ratio':>7s}{cpu_note}")
+    for name, r in res.items():
+        print(f"{name:42s} {r['wall'] * 1e3:9.1f} {r['ratio_wall']:6.2f}× {r['cpu'] * 1e3:9.1f} "
+              f"{r['ratio_cpu']:6.2f}×{err(r['result'])}")
+    if args.reference and device.type != "cpu":
+        print("published route: skipped (scikit-learn runs on the CPU only)")
     print(f"load average (1, 5, 15 min): {os.getloadavg()} on {os.cpu_count()} CPUs")
     print(f"values: RankMe {exact['rankme']:.4f}, alpha-ReQ {exact['alpha_req']:.4f}")
 
     n_mem = args.memory_n or args.n
     small = peak_memory_of_stream(n_mem, args.d, args.batch, device)
     large = peak_memory_of_stream(10 * n_mem, args.d, args.batch, device)
-    print(f"peak memory streaming n = {n_mem}: {small:.1f} MiB; n = {10 * n_mem}: {large:.1f} MiB"
-          f" (ratio {large / max(small, 1e-9):.2f}; the {n_mem}×{args.d} float32 data alone "
+    print(f"extra peak memory streaming n = {n_mem}: {small:.1f} MiB; n = {10 * n_mem}: "
+          f"{large:.1f} MiB (ratio {large / max(small, 1e-9):.2f}; "
+          f"the {n_mem}×{args.d} float32 data alone "
           f"would be {n_mem * args.d * 4 / 2**20:.0f} MiB, ×10 = "
           f"{10 * n_mem * args.d * 4 / 2**20:.0f} MiB)")
 
