@@ -177,6 +177,7 @@ def rf_learning_curve(
     ridge: Any = 0.0,
     noise_var: float = 0.0,
     multiplicity: Any = None,
+    n_modes_out: int = 50,
 ) -> xr.Dataset:
     r"""Random-feature ridge regression risk over a grid of ``n``, ``n_features`` and ridge.
 
@@ -194,13 +195,16 @@ def rf_learning_curve(
         ``δ ≥ 0``.
     noise_var : float
         ``σ²``; ``test_error`` includes it, ``excess_test_error`` does not.
+    n_modes_out : int
+        ``learnability`` ``L_i = λ_i/(λ_i+γ)`` is returned for the largest ``n_modes_out``
+        eigenvalues.
 
     Returns
     -------
     xarray.Dataset
         ``test_error``, ``excess_test_error``, ``train_error``, ``kappa``, ``gamma``,
-        ``overfitting_coefficient``, ``learnability_sum`` over (``n``, ``n_features``, ``ridge``);
-        scalar arguments give no dimension.
+        ``overfitting_coefficient``, ``learnability_sum`` over (``n``, ``n_features``, ``ridge``)
+        and ``learnability`` over those and ``mode``; scalar arguments give no dimension.
     """
     spec = _as_spectrum(eigenvalues, target_power, multiplicity)
     if not np.isfinite(noise_var) or noise_var < 0:
@@ -220,6 +224,13 @@ def rf_learning_curve(
                        theory_attrs(SOURCE, dict(noise_var=noise_var,
                                                  n_modes=spec.eigenvalues.size),
                                     noise="test_error includes the label-noise variance σ²"))
+    k = min(int(n_modes_out), spec.eigenvalues.size)
+    L = spec.learnabilities(out["gamma"].ravel())[:, :k].reshape(*grid[0].shape, k)
+    ds["learnability"] = (("n", "n_features", "ridge", "mode"), L, _ATTRS["learnability"])
+    ds = ds.assign_coords(
+        mode=_coord("mode", np.arange(k), "kernel eigenmode index (descending λ)"),
+        eigenvalue=("mode", spec.eigenvalues[:k], {"long_name": "kernel eigenvalue λ_i",
+                                                   "units": "1"}))
     squeeze = [d for d, v in (("n", n), ("n_features", n_features), ("ridge", ridge))
                if np.ndim(v) == 0]
     return ds.squeeze(squeeze) if squeeze else ds

@@ -128,3 +128,30 @@ def test_bad_inputs():
         simulate_digits_krr([5], gram=np.eye(4))
     with pytest.raises(ValueError, match="unknown kernel"):
         digits_kernel("cosine")
+
+
+@pytest.mark.slow
+def test_many_seeds_theory_within_3_percent_everywhere_off_threshold():
+    """32 seeds, n up to 400: every point of the KRR and RF curves within 6 %, mean within 3 %."""
+    spec = power_law_spectrum(2000, a=1.5, b=1.5)
+    ns, ridges = [50, 100, 200, 400], [0.0, 1e-2, 1e-1]
+    sim = simulate_krr(spec.eigenvalues, spec.target_power, n=ns, ridge=ridges,
+                       noise_var=NOISE, seeds=range(32))
+    th = krr_learning_curve(spec, n=ns, ridge=ridges, noise_var=NOISE)
+    rel = np.abs(sim.test_error.mean("seed") / th.test_error - 1)
+    assert float(rel.mean()) < 0.03 and float(rel.max()) < 0.06
+    nf = [50, 100, 150, 300, 600]
+    sim = simulate_rf(spec.eigenvalues, spec.target_power, n=[200], n_features=nf,
+                      ridge=ridges, noise_var=NOISE, seeds=range(32))
+    th = rf_learning_curve(spec, n=[200], n_features=nf, ridge=ridges, noise_var=NOISE)
+    rel = np.abs(sim.test_error.mean("seed") / th.test_error - 1)
+    assert float(rel.mean()) < 0.03 and float(rel.max()) < 0.08
+
+
+@pytest.mark.slow
+def test_digits_full_population():
+    gram, y = digits_kernel()
+    ns, ridges = [25, 50, 100, 200, 400], [1e-3, 1e-1]
+    sim = simulate_digits_krr(ns, ridges, seeds=range(16), gram=gram, targets=y)
+    theory = krr_learning_curve(spectrum_from_gram(gram, y), n=ns, ridge=ridges)
+    assert _mean_rel_error(sim.test_error, theory.test_error) < 0.05

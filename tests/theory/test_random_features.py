@@ -122,7 +122,11 @@ def test_bad_inputs_and_data_model():
         rf_learning_curve(SPEC, n=10, n_features=0, ridge=0.1)
     with pytest.raises(ValueError, match="ridge"):
         rf_learning_curve(SPEC, n=10, n_features=10, ridge=-0.1)
-    ds = rf_learning_curve(SPEC, n=[10, 20], n_features=[5, 50], ridge=[0.1, 1.0])
+    ds = rf_learning_curve(SPEC, n=[10, 20], n_features=[5, 50], ridge=[0.1, 1.0],
+                           n_modes_out=SPEC.eigenvalues.size)
     records.validate(ds)
     assert ds.test_error.dims == ("n", "n_features", "ridge")
+    # learnabilities at γ, and their sum
+    assert ds.learnability.dims == ("n", "n_features", "ridge", "mode")
+    assert_rel(ds.learnability.sum("mode"), ds.learnability_sum, 1e-9, "Σ L_i(γ)")
     records.validate(optimal_ridge(SPEC, n=[10, 20], n_features=[5, 50]))
