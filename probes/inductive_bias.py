@@ -84,6 +84,10 @@ class NcxFit:
     ks_pvalue: float
     n: int
 
+    def dist(self) -> Any:
+        """The fitted law as a frozen ``scipy.stats.ncx2(df, nc, loc=0, scale=scale)``."""
+        return stats.ncx2(self.df, self.nc, loc=0, scale=self.scale)
+
     def log_cdf(self, x: ArrayLike, tail: str = "series") -> np.ndarray:
         """Natural log of ``P(e ≤ x)`` under the fit (see :func:`log_cdf_ncx2`)."""
         return log_cdf_ncx2(x, self.df, self.nc, self.scale, tail=tail)
