@@ -11,8 +11,12 @@ the information needed to pick, out of the hypotheses that fit the training data
 generalises to error ``ε``.  ``P`` is far too small to count directly, so the sampled test errors
 ``e(h_1) … e(h_S)`` are fitted with a scaled non-central χ² distribution (location fixed at 0:
 the exact law of a squared error of Gaussian predictions has this shape) and ``I`` is read off its
-lower tail.  Where the χ² CDF underflows the normal approximation of Sankaran (1959), used by the
-authors' code, takes over, evaluated with ``log Φ`` so that it stays finite and smooth.
+lower tail.  Where the χ² CDF underflows, the authors' code switches to the normal approximation
+of Sankaran (1959); that approximation saturates in the far lower tail (it gives ``P(e ≤ 0) > 0``),
+so traindyn's default there is the exact Poisson-mixture series of the CDF summed in log space
+(:func:`series_log_cdf`: finite, smooth and exact however small the probability), with Sankaran's
+form available as ``tail="sankaran"``.  The fit is maximum likelihood with a log-space density
+(:func:`ncx2_logpdf`), because ``scipy.stats.ncx2.logpdf`` underflows for large ``df``.
 
 The authors' code returns nats; traindyn reports **bits** (nats / ln 2) and says so in ``units``.
 
@@ -59,11 +63,11 @@ __all__ = [
 ]
 
 SOURCE = ("Boopathy, Yue, Hwang, Iyer & Fiete (2024), Towards Exact Computation of Inductive "
-          "Bias, IJCAI, Eq. 1; far tail: Sankaran (1959) normal approximation of the χ²")
+          "Bias, IJCAI, Eq. 1; far tail: log-space Poisson-mixture series of the χ'² CDF")
 
 LN2 = math.log(2.0)
 _EXACT_LOG_CDF_FLOOR = -600.0
-"""Below this natural-log probability the exact χ² CDF loses accuracy: use Sankaran's form."""
+"""Below this natural-log probability scipy's χ'² CDF is replaced by the far-tail evaluation."""
 
 
 # --------------------------------------------------------------------------- distribution fit
