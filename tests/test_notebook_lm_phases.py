@@ -59,4 +59,9 @@ def test_lm_phases_notebook_runs_and_its_numbers_are_right(tmp_path):
                                 geo["rankme_covariance"].sel(layer="blocks.1").values,
                                 geo["alpha_req"].sel(layer="blocks.1").values)
     assert phases["labels"] == expected.tolist()
+    with_warmup = geometric_phases(geo["step"].values,
+                                   geo["rankme_covariance"].sel(layer="blocks.1").values,
+                                   geo["alpha_req"].sel(layer="blocks.1").values,
+                                   warmup_end=6)
+    assert phases["lr_warmup"] == 6 and phases["labels_lr_warmup"] == with_warmup.tolist()
     assert set(phases["labels"]) <= set(PHASES)
