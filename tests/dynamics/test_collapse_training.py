@@ -98,3 +98,20 @@ def test_mlp_on_digits_collapses_past_zero_training_error():
     assert ds.nc4.values[-1] == 0.0
     # centred class means move towards the predicted simplex ETF (coherence → 0)
     assert ds.nc2_coherence.values[-1] < 0.6 * ds.nc2_coherence.values[0]
+
+
+@pytest.mark.slow
+def test_three_layer_deep_linear_model_reaches_prediction():
+    # deeper models converge slowly (and at larger decay, λ = 5e-3, plain gradient descent can
+    # stall with unequal minority norms): small decay and many steps
+    _, y = collapse_digits(20, 0.25, MINORITY)
+    lam = 2e-3
+    measured = train_deep_linear_collapse(y, n_layers=3, dim=12, weight_decay=lam,
+                                          feature_decay=lam, learning_rate=0.1, steps=40000,
+                                          n_evals=8, init_scale=0.4)
+    theory = imbalanced_collapse(np.bincount(y.numpy()), lam, lam, n_layers=3)
+    final = measured.isel(step=-1)
+    np.testing.assert_allclose(final.classifier_norm, theory.classifier_norm, rtol=1e-2)
+    np.testing.assert_allclose(final.class_mean_norm, theory.class_mean_norm, rtol=1e-2)
+    for name in NC_VARIABLES:
+        assert abs(float(final[name]) - float(theory[name])) < 1e-2, name
