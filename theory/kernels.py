@@ -59,7 +59,7 @@ _CHUNK = 4_000_000  # grid points × modes evaluated at once (≈ 32 MB of float
 
 
 class Spectrum:
-    """A kernel spectrum with target power per mode, validated once.
+    r"""A kernel spectrum with target power per mode, validated once.
 
     Parameters
     ----------
@@ -69,9 +69,25 @@ class Spectrum:
         ``v_i²`` per eigenfunction (default: zeros, a pure-noise task).
     multiplicity : array (M,), optional
         Number of eigenfunctions sharing ``λ_i`` (default: ones).  Need not be integer.
+    accelerate : bool, optional
+        Evaluate the sums over modes far below ``κ`` by a convergent series (below); default:
+        when there are at least ``50 000`` non-zero eigenvalues.
+
+    Notes
+    -----
+    The sums ``Σ m_i L_i``, ``Σ m_i L_i²`` and ``Σ m_i (1−L_i)(1−cL_i) v_i²`` at a given ``κ`` are
+    exact over the modes with ``λ_i > εκ`` (``ε = 0.1``).  For the rest, with
+    ``x_i = λ_i/κ ≤ ε``, ``L_i = Σ_{k≥1} (−1)^{k−1} x_i^k`` and
+    ``L_i² = Σ_{k≥2} (−1)^k (k−1) x_i^k`` are summed to ``k = 16`` from power sums of the tail
+    precomputed once at ~1.1-spaced boundaries of the sorted spectrum (each mode's truncation
+    error is below ``17 ε^{17} ≈ 2·10⁻¹⁶`` of its own term).  For a power law with 10⁶ modes
+    and ``n ≤ 10⁴`` this evaluates a few per cent of the modes exactly.
     """
 
-    def __init__(self, eigenvalues: Any, target_power: Any = None, multiplicity: Any = None):
+    _EPS, _ORDER, _GROWTH = 0.1, 16, 1.1
+
+    def __init__(self, eigenvalues: Any, target_power: Any = None, multiplicity: Any = None,
+                 accelerate: bool | None = None):
         lam = np.asarray(eigenvalues, dtype=float).ravel()
         if lam.size == 0:
             raise ValueError("the spectrum is empty: pass at least one eigenvalue")
@@ -94,43 +110,112 @@ class Spectrum:
         self.trace = float((self.multiplicity * self.eigenvalues).sum())
         self.lambda_min = float(self.eigenvalues[positive].min()) if positive.any() else 0.0
         self.target_total = float((self.multiplicity * self.target_power).sum())
+        self._mv2 = self.multiplicity * self.target_power
+        n_pos = int(positive.sum())
+        self._n_pos = n_pos
+        self._v2_null = float(self._mv2[n_pos:].sum())
+        if accelerate is None:
+            accelerate = n_pos >= 50_000
+        self._bounds = np.empty(0, dtype=np.int64)
+        if accelerate and n_pos > 1:
+            self._build_tail_sums(n_pos)
+
+    def _build_tail_sums(self, n_pos: int) -> None:
+        """Power sums ``R_k(b) = Σ_{i ≥ B_b} m_i (λ_i/λ_{B_b})^k`` (and the same weighted by
+        ``v_i²``) for k = 0 … K at boundaries ``B_b`` spaced by a factor ~1.1 in the index."""
+        b, bounds = 1.0, {1}
+        while b < n_pos:
+            bounds.add(int(b))
+            b = max(b * self._GROWTH, b + 1)
+        bounds = np.array(sorted(x for x in bounds if 0 < x < n_pos), dtype=np.int64)
+        lam, m, w = (a[:n_pos] for a in (self.eigenvalues, self.multiplicity, self._mv2))
+        ks = np.arange(self._ORDER + 1)
+        R = np.zeros((bounds.size, ks.size))
+        T = np.zeros((bounds.size, ks.size))
+        ends = np.append(bounds[1:], n_pos)
+        for j in range(bounds.size - 1, -1, -1):
+            lo, hi = bounds[j], ends[j]
+            ratio = lam[lo:hi] / lam[lo]
+            powers = ratio[:, None] ** ks                          # (block, K+1), ≤ 1
+            R[j] = m[lo:hi] @ powers
+            T[j] = w[lo:hi] @ powers
+            if j + 1 < bounds.size:
+                scale = (lam[hi] / lam[lo]) ** ks
+                R[j] += scale * R[j + 1]
+                T[j] += scale * T[j + 1]
+        self._bounds, self._lam_b, self._R, self._T = bounds, lam[bounds], R, T
+        self._s1 = np.where(ks >= 1, (-1.0) ** (ks - 1), 0.0)           # coefficients of L
+        self._s2 = np.where(ks >= 2, (-1.0) ** ks * (ks - 1), 0.0)      # coefficients of L²
+
+    def _split(self, kappa: np.ndarray):
+        """Group points by the first boundary with ``λ_B ≤ εκ``: yields (indices, head end, b)."""
+        if self._bounds.size == 0:
+            yield np.arange(kappa.size), self.eigenvalues.size, None
+            return
+        b = np.searchsorted(-self._lam_b, -self._EPS * kappa, side="left")
+        for bb in np.unique(b):
+            sel = np.flatnonzero(b == bb)
+            if bb >= self._bounds.size:
+                yield sel, self.eigenvalues.size, None
+            else:
+                yield sel, int(self._bounds[bb]), int(bb)
+
+    def _powers(self, kappa: np.ndarray, b: int) -> np.ndarray:
+        x = self._lam_b[b] / kappa
+        return x[:, None] ** np.arange(self._ORDER + 1)
 
     def sums(self, kappa: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``z = Σ m_i L_i`` and ``q = Σ m_i L_i²`` at each ``κ > 0`` (flat array), chunked."""
-        return self._reduce(kappa, lambda L: (L, L * L), (self.multiplicity, self.multiplicity))
+        """``z = Σ m_i L_i`` and ``q = Σ m_i L_i²`` at each ``κ`` (flat array)."""
+        kappa = np.asarray(kappa, dtype=float)
+        z, q = np.empty(kappa.size), np.empty(kappa.size)
+        for sel, end, b in self._split(kappa):
+            lam, m = self.eigenvalues[:end], self.multiplicity[:end]
+            for sl in self._chunks(sel.size, end):
+                idx = sel[sl]
+                L = _learn(lam, kappa[idx])
+                z[idx], q[idx] = L @ m, (L * L) @ m
+            if b is not None:
+                p = self._powers(kappa[sel], b) * self._R[b]
+                z[sel] += p @ self._s1
+                q[sel] += p @ self._s2
+        return z, q
 
     def bias_terms(self, kappa: np.ndarray, factor: np.ndarray | None = None) -> np.ndarray:
         r"""``Σ m_i (1−L_i)(1 − c L_i) v_i²`` with ``c = factor`` (1 for kernel regression)."""
-        c = np.ones_like(kappa) if factor is None else factor
-        w = self.multiplicity * self.target_power
-        out = np.empty_like(kappa)
-        for sl in self._chunks(kappa.size):
-            L = self.learnabilities(kappa[sl])
-            out[sl] = ((1 - L) * (1 - c[sl, None] * L)) @ w
+        kappa = np.asarray(kappa, dtype=float)
+        c = np.ones_like(kappa) if factor is None else np.asarray(factor, dtype=float)
+        out = np.empty(kappa.size)
+        for sel, end, b in self._split(kappa):
+            lam, w = self.eigenvalues[:end], self._mv2[:end]
+            for sl in self._chunks(sel.size, end):
+                idx = sel[sl]
+                L = _learn(lam, kappa[idx])
+                out[idx] = ((1 - L) * (1 - c[idx, None] * L)) @ w
+            if b is not None:
+                p = self._powers(kappa[sel], b) * self._T[b]
+                out[sel] += (self._T[b, 0] - (1 + c[sel]) * (p @ self._s1)
+                             + c[sel] * (p @ self._s2) + self._v2_null)
         return out
 
     def learnabilities(self, kappa: np.ndarray) -> np.ndarray:
         """``L_i = λ_i/(λ_i+κ)``, shape ``κ.shape + (M,)``; ``κ = 0`` gives 1 where ``λ_i > 0``."""
-        kappa = np.asarray(kappa, dtype=float)[..., None]
-        lam = self.eigenvalues
-        if np.all(kappa > 0):
-            return lam / (lam + kappa)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            L = lam / (lam + kappa)
-        return np.where(kappa == 0, (lam > 0).astype(float), L)
+        return _learn(self.eigenvalues, np.asarray(kappa, dtype=float))
 
-    def _chunks(self, size: int):
-        step = max(1, _CHUNK // self.eigenvalues.size)
+    @staticmethod
+    def _chunks(size: int, width: int):
+        step = max(1, _CHUNK // max(width, 1))
         for start in range(0, size, step):
             yield slice(start, min(size, start + step))
 
-    def _reduce(self, kappa, fn: Callable, weights) -> tuple[np.ndarray, ...]:
-        outs = [np.empty(kappa.size) for _ in weights]
-        for sl in self._chunks(kappa.size):
-            L = self.learnabilities(kappa[sl])
-            for out, term, w in zip(outs, fn(L), weights, strict=True):
-                out[sl] = term @ w
-        return tuple(outs)
+
+def _learn(lam: np.ndarray, kappa: np.ndarray) -> np.ndarray:
+    """``λ/(λ+κ)`` over (κ…, modes); ``κ = 0`` gives 1 for ``λ > 0`` and 0 for ``λ = 0``."""
+    kappa = kappa[..., None]
+    if np.all(kappa > 0):
+        return lam / (lam + kappa)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        L = lam / (lam + kappa)
+    return np.where(kappa == 0, (lam > 0).astype(float), L)
 
 
 def power_law_spectrum(
@@ -173,6 +258,7 @@ def root_decreasing(
     lo, hi = np.array(lo, dtype=float), np.array(hi, dtype=float)
     t = 0.5 * (lo + hi)
     active = np.ones(t.shape, dtype=bool)
+    width_old = np.full(t.shape, np.inf)
     for _ in range(max_iter):
         idx = np.flatnonzero(active)
         if idx.size == 0:
@@ -183,9 +269,10 @@ def root_decreasing(
         hi[idx] = np.where(up, hi[idx], t[idx])
         with np.errstate(divide="ignore", invalid="ignore"):
             newton = t[idx] - f / df
-        width = hi[idx] - lo[idx]
+        # Newton when it lands inside the bracket and the bracket is not stalling
         ok = (np.isfinite(newton) & (newton > lo[idx]) & (newton < hi[idx])
-              & (np.abs(newton - t[idx]) < 0.5 * width))
+              & (np.abs(newton - t[idx]) < 0.5 * width_old[idx]))
+        width_old[idx] = hi[idx] - lo[idx]
         new = np.where(ok, newton, 0.5 * (lo[idx] + hi[idx]))
         done = (np.abs(new - t[idx]) <= tol * np.maximum(1.0, np.abs(t[idx]))) | (f == 0)
         t[idx] = np.where(f == 0, t[idx], new)
