@@ -43,6 +43,7 @@ import torch
 import xarray as xr
 
 from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor
+from probes.spectral import lapack_single_thread
 
 __all__ = ["GLOBAL_MEANS", "NC_VARIABLES", "CollapseAccumulator", "neural_collapse"]
 
@@ -328,7 +329,8 @@ def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> d
 
     # NC1 = Tr(Σ_W Σ_B^†)/C with Σ_B = M Mᵀ/C.  With M = U S Vᵀ, Σ_B^† = C U S^-2 Uᵀ, so
     # NC1 = Σ_k u_kᵀ Σ_W u_k / s_k² = Σ_k a_kᵀ Σ_W a_k / s_k⁴ with a_k = M v_k (C×C eigenproblem).
-    s2, v = torch.linalg.eigh(m.T @ m)
+    with lapack_single_thread(m.device):
+        s2, v = torch.linalg.eigh(m.T @ m)
     keep = s2 > max(m.shape) * torch.finfo(STAT_DTYPE).eps * s2.max().clamp(min=0) * 10
     if not bool(keep.any()):
         _warn("neural collapse: all class means coincide (Sigma_B = 0); NC1 is undefined")

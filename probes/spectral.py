@@ -51,6 +51,7 @@ __all__ = [
     "covariance_spectrum",
     "effective_rank",
     "effective_rank_from_spectrum",
+    "lapack_single_thread",
     "participation_ratio",
     "power_law_fit",
     "rankme",
@@ -66,6 +67,30 @@ DEFAULT_EPS = 1e-7
 
 DEFAULT_FIT_RANGE = (10, 100)
 """0-based half-open index range of the alpha-ReQ fit: ranks 11..100 (reptrix's default)."""
+
+
+class lapack_single_thread:  # noqa: N801 - a context manager used like a function
+    """Run CPU eigensolvers and SVDs on one intra-op thread; restore the count afterwards.
+
+    LAPACK's symmetric eigensolver parallelises poorly at the ``d × d`` sizes of probe
+    statistics, and on a busy machine OpenMP's spinning threads can make a 2-thread solve tens
+    of times slower than a 1-thread one; one thread also makes results independent of the
+    thread count (the last bits of LAPACK eigenvalues change with it).  No effect on CUDA.
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        self.active = device is None or device.type == "cpu"
+        self.saved: int | None = None
+
+    def __enter__(self) -> None:
+        if self.active and torch.get_num_threads() != 1:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.saved is not None:
+            torch.set_num_threads(self.saved)
+            self.saved = None
 
 
 # --------------------------------------------------------------------------- accumulator
@@ -216,7 +241,9 @@ class SpectrumAccumulator:
         if not self._check():
             return torch.full((min(self.n, self.d),), float("nan"), dtype=STAT_DTYPE,
                               device=self.device)
-        evals = torch.linalg.eigvalsh(self._gram_or_scatter(centered)).flip(0) / self.n
+        matrix = self._gram_or_scatter(centered)
+        with lapack_single_thread(matrix.device):
+            evals = torch.linalg.eigvalsh(matrix).flip(0) / self.n
         tol = max(self.n, self.d) * torch.finfo(STAT_DTYPE).eps * evals[0].clamp(min=0)
         return torch.where(evals > tol, evals, torch.zeros_like(evals))
 
@@ -607,6 +634,36 @@ class EffectiveRank(_StreamingSpectral):
         return _effective_rank_compute(self.accumulator, self.order, self.spectrum)
 
 
+class _CachedSpectra:
+    """The accumulator's spectra, each computed once (for several metrics at one time)."""
+
+    def __init__(self, acc: SpectrumAccumulator) -> None:
+        self.acc = acc
+        self._memo: dict = {}
+
+    def _get(self, key, fn):
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
+
+    def eigenvalues(self, centered: bool) -> torch.Tensor:
+        return self._get(("eig", centered), lambda: self.acc.eigenvalues(centered))
+
+    def singular_values(self) -> torch.Tensor:
+        return self._get("sv", lambda: (self.eigenvalues(False) * self.acc.n).sqrt())
+
+    def covariance_spectrum(self) -> torch.Tensor:
+        def spectrum() -> torch.Tensor:
+            evals = self.eigenvalues(True)
+            pad = evals.new_zeros(self.acc.d - evals.numel())
+            return torch.cat([evals, pad]) if pad.numel() else evals
+
+        return self._get("cov", spectrum)
+
+    def trace_moments(self, centered: bool = True) -> tuple[float, float]:
+        return self._get(("tm", centered), lambda: self.acc.trace_moments(centered))
+
+
 SPECTRAL_METRICS: dict[str, Callable[[SpectrumAccumulator], float]] = {
     "rankme": _rankme_compute,
     "rankme_covariance": _rankme_covariance_compute,
@@ -638,7 +695,7 @@ class SpectralMetrics(_StreamingSpectral):
         self.metrics, self.eps, self.fit_range = tuple(metrics), eps, fit_range
 
     def compute(self) -> dict[str, float]:
-        acc, out = self.accumulator, {}
+        acc, out = _CachedSpectra(self.accumulator), {}
         fit = None
         for name in self.metrics:
             if name in ("alpha_req", "alpha_req_r2"):

@@ -4,7 +4,8 @@ For a weight matrix ``W`` of shape ``m × n`` (convolution kernels are reshaped 
 ``out × (in·k…)``), let ``N = max(m, n)``, ``M = min(m, n)``, ``γ = M/N``.  Its empirical
 spectral density (ESD) is that of the ``M`` eigenvalues ``λ_i = σ_i(W)² / N``.  For i.i.d.
 entries of variance ``s²`` the ESD follows Marchenko–Pastur with edges ``s²(1 ± √γ)²``
-(Marchenko & Pastur 1967; the density is :func:`theory.linear.marchenko_pastur_density`).
+(Marchenko & Pastur 1967; the density is :func:`theory.linear.marchenko_pastur_density`,
+integrated here in its angular form).
 
 **Heavy-tail exponent.**  Martin & Mahoney ("Implicit self-regularization in deep neural
 networks", JMLR 22 (2021); "Heavy-tailed universality predicts trends in test accuracies",
@@ -38,7 +39,7 @@ import xarray as xr
 from torch import nn
 
 from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor
-from theory.linear import marchenko_pastur_density
+from probes.spectral import lapack_single_thread
 
 __all__ = [
     "TailFit",
@@ -96,18 +97,23 @@ def esd(weight: ArrayLike) -> torch.Tensor:
     w = _as_matrix(weight)
     if not all_finite(w):
         return torch.full((min(w.shape),), float("nan"), dtype=STAT_DTYPE, device=w.device)
-    s = torch.linalg.svdvals(w)
+    with lapack_single_thread(w.device):
+        s = torch.linalg.svdvals(w)
     return s * s / max(w.shape)
 
 
 def _mp_median(ratio: float) -> float:
-    """Median of the Marchenko–Pastur law with ratio ``γ ≤ 1`` and unit variance."""
-    lo, hi = (1 - np.sqrt(ratio)) ** 2, (1 + np.sqrt(ratio)) ** 2
-    theta = np.linspace(np.pi, 0.0, 20001)  # λ = (1+γ) + 2√γ cos θ clusters nodes at the edges
+    """Median of the Marchenko–Pastur law with ratio ``γ ≤ 1`` and unit variance.
+
+    With ``λ = (1+γ) + 2√γ cos θ`` the mass element is ``ρ(λ)dλ = 4γ sin²θ / (2πλ) dθ``
+    (smooth, also at the edges and for ``γ = 1``), integrated by the cumulative trapezoid
+    rule (the substitution of :func:`theory.linear.marchenko_pastur_quadrature`).
+    """
+    theta = np.linspace(np.pi, 0.0, 20001)  # λ ascending
     lam = (1 + ratio) + 2 * np.sqrt(ratio) * np.cos(theta)
-    lam = np.clip(lam, lo, hi)
-    dens = marchenko_pastur_density(lam, ratio)
-    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (dens[1:] + dens[:-1]) * np.diff(lam))])
+    mass = 4 * ratio * np.sin(theta) ** 2 / (2 * np.pi * np.where(lam > 0, lam, 1.0))
+    mass = np.where(lam > 0, mass, 2 / np.pi)  # γ = 1: sin²θ/λ → 1 as λ → 0
+    cdf = np.concatenate([[0.0], np.cumsum(0.5 * (mass[1:] + mass[:-1]) * -np.diff(theta))])
     cdf /= cdf[-1]
     return float(np.interp(0.5, cdf, lam))
 

@@ -64,18 +64,25 @@ def test_cauchy_like_entries_give_the_universality_exponent(rng):
     assert out["alpha"] == pytest.approx(1.5, abs=0.2)
 
 
-def test_mp_scale_of_exact_median_is_unit(rng):
-    # With the median eigenvalue set to the MP median, the scale is exactly 1.
+def test_mp_median_matches_direct_integration_of_the_density():
+    from scipy.integrate import quad
+    from scipy.optimize import brentq
+
     from probes.weights import _mp_median
 
-    gamma = 0.5
-    med = _mp_median(gamma)
-    # MP median (γ = 1/2) by Monte Carlo at large size, independent of the quadrature.
-    x = rng.normal(size=(4000, 2000)) / np.sqrt(4000)
-    mc = np.median(np.linalg.eigvalsh(x.T @ x))
-    assert med == pytest.approx(mc, rel=5e-3)
-    s2, edge = marchenko_pastur_scale(np.array([0.1, med, 9.0]), gamma)
-    assert s2 == pytest.approx(1.0, rel=1e-12)
+    for gamma in (0.1, 0.5, 1.0):
+        lo, hi = (1 - np.sqrt(gamma)) ** 2, (1 + np.sqrt(gamma)) ** 2
+
+        def rho(x, lo=lo, hi=hi, gamma=gamma):  # MP density of the M eigenvalues, unit variance
+            return np.sqrt(max((hi - x) * (x - lo), 0.0)) / (2 * np.pi * gamma * x)
+
+        def cdf(t, lo=lo):
+            return quad(rho, lo, t, limit=200)[0]
+
+        median = brentq(lambda t: cdf(t) - 0.5, lo + 1e-12, hi)
+        assert _mp_median(gamma) == pytest.approx(median, rel=1e-5)
+        s2, _ = marchenko_pastur_scale(np.array([0.1, median, 9.0]) * 4.0, gamma)
+        assert s2 == pytest.approx(4.0, rel=1e-5)
 
 
 def test_weight_spectra_of_a_model_covers_every_matrix():
