@@ -651,9 +651,12 @@ def _per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size):
                           "output='trace', fewer samples, or a larger device")
     if method == "ntk_vp":
         chunk = chunk_size or _auto_chunk(n1, n2, k, P, full, itemsize, x1.device)
-        blocks = [_ntk_vp_block(model, x1[s:s + chunk], x2, chosen, k, chunk)
-                  for s in range(0, n1, chunk)]
-        return _finish(torch.cat(blocks, 0), output)
+        dtype = next(iter(chosen.values())).dtype
+        K = torch.empty((n1, n2, k, k) if full else (n1, n2), dtype=dtype, device=x1.device)
+        for s in range(0, n1, chunk):
+            B = _ntk_vp_block(model, x1[s:s + chunk], x2, chosen, k, chunk)
+            K[s:s + chunk] = B.permute(0, 2, 1, 3) if full else _finish(B, "trace")
+        return K / k if output == "mean" else K
 
     if method == "jacobian":
         plan = _Plan([], dict(chosen))
@@ -676,10 +679,12 @@ def _per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size):
 
     f1 = factors(x1)
     f2 = f1 if same else factors(x2)
-    shape = (n1, k, n2, k) if full else (n1, n2)
+    shape = (n1, n2, k, k) if full else (n1, n2)  # blocks written in the final layout
     dtype = next(iter(chosen.values())).dtype
     if len(f1) == 1 and len(f2) == 1:
         K = _block(f1[0], f2[0], "full" if full else "trace", k)
+        if full:
+            return _finish(K, output)
     else:
         K = torch.empty(shape, dtype=dtype, device=x1.device)
         for i, Fi in enumerate(f1):
@@ -690,15 +695,13 @@ def _per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size):
                 c = slice(j * chunk, min(n2, (j + 1) * chunk))
                 B = _block(Fi, Fj, "full" if full else "trace", k)
                 if full:
-                    K[r, :, c, :] = B
+                    K[r, c] = B.permute(0, 2, 1, 3)
                     if same and j > i:
-                        K[c, :, r, :] = B.permute(2, 3, 0, 1)
+                        K[c, r] = B.permute(2, 0, 3, 1)
                 else:
                     K[r, c] = B
                     if same and j > i:
                         K[c, r] = B.T
-    if full:
-        return _finish(K, output)
     return K / k if output == "mean" else K
 
 
