@@ -56,7 +56,7 @@ DISTURBING = ModelProbe("disturbing", disturbing_probe_factory,
                         {"probe_loss": ("loss seen by the probe", "nat")}, "test")
 
 
-def train(with_monitor: bool, steps: int = 25) -> tuple[dict, Monitor | None]:
+def train(with_monitor: bool, steps: int = 12) -> tuple[dict, Monitor | None]:
     torch.manual_seed(0)
     np.random.seed(0)  # noqa: NPY002 - the monitor must leave the global RNG alone
     random.seed(0)
@@ -85,7 +85,7 @@ def test_training_with_the_monitor_is_bit_identical():
     for name in plain:
         assert torch.equal(plain[name], monitored[name]), name
     ds = monitor.to_dataset()
-    assert list(ds["step"].values) == list(range(0, 25, 3))
+    assert list(ds["step"].values) == list(range(0, 12, 3))
     assert np.isfinite(ds["probe_loss"].values).all()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -81,34 +82,28 @@ def test_sweep_arguments_are_checked():
         sweep(lambda lr, seed: 1.0, {"lr": [0.1]}, client="serial")
 
 
-def test_a_worker_killed_mid_sweep_has_its_tasks_rerun(tmp_path):
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as c:
-        pids = set(c.run(os.getpid).values())
-        grid = {"lr": [0.01, 0.02, 0.03, 0.04]}
-        future = c.submit(lambda: None)  # warm the workers
-        future.result()
+def test_a_worker_killed_mid_sweep_has_its_tasks_rerun(tmp_path, client):
+    """Kept last in this file: it kills one of the shared cluster's workers (the nanny
+    restarts it)."""
+    pids = set(client.run(os.getpid).values())
+    grid = {"lr": [0.01, 0.02, 0.03, 0.04]}
 
-        import threading
+    def kill_first_busy_worker() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            busy = {int(p.name.split("_")[-1]) for p in tmp_path.iterdir()} & pids
+            if busy:
+                os.kill(sorted(busy)[0], signal.SIGKILL)
+                return
+            time.sleep(0.02)
 
-        def kill_first_busy_worker() -> None:
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                started = {int(p.name.split("_")[-1]) for p in tmp_path.iterdir()}
-                busy = started & pids
-                if busy:
-                    os.kill(sorted(busy)[0], signal.SIGKILL)
-                    return
-                time.sleep(0.02)
-
-        killer = threading.Thread(target=kill_first_busy_worker)
-        killer.start()
-        result = sweep(sleepy_recipe, grid, seeds=[0, 1], client=c,
-                       fixed={"marker_dir": str(tmp_path)})
-        killer.join()
-    expected = sweep(gd_recipe, grid, seeds=[0, 1], client="serial", fixed={"width": 3,
-                                                                            "steps": 3})
+    killer = threading.Thread(target=kill_first_busy_worker)
+    killer.start()
+    result = sweep(sleepy_recipe, grid, seeds=[0, 1], client=client,
+                   fixed={"marker_dir": str(tmp_path)})
+    killer.join()
+    expected = sweep(gd_recipe, grid, seeds=[0, 1], client="serial",
+                     fixed={"width": 3, "steps": 3})
     np.testing.assert_array_equal(result["train_loss"].values, expected["train_loss"].values)
     starts = [p.name.rsplit("_", 1)[0] for p in tmp_path.iterdir()]
     # 8 tasks; the one running on the killed worker started again on another worker
