@@ -55,6 +55,7 @@ DIMS: dict[str, str] = {
     "n": "number of training samples",
     "n_features": "number of random features",
     "ridge": "ridge regularisation",
+    "mode": "kernel eigenmode index (descending eigenvalue)",
 }
 """Shared dimension names and their meaning."""
 
