@@ -87,11 +87,11 @@ def test_minilm_one_checkpoint_series_matches_transformers(model_dir, tmp_path):
         lam = np.clip(np.linalg.eigvalsh(zc.T @ zc / len(z))[::-1], 0, None)
         ranks = np.arange(10, 100) + 1.0
         alpha = np.polyfit(-np.log(ranks), np.log(lam[10:100]), 1, w=np.sqrt(1 / ranks))[0]
-        # features agree to float32 rounding (pooling here is float64): 1e-5 is ample
+        # pooling here is float64, there float32: measured agreement ~4e-9, so 1e-7 is tight
         where = f"encoder.layer.{i}"
-        assert_rel(ds["rankme"].values[0, i], _rankme(sv), 1e-5, f"rankme {where}")
-        assert_rel(ds["rankme_covariance"].values[0, i], _rankme(lam), 1e-5,
+        assert_rel(ds["rankme"].values[0, i], _rankme(sv), 1e-7, f"rankme {where}")
+        assert_rel(ds["rankme_covariance"].values[0, i], _rankme(lam), 1e-7,
                    f"rankme_covariance {where}")
-        assert_rel(ds["alpha_req"].values[0, i], alpha, 1e-5, f"alpha_req {where}")
+        assert_rel(ds["alpha_req"].values[0, i], alpha, 1e-7, f"alpha_req {where}")
     # the two RankMe variants are different quantities, as the references note
     assert np.all(ds["rankme"].values > 1.3 * ds["rankme_covariance"].values)
