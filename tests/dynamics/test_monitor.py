@@ -26,6 +26,15 @@ from probes.registry import ModelProbe
 from tests.helpers import ROOT
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small tensors: one thread is fastest, and immune to an oversubscribed machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def brute_rankme(z: np.ndarray, eps: float = 1e-7) -> float:
     """RankMe, Garrido et al. (2023) Eq. 1, from numpy's float64 SVD."""
     s = np.linalg.svd(np.asarray(z, np.float64), compute_uv=False)
@@ -213,7 +222,7 @@ CHILD = textwrap.dedent("""
 
 def test_a_killed_run_keeps_every_completed_evaluation(tmp_path):
     store = tmp_path / "killed.zarr"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store)], stdout=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
     completed = -1
