@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import functools
 import os
+import pickle
 import re
 import sysconfig
 from collections.abc import Callable, Sequence
@@ -248,7 +249,11 @@ def _read_tensor_file(path: Path) -> torch.Tensor | dict[str, torch.Tensor]:
             return _tensors_from_mapping({k: data[k] for k in data.files}, path)
     if path.suffix == ".npy":
         return torch.from_numpy(np.load(path, allow_pickle=False))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"refused to load probe inputs {path.name}: the pickle holds more than "
+                         f"tensors ({str(err).splitlines()[0]}); nothing was executed") from None
     if isinstance(obj, torch.Tensor):
         return obj
     if isinstance(obj, dict):

@@ -416,6 +416,16 @@ def test_probe_inputs_from_builtins_and_files(tmp_path):
     text = load_probe_inputs(tmp_path / "lines.txt", tokenizer="bytes", max_length=8)
     assert text.texts == ["first line", "second one"]
     assert text.batches[0].inputs[1, :6].tolist() == list(b"second")
+    marker = tmp_path / "ran.txt"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"x": torch.ones(2, 2), "p": Payload()}, tmp_path / "evil_inputs.pt")
+    with pytest.raises(ValueError, match="refused to load probe inputs"):
+        load_probe_inputs(tmp_path / "evil_inputs.pt")
+    assert not marker.exists()
     with pytest.raises(ValueError, match="need a tokenizer"):
         load_probe_inputs("stdlib-text", n_samples=5)
     with pytest.raises(FileNotFoundError, match="not a built-in"):
