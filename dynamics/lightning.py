@@ -11,8 +11,9 @@
 
 Steps follow ``trainer.global_step`` (optimiser steps taken): the evaluation at step ``s``
 sees the weights after ``s`` updates, as in a plain loop that calls ``monitor.step(s)`` before
-update ``s``.  Step 0 is evaluated when training starts; at a later step the ``train_loss``
-recorded is the loss of the batch that produced the last update (as Lightning reports it).
+update ``s``.  Step 0 is evaluated when training starts (``train_loss`` NaN); at a later step
+the ``train_loss`` recorded is the loss of the batch that produced the last update (as
+Lightning reports it).
 The callback builds a :class:`dynamics.monitor.Monitor` on the LightningModule in ``setup``,
 with the probe batch moved to the module's device (probes call ``pl_module(probe_data)``, so
 the module needs a ``forward``); everything the monitor guarantees (the run
@@ -104,7 +105,7 @@ class MonitorCallback(Callback):
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor.learning_rate is None and trainer.optimizers:
             self.monitor.learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self._step(trainer.global_step)
+        self._step(trainer.global_step, train_loss=float("nan"))  # no batch seen yet
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:

@@ -170,8 +170,9 @@ class Monitor:
         Targets/labels of the probe data: passed to model probes and to feature probes that
         take ``labels`` (neural collapse).
     store : path, optional
-        Zarr store to which each evaluation is appended as it is measured (replaced if it
-        exists when the first evaluation is written).
+        Zarr store to which each evaluation is appended as it is measured (a Zarr store
+        already there is replaced when the first evaluation is written; any other existing
+        path raises ``FileExistsError``).
     netcdf : path, optional
         NetCDF file written by :meth:`close` (the end of a ``with`` block).
     """
@@ -342,6 +343,10 @@ class Monitor:
 
         if self._stream_vars is None:
             if self.store.exists():
+                if not (self.store / "zarr.json").exists() and not (
+                        self.store / ".zgroup").exists():
+                    raise FileExistsError(f"{self.store} exists and is not a Zarr store; "
+                                          "refusing to replace it")
                 import shutil
 
                 shutil.rmtree(self.store)

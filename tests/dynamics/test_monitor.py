@@ -258,6 +258,18 @@ def test_bad_arguments_get_clear_errors():
         Monitor(model, probes=["rankme"], layers=["9"], probe_data=torch.ones(2, 3))
 
 
+def test_the_stream_never_replaces_something_that_is_not_a_zarr_store(tmp_path):
+    precious = tmp_path / "results"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("keep me")
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
+    monitor = Monitor(model, probes=["rankme"], layers=["1"], schedule=linear(1),
+                      probe_data=torch.randn(6, 3), store=precious)
+    with pytest.raises(FileExistsError):
+        monitor.step(0)
+    assert (precious / "thesis.tex").read_text() == "keep me"
+
+
 def test_an_empty_monitor_still_gives_a_valid_dataset():
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
     monitor = Monitor(model, probes=["rankme"], layers=["1"], schedule=at_steps([5]),
@@ -315,4 +327,7 @@ def test_lightning_callback_records_without_disturbing_the_run(tmp_path):
     with torch.no_grad():
         h = module.net[:3].eval()(x_probe)
     assert abs(ds["rankme"].sel(step=9, layer="net.2").item() - brute_rankme(h.numpy())) < 1e-4
-    assert list(load_stream(tmp_path / "pl.zarr")["step"].values) == [0, 3, 6, 9]
+    stream = load_stream(tmp_path / "pl.zarr")
+    assert list(stream["step"].values) == [0, 3, 6, 9]
+    np.testing.assert_array_equal(stream["train_loss"].values, ds["train_loss"].values)
+    assert np.isnan(ds["train_loss"].values[0]) and np.isfinite(ds["train_loss"].values[1:]).all()
