@@ -139,7 +139,8 @@ def peak(n: int) -> None:
     torch.manual_seed(0)
     model = mlp(64, 512, 2, 10)
     x = torch.randn(n, 64)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    before = _rss_gib()
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     t = time.perf_counter()
     with torch.no_grad():
         K = empirical_ntk(model, x, output="trace")
@@ -147,8 +148,17 @@ def peak(n: int) -> None:
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     full_gib = n * n * 100 * 4 / 2**30
     print(f"n = {n}: traced NTK {tuple(K.shape)} in {dt:.1f} s; peak RSS {after:.2f} GiB "
-          f"(process before: {before:.2f} GiB); the full (n, n, 10, 10) float32 kernel alone "
-          f"would take {full_gib:.1f} GiB")
+          f"(resident before the call {before:.2f} GiB, peak before {peak_before:.2f} GiB); "
+          f"the full (n, n, 10, 10) float32 kernel alone would take {full_gib:.1f} GiB")
+
+
+def _rss_gib() -> float:
+    """Current resident set size (Linux ``/proc``), in GiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 2**20
+    return float("nan")
 
 
 def main() -> None:
