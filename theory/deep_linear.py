@@ -9,7 +9,8 @@ layer) is trained by gradient flow on ``½ E‖y − W_D⋯W_1 x‖²`` with whi
 network first aligns its layers with the modes ``(u_α, v_α)`` (the "alignment phase"); after
 that, mode ``α`` of the composite map, ``u_α = u_αᵀ W_D⋯W_1 v_α``, evolves on its own.  Each layer
 carries a strength ``a_l`` on that mode; the per-mode loss is ``½(s − Π_l a_l)²`` (Saxe et al.
-2014, Eqs. 6–7), and from balanced initialisation (all ``a_l`` equal) the mode strength obeys
+2014, the per-mode reduction of Sec. 1), and from balanced initialisation (all ``a_l`` equal)
+the mode strength obeys
 
 .. math:: \tau\,\dot u = D\,u^{2-2/D}\,(s - u),
 
@@ -19,8 +20,9 @@ with ``τ = 1`` when time is ``learning rate × step`` (traindyn's ``time``).  F
 .. math:: u(t) = \frac{s\,e^{2st/\tau}}{e^{2st/\tau} - 1 + s/u_0}, \qquad
           t_{1/2} = \frac{\tau}{2s}\ln\Big(\frac{s}{u_0} - 1\Big)
 
-(Saxe et al. 2014, Eq. 8 and the half-rise time below it).  For ``D ≥ 3`` the time to reach a
-strength is an explicit integral (Saxe et al. 2014, Sec. 3), inverted numerically here.
+(Saxe et al. 2014, the two-layer solution and its timescale, Sec. 1; equation numbers differ
+between the arXiv versions, so the formulas are quoted in full here).  For ``D ≥ 3`` the time to
+reach a strength is an explicit integral (Saxe et al. 2014, Sec. 3), inverted numerically here.
 
 Every formula is derived in code with sympy (:func:`strength_equation`, :func:`time_to_strength`,
 :func:`two_layer_solution`) and lambdified; nothing is typed in by hand.
@@ -48,7 +50,8 @@ __all__ = [
 ]
 
 SOURCE = ("Saxe, McClelland & Ganguli (2014), Exact solutions to the nonlinear dynamics of "
-          "learning in deep linear neural networks, ICLR, Eqs. 6-8")
+          "learning in deep linear neural networks, ICLR (arXiv:1312.6120): two-layer mode "
+          "solution and its reduction for deeper networks")
 
 u, u0, s, tau, t, x, x0 = sp.symbols("u u_0 s tau t x x_0", positive=True)
 
@@ -65,7 +68,7 @@ def strength_equation(depth: int = 2) -> sp.Expr:
     r"""``du/dt`` of the mode strength ``u = Π_l a_l`` from balanced initialisation (sympy).
 
     Derived, not typed: gradient flow ``τ ȧ_l = −∂L/∂a_l`` on the per-mode loss
-    ``L = ½(s − Π_l a_l)²`` (Saxe et al. 2014, Eqs. 6–7), restricted to the balanced manifold
+    ``L = ½(s − Π_l a_l)²`` (Saxe et al. 2014, Sec. 1), restricted to the balanced manifold
     ``a_l = a`` (which the flow preserves), then ``u = a^D`` by the chain rule.
     """
     depth = _check_depth(depth)
@@ -121,7 +124,7 @@ def time_to_strength(depth: int = 2) -> sp.Expr:
 def two_layer_solution() -> sp.Expr:
     r"""Closed-form ``u(t)`` for ``D = 2`` (sympy), solved from ``t = T(x) − T(x₀)``.
 
-    Returns ``s u₀ e^{2st/τ} / (s − u₀ + u₀ e^{2st/τ})``, Saxe et al. (2014), Eq. 8.
+    Returns ``s u₀ e^{2st/τ} / (s − u₀ + u₀ e^{2st/τ})``, Saxe et al. (2014), Sec. 1.
     """
     antiderivative = time_to_strength(2)
     elapsed = (antiderivative - antiderivative.subs(x, x0)).subs(
