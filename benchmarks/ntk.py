@@ -168,7 +168,10 @@ def main() -> None:
     ap.add_argument("--nt-python", default=os.environ.get("NT_PYTHON", "/tmp/nt-env/bin/python"))
     ap.add_argument("--peak", type=int, default=0, help="only measure peak memory at this n")
     ap.add_argument("--quick", action="store_true", help="skip the slow explicit methods at n=128")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.peak:
         peak(args.peak)
         return
@@ -189,7 +192,8 @@ def main() -> None:
     for name, model, x, output, methods, skip in cases:
         bench_case(name, model, x, output, args.repeats, methods, nt_python, skip)
     print("\npeak memory (fresh process):")
-    subprocess.run([sys.executable, __file__, "--peak", "4096"], check=False)
+    subprocess.run([sys.executable, __file__, "--peak", "4096",
+                    *(["--threads", str(args.threads)] if args.threads else [])], check=False)
 
 
 if __name__ == "__main__":

@@ -632,7 +632,9 @@ def _per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size):
     n1, n2 = x1.shape[0], x2.shape[0]
     full = output == "full"
     itemsize = torch.empty((), dtype=next(iter(chosen.values())).dtype).element_size()
-    probe_chunk = x1[: min(n1, chunk_size or 256)]
+    # a symmetric kernel in >= 3 row panels computes only the blocks on and above the diagonal
+    sym = math.ceil(n1 / 3) if (same and chunk_size is None and n1 >= 64) else None
+    probe_chunk = x1[: min(n1, chunk_size or sym or 256)]
     plan = recorded = None
     if method in ("auto", "structured"):
         plan, recorded = _plan_structured(model, probe_chunk, chosen, full, max(n1, n2))
@@ -666,7 +668,8 @@ def _per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size):
                     for a, g in [_group_factors(grp, recorded[1], recorded[2],
                                                 recorded[0].shape[0], k)])
         width += sum(p.numel() for p in plan.fallback.values())
-    chunk = chunk_size or _auto_chunk(n1, n2, k, width, full, itemsize, x1.device)
+    chunk = chunk_size or min(_auto_chunk(n1, n2, k, width, full, itemsize, x1.device),
+                              sym or n1)
 
     def factors(x: torch.Tensor) -> list[_Factors]:
         out = []

@@ -254,3 +254,12 @@ def test_structured_plan_covers_linear_and_conv_weights_and_falls_back_for_the_r
         ["inp.bias", "inp.weight", "out.weight", "shared.bias", "shared.weight"], ["scale"])
     assert plan_of("cnn")[1] == []
     assert plan_of("transposed_tie") == ([], ["enc.bias", "enc.weight"])
+
+
+def test_default_symmetric_panels_equal_one_block():
+    model, shape = models()["mlp"]
+    model = model.double()
+    x = torch.randn(70, *shape, dtype=torch.float64)  # n >= 64: three panels by default
+    for output in ("full", "trace"):
+        assert rel_err(empirical_ntk(model, x, output=output),
+                       empirical_ntk(model, x, output=output, chunk_size=70)) < 1e-12
