@@ -28,6 +28,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from probes.collapse import NC_VARIABLES
+from probes.weights import WEIGHT_VARIABLES
+
 __all__ = [
     "DIMS",
     "VARIABLES",
@@ -56,6 +59,7 @@ DIMS: dict[str, str] = {
     "n_features": "number of random features",
     "ridge": "ridge regularisation",
     "mode": "kernel eigenmode index (descending eigenvalue)",
+    "epsilon": "target test error ε",
 }
 """Shared dimension names and their meaning."""
 
@@ -70,8 +74,19 @@ VARIABLES: dict[str, dict[str, str]] = {
     "test_accuracy": {"long_name": "test accuracy", "units": "1"},
     "train_error": {"long_name": "training mean squared error", "units": "1"},
     "test_error": {"long_name": "test mean squared error", "units": "1"},
+    "participation_ratio": {"long_name": "participation ratio (Σλ)²/Σλ²", "units": "1"},
+    "stable_rank": {"long_name": "stable rank Σλ/λ_max", "units": "1"},
+    "effective_rank": {"long_name": "Rényi effective rank", "units": "1"},
+    "mode_strength": {"long_name": "input-output mode strength a(t)", "units": "1"},
+    "half_rise_time": {"long_name": "time for a mode to reach half its strength", "units": "1"},
+    "inductive_bias": {"long_name": "inductive bias -log2 P(error <= ε)", "units": "bit"},
+    "class_mean_norm": {"long_name": "norm of the centred class mean", "units": "1"},
+    "classifier_norm": {"long_name": "norm of the classifier row", "units": "1"},
 }
 """Known variables with their default attributes; other modules may add entries."""
+
+VARIABLES.update({k: dict(v) for k, v in NC_VARIABLES.items()})
+VARIABLES.update({k: dict(v) for k, v in WEIGHT_VARIABLES.items() if k not in VARIABLES})
 
 _PACKAGES = ("traindyn", "numpy", "scipy", "torch", "jax", "xarray", "h5netcdf", "zarr")
 
