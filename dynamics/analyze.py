@@ -30,7 +30,10 @@ Reliability:
   a content hash of the tensors.
 * ``workers=N`` fans checkpoints out over a ``dask.distributed`` ``LocalCluster`` (``N``
   processes); ``scheduler="tcp://…"`` uses an existing cluster.  Results are written by the
-  calling process as they arrive and equal the serial run's.
+  calling process as they arrive and equal the serial run's bit for bit (eigendecompositions
+  run on one thread; workers use the caller's torch thread count unless ``threads`` is set).
+  Worker processes are spawned: a script calling ``analyze(workers=N)`` needs the usual
+  ``if __name__ == "__main__":`` guard (notebooks and the command line need nothing).
 """
 
 from __future__ import annotations
