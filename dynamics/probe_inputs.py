@@ -46,6 +46,7 @@ __all__ = [
     "byte_tokenize",
     "digits_inputs",
     "load_probe_inputs",
+    "load_tokenizer",
     "stdlib_sentences",
 ]
 
