@@ -1,11 +1,36 @@
 """traindyn.dynamics — things that unfold over training steps, and the faces.
 
-Training recipes, the monitor and its schedules, storage in the data model (``records``),
-plotting and the ``traindyn`` command line.
+===================  ==========================================================================
+module               what
+===================  ==========================================================================
+``records``          the data model: dims, coords, attrs, validation, NetCDF / Zarr I/O
+``schedules``        ``step -> bool`` evaluation schedules
+``monitor``          probes on a schedule inside a training loop (``lightning``: its callback)
+``checkpoints``      find, order, hash and safely load checkpoints
+``probe_inputs``     named and file-based probe inputs for checkpoint analysis
+``analyze``          a checkpoint series → one Dataset (resumable; dask fan-out)
+``sweep``            recipe × parameter grid × seeds on dask.distributed
+``recipes``          reproducible experiments paired with theory modules
+``plot``             theory lines through measured points
+``cli``              the ``traindyn`` command line
+===================  ==========================================================================
 """
 
-from dynamics import records, schedules
-from dynamics.monitor import Monitor
+from dynamics import checkpoints, probe_inputs, records, schedules
+from dynamics.analyze import analyze
+from dynamics.monitor import Monitor, load_stream
 from dynamics.records import load, save
+from dynamics.sweep import sweep
 
-__all__ = ["Monitor", "load", "records", "save", "schedules"]
+__all__ = [
+    "Monitor",
+    "analyze",
+    "checkpoints",
+    "load",
+    "load_stream",
+    "probe_inputs",
+    "records",
+    "save",
+    "schedules",
+    "sweep",
+]

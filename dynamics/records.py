@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from probes import FEATURE_PROBES, MODEL_PROBES
 from probes.collapse import NC_VARIABLES
 from probes.weights import WEIGHT_VARIABLES
 
@@ -87,6 +88,13 @@ VARIABLES: dict[str, dict[str, str]] = {
 
 VARIABLES.update({k: dict(v) for k, v in NC_VARIABLES.items()})
 VARIABLES.update({k: dict(v) for k, v in WEIGHT_VARIABLES.items() if k not in VARIABLES})
+for _probe in FEATURE_PROBES.values():
+    VARIABLES.setdefault(_probe.name, {"long_name": _probe.long_name, "units": _probe.units})
+for _probe in MODEL_PROBES.values():
+    for _name, (_long_name, _units) in _probe.variables.items():
+        VARIABLES.setdefault(_name, {"long_name": _long_name, "units": _units})
+VARIABLES.setdefault("ntk_velocity", {"long_name": "kernel velocity, distance / Δtime",
+                                      "units": "1/time"})
 
 _PACKAGES = ("traindyn", "numpy", "scipy", "torch", "jax", "xarray", "h5netcdf", "zarr")
 
