@@ -15,8 +15,11 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/traindyn demo
 
+# two pytest-xdist workers, one thread each (tests/conftest.py): both cores of a 2-core machine
+PYTEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

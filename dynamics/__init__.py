@@ -9,15 +9,15 @@ module               what
 ``checkpoints``      find, order, hash and safely load checkpoints
 ``probe_inputs``     named and file-based probe inputs for checkpoint analysis
 ``analyze``          a checkpoint series → one Dataset (resumable; dask fan-out)
-``sweep``            recipe × parameter grid × seeds on dask.distributed
+``sweep``            recipe × parameter grid × seeds on dask.distributed (``dynamics.sweep``
+                     is the function; the module is ``sys.modules["dynamics.sweep"]``)
 ``recipes``          reproducible experiments paired with theory modules
 ``plot``             theory lines through measured points
 ``cli``              the ``traindyn`` command line
 ===================  ==========================================================================
 """
 
-from dynamics import checkpoints, probe_inputs, records, schedules
-from dynamics.analyze import analyze
+from dynamics import analyze, checkpoints, probe_inputs, records, schedules
 from dynamics.monitor import Monitor, load_stream
 from dynamics.records import load, save
 from dynamics.sweep import sweep

@@ -96,7 +96,7 @@ def ensure_torch(python: Path) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--venv", default=os.environ.get("VENV", ".venv"))
-    parser.add_argument("--extras", default="hf,models,dist,dev")
+    parser.add_argument("--extras", default="hf,models,dist,lightning,dev")
     args = parser.parse_args()
 
     venv = (ROOT / args.venv).resolve()

@@ -9,11 +9,48 @@ import numpy as np
 import pytest
 import xarray as xr
 
+import probes
 import theory
 from dynamics import records
-from dynamics.recipes import simulate_linear_teacher, train_digits_mlp
+from dynamics.recipes import (
+    TinyLMConfig,
+    simulate_krr,
+    simulate_linear_teacher,
+    simulate_rf,
+    train_deep_linear,
+    train_digits_mlp,
+    train_tiny_lm,
+)
+
+_EIGS = np.arange(1, 201, dtype=float) ** -1.5
+_RNG = np.random.default_rng(0)
+_FEATS = _RNG.standard_normal((60, 8))
+_LABELS = np.repeat(np.arange(3), 20)
+_K = [(lambda a: a @ a.T)(_RNG.standard_normal((12, 12))) for _ in range(3)]
 
 PRODUCERS = {
+    "theory.krr_learning_curve": lambda: theory.krr_learning_curve(_EIGS, n=(10, 30),
+                                                                   ridge=(0.0, 0.1)),
+    "theory.rf_learning_curve": lambda: theory.rf_learning_curve(_EIGS, n=(10, 30),
+                                                                 n_features=(20, 40)),
+    "theory.scaling_regimes": lambda: theory.scaling_regimes(_EIGS, n=(100, 300),
+                                                             n_features=(100, 300)),
+    "theory.balanced_collapse": lambda: theory.balanced_collapse(4),
+    "theory.imbalanced_collapse": lambda: theory.imbalanced_collapse([40, 40, 10]),
+    "theory.saxe_dynamics": lambda: theory.saxe_dynamics(np.linspace(0, 5, 6), [3.0, 1.0], 1e-3),
+    "probes.neural_collapse": lambda: probes.neural_collapse(_FEATS, _LABELS),
+    "probes.weight_spectra": lambda: probes.weight_spectra(
+        {"w": _RNG.standard_normal((40, 30))}),
+    "probes.lazy_rich_summary": lambda: probes.lazy_rich_summary(_K, _RNG.standard_normal(12),
+                                                                 steps=[0, 1, 2]),
+    "probes.inductive_bias": lambda: probes.inductive_bias(
+        _RNG.chisquare(20, 200) / 20, [0.5, 0.8], n_bootstrap=10),
+    "recipes.simulate_krr": lambda: simulate_krr(_EIGS, n=(10, 20), seeds=(0,)),
+    "recipes.simulate_rf": lambda: simulate_rf(_EIGS, n=(20,), n_features=(10,), seeds=(0,)),
+    "recipes.train_deep_linear": lambda: train_deep_linear(steps=20, record_every=10),
+    "recipes.train_tiny_lm": lambda: train_tiny_lm(
+        TinyLMConfig(d_model=16, n_layers=1, n_heads=2, context=16), steps=3, n_evals=2,
+        eval_batches=1, batch_size=2),
     "theory.advani_saxe": lambda: theory.advani_saxe(np.geomspace(0.1, 10, 5), [0.5, 2.0]),
     "theory.advani_saxe_asymptote": lambda: theory.advani_saxe_asymptote([0.5, 2.0]),
     "recipes.simulate_linear_teacher": lambda: simulate_linear_teacher(
