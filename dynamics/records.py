@@ -31,6 +31,7 @@ import xarray as xr
 from probes import FEATURE_PROBES, MODEL_PROBES
 from probes.collapse import NC_VARIABLES
 from probes.weights import WEIGHT_VARIABLES
+from theory._dataset import params_json
 
 __all__ = [
     "DIMS",
@@ -108,15 +109,7 @@ def variable_attrs(name: str, **overrides: str) -> dict[str, str]:
 
 def params_attr(params: Mapping[str, Any]) -> str:
     """Parameters as a JSON string, the form attributes take (``json.loads`` reads it back)."""
-
-    def default(o: Any) -> Any:
-        if isinstance(o, np.ndarray):
-            return o.tolist()
-        if isinstance(o, np.generic):
-            return o.item()
-        return str(o)
-
-    return json.dumps(dict(params), sort_keys=True, default=default)
+    return params_json(dict(params))
 
 
 def provenance() -> dict[str, str]:

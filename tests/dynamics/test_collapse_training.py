@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import xarray as xr
 
 from dynamics import records
@@ -17,14 +16,6 @@ from theory.neural_collapse import NC_VARIABLES, imbalanced_collapse
 
 MINORITY = (5, 6, 7, 8, 9)
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: intra-op threads only add contention on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_digit_subsets_have_the_requested_class_sizes():

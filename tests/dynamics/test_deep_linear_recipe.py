@@ -4,20 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from dynamics import records
 from dynamics.recipes.deep_linear import svd_task, train_deep_linear
 from theory.deep_linear import half_rise_time, initial_strength_through, mode_strength
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: intra-op threads only add contention on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def _crossing(time, values, level):
     """First time ``values`` crosses ``level``, linearly interpolated between records."""

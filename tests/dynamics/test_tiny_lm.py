@@ -25,14 +25,6 @@ from dynamics.recipes.tiny_lm import (
 SMALL = TinyLMConfig(context=16, d_model=32, n_layers=2, n_heads=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors: one thread is fastest, and immune to an oversubscribed machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def corpus() -> torch.Tensor:

@@ -23,14 +23,6 @@ from probes.inductive_bias import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny matrices: intra-op threads only add contention on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 @pytest.mark.parametrize("df,nc", [(4, 0.0), (10, 5.0), (60, 25.0), (400, 80.0)])
 def test_series_tail_equals_scipy_where_scipy_is_accurate(df, nc):
     # boost's CDF (scipy) is an independent implementation; both must agree in the tail they share

@@ -19,15 +19,6 @@ from probes.instability import (
 from probes.registry import get_model_probe
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Small tensors: one thread is fastest, and immune to an oversubscribed machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def brute_max_logit(q: np.ndarray, k: np.ndarray, causal: bool) -> float:
     """max |q_i·k_j|/√d by explicit loops over (batch, head, i, j)."""
     best = 0.0
