@@ -53,6 +53,40 @@ def feature_checks(n: int = 8192, d: int = 1024) -> dict[str, Callable[[str], ob
     for name, probe in sorted(probes.FEATURE_PROBES.items()):
         checks[f"probe {name}"] = lambda dev, p=probe: p(base.to(dev))
     checks["bare XᵀX (baseline)"] = lambda dev: base.to(dev).T @ base.to(dev)
+    labels = torch.arange(n) % 10
+    checks["probe neural_collapse"] = lambda dev: probes.neural_collapse(
+        base.to(dev), labels.to(dev))
+    weights = {"w": torch.randn(512, 256, generator=gen)}
+    checks["probe weight_spectra"] = lambda dev: probes.weight_spectra(
+        {k: v.to(dev) for k, v in weights.items()})
+    q, k = torch.randn(2, 8, 128, 64, generator=gen), torch.randn(2, 8, 128, 64, generator=gen)
+    checks["probe max_attention_logit"] = lambda dev: probes.max_attention_logit(q.to(dev),
+                                                                                 k.to(dev))
+    return checks
+
+
+def model_checks(n: int = 256) -> dict[str, Callable[[str], object]]:
+    """Whole-model probes: empirical NTK (structured and Jacobian) and kernel alignment."""
+    import probes
+
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
+                              torch.nn.ReLU(), torch.nn.Linear(512, 10)).double()
+    x = torch.randn(n, 64, dtype=torch.float64)
+    y = torch.randn(n, dtype=torch.float64)
+
+    def ntk(dev: str, method: str) -> torch.Tensor:
+        return probes.empirical_ntk(mlp.to(dev), x.to(dev), output="trace", method=method)
+
+    checks: dict[str, Callable[[str], object]] = {
+        "ntk structured (MLP, trace)": lambda dev: ntk(dev, "structured"),
+        "ntk jacobian (MLP, trace, n=32)": lambda dev: probes.empirical_ntk(
+            mlp.to(dev), x[:32].to(dev), output="trace", method="jacobian"),
+        "ntk full (MLP, auto)": lambda dev: probes.empirical_ntk(
+            mlp.to(dev), x[:64].to(dev), output="full"),
+        "kernel centred alignment": lambda dev: probes.centered_alignment(ntk(dev, "structured"),
+                                                                          y.to(dev)),
+    }
     return checks
 
 
@@ -61,9 +95,16 @@ def theory_checks() -> dict[str, Callable[[str], object]]:
     import theory
 
     t = np.geomspace(0.01, 1e3, 200)
+    eigs = np.arange(1, 10_001, dtype=float) ** -1.5
     return {
         "theory advani_saxe": lambda dev: theory.advani_saxe(t, [0.5, 2.0]),
         "theory advani_saxe_asymptote": lambda dev: theory.advani_saxe_asymptote([0.5, 2.0]),
+        "theory krr_learning_curve": lambda dev: theory.krr_learning_curve(
+            eigs, n=np.geomspace(10, 5e3, 30), ridge=(0.0, 1e-3)),
+        "theory rf_learning_curve": lambda dev: theory.rf_learning_curve(
+            eigs, n=(100, 1000), n_features=np.geomspace(10, 1e4, 20)),
+        "theory imbalanced_collapse": lambda dev: theory.imbalanced_collapse([50] * 5 + [5] * 5),
+        "theory saxe_dynamics": lambda dev: theory.saxe_dynamics(t, [3.0, 2.0, 1.0], 1e-3),
     }
 
 
@@ -74,7 +115,7 @@ def main() -> int:
     print(f"gpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     failures = 0
     print(f"{'check':<36} {'cpu s':>9} {'cuda s':>9} {'speed-up':>9} {'rel diff':>10}")
-    for name, fn in {**feature_checks(), **theory_checks()}.items():
+    for name, fn in {**feature_checks(), **model_checks(), **theory_checks()}.items():
         cpu, t_cpu = _timed(lambda f=fn: f("cpu"), "cpu")
         gpu, t_gpu = _timed(lambda f=fn: f("cuda"), "cuda")
         a, b = _as_array(cpu), _as_array(gpu)

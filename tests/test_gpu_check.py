@@ -25,7 +25,8 @@ def test_without_cuda_it_says_so_and_exits_zero(gpu_check, capsys):
 
 
 def test_every_check_runs_on_cpu(gpu_check):
-    checks = {**gpu_check.feature_checks(n=300, d=160), **gpu_check.theory_checks()}
+    checks = {**gpu_check.feature_checks(n=300, d=160), **gpu_check.model_checks(n=16),
+              **gpu_check.theory_checks()}
     assert any(name.startswith("probe rankme") for name in checks)
     for name, fn in checks.items():
         value = gpu_check._as_array(fn("cpu"))
