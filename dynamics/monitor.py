@@ -34,6 +34,27 @@ along ``step`` as soon as it is measured, and the count of complete evaluations 
 after the data; :func:`load_stream` reads the store back, dropping a half-written last
 evaluation, so a crash loses at most the evaluation in progress.  :meth:`Monitor.save` (or
 ``netcdf=``, written when the ``with`` block ends) writes the finished run to NetCDF.
+
+**Background evaluation** (``background=True``, opt-in).  At a scheduled step the training
+thread only runs the probe forward pass (inside the same state preservation) and keeps a
+detached copy of the captured features; the feature probes, building the Dataset and the
+Zarr append run on one worker thread (``ThreadPoolExecutor(max_workers=1)``), so steps are
+recorded in order.  torch, numpy and LAPACK release the GIL, so with a spare core the probe
+arithmetic overlaps training.  The recorded Dataset is the same as in synchronous mode
+(tested).  :meth:`Monitor.to_dataset`, :meth:`Monitor.flush`, :meth:`Monitor.save` and
+:meth:`Monitor.close` wait for pending evaluations; an exception raised in the worker is
+re-raised on the training thread at the next :meth:`Monitor.step` (or ``flush``/``close``).
+*Model probes* still run synchronously on the training thread: they need the model's current
+weights.  Caveats: a feature probe run in the background must not draw from the global random
+generators (they are shared with the training thread); and ``torch.set_num_threads`` is
+process-wide, so when training uses more than one intra-op thread the worker's single-thread
+LAPACK guard (``probes.spectral.lapack_single_thread``) briefly changes the training thread's
+count too — train on one thread (the natural split on a small machine) for bit-identity.
+
+**Spectral probes share one accumulator.**  ``rankme``, ``rankme_covariance`` and
+``alpha_req`` (the registry's default-parameter functions) of a layer are computed from a
+single :class:`probes.spectral.SpectralMetrics` accumulator (one pass over the features, the
+same numbers as the one-shot functions).
 """
 
 from __future__ import annotations
@@ -43,6 +64,7 @@ import random
 import time as _time
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +156,16 @@ def _takes_labels(probe: FeatureProbe) -> bool:
         return False
 
 
+def _shared_spectral(probe: FeatureProbe) -> bool:
+    """Whether ``probe`` is one of the spectral one-shot functions with default parameters
+    that :class:`probes.spectral.SpectralMetrics` computes from a shared accumulator."""
+    from probes import spectral
+
+    fns = {"rankme": spectral.rankme, "rankme_covariance": spectral.rankme_covariance,
+           "alpha_req": spectral.alpha_req}
+    return fns.get(probe.name) is probe.fn
+
+
 def _concat(batches: torch.Tensor | Sequence[torch.Tensor] | None) -> Any:
     if batches is None or isinstance(batches, torch.Tensor):
         return batches
@@ -175,6 +207,9 @@ class Monitor:
         path raises ``FileExistsError``).
     netcdf : path, optional
         NetCDF file written by :meth:`close` (the end of a ``with`` block).
+    background : bool
+        Compute feature probes and write the store on a worker thread (see the module
+        docstring); the training thread only runs the probe forward pass and model probes.
     """
 
     def __init__(
@@ -191,6 +226,7 @@ class Monitor:
         probe_targets: torch.Tensor | Sequence[torch.Tensor] | None = None,
         store: str | Path | None = None,
         netcdf: str | Path | None = None,
+        background: bool = False,
     ) -> None:
         self.model = model
         resolved = [_resolve(p) for p in probes]
@@ -216,6 +252,10 @@ class Monitor:
         self._stream_vars: set[str] | None = None
         self.seconds_spent = 0.0
         self.seconds_storing = 0.0
+        self.seconds_background = 0.0
+        self.background = bool(background)
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: list[Future] = []
 
     # -- context manager -----------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -225,37 +265,88 @@ class Monitor:
         self.close()
 
     def close(self) -> None:
-        """Write the NetCDF file if ``netcdf=`` was given (the Zarr store is already complete)."""
+        """Wait for pending background work, stop the worker, and write the NetCDF file if
+        ``netcdf=`` was given (the Zarr store is already complete)."""
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
         if self.netcdf is not None and self._evaluations:
             self.save(self.netcdf)
+
+    def flush(self) -> None:
+        """Wait for every pending background evaluation; re-raise the first error of one."""
+        pending, self._pending = self._pending, []
+        error: BaseException | None = None
+        for future in pending:
+            exc = future.exception()  # waits
+            if exc is not None and error is None:
+                error = exc
+        if error is not None:
+            raise RuntimeError("a background evaluation of the monitor failed") from error
+
+    def _raise_finished_errors(self) -> None:
+        """Re-raise an error of a finished background evaluation (without waiting)."""
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            exc = future.exception()
+            if exc is not None:
+                raise RuntimeError("a background evaluation of the monitor failed") from exc
 
     # -- measuring -----------------------------------------------------------------------
     def _batches(self) -> list[torch.Tensor]:
         data = self.probe_data
         return [data] if isinstance(data, torch.Tensor) else list(data)
 
-    def _feature_values(self) -> dict[str, np.ndarray]:
-        """``{variable: values over layers}`` of every feature probe (inside preserved state)."""
-        out: dict[str, np.ndarray] = {}
-        if not (self.layers and self.probes):
-            return out
+    def _capture(self) -> dict[str, torch.Tensor]:
+        """Features of every layer on the probe batch (call inside preserved state, no_grad);
+        detached copies, so later training cannot change them."""
         self.model.eval()
         with capture(self.model, self.layers, reduce=self.reduce) as cap:
             for batch in self._batches():
                 self.model(batch)
-        feats = cap.activations()
+        return {name: f.detach().clone() for name, f in cap.activations().items()}
+
+    def _probe_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        """``{variable: values over layers}`` of every feature probe, from captured features.
+
+        The default-parameter spectral probes (``rankme``, ``rankme_covariance``,
+        ``alpha_req``) of a layer share one :class:`probes.spectral.SpectralMetrics`
+        accumulator; the others are called one by one.
+        """
+        from probes.spectral import SpectralMetrics
+
+        out: dict[str, np.ndarray] = {}
         labels = _concat(self.probe_targets)
-        for probe in self.probes:
-            kwargs = {"labels": labels} if _takes_labels(probe) else {}
-            for i, layer in enumerate(self.layers):
-                value = probe(feats[layer], **kwargs)
-                items = (value.data_vars.items() if isinstance(value, xr.Dataset)
-                         else value.items() if isinstance(value, Mapping)
-                         else [(probe.name, value)])
+        shared = [p for p in self.probes if _shared_spectral(p)]
+        for i, layer in enumerate(self.layers):
+            values: dict[str, float] = {}
+            if shared:
+                metrics = SpectralMetrics([p.name for p in shared])
+                metrics.update(feats[layer])
+                values.update(metrics.compute())
+            for probe in self.probes:
+                if probe in shared:
+                    items = [(probe.name, values[probe.name])]
+                else:
+                    kwargs = {"labels": labels} if _takes_labels(probe) else {}
+                    value = probe(feats[layer], **kwargs)
+                    items = (value.data_vars.items() if isinstance(value, xr.Dataset)
+                             else value.items() if isinstance(value, Mapping)
+                             else [(probe.name, value)])
                 for name, v in items:
                     arr = out.setdefault(name, np.full(len(self.layers), np.nan))
                     arr[i] = float(v)
         return out
+
+    def _feature_values(self) -> dict[str, np.ndarray]:
+        """``{variable: values over layers}`` of every feature probe (inside preserved state)."""
+        if not (self.layers and self.probes):
+            return {}
+        return self._probe_features(self._capture())
 
     def _variable_attrs(self, name: str) -> dict[str, str]:
         for probe in self.probes:
@@ -288,17 +379,28 @@ class Monitor:
                 out[:, j] = values[probe.name]
         return out
 
+    def _model_probe_values(self) -> dict[str, Any]:
+        """Model probes' outputs (call inside preserved state)."""
+        extra: dict[str, Any] = {}
+        if self._model_probe_fns:
+            inputs, targets = _concat(self.probe_data), _concat(self.probe_targets)
+            self.model.eval()
+            for _, fn in self._model_probe_fns:
+                extra.update(fn(self.model, inputs, targets))
+        return extra
+
     def evaluate(self, step: int = 0, **scalars: float) -> xr.Dataset:
-        """One evaluation as a Dataset with a length-1 ``step`` dimension (not recorded)."""
+        """One evaluation as a Dataset with a length-1 ``step`` dimension (not recorded).
+
+        Always synchronous (also with ``background=True``)."""
         with preserved_state(self.model):
             with torch.no_grad():
                 feature_values = self._feature_values()
-            extra: dict[str, Any] = {}
-            if self._model_probe_fns:
-                inputs, targets = _concat(self.probe_data), _concat(self.probe_targets)
-                self.model.eval()
-                for _, fn in self._model_probe_fns:
-                    extra.update(fn(self.model, inputs, targets))
+            extra = self._model_probe_values()
+        return self._build(step, feature_values, extra, scalars)
+
+    def _build(self, step: int, feature_values: Mapping[str, np.ndarray],
+               extra: Mapping[str, Any], scalars: Mapping[str, float]) -> xr.Dataset:
         coords: dict[str, Any] = records.step_coords([step], self.learning_rate)
         data_vars: dict[str, Any] = {}
         if feature_values:
@@ -323,17 +425,44 @@ class Monitor:
         ds.attrs = self._attrs()
         return ds
 
-    def step(self, step: int, **scalars: float) -> bool:
-        """Evaluate, record and stream if ``schedule(step)``; returns whether it did."""
-        if not self.schedule(step):
-            return False
-        start = _time.perf_counter()
-        ds = self.evaluate(int(step), **scalars)
+    def _record(self, ds: xr.Dataset) -> None:
         self._evaluations.append(ds)
         if self.store is not None:
             stored = _time.perf_counter()
             self._append(ds)
             self.seconds_storing += _time.perf_counter() - stored
+
+    def _background_job(self, step: int, feats: Mapping[str, torch.Tensor] | None,
+                        extra: Mapping[str, Any], scalars: Mapping[str, float]) -> None:
+        start = _time.perf_counter()
+        with torch.no_grad():
+            values = self._probe_features(feats) if feats is not None else {}
+        self._record(self._build(step, values, extra, scalars))
+        self.seconds_background += _time.perf_counter() - start
+
+    def step(self, step: int, **scalars: float) -> bool:
+        """Evaluate, record and stream if ``schedule(step)``; returns whether it did.
+
+        With ``background=True`` the feature probes and the store are handed to the worker
+        thread, and an error of an earlier background evaluation is raised here."""
+        if self._pending:
+            self._raise_finished_errors()
+        if not self.schedule(step):
+            return False
+        start = _time.perf_counter()
+        if not self.background:
+            self._record(self.evaluate(int(step), **scalars))
+        else:
+            scalars = {k: float(v) for k, v in scalars.items()}
+            with preserved_state(self.model):
+                with torch.no_grad():
+                    feats = self._capture() if (self.layers and self.probes) else None
+                extra = self._model_probe_values()
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1,
+                                                    thread_name_prefix="traindyn-monitor")
+            self._pending.append(self._executor.submit(
+                self._background_job, int(step), feats, extra, scalars))
         self.seconds_spent += _time.perf_counter() - start
         return True
 
@@ -374,7 +503,9 @@ class Monitor:
         }
 
     def to_dataset(self, attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
-        """Everything recorded so far as a Dataset over ``step`` (and ``layer``)."""
+        """Everything recorded so far as a Dataset over ``step`` (and ``layer``); waits for
+        pending background evaluations."""
+        self.flush()
         if self._evaluations:
             names = {n for ds in self._evaluations for n in ds.data_vars}
             filled = []
@@ -397,6 +528,8 @@ class Monitor:
                 ds = ds.assign_coords(seed=self.seed)
         ds.attrs = {**self._attrs(), "monitor_seconds": self.seconds_spent,
                     "monitor_seconds_storing": self.seconds_storing, **(attrs or {})}
+        if self.background:
+            ds.attrs["monitor_seconds_background"] = self.seconds_background
         return ds
 
     def save(self, path: str | Path) -> Path:

@@ -209,21 +209,28 @@ CHILD = textwrap.dedent("""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    background = sys.argv[2] == "1"
     monitor = Monitor(model, probes=["rankme", "alpha_req"], layers=["1"], schedule=linear(1),
-                      probe_data=torch.randn(200, 8), store=sys.argv[1])
+                      probe_data=torch.randn(200, 8), store=sys.argv[1], background=background)
     for step in range(100000):
         x = torch.randn(64, 8)
         loss = model(x).pow(2).mean()
         opt.zero_grad(); loss.backward(); opt.step()
         monitor.step(step, train_loss=float(step))
-        print(step, flush=True)
+        if not background:
+            print(step, flush=True)
+        elif step % 3 == 2:   # in the background an evaluation is complete once flushed
+            monitor.flush()
+            print(step, flush=True)
 """)
 
 
-def test_a_killed_run_keeps_every_completed_evaluation(tmp_path):
+@pytest.mark.parametrize("background", [False, True])
+def test_a_killed_run_keeps_every_completed_evaluation(tmp_path, background):
     store = tmp_path / "killed.zarr"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store), str(int(background))],
+                            stdout=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
     completed = -1
     deadline = time.monotonic() + 60
@@ -331,3 +338,104 @@ def test_lightning_callback_records_without_disturbing_the_run(tmp_path):
     assert list(stream["step"].values) == [0, 3, 6, 9]
     np.testing.assert_array_equal(stream["train_loss"].values, ds["train_loss"].values)
     assert np.isnan(ds["train_loss"].values[0]) and np.isfinite(ds["train_loss"].values[1:]).all()
+
+
+# -- background evaluation -----------------------------------------------------------------
+def train_bn(monitor_kwargs: dict | None, steps: int = 14) -> tuple[dict, Monitor | None]:
+    """The BatchNorm/Dropout net trained with RNG draws from torch, numpy and Python; the
+    monitor (if any) runs spectral, collapse and a disturbing model probe."""
+    torch.manual_seed(0)
+    np.random.seed(0)  # noqa: NPY002
+    random.seed(0)
+    model = make_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x_probe, y_probe = torch.randn(60, 6), torch.arange(60) % 3
+    monitor = None
+    if monitor_kwargs is not None:
+        monitor = Monitor(model, probes=["rankme", "alpha_req", "neural_collapse", DISTURBING],
+                          layers=["2", "5"], schedule=linear(2), probe_data=x_probe,
+                          probe_targets=y_probe, learning_rate=0.1, seed=3, **monitor_kwargs)
+    for step in range(steps):
+        x = torch.randn(32, 6) + float(np.random.rand()) + random.random()  # noqa: NPY002
+        y = torch.randint(0, 3, (32,))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if monitor is not None:
+            monitor.step(step, train_loss=loss.item())
+        opt.step()
+    return {k: v.clone() for k, v in model.state_dict().items()}, monitor
+
+
+def _without_timing(ds: xr.Dataset) -> xr.Dataset:
+    ds = ds.copy()
+    ds.attrs = {k: v for k, v in ds.attrs.items() if not k.startswith("monitor_seconds")}
+    return ds
+
+
+@pytest.mark.filterwarnings("ignore:alpha-ReQ")
+def test_background_mode_records_the_same_dataset_and_store_without_disturbing(tmp_path):
+    plain, _ = train_bn(None)
+    sync_w, sync = train_bn(dict(store=tmp_path / "sync.zarr"))
+    back_w, back = train_bn(dict(store=tmp_path / "back.zarr", background=True))
+    for name in plain:  # training is bit-identical in both modes
+        assert torch.equal(plain[name], sync_w[name]), name
+        assert torch.equal(plain[name], back_w[name]), name
+    with back:
+        ds_back = back.to_dataset()  # waits for the worker
+    ds_sync = sync.to_dataset()
+    assert list(ds_back["step"].values) == list(range(0, 14, 2))
+    assert {"rankme", "alpha_req", "nc1", "probe_loss"} <= set(ds_back.data_vars)
+    xr.testing.assert_identical(_without_timing(ds_back), _without_timing(ds_sync))
+    xr.testing.assert_identical(load_stream(tmp_path / "back.zarr"),
+                                load_stream(tmp_path / "sync.zarr"))
+    assert back.seconds_background > 0 and back._executor is None  # closed
+
+
+def test_the_shared_spectral_accumulator_equals_the_one_shot_functions():
+    from probes.spectral import alpha_req, rankme, rankme_covariance
+
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(20, 150), nn.Tanh())
+    x = torch.randn(300, 20) @ torch.diag(torch.logspace(0, -2, 20))
+    monitor = Monitor(model, probes=["rankme", "alpha_req", "rankme_covariance"], layers=["1"],
+                      probe_data=x)
+    values = monitor._probe_features({"1": model(x).detach()})
+    h = np.tanh(x.double().numpy() @ model[0].weight.detach().double().numpy().T
+                + model[0].bias.detach().double().numpy())
+    assert abs(values["rankme"][0] - brute_rankme(h)) < 1e-5 * brute_rankme(h)
+    z = model(x).detach()
+    for name, fn in [("rankme", rankme), ("alpha_req", alpha_req),
+                     ("rankme_covariance", rankme_covariance)]:
+        assert abs(values[name][0] - fn(z)) <= 1e-12 * abs(fn(z)), name
+
+
+def test_an_error_in_the_worker_is_raised_on_the_training_thread():
+    from concurrent.futures import wait
+
+    from probes.registry import FeatureProbe
+
+    calls = []
+
+    def fragile(features):
+        calls.append(1)
+        if len(calls) >= 2:
+            raise FloatingPointError("probe failed")
+        return 1.0
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    monitor = Monitor(model, probes=[FeatureProbe("fragile", fragile, "f", "1", "test")],
+                      layers=["1"], schedule=linear(1), probe_data=torch.randn(8, 3),
+                      background=True)
+    assert monitor.step(0)
+    monitor.flush()                       # the first evaluation succeeds
+    assert monitor.step(1)                # its failure happens on the worker …
+    wait(monitor._pending)
+    with pytest.raises(RuntimeError, match="background evaluation") as info:
+        monitor.step(2)                   # … and surfaces at the next step
+    assert isinstance(info.value.__cause__, FloatingPointError)
+    assert monitor.step(3)                # the step after that fails again, at flush
+    with pytest.raises(RuntimeError) as info:
+        monitor.close()
+    assert isinstance(info.value.__cause__, FloatingPointError)
+    assert list(monitor.to_dataset()["step"].values) == [0]
