@@ -439,3 +439,27 @@ def test_an_error_in_the_worker_is_raised_on_the_training_thread():
         monitor.close()
     assert isinstance(info.value.__cause__, FloatingPointError)
     assert list(monitor.to_dataset()["step"].values) == [0]
+
+
+@pytest.mark.filterwarnings("ignore:alpha-ReQ")
+def test_the_direct_zarr_append_writes_what_xarray_append_writes(tmp_path):
+    """After the first evaluation the monitor appends to the open Zarr arrays itself; the store
+    must read back identical to one written by ``records.append_zarr`` (xarray's to_zarr)."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU())
+    monitor = Monitor(model, probes=["rankme", "neural_collapse"], layers=["1", "3"],
+                      schedule=linear(1), probe_data=torch.randn(48, 6),
+                      probe_targets=torch.arange(48) % 4, learning_rate=0.1, seed=2,
+                      store=tmp_path / "direct.zarr")
+    for step in range(4):
+        monitor.step(step, train_loss=0.25 * step)
+        with torch.no_grad():
+            model[0].weight.mul_(1.1)
+    assert monitor._group is not None and monitor._step_arrays  # the direct path was used
+    for ds in monitor._evaluations:
+        records.append_zarr(ds, tmp_path / "xarray.zarr")
+    direct, reference = records.load(tmp_path / "direct.zarr"), records.load(
+        tmp_path / "xarray.zarr")
+    assert direct.attrs.pop(COMPLETE_ATTR) == 4
+    xr.testing.assert_identical(direct, reference)
+    assert len(np.unique(direct["rankme"].values)) == 8   # four different evaluations
