@@ -3,8 +3,8 @@
 The run: the digits MLP recipe's network (``64 → 256 → 256 → 10``, ReLU) trained by SGD with
 batch 128 for 5,000 steps.  The monitor: RankMe, alpha-ReQ and the neural-collapse metrics
 (``probes.collapse``) on both hidden layers, on the 540 held-out digits, at 40 log-spaced steps.
-Baseline runs before and after the monitored run give the noise of the machine; the ratio is
-taken against their mean.  The weights of the two runs are compared bit for bit.
+Baseline runs before and after the synchronous monitored run give the noise of the machine;
+ratios are taken against their mean.  The weights of the two runs are compared bit for bit.
 
 Then one evaluation is taken apart (forward pass with hooks, each probe on each layer, building
 the Dataset, appending to Zarr) so the printout says what dominates, and the ratio is
@@ -129,11 +129,13 @@ def main() -> None:
     base1, w_base, _ = train(args.steps, None, args.width, args.batch)
     mon_s, w_mon, monitor = train(args.steps, dict(probes=PROBES, schedule=schedule,
                                                    store=store), args.width, args.batch)
+    base2, _, _ = train(args.steps, None, args.width, args.batch)
+    # the background run goes last: with several intra-op threads its worker thread leaves
+    # OpenMP threads of its own behind, which slowed any run after it (2-3x, measured)
     bg_store = tmp / "background.zarr" if args.store else None
     bg_s, w_bg, bg = train(args.steps, dict(probes=PROBES, schedule=schedule, store=bg_store,
                                             background=True), args.width, args.batch,
                            finish=True)
-    base2, _, _ = train(args.steps, None, args.width, args.batch)
     base = (base1 + base2) / 2
     identical = all(torch.equal(w_base[k], w_mon[k]) for k in w_base)
     identical_bg = all(torch.equal(w_base[k], w_bg[k]) for k in w_base)

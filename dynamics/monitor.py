@@ -50,6 +50,9 @@ generators (they are shared with the training thread); and ``torch.set_num_threa
 process-wide, so when training uses more than one intra-op thread the worker's single-thread
 LAPACK guard (``probes.spectral.lapack_single_thread``) briefly changes the training thread's
 count too — train on one thread (the natural split on a small machine) for bit-identity.
+Background mode pays off only when a core is free for the worker: with as many intra-op
+threads as cores, the worker's own OpenMP threads oversubscribe the machine (measured on 2
+cores with 2 threads: training 1.4-1.7x slower, against 1.04-1.06x with 1 thread).
 
 **Spectral probes share one accumulator.**  ``rankme``, ``rankme_covariance`` and
 ``alpha_req`` (the registry's default-parameter functions) of a layer are computed from a
