@@ -93,17 +93,6 @@ def ref_alpha(z: np.ndarray, lo: int = 10, hi: int = 100) -> float:
 # -------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: these models are tiny, and OpenMP on a busy 2-core machine is not."""
-    from threadpoolctl import threadpool_limits
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):  # numpy's BLAS in the references, likewise
-        yield
-    torch.set_num_threads(saved)
-
 
 @pytest.fixture(scope="module")
 def factory(tmp_path_factory) -> str:

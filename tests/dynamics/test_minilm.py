@@ -26,17 +26,6 @@ def _rankme(s: np.ndarray, eps: float = 1e-7) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: OpenMP is very slow on a shared, busy 2-core machine."""
-    from threadpoolctl import threadpool_limits
-
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):  # numpy's BLAS in the references, likewise
-        yield
-    torch.set_num_threads(saved)
-
 
 @pytest.fixture(scope="module")
 def model_dir():
