@@ -45,14 +45,17 @@ arithmetic overlaps training.  The recorded Dataset is the same as in synchronou
 :meth:`Monitor.close` wait for pending evaluations; an exception raised in the worker is
 re-raised on the training thread at the next :meth:`Monitor.step` (or ``flush``/``close``).
 *Model probes* still run synchronously on the training thread: they need the model's current
-weights.  Caveats: a feature probe run in the background must not draw from the global random
-generators (they are shared with the training thread); and ``torch.set_num_threads`` is
-process-wide, so when training uses more than one intra-op thread the worker's single-thread
-LAPACK guard (``probes.spectral.lapack_single_thread``) briefly changes the training thread's
-count too — train on one thread (the natural split on a small machine) for bit-identity.
-Background mode pays off only when a core is free for the worker: with as many intra-op
-threads as cores, the worker's own OpenMP threads oversubscribe the machine (measured on 2
-cores with 2 threads: training 1.4-1.7x slower, against 1.04-1.06x with 1 thread).
+weights.  A feature probe run in the background must not draw from the global random
+generators (they are shared with the training thread).
+
+The worker thread computes on one intra-op thread: torch's intra-op thread count is a
+per-thread setting (OpenMP's ``nthreads`` is a per-thread variable; ``torch.set_num_threads``
+in one thread leaves another thread's count as it was), so the worker's
+``torch.set_num_threads(1)`` does not touch the training thread's threads and its solves do not
+open an OpenMP team of their own.  Background mode pays off only when a core is free for the
+worker: arithmetic is not free because it moved to another thread.  When training already
+keeps every core busy, the monitor's CPU time comes out of training either way, and the cost
+is ``≈ t_monitor / t_train`` in both modes (``benchmarks/monitor_overhead.py`` measures both).
 
 **Spectral probes share one accumulator.**  ``rankme``, ``rankme_covariance`` and
 ``alpha_req`` (the registry's default-parameter functions) of a layer are computed from a
@@ -465,8 +468,10 @@ class Monitor:
                     feats = self._capture() if (self.layers and self.probes) else None
                 extra = self._model_probe_values()
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1,
-                                                    thread_name_prefix="traindyn-monitor")
+                # one intra-op thread for the worker only (a per-thread setting; see above)
+                self._executor = ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="traindyn-monitor",
+                    initializer=torch.set_num_threads, initargs=(1,))
             self._pending.append(self._executor.submit(
                 self._background_job, int(step), feats, extra, scalars))
         self.seconds_spent += _time.perf_counter() - start

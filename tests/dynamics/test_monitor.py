@@ -392,6 +392,37 @@ def test_background_mode_records_the_same_dataset_and_store_without_disturbing(t
     assert back.seconds_background > 0 and back._executor is None  # closed
 
 
+def test_background_worker_runs_on_one_thread_and_leaves_the_training_threads_alone():
+    """Regression: the worker's single-thread setting must not change the training thread's
+    intra-op thread count (torch's count is per thread; the old LAPACK guard was believed to
+    be process-wide, which made background mode oversubscribe or slow training)."""
+    from probes.registry import FeatureProbe
+
+    seen = []
+
+    def threads_seen(features):
+        seen.append(torch.get_num_threads())
+        return float(features.shape[1])
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+        monitor = Monitor(model, probes=[FeatureProbe("width", threads_seen, "width", "1", "-")],
+                          layers=["1"], schedule=linear(1), probe_data=torch.randn(10, 4),
+                          background=True)
+        with monitor:
+            for step in range(3):
+                monitor.step(step)
+                assert torch.get_num_threads() == 2
+            ds = monitor.to_dataset()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)
+    assert seen == [1, 1, 1]
+    np.testing.assert_array_equal(ds["width"].values, np.full((3, 1), 6.0))
+
+
 def test_the_shared_spectral_accumulator_equals_the_one_shot_functions():
     from probes.spectral import alpha_req, rankme, rankme_covariance
 
