@@ -34,13 +34,24 @@ Reliability:
   run on one thread; workers use the caller's torch thread count unless ``threads`` is set).
   Worker processes are spawned: a script calling ``analyze(workers=N)`` needs the usual
   ``if __name__ == "__main__":`` guard (notebooks and the command line need nothing).
+  The ``LocalCluster`` comes from :func:`dynamics._dask.local_client`, whose workers run with
+  glibc's default malloc settings: dask's nanny otherwise exports
+  ``MALLOC_TRIM_THRESHOLD_=65536``, which turns every large tensor allocation into a fresh
+  ``mmap`` and made a worker take ~1.7 s per tiny-LM checkpoint against ~0.95 s serially.
+* With ``scheduler=`` the workers are someone else's and keep their own environment: workers
+  started with dask's default ``MALLOC_TRIM_THRESHOLD_`` run allocation-heavy models (a
+  transformer's forward pass) up to ~2× slower per checkpoint than a serial run.  Start them
+  from a shell where ``MALLOC_TRIM_THRESHOLD_`` is unset, with the dask config entry
+  ``distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_: null`` in a YAML file of
+  ``~/.config/dask/`` (or of the folder named by ``DASK_CONFIG``), or as ``dask worker
+  --no-nanny``.  (A ``DASK_DISTRIBUTED__…`` environment variable cannot do it: dask lower-cases
+  the key it names.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import re
 import sys
@@ -57,6 +68,7 @@ import torch
 import xarray as xr
 
 from dynamics import records
+from dynamics._dask import local_client
 from dynamics.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -561,27 +573,16 @@ def _describe(result: dict) -> str:
 def _run_dask(pending: list[Checkpoint], spec: AnalyzeSpec, workers: int,
               scheduler: str | None, threads: int, on_result: Callable[[dict], None]) -> None:
     try:
-        from distributed import Client, LocalCluster, as_completed
+        from distributed import Client, as_completed
     except ImportError as err:  # pragma: no cover - optional dependency
         raise ImportError("workers/scheduler need dask.distributed: "
                           "pip install 'traindyn[dist]'") from err
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
-        client = Client(cluster)
-    try:
+    with (Client(scheduler) if scheduler else local_client(workers)) as client:
         futures = [client.submit(analyze_checkpoint, c, spec, threads, pure=False,
                                  key=f"traindyn-analyze-{spec.key()[:8]}-step{c.step}")
                    for c in pending]
         for future in as_completed(futures):
             on_result(future.result())
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def analyze(
@@ -644,7 +645,11 @@ def analyze(
     output : path ending in ``.nc`` or ``.zarr``
         Save the Dataset there; per-checkpoint results go to ``<output>.parts/`` as they
         finish, and a re-run resumes from them.
-    workers, scheduler : dask fan-out (module docstring).
+    workers, scheduler : dask fan-out (module docstring).  ``workers=N`` (N > 1) starts a
+        ``LocalCluster`` of N single-threaded processes for this call; ``scheduler`` is the
+        address of a running cluster, whose workers should be started without dask's
+        ``MALLOC_TRIM_THRESHOLD_`` (up to ~2× slower per checkpoint otherwise; module
+        docstring).
     threads : int, optional
         torch threads of each dask worker for the forward pass (default: this process's
         ``torch.get_num_threads()``, so that the forward pass, and hence every number, equals

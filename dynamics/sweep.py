@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 
 from dynamics import records
+from dynamics._dask import local_client
 
 __all__ = ["sweep"]
 
@@ -46,11 +47,10 @@ def _run(recipe: Recipe, params: dict[str, Any], seed: int, fixed: dict[str, Any
 
 @contextlib.contextmanager
 def _client(client: Any, n_workers: int) -> Iterator[Any]:
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     if client is None:
-        with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None) as cluster, Client(cluster) as made:
+        with local_client(n_workers) as made:
             yield made
     elif isinstance(client, str):
         with Client(client) as made:
