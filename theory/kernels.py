@@ -340,7 +340,11 @@ def krr_errors(spectrum: Spectrum, n: np.ndarray, ridge: np.ndarray, noise_var: 
     with np.errstate(divide="ignore"):
         e0 = np.where(n - q > 0, n / np.where(n - q > 0, n - q, 1.0), np.inf)
     bias = spectrum.bias_terms(kappa)
-    test = e0 * (bias + noise_var)
+    # E₀·(bias + σ²) with 0·∞ = 0: at the interpolation threshold (δ = 0, n = number of
+    # modes) E₀ = ∞ but κ = 0 learns every mode, so a noiseless target has zero error (the
+    # square system is solved exactly) and only noise diverges
+    with np.errstate(invalid="ignore"):
+        test = np.where(bias == 0, 0.0, e0 * bias) + (e0 * noise_var if noise_var else 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         # δ/(nκ); at κ = 0 (ridgeless, fewer modes than samples) its limit 1 − Σ L_i / n
         factor = np.where(ridge > 0, ridge / (n * np.where(kappa > 0, kappa, 1.0)),

@@ -107,6 +107,26 @@ def test_finite_rank_ridgeless_limit_and_divergence():
     assert np.isinf(float(div.test_error))
 
 
+def test_noiseless_interpolation_threshold_is_exact_recovery_not_nan():
+    """Regression: ridgeless, noiseless, n = number of modes gave NaN (0·∞) behind a bare
+    numpy warning.  n samples of an n-mode target solve a square system exactly, so the test
+    error is 0 - checked against least squares on sampled Gaussian features."""
+    import warnings
+
+    lam = 1.0 / np.arange(1, 21) ** 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = krr_learning_curve(lam, lam, n=[19.0, 20.0, 21.0], ridge=0.0)
+    assert np.all(np.isfinite(ds.test_error))
+    assert float(ds.test_error.sel(n=20.0)) == 0.0
+    rng = np.random.default_rng(0)
+    w = np.sqrt(lam)                      # target coefficients with v_i² = λ_i (target_power)
+    x = rng.standard_normal((20, 20)) * np.sqrt(lam)
+    w_hat = np.linalg.solve(x, x @ w)
+    x_test = rng.standard_normal((2000, 20)) * np.sqrt(lam)
+    assert np.mean((x_test @ (w_hat - w)) ** 2) < 1e-20
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="non-negative"):
         Spectrum([1.0, -0.1])
