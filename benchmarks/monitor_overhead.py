@@ -1,26 +1,32 @@
 """Overhead of the training monitor: the same run timed with and without it, in one process.
 
-The run: the digits MLP recipe's network (``64 → 256 → 256 → 10``, ReLU) trained by SGD with
-batch 128 for 5,000 steps.  The monitor: RankMe, alpha-ReQ and the neural-collapse metrics
-(``probes.collapse``) on both hidden layers, on the 540 held-out digits, at 40 log-spaced steps.
-Baseline runs before and after the synchronous monitored run give the noise of the machine;
-ratios are taken against their mean.  The weights of the two runs are compared bit for bit.
+The monitor: RankMe, alpha-ReQ and the neural-collapse metrics (``probes.collapse``) on two
+layers, on the 540 held-out digits, at 40 log-spaced steps of a 5,000-step SGD run (batch 128).
+Two training workloads, because the ratio is ``1 + n_eval · t_eval / t_train`` and so depends
+on what a training step costs:
 
-Then one evaluation is taken apart (forward pass with hooks, each probe on each layer, building
-the Dataset, appending to Zarr) so the printout says what dominates, and the ratio is
-extrapolated to other evaluation counts: ``ratio(n) ≈ 1 + n · t_eval / t_train``.  A schedule
-buys coverage (evaluations) linearly in cost; log-spacing puts them where the geometry changes
-fastest (early) for the same budget.
+* ``cnn`` — a small convolutional classifier of the 8×8 digits (conv 32 → conv 64 → max-pool →
+  conv 256 → global average pool → 256 → 10); probes on the pooled conv features and the
+  penultimate layer (both 256-wide).  The usual neural-collapse setting, at toy scale.
+* ``mlp`` — the digits MLP recipe's network ``64 → 256 → 256 → 10``; probes on both hidden
+  layers.  Its step costs about half a millisecond on a CPU, less than one evaluation's two
+  ``256 × 256`` eigensolves: the worst case for any monitor, kept to show where the budget
+  breaks.
 
-Both monitor modes are timed: *synchronous* (every evaluation on the training thread) and
-*background* (``Monitor(background=True)``: the training thread runs only the probe forward
-pass; the probes and the Zarr append run on one worker thread, overlapping training when a core
-is free).  The two monitored runs' Datasets are compared for equality.
+For each workload, in one process: baseline, synchronous monitor, background monitor
+(``Monitor(background=True)``), baseline again; the ratio is taken against the mean of the two
+baselines (their spread is printed: it is the noise floor of the machine).  Also printed: the
+ratio from the monitor's own clock, ``1 + t_monitor / t_baseline`` (the time the training
+thread spent in ``monitor.step``; less sensitive to machine noise); whether the weights are
+bit-identical with and without the monitor; one evaluation taken apart (forward pass, each
+probe, the Zarr append); and how the schedule trades coverage for cost — the ratio for other
+evaluation counts and how many evaluations fit a 5 % budget.
 
-Usage: ``python benchmarks/monitor_overhead.py [--steps 5000] [--evals 40] [--store]
-[--threads N]`` (``--store`` also streams every evaluation to a Zarr store in a temporary
-folder; ``--threads`` sets torch's intra-op threads of the training loop).
-Timings on a shared machine are noisy; run it on a quiet one for numbers to quote.
+Usage: ``python benchmarks/monitor_overhead.py [--model cnn mlp] [--steps 5000] [--evals 40]
+[--store] [--threads N] [--device cpu|cuda] [--quick]`` (``--store`` also streams every
+evaluation to a Zarr store in a temporary folder; ``--threads`` sets torch's intra-op threads;
+``--quick`` runs 1,000 steps and 20 evaluations, a smoke test).  Timings on a shared machine are
+noisy; run it on a quiet one for numbers to quote.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,19 +50,52 @@ from dynamics.schedules import evaluation_steps, log_spaced
 PROBES = ("rankme", "alpha_req", "neural_collapse")
 
 
-def train(steps: int, monitor_args: dict | None, width: int, batch: int,
-          finish: bool = False) -> tuple[float, dict, Monitor | None]:
-    """Time the run; ``finish`` also times waiting for the monitor's background work."""
+class DigitsCNN(nn.Module):
+    """Small convolutional classifier of 8×8 digit images (input: 64 pixels per row)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 256, 3, padding=1), nn.ReLU())
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(256, 256)
+        self.penultimate = nn.ReLU()
+        self.head = nn.Linear(256, 10)
+        self.hidden_names = ["pool", "penultimate"]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.pool(self.conv(x.reshape(-1, 1, 8, 8)))
+        return self.head(self.penultimate(self.fc(h)))
+
+
+WORKLOADS: dict[str, Callable[[], nn.Module]] = {
+    "cnn": DigitsCNN,
+    "mlp": lambda: DigitsMLP((256, 256)),
+}
+
+
+@dataclass
+class Run:
+    seconds: float
+    weights: dict[str, torch.Tensor]
+    monitor: Monitor | None
+
+
+def train(workload: str, steps: int, monitor_args: dict | None, device: str,
+          batch: int = 128) -> Run:
+    """One timed training run; a background monitor is flushed inside the timed region."""
     torch.manual_seed(0)
-    x_tr, y_tr, x_te, y_te = load_digits_split()
-    model = DigitsMLP((width, width))
+    x_tr, y_tr, x_te, y_te = (t.to(device) for t in load_digits_split())
+    model = WORKLOADS[workload]().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     monitor = (Monitor(model, layers=model.hidden_names, probe_data=x_te, probe_targets=y_te,
                        learning_rate=0.05, **monitor_args) if monitor_args is not None else None)
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for step in range(steps + 1):
-        idx = torch.randint(0, len(y_tr), (batch,), generator=gen)
+        idx = torch.randint(0, len(y_tr), (batch,), generator=gen).to(device)
         loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
         if monitor is not None:
             monitor.step(step, train_loss=loss.item())
@@ -65,17 +106,20 @@ def train(steps: int, monitor_args: dict | None, width: int, batch: int,
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if finish and monitor is not None:
+    if monitor is not None:
         monitor.flush()
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return seconds, {k: v.clone() for k, v in model.state_dict().items()}, monitor
+    return Run(seconds, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+               monitor)
 
 
 def breakdown(monitor: Monitor, store: Path) -> dict[str, float]:
-    """Seconds of each part of one evaluation (median of 5)."""
+    """Seconds of each part of one evaluation (median of 5; probes summed over layers)."""
     from probes import capture
     from probes.collapse import neural_collapse
-    from probes.spectral import alpha_req, rankme
+    from probes.spectral import SpectralMetrics
 
     model, x = monitor.model, monitor.probe_data
     parts: dict[str, list[float]] = {}
@@ -86,100 +130,122 @@ def breakdown(monitor: Monitor, store: Path) -> dict[str, float]:
         parts.setdefault(name, []).append(time.perf_counter() - t)
         return out
 
+    def spectral(f):
+        metrics = SpectralMetrics(["rankme", "alpha_req"])
+        metrics.update(f)
+        return metrics.compute()
+
     for _ in range(5):
         model.eval()
         with torch.no_grad(), capture(model, monitor.layers) as cap:
-            timed("forward + hooks", lambda: model(x))
+            timed("forward pass with hooks", lambda: model(x))
         feats = cap.activations()
         for layer in monitor.layers:
-            timed("rankme", lambda f=feats[layer]: rankme(f))
-            timed("alpha_req", lambda f=feats[layer]: alpha_req(f))
+            timed("rankme + alpha_req (one shared accumulator)",
+                  lambda f=feats[layer]: spectral(f))
             timed("neural_collapse", lambda f=feats[layer]: neural_collapse(
                 f, monitor.probe_targets))
-        timed("whole evaluation", lambda: monitor.evaluate(0, train_loss=1.0))
+        timed("whole evaluation (t_eval)", lambda: monitor.evaluate(0, train_loss=1.0))
         ds = monitor.evaluate(10**6, train_loss=1.0)
-        timed("zarr append", lambda d=ds: records.append_zarr(d, store))
+        timed("first Zarr append (xarray to_zarr)", lambda d=ds: records.append_zarr(d, store))
         model.train()
-    return {k: float(np.median(v)) * (1 if k in ("forward + hooks", "whole evaluation",
-                                                  "zarr append") else len(monitor.layers))
+    per_layer = {"rankme + alpha_req (one shared accumulator)", "neural_collapse"}
+    return {k: float(np.median(v)) * (len(monitor.layers) if k in per_layer else 1)
             for k, v in parts.items()}
+
+
+def schedule_for(steps: int, evals: int):
+    """Log-spaced schedule with exactly ``evals`` distinct evaluation steps (log-spacing
+    repeats small integers, so ask for more points until enough distinct steps remain)."""
+    count = evals
+    while len(evaluation_steps(log_spaced(steps, count), steps)) < evals:
+        count += 1
+    return log_spaced(steps, count)
+
+
+def run_workload(workload: str, args: argparse.Namespace, tmp: Path) -> dict:
+    schedule = schedule_for(args.steps, args.evals)
+    n_evals = len(evaluation_steps(schedule, args.steps))
+    store = (lambda name: tmp / f"{workload}-{name}.zarr") if args.store else (lambda name: None)
+    train(workload, 50, None, args.device)  # warm-up (allocator, kernels)
+    base1 = train(workload, args.steps, None, args.device)
+    sync = train(workload, args.steps, dict(probes=PROBES, schedule=schedule,
+                                            store=store("sync")), args.device)
+    back = train(workload, args.steps, dict(probes=PROBES, schedule=schedule,
+                                            store=store("background"), background=True),
+                 args.device)
+    base2 = train(workload, args.steps, None, args.device)
+    base = (base1.seconds + base2.seconds) / 2
+    mon, bg = sync.monitor, back.monitor
+    identical = all(torch.equal(base1.weights[k], sync.weights[k]) for k in base1.weights)
+    identical_bg = all(torch.equal(base1.weights[k], back.weights[k]) for k in base1.weights)
+    same = mon.to_dataset().drop_attrs().identical(bg.to_dataset().drop_attrs())
+    parts = breakdown(mon, tmp / f"{workload}-breakdown.zarr")
+    t_eval = mon.seconds_spent / n_evals
+    out = dict(workload=workload, n_evals=n_evals, base1=base1.seconds, base2=base2.seconds,
+               base=base, step=base / args.steps, sync=sync.seconds, back=back.seconds,
+               t_eval=t_eval, t_eval_bg=bg.seconds_spent / n_evals,
+               worker=bg.seconds_background / n_evals, identical=identical,
+               identical_bg=identical_bg, same=same, parts=parts,
+               storing=mon.seconds_storing / n_evals, layers=mon.layers)
+    _report(out, args)
+    return out
+
+
+def _report(r: dict, args: argparse.Namespace) -> None:
+    base = r["base"]
+    print(f"\n== {r['workload']}: {args.steps} steps of batch 128, {r['n_evals']} log-spaced "
+          f"evaluations of {PROBES} on {r['layers']}"
+          f"{', streamed to Zarr' if args.store else ''}")
+    print(f"  baseline runs        {r['base1']:7.2f} s, {r['base2']:7.2f} s  (spread "
+          f"{abs(r['base1'] - r['base2']) / base:.1%}); training step {r['step'] * 1e3:.3f} ms")
+    print(f"  synchronous monitor  {r['sync']:7.2f} s   RATIO {r['sync'] / base:.3f}   "
+          f"(monitor's own clock: {1 + r['t_eval'] * r['n_evals'] / base:.3f}; "
+          f"t_eval {r['t_eval'] * 1e3:.1f} ms, of which storing {r['storing'] * 1e3:.1f} ms)")
+    print(f"  background monitor   {r['back']:7.2f} s   RATIO {r['back'] / base:.3f}   "
+          f"(training thread's clock: {1 + r['t_eval_bg'] * r['n_evals'] / base:.3f}; "
+          f"worker {r['worker'] * 1e3:.1f} ms per evaluation; the final wait is timed)")
+    print(f"  weights bit-identical with and without the monitor: synchronous "
+          f"{r['identical']}, background {r['identical_bg']}; the two monitors' Datasets "
+          f"identical: {r['same']}")
+    print("  one evaluation taken apart (median of 5):")
+    for name, seconds in sorted(r["parts"].items(), key=lambda kv: -kv[1]):
+        print(f"    {name:44s} {seconds * 1e3:8.2f} ms")
+    per_eval = r["t_eval"]
+    counts = ", ".join(f"n={n}: {1 + n * per_eval / base:.3f}" for n in (10, 20, 40, 100, 400))
+    print(f"  synchronous ratio(n) = 1 + n·t_eval/t_run: {counts}")
+    print(f"  evaluations that fit a 5% budget: {int(0.05 * base / per_eval)}; "
+          f"break-even training step for 40 evaluations at 5%: "
+          f"{40 * per_eval / 0.05 / args.steps * 1e3:.2f} ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", choices=sorted(WORKLOADS), default=["cnn", "mlp"])
     parser.add_argument("--steps", type=int, default=5000)
     parser.add_argument("--evals", type=int, default=40)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--store", action="store_true", help="also stream to Zarr")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="1,000 steps, 20 evaluations")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.evals = 1000, 20
     if args.threads:
         torch.set_num_threads(args.threads)
-
-    count = args.evals   # log-spacing repeats small integers: ask for more to get `evals` steps
-    while len(evaluation_steps(log_spaced(args.steps, count), args.steps)) < args.evals:
-        count += 1
-    schedule = log_spaced(args.steps, count)
-    n_evals = len(evaluation_steps(schedule, args.steps))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    device_name = (torch.cuda.get_device_name() if args.device == "cuda" else
+                   f"CPU, {torch.get_num_threads()} intra-op threads")
+    print(f"torch {torch.__version__} on {device_name}")
     tmp = Path(tempfile.mkdtemp(prefix="traindyn-overhead-"))
-    store = tmp / "run.zarr" if args.store else None
-    train(50, None, args.width, args.batch)  # warm-up (allocator, kernels)
-
-    base1, w_base, _ = train(args.steps, None, args.width, args.batch)
-    mon_s, w_mon, monitor = train(args.steps, dict(probes=PROBES, schedule=schedule,
-                                                   store=store), args.width, args.batch)
-    base2, _, _ = train(args.steps, None, args.width, args.batch)
-    # the background run goes last: with several intra-op threads its worker thread leaves
-    # OpenMP threads of its own behind, which slowed any run after it (2-3x, measured)
-    bg_store = tmp / "background.zarr" if args.store else None
-    bg_s, w_bg, bg = train(args.steps, dict(probes=PROBES, schedule=schedule, store=bg_store,
-                                            background=True), args.width, args.batch,
-                           finish=True)
-    base = (base1 + base2) / 2
-    identical = all(torch.equal(w_base[k], w_mon[k]) for k in w_base)
-    identical_bg = all(torch.equal(w_base[k], w_bg[k]) for k in w_base)
-    same = monitor.to_dataset().drop_attrs().identical(bg.to_dataset().drop_attrs())
-
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.steps} steps, width {args.width}, batch {args.batch}")
-    print(f"probes {PROBES} on {monitor.layers}, {n_evals} log-spaced evaluations"
-          f"{', streamed to Zarr' if store else ''}")
-    print(f"baseline runs       {base1:8.2f} s, {base2:8.2f} s  (spread "
-          f"{abs(base1 - base2) / base:.1%})")
-    print(f"monitored run       {mon_s:8.2f} s  (monitor's own clock: "
-          f"{monitor.seconds_spent:.2f} s, of which storing {monitor.seconds_storing:.2f} s)")
-    print(f"RATIO monitored / baseline = {mon_s / base:.3f}   (target <= 1.05)")
-    print(f"ratio from the monitor's own clock, 1 + t_monitor / t_baseline = "
-          f"{1 + monitor.seconds_spent / base:.3f}   (less sensitive to machine noise)")
-    print(f"weights bit-identical with and without the monitor: {identical}")
-    print(f"\nbackground run      {bg_s:8.2f} s  (training thread's monitor clock: "
-          f"{bg.seconds_spent:.2f} s; worker: {bg.seconds_background:.2f} s, of which storing "
-          f"{bg.seconds_storing:.2f} s; includes waiting for the worker at the end)")
-    print(f"RATIO background / baseline = {bg_s / base:.3f}   (target <= 1.05)")
-    print(f"ratio from the training thread's monitor clock = "
-          f"{1 + bg.seconds_spent / base:.3f}")
-    print(f"background: weights bit-identical {identical_bg}; Dataset identical to the "
-          f"synchronous run's {same}")
-
-    parts = breakdown(monitor, tmp / "breakdown.zarr")
-    if store:
-        parts["zarr append (monitor, in the run)"] = monitor.seconds_storing / n_evals
-    per_eval = parts["whole evaluation"] + (parts["zarr append (monitor, in the run)"]
-                                            if store else 0.0)
-    print("\none evaluation, median of 5 (probe times summed over layers; 'zarr append' is"
-          " xarray's to_zarr append, the monitor's first append; later ones write the open"
-          " arrays directly; the zarr append counts in t_eval only with --store):")
-    for name, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
-        print(f"  {name:34s} {seconds * 1e3:9.2f} ms")
-    per_step = base / args.steps
-    print(f"\ntraining step       {per_step * 1e3:9.3f} ms")
-    print("synchronous ratio(n) = 1 + n · t_eval / t_train for other evaluation counts"
-          " (background mode moves all but the forward pass off the training thread):")
-    for n in (10, 20, 40, 100, 400):
-        print(f"  n = {n:4d}: {1 + n * per_eval / base:.3f}")
-    budget = int(0.05 * base / per_eval)
-    print(f"evaluations that fit in a 5% budget here: {budget}")
+    results = [run_workload(w, args, tmp) for w in args.model]
+    print("\nsummary (target: ratio <= 1.05)")
+    print("  workload  step ms  t_eval ms  synchronous  background  monitor-clock")
+    for r in results:
+        print(f"  {r['workload']:8s}  {r['step'] * 1e3:7.3f}  {r['t_eval'] * 1e3:9.1f}  "
+              f"{r['sync'] / r['base']:11.3f}  {r['back'] / r['base']:10.3f}  "
+              f"{1 + r['t_eval'] * r['n_evals'] / r['base']:13.3f}")
 
 
 if __name__ == "__main__":
