@@ -6,12 +6,16 @@ Run::
     .venv/bin/python benchmarks/ntk.py                 # all shapes, neural-tangents if found
     .venv/bin/python benchmarks/ntk.py --no-nt         # traindyn only
     .venv/bin/python benchmarks/ntk.py --peak 4096     # peak memory of an n = 4096 NTK
+    python3 benchmarks/ntk.py --device cuda --no-nt --quick   # on a GPU (no neural-tangents)
 
 neural-tangents lives in its own environment (see ``benchmarks/ntk_reference.py`` for the two
 commands that create ``/tmp/nt-env``); point ``--nt-python`` (or ``$NT_PYTHON``) at its python.
 Timings are the best of interleaved repeats after one warm-up call (neural-tangents: the median
 and best after jit compilation), on whatever the machine is doing at the time: on a shared
-machine they are noisy, so the script prints ratios measured in the same run.
+machine they are noisy, so the script prints ratios measured in the same run.  With
+``--device cuda`` models and inputs live on the GPU, every timed call is bracketed by
+``torch.cuda.synchronize()``, the neural-tangents comparison is skipped (it runs on the CPU), and
+the peak-memory line reports the peak CUDA allocation above what was allocated before the call.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 from probes.ntk import empirical_ntk  # noqa: E402
 
 METHODS = ("auto", "structured", "ntk_vp", "jacobian")
+CPU = torch.device("cpu")
 
 
 def mlp(d_in: int, width: int, depth: int, k: int) -> nn.Sequential:
@@ -55,11 +60,18 @@ def cnn(channels: int, k: int, side: int) -> nn.Sequential:
                          nn.Linear(channels * out * out, k))
 
 
-def timeit_interleaved(fns: dict, repeats: dict) -> dict:
+def _sync(device: torch.device) -> None:
+    """Wait for queued CUDA work so a wall-clock interval covers the kernels it launched."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timeit_interleaved(fns: dict, repeats: dict,
+                       device: torch.device = CPU) -> dict:
     """Best time of each function over rounds that alternate between them (after a warm-up).
 
     Alternating rounds and taking the minimum keep a shared machine's load bursts from landing
-    on one method only.
+    on one method only.  On CUDA each call is bracketed by a synchronisation.
     """
     best = {}
     for name, fn in fns.items():
@@ -68,8 +80,10 @@ def timeit_interleaved(fns: dict, repeats: dict) -> dict:
     for r in range(max(repeats.values())):
         for name, fn in fns.items():
             if r < repeats[name]:
+                _sync(device)
                 t = time.perf_counter()
                 fn()
+                _sync(device)
                 best[name] = min(best[name], time.perf_counter() - t)
     return best
 
@@ -102,13 +116,17 @@ def run_nt(nt_python: str, model, x, kind, repeats, skip) -> dict | None:
         return res
 
 
-def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip):
-    print(f"\n== {name}: n = {x.shape[0]}, output = {output!r}")
+def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip,
+               device: torch.device = CPU):
+    print(f"\n== {name}: n = {x.shape[0]}, output = {output!r}, device {device}")
     model.eval()
+    if device.type != "cpu":  # neural-tangents reads CPU copies; timings use the device ones
+        nt_python = None
+    model, x = model.to(device), x.to(device)
     fns = {m: (lambda m=m: empirical_ntk(model, x, output=output, method=m)) for m in methods}
     reps = {m: 1 if m == "jacobian" and x.shape[0] >= 128 else repeats for m in methods}
     with torch.no_grad():
-        times = timeit_interleaved(fns, reps)
+        times = timeit_interleaved(fns, reps, device)
     kernels = {m: fn() for m, fn in fns.items()}
     for m in methods:
         print(f"  traindyn {m:<11s} {times[m]:9.4f} s")
@@ -134,11 +152,15 @@ def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip):
     return times
 
 
-def peak(n: int) -> None:
-    """Peak resident memory of an n-sample traced NTK of the headline MLP (fresh process)."""
+def peak(n: int, device: torch.device = CPU) -> None:
+    """Peak resident memory of an n-sample traced NTK of the headline MLP (fresh process); on
+    CUDA, the peak allocation above what was allocated before the call."""
     torch.manual_seed(0)
     model = mlp(64, 512, 2, 10)
     x = torch.randn(n, 64)
+    if device.type == "cuda":
+        _peak_cuda(model.to(device), x.to(device), device)
+        return
     before = _rss_gib()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     t = time.perf_counter()
@@ -150,6 +172,24 @@ def peak(n: int) -> None:
     print(f"n = {n}: traced NTK {tuple(K.shape)} in {dt:.1f} s; peak RSS {after:.2f} GiB "
           f"(resident before the call {before:.2f} GiB, peak before {peak_before:.2f} GiB); "
           f"the full (n, n, 10, 10) float32 kernel alone would take {full_gib:.1f} GiB")
+
+
+def _peak_cuda(model: nn.Module, x: torch.Tensor, device: torch.device) -> None:
+    n = x.shape[0]
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        K = empirical_ntk(model, x, output="trace")
+    torch.cuda.synchronize(device)
+    dt = time.perf_counter() - t
+    extra = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    full_gib = n * n * 100 * 4 / 2**30
+    print(f"n = {n}: traced NTK {tuple(K.shape)} on {torch.cuda.get_device_name(device)} in "
+          f"{dt:.2f} s; peak CUDA allocation {extra:.2f} GiB above the {base / 2**30:.2f} GiB "
+          f"allocated before the call; the full (n, n, 10, 10) float32 kernel alone would take "
+          f"{full_gib:.1f} GiB")
 
 
 def _rss_gib() -> float:
@@ -169,15 +209,23 @@ def main() -> None:
     ap.add_argument("--peak", type=int, default=0, help="only measure peak memory at this n")
     ap.add_argument("--quick", action="store_true", help="skip the slow explicit methods at n=128")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu",
+                    help="torch device of models and inputs (default cpu; e.g. cuda)")
     args = ap.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.peak:
-        peak(args.peak)
+        peak(args.peak, device)
         return
     nt_python = None if args.no_nt or not Path(args.nt_python).exists() else args.nt_python
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor()}"
-          f"; neural-tangents python: {nt_python}")
+    if device.type != "cpu":
+        nt_python = None
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device} "
+          f"({where}); neural-tangents python: {nt_python}")
     torch.manual_seed(0)
     head = METHODS[:2] if args.quick else METHODS
     cases = [
@@ -190,9 +238,9 @@ def main() -> None:
          "full", METHODS, ""),
     ]
     for name, model, x, output, methods, skip in cases:
-        bench_case(name, model, x, output, args.repeats, methods, nt_python, skip)
+        bench_case(name, model, x, output, args.repeats, methods, nt_python, skip, device)
     print("\npeak memory (fresh process):")
-    subprocess.run([sys.executable, __file__, "--peak", "4096",
+    subprocess.run([sys.executable, __file__, "--peak", "4096", "--device", args.device,
                     *(["--threads", str(args.threads)] if args.threads else [])], check=False)
 
 
