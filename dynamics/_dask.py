@@ -77,8 +77,8 @@ def local_client(n_workers: int, threads_per_worker: int = 1,
     threads_per_worker : int
         Threads per worker (default 1: the tasks run torch, which has its own threads).
     **cluster_kwargs
-        Passed to ``LocalCluster`` (they override the defaults ``processes=True``,
-        ``dashboard_address=None``, ``silence_logs=logging.ERROR``).
+        Passed to ``LocalCluster`` (they override the defaults ``processes=True``, no
+        dashboard, ``silence_logs=logging.ERROR``).
 
     Yields
     ------
@@ -102,6 +102,10 @@ def local_client(n_workers: int, threads_per_worker: int = 1,
                           "pip install 'traindyn[dist]'") from err
     options: dict[str, Any] = dict(processes=True, dashboard_address=None,
                                    silence_logs=logging.ERROR)
+    if "dashboard_address" not in cluster_kwargs:
+        # no dashboard; the scheduler's small HTTP server (health routes) on a free local port
+        # instead of 8787, which another cluster may hold
+        options["scheduler_kwargs"] = {"dashboard": False, "dashboard_address": "127.0.0.1:0"}
     options.update(cluster_kwargs)
     unset = {f"distributed.nanny.pre-spawn-environ.{MALLOC_VARIABLE}": None}
     with dask.config.set(unset), _spawn_environment():

@@ -25,7 +25,10 @@ Reliability:
   ``os.replace``) to ``<output>.parts/`` as soon as it finishes.  A re-run skips checkpoints
   whose result is there for the same parameters and unchanged files, so a run killed at any
   point (SIGKILL included) and restarted gives the same Dataset as an uninterrupted run.
-  Only the timing variables (:data:`TIMING_VARIABLES`) differ between runs.
+  Only the timing variables (:data:`TIMING_VARIABLES`) differ between runs.  The final NetCDF
+  file replaces the old one with one ``os.replace``; a Zarr store (a folder) is written whole
+  beside the old one and swapped in atomically where Linux allows (``renameat2`` exchange),
+  else by two renames that the next run repairs if a crash falls between them.
 * Identical weights under different steps are flagged (``duplicate``, ``duplicate_of``), from
   a content hash of the tensors.
 * ``workers=N`` fans checkpoints out over a ``dask.distributed`` ``LocalCluster`` (``N``
@@ -412,6 +415,134 @@ def _read_part(path: Path, checkpoint: Checkpoint, spec_key: str) -> dict | None
 
 
 # --------------------------------------------------------------------------------------------
+# the Zarr output, replaced as atomically as the filesystem allows
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform, C library or filesystem cannot (the caller then falls
+    back to two renames); other errors raise ``OSError``.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28 or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and folder under ``path`` to disk (so a rename publishes whole data)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def _store_temp(output: Path, kind: str) -> Path:
+    return output.with_name(f".{output.name}.{kind}-{os.getpid()}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False  # unknown, or an earlier call of this very process (finished or failed)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _recover_store(output: Path) -> None:
+    """Tidy what a run killed while replacing ``output`` left next to it.
+
+    ``.<name>.new-<pid>.tmp`` (a store being written, or the old one after the exchange) is
+    deleted; ``.<name>.old-<pid>.tmp`` (the old store moved aside by the two-rename fallback)
+    is moved back when ``output`` is missing, deleted otherwise.  Temporaries of a process
+    that is still running are left alone.
+    """
+    import shutil
+
+    leftovers = []
+    for path in output.parent.glob(f".{output.name}.*.tmp"):
+        match = re.search(r"\.(new|old)-(\d+)\.tmp\Z", path.name)
+        kind, pid = (match.group(1), int(match.group(2))) if match else ("new", -1)
+        if not _alive(pid):
+            leftovers.append((path.stat().st_mtime, kind, path))
+    olds = sorted((item for item in leftovers if item[1] == "old"), reverse=True)
+    if olds and not os.path.lexists(output):
+        os.rename(olds[0][2], output)
+        leftovers.remove(olds[0])
+    for _, _, path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _replace_store(ds: xr.Dataset, output: Path) -> None:
+    """Write ``ds`` as the Zarr store ``output`` so that a crash at any moment leaves the old
+    complete store or the new complete one.
+
+    The new store is written whole into a sibling temporary folder and flushed to disk, then
+    swapped in: with one atomic ``renameat2(RENAME_EXCHANGE)`` where Linux and the filesystem
+    allow it (``output`` is never absent), otherwise with two renames (old → ``.old-…``, new →
+    ``output``), between which ``output`` is briefly absent and a crash leaves the old store
+    at ``.<name>.old-<pid>.tmp``, which :func:`_recover_store` (run at the start of every
+    :func:`analyze` with this output) moves back.  The replaced store is deleted last.
+    """
+    import shutil
+
+    _recover_store(output)
+    new = _store_temp(output, "new")
+    shutil.rmtree(new, ignore_errors=True)
+    records.save_zarr(ds, new)
+    _fsync_tree(new)
+    if not os.path.lexists(output):
+        os.rename(new, output)
+    elif _exchange(new, output):
+        shutil.rmtree(new)  # it now holds the old store
+    else:
+        old = _store_temp(output, "old")
+        os.rename(output, old)
+        os.rename(new, output)
+        shutil.rmtree(old)
+    _fsync_dir(output.parent)
+
+
+# --------------------------------------------------------------------------------------------
 # assembly
 
 
@@ -562,6 +693,29 @@ def summary_table(ds: xr.Dataset, max_rows: int = 40) -> str:
 # the series
 
 
+def _check_flatten(inputs: ProbeInputs) -> None:
+    """``reduce="flatten"`` needs one input shape: raise before any checkpoint is loaded.
+
+    Flattening keeps every position, ``(batch, tokens·features)``, so batches tokenised to
+    different lengths (padding to each batch's longest text) give feature vectors of different
+    sizes, which no statistic over samples can combine.
+    """
+    def shape(batch: Any) -> tuple[int, ...]:
+        first = batch.inputs if isinstance(batch.inputs, torch.Tensor) else (
+            batch.inputs.get("input_ids", next(iter(batch.inputs.values()))))
+        return tuple(first.shape[1:])
+
+    shapes = sorted({shape(b) for b in inputs.batches})
+    if len(shapes) > 1:
+        listed = ", ".join(str(s[0] if len(s) == 1 else s) for s in shapes[:6])
+        raise ValueError(
+            f"reduce='flatten' keeps every token position, so all probe inputs need the same "
+            f"length, but these batches have sequence lengths {listed}"
+            f"{' …' if len(shapes) > 6 else ''}: use reduce='mean', 'last' or 'cls' (one "
+            f"vector per sequence), or inputs of one fixed length (a token file with "
+            f"equal-length rows, or a max_length that every text reaches)")
+
+
 def _describe(result: dict) -> str:
     s = result["seconds"]
     if result["status"] == "ok":
@@ -635,7 +789,9 @@ def analyze(
         Required; ``"blocks.*"`` selects the blocks, not their sub-modules.  A pattern that
         matches nothing raises ``KeyError`` listing the model's modules.
     reduce : token reduction of ``probes.capture``
-        Default ``"mean"`` for text inputs and ``"flatten"`` otherwise.
+        Default ``"mean"`` for text inputs and ``"flatten"`` otherwise.  ``"flatten"`` needs
+        inputs of one shape: text tokenised into batches of different lengths raises
+        ``ValueError`` before any checkpoint is loaded.
     device, dtype : where and in which precision the model runs (``device="auto"``: CUDA if
         available); statistics are float64 on that device.
     strict : bool
@@ -702,6 +858,8 @@ def analyze(
         layers=tuple(layers or ()), reduce=reduce, device=device, dtype=dtype, strict=strict,
         seed=seed)
     probe_inputs = _inputs(spec)  # errors in the inputs surface here, before any work
+    if reduce == "flatten":
+        _check_flatten(probe_inputs)
     if any(c.format != "hf" for c in series):
         if model is None:
             raise ValueError("state-dict checkpoints need a model factory: "
@@ -716,6 +874,8 @@ def analyze(
 
     spec_key = spec.key()
     output = Path(output) if output is not None else None
+    if output is not None and output.suffix == ".zarr":
+        _recover_store(output)  # a store a killed run was replacing: back, temporaries gone
     parts = _parts_dir(output) if output is not None else None
     results: dict[int, dict] = {}
     pending: list[Checkpoint] = []
@@ -769,13 +929,7 @@ def analyze(
     ds = _assemble(list(results.values()), spec, attrs, learning_rate)
     if output is not None:
         if output.suffix == ".zarr":
-            tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-            records.save_zarr(ds, tmp)
-            if output.exists():
-                import shutil
-
-                shutil.rmtree(output)
-            os.replace(tmp, output)
+            _replace_store(ds, output)
         else:
             records.save(ds, output)
     if figures:

@@ -1,0 +1,262 @@
+"""Edges of ``dynamics.analyze``: ``reduce="flatten"`` on text of unequal lengths (clear error up
+front; equal lengths work and are right), and the Zarr output replaced atomically (a crash at
+any moment leaves the old complete store or the new one; leftovers are tidied next run)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from dynamics import analyze as analyze_module
+from dynamics import records
+from dynamics.analyze import _recover_store, _replace_store, analyze
+from dynamics.probe_inputs import byte_tokenize, load_probe_inputs, stdlib_sentences
+from tests.helpers import ROOT, assert_rel
+
+CAUSAL = """
+from torch import nn
+
+
+class Causal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(256, 4)
+        self.mix = nn.Identity()
+
+    def forward(self, tokens):
+        return self.mix(self.embed(tokens).cumsum(1))  # position t sees tokens <= t
+
+
+def make_model():
+    return Causal()
+"""
+
+
+@pytest.fixture
+def causal(tmp_path) -> tuple[str, Path, dict]:
+    file = tmp_path / "causal.py"
+    file.write_text(CAUSAL)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from causal import make_model
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("causal", None)
+    torch.manual_seed(0)
+    state = make_model().state_dict()
+    torch.save(state, tmp_path / "step1.pt")
+    return f"{file}:make_model", tmp_path / "step1.pt", state
+
+
+def _rankme(z: np.ndarray, eps: float = 1e-7) -> float:
+    """RankMe (Garrido et al. 2023, Eq. 1) from a float64 SVD."""
+    s = np.linalg.svd(np.asarray(z, np.float64), compute_uv=False)
+    p = s / s.sum() + eps
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+# ----------------------------------------------------------------------------- flatten
+
+
+def test_flatten_of_text_batches_of_unequal_length_fails_before_any_checkpoint(
+        causal, monkeypatch):
+    model, checkpoint, _ = causal
+    kw = dict(inputs="stdlib-text", tokenizer="bytes", n_samples=40, batch_size=16,
+              max_length=200)
+    widths = {b.inputs.shape[1] for b in load_probe_inputs(**{"source": kw["inputs"], **{
+        k: v for k, v in kw.items() if k != "inputs"}}).batches}
+    assert len(widths) > 1, "the premise: these batches are padded to different lengths"
+
+    def never(*args, **kwargs):
+        raise AssertionError("a checkpoint was analysed before the error")
+
+    monkeypatch.setattr(analyze_module, "analyze_checkpoint", never)
+    with pytest.raises(ValueError, match=r"reduce='flatten'.*reduce='mean', 'last' or 'cls'"):
+        analyze([checkpoint], model=model, layers=["mix"], reduce="flatten", probes=["rankme"],
+                progress=False, **kw)
+
+
+def test_flatten_of_text_of_one_length_equals_a_float64_reference(causal):
+    """max_length 8: every sentence reaches it, so every batch is 8 tokens wide."""
+    model, checkpoint, state = causal
+    ds = analyze([checkpoint], model=model, layers=["mix"], reduce="flatten", probes=["rankme"],
+                 inputs="stdlib-text", tokenizer="bytes", n_samples=60, batch_size=16,
+                 max_length=8, progress=False)
+    assert ds["status"].values[0] == "ok", ds["reason"].values[0]
+    ids, mask = byte_tokenize(stdlib_sentences(60), 8)
+    assert ids.shape == (60, 8) and bool(mask.all())
+    emb = state["embed.weight"].double().numpy()
+    z = emb[ids.numpy()].cumsum(1).reshape(60, -1)  # (sample, tokens·features) = (60, 32)
+    assert_rel(ds["rankme"].values[0, 0], _rankme(z), 1e-6, "flattened text RankMe")
+
+
+# ----------------------------------------------------------------------------- Zarr output
+
+
+class Crash(BaseException):
+    """Stands for the process dying: no ``except Exception`` clean-up runs."""
+
+
+def _ds(k: float) -> xr.Dataset:
+    return xr.Dataset({"v": ("step", np.arange(4.0) + k)}, coords={"step": [0, 1, 2, 3]})
+
+
+def _value(path: Path) -> float:
+    return float(records.load(path)["v"].values[0])
+
+
+def _leftovers(path: Path) -> list[str]:
+    return sorted(p.name for p in path.parent.glob(f".{path.name}.*"))
+
+
+def test_replacing_a_store_leaves_only_the_new_one(tmp_path):
+    out = tmp_path / "r.zarr"
+    _replace_store(_ds(1), out)
+    _replace_store(_ds(2), out)
+    assert _value(out) == 2.0
+    assert _leftovers(out) == []
+
+
+def test_a_crash_while_writing_keeps_the_old_store_and_the_next_run_tidies(tmp_path,
+                                                                           monkeypatch):
+    out = tmp_path / "r.zarr"
+    _replace_store(_ds(1), out)
+    real = records.save_zarr
+
+    def dies_half_way(ds, path):
+        real(ds, path)
+        shutil.rmtree(next(p for p in Path(path).iterdir() if p.is_dir()))  # half written
+        raise Crash
+
+    monkeypatch.setattr(records, "save_zarr", dies_half_way)
+    with pytest.raises(Crash):
+        _replace_store(_ds(2), out)
+    assert _value(out) == 1.0
+    assert len(_leftovers(out)) == 1
+    monkeypatch.setattr(records, "save_zarr", real)
+    _replace_store(_ds(3), out)
+    assert _value(out) == 3.0
+    assert _leftovers(out) == []
+
+
+def test_a_crash_after_the_exchange_has_the_new_store_in_place(tmp_path, monkeypatch):
+    out = tmp_path / "r.zarr"
+    _replace_store(_ds(1), out)
+    real = shutil.rmtree
+
+    def dies_on_deleting(path, *args, **kwargs):
+        # zarr itself clears the folder it writes into: die only when the old store, swapped
+        # out to the temporary name, is about to be deleted
+        if Path(path).name.endswith(".tmp") and (Path(path) / "v").exists() \
+                and _value(Path(path)) == 1.0:
+            raise Crash
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", dies_on_deleting)
+    with pytest.raises(Crash):
+        _replace_store(_ds(2), out)
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert _value(out) == 2.0
+    assert len(_leftovers(out)) == 1  # the old store, swapped out, not yet deleted
+    _recover_store(out)
+    assert _value(out) == 2.0 and _leftovers(out) == []
+
+
+def test_two_rename_fallback_crash_between_renames_is_repaired(tmp_path, monkeypatch):
+    out = tmp_path / "r.zarr"
+    _replace_store(_ds(1), out)
+    monkeypatch.setattr(analyze_module, "_exchange", lambda a, b: False)
+    real, calls = os.rename, []
+
+    def second_rename_dies(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise Crash
+        real(src, dst)
+
+    monkeypatch.setattr(os, "rename", second_rename_dies)
+    with pytest.raises(Crash):
+        _replace_store(_ds(2), out)
+    monkeypatch.setattr(os, "rename", real)
+    assert not out.exists()  # the window the fallback cannot close …
+    _recover_store(out)  # … which the next run repairs: the old complete store is back
+    assert _value(out) == 1.0 and _leftovers(out) == []
+    _replace_store(_ds(2), out)  # and the fallback, uninterrupted, replaces it
+    assert _value(out) == 2.0 and _leftovers(out) == []
+
+
+def test_the_exchange_is_atomic_on_this_filesystem(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "x").write_text("a")
+    (b / "x").write_text("b")
+    if not analyze_module._exchange(a, b):
+        pytest.skip("renameat2(RENAME_EXCHANGE) unavailable here: the two-rename fallback runs")
+    assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
+
+
+def test_analyze_tidies_leftovers_of_dead_runs_and_keeps_a_live_ones(tmp_path, causal):
+    model, checkpoint, _ = causal
+    out = tmp_path / "geometry.zarr"
+    kw = dict(model=model, layers=["mix"], reduce="last", probes=["rankme"],
+              inputs="stdlib-text", tokenizer="bytes", n_samples=20, max_length=16,
+              progress=False, output=out)
+    first = analyze([checkpoint], **kw)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".geometry.zarr.new-{dead.pid}.tmp").mkdir()
+    live = tmp_path / f".geometry.zarr.new-{os.getppid()}.tmp"
+    live.mkdir()
+    second = analyze([checkpoint], **kw)
+    assert _leftovers(out) == [live.name]
+    np.testing.assert_array_equal(records.load(out)["rankme"].values, first["rankme"].values)
+    np.testing.assert_array_equal(second["rankme"].values, first["rankme"].values)
+
+
+WRITER = """
+import sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+import numpy as np
+import xarray as xr
+from dynamics import analyze
+if {fallback}:
+    analyze._exchange = lambda a, b: False
+out = Path({out!r})
+for i in range(10 ** 6):
+    analyze._replace_store(xr.Dataset({{"v": ("x", np.full(50, float(i % 2)))}}), out)
+    print(i, flush=True)
+"""
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["exchange", "two-renames"])
+def test_sigkill_while_replacing_leaves_a_complete_store(tmp_path, fallback):
+    """A writer replaces the store in a loop and is killed at an arbitrary moment: after the
+    next run's repair the store is one of the two complete versions."""
+    out = tmp_path / "loop.zarr"
+    code = textwrap.dedent(WRITER.format(root=str(ROOT), fallback=fallback, out=str(out)))
+    writer = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        for _ in range(3):
+            writer.stdout.readline()  # a few replacements done: now mid-loop
+        time.sleep(float(np.random.default_rng().uniform(0.0, 0.2)))
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
+    _recover_store(out)
+    values = records.load(out)["v"].values
+    assert values.shape == (50,) and values[0] in (0.0, 1.0)
+    assert (values == values[0]).all()
+    assert _leftovers(out) == []
