@@ -18,7 +18,8 @@
 #
 # Steps a-e share one budget (BUDGET_AE seconds, 240 by default): each gets the smaller of its
 # own limit and what is left of that budget, and is skipped when under 10 s is left.  Step f
-# has its own limit (PYTEST_LIMIT, 230 s).  Worst case about 8.5 minutes in all; a typical
+# has its own limit (PYTEST_LIMIT, 180 s; the whole suite took 155 s on 2 local workers).
+# Worst case about 8 minutes in all (setup ~20 s + 240 s + 180 s + kill grace); a typical
 # run is shorter.  Logs (at most 6 files) go to $OUT: env.log, gpu_check.log, bench.log,
 # analyze.log, pytest.log and summary.txt (one line per step: exit code and seconds).
 #
@@ -28,7 +29,7 @@
 #   SITE=/tmp/site      where the wheels are installed (put first on PYTHONPATH)
 #   OUT=/tmp/gpuout     where the logs go (the device tool sets OUT)
 #   BUDGET_AE=240       seconds shared by steps a-e
-#   PYTEST_LIMIT=230    seconds for step f;  PYTEST_WORKERS=8;  PYTEST_MAXFAIL=10
+#   PYTEST_LIMIT=180    seconds for step f;  PYTEST_WORKERS=8;  PYTEST_MAXFAIL=10
 #   PYTEST_EXTRA=""     extra pytest arguments (e.g. "-k spectral" for a quick local check)
 #
 # Without CUDA the CUDA steps (b, c, d) are reported as skipped and gpu_check exits 0.
@@ -42,7 +43,7 @@ PY=${PY:-python3}
 SITE=${SITE:-/tmp/site}
 OUT=${OUT:-/tmp/gpuout}
 BUDGET_AE=${BUDGET_AE:-240}
-PYTEST_LIMIT=${PYTEST_LIMIT:-230}
+PYTEST_LIMIT=${PYTEST_LIMIT:-180}
 PYTEST_WORKERS=${PYTEST_WORKERS:-8}
 PYTEST_MAXFAIL=${PYTEST_MAXFAIL:-10}
 PYTEST_EXTRA=${PYTEST_EXTRA:-}
