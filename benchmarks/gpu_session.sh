@@ -195,6 +195,9 @@ step "c ntk cuda --quick" "$OUT/bench.log" 60 cuda \
     "$PY" benchmarks/ntk.py --device cuda --no-nt --quick
 step "d monitor_overhead cuda" "$OUT/bench.log" 75 cuda \
     "$PY" benchmarks/monitor_overhead.py --device cuda
+# the same benchmark on the CPU of a many-core machine: a core is free for background mode
+step "d2 monitor_overhead cpu mlp 4 thr" "$OUT/bench.log" 45 own \
+    "$PY" benchmarks/monitor_overhead.py --device cpu --model mlp --threads 4
 step "e analyze --quick" "$OUT/analyze.log" 90 ae \
     "$PY" benchmarks/analyze.py --quick
 step "b2 spectral cuda n=102400 d=4096" "$OUT/bench.log" 60 cuda \
