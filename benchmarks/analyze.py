@@ -21,8 +21,11 @@ Headline rows are the transformers (tiny LM, all-MiniLM-L6-v2).  For the tiny LM
   (``client.run``), then ``analyze(scheduler=…)`` over the series;
 
 each as wall seconds per checkpoint and speed-up over the serial run, plus the per-checkpoint
-work a worker reports (``total_seconds`` of the Dataset) beside the serial run's, so one sees
-that a worker does the same work per checkpoint and the speed-up is what 2 cores give.
+work a worker reports (``total_seconds``, ``cpu_seconds`` of the Dataset) beside the serial
+run's, so one sees that a worker does the same work per checkpoint and the speed-up is what 2
+cores give.  The serial reference for the workers runs in a fresh process (after the same
+untimed first checkpoint), as the workers do: the serial time in this process depends on what
+ran before it here (glibc's heap after the baseline: ~5-20 % slower on the development VM).
 
 The digits MLP (d = 512, a tiny forward pass) shows why analyze / (load + forward) is far
 above 1.5 there: a breakdown of the float64 d × d second-moment accumulation (``2·n·d²`` flops
@@ -40,7 +43,9 @@ Run: ``.venv/bin/python benchmarks/analyze.py [--quick] [--no-workers] [--thread
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -53,6 +58,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from dynamics import records  # noqa: E402
 from dynamics._dask import local_client  # noqa: E402
 from dynamics.analyze import analyze  # noqa: E402
 from dynamics.checkpoints import resolve_factory  # noqa: E402
@@ -147,13 +153,49 @@ def run_case(name: str, factory_spec: str, kwargs: dict, analyze_kw: dict, n: in
             ds = analyze(folder, **common)
         out = _summary(name, base, serial, ds)
         if workers:
-            out.update(_workers(folder, common, n, threads, serial.wall, ds))
+            fresh, fresh_ds = _serial_in_fresh_process(folder, common, n, threads)
+            out.update(fresh=fresh, fresh_ds=fresh_ds)
+            out.update(_workers(folder, common, n, threads, fresh, fresh_ds))
     return out
+
+
+FRESH = """
+import json, sys, time
+from pathlib import Path
+sys.path[:0] = {paths!r}
+import torch
+torch.set_num_threads({threads})
+from dynamics import records
+from dynamics.analyze import analyze
+common = json.loads({common!r})
+folder = Path({folder!r})
+analyze(sorted(folder.glob("*.safetensors"))[:1], **common)  # builds model and inputs
+start = time.perf_counter()
+ds = analyze(folder, **common)
+print((time.perf_counter() - start) / {n})
+records.save(ds, {out!r})
+"""
+
+
+def _serial_in_fresh_process(folder: Path, common: dict, n: int, threads: int):
+    """The serial run again, in a new process that did only that (after the same untimed
+    first checkpoint): the reference for the workers, which are fresh processes too.  The
+    serial time in this process also depends on what ran here before (glibc's heap state
+    after the baseline's allocations; ~5-20 % on the development VM)."""
+    out = folder.parent / "fresh.nc"
+    code = FRESH.format(paths=[str(ROOT), str(Path(__file__).resolve().parent)],
+                        threads=threads, common=json.dumps(common), folder=str(folder), n=n,
+                        out=str(out))
+    wall = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                                text=True).stdout.split()[-1])
+    return wall, records.load(out)
 
 
 def _workers(folder: Path, common: dict, n: int, threads: int, serial_wall: float,
              serial_ds) -> dict:
-    """Cold and warm 2-worker runs of the same series (module docstring)."""
+    """Cold and warm 2-worker runs of the same series (module docstring), against the serial
+    run of a fresh process (wall seconds per checkpoint ``serial_wall``, Dataset
+    ``serial_ds``)."""
     with _clock(n) as cold:
         cold_ds = analyze(folder, workers=2, threads=threads, **common)
     first = sorted(folder.glob("*.safetensors"))[0]
@@ -276,15 +318,17 @@ def _report(r: dict) -> str:
             return _spread(r[key][var].values)
 
         lines += [
+            f"  serial in a fresh process (the workers' reference): {r['fresh']:.3f} wall s/ckpt "
+            f"(in this process, after the baseline: {a.wall:.3f})",
             f"  2 workers, cold (cluster start + imports + model build included): "
             f"{r['cold'].wall:.3f} wall s/ckpt, speed-up {r['speedup_cold']:.2f}x over serial",
             f"  2 workers, warm (running cluster, each worker has done one checkpoint): "
             f"{r['warm'].wall:.3f} wall s/ckpt, speed-up {r['speedup_warm']:.2f}x over serial",
             "  work per checkpoint, mean [min-max] s, from the Datasets (first checkpoint of a "
             "cold worker includes building the model and inputs):",
-            f"    wall (total_seconds): serial {work('serial_ds', 'total_seconds')}, warm workers "
+            f"    wall (total_seconds): serial {work('fresh_ds', 'total_seconds')}, warm workers "
             f"{work('warm_ds', 'total_seconds')}, cold workers {work('cold_ds', 'total_seconds')}",
-            f"    CPU (cpu_seconds):    serial {work('serial_ds', 'cpu_seconds')}, warm workers "
+            f"    CPU (cpu_seconds):    serial {work('fresh_ds', 'cpu_seconds')}, warm workers "
             f"{work('warm_ds', 'cpu_seconds')}, cold workers {work('cold_ds', 'cpu_seconds')}",
             f"  max |rankme difference| workers vs serial: {r['max_abs_diff']:.1e}"]
     return "\n".join(lines)
