@@ -503,7 +503,10 @@ def _recover_store(output: Path) -> None:
         match = re.search(r"\.(new|old)-(\d+)\.tmp\Z", path.name)
         kind, pid = (match.group(1), int(match.group(2))) if match else ("new", -1)
         if not _alive(pid):
-            leftovers.append((path.stat().st_mtime, kind, path))
+            try:
+                leftovers.append((path.stat().st_mtime, kind, path))
+            except FileNotFoundError:  # tidied meanwhile by another run
+                continue
     olds = sorted((item for item in leftovers if item[1] == "old"), reverse=True)
     if olds and not os.path.lexists(output):
         os.rename(olds[0][2], output)

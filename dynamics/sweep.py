@@ -8,10 +8,13 @@
 
 A *recipe* is any function ``recipe(**params, seed=seed) -> xarray.Dataset``; each grid point
 and seed is one task.  Tasks run on a dask.distributed cluster: by default a ``LocalCluster``
-of worker *processes* made for the sweep and closed afterwards; otherwise the ``Client`` or
-scheduler address given.  dask re-runs the tasks of a worker that dies (up to its
-``distributed.scheduler.allowed-failures`` setting, 3 by default), so a lost worker costs time,
-not results.  ``client="serial"`` runs the same tasks one after another in this process.
+of worker *processes* made for the sweep and closed afterwards
+(:func:`dynamics._dask.local_client`: one thread each, no dashboard, and without the
+``MALLOC_TRIM_THRESHOLD_`` dask's nanny would export, which slows allocation-heavy torch code
+in the workers up to ~2×); otherwise the ``Client`` or scheduler address given.  dask re-runs
+the tasks of a worker that dies (up to its ``distributed.scheduler.allowed-failures`` setting,
+3 by default), so a lost worker costs time, not results.  ``client="serial"`` runs the same
+tasks one after another in this process.
 
 The results are combined with the grid keys and ``seed`` as new leading dimensions (in that
 order).  Coordinates that differ between runs gain those dimensions: ``time = lr × step``
