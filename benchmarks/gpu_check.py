@@ -119,9 +119,15 @@ def main() -> int:
         cpu, t_cpu = _timed(lambda f=fn: f("cpu"), "cpu")
         gpu, t_gpu = _timed(lambda f=fn: f("cuda"), "cuda")
         a, b = _as_array(cpu), _as_array(gpu)
-        scale = np.maximum(np.abs(a), 1e-12)
-        diff = float(np.nanmax(np.abs(a - b) / scale)) if a.size else 0.0
-        tol = 1e-3 if "XᵀX" in name else 1e-6
+        if "XᵀX" in name:
+            # float32 sums in another order: compare as matrices (‖a − b‖_F / ‖a‖_F); entry by
+            # entry, near-zero off-diagonal entries give large relative differences by chance
+            diff = float(np.linalg.norm(a - b) / np.linalg.norm(a))
+            tol = 1e-5
+        else:
+            scale = np.maximum(np.abs(a), 1e-12)
+            diff = float(np.nanmax(np.abs(a - b) / scale)) if a.size else 0.0
+            tol = 1e-6
         ok = diff <= tol or (np.isnan(a).all() and np.isnan(b).all())
         failures += not ok
         print(f"{name:<36} {t_cpu:9.4f} {t_gpu:9.4f} {t_cpu / t_gpu:9.2f} {diff:10.2e}"

@@ -41,7 +41,11 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from dynamics.records import provenance
     from probes.registry import FEATURE_PROBES, MODEL_PROBES
 
-    print("traindyn", metadata.version("traindyn"))
+    try:
+        version = metadata.version("traindyn")
+    except metadata.PackageNotFoundError:  # run from a source checkout that is not installed
+        version = "(not installed: running from a source checkout)"
+    print("traindyn", version)
     print("versions:", ", ".join(f"{k} {v}" for k, v in
                                 json.loads(provenance()["versions"]).items()))
     print("feature probes:", ", ".join(sorted(FEATURE_PROBES)))
