@@ -101,54 +101,20 @@ TIMING_VARIABLES = ("load_seconds", "forward_seconds", "probe_seconds", "total_s
                     "cpu_seconds")
 """Per-checkpoint wall-clock times: the only variables that differ between identical runs."""
 
-def _glob_regex(pattern: str) -> re.Pattern[str]:
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^.]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^.]")
-            i += 1
-        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
-            end = pattern.index("]", i + 2)
-            body = pattern[i + 1:end]
-            out.append("[" + ("^" + re.escape(body[1:]) if body.startswith("!")
-                              else re.escape(body)) + "]")
-            i = end + 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return re.compile("".join(out) + r"\Z")
-
-
 def match_layers(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
     """Module names matching names or dotted glob patterns, in model order.
 
-    ``*`` matches within one dotted component and ``**`` across components, so
-    ``"encoder.layer.*"`` selects the blocks ``encoder.layer.0`` … and not their sub-modules
-    (``"encoder.layer.**"`` selects everything below).  An exact name always matches itself.
-    A pattern that matches nothing under these rules falls back to ``probes.capture``'s
-    ``fnmatch`` rule, where ``*`` also crosses dots (``"*.attn"`` → ``blocks.0.attn`` …).
+    The rules of :func:`probes.capture.resolve_layers` (shared with ``capture`` and the
+    ``Monitor``): ``*`` matches within one dotted component and ``**`` across components, so
+    ``"encoder.layer.*"`` selects the blocks ``encoder.layer.0`` … and not their sub-modules;
+    a pattern that matches nothing that way falls back to ``fnmatch``, where ``*`` crosses dots.
 
     Raises
     ------
     KeyError
         A pattern matches no module; the message lists the model's modules.
     """
-    names = module_names(model)
-    chosen: set[str] = set()
-    for pattern in patterns:
-        regex = _glob_regex(pattern)
-        matches = [n for n in names if n == pattern or regex.match(n)]
-        if not matches:
-            resolve_layers(model, [pattern])  # raises KeyError listing the available names
-            matches = list(resolve_layers(model, [pattern]))
-        chosen.update(matches)
-    return [n for n in names if n in chosen]
+    return list(resolve_layers(model, list(patterns)))
 
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,

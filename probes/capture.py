@@ -26,6 +26,7 @@ accumulator per layer (anything with ``update(batch)``, e.g.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -39,6 +40,7 @@ __all__ = [
     "REDUCTIONS",
     "capture",
     "default_forward",
+    "layer_pattern",
     "module_names",
     "reduce_tokens",
     "resolve_layers",
@@ -59,8 +61,45 @@ def _abbreviate(names: Sequence[str], limit: int = 40) -> str:
     )
 
 
+def layer_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile a dotted glob over module names.
+
+    ``*`` matches within one dotted component, ``**`` across components, ``?`` one character
+    other than a dot, ``[abc]`` / ``[!abc]`` a character class (as in shell globs of paths,
+    with ``.`` in the role of ``/``).
+    """
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^.]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^.]")
+            i += 1
+        elif pattern[i] == "[" and "]" in pattern[i + 2:]:
+            end = pattern.index("]", i + 2)
+            body = pattern[i + 1:end]
+            out.append("[" + ("^" + re.escape(body[1:]) if body.startswith("!")
+                              else re.escape(body)) + "]")
+            i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
 def resolve_layers(model: nn.Module, layers: str | Iterable[str]) -> dict[str, nn.Module]:
-    """Map layer names or glob patterns (``"blocks.*.mlp"``) to modules, in model order.
+    """Map layer names or glob patterns to modules, in model order.
+
+    An exact module name always matches itself.  A pattern is a dotted glob
+    (:func:`layer_pattern`): ``"blocks.*"`` selects the blocks ``blocks.0``, ``blocks.1`` …
+    and not their sub-modules, ``"blocks.**"`` everything below, ``"blocks.*.mlp"`` the MLP of
+    every block.  A pattern that matches nothing this way falls back to ``fnmatch``, where
+    ``*`` also crosses dots (``"*attn"`` → ``blocks.0.attn`` …).  The same rules hold wherever
+    traindyn takes layer names (``capture``, ``Monitor``, ``traindyn analyze``).
 
     Raises
     ------
@@ -76,7 +115,10 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str]) -> dict[str, n
         if pattern in modules:
             chosen[pattern] = modules[pattern]
             continue
-        matches = [name for name in modules if fnmatch.fnmatchcase(name, pattern)]
+        regex = layer_pattern(pattern)
+        matches = [name for name in modules if regex.match(name)]
+        if not matches:
+            matches = [name for name in modules if fnmatch.fnmatchcase(name, pattern)]
         if not matches:
             raise KeyError(
                 f"layer {pattern!r} not found in {type(model).__name__}; available: "

@@ -134,3 +134,24 @@ def test_sink_keeps_nothing_in_the_capture():
         cap.run([torch.randn(10, 8), torch.randn(5, 8)])
     assert seen == [(10, 32), (5, 32)] and cap.activations() == {}
     assert np.all([not m._forward_hooks for m in model.modules()])
+
+
+def test_layer_globs_are_dotted_with_an_fnmatch_fallback():
+    """One rule for capture, Monitor and analyze: ``*`` stays within a dotted part, ``**``
+    crosses parts, and a pattern that matches nothing that way falls back to fnmatch."""
+    from probes.capture import resolve_layers
+
+    model = nn.Sequential()
+    model.add_module("blocks", nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()),
+                                             nn.Sequential(nn.Linear(2, 2), nn.ReLU())))
+    model.add_module("head", nn.Linear(2, 1))
+    assert list(resolve_layers(model, "blocks.*")) == ["blocks.0", "blocks.1"]
+    assert list(resolve_layers(model, "blocks.*.1")) == ["blocks.0.1", "blocks.1.1"]
+    assert list(resolve_layers(model, "blocks.**")) == [
+        "blocks.0", "blocks.0.0", "blocks.0.1", "blocks.1", "blocks.1.0", "blocks.1.1"]
+    assert list(resolve_layers(model, "*")) == ["blocks", "head"]
+    # no dotted match for "b*1", so fnmatch, whose * crosses dots
+    assert list(resolve_layers(model, "b*1")) == ["blocks.0.1", "blocks.1", "blocks.1.1"]
+    assert list(resolve_layers(model, ["head", "blocks.[!0]"])) == ["blocks.1", "head"]
+    with pytest.raises(KeyError, match="available: blocks, blocks.0"):
+        resolve_layers(model, "tail.*")
