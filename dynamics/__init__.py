@@ -11,6 +11,7 @@ module               what
 ``analyze``          a checkpoint series → one Dataset (resumable; dask fan-out)
 ``sweep``            recipe × parameter grid × seeds on dask.distributed (``dynamics.sweep``
                      is the function; the module is ``sys.modules["dynamics.sweep"]``)
+``local_client``     a dask ``LocalCluster`` client set up for torch work (``dynamics._dask``)
 ``recipes``          reproducible experiments paired with theory modules
 ``plot``             theory lines through measured points
 ``cli``              the ``traindyn`` command line
@@ -18,6 +19,7 @@ module               what
 """
 
 from dynamics import analyze, checkpoints, probe_inputs, records, schedules
+from dynamics._dask import local_client
 from dynamics.monitor import Monitor, load_stream
 from dynamics.records import load, save
 from dynamics.sweep import sweep
@@ -28,6 +30,7 @@ __all__ = [
     "checkpoints",
     "load",
     "load_stream",
+    "local_client",
     "probe_inputs",
     "records",
     "save",
