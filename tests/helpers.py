@@ -36,3 +36,10 @@ def run_notebook(name: str, tmp_path: Path, timeout: int = 600) -> object:
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     return nb
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment for a child Python process that imports this checkout: the repository
+    root prepended to any ``PYTHONPATH`` already set (which may hold carried packages)."""
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    return {**os.environ, "PYTHONPATH": path, **extra}

@@ -27,7 +27,7 @@ from dynamics.probe_inputs import (
     stdlib_sentences,
 )
 from probes.registry import FEATURE_PROBES, FeatureProbe
-from tests.helpers import ROOT, assert_rel
+from tests.helpers import ROOT, assert_rel, child_env
 
 FACTORY = '''
 import os
@@ -315,8 +315,7 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(series, factory, tmp_p
     cmd = [sys.executable, "-m", "dynamics.cli_analyze", str(folder), "--model", factory,
            "--layers", ",".join(LAYERS), "--batch-size", "500", "--output", str(output),
            "--no-progress", "--no-figures"]
-    env = {**os.environ, "TRAINDYN_TEST_DELAY": "0.1", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
+    env = child_env(TRAINDYN_TEST_DELAY="0.1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
