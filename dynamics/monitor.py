@@ -65,10 +65,8 @@ same numbers as the one-shot functions).
 
 from __future__ import annotations
 
-import inspect
 import random
 import time as _time
-import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -80,14 +78,22 @@ import xarray as xr
 from torch import nn
 
 from dynamics import records
+from dynamics._monitor_worker import (
+    COMPLETE_ATTR,
+    Evaluator,
+    ProcessWorker,
+    WorkerError,
+    ZarrStream,
+    check_picklable,
+    takes_labels,
+    to_numpy,
+)
 from dynamics.schedules import Schedule, log_spaced
 from probes import capture, get_feature_probe
 from probes.registry import MODEL_PROBES, FeatureProbe, ModelProbe
 
 __all__ = ["Monitor", "load_stream", "preserved_state"]
 
-COMPLETE_ATTR = "monitor_evaluations_complete"
-"""Zarr group attribute: number of evaluations fully written to the store."""
 
 
 class preserved_state:  # noqa: N801 - a context manager used like a function
@@ -155,28 +161,15 @@ def _resolve(probe: str | FeatureProbe | ModelProbe) -> FeatureProbe | ModelProb
     return get_feature_probe(probe)  # KeyError listing the known names
 
 
-def _takes_labels(probe: FeatureProbe) -> bool:
-    try:
-        return "labels" in inspect.signature(probe.fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _shared_spectral(probe: FeatureProbe) -> bool:
-    """Whether ``probe`` is one of the spectral one-shot functions with default parameters
-    that :class:`probes.spectral.SpectralMetrics` computes from a shared accumulator."""
-    from probes import spectral
-
-    fns = {"rankme": spectral.rankme, "rankme_covariance": spectral.rankme_covariance,
-           "alpha_req": spectral.alpha_req}
-    return fns.get(probe.name) is probe.fn
-
-
 def _concat(batches: torch.Tensor | Sequence[torch.Tensor] | None) -> Any:
     if batches is None or isinstance(batches, torch.Tensor):
         return batches
     batches = list(batches)
     return batches[0] if len(batches) == 1 else torch.cat(batches)
+
+
+_MODES = {False: "sync", None: "sync", "sync": "sync", "synchronous": "sync",
+          True: "thread", "thread": "thread", "process": "process"}
 
 
 class Monitor:
@@ -213,9 +206,12 @@ class Monitor:
         path raises ``FileExistsError``).
     netcdf : path, optional
         NetCDF file written by :meth:`close` (the end of a ``with`` block).
-    background : bool
-        Compute feature probes and write the store on a worker thread (see the module
-        docstring); the training thread only runs the probe forward pass and model probes.
+    background : {False, True, "thread", "process"}
+        Where the feature probes and the store writes run (see the module docstring):
+        ``False`` on the training thread (synchronous); ``True`` or ``"thread"`` on a worker
+        thread; ``"process"`` in a worker process (started here; its feature probes must be
+        picklable, else ``ValueError``).  The training thread always runs the probe forward
+        pass and the model probes.
     """
 
     def __init__(
@@ -232,8 +228,13 @@ class Monitor:
         probe_targets: torch.Tensor | Sequence[torch.Tensor] | None = None,
         store: str | Path | None = None,
         netcdf: str | Path | None = None,
-        background: bool = False,
+        background: bool | str = False,
     ) -> None:
+        try:
+            mode = _MODES[background]
+        except (KeyError, TypeError):
+            raise ValueError(f"background={background!r}: use False (synchronous), "
+                             "True or 'thread', or 'process'") from None
         self.model = model
         resolved = [_resolve(p) for p in probes]
         self.probes = [p for p in resolved if isinstance(p, FeatureProbe)]
@@ -241,13 +242,15 @@ class Monitor:
         self.layers = list(capture(model, layers).layers) if layers else []
         if (self.probes and self.layers or self.model_probes) and probe_data is None:
             raise ValueError("probe_data is required to evaluate probes")
-        needs_labels = [p.name for p in self.probes if _takes_labels(p)]
+        needs_labels = [p.name for p in self.probes if takes_labels(p)]
         if needs_labels and self.layers and probe_targets is None:
             raise ValueError(f"probes {needs_labels} need labels: pass probe_targets=")
+        if mode == "process":
+            check_picklable(self.probes)
         self.schedule = schedule or log_spaced(10_000, 30)
         self.probe_data = probe_data
         self.probe_targets = probe_targets
-        self.learning_rate = learning_rate
+        self._learning_rate = learning_rate
         self.reduce = reduce
         self.seed = seed
         self.source = source
@@ -255,16 +258,39 @@ class Monitor:
         self.netcdf = Path(netcdf) if netcdf is not None else None
         self._model_probe_fns = [(p, p.factory()) for p in self.model_probes]
         self._evaluations: list[xr.Dataset] = []
-        self._stream_vars: set[str] | None = None
+        self._stream = ZarrStream(self.store) if self.store is not None else None
         self.seconds_spent = 0.0
-        self.seconds_storing = 0.0
         self.seconds_background = 0.0
-        self.background = bool(background)
+        self._seconds_storing_elsewhere = 0.0  # the worker process's store writes
+        self.mode = mode
+        self.background = mode != "sync"
         self._executor: ThreadPoolExecutor | None = None
-        self._group: Any = None  # the open Zarr group once the store exists
-        self._step_arrays: dict[str, tuple[Any, tuple[str, ...]]] = {}
-        self._fixed_coords: dict[str, list] = {}
         self._pending: list[Future] = []
+        self._worker: ProcessWorker | None = None
+        if mode == "process":  # start now: the worker's imports overlap early training
+            self._worker = ProcessWorker(self._evaluator(), self.store)
+
+    # -- the evaluation path shared by the three modes -------------------------------------
+    @property
+    def learning_rate(self) -> float | None:
+        """Gives the ``time`` coordinate (settable: the Lightning callback reads it from the
+        optimiser after construction; each task to a worker process carries it)."""
+        return self._learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: float | None) -> None:
+        self._learning_rate = value
+
+    def _evaluator(self) -> Evaluator:
+        return Evaluator(self.probes, self.model_probes, self.layers,
+                         _concat(self.probe_targets), self.learning_rate, self.seed,
+                         self.source, self.reduce)
+
+    @property
+    def seconds_storing(self) -> float:
+        """Seconds spent appending to the Zarr store (in whichever thread or process)."""
+        own = self._stream.seconds if self._stream is not None else 0.0
+        return own + self._seconds_storing_elsewhere
 
     # -- context manager -----------------------------------------------------------------
     def __enter__(self) -> Monitor:
@@ -274,19 +300,24 @@ class Monitor:
         self.close()
 
     def close(self) -> None:
-        """Wait for pending background work, stop the worker, and write the NetCDF file if
-        ``netcdf=`` was given (the Zarr store is already complete)."""
+        """Wait for pending background work, stop the worker (thread or process), and write
+        the NetCDF file if ``netcdf=`` was given (the Zarr store is already complete)."""
         try:
             self.flush()
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
+            if self._worker is not None:
+                worker, self._worker = self._worker, None
+                worker.close()
         if self.netcdf is not None and self._evaluations:
             self.save(self.netcdf)
 
     def flush(self) -> None:
         """Wait for every pending background evaluation; re-raise the first error of one."""
+        if self._worker is not None:
+            self._collect(block=True)
         pending, self._pending = self._pending, []
         error: BaseException | None = None
         for future in pending:
@@ -305,6 +336,28 @@ class Monitor:
             if exc is not None:
                 raise RuntimeError("a background evaluation of the monitor failed") from exc
 
+    def _collect(self, block: bool) -> None:
+        """Record the worker process's finished evaluations (all pending ones if ``block``);
+        re-raise the first error of one after recording the others received with it."""
+        try:
+            replies = self._worker.collect(block)
+        except WorkerError as exc:
+            raise RuntimeError(str(exc)) from None
+        error: BaseException | None = None
+        for reply in replies:
+            if reply[0] == "ok":
+                _, _, ds, seconds, storing = reply
+                self._evaluations.append(ds)
+                self.seconds_background += seconds
+                self._seconds_storing_elsewhere += storing
+            elif error is None:
+                _, step, exc, text = reply
+                error = RuntimeError(f"a background evaluation of the monitor failed (step "
+                                     f"{step}); the worker process's traceback:\n{text}")
+                error.__cause__ = exc
+        if error is not None:
+            raise error
+
     # -- measuring -----------------------------------------------------------------------
     def _batches(self) -> list[torch.Tensor]:
         data = self.probe_data
@@ -320,58 +373,15 @@ class Monitor:
         return {name: f.detach().clone() for name, f in cap.activations().items()}
 
     def _probe_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """``{variable: values over layers}`` of every feature probe, from captured features.
-
-        The default-parameter spectral probes (``rankme``, ``rankme_covariance``,
-        ``alpha_req``) of a layer share one :class:`probes.spectral.SpectralMetrics`
-        accumulator; the others are called one by one.
-        """
-        from probes.spectral import SpectralMetrics
-
-        out: dict[str, np.ndarray] = {}
-        labels = _concat(self.probe_targets)
-        shared = [p for p in self.probes if _shared_spectral(p)]
-        for i, layer in enumerate(self.layers):
-            values: dict[str, float] = {}
-            if shared:
-                metrics = SpectralMetrics([p.name for p in shared])
-                metrics.update(feats[layer])
-                values.update(metrics.compute())
-            for probe in self.probes:
-                if probe in shared:
-                    items = [(probe.name, values[probe.name])]
-                else:
-                    kwargs = {"labels": labels} if _takes_labels(probe) else {}
-                    value = probe(feats[layer], **kwargs)
-                    items = (value.data_vars.items() if isinstance(value, xr.Dataset)
-                             else value.items() if isinstance(value, Mapping)
-                             else [(probe.name, value)])
-                for name, v in items:
-                    arr = out.setdefault(name, np.full(len(self.layers), np.nan))
-                    arr[i] = float(v)
-        return out
+        """``{variable: values over layers}`` of every feature probe, from captured features
+        (see :meth:`dynamics._monitor_worker.Evaluator.feature_values`)."""
+        return self._evaluator().feature_values(feats)
 
     def _feature_values(self) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of every feature probe (inside preserved state)."""
         if not (self.layers and self.probes):
             return {}
         return self._probe_features(self._capture())
-
-    def _variable_attrs(self, name: str) -> dict[str, str]:
-        for probe in self.probes:
-            if probe.name == name:
-                return {"long_name": probe.long_name, "units": probe.units,
-                        "source": probe.source}
-        if any(p.name == "neural_collapse" for p in self.probes):
-            from probes.collapse import NC_VARIABLES, SOURCE
-
-            if name in NC_VARIABLES:
-                return {**NC_VARIABLES[name], "source": SOURCE}
-        for probe in self.model_probes:
-            if name in probe.variables:
-                long_name, units = probe.variables[name]
-                return {"long_name": long_name, "units": units, "source": probe.source}
-        return records.variable_attrs(name)
 
     def measure(self) -> np.ndarray:
         """Feature-probe values now, shape ``(len(layers), len(probes))``, not recorded.
@@ -401,65 +411,39 @@ class Monitor:
     def evaluate(self, step: int = 0, **scalars: float) -> xr.Dataset:
         """One evaluation as a Dataset with a length-1 ``step`` dimension (not recorded).
 
-        Always synchronous (also with ``background=True``)."""
+        Always synchronous (whatever ``background`` is)."""
         with preserved_state(self.model):
             with torch.no_grad():
                 feature_values = self._feature_values()
             extra = self._model_probe_values()
-        return self._build(step, feature_values, extra, scalars)
-
-    def _build(self, step: int, feature_values: Mapping[str, np.ndarray],
-               extra: Mapping[str, Any], scalars: Mapping[str, float]) -> xr.Dataset:
-        coords: dict[str, Any] = records.step_coords([step], self.learning_rate)
-        data_vars: dict[str, Any] = {}
-        if feature_values:
-            coords["layer"] = ("layer", np.array(self.layers, dtype=object))
-            for name, values in feature_values.items():
-                data_vars[name] = (("step", "layer"), values[None], self._variable_attrs(name))
-        arrays = []
-        for name, value in extra.items():
-            if isinstance(value, xr.DataArray):
-                da = value.expand_dims(step=1).assign_coords(step=[step])
-                da.attrs = {**self._variable_attrs(name), **value.attrs}
-                arrays.append(da.rename(name))
-            else:
-                data_vars[name] = ("step", [float(value)], self._variable_attrs(name))
-        for name, value in scalars.items():
-            data_vars[name] = ("step", [float(value)], records.variable_attrs(name))
-        if self.seed is not None:
-            coords["seed"] = self.seed
-        ds = xr.Dataset(data_vars, coords=coords)
-        if arrays:
-            ds = xr.merge([ds, *arrays], join="outer", combine_attrs="override")
-        ds.attrs = self._attrs()
-        return ds
+        return self._evaluator().build(step, feature_values, extra, scalars)
 
     def _record(self, ds: xr.Dataset) -> None:
+        if self._stream is not None:
+            self._stream.append(ds)
         self._evaluations.append(ds)
-        if self.store is not None:
-            stored = _time.perf_counter()
-            self._append(ds)
-            self.seconds_storing += _time.perf_counter() - stored
 
-    def _background_job(self, step: int, feats: Mapping[str, torch.Tensor] | None,
-                        extra: Mapping[str, Any], scalars: Mapping[str, float]) -> None:
+    def _background_job(self, evaluator: Evaluator, step: int,
+                        feats: Mapping[str, torch.Tensor] | None, extra: Mapping[str, Any],
+                        scalars: Mapping[str, float]) -> None:
         start = _time.perf_counter()
-        with torch.no_grad():
-            values = self._probe_features(feats) if feats is not None else {}
-        self._record(self._build(step, values, extra, scalars))
+        self._record(evaluator.evaluate(step, feats, extra, scalars))
         self.seconds_background += _time.perf_counter() - start
 
     def step(self, step: int, **scalars: float) -> bool:
         """Evaluate, record and stream if ``schedule(step)``; returns whether it did.
 
-        With ``background=True`` the feature probes and the store are handed to the worker
-        thread, and an error of an earlier background evaluation is raised here."""
+        In background mode the feature probes and the store are handed to the worker (thread
+        or process), finished results are collected without waiting, and an error of an
+        earlier background evaluation is raised here."""
         if self._pending:
             self._raise_finished_errors()
+        if self._worker is not None and self._worker.pending:
+            self._collect(block=False)
         if not self.schedule(step):
             return False
         start = _time.perf_counter()
-        if not self.background:
+        if self.mode == "sync":
             self._record(self.evaluate(int(step), **scalars))
         else:
             scalars = {k: float(v) for k, v in scalars.items()}
@@ -467,94 +451,29 @@ class Monitor:
                 with torch.no_grad():
                     feats = self._capture() if (self.layers and self.probes) else None
                 extra = self._model_probe_values()
-            if self._executor is None:
-                # one intra-op thread for the worker only (a per-thread setting; see above)
-                self._executor = ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="traindyn-monitor",
-                    initializer=torch.set_num_threads, initargs=(1,))
-            self._pending.append(self._executor.submit(
-                self._background_job, int(step), feats, extra, scalars))
+            if self.mode == "process":
+                if self._worker is None:
+                    raise RuntimeError("the monitor is closed")
+                arrays = None if feats is None else {k: to_numpy(v) for k, v in feats.items()}
+                self._worker.submit(int(step), arrays, extra, scalars,
+                                    dict(learning_rate=self.learning_rate, seed=self.seed,
+                                         source=self.source))
+            else:
+                if self._executor is None:
+                    # one intra-op thread for the worker only (a per-thread setting; see above)
+                    self._executor = ThreadPoolExecutor(
+                        max_workers=1, thread_name_prefix="traindyn-monitor",
+                        initializer=torch.set_num_threads, initargs=(1,))
+                self._pending.append(self._executor.submit(
+                    self._background_job, self._evaluator(), int(step), feats, extra, scalars))
         self.seconds_spent += _time.perf_counter() - start
         return True
-
-    # -- storage -------------------------------------------------------------------------
-    def _append(self, ds: xr.Dataset) -> None:
-        import zarr
-
-        if self._stream_vars is None:
-            if self.store.exists():
-                if not (self.store / "zarr.json").exists() and not (
-                        self.store / ".zgroup").exists():
-                    raise FileExistsError(f"{self.store} exists and is not a Zarr store; "
-                                          "refusing to replace it")
-                import shutil
-
-                shutil.rmtree(self.store)
-            self._stream_vars = set(ds.data_vars)
-        else:
-            new = set(ds.data_vars) - self._stream_vars
-            if new:
-                warnings.warn(f"variables {sorted(new)} first appeared after the first "
-                              "evaluation; they are kept in memory but not streamed", stacklevel=3)
-                ds = ds.drop_vars(sorted(new))
-            for name in self._stream_vars - set(ds.data_vars):
-                template = self._evaluations[0][name]
-                ds[name] = xr.full_like(template, np.nan, dtype=float).assign_coords(
-                    step=ds["step"].values)
-        if self._group is None or not self._fast_append(ds):
-            records.append_zarr(ds, self.store)
-            self._group = zarr.open_group(str(self.store), mode="r+")
-            self._step_arrays = {
-                name: (array, tuple(_dimension_names(array) or ()))
-                for name, array in self._group.arrays()
-                if (_dimension_names(array) or ("",))[0] == "step"}
-            self._fixed_coords = {
-                name: list(np.asarray(array[...]).tolist())
-                for name, array in self._group.arrays()
-                if tuple(_dimension_names(array) or ()) == (name,) and name != "step"}
-        self._group.attrs[COMPLETE_ATTR] = len(self._evaluations)
-
-    def _fast_append(self, ds: xr.Dataset) -> bool:
-        """Append one evaluation straight to the open Zarr arrays along ``step``.
-
-        The same bytes as ``records.append_zarr`` (xarray's ``to_zarr(append_dim="step")``,
-        tested) without re-opening and re-validating the store each time.  Returns ``False``,
-        writing nothing, when ``ds`` does not match the store exactly (a variable missing or new,
-        another shape, dtype or coordinate along a non-step dimension); the caller then falls
-        back to ``records.append_zarr``.
-        """
-        names = {n for n, v in ds.variables.items() if v.dims[:1] == ("step",)}
-        if names != set(self._step_arrays) or ds.sizes.get("step") != 1:
-            return False
-        writes = []
-        for name, (array, dims) in self._step_arrays.items():
-            var = ds.variables[name]
-            if set(var.dims) != set(dims):
-                return False
-            values = np.asarray(var.transpose(*dims).values)
-            if values.dtype != array.dtype or values.shape[1:] != array.shape[1:]:
-                return False
-            writes.append((array, values))
-        for dim in ds.dims:
-            if dim != "step" and dim in ds.coords and (
-                    self._fixed_coords.get(dim) != list(np.asarray(ds[dim].values).tolist())):
-                return False
-        for array, values in writes:
-            array.append(values, axis=0)
-        return True
-
-    def _attrs(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "parameters": records.params_attr(dict(
-                probes=[p.name for p in self.probes] + [p.name for p in self.model_probes],
-                layers=self.layers, reduce=self.reduce, learning_rate=self.learning_rate)),
-        }
 
     def to_dataset(self, attrs: Mapping[str, Any] | None = None) -> xr.Dataset:
         """Everything recorded so far as a Dataset over ``step`` (and ``layer``); waits for
         pending background evaluations."""
         self.flush()
+        evaluator = self._evaluator()
         if self._evaluations:
             names = {n for ds in self._evaluations for n in ds.data_vars}
             filled = []
@@ -572,10 +491,10 @@ class Monitor:
                 ds = ds.assign_coords(layer=("layer", np.array(self.layers, dtype=object)))
                 for p in self.probes:
                     ds[p.name] = (("step", "layer"), np.empty((0, len(self.layers))),
-                                  self._variable_attrs(p.name))
+                                  evaluator.variable_attrs(p.name))
             if self.seed is not None:
                 ds = ds.assign_coords(seed=self.seed)
-        ds.attrs = {**self._attrs(), "monitor_seconds": self.seconds_spent,
+        ds.attrs = {**evaluator.attrs(), "monitor_seconds": self.seconds_spent,
                     "monitor_seconds_storing": self.seconds_storing, **(attrs or {})}
         if self.background:
             ds.attrs["monitor_seconds_background"] = self.seconds_background
@@ -585,10 +504,6 @@ class Monitor:
         """Write everything recorded so far to NetCDF (atomically; see ``records.save_netcdf``)."""
         return records.save_netcdf(self.to_dataset(), path)
 
-
-def _dimension_names(array: Any) -> Sequence[str] | None:
-    return getattr(array.metadata, "dimension_names", None) or array.attrs.get(
-        "_ARRAY_DIMENSIONS")
 
 
 def load_stream(path: str | Path) -> xr.Dataset:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import random
 import signal
@@ -22,7 +23,7 @@ import dynamics.monitor as monitor_module
 from dynamics import records
 from dynamics.monitor import COMPLETE_ATTR, Monitor, load_stream
 from dynamics.schedules import at_steps, linear
-from probes.registry import ModelProbe
+from probes.registry import FeatureProbe, ModelProbe
 from tests.helpers import ROOT
 
 
@@ -209,7 +210,7 @@ CHILD = textwrap.dedent("""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    background = sys.argv[2] == "1"
+    background = {"sync": False, "thread": True, "process": "process"}[sys.argv[2]]
     monitor = Monitor(model, probes=["rankme", "alpha_req"], layers=["1"], schedule=linear(1),
                       probe_data=torch.randn(200, 8), store=sys.argv[1], background=background)
     for step in range(100000):
@@ -225,11 +226,41 @@ CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("background", [False, True])
+def _children(pid: int) -> list[int]:
+    """Worker processes (``multiprocessing`` spawn children) of process ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            if ppid == pid and b"spawn_main" in cmdline:
+                found.append(int(entry))
+    return found
+
+
+def _wait_gone(pid: int, timeout: float = 60.0) -> None:
+    """Wait until process ``pid`` has exited (gone, or a zombie nobody reaped yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except OSError:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} still running after {timeout} s")
+
+
+@pytest.mark.parametrize("background", ["sync", "thread", "process"])
 def test_a_killed_run_keeps_every_completed_evaluation(tmp_path, background):
     store = tmp_path / "killed.zarr"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store), str(int(background))],
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store), background],
                             stdout=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
     completed = -1
@@ -242,9 +273,13 @@ def test_a_killed_run_keeps_every_completed_evaluation(tmp_path, background):
             completed = int(line)
         time.sleep(0.05)   # let it get into the next evaluations before the kill
     finally:
+        workers = _children(proc.pid)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert completed >= 6, "the child did not get far enough"
+    assert len(workers) == (background == "process")
+    for pid in workers:   # a worker process finishes what it received, then exits
+        _wait_gone(pid)
     ds = load_stream(store)
     steps = ds["step"].values
     assert len(steps) >= completed + 1                     # every reported evaluation is there
@@ -374,22 +409,31 @@ def _without_timing(ds: xr.Dataset) -> xr.Dataset:
 
 
 @pytest.mark.filterwarnings("ignore:alpha-ReQ")
-def test_background_mode_records_the_same_dataset_and_store_without_disturbing(tmp_path):
+def test_background_modes_record_the_same_dataset_and_store_without_disturbing(tmp_path):
     plain, _ = train_bn(None)
     sync_w, sync = train_bn(dict(store=tmp_path / "sync.zarr"))
     back_w, back = train_bn(dict(store=tmp_path / "back.zarr", background=True))
-    for name in plain:  # training is bit-identical in both modes
+    proc_w, proc = train_bn(dict(store=tmp_path / "proc.zarr", background="process"))
+    for name in plain:  # training is bit-identical in every mode
         assert torch.equal(plain[name], sync_w[name]), name
         assert torch.equal(plain[name], back_w[name]), name
+        assert torch.equal(plain[name], proc_w[name]), name
     with back:
         ds_back = back.to_dataset()  # waits for the worker
+    with proc:
+        ds_proc = proc.to_dataset()
     ds_sync = sync.to_dataset()
     assert list(ds_back["step"].values) == list(range(0, 14, 2))
     assert {"rankme", "alpha_req", "nc1", "probe_loss"} <= set(ds_back.data_vars)
     xr.testing.assert_identical(_without_timing(ds_back), _without_timing(ds_sync))
-    xr.testing.assert_identical(load_stream(tmp_path / "back.zarr"),
-                                load_stream(tmp_path / "sync.zarr"))
+    xr.testing.assert_identical(_without_timing(ds_proc), _without_timing(ds_sync))
+    reference = load_stream(tmp_path / "sync.zarr")
+    xr.testing.assert_identical(load_stream(tmp_path / "back.zarr"), reference)
+    xr.testing.assert_identical(load_stream(tmp_path / "proc.zarr"), reference)
     assert back.seconds_background > 0 and back._executor is None  # closed
+    assert proc.seconds_background > 0 and proc.seconds_storing > 0
+    assert proc._worker is None  # closed, and the process is gone:
+    assert not any(p.name == "traindyn-monitor" for p in multiprocessing.active_children())
 
 
 def test_background_worker_runs_on_one_thread_and_leaves_the_training_threads_alone():
@@ -486,7 +530,7 @@ def test_the_direct_zarr_append_writes_what_xarray_append_writes(tmp_path):
         monitor.step(step, train_loss=0.25 * step)
         with torch.no_grad():
             model[0].weight.mul_(1.1)
-    assert monitor._group is not None and monitor._step_arrays  # the direct path was used
+    assert monitor._stream.group is not None and monitor._stream.step_arrays  # direct path
     for ds in monitor._evaluations:
         records.append_zarr(ds, tmp_path / "xarray.zarr")
     direct, reference = records.load(tmp_path / "direct.zarr"), records.load(
@@ -494,3 +538,118 @@ def test_the_direct_zarr_append_writes_what_xarray_append_writes(tmp_path):
     assert direct.attrs.pop(COMPLETE_ATTR) == 4
     xr.testing.assert_identical(direct, reference)
     assert len(np.unique(direct["rankme"].values)) == 8   # four different evaluations
+
+
+# -- the worker process ----------------------------------------------------------------------
+def slow_width(features):
+    """A module-level (picklable) feature probe that takes its time: the layer's width."""
+    time.sleep(0.15)
+    return float(features.shape[1])
+
+
+def fails_when_large(features):
+    """A module-level feature probe that fails on large features."""
+    if float(features.abs().max()) > 100:
+        raise FloatingPointError("probe failed: features too large")
+    return float(features.abs().max())
+
+
+SLOW = FeatureProbe("width", slow_width, "layer width", "1", "test")
+FRAGILE = FeatureProbe("max_abs", fails_when_large, "largest feature", "1", "test")
+
+
+def test_an_error_in_the_worker_process_is_raised_on_the_training_side():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+        model[0].bias.fill_(0.0)
+    x = torch.ones(8, 3)
+    monitor = Monitor(model, probes=[FRAGILE], layers=["1"], schedule=linear(1), probe_data=x,
+                      background="process")
+    assert monitor.step(0, train_loss=1.0)
+    monitor.flush()                       # the first evaluation succeeds
+    with torch.no_grad():
+        model[0].weight.fill_(100.0)      # features 300: the probe fails in the worker …
+    assert monitor.step(1, train_loss=2.0)
+    with pytest.raises(RuntimeError, match=r"background evaluation.*step 1") as info:
+        monitor.flush()                   # … and surfaces on the training side
+    assert isinstance(info.value.__cause__, FloatingPointError)
+    assert "features too large" in str(info.value)  # with the worker's traceback
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)        # the worker is still alive and evaluates again
+    assert monitor.step(2, train_loss=3.0)
+    monitor.close()
+    ds = monitor.to_dataset()
+    assert list(ds["step"].values) == [0, 2]
+    np.testing.assert_array_equal(ds["max_abs"].values, [[1.5], [3.0]])  # 3 × 0.5, 3 × 1
+    np.testing.assert_array_equal(ds["train_loss"].values, [1.0, 3.0])
+
+
+def test_an_unpicklable_probe_is_refused_for_process_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    local = FeatureProbe("local_width", lambda f: float(f.shape[1]), "width", "1", "test")
+    with pytest.raises(ValueError, match=r"'local_width'.*module level.*background='thread'"):
+        Monitor(model, probes=["rankme", local], layers=["1"], probe_data=torch.randn(5, 3),
+                background="process")
+    with pytest.raises(ValueError, match="background="):
+        Monitor(model, probes=["rankme"], layers=["1"], probe_data=torch.randn(5, 3),
+                background="processes")
+    # the thread mode takes it
+    monitor = Monitor(model, probes=[local], layers=["1"], schedule=linear(1),
+                      probe_data=torch.randn(5, 3), background="thread")
+    with monitor:
+        monitor.step(0)
+    assert monitor.to_dataset()["local_width"].values.tolist() == [[4.0]]
+
+
+def test_a_dead_worker_process_gives_a_clear_error_not_a_hang():
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    monitor = Monitor(model, probes=[SLOW], layers=["1"], schedule=linear(1),
+                      probe_data=torch.randn(6, 3), background="process")
+    monitor.step(0)
+    monitor.flush()
+    monitor._worker.process.kill()
+    monitor._worker.process.join()
+    start = time.monotonic()
+    monitor.step(1)               # handed over without waiting …
+    with pytest.raises(RuntimeError, match=r"worker process died.*steps \[1\] were lost"):
+        monitor.step(2)           # … and the next step finds the worker gone
+    monitor.step(3)
+    with pytest.raises(RuntimeError, match=r"worker process died.*steps \[3\] were lost"):
+        monitor.flush()           # waiting for a dead worker does not hang either
+    assert time.monotonic() - start < 10
+    monitor.close()
+    assert list(monitor.to_dataset()["step"].values) == [0]
+
+
+KILLED_WHILE_PENDING = textwrap.dedent("""
+    import os, signal, sys, time, torch
+    from torch import nn
+    from dynamics.monitor import Monitor
+    from dynamics.schedules import linear
+    from tests.dynamics.test_monitor import SLOW
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    monitor = Monitor(model, probes=[SLOW], layers=["1"], schedule=linear(1),
+                      probe_data=torch.randn(6, 3), store=sys.argv[1], background="process")
+    for step in range(5):
+        monitor.step(step, train_loss=float(step))
+    time.sleep(0.3)   # the tasks are in the pipe; the worker is still on the first ones
+    print(monitor._worker.process.pid, len(monitor._evaluations), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def test_a_killed_training_process_leaves_the_worker_to_finish_what_it_received(tmp_path):
+    store = tmp_path / "pending.zarr"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", KILLED_WHILE_PENDING, str(store)], env=env,
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr
+    pid, collected = map(int, out.stdout.split())
+    assert collected < 5      # killed before the worker had finished every evaluation
+    _wait_gone(pid)
+    ds = load_stream(store)
+    assert list(ds["step"].values) == [0, 1, 2, 3, 4]
+    np.testing.assert_array_equal(ds["width"].values, np.full((5, 1), 4.0))
+    np.testing.assert_array_equal(ds["train_loss"].values, np.arange(5.0))
+    assert zarr.open_group(str(store)).attrs[COMPLETE_ATTR] == 5

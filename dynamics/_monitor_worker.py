@@ -1,0 +1,468 @@
+"""The monitor's evaluation path, shared by its three modes: features → values → Dataset → Zarr.
+
+* :class:`Evaluator` — a small picklable object (feature probes, layers, labels, learning rate,
+  seed, source, reduce, attributes) that turns captured features, model-probe outputs and
+  scalars into one evaluation's Dataset.
+* :class:`ZarrStream` — the Zarr streaming state (the open group, its arrays along ``step``,
+  the count of complete evaluations written after the data).
+* :class:`ProcessWorker` — the training side of ``Monitor(background="process")``: a
+  spawned process that owns an :class:`Evaluator` and a :class:`ZarrStream`, computes the
+  feature probes, appends to the store and sends each Dataset back, in step order.
+
+Used by :mod:`dynamics.monitor`; not public.
+"""
+
+from __future__ import annotations
+
+import atexit
+import inspect
+import multiprocessing
+import pickle
+import queue
+import signal
+import threading
+import time as _time
+import traceback
+import warnings
+from collections.abc import Mapping, Sequence
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from dynamics import records
+from probes.registry import FeatureProbe, ModelProbe
+
+COMPLETE_ATTR = "monitor_evaluations_complete"
+"""Zarr group attribute: number of evaluations fully written to the store."""
+
+
+def takes_labels(probe: FeatureProbe) -> bool:
+    """Whether the probe's function has a ``labels`` parameter."""
+    try:
+        return "labels" in inspect.signature(probe.fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def shared_spectral(probe: FeatureProbe) -> bool:
+    """Whether ``probe`` is one of the spectral one-shot functions with default parameters
+    that :class:`probes.spectral.SpectralMetrics` computes from a shared accumulator."""
+    from probes import spectral
+
+    fns = {"rankme": spectral.rankme, "rankme_covariance": spectral.rankme_covariance,
+           "alpha_req": spectral.alpha_req}
+    return fns.get(probe.name) is probe.fn
+
+
+def to_numpy(features: torch.Tensor) -> np.ndarray:
+    """A detached CPU numpy copy of captured features (one device-to-host copy on CUDA).
+
+    ``bfloat16`` (which numpy lacks) becomes ``float32``: exact, and the probes compute in
+    float64 anyway."""
+    t = features.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    t = t.cpu() if t.device.type != "cpu" else t.clone()
+    return t.numpy()
+
+
+class Evaluator:
+    """Features → probe values → one evaluation's Dataset (picklable when its probes are).
+
+    Parameters
+    ----------
+    probes : list of FeatureProbe
+    model_probes : list of ModelProbe
+        Only their names, variables and sources are kept (for the attributes).
+    layers : list of str
+    labels : tensor, optional
+        Labels of the probe data, for feature probes that take ``labels``.  Pickled as a
+        numpy array and restored as a CPU tensor.
+    learning_rate, seed, source, reduce
+        As in :class:`dynamics.monitor.Monitor`.
+    """
+
+    def __init__(self, probes: Sequence[FeatureProbe], model_probes: Sequence[ModelProbe],
+                 layers: Sequence[str], labels: Any, learning_rate: float | None,
+                 seed: int | None, source: str, reduce: str) -> None:
+        self.probes = list(probes)
+        self.layers = list(layers)
+        self.labels = labels
+        self.learning_rate = learning_rate
+        self.seed = seed
+        self.source = source
+        self.reduce = reduce
+        self.model_probe_names = [p.name for p in model_probes]
+        self.model_variables = {
+            name: {"long_name": long_name, "units": units, "source": p.source}
+            for p in reversed(list(model_probes)) for name, (long_name, units) in
+            p.variables.items()}  # reversed: the first probe naming a variable wins
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if isinstance(self.labels, torch.Tensor):
+            state["labels"] = to_numpy(self.labels)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if isinstance(self.labels, np.ndarray):
+            self.labels = torch.from_numpy(self.labels)
+
+    def feature_values(self, feats: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``{variable: values over layers}`` of every feature probe, from captured features.
+
+        The default-parameter spectral probes (``rankme``, ``rankme_covariance``,
+        ``alpha_req``) of a layer share one :class:`probes.spectral.SpectralMetrics`
+        accumulator; the others are called one by one.
+        """
+        from probes.spectral import SpectralMetrics
+
+        out: dict[str, np.ndarray] = {}
+        shared = [p for p in self.probes if shared_spectral(p)]
+        for i, layer in enumerate(self.layers):
+            values: dict[str, float] = {}
+            if shared:
+                metrics = SpectralMetrics([p.name for p in shared])
+                metrics.update(feats[layer])
+                values.update(metrics.compute())
+            for probe in self.probes:
+                if probe in shared:
+                    items = [(probe.name, values[probe.name])]
+                else:
+                    kwargs = {"labels": self.labels} if takes_labels(probe) else {}
+                    value = probe(feats[layer], **kwargs)
+                    items = (value.data_vars.items() if isinstance(value, xr.Dataset)
+                             else value.items() if isinstance(value, Mapping)
+                             else [(probe.name, value)])
+                for name, v in items:
+                    arr = out.setdefault(name, np.full(len(self.layers), np.nan))
+                    arr[i] = float(v)
+        return out
+
+    def variable_attrs(self, name: str) -> dict[str, str]:
+        """``long_name``, ``units`` and ``source`` of a recorded variable."""
+        for probe in self.probes:
+            if probe.name == name:
+                return {"long_name": probe.long_name, "units": probe.units,
+                        "source": probe.source}
+        if any(p.name == "neural_collapse" for p in self.probes):
+            from probes.collapse import NC_VARIABLES, SOURCE
+
+            if name in NC_VARIABLES:
+                return {**NC_VARIABLES[name], "source": SOURCE}
+        if name in self.model_variables:
+            return dict(self.model_variables[name])
+        return records.variable_attrs(name)
+
+    def attrs(self) -> dict[str, Any]:
+        """The Dataset attributes ``source`` and ``parameters``."""
+        return {
+            "source": self.source,
+            "parameters": records.params_attr(dict(
+                probes=[p.name for p in self.probes] + self.model_probe_names,
+                layers=self.layers, reduce=self.reduce, learning_rate=self.learning_rate)),
+        }
+
+    def build(self, step: int, feature_values: Mapping[str, np.ndarray],
+              extra: Mapping[str, Any], scalars: Mapping[str, float]) -> xr.Dataset:
+        """One evaluation as a Dataset with a length-1 ``step`` dimension."""
+        coords: dict[str, Any] = records.step_coords([step], self.learning_rate)
+        data_vars: dict[str, Any] = {}
+        if feature_values:
+            coords["layer"] = ("layer", np.array(self.layers, dtype=object))
+            for name, values in feature_values.items():
+                data_vars[name] = (("step", "layer"), values[None], self.variable_attrs(name))
+        arrays = []
+        for name, value in extra.items():
+            if isinstance(value, xr.DataArray):
+                da = value.expand_dims(step=1).assign_coords(step=[step])
+                da.attrs = {**self.variable_attrs(name), **value.attrs}
+                arrays.append(da.rename(name))
+            else:
+                data_vars[name] = ("step", [float(value)], self.variable_attrs(name))
+        for name, value in scalars.items():
+            data_vars[name] = ("step", [float(value)], records.variable_attrs(name))
+        if self.seed is not None:
+            coords["seed"] = self.seed
+        ds = xr.Dataset(data_vars, coords=coords)
+        if arrays:
+            ds = xr.merge([ds, *arrays], join="outer", combine_attrs="override")
+        ds.attrs = self.attrs()
+        return ds
+
+    def evaluate(self, step: int, feats: Mapping[str, Any] | None, extra: Mapping[str, Any],
+                 scalars: Mapping[str, float]) -> xr.Dataset:
+        """Feature probes of ``feats`` (``None``: no feature probes) and the Dataset."""
+        with torch.no_grad():
+            values = self.feature_values(feats) if feats is not None else {}
+        return self.build(step, values, extra, scalars)
+
+
+def _dimension_names(array: Any) -> Sequence[str] | None:
+    return getattr(array.metadata, "dimension_names", None) or array.attrs.get(
+        "_ARRAY_DIMENSIONS")
+
+
+class ZarrStream:
+    """Append evaluations to a Zarr store along ``step``; the count of complete evaluations
+    (:data:`COMPLETE_ATTR`) is written after each evaluation's data.
+
+    The first append replaces a Zarr store already at ``path``; any other existing path raises
+    ``FileExistsError``.  Variables that first appear after the first evaluation are dropped
+    (with a warning); variables missing from a later one are written as NaN.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.count = 0
+        self.seconds = 0.0
+        self.group: Any = None  # the open Zarr group once the store exists
+        self.step_arrays: dict[str, tuple[Any, tuple[str, ...]]] = {}
+        self._fixed_coords: dict[str, list] = {}
+        self._vars: set[str] | None = None
+        self._first: xr.Dataset | None = None
+
+    def append(self, ds: xr.Dataset) -> None:
+        """Append one evaluation (a Dataset with a length-1 ``step`` dimension)."""
+        import zarr
+
+        start = _time.perf_counter()
+        if self._vars is None:
+            if self.path.exists():
+                if not (self.path / "zarr.json").exists() and not (
+                        self.path / ".zgroup").exists():
+                    raise FileExistsError(f"{self.path} exists and is not a Zarr store; "
+                                          "refusing to replace it")
+                import shutil
+
+                shutil.rmtree(self.path)
+            self._vars = set(ds.data_vars)
+            self._first = ds
+        else:
+            new = set(ds.data_vars) - self._vars
+            if new:
+                warnings.warn(f"variables {sorted(new)} first appeared after the first "
+                              "evaluation; they are kept in memory but not streamed", stacklevel=4)
+                ds = ds.drop_vars(sorted(new))
+            for name in self._vars - set(ds.data_vars):
+                ds[name] = xr.full_like(self._first[name], np.nan, dtype=float).assign_coords(
+                    step=ds["step"].values)
+        if self.group is None or not self._fast_append(ds):
+            records.append_zarr(ds, self.path)
+            self.group = zarr.open_group(str(self.path), mode="r+")
+            self.step_arrays = {
+                name: (array, tuple(_dimension_names(array) or ()))
+                for name, array in self.group.arrays()
+                if (_dimension_names(array) or ("",))[0] == "step"}
+            self._fixed_coords = {
+                name: list(np.asarray(array[...]).tolist())
+                for name, array in self.group.arrays()
+                if tuple(_dimension_names(array) or ()) == (name,) and name != "step"}
+        self.count += 1
+        self.group.attrs[COMPLETE_ATTR] = self.count
+        self.seconds += _time.perf_counter() - start
+
+    def _fast_append(self, ds: xr.Dataset) -> bool:
+        """Append one evaluation straight to the open Zarr arrays along ``step``.
+
+        The same bytes as ``records.append_zarr`` (xarray's ``to_zarr(append_dim="step")``,
+        tested) without re-opening and re-validating the store each time.  Returns ``False``,
+        writing nothing, when ``ds`` does not match the store exactly (a variable missing or new,
+        another shape, dtype or coordinate along a non-step dimension); the caller then falls
+        back to ``records.append_zarr``.
+        """
+        names = {n for n, v in ds.variables.items() if v.dims[:1] == ("step",)}
+        if names != set(self.step_arrays) or ds.sizes.get("step") != 1:
+            return False
+        writes = []
+        for name, (array, dims) in self.step_arrays.items():
+            var = ds.variables[name]
+            if set(var.dims) != set(dims):
+                return False
+            values = np.asarray(var.transpose(*dims).values)
+            if values.dtype != array.dtype or values.shape[1:] != array.shape[1:]:
+                return False
+            writes.append((array, values))
+        for dim in ds.dims:
+            if dim != "step" and dim in ds.coords and (
+                    self._fixed_coords.get(dim) != list(np.asarray(ds[dim].values).tolist())):
+                return False
+        for array, values in writes:
+            array.append(values, axis=0)
+        return True
+
+
+def check_picklable(probes: Sequence[FeatureProbe]) -> None:
+    """Raise ``ValueError`` naming the first feature probe that cannot be pickled."""
+    for probe in probes:
+        try:
+            pickle.dumps(probe)
+        except Exception as exc:  # noqa: BLE001 - pickling raises many types
+            raise ValueError(
+                f"feature probe {probe.name!r} cannot be sent to a worker process "
+                f"({type(exc).__name__}: {exc}); define its function at module level "
+                "(not a lambda or a local function) or use background='thread'") from exc
+
+
+# -- the worker process ----------------------------------------------------------------------
+def _worker_main(tasks: Connection, results: Connection, evaluator: Evaluator,
+                 store: str | None) -> None:
+    """Body of the worker process: evaluate each task in order until the task pipe ends.
+
+    A task is ``(step, features, extra, scalars, settings)`` (``features``:
+    ``{layer: ndarray}`` or ``None``; ``settings``: evaluator attributes to set first).
+    For each it sends back ``("ok", step, dataset, seconds, seconds_storing)`` or
+    ``("error", step, exception or None, traceback text)``.  End of file on ``tasks`` (the
+    training process closed the pipe, or was killed) ends the loop after the tasks already
+    received; a broken result pipe (the training process is gone) does not stop the
+    evaluations still to be written.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the training side closes us
+    torch.set_num_threads(1)
+    stream = ZarrStream(store) if store is not None else None
+    parent_alive = True
+    while True:
+        try:
+            task = tasks.recv()
+        except (EOFError, OSError):  # closed, or a message cut short by a kill
+            break
+        if task is None:
+            break
+        step, feats, extra, scalars, settings = task
+        for name, value in settings.items():
+            setattr(evaluator, name, value)
+        start = _time.perf_counter()
+        storing = stream.seconds if stream is not None else 0.0
+        try:
+            if feats is not None:
+                feats = {k: torch.from_numpy(v) for k, v in feats.items()}
+            ds = evaluator.evaluate(step, feats, extra, scalars)
+            if stream is not None:
+                stream.append(ds)
+            storing = (stream.seconds if stream is not None else 0.0) - storing
+            reply: tuple = ("ok", step, ds, _time.perf_counter() - start, storing)
+        except Exception as exc:  # noqa: BLE001 - every error goes back to the training side
+            text = traceback.format_exc()
+            try:
+                pickle.loads(pickle.dumps(exc))
+            except Exception:  # noqa: BLE001 - an exception that cannot travel
+                exc = None
+            reply = ("error", step, exc, text)
+        if parent_alive:
+            try:
+                results.send(reply)
+            except (BrokenPipeError, ConnectionResetError, EOFError, OSError):
+                parent_alive = False
+    tasks.close()
+    results.close()
+
+
+class WorkerError(RuntimeError):
+    """The worker process died or could not be reached."""
+
+
+class ProcessWorker:
+    """The training side of the worker process: submit tasks without blocking, collect
+    results in order.
+
+    The process is started (spawn context) at construction, so its imports overlap early
+    training.  Tasks go through a pipe written by a sender thread, so :meth:`submit` never
+    waits for the worker; results come back through a second pipe.
+    """
+
+    def __init__(self, evaluator: Evaluator, store: Path | None) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        task_reader, self._tasks = ctx.Pipe(duplex=False)
+        self._results, result_writer = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=_worker_main, name="traindyn-monitor",
+            args=(task_reader, result_writer, evaluator,
+                  str(store) if store is not None else None), daemon=True)
+        self.process.start()
+        task_reader.close()    # the worker holds the only reader: our death is its EOF
+        result_writer.close()  # the worker holds the only writer: its death is our EOF
+        self.pending: list[int] = []   # steps submitted and not yet collected, in order
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="traindyn-monitor-send",
+                                        daemon=True)
+        self._sender.start()
+        self._closed = False
+        atexit.register(self.close)
+
+    def _send_loop(self) -> None:
+        while True:
+            task = self._outbox.get()
+            if task is None:
+                break
+            try:
+                self._tasks.send(task)
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                break   # the worker is gone; collect() reports it
+        self._tasks.close()
+
+    def submit(self, step: int, feats: dict[str, np.ndarray] | None, extra: Mapping[str, Any],
+               scalars: Mapping[str, float], settings: Mapping[str, Any]) -> None:
+        """Queue one evaluation (returns at once); ``settings`` updates the worker's
+        evaluator's attributes (``learning_rate``, ``seed``, ``source``) first."""
+        if self._closed:
+            raise RuntimeError("the monitor's worker process is closed")
+        self.pending.append(step)
+        self._outbox.put((step, feats, dict(extra), dict(scalars), dict(settings)))
+
+    def collect(self, block: bool) -> list[tuple]:
+        """Results received so far (all pending ones if ``block``), in step order.
+
+        Raises :class:`WorkerError` naming the lost evaluations if the process died with
+        evaluations pending."""
+        out = []
+        while self.pending:
+            if not block and not self._results.poll():
+                if not self.process.is_alive() and not self._results.poll():
+                    self._died()
+                break
+            if block:
+                wait([self._results, self.process.sentinel])
+            try:
+                if not self._results.poll():
+                    self._died()
+                reply = self._results.recv()
+            except (EOFError, OSError):
+                self._died()
+            self.pending.pop(0)
+            out.append(reply)
+        return out
+
+    def _died(self) -> None:
+        self.process.join(timeout=5)
+        lost, self.pending = self.pending, []
+        raise WorkerError(
+            f"the monitor's worker process died (exit code {self.process.exitcode}); the "
+            f"evaluations at steps {lost} were lost (their model probes and scalars too)")
+
+    def close(self) -> list[tuple]:
+        """End the task pipe (the worker finishes what it received, then exits), wait for
+        the process, and return the results that were still to be collected."""
+        if self._closed:
+            return []
+        self._closed = True
+        atexit.unregister(self.close)
+        self._outbox.put(None)
+        self._sender.join()
+        late = []
+        while True:  # keep reading: a worker blocked on a full result pipe never exits
+            wait([self._results, self.process.sentinel])
+            try:
+                if self._results.poll():
+                    late.append(self._results.recv())
+                    continue
+            except (EOFError, OSError):
+                pass
+            break
+        self.process.join()
+        self._results.close()
+        return late
