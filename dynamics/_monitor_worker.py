@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import inspect
 import multiprocessing
+import os
 import pickle
 import queue
 import signal
@@ -317,13 +318,23 @@ def _worker_main(tasks: Connection, results: Connection, evaluator: Evaluator,
     A task is ``(step, features, extra, scalars, settings)`` (``features``:
     ``{layer: ndarray}`` or ``None``; ``settings``: evaluator attributes to set first).
     For each it sends back ``("ok", step, dataset, seconds, seconds_storing)`` or
-    ``("error", step, exception or None, traceback text)``.  End of file on ``tasks`` (the
+    ``("error", step, exception or None, traceback text)``, after a first ``("ready", pid)``
+    once its imports are done.  End of file on ``tasks`` (the
     training process closed the pipe, or was killed) ends the loop after the tasks already
     received; a broken result pipe (the training process is gone) does not stop the
     evaluations still to be written.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the training side closes us
     torch.set_num_threads(1)
+    import zarr  # noqa: F401
+
+    import probes.collapse  # noqa: F401 - imported now, not during the first evaluation
+    import probes.spectral  # noqa: F401
+
+    try:
+        results.send(("ready", os.getpid()))
+    except OSError:
+        pass
     stream = ZarrStream(store) if store is not None else None
     parent_alive = True
     while True:
@@ -387,6 +398,8 @@ class ProcessWorker:
         task_reader.close()    # the worker holds the only reader: our death is its EOF
         result_writer.close()  # the worker holds the only writer: its death is our EOF
         self.pending: list[int] = []   # steps submitted and not yet collected, in order
+        self.received = 0
+        self.ready = False   # the worker's start-up message arrived
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="traindyn-monitor-send",
                                         daemon=True)
@@ -425,24 +438,45 @@ class ProcessWorker:
                 if not self.process.is_alive() and not self._results.poll():
                     self._died()
                 break
-            if block:
-                wait([self._results, self.process.sentinel])
-            try:
-                if not self._results.poll():
-                    self._died()
-                reply = self._results.recv()
-            except (EOFError, OSError):
-                self._died()
+            reply = self._receive()
+            if reply[0] == "ready":
+                continue
             self.pending.pop(0)
+            self.received += 1
             out.append(reply)
         return out
+
+    def wait_ready(self) -> None:
+        """Wait until the worker has started and imported what it evaluates with (the
+        training side never needs to; a benchmark does, to time the steady state)."""
+        while not self.ready:
+            reply = self._receive()
+            if reply[0] != "ready":  # cannot happen: "ready" is the worker's first message
+                raise WorkerError(f"unexpected first message from the worker: {reply[0]!r}")
+
+    def _receive(self) -> tuple:
+        """The next message from the worker (waits); a dead worker raises WorkerError."""
+        wait([self._results, self.process.sentinel])
+        try:
+            if not self._results.poll():
+                self._died()
+            reply = self._results.recv()
+        except (EOFError, OSError):
+            self._died()
+        if reply[0] == "ready":
+            self.ready = True
+        return reply
 
     def _died(self) -> None:
         self.process.join(timeout=5)
         lost, self.pending = self.pending, []
+        hint = ("" if self.received else
+                "; it died before its first result: if it could not start, note that the spawn "
+                "start method imports the training script in the worker, so the training code "
+                "must be under `if __name__ == '__main__':` (its error is on stderr)")
         raise WorkerError(
             f"the monitor's worker process died (exit code {self.process.exitcode}); the "
-            f"evaluations at steps {lost} were lost (their model probes and scalars too)")
+            f"evaluations at steps {lost} were lost (their model probes and scalars too){hint}")
 
     def close(self) -> list[tuple]:
         """End the task pipe (the worker finishes what it received, then exits), wait for
@@ -453,12 +487,14 @@ class ProcessWorker:
         atexit.unregister(self.close)
         self._outbox.put(None)
         self._sender.join()
-        late = []
+        late: list[tuple] = []
         while True:  # keep reading: a worker blocked on a full result pipe never exits
             wait([self._results, self.process.sentinel])
             try:
                 if self._results.poll():
-                    late.append(self._results.recv())
+                    reply = self._results.recv()
+                    if reply[0] != "ready":
+                        late.append(reply)
                     continue
             except (EOFError, OSError):
                 pass

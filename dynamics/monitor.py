@@ -35,27 +35,63 @@ after the data; :func:`load_stream` reads the store back, dropping a half-writte
 evaluation, so a crash loses at most the evaluation in progress.  :meth:`Monitor.save` (or
 ``netcdf=``, written when the ``with`` block ends) writes the finished run to NetCDF.
 
-**Background evaluation** (``background=True``, opt-in).  At a scheduled step the training
-thread only runs the probe forward pass (inside the same state preservation) and keeps a
-detached copy of the captured features; the feature probes, building the Dataset and the
-Zarr append run on one worker thread (``ThreadPoolExecutor(max_workers=1)``), so steps are
-recorded in order.  torch, numpy and LAPACK release the GIL, so with a spare core the probe
-arithmetic overlaps training.  The recorded Dataset is the same as in synchronous mode
-(tested).  :meth:`Monitor.to_dataset`, :meth:`Monitor.flush`, :meth:`Monitor.save` and
-:meth:`Monitor.close` wait for pending evaluations; an exception raised in the worker is
-re-raised on the training thread at the next :meth:`Monitor.step` (or ``flush``/``close``).
-*Model probes* still run synchronously on the training thread: they need the model's current
-weights.  A feature probe run in the background must not draw from the global random
-generators (they are shared with the training thread).
+**Three modes** (``background=``).  In every mode the training thread runs, at a scheduled
+step, the probe forward pass and the model probes (they need the current weights) inside the
+same state preservation; the modes differ in where the *feature probes*, building the Dataset
+and the Zarr append run.  All three record the same Dataset and the same Zarr store (tested)
+through one code path (:class:`dynamics._monitor_worker.Evaluator` and
+:class:`~dynamics._monitor_worker.ZarrStream`).
 
-The worker thread computes on one intra-op thread: torch's intra-op thread count is a
-per-thread setting (OpenMP's ``nthreads`` is a per-thread variable; ``torch.set_num_threads``
-in one thread leaves another thread's count as it was), so the worker's
-``torch.set_num_threads(1)`` does not touch the training thread's threads and its solves do not
-open an OpenMP team of their own.  Background mode pays off only when a core is free for the
-worker: arithmetic is not free because it moved to another thread.  When training already
-keeps every core busy, the monitor's CPU time comes out of training either way, and the cost
-is ``≈ t_monitor / t_train`` in both modes (``benchmarks/monitor_overhead.py`` measures both).
+* ``background=False`` (default) — *synchronous*: everything on the training thread.  The
+  simplest; the only mode in which feature probes run on the model's device (GPU probes on the
+  GPU); costs the whole evaluation ``t_eval`` per scheduled step.
+* ``background="process"`` — a *worker process* (``multiprocessing`` spawn context, safe with
+  CUDA and OpenMP; started when the monitor is constructed so its imports overlap early
+  training; one torch thread).  The training thread copies the captured features to CPU numpy
+  arrays (one device-to-host copy on CUDA) and hands ``(step, features, model-probe values,
+  scalars)`` to a sender thread that writes them to a pipe, so :meth:`Monitor.step` never waits
+  for the worker.  The worker computes the feature probes, appends to the Zarr store and sends
+  each Dataset back; :meth:`Monitor.step` collects finished ones without waiting, in step
+  order.  No GIL is shared, so with a free core the evaluation is nearly free for training.
+  Use it for CPU training with a core to spare.  Costs: a start-up of ~2-3 s of one core (the
+  imports), the forward pass and the copy per evaluation on the training thread; the feature
+  probes run on the CPU even when training runs on a GPU.  Feature probes must be picklable
+  (module-level functions; a lambda or local function raises ``ValueError`` at construction),
+  and a training script must keep its training code under ``if __name__ == "__main__":``
+  (spawn imports the main module in the worker).  If the training process is killed, the
+  worker sees the end of its pipe, finishes and writes the evaluations it had received, and
+  exits; if the worker dies, the training side raises ``RuntimeError`` naming the steps lost.
+* ``background=True`` or ``"thread"`` — a *worker thread* (``ThreadPoolExecutor(max_workers=1)``)
+  does the same work in the training process.  Kept for feature probes that cannot be
+  pickled: it shares the GIL with training, and the training thread, which releases the GIL
+  around every torch op, must win it back from the worker each time (the convoy effect), so it
+  saves far less than the process mode (see below).  A feature probe run on the worker thread
+  must not draw from the global random generators (they are shared with the training thread).
+  The worker thread computes on one intra-op thread: ``torch.set_num_threads`` is a per-thread
+  setting (OpenMP's ``nthreads`` is a per-thread variable), so the worker's
+  ``torch.set_num_threads(1)`` leaves the training thread's count as it was.
+
+In both background modes :meth:`Monitor.to_dataset`, :meth:`Monitor.flush`,
+:meth:`Monitor.save` and :meth:`Monitor.close` wait for pending evaluations, and an exception
+raised in the worker is re-raised on the training thread (``RuntimeError`` whose cause is the
+original exception; in process mode with the worker's traceback in the message) at the next
+:meth:`Monitor.step` (or ``flush``/``close``).  Background modes pay off only when a core is
+free for the worker: arithmetic is not free because it moved elsewhere.  When training already
+keeps every core busy, the monitor's CPU time comes out of training in every mode, and the cost
+is ``≈ t_monitor / t_train``.
+
+Measured (``benchmarks/monitor_overhead.py --model mlp --threads 1``: the digits MLP, 0.86 ms
+per step, 5,000 steps, 40 evaluations of RankMe, alpha-ReQ and neural collapse on two
+256-wide layers, ~25-35 ms each; a 2-core shared VM, one core free; timings noisy by 10-30 %):
+run time / run time without monitor = synchronous 1.30, thread 1.13, process 1.06 (worker
+ready before the run; 1.11 when its ~2 s start-up overlaps this 4 s run); the training thread
+itself spent 1.8 % of the run in ``monitor.step`` in process mode (the forward pass and the
+copy), the worker process 29 ms per evaluation.  In the lead's GIL measurements on this VM a
+worker *thread* computing these probes slowed this MLP's steps 2.6x while it ran.  On the
+H200 machine's CPU (16 cores, 4 training threads) one run gave synchronous 1.43, thread 1.27,
+process 1.25, with a ~7 s worker start-up there; that machine's timings were noisy (a second
+run's baselines disagreed), so treat them as rough.  With CUDA (same machine) process mode's
+CPU probe values matched synchronous mode's CUDA values to ~1e-7 relative.
 
 **Spectral probes share one accumulator.**  ``rankme``, ``rankme_covariance`` and
 ``alpha_req`` (the registry's default-parameter functions) of a layer are computed from a
@@ -455,6 +491,8 @@ class Monitor:
                 if self._worker is None:
                     raise RuntimeError("the monitor is closed")
                 arrays = None if feats is None else {k: to_numpy(v) for k, v in feats.items()}
+                extra = {k: v if isinstance(v, xr.DataArray) else float(v)  # no tensors sent
+                         for k, v in extra.items()}
                 self._worker.submit(int(step), arrays, extra, scalars,
                                     dict(learning_rate=self.learning_rate, seed=self.seed,
                                          source=self.source))

@@ -24,7 +24,7 @@ from dynamics import records
 from dynamics.monitor import COMPLETE_ATTR, Monitor, load_stream
 from dynamics.schedules import at_steps, linear
 from probes.registry import FeatureProbe, ModelProbe
-from tests.helpers import ROOT
+from tests.helpers import ROOT, child_env
 
 
 @pytest.fixture(autouse=True)
@@ -259,7 +259,7 @@ def _wait_gone(pid: int, timeout: float = 60.0) -> None:
 @pytest.mark.parametrize("background", ["sync", "thread", "process"])
 def test_a_killed_run_keeps_every_completed_evaluation(tmp_path, background):
     store = tmp_path / "killed.zarr"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(store), background],
                             stdout=subprocess.PIPE,
                             text=True, env=env, cwd=ROOT)
@@ -641,7 +641,7 @@ KILLED_WHILE_PENDING = textwrap.dedent("""
 
 def test_a_killed_training_process_leaves_the_worker_to_finish_what_it_received(tmp_path):
     store = tmp_path / "pending.zarr"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = child_env(OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-c", KILLED_WHILE_PENDING, str(store)], env=env,
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == -signal.SIGKILL, out.stderr
