@@ -399,14 +399,15 @@ class Monitor:
         data = self.probe_data
         return [data] if isinstance(data, torch.Tensor) else list(data)
 
-    def _capture(self) -> dict[str, torch.Tensor]:
+    def _capture(self, clone: bool = True) -> dict[str, torch.Tensor]:
         """Features of every layer on the probe batch (call inside preserved state, no_grad);
-        detached copies, so later training cannot change them."""
+        detached copies (if ``clone``), so later training cannot change them."""
         self.model.eval()
         with capture(self.model, self.layers, reduce=self.reduce) as cap:
             for batch in self._batches():
                 self.model(batch)
-        return {name: f.detach().clone() for name, f in cap.activations().items()}
+        return {name: f.detach().clone() if clone else f.detach()
+                for name, f in cap.activations().items()}
 
     def _probe_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of every feature probe, from captured features
@@ -483,14 +484,18 @@ class Monitor:
             self._record(self.evaluate(int(step), **scalars))
         else:
             scalars = {k: float(v) for k, v in scalars.items()}
+            process = self.mode == "process"
+            if process and self._worker is None:
+                raise RuntimeError("the monitor is closed: its worker process has exited")
             with preserved_state(self.model):
                 with torch.no_grad():
-                    feats = self._capture() if (self.layers and self.probes) else None
+                    # process mode copies once, below (to the CPU)
+                    feats = (self._capture(clone=not process) if (self.layers and self.probes)
+                             else None)
+                    arrays = (None if feats is None or not process
+                              else {k: to_numpy(v) for k, v in feats.items()})
                 extra = self._model_probe_values()
-            if self.mode == "process":
-                if self._worker is None:
-                    raise RuntimeError("the monitor is closed")
-                arrays = None if feats is None else {k: to_numpy(v) for k, v in feats.items()}
+            if process:
                 extra = {k: v if isinstance(v, xr.DataArray) else float(v)  # no tensors sent
                          for k, v in extra.items()}
                 self._worker.submit(int(step), arrays, extra, scalars,
