@@ -86,12 +86,15 @@ per step, 5,000 steps, 40 evaluations of RankMe, alpha-ReQ and neural collapse o
 run time / run time without monitor = synchronous 1.30, thread 1.13, process 1.06 (worker
 ready before the run; 1.11 when its ~2 s start-up overlaps this 4 s run); the training thread
 itself spent 1.8 % of the run in ``monitor.step`` in process mode (the forward pass and the
-copy), the worker process 29 ms per evaluation.  In the lead's GIL measurements on this VM a
-worker *thread* computing these probes slowed this MLP's steps 2.6x while it ran.  On the
-H200 machine's CPU (16 cores, 4 training threads) one run gave synchronous 1.43, thread 1.27,
-process 1.25, with a ~7 s worker start-up there; that machine's timings were noisy (a second
-run's baselines disagreed), so treat them as rough.  With CUDA (same machine) process mode's
-CPU probe values matched synchronous mode's CUDA values to ~1e-7 relative.
+copy), the worker process 29 ms per evaluation.  A repeat gave 1.29 / 1.11 / 1.10: on a
+shared 2-core VM the "free" core is not always free.  With a worker evaluating these probes
+non-stop, this MLP's training steps slowed 1.25-1.30x beside a worker thread and 1.03-1.14x
+beside a worker process (two runs; the lead had measured 2.6x for the thread on a busier VM).
+On the H200 machine's CPU (16 cores, 4 training threads) one run gave synchronous 1.43,
+thread 1.27, process 1.25, with a ~7 s worker start-up there; that machine's timings were
+noisy (a second run's baselines disagreed), so treat them as rough.  With CUDA (same
+machine) process mode's CPU probe values matched synchronous mode's CUDA values to ~1e-7
+relative.
 
 **Spectral probes share one accumulator.**  ``rankme``, ``rankme_covariance`` and
 ``alpha_req`` (the registry's default-parameter functions) of a layer are computed from a
@@ -453,6 +456,11 @@ class Monitor:
             with torch.no_grad():
                 feature_values = self._feature_values()
             extra = self._model_probe_values()
+        return self._evaluator().build(step, feature_values, extra, scalars)
+
+    def _build(self, step: int, feature_values: Mapping[str, np.ndarray],
+               extra: Mapping[str, Any], scalars: Mapping[str, float]) -> xr.Dataset:
+        """One evaluation's Dataset (see :meth:`dynamics._monitor_worker.Evaluator.build`)."""
         return self._evaluator().build(step, feature_values, extra, scalars)
 
     def _record(self, ds: xr.Dataset) -> None:
