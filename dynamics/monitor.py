@@ -52,9 +52,11 @@ through one code path (:class:`dynamics._monitor_worker.Evaluator` and
   scalars)`` to a sender thread that writes them to a pipe, so :meth:`Monitor.step` never waits
   for the worker.  The worker computes the feature probes, appends to the Zarr store and sends
   each Dataset back; :meth:`Monitor.step` collects finished ones without waiting, in step
-  order.  No GIL is shared, so with a free core the evaluation is nearly free for training.
-  Use it for CPU training with a core to spare.  Costs: a start-up of ~2-3 s of one core (the
-  imports), the forward pass and the copy per evaluation on the training thread; the feature
+  order.  No GIL is shared, so with a free core an evaluation costs training little more than
+  its forward pass.  Use it for CPU training with a core to spare.  A worker that falls behind
+  is not waited for: the features of the evaluations it has not reached wait in memory.
+  Costs: a start-up of ~2-3 s of one core (the imports), the forward pass and the copy per
+  evaluation on the training thread; the feature
   probes run on the CPU even when training runs on a GPU.  Feature probes must be picklable
   (module-level functions; a lambda or local function raises ``ValueError`` at construction),
   and a training script must keep its training code under ``if __name__ == "__main__":``
@@ -65,7 +67,7 @@ through one code path (:class:`dynamics._monitor_worker.Evaluator` and
   does the same work in the training process.  Kept for feature probes that cannot be
   pickled: it shares the GIL with training, and the training thread, which releases the GIL
   around every torch op, must win it back from the worker each time (the convoy effect), so it
-  saves far less than the process mode (see below).  A feature probe run on the worker thread
+  saves less than the process mode (see below).  A feature probe run on the worker thread
   must not draw from the global random generators (they are shared with the training thread).
   The worker thread computes on one intra-op thread: ``torch.set_num_threads`` is a per-thread
   setting (OpenMP's ``nthreads`` is a per-thread variable), so the worker's
