@@ -37,6 +37,7 @@ noisy; run it on a quiet one for numbers to quote.
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -268,6 +269,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available here")
+    if args.device == "cuda":
+        # bit-identity of weights with and without the monitor is only defined for
+        # deterministic kernels (cuDNN's default convolution backward uses atomics: two
+        # identical CUDA runs differ in their last bits, as an H200 run showed)
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
     device_name = (torch.cuda.get_device_name() if args.device == "cuda" else
                    f"CPU, {torch.get_num_threads()} intra-op threads")
     print(f"torch {torch.__version__} on {device_name}")

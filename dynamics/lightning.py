@@ -64,6 +64,8 @@ class MonitorCallback(Callback):
 
     Parameters are those of :class:`~dynamics.monitor.Monitor` (without ``model``); the
     learning rate for the ``time`` coordinate is read from the first optimiser when not given.
+    ``background`` chooses the monitor's mode (``False``, ``"thread"`` or ``"process"``; see
+    :mod:`dynamics.monitor`).
     """
 
     def __init__(
@@ -78,10 +80,11 @@ class MonitorCallback(Callback):
         seed: int | None = None,
         store: str | Path | None = None,
         netcdf: str | Path | None = None,
+        background: bool | str = False,
     ) -> None:
         super().__init__()
         self.kwargs = dict(probes=probes, layers=layers, schedule=schedule, reduce=reduce,
-                           seed=seed, store=store, netcdf=netcdf,
+                           seed=seed, store=store, netcdf=netcdf, background=background,
                            source="traindyn Monitor (Lightning callback)")
         self.probe_data = probe_data
         self.probe_targets = probe_targets

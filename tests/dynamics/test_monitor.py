@@ -353,7 +353,8 @@ def _fit_lightning(callbacks: list) -> dict:
     return {k: v.clone() for k, v in module.state_dict().items()}, module
 
 
-def test_lightning_callback_records_without_disturbing_the_run(tmp_path):
+@pytest.mark.parametrize("background", [False, "process"])
+def test_lightning_callback_records_without_disturbing_the_run(tmp_path, background):
     pytest.importorskip("lightning")
     from dynamics.lightning import MonitorCallback
 
@@ -361,7 +362,7 @@ def test_lightning_callback_records_without_disturbing_the_run(tmp_path):
     x_probe, y_probe = torch.randn(40, 6), torch.randint(0, 3, (40,))
     callback = MonitorCallback(probes=["rankme", DISTURBING], layers=["net.2"],
                                schedule=linear(3), probe_data=x_probe, probe_targets=y_probe,
-                               store=tmp_path / "pl.zarr")
+                               store=tmp_path / "pl.zarr", background=background)
     monitored, module = _fit_lightning([callback])
     for name in plain:
         assert torch.equal(plain[name], monitored[name]), name
