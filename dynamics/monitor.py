@@ -91,7 +91,7 @@ itself spent 1.8 % of the run in ``monitor.step`` in process mode (the forward p
 copy), the worker process 29 ms per evaluation.  A repeat gave 1.29 / 1.11 / 1.10: on a
 shared 2-core VM the "free" core is not always free.  With a worker evaluating these probes
 non-stop, this MLP's training steps slowed 1.25-1.30x beside a worker thread and 1.03-1.14x
-beside a worker process (two runs; the lead had measured 2.6x for the thread on a busier VM).
+beside a worker process (two runs; 2.6x beside the thread on a busier VM).
 On the H200 machine's CPU (16 cores, 4 training threads) one run gave synchronous 1.43,
 thread 1.27, process 1.25, with a ~7 s worker start-up there; that machine's timings were
 noisy (a second run's baselines disagreed), so treat them as rough.  With CUDA (same
