@@ -235,9 +235,11 @@ def _report(r: dict, args: argparse.Namespace) -> None:
           f"(training thread's clock: {1 + r['t_eval_pr'] * r['n_evals'] / base:.3f}; "
           f"worker process {r['worker_pr'] * 1e3:.1f} ms per evaluation; worker started "
           f"and ready before the timed region, the final wait timed)")
+    extra = r["cold"] - r["proc"]
+    cost = (f"a fixed cost of ~{extra:.1f} s here, amortised by longer runs" if
+            extra > 0.05 * base else "no cost above this machine's noise here")
     print(f"  process monitor, cold {r['cold']:6.2f} s   RATIO {r['cold'] / base:.3f}   "
-          f"(the same, its worker's start-up imports overlapping the timed run: a fixed "
-          f"cost of ~{r['cold'] - r['proc']:.1f} s here, amortised by longer runs)")
+          f"(the same, its worker's start-up imports overlapping the timed run: {cost})")
     print(f"  weights bit-identical with and without the monitor: synchronous "
           f"{r['identical']}, thread {r['identical_bg']}, process {r['identical_pr']}; "
           f"Datasets identical to the synchronous one: thread {r['same']}, "
