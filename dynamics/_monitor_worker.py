@@ -427,13 +427,14 @@ class ProcessWorker:
         self.pending.append(step)
         self._outbox.put((step, feats, dict(extra), dict(scalars), dict(settings)))
 
-    def collect(self, block: bool) -> list[tuple]:
-        """Results received so far (all pending ones if ``block``), in step order.
+    def collect(self, block: bool, keep: int = 0) -> list[tuple]:
+        """Results received so far (if ``block``: waiting until at most ``keep`` are still
+        pending), in step order.
 
         Raises :class:`WorkerError` naming the lost evaluations if the process died with
         evaluations pending."""
         out = []
-        while self.pending:
+        while len(self.pending) > (keep if block else 0):
             if not block and not self._results.poll():
                 if not self.process.is_alive() and not self._results.poll():
                     self._died()

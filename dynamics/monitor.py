@@ -54,7 +54,8 @@ through one code path (:class:`dynamics._monitor_worker.Evaluator` and
   each Dataset back; :meth:`Monitor.step` collects finished ones without waiting, in step
   order.  No GIL is shared, so with a free core an evaluation costs training little more than
   its forward pass.  Use it for CPU training with a core to spare.  A worker that falls behind
-  is not waited for: the features of the evaluations it has not reached wait in memory.
+  is waited for only when ``max_pending`` evaluations are queued (default 8): up to that many
+  evaluations' features wait in memory.
   Costs: a start-up of ~2-3 s of one core (the imports), the forward pass and the copy per
   evaluation on the training thread; the feature
   probes run on the CPU even when training runs on a GPU.  Feature probes must be picklable
@@ -253,6 +254,10 @@ class Monitor:
         thread; ``"process"`` in a worker process (started here; its feature probes must be
         picklable, else ``ValueError``).  The training thread always runs the probe forward
         pass and the model probes.
+    max_pending : int
+        Background modes: at most this many evaluations wait for the worker; a scheduled step
+        beyond that waits for the oldest one, so the features held for a worker that falls
+        behind stay bounded (default 8).
     """
 
     def __init__(
@@ -270,7 +275,11 @@ class Monitor:
         store: str | Path | None = None,
         netcdf: str | Path | None = None,
         background: bool | str = False,
+        max_pending: int = 8,
     ) -> None:
+        if int(max_pending) < 1:
+            raise ValueError(f"max_pending must be >= 1; got {max_pending}")
+        self.max_pending = int(max_pending)
         try:
             mode = _MODES[background]
         except (KeyError, TypeError):
@@ -377,11 +386,12 @@ class Monitor:
             if exc is not None:
                 raise RuntimeError("a background evaluation of the monitor failed") from exc
 
-    def _collect(self, block: bool) -> None:
-        """Record the worker process's finished evaluations (all pending ones if ``block``);
-        re-raise the first error of one after recording the others received with it."""
+    def _collect(self, block: bool, keep: int = 0) -> None:
+        """Record the worker process's finished evaluations (if ``block``: waiting until at
+        most ``keep`` are pending); re-raise the first error of one after recording the others
+        received with it."""
         try:
-            replies = self._worker.collect(block)
+            replies = self._worker.collect(block, keep)
         except WorkerError as exc:
             raise RuntimeError(str(exc)) from None
         error: BaseException | None = None
@@ -477,6 +487,16 @@ class Monitor:
         self._record(evaluator.evaluate(step, feats, extra, scalars))
         self.seconds_background += _time.perf_counter() - start
 
+    def _bound_pending(self) -> None:
+        """Wait for the worker while ``max_pending`` evaluations are queued (bounds the memory
+        held by features waiting for a worker that falls behind)."""
+        limit = self.max_pending
+        if self._worker is not None and len(self._worker.pending) >= limit:
+            self._collect(block=True, keep=limit - 1)
+        while len(self._pending) >= limit:
+            self._pending[0].exception()  # waits for the oldest thread job
+            self._raise_finished_errors()
+
     def step(self, step: int, **scalars: float) -> bool:
         """Evaluate, record and stream if ``schedule(step)``; returns whether it did.
 
@@ -489,6 +509,7 @@ class Monitor:
             self._collect(block=False)
         if not self.schedule(step):
             return False
+        self._bound_pending()
         start = _time.perf_counter()
         if self.mode == "sync":
             self._record(self.evaluate(int(step), **scalars))

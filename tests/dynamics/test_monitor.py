@@ -660,3 +660,27 @@ def test_a_killed_training_process_leaves_the_worker_to_finish_what_it_received(
     np.testing.assert_array_equal(ds["width"].values, np.full((5, 1), 4.0))
     np.testing.assert_array_equal(ds["train_loss"].values, np.arange(5.0))
     assert zarr.open_group(str(store)).attrs[COMPLETE_ATTR] == 5
+
+
+@pytest.mark.parametrize("background", ["thread", "process"])
+def test_a_worker_that_falls_behind_holds_at_most_max_pending_evaluations(background):
+    """A slow probe (0.15 s) at every step: ``step()`` waits once ``max_pending`` evaluations
+    are queued, so at most that many features wait in memory; nothing is lost or reordered."""
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    monitor = Monitor(model, probes=[SLOW], layers=["1"], schedule=linear(1),
+                      probe_data=torch.randn(10, 4), background=background, max_pending=2)
+    seen = []
+    with monitor:
+        for step in range(6):
+            monitor.step(step, train_loss=float(step))
+            queued = (len(monitor._worker.pending) if background == "process"
+                      else len(monitor._pending))
+            seen.append(queued)
+        ds = monitor.to_dataset()
+    assert max(seen) <= 2 and seen[-1] >= 1     # bounded, and the worker did fall behind
+    np.testing.assert_array_equal(ds["step"].values, np.arange(6))
+    np.testing.assert_array_equal(ds["train_loss"].values, np.arange(6.0))
+    np.testing.assert_array_equal(ds["width"].values, np.full((6, 1), 6.0))
+    with pytest.raises(ValueError, match="max_pending"):
+        Monitor(model, probes=[SLOW], layers=["1"], probe_data=torch.randn(10, 4),
+                max_pending=0)
