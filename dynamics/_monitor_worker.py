@@ -204,7 +204,8 @@ class Evaluator:
         return self.build(step, values, extra, scalars)
 
 
-def _dimension_names(array: Any) -> Sequence[str] | None:
+def dimension_names(array: Any) -> Sequence[str] | None:
+    """The dimension names of a Zarr array (format 3 metadata, or xarray's v2 attribute)."""
     return getattr(array.metadata, "dimension_names", None) or array.attrs.get(
         "_ARRAY_DIMENSIONS")
 
@@ -257,13 +258,13 @@ class ZarrStream:
             records.append_zarr(ds, self.path)
             self.group = zarr.open_group(str(self.path), mode="r+")
             self.step_arrays = {
-                name: (array, tuple(_dimension_names(array) or ()))
+                name: (array, tuple(dimension_names(array) or ()))
                 for name, array in self.group.arrays()
-                if (_dimension_names(array) or ("",))[0] == "step"}
+                if (dimension_names(array) or ("",))[0] == "step"}
             self._fixed_coords = {
                 name: list(np.asarray(array[...]).tolist())
                 for name, array in self.group.arrays()
-                if tuple(_dimension_names(array) or ()) == (name,) and name != "step"}
+                if tuple(dimension_names(array) or ()) == (name,) and name != "step"}
         self.count += 1
         self.group.attrs[COMPLETE_ATTR] = self.count
         self.seconds += _time.perf_counter() - start

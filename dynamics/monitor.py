@@ -127,6 +127,7 @@ from dynamics._monitor_worker import (
     WorkerError,
     ZarrStream,
     check_picklable,
+    dimension_names,
     takes_labels,
     to_numpy,
 )
@@ -470,11 +471,6 @@ class Monitor:
             extra = self._model_probe_values()
         return self._evaluator().build(step, feature_values, extra, scalars)
 
-    def _build(self, step: int, feature_values: Mapping[str, np.ndarray],
-               extra: Mapping[str, Any], scalars: Mapping[str, float]) -> xr.Dataset:
-        """One evaluation's Dataset (see :meth:`dynamics._monitor_worker.Evaluator.build`)."""
-        return self._evaluator().build(step, feature_values, extra, scalars)
-
     def _record(self, ds: xr.Dataset) -> None:
         if self._stream is not None:
             self._stream.append(ds)
@@ -596,8 +592,7 @@ def load_stream(path: str | Path) -> xr.Dataset:
     complete = group.attrs.get(COMPLETE_ATTR)
     arrays = []
     for _, array in group.arrays():
-        dims = getattr(array.metadata, "dimension_names", None) or array.attrs.get(
-            "_ARRAY_DIMENSIONS")
+        dims = dimension_names(array)
         if dims and dims[0] == "step":
             arrays.append(array)
     if complete is None:
