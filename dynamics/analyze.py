@@ -56,7 +56,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -378,137 +377,6 @@ def _read_part(path: Path, checkpoint: Checkpoint, spec_key: str) -> dict | None
             or part.get("identity") != checkpoint.identity()):
         return None
     return part["result"]
-
-
-# --------------------------------------------------------------------------------------------
-# the Zarr output, replaced as atomically as the filesystem allows
-
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
-
-    Returns False where the platform, C library or filesystem cannot (the caller then falls
-    back to two renames); other errors raise ``OSError``.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-    import errno
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # glibc < 2.28 or another libc
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
-                          ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
-        return False
-    raise OSError(code, os.strerror(code), str(a), None, str(b))
-
-
-def _fsync_tree(path: Path) -> None:
-    """Flush every file and folder under ``path`` to disk (so a rename publishes whole data)."""
-    for folder, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
-
-
-def _store_temp(output: Path, kind: str) -> Path:
-    return output.with_name(f".{output.name}.{kind}-{os.getpid()}.tmp")
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0 or pid == os.getpid():
-        return False  # unknown, or an earlier call of this very process (finished or failed)
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _recover_store(output: Path) -> None:
-    """Tidy what a run killed while replacing ``output`` left next to it.
-
-    ``.<name>.new-<pid>.tmp`` (a store being written, or the old one after the exchange) is
-    deleted; ``.<name>.old-<pid>.tmp`` (the old store moved aside by the two-rename fallback)
-    is moved back when ``output`` is missing, deleted otherwise.  Temporaries of a process
-    that is still running are left alone.
-    """
-    import shutil
-
-    leftovers = []
-    for path in output.parent.glob(f".{output.name}.*.tmp"):
-        match = re.search(r"\.(new|old)-(\d+)\.tmp\Z", path.name)
-        kind, pid = (match.group(1), int(match.group(2))) if match else ("new", -1)
-        if not _alive(pid):
-            try:
-                leftovers.append((path.stat().st_mtime, kind, path))
-            except FileNotFoundError:  # tidied meanwhile by another run
-                continue
-    olds = sorted((item for item in leftovers if item[1] == "old"), reverse=True)
-    if olds and not os.path.lexists(output):
-        os.rename(olds[0][2], output)
-        leftovers.remove(olds[0])
-    for _, _, path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def _replace_store(ds: xr.Dataset, output: Path) -> None:
-    """Write ``ds`` as the Zarr store ``output`` so that a crash at any moment leaves the old
-    complete store or the new complete one.
-
-    The new store is written whole into a sibling temporary folder and flushed to disk, then
-    swapped in: with one atomic ``renameat2(RENAME_EXCHANGE)`` where Linux and the filesystem
-    allow it (``output`` is never absent), otherwise with two renames (old → ``.old-…``, new →
-    ``output``), between which ``output`` is briefly absent and a crash leaves the old store
-    at ``.<name>.old-<pid>.tmp``, which :func:`_recover_store` (run at the start of every
-    :func:`analyze` with this output) moves back.  The replaced store is deleted last.
-    """
-    import shutil
-
-    _recover_store(output)
-    new = _store_temp(output, "new")
-    shutil.rmtree(new, ignore_errors=True)
-    records.save_zarr(ds, new)
-    _fsync_tree(new)
-    if not os.path.lexists(output):
-        os.rename(new, output)
-    elif _exchange(new, output):
-        shutil.rmtree(new)  # it now holds the old store
-    else:
-        old = _store_temp(output, "old")
-        os.rename(output, old)
-        os.rename(new, output)
-        shutil.rmtree(old)
-    _fsync_dir(output.parent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -844,7 +712,7 @@ def analyze(
     spec_key = spec.key()
     output = Path(output) if output is not None else None
     if output is not None and output.suffix == ".zarr":
-        _recover_store(output)  # a store a killed run was replacing: back, temporaries gone
+        records.recover_zarr(output)  # a store a killed run was replacing: back, temporaries gone
     parts = _parts_dir(output) if output is not None else None
     results: dict[int, dict] = {}
     pending: list[Checkpoint] = []
@@ -898,7 +766,7 @@ def analyze(
     ds = _assemble(list(results.values()), spec, attrs, learning_rate)
     if output is not None:
         if output.suffix == ".zarr":
-            _replace_store(ds, output)
+            records.save_zarr(ds, output)
         else:
             records.save(ds, output)
     if figures:

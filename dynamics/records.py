@@ -12,13 +12,16 @@ Every result is an ``xarray.Dataset``:
   attributes must be plain) and package versions (added by :func:`provenance`).
 
 Files: NetCDF (h5netcdf engine) for finished results, written atomically (temporary file, then
-``os.replace``); Zarr when appending along ``step`` during training.
+``os.replace``); Zarr when appending along ``step`` during training, and a finished Zarr store
+is replaced atomically too (:func:`save_zarr`: written beside the old one, then swapped in).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Mapping
 from importlib import metadata
@@ -41,6 +44,7 @@ __all__ = [
     "load",
     "params_attr",
     "provenance",
+    "recover_zarr",
     "save",
     "save_netcdf",
     "save_zarr",
@@ -216,11 +220,142 @@ def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def save_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write ``ds`` to a new Zarr store (replacing one that is there)."""
-    path = Path(path)
+def _write_zarr(ds: xr.Dataset, path: Path) -> None:
+    """Write ``ds`` to the Zarr store ``path`` in place (replacing one that is there)."""
     _zarr_ready(ds).to_zarr(path, mode="w", consolidated=False)
-    return path
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
+
+    Returns False where the platform, C library or filesystem cannot (the caller then falls
+    back to two renames); other errors raise ``OSError``.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28 or another libc
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                          ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EPERM):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _fsync_tree(path: Path) -> None:
+    """Flush every file and folder under ``path`` to disk (so a rename publishes whole data)."""
+    for folder, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+def _store_temp(output: Path, kind: str) -> Path:
+    return output.with_name(f".{output.name}.{kind}-{os.getpid()}.tmp")
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return False  # unknown, or an earlier call of this very process (finished or failed)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def recover_zarr(output: str | os.PathLike) -> None:
+    """Tidy what a run killed while replacing ``output`` left next to it.
+
+    ``.<name>.new-<pid>.tmp`` (a store being written, or the old one after the exchange) is
+    deleted; ``.<name>.old-<pid>.tmp`` (the old store moved aside by the two-rename fallback)
+    is moved back when ``output`` is missing, deleted otherwise.  Temporaries of a process
+    that is still running are left alone.
+    """
+    import shutil
+
+    output = Path(output)
+    leftovers = []
+    for path in output.parent.glob(f".{output.name}.*.tmp"):
+        match = re.search(r"\.(new|old)-(\d+)\.tmp\Z", path.name)
+        kind, pid = (match.group(1), int(match.group(2))) if match else ("new", -1)
+        if not _alive(pid):
+            try:
+                leftovers.append((path.stat().st_mtime, kind, path))
+            except FileNotFoundError:  # tidied meanwhile by another run
+                continue
+    olds = sorted((item for item in leftovers if item[1] == "old"), reverse=True)
+    if olds and not os.path.lexists(output):
+        os.rename(olds[0][2], output)
+        leftovers.remove(olds[0])
+    for _, _, path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def save_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+    """Write ``ds`` as the Zarr store ``path`` so that a crash at any moment leaves the old
+    complete store or the new complete one (NetCDF's :func:`save_netcdf` is atomic too).
+
+    The new store is written whole into a sibling temporary folder and flushed to disk, then
+    swapped in: with one atomic ``renameat2(RENAME_EXCHANGE)`` where Linux and the filesystem
+    allow it (``path`` is never absent), otherwise with two renames (old → ``.old-…``, new →
+    ``path``), between which ``path`` is briefly absent and a crash leaves the old store
+    at ``.<name>.old-<pid>.tmp``, which :func:`recover_zarr` (run first by every
+    ``save_zarr``, and by ``traindyn analyze`` when it starts) moves back.  The replaced
+    store is deleted last.
+    """
+    import shutil
+
+    output = Path(path)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    recover_zarr(output)
+    new = _store_temp(output, "new")
+    shutil.rmtree(new, ignore_errors=True)
+    _write_zarr(ds, new)
+    _fsync_tree(new)
+    if not os.path.lexists(output):
+        os.rename(new, output)
+    elif _exchange(new, output):
+        shutil.rmtree(new)  # it now holds the old store
+    else:
+        old = _store_temp(output, "old")
+        os.rename(output, old)
+        os.rename(new, output)
+        shutil.rmtree(old)
+    _fsync_dir(output.parent)
+    return output
 
 
 def append_zarr(ds: xr.Dataset, path: str | os.PathLike, dim: str = "step") -> Path:

@@ -20,7 +20,7 @@ import xarray as xr
 
 from dynamics import analyze as analyze_module
 from dynamics import records
-from dynamics.analyze import _recover_store, _replace_store, analyze
+from dynamics.analyze import analyze
 from dynamics.probe_inputs import byte_tokenize, load_probe_inputs, stdlib_sentences
 from tests.helpers import ROOT, assert_rel
 
@@ -122,8 +122,8 @@ def _leftovers(path: Path) -> list[str]:
 
 def test_replacing_a_store_leaves_only_the_new_one(tmp_path):
     out = tmp_path / "r.zarr"
-    _replace_store(_ds(1), out)
-    _replace_store(_ds(2), out)
+    records.save_zarr(_ds(1), out)
+    records.save_zarr(_ds(2), out)
     assert _value(out) == 2.0
     assert _leftovers(out) == []
 
@@ -131,28 +131,28 @@ def test_replacing_a_store_leaves_only_the_new_one(tmp_path):
 def test_a_crash_while_writing_keeps_the_old_store_and_the_next_run_tidies(tmp_path,
                                                                            monkeypatch):
     out = tmp_path / "r.zarr"
-    _replace_store(_ds(1), out)
-    real = records.save_zarr
+    records.save_zarr(_ds(1), out)
+    real = records._write_zarr
 
     def dies_half_way(ds, path):
         real(ds, path)
         shutil.rmtree(next(p for p in Path(path).iterdir() if p.is_dir()))  # half written
         raise Crash
 
-    monkeypatch.setattr(records, "save_zarr", dies_half_way)
+    monkeypatch.setattr(records, "_write_zarr", dies_half_way)
     with pytest.raises(Crash):
-        _replace_store(_ds(2), out)
+        records.save_zarr(_ds(2), out)
     assert _value(out) == 1.0
     assert len(_leftovers(out)) == 1
-    monkeypatch.setattr(records, "save_zarr", real)
-    _replace_store(_ds(3), out)
+    monkeypatch.setattr(records, "_write_zarr", real)
+    records.save_zarr(_ds(3), out)
     assert _value(out) == 3.0
     assert _leftovers(out) == []
 
 
 def test_a_crash_after_the_exchange_has_the_new_store_in_place(tmp_path, monkeypatch):
     out = tmp_path / "r.zarr"
-    _replace_store(_ds(1), out)
+    records.save_zarr(_ds(1), out)
     real = shutil.rmtree
 
     def dies_on_deleting(path, *args, **kwargs):
@@ -165,18 +165,18 @@ def test_a_crash_after_the_exchange_has_the_new_store_in_place(tmp_path, monkeyp
 
     monkeypatch.setattr(shutil, "rmtree", dies_on_deleting)
     with pytest.raises(Crash):
-        _replace_store(_ds(2), out)
+        records.save_zarr(_ds(2), out)
     monkeypatch.setattr(shutil, "rmtree", real)
     assert _value(out) == 2.0
     assert len(_leftovers(out)) == 1  # the old store, swapped out, not yet deleted
-    _recover_store(out)
+    records.recover_zarr(out)
     assert _value(out) == 2.0 and _leftovers(out) == []
 
 
 def test_two_rename_fallback_crash_between_renames_is_repaired(tmp_path, monkeypatch):
     out = tmp_path / "r.zarr"
-    _replace_store(_ds(1), out)
-    monkeypatch.setattr(analyze_module, "_exchange", lambda a, b: False)
+    records.save_zarr(_ds(1), out)
+    monkeypatch.setattr(records, "_exchange", lambda a, b: False)
     real, calls = os.rename, []
 
     def second_rename_dies(src, dst):
@@ -187,12 +187,12 @@ def test_two_rename_fallback_crash_between_renames_is_repaired(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "rename", second_rename_dies)
     with pytest.raises(Crash):
-        _replace_store(_ds(2), out)
+        records.save_zarr(_ds(2), out)
     monkeypatch.setattr(os, "rename", real)
     assert not out.exists()  # the window the fallback cannot close …
-    _recover_store(out)  # … which the next run repairs: the old complete store is back
+    records.recover_zarr(out)  # … which the next run repairs: the old complete store is back
     assert _value(out) == 1.0 and _leftovers(out) == []
-    _replace_store(_ds(2), out)  # and the fallback, uninterrupted, replaces it
+    records.save_zarr(_ds(2), out)  # and the fallback, uninterrupted, replaces it
     assert _value(out) == 2.0 and _leftovers(out) == []
 
 
@@ -202,7 +202,7 @@ def test_the_exchange_is_atomic_on_this_filesystem(tmp_path):
     b.mkdir()
     (a / "x").write_text("a")
     (b / "x").write_text("b")
-    if not analyze_module._exchange(a, b):
+    if not records._exchange(a, b):
         pytest.skip("renameat2(RENAME_EXCHANGE) unavailable here: the two-rename fallback runs")
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
 
@@ -231,12 +231,12 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 import numpy as np
 import xarray as xr
-from dynamics import analyze
+from dynamics import records
 if {fallback}:
-    analyze._exchange = lambda a, b: False
+    records._exchange = lambda a, b: False
 out = Path({out!r})
 for i in range(10 ** 6):
-    analyze._replace_store(xr.Dataset({{"v": ("x", np.full(50, float(i % 2)))}}), out)
+    records.save_zarr(xr.Dataset({{"v": ("x", np.full(50, float(i % 2)))}}), out)
     print(i, flush=True)
 """
 
@@ -255,7 +255,7 @@ def test_sigkill_while_replacing_leaves_a_complete_store(tmp_path, fallback):
     finally:
         writer.send_signal(signal.SIGKILL)
         writer.wait()
-    _recover_store(out)
+    records.recover_zarr(out)
     values = records.load(out)["v"].values
     assert values.shape == (50,) and values[0] in (0.0, 1.0)
     assert (values == values[0]).all()
