@@ -1,0 +1,579 @@
+r"""Representation similarity: the CKA family and the orthogonal Procrustes distance, one-shot
+and streaming, for pairs of layers, layer × layer, model × model and checkpoint × checkpoint.
+
+Conventions (see ``/work/shared/REFERENCES.md``, "Representation similarity"):
+
+``linear_cka(X, Y)``
+    Kornblith, Norouzi, Lee & Hinton, ICML 2019, Eq. 5 (feature space) / Eq. 3 + 4 (HSIC form):
+    ``‖Y_cᵀX_c‖²_F / (‖X_cᵀX_c‖_F ‖Y_cᵀY_c‖_F)`` for column-centred ``X_c, Y_c``, i.e.
+    ``HSIC₀(K,L)/√(HSIC₀(K,K) HSIC₀(L,L))`` with the *biased* HSIC ``tr(KHLH)/(n−1)²``.
+``linear_cka(X, Y, debiased=True)`` (= :func:`debiased_cka`)
+    the same ratio of *unbiased* HSICs (Song et al. 2012, Eq. 5; used for CKA by Nguyen,
+    Raghu & Kornblith, ICLR 2021, Eq. 3, and shown by Davari et al., ICLR 2023, to remove the
+    inflation of biased CKA at small ``n`` / large width).  No centring is applied: the
+    unbiased estimator is invariant to constant shifts of the features by itself.  Needs
+    ``n ≥ 4``; may be slightly negative for independent features.
+``rbf_cka(X, Y, bandwidth)``
+    CKA with RBF kernels, ``σ = bandwidth × median pairwise distance`` (pairs ``i < j``;
+    Kornblith et al. 2019, Sec. 3), biased by default, ``debiased=True`` for the unbiased HSIC.
+``procrustes_distance(X, Y)``
+    Ding, Denain & Steinhardt, "Grounding representation similarity with statistical
+    testing", NeurIPS 2021, Sec. 2: ``2 − 2‖X̂ᵀŶ‖_*`` with column-centred ``X̂, Ŷ`` scaled to
+    unit Frobenius norm (0 for equal representations up to rotation and scale, at most 2).
+:class:`MinibatchCKA`
+    Nguyen, Raghu & Kornblith (ICLR 2021), Sec. 3.1, Eq. 3: the unbiased HSIC of each minibatch
+    is averaged over batches for each pair of layers, and CKA is formed from the averages, so
+    memory is ``O(layers × batch²)`` whatever the number of samples.  Its expectation over the
+    batch split equals the full-data unbiased HSIC ratio's numerator and denominators (each is
+    an unbiased U-statistic), not the full-data CKA itself.
+
+Every value is computed in float64 on the input's device.  Bad input: different numbers of
+samples raise ``ValueError``; the unbiased estimator with ``n < 4`` raises ``ValueError``; a
+constant (zero-variance) representation or non-finite values give NaN with a
+``RuntimeWarning``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+
+from probes._arrays import ArrayLike, all_finite, warn_nan
+from probes._hsic import (
+    DEFAULT_BANDWIDTH,
+    KernelStats,
+    features64,
+    gram_linear,
+    gram_rbf,
+    hsic_biased,
+    hsic_biased_stats,
+    hsic_unbiased,
+    hsic_unbiased_stats,
+    kernel,
+)
+
+__all__ = [
+    "DEFAULT_BANDWIDTH",
+    "REFERENCES",
+    "MinibatchCKA",
+    "checkpoint_cka",
+    "cka",
+    "cka_matrix",
+    "debiased_cka",
+    "gram_linear",
+    "gram_rbf",
+    "hsic_biased",
+    "hsic_unbiased",
+    "linear_cka",
+    "minibatch_cka",
+    "procrustes_distance",
+    "rbf_cka",
+]
+
+REFERENCES = ("first", "previous", "final")
+"""Reference checkpoints a checkpoint's representation can be compared with."""
+
+_SOURCE = ("Kornblith, Norouzi, Lee, Hinton (ICML 2019), Eq. 3-5; unbiased HSIC: Song et al. "
+           "(JMLR 2012), Eq. 5; minibatch CKA: Nguyen, Raghu, Kornblith (ICLR 2021), Eq. 3")
+
+
+def _pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+    a, b = features64(x, "x"), features64(y, "y")
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"x and y must hold the same samples: x has n = {a.shape[0]} rows, "
+                         f"y has n = {b.shape[0]}")
+    return a, b.to(a.device)
+
+
+def _ratio(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, what: str) -> float:
+    """``xy / √(xx·yy)`` with NaN + warning for a non-positive or non-finite denominator."""
+    values = torch.stack([xy, xx, yy])
+    if not all_finite(values):
+        return warn_nan(f"{what}: the representations are not finite")
+    scale = max(float(xx.abs()), float(yy.abs()), float(xy.abs()), 1e-300)
+    tiny = 1e-12 * scale
+    if not (float(xx) > tiny and float(yy) > tiny):
+        return warn_nan(f"{what}: a representation is constant (its HSIC with itself is "
+                        f"{float(min(xx, yy)):.3g}, not positive), so CKA is undefined")
+    return float(xy / torch.sqrt(xx * yy))
+
+
+def _check_n(n: int, debiased: bool) -> None:
+    if debiased and n < 4:
+        raise ValueError(f"the unbiased HSIC (debiased=True) needs n >= 4 samples; got n = {n}")
+    if n < 2:
+        raise ValueError(f"CKA needs at least 2 samples; got n = {n}")
+
+
+def cka(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:  # noqa: E741
+    r"""CKA of two precomputed ``n × n`` kernel matrices.
+
+    .. math:: \mathrm{CKA}(K, L) = \frac{\mathrm{HSIC}(K, L)}
+              {\sqrt{\mathrm{HSIC}(K, K)\,\mathrm{HSIC}(L, L)}}
+
+    Kornblith et al. (ICML 2019), Eq. 4, with the biased HSIC ``tr(KHLH)/(n−1)²`` (Eq. 3) or,
+    with ``debiased=True``, the unbiased HSIC of Song et al. (JMLR 2012, Eq. 5).
+    """
+    kk, ll = features64(k, "k"), features64(l, "l").to(features64(k, "k").device)
+    if kk.shape[0] != kk.shape[1] or ll.shape != kk.shape:
+        raise ValueError(f"k and l must be square kernels of the same size; got "
+                         f"{tuple(kk.shape)} and {tuple(ll.shape)}")
+    _check_n(kk.shape[0], debiased)
+    if not (all_finite(kk) and all_finite(ll)):
+        return warn_nan("CKA: the kernels are not finite")
+    hsic = hsic_unbiased if debiased else hsic_biased
+    return _ratio(hsic(kk, ll), hsic(kk, kk), hsic(ll, ll), "CKA")
+
+
+def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
+    r"""Linear CKA between representations ``x`` (``n × p``) and ``y`` (``n × q``).
+
+    .. math:: \mathrm{CKA}_{\rm lin}(X, Y) = \frac{\lVert Y_c^\top X_c\rVert_F^2}
+              {\lVert X_c^\top X_c\rVert_F\,\lVert Y_c^\top Y_c\rVert_F}
+
+    Kornblith, Norouzi, Lee & Hinton, ICML 2019, Eq. 5 (biased HSIC, column-centred features).
+    With ``debiased=True``, the ratio of unbiased HSICs of the linear kernels ``XXᵀ``, ``YYᵀ``
+    (Song et al. 2012, Eq. 5; Nguyen et al. 2021, Eq. 3; Davari et al. 2023), ``n ≥ 4``.
+
+    Parameters
+    ----------
+    x, y : arrays of shape (n, p) and (n, q)
+        torch, numpy or jax; trailing axes are flattened; float64 on ``x``'s device.
+    debiased : bool
+        Use the unbiased HSIC (default: the biased one of Kornblith et al.).
+
+    Returns
+    -------
+    float
+        In ``[0, 1]`` for the biased form (1 when ``y = xQ·c + b`` with orthogonal ``Q``);
+        the debiased form can be slightly negative.  NaN with a ``RuntimeWarning`` for a
+        constant or non-finite representation.
+    """
+    a, b = _pair(x, y)
+    _check_n(a.shape[0], debiased)
+    if not (all_finite(a) and all_finite(b)):
+        return warn_nan("linear CKA: the representations are not finite")
+    if debiased:
+        ka, kb = a @ a.T, b @ b.T
+        return _ratio(hsic_unbiased(ka, kb), hsic_unbiased(ka, ka), hsic_unbiased(kb, kb),
+                      "debiased linear CKA")
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    n, p, q = a.shape[0], a.shape[1], b.shape[1]
+    if p * q + p * p + q * q <= 3 * n * n:  # feature space (Eq. 5): cheaper when p, q < n
+        xy = (bc.T @ ac).square().sum()
+        xx = (ac.T @ ac).square().sum().sqrt()
+        yy = (bc.T @ bc).square().sum().sqrt()
+        return _ratio(xy, xx.square(), yy.square(), "linear CKA")
+    ka, kb = ac @ ac.T, bc @ bc.T
+    return _ratio((ka * kb).sum(), (ka * ka).sum(), (kb * kb).sum(), "linear CKA")
+
+
+def debiased_cka(x: ArrayLike, y: ArrayLike) -> float:
+    """Linear CKA from the unbiased HSIC: ``linear_cka(x, y, debiased=True)``."""
+    return linear_cka(x, y, debiased=True)
+
+
+def rbf_cka(x: ArrayLike, y: ArrayLike, bandwidth: float = DEFAULT_BANDWIDTH,
+            debiased: bool = False) -> float:
+    r"""CKA with RBF kernels ``exp(−‖x_i − x_j‖²/(2σ²))``, ``σ = bandwidth × median distance``.
+
+    Kornblith et al. (ICML 2019), Sec. 3; the median is over pairs ``i < j`` of each
+    representation separately (:func:`probes._hsic.gram_rbf`).  ``debiased=True`` uses the
+    unbiased HSIC (Song et al. 2012, Eq. 5).
+    """
+    a, b = _pair(x, y)
+    _check_n(a.shape[0], debiased)
+    if not (all_finite(a) and all_finite(b)):
+        return warn_nan("RBF CKA: the representations are not finite")
+    if _constant(a) or _constant(b):
+        return warn_nan("RBF CKA: a representation is constant, so CKA is undefined")
+    return cka(gram_rbf(a, bandwidth), gram_rbf(b, bandwidth), debiased)
+
+
+def _constant(z: torch.Tensor) -> bool:
+    return bool((z == z[:1]).all())
+
+
+def procrustes_distance(x: ArrayLike, y: ArrayLike) -> float:
+    r"""Orthogonal Procrustes distance ``2 − 2‖X̂ᵀŶ‖_*``.
+
+    Ding, Denain & Steinhardt, NeurIPS 2021, Sec. 2 (after Schönemann 1966): ``X̂``, ``Ŷ`` are
+    the column-centred representations scaled to unit Frobenius norm and ``‖·‖_*`` is the
+    nuclear norm; equal to ``min_Q ‖X̂ − ŶQ‖_F²`` over orthogonal ``Q`` (with zero columns
+    appended to the narrower one).  0 for ``y = xQ·c + b``; at most 2.
+    """
+    a, b = _pair(x, y)
+    if not (all_finite(a) and all_finite(b)):
+        return warn_nan("Procrustes distance: the representations are not finite")
+    ac, bc = a - a.mean(0), b - b.mean(0)
+    na, nb = torch.linalg.norm(ac), torch.linalg.norm(bc)
+    if not (float(na) > 0 and float(nb) > 0):
+        return warn_nan("Procrustes distance: a representation is constant")
+    nuclear = torch.linalg.svdvals((ac / na).T @ (bc / nb)).sum()
+    return float((2.0 - 2.0 * nuclear).clamp(min=0.0))
+
+
+# --------------------------------------------------------------------------- layer × layer
+def _as_layers(features: Mapping[str, ArrayLike] | Sequence[ArrayLike], what: str
+               ) -> dict[str, torch.Tensor]:
+    if isinstance(features, Mapping):
+        items = list(features.items())
+    elif isinstance(features, (list, tuple)):
+        items = [(str(i), f) for i, f in enumerate(features)]
+    else:
+        raise TypeError(f"{what} must be a mapping {{layer: features}} or a sequence of feature "
+                        f"arrays; got {type(features).__name__}")
+    if not items:
+        raise ValueError(f"{what} is empty: give at least one layer")
+    out = {str(name): features64(f, f"{what}[{name!r}]") for name, f in items}
+    ns = {name: f.shape[0] for name, f in out.items()}
+    if len(set(ns.values())) > 1:
+        raise ValueError(f"every layer of {what} must hold the same samples; numbers of rows: "
+                         f"{ns}")
+    device = next(iter(out.values())).device
+    return {name: f.to(device) for name, f in out.items()}
+
+
+def _kernels(layers: dict[str, torch.Tensor], kind: str, bandwidth: float, debiased: bool):
+    grams = []
+    for z in layers.values():
+        if kind == "linear" and not debiased:
+            z = z - z.mean(0)
+        grams.append(kernel(z, kind, bandwidth))
+    return grams
+
+
+def _hsic_matrices(ka, kb, debiased: bool):
+    """(xy, xx, yy) HSIC arrays for kernel lists ``ka`` (rows) and ``kb`` (columns)."""
+    if debiased:
+        sa = [KernelStats.of(k) for k in ka]
+        sb = sa if kb is ka else [KernelStats.of(k) for k in kb]
+        xy = hsic_unbiased_stats(sa, sb)
+        xx = torch.stack([hsic_unbiased_stats([s], [s])[0, 0] for s in sa])
+        yy = xx if kb is ka else torch.stack([hsic_unbiased_stats([s], [s])[0, 0] for s in sb])
+        return xy, xx, yy
+    xy = hsic_biased_stats(ka, kb)
+    xx = torch.stack([hsic_biased(k, k) for k in ka])
+    yy = xx if kb is ka else torch.stack([hsic_biased(k, k) for k in kb])
+    return xy, xx, yy
+
+
+def _normalise(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, what: str) -> np.ndarray:
+    """Elementwise CKA ``xy / √(xx ⊗ yy)``; NaN (with one warning) where undefined."""
+    xy, xx, yy = (t.detach().cpu().double() for t in (xy, xx, yy))
+    bad_x = ~(torch.isfinite(xx) & (xx > 1e-12 * xx.abs().max().clamp(min=1e-300)))
+    bad_y = ~(torch.isfinite(yy) & (yy > 1e-12 * yy.abs().max().clamp(min=1e-300)))
+    out = xy / torch.sqrt(torch.outer(xx.clamp(min=1e-300), yy.clamp(min=1e-300)))
+    bad = bad_x[:, None] | bad_y[None, :] | ~torch.isfinite(xy)
+    if bool(bad.any()):
+        warn_nan(f"{what}: {int(bad.sum())} entries undefined (a constant or non-finite "
+                 "representation); they are NaN")
+        out[bad] = float("nan")
+    return out.numpy()
+
+
+def _method_name(kind: str, debiased: bool) -> str:
+    return f"{kind} CKA ({'unbiased' if debiased else 'biased'} HSIC)"
+
+
+def cka_matrix(
+    features: Mapping[str, ArrayLike] | Sequence[ArrayLike],
+    other: Mapping[str, ArrayLike] | Sequence[ArrayLike] | None = None,
+    kernel: str = "linear",
+    debiased: bool = False,
+    bandwidth: float = DEFAULT_BANDWIDTH,
+) -> xr.Dataset:
+    """CKA between every layer of ``features`` and every layer of ``other`` (default: itself).
+
+    Parameters
+    ----------
+    features, other : mapping ``{layer: (n, d_layer) array}`` or sequence of arrays
+        Representations of the same ``n`` inputs (one model, or two models).
+    kernel : {"linear", "rbf"}
+    debiased : bool
+        Unbiased HSIC (Song et al. 2012, Eq. 5) instead of the biased one.
+    bandwidth : float
+        RBF σ as a fraction of the median pairwise distance.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``cka`` over ``(layer, layer2)``; ``layer`` indexes ``features``, ``layer2``
+        ``other``.  Each kernel is built once; all pairs come from one matrix product.
+    """
+    xa = _as_layers(features, "features")
+    xb = xa if other is None else _as_layers(other, "other")
+    n = next(iter(xa.values())).shape[0]
+    if next(iter(xb.values())).shape[0] != n:
+        raise ValueError(f"features and other must hold the same samples: n = {n} vs "
+                         f"n = {next(iter(xb.values())).shape[0]}")
+    _check_n(n, debiased)
+    device = next(iter(xa.values())).device
+    xb = {k: v.to(device) for k, v in xb.items()}
+    ka = _kernels(xa, kernel, bandwidth, debiased)
+    kb = ka if other is None else _kernels(xb, kernel, bandwidth, debiased)
+    values = _normalise(*_hsic_matrices(ka, kb, debiased), _method_name(kernel, debiased))
+    return _matrix_dataset(values, list(xa), list(xb), kernel, debiased, bandwidth, n)
+
+
+def _matrix_dataset(values, names_a, names_b, kernel, debiased, bandwidth, n,
+                    extra: dict | None = None) -> xr.Dataset:
+    import json
+
+    params = {"kernel": kernel, "debiased": debiased, "n": int(n), **(extra or {})}
+    if kernel == "rbf":
+        params["bandwidth"] = bandwidth
+    return xr.Dataset(
+        {"cka": (("layer", "layer2"), values,
+                 {"long_name": _method_name(kernel, debiased), "units": "1"})},
+        coords={"layer": ("layer", np.array(names_a, dtype=object)),
+                "layer2": ("layer2", np.array(names_b, dtype=object))},
+        attrs={"source": _SOURCE, "parameters": json.dumps(params, sort_keys=True)},
+    )
+
+
+# --------------------------------------------------------------------------- streaming
+class MinibatchCKA:
+    r"""Minibatch CKA of Nguyen, Raghu & Kornblith (ICLR 2021, Sec. 3.1, Eq. 3), streaming.
+
+    .. math:: \mathrm{CKA}_{\rm mb}(X, Y) = \frac{\frac1k\sum_i \mathrm{HSIC}_1(K_i, L_i)}
+              {\sqrt{\frac1k\sum_i \mathrm{HSIC}_1(K_i, K_i)\;
+              \frac1k\sum_i\mathrm{HSIC}_1(L_i,L_i)}}
+
+    over minibatches ``i`` (``K_i``, ``L_i`` the batch kernels; ``HSIC₁`` the unbiased
+    estimator of Song et al. 2012, Eq. 5).  ``update(xs)`` takes one batch of every layer
+    (a mapping ``{layer: (b, d)}`` or a sequence) and, for two models, ``update(xs, ys)``;
+    ``compute()`` returns the ``len(xs) × len(ys)`` matrix.  Memory: the running sums
+    (``layers²`` numbers) plus one batch's kernels; it does not grow with the number of samples.
+
+    Parameters
+    ----------
+    kernel : {"linear", "rbf"}
+    unbiased : bool
+        ``True`` (default, the paper's estimator); ``False`` averages biased HSICs instead,
+        which keeps the small-batch bias of biased CKA.
+    bandwidth : float
+        RBF σ as a fraction of each batch's median pairwise distance.
+    """
+
+    def __init__(self, kernel: str = "linear", unbiased: bool = True,
+                 bandwidth: float = DEFAULT_BANDWIDTH) -> None:
+        if kernel not in ("linear", "rbf"):
+            raise ValueError(f"kernel must be 'linear' or 'rbf'; got {kernel!r}")
+        self.kernel, self.unbiased, self.bandwidth = kernel, unbiased, bandwidth
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every batch."""
+        self.batches = 0
+        self.n = 0
+        self.names_x: list[str] | None = None
+        self.names_y: list[str] | None = None
+        self.nonfinite = False
+        self._xy: torch.Tensor | None = None
+        self._xx: torch.Tensor | None = None
+        self._yy: torch.Tensor | None = None
+        self.cross = False
+
+    def update(self, xs: Mapping[str, ArrayLike] | Sequence[ArrayLike],
+               ys: Mapping[str, ArrayLike] | Sequence[ArrayLike] | None = None) -> MinibatchCKA:
+        """Add one minibatch: the same ``b`` inputs' features at every layer (of two models)."""
+        la = _as_layers(xs, "xs")
+        lb = la if ys is None else _as_layers(ys, "ys")
+        b = next(iter(la.values())).shape[0]
+        if next(iter(lb.values())).shape[0] != b:
+            raise ValueError(f"xs and ys must hold the same batch: {b} vs "
+                             f"{next(iter(lb.values())).shape[0]} rows")
+        if self.unbiased and b < 4:
+            raise ValueError(f"a minibatch for the unbiased HSIC needs >= 4 samples; got {b}")
+        if b < 2:
+            raise ValueError(f"a minibatch needs >= 2 samples; got {b}")
+        if self.names_x is None:
+            self.names_x, self.names_y, self.cross = list(la), list(lb), ys is not None
+        elif list(la) != self.names_x or list(lb) != self.names_y or self.cross != (
+                ys is not None):
+            raise ValueError(f"layers changed between batches: {self.names_x} / "
+                             f"{self.names_y} before, {list(la)} / {list(lb)} now")
+        device = next(iter(la.values())).device
+        lb = {k: v.to(device) for k, v in lb.items()}
+        if not all(all_finite(z) for z in (*la.values(), *lb.values())):
+            self.nonfinite = True
+            return self
+        ka = _kernels(la, self.kernel, self.bandwidth, self.unbiased)
+        kb = ka if ys is None else _kernels(lb, self.kernel, self.bandwidth, self.unbiased)
+        xy, xx, yy = _hsic_matrices(ka, kb, self.unbiased)
+        if self._xy is None:
+            self._xy, self._xx, self._yy = xy, xx, yy
+        else:
+            self._xy, self._xx, self._yy = self._xy + xy, self._xx + xx, self._yy + yy
+        self.batches += 1
+        self.n += b
+        return self
+
+    def merge(self, other: MinibatchCKA) -> MinibatchCKA:
+        """Add the batches ``other`` has seen (same layers)."""
+        if other.batches == 0:
+            return self
+        if self.batches == 0:
+            self.names_x, self.names_y, self.cross = other.names_x, other.names_y, other.cross
+            self._xy, self._xx, self._yy = (t.clone() for t in (other._xy, other._xx, other._yy))
+        else:
+            if (other.names_x, other.names_y) != (self.names_x, self.names_y):
+                raise ValueError("cannot merge minibatch CKA over different layers")
+            dev = self._xy.device
+            self._xy = self._xy + other._xy.to(dev)
+            self._xx = self._xx + other._xx.to(dev)
+            self._yy = self._yy + other._yy.to(dev)
+        self.batches += other.batches
+        self.n += other.n
+        self.nonfinite = self.nonfinite or other.nonfinite
+        return self
+
+    def hsic(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Mean HSIC over batches: ``(xy, xx, yy)`` (float64 tensors)."""
+        if self.batches == 0:
+            raise ValueError("no minibatch was accumulated: call update() first")
+        k = self.batches
+        return self._xy / k, self._xx / k, self._yy / k
+
+    def compute(self) -> np.ndarray:
+        """The ``layers × layers2`` minibatch CKA matrix (float64 numpy)."""
+        if self.nonfinite:
+            shape = (len(self.names_x or []), len(self.names_y or []))
+            warn_nan("minibatch CKA: some features were not finite")
+            return np.full(shape, np.nan)
+        return _normalise(*self.hsic(), "minibatch " + _method_name(self.kernel, self.unbiased))
+
+    def to_dataset(self) -> xr.Dataset:
+        """:meth:`compute` as a Dataset, ``cka`` over ``(layer, layer2)``."""
+        return _matrix_dataset(self.compute(), self.names_x, self.names_y, self.kernel,
+                               self.unbiased, self.bandwidth, self.n,
+                               {"minibatch": True, "batches": self.batches})
+
+
+def minibatch_cka(
+    features: Mapping[str, ArrayLike] | Sequence[ArrayLike],
+    other: Mapping[str, ArrayLike] | Sequence[ArrayLike] | None = None,
+    batch_size: int = 256,
+    kernel: str = "linear",
+    unbiased: bool = True,
+    generator: torch.Generator | None = None,
+) -> xr.Dataset:
+    """:class:`MinibatchCKA` over ``features`` held in memory, cut into batches of
+    ``batch_size`` rows (shuffled with ``generator`` when given; a last batch of fewer than 4
+    rows is dropped).  For data that do not fit, feed the class batch by batch."""
+    xa = _as_layers(features, "features")
+    xb = None if other is None else _as_layers(other, "other")
+    n = next(iter(xa.values())).shape[0]
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    acc = MinibatchCKA(kernel, unbiased)
+    for start in range(0, n, batch_size):
+        idx = order[start:start + batch_size]
+        if idx.numel() < 4:
+            break
+        sel_a = {k: v[idx.to(v.device)] for k, v in xa.items()}
+        sel_b = None if xb is None else {k: v[idx.to(v.device)] for k, v in xb.items()}
+        acc.update(sel_a, sel_b)
+    return acc.to_dataset()
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _step_coords(steps: np.ndarray, learning_rate: float | None) -> dict:
+    """``step`` and ``time`` coordinates as :func:`dynamics.records.step_coords` makes them
+    (probes cannot import dynamics)."""
+    lr = 1.0 if learning_rate is None else float(learning_rate)
+    time_attrs = {"long_name": "training time, learning rate × step", "units": "1"}
+    if learning_rate is None:
+        time_attrs["note"] = "no learning rate given: time = step"
+    return {"step": ("step", steps, {"long_name": "optimisation step", "units": "1"}),
+            "time": ("step", steps * lr, time_attrs)}
+
+
+def checkpoint_cka(
+    features: Mapping[int, Mapping[str, ArrayLike]],
+    reference: str | None = None,
+    kernel: str = "linear",
+    debiased: bool = False,
+    bandwidth: float = DEFAULT_BANDWIDTH,
+    learning_rate: float | None = None,
+) -> xr.Dataset:
+    """CKA of each layer's representation across checkpoints (the same inputs at every step).
+
+    Parameters
+    ----------
+    features : mapping ``{step: {layer: (n, d) array}}``
+        One entry per checkpoint, every checkpoint with the same layers and inputs.
+    reference : {None, "first", "previous", "final"}
+        ``None``: the full checkpoint × checkpoint matrix, ``cka`` over
+        ``(step, checkpoint2, layer)`` (``checkpoint2`` holds the same steps).  Otherwise one
+        number per step and layer, ``cka_<reference>`` over ``(step, layer)``: each checkpoint
+        against the first, the previous (NaN at the first step, which has none) or the final
+        one.
+    kernel, debiased, bandwidth
+        As for :func:`cka_matrix`.
+    learning_rate : float, optional
+        Sets the ``time`` coordinate (``learning_rate × step``); without it ``time = step``.
+
+    Returns
+    -------
+    xarray.Dataset
+    """
+    import json
+
+    if reference is not None and reference not in REFERENCES:
+        raise ValueError(f"reference must be None or one of {REFERENCES}; got {reference!r}")
+    if not features:
+        raise ValueError("features is empty: give at least one checkpoint")
+    steps = sorted(int(s) for s in features)
+    by_step = {int(s): _as_layers(f, f"features[{s}]") for s, f in features.items()}
+    layers = list(by_step[steps[0]])
+    for s in steps:
+        if list(by_step[s]) != layers:
+            raise ValueError(f"checkpoint {s} has layers {list(by_step[s])}; the first has "
+                             f"{layers}")
+    n = next(iter(by_step[steps[0]].values())).shape[0]
+    _check_n(n, debiased)
+    device = next(iter(by_step[steps[0]].values())).device
+    kernels = {}
+    for s in steps:
+        if next(iter(by_step[s].values())).shape[0] != n:
+            raise ValueError(f"checkpoint {s} has a different number of samples than the "
+                             f"first ({n})")
+        layer_feats = {k: v.to(device) for k, v in by_step[s].items()}
+        kernels[s] = _kernels(layer_feats, kernel, bandwidth, debiased)
+    what = _method_name(kernel, debiased)
+    t = len(steps)
+    if reference is None:
+        out = np.empty((t, t, len(layers)))
+        for j in range(len(layers)):
+            col = [kernels[s][j] for s in steps]
+            out[:, :, j] = _normalise(*_hsic_matrices(col, col, debiased), what)
+        dims, name = ("step", "checkpoint2", "layer"), "cka"
+    else:
+        out = np.empty((t, len(layers)))
+        for i, s in enumerate(steps):
+            ref = {"first": steps[0], "final": steps[-1],
+                   "previous": steps[i - 1] if i else None}[reference]
+            for j in range(len(layers)):
+                if ref is None:
+                    out[i, j] = np.nan
+                    continue
+                xy, xx, yy = _hsic_matrices([kernels[s][j]], [kernels[ref][j]], debiased)
+                out[i, j] = _normalise(xy, xx, yy, what)[0, 0]
+        dims, name = ("step", "layer"), f"cka_{reference}"
+    steps_arr = np.asarray(steps, dtype=np.int64)
+    coords = {**_step_coords(steps_arr, learning_rate),
+              "layer": ("layer", np.array(layers, dtype=object))}
+    if reference is None:
+        coords["checkpoint2"] = ("checkpoint2", steps_arr,
+                                 {"long_name": "step of the compared checkpoint", "units": "1"})
+    long = what + ("" if reference is None else f" against the {reference} checkpoint")
+    params = {"kernel": kernel, "debiased": debiased, "n": int(n), "reference": reference}
+    if kernel == "rbf":
+        params["bandwidth"] = bandwidth
+    return xr.Dataset({name: (dims, out, {"long_name": long, "units": "1"})}, coords=coords,
+                      attrs={"source": _SOURCE, "parameters": json.dumps(params)})
+

@@ -1,0 +1,246 @@
+"""CKA family, Procrustes distance and minibatch CKA against float64 formulas written here."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from probes import similarity as sim
+
+RNG = np.random.default_rng(0)
+
+
+# ----------------------------------------------------------------- independent references
+def ref_linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Kornblith et al. (2019), Eq. 5, in float64 numpy."""
+    x = x - x.mean(0)
+    y = y - y.mean(0)
+    return np.linalg.norm(y.T @ x) ** 2 / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y))
+
+
+def ref_hsic_u_statistic(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
+    """Unbiased HSIC as the U-statistic it is: the mean over ordered 4-tuples of distinct indices
+    of ``k_ij l_ij + k_ij l_qr − 2 k_ij l_iq`` (Song et al. 2012, Theorem 3 / Gretton 2005)."""
+    n = k.shape[0]
+    total, count = 0.0, 0
+    for i, j, q, r in itertools.permutations(range(n), 4):
+        total += k[i, j] * l[i, j] + k[i, j] * l[q, r] - 2 * k[i, j] * l[i, q]
+        count += 1
+    return total / count
+
+
+def ref_rbf(x: np.ndarray, frac: float) -> np.ndarray:
+    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    med = np.median(sq[np.triu_indices(len(x), 1)])
+    return np.exp(-sq / (2 * frac**2 * med))
+
+
+def ref_biased_cka(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
+    n = len(k)
+    h = np.eye(n) - 1.0 / n
+
+    def hs(a, b):
+        return np.trace(a @ h @ b @ h) / (n - 1) ** 2
+
+    return hs(k, l) / np.sqrt(hs(k, k) * hs(l, l))
+
+
+# ----------------------------------------------------------------- one-shot values
+@pytest.mark.parametrize("shape", [((50, 6), (50, 9)), ((12, 40), (12, 30))])
+def test_linear_cka_equals_float64_formula(shape):
+    x = RNG.standard_normal(shape[0]) + 3.0
+    y = x[:, :1] * RNG.standard_normal((1, shape[1][1])) + RNG.standard_normal(shape[1])
+    got = sim.linear_cka(torch.tensor(x), y)
+    assert got == pytest.approx(ref_linear_cka(x, y), rel=1e-12)
+
+
+def test_linear_cka_invariances():
+    x = RNG.standard_normal((80, 10))
+    y = np.tanh(x @ RNG.standard_normal((10, 7)))
+    base = sim.linear_cka(x, y)
+    q, _ = np.linalg.qr(RNG.standard_normal((10, 10)))
+    assert sim.linear_cka(x @ q, y) == pytest.approx(base, rel=1e-12)
+    assert sim.linear_cka(3.7 * x + 2.0, y) == pytest.approx(base, rel=1e-12)
+    a = RNG.standard_normal((10, 10)) + np.diag(np.linspace(0.1, 5, 10))  # invertible, not ⊥
+    assert abs(sim.linear_cka(x @ a, y) - base) > 1e-2
+    assert sim.debiased_cka(x @ q, y) == pytest.approx(sim.debiased_cka(x, y), rel=1e-10)
+
+
+def test_cka_of_a_representation_with_itself_is_one():
+    x = RNG.standard_normal((30, 20))
+    assert sim.linear_cka(x, x) == pytest.approx(1.0, abs=1e-14)
+    assert sim.debiased_cka(x, x) == pytest.approx(1.0, abs=1e-13)
+    assert sim.rbf_cka(x, x, 0.5) == pytest.approx(1.0, abs=1e-14)
+    q, _ = np.linalg.qr(RNG.standard_normal((20, 20)))
+    assert sim.procrustes_distance(x, 2.0 * x @ q + 1.0) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_unbiased_hsic_equals_u_statistic_brute_force():
+    n = 7
+    x, y = RNG.standard_normal((n, 3)), RNG.standard_normal((n, 2))
+    y[:, 0] += x[:, 0]
+    k, l = x @ x.T, y @ y.T  # noqa: E741
+    got = float(sim.hsic_unbiased(torch.tensor(k), torch.tensor(l)))
+    assert got == pytest.approx(ref_hsic_u_statistic(k, l), rel=1e-12)
+
+
+def test_biased_and_rbf_cka_equal_trace_formula():
+    x, y = RNG.standard_normal((25, 4)), RNG.standard_normal((25, 3))
+    y[:, 0] += np.sin(x[:, 0])
+    for frac in (0.2, 0.8):
+        got = sim.rbf_cka(x, y, bandwidth=frac)
+        assert got == pytest.approx(ref_biased_cka(ref_rbf(x, frac), ref_rbf(y, frac)), rel=1e-12)
+    assert sim.cka(x @ x.T, y @ y.T) == pytest.approx(ref_linear_cka(x, y), rel=1e-12)
+
+
+def test_debiased_cka_of_independent_features_is_near_zero_where_biased_is_not():
+    n, d = 64, 1024
+    x, y = RNG.standard_normal((n, d)), RNG.standard_normal((n, d))
+    biased, debiased = sim.linear_cka(x, y), sim.debiased_cka(x, y)
+    # biased CKA of independent wide features tends to ~ d/(d + n) ≈ 0.94 (Davari et al. 2023)
+    assert biased > 0.8
+    assert abs(debiased) < 0.05
+    assert abs(sim.rbf_cka(x, y, debiased=True)) < 0.05
+
+
+def test_procrustes_equals_scipy_orthogonal_procrustes():
+    from scipy.linalg import orthogonal_procrustes
+
+    x, y = RNG.standard_normal((40, 6)), RNG.standard_normal((40, 6))
+    y += 0.5 * x
+    xc, yc = x - x.mean(0), y - y.mean(0)
+    xc, yc = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
+    r, _ = orthogonal_procrustes(yc, xc)
+    expected = np.linalg.norm(xc - yc @ r) ** 2
+    assert sim.procrustes_distance(x, y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_numpy_torch_and_jax_inputs_agree():
+    x, y = RNG.standard_normal((20, 5)), RNG.standard_normal((20, 4))
+    ref = sim.linear_cka(x, y)
+    assert sim.linear_cka(torch.tensor(x), torch.tensor(y)) == ref
+    jnp = pytest.importorskip("jax.numpy")
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    assert sim.linear_cka(jnp.asarray(x), jnp.asarray(y)) == pytest.approx(ref, rel=1e-14)
+
+
+# ----------------------------------------------------------------- bad input
+def test_bad_input_errors_and_nan_warnings():
+    x = RNG.standard_normal((10, 3))
+    with pytest.raises(ValueError, match="n = 10 rows, y has n = 9"):
+        sim.linear_cka(x, x[:9])
+    with pytest.raises(ValueError, match="n >= 4"):
+        sim.debiased_cka(x[:3], x[:3])
+    with pytest.raises(ValueError, match=">= 4 samples"):
+        sim.MinibatchCKA().update([x[:3]])
+    const = np.ones((10, 3))
+    for fn in (sim.linear_cka, sim.debiased_cka, sim.rbf_cka, sim.procrustes_distance):
+        with pytest.warns(RuntimeWarning, match="constant"):
+            assert np.isnan(fn(x, const))
+    bad = x.copy()
+    bad[2, 1] = np.nan
+    for fn in (sim.linear_cka, sim.debiased_cka, sim.rbf_cka, sim.procrustes_distance):
+        with pytest.warns(RuntimeWarning, match="not finite"):
+            assert np.isnan(fn(bad, x))
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        m = sim.cka_matrix({"a": x, "b": const}).cka.values
+    assert np.isnan(m[1]).all() and m[0, 0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="reference"):
+        sim.checkpoint_cka({0: {"a": x}}, reference="best")
+
+
+# ----------------------------------------------------------------- matrices
+def test_cka_matrix_entries_equal_pairwise_calls():
+    base = RNG.standard_normal((30, 5))
+    feats = {"l0": base, "l1": np.tanh(base @ RNG.standard_normal((5, 8))),
+             "l2": RNG.standard_normal((30, 4))}
+    other = {"m0": base[:, :2], "m1": np.maximum(base, 0)}
+    for debiased in (False, True):
+        ds = sim.cka_matrix(feats, other, debiased=debiased)
+        assert ds.cka.dims == ("layer", "layer2")
+        for a, b in itertools.product(feats, other):
+            expect = sim.linear_cka(feats[a], other[b], debiased=debiased)
+            assert float(ds.cka.sel(layer=a, layer2=b)) == pytest.approx(expect, rel=1e-11)
+    ds = sim.cka_matrix(feats, kernel="rbf", bandwidth=0.4)
+    assert float(ds.cka.sel(layer="l0", layer2="l1")) == pytest.approx(
+        sim.rbf_cka(feats["l0"], feats["l1"], 0.4), rel=1e-11)
+    np.testing.assert_allclose(np.diag(ds.cka.values), 1.0, atol=1e-14)
+
+
+def test_checkpoint_cka_matrix_and_references():
+    base = RNG.standard_normal((20, 4))
+    series = {s: {"a": base + 0.3 * s * RNG.standard_normal((20, 4)),
+                  "b": np.tanh(base * (1 + s))} for s in (0, 5, 10, 20)}
+    full = sim.checkpoint_cka(series, learning_rate=0.1)
+    assert full.cka.dims == ("step", "checkpoint2", "layer")
+    assert float(full.cka.sel(step=5, checkpoint2=20, layer="a")) == pytest.approx(
+        sim.linear_cka(series[5]["a"], series[20]["a"]), rel=1e-11)
+    np.testing.assert_allclose(full.time.values, [0, 0.5, 1.0, 2.0])
+    for ref, col in (("first", 0), ("final", 20)):
+        ds = sim.checkpoint_cka(series, reference=ref, debiased=True)
+        for s in series:
+            assert float(ds[f"cka_{ref}"].sel(step=s, layer="b")) == pytest.approx(
+                sim.debiased_cka(series[s]["b"], series[col]["b"]), rel=1e-11)
+    prev = sim.checkpoint_cka(series, reference="previous")
+    assert np.isnan(prev.cka_previous.sel(step=0)).all()
+    assert float(prev.cka_previous.sel(step=10, layer="a")) == pytest.approx(
+        float(full.cka.sel(step=10, checkpoint2=5, layer="a")), rel=1e-12)
+
+
+# ----------------------------------------------------------------- streaming
+def test_minibatch_single_batch_equals_debiased_cka_and_merge_equals_sequential():
+    x = RNG.standard_normal((48, 6))
+    y = x @ RNG.standard_normal((6, 3)) + RNG.standard_normal((48, 3))
+    one = sim.MinibatchCKA().update({"x": x}, {"y": y})
+    assert one.compute()[0, 0] == pytest.approx(sim.debiased_cka(x, y), rel=1e-12)
+    seq = sim.MinibatchCKA()
+    a, b = sim.MinibatchCKA(), sim.MinibatchCKA()
+    for i in range(0, 48, 12):
+        seq.update([x[i:i + 12], y[i:i + 12]])
+        (a if i < 24 else b).update([x[i:i + 12], y[i:i + 12]])
+    np.testing.assert_allclose(a.merge(b).compute(), seq.compute(), rtol=1e-13)
+    # the numerator is the mean of per-batch unbiased HSICs (Nguyen et al. 2021, Eq. 3)
+    mean_hsic = np.mean([float(sim.hsic_unbiased(torch.tensor(x[i:i + 12] @ x[i:i + 12].T),
+                                                 torch.tensor(y[i:i + 12] @ y[i:i + 12].T)))
+                         for i in range(0, 48, 12)])
+    assert float(seq.hsic()[0][0, 1]) == pytest.approx(mean_hsic, rel=1e-12)
+
+
+def test_minibatch_hsic_is_unbiased_for_the_full_batch_estimate():
+    """E over shuffles of the minibatch mean HSIC = the full-data unbiased HSIC (U-statistic)."""
+    n, b, shuffles = 120, 20, 300
+    x = RNG.standard_normal((n, 5))
+    y = np.tanh(x[:, :3]) + 0.5 * RNG.standard_normal((n, 3))
+    k, l = torch.tensor(x @ x.T), torch.tensor(y @ y.T)  # noqa: E741
+    full_xy, full_xx = float(sim.hsic_unbiased(k, l)), float(sim.hsic_unbiased(k, k))
+    gen = torch.Generator().manual_seed(0)
+    xy, xx, ckas = [], [], []
+    for _ in range(shuffles):
+        acc = sim.MinibatchCKA()
+        perm = torch.randperm(n, generator=gen).numpy()
+        for i in range(0, n, b):
+            acc.update({"x": x[perm[i:i + b]]}, {"y": y[perm[i:i + b]]})
+        m_xy, m_xx, _ = acc.hsic()
+        xy.append(float(m_xy[0, 0]))
+        xx.append(float(m_xx[0]))
+        ckas.append(acc.compute()[0, 0])
+    for est, full in ((np.array(xy), full_xy), (np.array(xx), full_xx)):
+        se = est.std(ddof=1) / np.sqrt(shuffles)
+        assert abs(est.mean() - full) < 4 * se + 1e-12, (est.mean(), full, se)
+    assert np.mean(ckas) == pytest.approx(sim.debiased_cka(x, y), abs=0.02)
+    biased_mb = sim.minibatch_cka({"x": x}, {"y": y}, batch_size=b, unbiased=False)
+    assert float(biased_mb.cka[0, 0]) > np.mean(ckas)  # biased HSIC inflates small batches
+
+
+def test_minibatch_cka_dataset_and_layer_matrix():
+    x = RNG.standard_normal((64, 5))
+    feats = {"a": x, "b": np.maximum(x @ RNG.standard_normal((5, 7)), 0)}
+    ds = sim.minibatch_cka(feats, batch_size=64)
+    full = sim.cka_matrix(feats, debiased=True)
+    np.testing.assert_allclose(ds.cka.values, full.cka.values, rtol=1e-12)
+    assert ds.cka.dims == ("layer", "layer2")
