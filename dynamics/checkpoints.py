@@ -10,21 +10,35 @@ A *checkpoint series* is a folder (or a list of paths) holding one of:
   read);
 * Hugging Face model folders (``config.json`` plus ``model.safetensors`` or
   ``pytorch_model.bin``), loaded with ``local_files_only=True`` and ``HF_HUB_OFFLINE=1``:
-  never a call to the Hub.
+  never a call to the Hub; a list of such folders is a revision series of one model
+  (Pythia-style ``step1000``, ``revision-step1000``, or ``main`` with an explicit step);
+* Hugging Face Trainer ``checkpoint-*/`` folders: with ``config.json`` they are model folders;
+  without it (a Trainer wrapping a plain ``nn.Module``) the ``model.safetensors`` /
+  ``pytorch_model.bin`` inside is a state dict (format ``"weights_dir"``); the step in the
+  folder name is cross-checked with ``trainer_state.json``'s ``global_step``;
+* PyTorch Lightning ``.ckpt`` files (format ``"lightning"``): only the ``state_dict`` entry is
+  used, read with ``weights_only=True``; the LightningModule's attribute prefix (``model.``,
+  ``net.`` …) is dropped when that makes the keys match the target model, and the step is the
+  file's ``global_step`` entry (cross-checked with ``step=100`` in the name).
 
 Steps come from the names (``step1000``, ``step=1000``, ``checkpoint-1000``, ``ckpt_000100``,
-``global_step1000``, ``iter_1000``, or a name that is only digits) unless an explicit list is
-given.  Checkpoints are hashed by **content** (names, dtypes, shapes and bytes of the tensors),
-not by file bytes, so that the same weights saved twice under different names are recognised
-as duplicates (published step series have been found to serve identical weights at different
-steps).
+``global_step1000``, ``iter_1000``, or a name that is only digits) or the files' own records
+(``trainer_state.json``, Lightning's ``global_step``) unless an explicit list is given; each
+:class:`Checkpoint` records where its step came from (``step_source``).  Explicit steps pair
+with a list of paths in the order given, and one that contradicts the checkpoint's own step
+is an error unless forced.  Checkpoints are hashed by **content** (names, dtypes, shapes and
+bytes of the tensors), not by file bytes, so that the same weights saved twice under
+different names are recognised as duplicates (published step series have been found to
+serve identical weights at different steps).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import importlib.util
+import json
 import os
 import pickle
 import re
@@ -40,6 +54,7 @@ from torch import nn
 __all__ = [
     "HF_WEIGHT_FILES",
     "STATE_DICT_SUFFIXES",
+    "STEP_SOURCES",
     "Checkpoint",
     "CheckpointError",
     "UnsafeCheckpointError",
@@ -64,6 +79,12 @@ _STEP_PATTERN = re.compile(
     r"(?:global[_-]?step|step|checkpoint|ckpt|iteration|iter)[_=-]?(\d+)", re.IGNORECASE)
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights", "params")
 _PREFIXES = ("module.", "_orig_mod.", "model.")
+_DIR_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+STEP_SOURCES = ("name", "trainer_state", "lightning", "explicit", "default")
+"""Values of :attr:`Checkpoint.step_source`: the checkpoint's name, the Trainer's
+``trainer_state.json``, a Lightning checkpoint's ``global_step`` entry, the caller's explicit
+steps, or ``"default"`` (step 0 for a lone checkpoint with no step anywhere)."""
 
 
 class CheckpointError(RuntimeError):
@@ -81,21 +102,27 @@ class Checkpoint:
     Attributes
     ----------
     path : Path
-        The weights file, or the Hugging Face model folder.
+        The weights file, or the Hugging Face model / Trainer checkpoint folder.
     step : int
-        Training step (parsed from the name, or given).
-    format : {"torch", "safetensors", "hf"}
+        Training step.
+    format : {"torch", "safetensors", "hf", "weights_dir", "lightning"}
+        ``"hf"``: a model folder loaded by ``transformers``; ``"weights_dir"``: a folder whose
+        ``model.safetensors`` / ``pytorch_model.bin`` is a state dict (Trainer checkpoint of a
+        plain module); ``"lightning"``: a Lightning ``.ckpt`` (its ``state_dict`` entry).
+    step_source : str
+        Where ``step`` came from, one of :data:`STEP_SOURCES`.
     """
 
     path: Path
     step: int
     format: str
+    step_source: str = "name"
 
     def weight_files(self) -> list[Path]:
         """The files whose bytes make up this checkpoint (for identity and resume checks)."""
-        if self.format != "hf":
+        if self.format not in ("hf", "weights_dir"):
             return [self.path]
-        files = [self.path / "config.json"]
+        files = [self.path / "config.json"] if self.format == "hf" else []
         files += sorted(p for p in self.path.iterdir()
                         if p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))
         return files
@@ -144,9 +171,16 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
             and any((path / name).is_file() for name in HF_WEIGHT_FILES))
 
 
+def _is_weights_dir(path: Path) -> bool:
+    """A folder holding ``model.safetensors`` / ``pytorch_model.bin`` but no ``config.json``."""
+    return path.is_dir() and any((path / name).is_file() for name in _DIR_WEIGHT_FILES)
+
+
 def _format_of(path: Path) -> str | None:
     if path.is_dir():
-        return "hf" if is_hf_folder(path) else None
+        if is_hf_folder(path):
+            return "hf"
+        return "weights_dir" if _is_weights_dir(path) else None
     if path.name.startswith(".") or path.name.endswith(".tmp"):
         return None
     if path.suffix == ".safetensors":
@@ -160,76 +194,192 @@ def _natural_key(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
 
 
+def _trainer_state_step(folder: Path) -> int | None:
+    """``global_step`` of a Trainer checkpoint's ``trainer_state.json``, if there is one."""
+    state_file = folder / "trainer_state.json"
+    if not state_file.is_file():
+        return None
+    try:
+        value = json.loads(state_file.read_text()).get("global_step")
+    except (ValueError, OSError, AttributeError) as err:
+        raise ValueError(f"cannot read {state_file}: {err}") from None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{state_file} has global_step {value!r}, not a step number")
+    return value
+
+
+def _lightning_record(path: Path) -> dict[str, Any] | None:
+    """The top level of a Lightning checkpoint (``state_dict`` + ``global_step`` …), else None.
+
+    Read with ``weights_only=True`` and memory-mapped, so only the small pickle is parsed.  A
+    file that cannot be read safely is left to fail, with its reason, when it is loaded.
+    """
+    try:
+        obj = _torch_load(path)
+    except CheckpointError:
+        return None
+    if (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
+            and ("global_step" in obj or "pytorch-lightning_version" in obj)):
+        return dict(obj)
+    return None
+
+
+def _lightning_step(record: Mapping[str, Any], path: Path) -> int | None:
+    value = record.get("global_step")
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{path} has global_step {value!r}, not a step number")
+    return int(value)
+
+
+def _candidates(root: Path) -> list[Path]:
+    """The checkpoints inside a folder, or the folder itself when it is one checkpoint."""
+    children = [p for p in root.iterdir() if _format_of(p)]
+    trainer_children = [p for p in children if p.is_dir() and p.name.startswith("checkpoint-")]
+    if _format_of(root):
+        # a Trainer output_dir holds the final model and its checkpoint-*/ folders: the series
+        # is the checkpoints; any other model folder is a series of one
+        return sorted(trainer_children, key=_natural_key) or [root]
+    if not children:
+        raise FileNotFoundError(
+            f"no checkpoints in {root}: expected *.safetensors, "
+            f"{', '.join('*' + s for s in STATE_DICT_SUFFIXES)} files, Hugging Face model "
+            f"folders (config.json + weights) or Trainer checkpoint-*/ folders")
+    return sorted(children, key=_natural_key)
+
+
+def _describe(path: Path) -> str:
+    return f"{path.name}/" if path.is_dir() else path.name
+
+
+def _resolve_step(path: Path, fmt: str, explicit: int | None, force: bool, lone: bool,
+                  record: Mapping[str, Any] | None = None) -> tuple[int | None, str]:
+    """The step of one checkpoint and where it came from; contradictions are ValueErrors."""
+    named = parse_step(path.name)
+    recorded, recorded_source, where = None, "", ""
+    if fmt in ("hf", "weights_dir"):
+        recorded = _trainer_state_step(path)
+        recorded_source, where = "trainer_state", "its trainer_state.json has global_step"
+    elif fmt == "lightning" and record is not None:
+        recorded = _lightning_step(record, path)
+        recorded_source, where = "lightning", "its Lightning global_step entry is"
+    if explicit is not None:
+        if not force:
+            for other, what in ((named, "its name says step"), (recorded, where)):
+                if other is not None and other != explicit:
+                    raise ValueError(
+                        f"the explicit step {explicit} for {_describe(path)} contradicts the "
+                        f"checkpoint: {what} {other}. Steps pair with the checkpoints in the "
+                        f"order given; pass force_steps=True (--force-steps) to use {explicit} "
+                        f"anyway")
+        return explicit, "explicit"
+    if recorded is not None:
+        if named is not None and named != recorded:
+            raise ValueError(
+                f"{_describe(path)}: its name says step {named} but {where} {recorded}; pass "
+                f"the steps explicitly (with force_steps=True / --force-steps) to choose")
+        return recorded, recorded_source
+    if named is not None:
+        return named, "name"
+    return (0, "default") if lone else (None, "")
+
+
 def find_checkpoints(
-    source: str | os.PathLike | Sequence[str | os.PathLike],
-    steps: Sequence[int] | None = None,
+    source: str | os.PathLike | Sequence[str | os.PathLike] | Mapping[str | os.PathLike,
+                                                                      int | None],
+    steps: Sequence[int | None] | None = None,
+    *,
+    force_steps: bool = False,
 ) -> list[Checkpoint]:
     """The checkpoints of a run, ordered by step.
 
     Parameters
     ----------
-    source : path or sequence of paths
-        A folder of weight files and/or Hugging Face model folders; a single Hugging Face
-        folder (a series of one); or an explicit list of files and folders.
-    steps : sequence of int, optional
-        Steps to use instead of parsing names, one per checkpoint, matched to the checkpoints
-        in natural name order (``step2`` before ``step10``).
+    source : path, sequence of paths, or mapping of path to step
+        A folder of weight files, Hugging Face model folders, Trainer ``checkpoint-*/`` folders
+        or Lightning ``.ckpt`` files; a Trainer ``output_dir`` (its ``checkpoint-*/`` folders);
+        a single checkpoint (a series of one); an explicit list of files and folders (a
+        revision series of one model: ``step1000/``, ``revision-step2000/``, ``main/``); or a
+        mapping ``{path: step}`` (``None``: read the step from the checkpoint).
+    steps : sequence of int or None, optional
+        Explicit steps, one per checkpoint.  For a list of paths they pair with the paths **in
+        the order given**; for a folder, with its checkpoints in natural name order (``step2``
+        before ``step10``).  ``None`` entries read that checkpoint's step as without ``steps``.
+    force_steps : bool
+        Use explicit steps even where they contradict a step in the checkpoint's name,
+        ``trainer_state.json`` or Lightning record (otherwise a ValueError naming both).
+
+    Returns
+    -------
+    list of Checkpoint
+        Sorted by step; each records its ``format`` and ``step_source``.
 
     Raises
     ------
     FileNotFoundError
         No checkpoints were found.
     ValueError
-        A step cannot be parsed from a name (pass ``steps``), two checkpoints share a step, or
-        ``steps`` has the wrong length.
+        A step cannot be read (pass ``steps``); an explicit step contradicts the checkpoint
+        (without ``force_steps``); a name contradicts ``trainer_state.json`` or Lightning's
+        ``global_step``; two checkpoints share a step; or ``steps`` has the wrong length.
     """
-    if isinstance(source, (str, os.PathLike)):
+    if isinstance(source, Mapping):
+        if steps is not None:
+            raise ValueError("steps: give either a mapping {path: step} or steps, not both")
+        steps = list(source.values())
+        paths = [Path(p) for p in source]
+    elif isinstance(source, (str, os.PathLike)):
         root = Path(source)
         if not root.exists():
             raise FileNotFoundError(f"no checkpoint file or folder at {root}")
-        if root.is_dir() and not is_hf_folder(root):
-            paths = [p for p in root.iterdir() if _format_of(p)]
-            if not paths:
-                raise FileNotFoundError(
-                    f"no checkpoints in {root}: expected *.safetensors, "
-                    f"{', '.join('*' + s for s in STATE_DICT_SUFFIXES)} files or Hugging Face "
-                    f"model folders (config.json + weights)")
-        else:
-            paths = [root]
+        paths = _candidates(root) if root.is_dir() else [root]
     else:
         paths = [Path(p) for p in source]
-        if not paths:
-            raise FileNotFoundError("the list of checkpoints is empty")
-    found = []
+    if not paths:
+        raise FileNotFoundError("the list of checkpoints is empty")
+    found, lightning = [], {}
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
         fmt = _format_of(path)
         if fmt is None:
-            raise ValueError(f"{path} is not a checkpoint (weights file or Hugging Face folder)")
+            raise ValueError(f"{path} is not a checkpoint (weights file, Hugging Face model "
+                             f"folder or Trainer checkpoint folder)")
+        if fmt == "torch" and path.suffix == ".ckpt":
+            record = _lightning_record(path)
+            if record is not None:
+                fmt, lightning[path] = "lightning", record
         found.append((path, fmt))
-    found.sort(key=lambda pf: _natural_key(pf[0]))
-    if steps is not None:
-        steps = [int(s) for s in steps]
-        if len(steps) != len(found):
-            raise ValueError(f"{len(steps)} steps were given for {len(found)} checkpoints "
-                             f"({', '.join(p.name for p, _ in found[:6])} …)")
-        parsed = steps
+    if steps is None:
+        explicit: list[int | None] = [None] * len(found)
     else:
-        parsed = [parse_step(p.name) for p, _ in found]
-        if len(found) == 1 and parsed[0] is None:
-            parsed = [0]
-        missing = [p.name for (p, _), s in zip(found, parsed, strict=True) if s is None]
-        if missing:
-            raise ValueError(
-                f"cannot read a step from {', '.join(missing[:5])}: name checkpoints like "
-                f"step1000 / checkpoint-1000 / ckpt_000100, or pass the steps explicitly")
+        explicit = [None if s is None else int(s) for s in steps]
+        if len(explicit) != len(found):
+            raise ValueError(f"{len(explicit)} steps were given for {len(found)} checkpoints "
+                             f"({', '.join(_describe(p) for p, _ in found[:6])} …)")
+    series, missing = [], []
+    for (path, fmt), given in zip(found, explicit, strict=True):
+        step, where = _resolve_step(path, fmt, given, force_steps, lone=len(found) == 1,
+                                    record=lightning.get(path))
+        if step is None:
+            missing.append(_describe(path))
+        else:
+            series.append(Checkpoint(path, step, fmt, where))
+    if missing:
+        raise ValueError(
+            f"cannot read a step from {', '.join(missing[:5])}: name checkpoints like "
+            f"step1000 / checkpoint-1000 / ckpt_000100, or pass the steps explicitly")
     by_step: dict[int, Path] = {}
-    for (path, _), step in zip(found, parsed, strict=True):
-        if step in by_step:
-            raise ValueError(f"two checkpoints have step {step}: {by_step[step]} and {path}")
-        by_step[step] = path
-    series = [Checkpoint(path, step, fmt) for (path, fmt), step in zip(found, parsed, strict=True)]
+    for ckpt in series:
+        if ckpt.step in by_step:
+            raise ValueError(f"two checkpoints have step {ckpt.step}: {by_step[ckpt.step]} and "
+                             f"{ckpt.path}")
+        by_step[ckpt.step] = ckpt.path
     return sorted(series, key=lambda c: c.step)
 
 
@@ -322,11 +472,71 @@ class _SafetensorsDict(Mapping):
         return len(self._keys)
 
 
+class _MergedDict(Mapping):
+    """Read-only mapping over the shards of a sharded checkpoint (``*.index.json``)."""
+
+    def __init__(self, parts: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+        self._where = parts
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._where[key][key]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return _shape(self._where[key], key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _folder_state_dict(folder: Path) -> Mapping[str, torch.Tensor]:
+    """The state dict in a model / Trainer checkpoint folder (safetensors preferred)."""
+    for name in _DIR_WEIGHT_FILES:
+        path = folder / name
+        if not path.is_file():
+            continue
+        if not name.endswith(".index.json"):
+            return load_state_dict(path)
+        try:
+            weight_map = json.loads(path.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"cannot read the shard index {folder.name}/{name}: "
+                                  f"{type(err).__name__}: {err}") from None
+        shards: dict[str, Mapping[str, torch.Tensor]] = {}
+        for shard in sorted(set(weight_map.values())):
+            shard_path = (folder / shard).resolve()
+            if shard_path.parent != folder.resolve() or not shard_path.is_file():
+                raise CheckpointError(f"{folder.name}/{name} names a shard {shard!r} that is "
+                                      f"not a file in that folder")
+            shards[shard] = load_state_dict(shard_path)
+        return _MergedDict({key: shards[shard] for key, shard in weight_map.items()})
+    raise CheckpointError(f"{folder} holds none of {', '.join(_DIR_WEIGHT_FILES)}")
+
+
+def _is_lightning(obj: Any) -> bool:
+    return (isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping)
+            and ("global_step" in obj or "pytorch-lightning_version" in obj))
+
+
+def _read(path: Path) -> tuple[Mapping[str, torch.Tensor], bool]:
+    """``(state dict, is a Lightning checkpoint)`` of a file or folder, read safely."""
+    if path.is_dir():
+        return _folder_state_dict(path), False
+    if path.suffix == ".safetensors":
+        return _SafetensorsDict(path), False
+    obj = _torch_load(path)
+    return _extract_state_dict(obj, path), _is_lightning(obj)
+
+
 def load_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     """Read a state dict safely: ``.safetensors`` lazily, PyTorch files with ``weights_only``.
 
     PyTorch files may hold the state dict at the top level or under ``state_dict``,
-    ``model_state_dict``, ``model`` or ``module`` (training-loop checkpoints).
+    ``model_state_dict``, ``model`` or ``module`` (training-loop and Lightning checkpoints).
+    A folder (Hugging Face model or Trainer ``checkpoint-*``) gives the state dict of its
+    ``model.safetensors`` / ``pytorch_model.bin`` (sharded ``*.index.json`` included).
 
     Raises
     ------
@@ -335,14 +545,11 @@ def load_state_dict(path: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     CheckpointError
         Truncated or unreadable file, or no tensors in it.
     """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return _SafetensorsDict(path)
-    return _extract_state_dict(_torch_load(path), path)
+    return _read(Path(path))[0]
 
 
 def _shape(state: Mapping[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    if isinstance(state, _SafetensorsDict):
+    if isinstance(state, (_SafetensorsDict, _MergedDict)):
         return state.shape(key)
     return tuple(state[key].shape)
 
@@ -356,6 +563,22 @@ def _strip_prefix(keys: Iterable[str], model_keys: set[str]) -> str:
             overlap = len({k[len(prefix):] for k in keys} & model_keys)
             if overlap > best_overlap:
                 best, best_overlap = prefix, overlap
+    return best
+
+
+def _attribute_prefix(keys: Iterable[str], model_keys: set[str]) -> str:
+    """The LightningModule attribute (``model.``, ``net.`` …) whose keys match the model.
+
+    A Lightning ``state_dict`` holds every attribute of the LightningModule; the target model
+    is usually one of them.  The prefix whose stripped keys overlap most with the model's is
+    chosen ("" when the keys already match, e.g. the model *is* the LightningModule).
+    """
+    keys = list(keys)
+    best, best_overlap = "", len(set(keys) & model_keys)
+    for prefix in sorted({k.split(".", 1)[0] + "." for k in keys if "." in k}):
+        overlap = len({k[len(prefix):] for k in keys if k.startswith(prefix)} & model_keys)
+        if overlap > best_overlap:
+            best, best_overlap = prefix, overlap
     return best
 
 
@@ -387,6 +610,10 @@ def load_into(model: nn.Module, checkpoint: Checkpoint | str | os.PathLike,
               strict: bool = True) -> str:
     """Copy a checkpoint's weights into ``model`` after checking them; return the content hash.
 
+    A Lightning checkpoint contributes the keys under the LightningModule attribute that holds
+    the model (see :func:`_attribute_prefix`); its other attributes' tensors are ignored and do
+    not enter the hash.
+
     Checks, each failing with a :class:`CheckpointError` that names the problem: the file reads
     (not truncated, not an unsafe pickle), the keys match the model's state dict (missing or,
     with ``strict``, unexpected keys), every shape matches, every floating value is finite.
@@ -399,10 +626,14 @@ def load_into(model: nn.Module, checkpoint: Checkpoint | str | os.PathLike,
         :func:`hash_state_dict` of the checkpoint's tensors.
     """
     path = checkpoint.path if isinstance(checkpoint, Checkpoint) else Path(checkpoint)
-    state = load_state_dict(path)
+    state, lightning = _read(path)
     target = model.state_dict()
-    prefix = _strip_prefix(state.keys(), set(target))
-    names = {key[len(prefix):]: key for key in state}
+    if lightning:  # keys of the LightningModule's other attributes are not the model's
+        prefix = _attribute_prefix(state.keys(), set(target))
+        names = {key[len(prefix):]: key for key in state if key.startswith(prefix)}
+    else:
+        prefix = _strip_prefix(state.keys(), set(target))
+        names = {key[len(prefix):]: key for key in state}
     missing = [k for k in target if k not in names]
     unexpected = [k for k in names if k not in target]
     if missing:
@@ -481,15 +712,34 @@ def _offline_transformers() -> Any:
     return transformers
 
 
+@contextlib.contextmanager
+def _quiet_transformers(transformers: Any, quiet: bool) -> Iterator[None]:
+    """Switch off ``transformers``' (and the Hub's) progress bars and info/warning logging."""
+    if not quiet:
+        yield
+        return
+    tlog = transformers.utils.logging
+    bars, verbosity = tlog.is_progress_bar_enabled(), tlog.get_verbosity()
+    tlog.disable_progress_bar()
+    tlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(verbosity)
+        if bars:
+            tlog.enable_progress_bar()
+
+
 def load_hf_model(folder: str | os.PathLike, model_class: str = "AutoModel",
-                  strict: bool = True) -> tuple[nn.Module, str]:
+                  strict: bool = True, progress: bool = True) -> tuple[nn.Module, str]:
     """Load a local Hugging Face model folder (never the Hub) and return ``(model, hash)``.
 
     ``model_class`` names a ``transformers`` class (``AutoModel`` gives the hidden states,
     ``AutoModelForCausalLM`` adds the LM head).  Weights are read by ``transformers`` with
     ``weights_only=True`` (safetensors preferred).  With ``strict``, weights the checkpoint
     lacks (which ``transformers`` would initialise at random) fail the checkpoint; non-finite
-    weights always do.
+    weights always do.  ``progress=False`` silences ``transformers``' loading bars and its
+    info/warning logging for the duration of the call (``traindyn analyze --no-progress``).
     """
     folder = Path(folder).resolve()
     if not is_hf_folder(folder):
@@ -501,8 +751,9 @@ def load_hf_model(folder: str | os.PathLike, model_class: str = "AutoModel",
         raise ValueError(f"transformers has no class {model_class!r}")
     torch.manual_seed(0)  # weights the checkpoint lacks (strict=False) are drawn reproducibly
     try:
-        model, info = cls.from_pretrained(str(folder), local_files_only=True, weights_only=True,
-                                          output_loading_info=True)
+        with _quiet_transformers(transformers, quiet=not progress):
+            model, info = cls.from_pretrained(str(folder), local_files_only=True,
+                                              weights_only=True, output_loading_info=True)
     except pickle.UnpicklingError as err:
         raise UnsafeCheckpointError(_unsafe_message(folder, err)) from None
     except (OSError, ValueError, RuntimeError) as err:

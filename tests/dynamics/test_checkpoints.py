@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 import subprocess
@@ -306,3 +307,191 @@ def test_hf_folder_with_nan_or_missing_weights_fails(tiny_bert_folder, tmp_path)
         save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
         with pytest.raises(CheckpointError, match=pattern):
             load_hf_model(folder)
+
+
+# -------------------------------------------------------------------------- formats users have
+
+
+def _trainer_folder(root, step, state, trainer_step=None, weights="safetensors"):
+    """A Trainer ``checkpoint-<step>/`` of a plain nn.Module: weights, no config.json."""
+    folder = root / f"checkpoint-{step}"
+    folder.mkdir(parents=True)
+    if weights == "safetensors":
+        save_file(state, str(folder / "model.safetensors"))
+    else:
+        torch.save(state, folder / "pytorch_model.bin")
+    torch.save({"lr": torch.tensor(0.1)}, folder / "optimizer.pt")
+    if trainer_step is not None:
+        (folder / "trainer_state.json").write_text(json.dumps(
+            {"global_step": trainer_step, "epoch": 1.0, "log_history": []}))
+    return folder
+
+
+def test_trainer_checkpoint_folders_step_from_name_checked_by_trainer_state(tmp_path):
+    nets = {}
+    for step, fmt in ((500, "safetensors"), (1500, "bin"), (1000, "safetensors")):
+        torch.manual_seed(step)
+        nets[step] = make_net()
+        _trainer_folder(tmp_path / "out", step, nets[step].state_dict(), trainer_step=step,
+                        weights=fmt)
+    (tmp_path / "out" / "runs").mkdir()                    # TensorBoard logs: not a checkpoint
+    series = find_checkpoints(tmp_path / "out")
+    assert [(c.step, c.format, c.step_source) for c in series] == [
+        (500, "weights_dir", "trainer_state"), (1000, "weights_dir", "trainer_state"),
+        (1500, "weights_dir", "trainer_state")]
+    x = torch.randn(6, 4)
+    for ckpt in series:
+        target = make_net()
+        digest = load_into(target, ckpt)
+        torch.testing.assert_close(target(x), nets[ckpt.step](x), rtol=0, atol=0)
+        assert digest == hash_state_dict(nets[ckpt.step].state_dict())
+    # without trainer_state.json the folder name alone gives the step
+    bare = _trainer_folder(tmp_path / "bare", 40, nets[500].state_dict())
+    assert [(c.step, c.step_source) for c in find_checkpoints(bare)] == [(40, "name")]
+    # a folder name that disagrees with trainer_state.json is an error naming both numbers
+    _trainer_folder(tmp_path / "bad", 300, nets[500].state_dict(), trainer_step=299)
+    with pytest.raises(ValueError, match=r"checkpoint-300/.*step 300.*global_step 299"):
+        find_checkpoints(tmp_path / "bad")
+    series = find_checkpoints(tmp_path / "bad", steps=[299], force_steps=True)
+    assert [(c.step, c.step_source) for c in series] == [(299, "explicit")]
+
+
+def test_sharded_trainer_folder_loads_every_shard(tmp_path):
+    torch.manual_seed(3)
+    net = make_net()
+    state = net.state_dict()
+    folder = tmp_path / "checkpoint-8"
+    folder.mkdir()
+    first = {k: v for k, v in state.items() if k.startswith("0.")}
+    second = {k: v for k, v in state.items() if k.startswith("2.")}
+    save_file(first, str(folder / "model-00001-of-00002.safetensors"))
+    save_file(second, str(folder / "model-00002-of-00002.safetensors"))
+    weight_map = {k: "model-00001-of-00002.safetensors" for k in first}
+    weight_map |= {k: "model-00002-of-00002.safetensors" for k in second}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (ckpt,) = find_checkpoints(folder)
+    assert (ckpt.step, ckpt.format) == (8, "weights_dir")
+    target = make_net()
+    assert load_into(target, ckpt) == hash_state_dict(state)
+    for key, value in state.items():
+        assert torch.equal(target.state_dict()[key], value), key
+    # an index that points outside its folder is refused
+    weight_map["0.bias"] = "../elsewhere.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="not a file in that folder"):
+        load_into(make_net(), ckpt)
+
+
+class _LitModule(nn.Module):
+    """Stand-in for a LightningModule: the network under ``model``, a loss with a buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = make_net()
+        self.loss_fn = nn.CrossEntropyLoss(weight=torch.ones(3))
+
+
+def _lightning_ckpt(path, module, global_step, extra=None):
+    """The dictionary ``Trainer.save_checkpoint`` writes (Lightning 2.x keys)."""
+    torch.save({
+        "epoch": 0, "global_step": global_step, "pytorch-lightning_version": "2.6.6",
+        "state_dict": module.state_dict(),
+        "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1}}}},
+        "callbacks": {"ModelCheckpoint{'monitor': None, 'mode': 'min'}": {
+            "best_model_score": None, "best_model_path": str(path), "dirpath": str(path.parent)}},
+        "optimizer_states": [{"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]}],
+        "lr_schedulers": [], "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.1},
+        **(extra or {})}, path)
+
+
+def test_lightning_ckpt_weights_only_prefix_stripped_step_from_global_step(tmp_path):
+    mods = {}
+    for step in (100, 250):
+        torch.manual_seed(step)
+        mods[step] = _LitModule()
+    _lightning_ckpt(tmp_path / "epoch=0-step=100.ckpt", mods[100], 100)
+    _lightning_ckpt(tmp_path / "last.ckpt", mods[250], 250)      # no step in the name
+    series = find_checkpoints(tmp_path)
+    assert [(c.path.name, c.step, c.format, c.step_source) for c in series] == [
+        ("epoch=0-step=100.ckpt", 100, "lightning", "lightning"),
+        ("last.ckpt", 250, "lightning", "lightning")]
+    x = torch.randn(5, 4)
+    for ckpt in series:
+        target = make_net()                                       # keys "0.weight" …
+        digest = load_into(target, ckpt)                          # strict: loss_fn.* ignored
+        torch.testing.assert_close(target(x), mods[ckpt.step].model(x), rtol=0, atol=0)
+        assert digest == hash_state_dict({f"model.{k}": v for k, v in
+                                          mods[ckpt.step].model.state_dict().items()})
+    # the LightningModule itself as the target: no prefix is stripped
+    whole = _LitModule()
+    load_into(whole, series[0])
+    torch.testing.assert_close(whole.model(x), mods[100].model(x), rtol=0, atol=0)
+    # name and global_step disagree: an error naming both
+    (tmp_path / "bad").mkdir()
+    _lightning_ckpt(tmp_path / "bad" / "epoch=1-step=300.ckpt", mods[100], 299)
+    with pytest.raises(ValueError, match=r"step=300\.ckpt: its name says step 300 but its "
+                                         r"Lightning global_step entry is 299"):
+        find_checkpoints(tmp_path / "bad")
+
+
+def test_lightning_ckpt_with_code_in_its_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned.txt"
+    path = tmp_path / "epoch=0-step=7.ckpt"
+    _lightning_ckpt(path, _LitModule(), 7, extra={"hyper_parameters": _OpenFile(str(marker))})
+    (ckpt,) = find_checkpoints(path)                  # unreadable safely: plain torch, step 7
+    assert (ckpt.step, ckpt.format, ckpt.step_source) == (7, "torch", "name")
+    with pytest.raises(UnsafeCheckpointError, match="refused"):
+        load_into(make_net(), ckpt)
+    assert not marker.exists()
+
+
+def test_revision_series_of_one_model(tmp_path):
+    folders = []
+    for name in ("step1000", "revision-step2000", "main"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        save_file({"w": torch.full((2,), float(len(folders)))}, str(folder / "model.safetensors"))
+        folders.append(folder)
+    with pytest.raises(ValueError, match="cannot read a step from main/"):
+        find_checkpoints(folders)
+    series = find_checkpoints(folders, steps=[None, None, 143000])
+    assert [(c.path.name, c.step, c.format, c.step_source) for c in series] == [
+        ("step1000", 1000, "hf", "name"), ("revision-step2000", 2000, "hf", "name"),
+        ("main", 143000, "hf", "explicit")]
+    mapped = find_checkpoints({folders[2]: 143000, folders[0]: None})
+    assert [(c.step, c.step_source) for c in mapped] == [(1000, "name"), (143000, "explicit")]
+
+
+def test_explicit_steps_pair_with_paths_in_argument_order(tmp_path):
+    _save_series(tmp_path, [2, 10])
+    for name in ("b.pt", "a.pt"):
+        torch.save(make_net().state_dict(), tmp_path / name)
+    series = find_checkpoints([tmp_path / "b.pt", tmp_path / "a.pt"], steps=[5, 50])
+    assert [(c.path.name, c.step) for c in series] == [("b.pt", 5), ("a.pt", 50)]
+    # names agree with the steps in argument order (not sorted-name order): accepted
+    series = find_checkpoints([tmp_path / "step10.pt", tmp_path / "step2.pt"], steps=[10, 2])
+    assert [(c.path.name, c.step, c.step_source) for c in series] == [
+        ("step2.pt", 2, "explicit"), ("step10.pt", 10, "explicit")]
+    # a contradiction names the file, its step and the explicit step
+    with pytest.raises(ValueError, match=r"explicit step 2 for step10\.pt contradicts the "
+                                         r"checkpoint: its name says step 10.*force_steps"):
+        find_checkpoints([tmp_path / "step10.pt", tmp_path / "step2.pt"], steps=[2, 10])
+    forced = find_checkpoints([tmp_path / "step10.pt", tmp_path / "step2.pt"], steps=[2, 10],
+                              force_steps=True)
+    assert [(c.path.name, c.step) for c in forced] == [("step10.pt", 2), ("step2.pt", 10)]
+    with pytest.raises(ValueError, match="not both"):
+        find_checkpoints({tmp_path / "a.pt": 1}, steps=[1])
+
+
+def test_load_hf_model_progress_false_silences_transformers(tiny_bert_folder, capsys):
+    import transformers
+
+    load_hf_model(tiny_bert_folder, progress=True)
+    shown = capsys.readouterr()
+    assert "Loading weights" in shown.err + shown.out          # the bar exists: not vacuous
+    load_hf_model(tiny_bert_folder, progress=False)
+    quiet = capsys.readouterr()
+    assert quiet.err == "" and quiet.out == ""
+    # the user's settings are restored afterwards
+    assert transformers.utils.logging.is_progress_bar_enabled()
