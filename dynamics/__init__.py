@@ -16,13 +16,33 @@ module               what
 ``plot``             theory lines through measured points
 ``cli``              the ``traindyn`` command line
 ===================  ==========================================================================
+
+Every name is imported on first use (PEP 562 module ``__getattr__``), so ``import dynamics``
+and ``traindyn --help`` load neither torch nor xarray; ``dynamics.Monitor``,
+``dynamics.plot.compare`` … work as if imported eagerly.
 """
 
-from dynamics import analyze, checkpoints, probe_inputs, records, schedules
-from dynamics._dask import local_client
-from dynamics.monitor import Monitor, load_stream
-from dynamics.records import load, save
-from dynamics.sweep import sweep
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from dynamics import (
+        analyze,
+        checkpoints,
+        plot,
+        probe_inputs,
+        recipes,
+        records,
+        schedules,
+    )
+    from dynamics._dask import local_client
+    from dynamics.monitor import Monitor, load_stream
+    from dynamics.records import load, save
+    from dynamics.sweep import sweep
 
 __all__ = [
     "Monitor",
@@ -31,9 +51,58 @@ __all__ = [
     "load",
     "load_stream",
     "local_client",
+    "plot",
     "probe_inputs",
+    "recipes",
     "records",
     "save",
     "schedules",
     "sweep",
 ]
+
+_ATTRIBUTES = {
+    "Monitor": ("dynamics.monitor", "Monitor"),
+    "load_stream": ("dynamics.monitor", "load_stream"),
+    "local_client": ("dynamics._dask", "local_client"),
+    "load": ("dynamics.records", "load"),
+    "save": ("dynamics.records", "save"),
+    "sweep": ("dynamics.sweep", "sweep"),
+}
+"""Names that are objects inside a submodule; every other public name is a submodule."""
+
+_SUBMODULES = ("analyze", "checkpoints", "cli", "cli_analyze", "demo", "lightning", "monitor",
+               "plot", "probe_inputs", "recipes", "records", "schedules")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ATTRIBUTES:
+        module_name, attr = _ATTRIBUTES[name]
+        value = getattr(importlib.import_module(module_name), attr)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+
+
+class _Package(types.ModuleType):
+    """Keeps ``dynamics.sweep`` the function even after ``import dynamics.sweep``.
+
+    Importing a submodule binds it as an attribute of its package; the function ``sweep``
+    shares its module's name, and (as with the former eager ``from dynamics.sweep import
+    sweep``) the package attribute stays the function.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (name in _ATTRIBUTES and isinstance(value, types.ModuleType)
+                and value.__name__ == _ATTRIBUTES[name][0]):
+            value = getattr(value, _ATTRIBUTES[name][1])
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

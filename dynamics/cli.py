@@ -1,4 +1,8 @@
-"""The ``traindyn`` command line: a thin face over recipes, probes and theory."""
+"""The ``traindyn`` command line: a thin face over recipes, probes and theory.
+
+Only the standard library is imported at module level, so ``traindyn --help`` (and building
+the parser) loads no torch, scipy, sympy or xarray; each command imports what it uses.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,6 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from importlib import metadata
 
 __all__ = ["build_parser", "main"]
 
@@ -38,6 +41,8 @@ def _cmd_theory_linear(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
+    from importlib import metadata
+
     from dynamics.records import provenance
     from probes.registry import FEATURE_PROBES, MODEL_PROBES
 
