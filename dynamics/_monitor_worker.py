@@ -15,7 +15,6 @@ Used by :mod:`dynamics.monitor`; not public.
 from __future__ import annotations
 
 import atexit
-import inspect
 import multiprocessing
 import os
 import pickle
@@ -35,28 +34,11 @@ import torch
 import xarray as xr
 
 from dynamics import records
-from probes.registry import FeatureProbe, ModelProbe
+from probes.evaluation import Measurement, ProbePlan, ReferenceBook
+from probes.registry import Probe
 
 COMPLETE_ATTR = "monitor_evaluations_complete"
 """Zarr group attribute: number of evaluations fully written to the store."""
-
-
-def takes_labels(probe: FeatureProbe) -> bool:
-    """Whether the probe's function has a ``labels`` parameter."""
-    try:
-        return "labels" in inspect.signature(probe.fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def shared_spectral(probe: FeatureProbe) -> bool:
-    """Whether ``probe`` is one of the spectral one-shot functions with default parameters
-    that :class:`probes.spectral.SpectralMetrics` computes from a shared accumulator."""
-    from probes import spectral
-
-    fns = {"rankme": spectral.rankme, "rankme_covariance": spectral.rankme_covariance,
-           "alpha_req": spectral.alpha_req}
-    return fns.get(probe.name) is probe.fn
 
 
 def to_numpy(features: torch.Tensor) -> np.ndarray:
@@ -74,34 +56,30 @@ def to_numpy(features: torch.Tensor) -> np.ndarray:
 class Evaluator:
     """Features → probe values → one evaluation's Dataset (picklable when its probes are).
 
+    Holds the :class:`probes.evaluation.ProbePlan` and the in-memory reference states of the
+    per-layer probes that compare with the first or previous evaluation, so one instance
+    lives as long as the monitor (in the worker process, in process mode).
+
     Parameters
     ----------
-    probes : list of FeatureProbe
-    model_probes : list of ModelProbe
-        Only their names, variables and sources are kept (for the attributes).
-    layers : list of str
+    plan : ProbePlan
     labels : tensor, optional
-        Labels of the probe data, for feature probes that take ``labels``.  Pickled as a
-        numpy array and restored as a CPU tensor.
+        Labels of the probe data, for labelled probes.  Pickled as a numpy array and restored
+        as a CPU tensor.
     learning_rate, seed, source, reduce
         As in :class:`dynamics.monitor.Monitor`.
     """
 
-    def __init__(self, probes: Sequence[FeatureProbe], model_probes: Sequence[ModelProbe],
-                 layers: Sequence[str], labels: Any, learning_rate: float | None,
+    def __init__(self, plan: ProbePlan, labels: Any, learning_rate: float | None,
                  seed: int | None, source: str, reduce: str) -> None:
-        self.probes = list(probes)
-        self.layers = list(layers)
+        self.plan = plan
+        self.layers = list(plan.layers)
         self.labels = labels
         self.learning_rate = learning_rate
         self.seed = seed
         self.source = source
         self.reduce = reduce
-        self.model_probe_names = [p.name for p in model_probes]
-        self.model_variables = {
-            name: {"long_name": long_name, "units": units, "source": p.source}
-            for p in reversed(list(model_probes)) for name, (long_name, units) in
-            p.variables.items()}  # reversed: the first probe naming a variable wins
+        self.references = ReferenceBook(plan)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -114,72 +92,76 @@ class Evaluator:
         if isinstance(self.labels, np.ndarray):
             self.labels = torch.from_numpy(self.labels)
 
-    def feature_values(self, feats: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """``{variable: values over layers}`` of every feature probe, from captured features.
-
-        The default-parameter spectral probes (``rankme``, ``rankme_covariance``,
-        ``alpha_req``) of a layer share one :class:`probes.spectral.SpectralMetrics`
-        accumulator; the others are called one by one.
-        """
-        from probes.spectral import SpectralMetrics
-
-        out: dict[str, np.ndarray] = {}
-        shared = [p for p in self.probes if shared_spectral(p)]
-        for i, layer in enumerate(self.layers):
-            values: dict[str, float] = {}
-            if shared:
-                metrics = SpectralMetrics([p.name for p in shared])
-                metrics.update(feats[layer])
-                values.update(metrics.compute())
-            for probe in self.probes:
-                if probe in shared:
-                    items = [(probe.name, values[probe.name])]
-                else:
-                    kwargs = {"labels": self.labels} if takes_labels(probe) else {}
-                    value = probe(feats[layer], **kwargs)
-                    items = (value.data_vars.items() if isinstance(value, xr.Dataset)
-                             else value.items() if isinstance(value, Mapping)
-                             else [(probe.name, value)])
-                for name, v in items:
-                    arr = out.setdefault(name, np.full(len(self.layers), np.nan))
-                    arr[i] = float(v)
+    def feature_measurement(self, feats: Mapping[str, Any]) -> Measurement:
+        """The per-layer feature probes of captured features (shared accumulators; reference
+        probes compared with this evaluator's first/previous states)."""
+        plan = self.plan
+        if not plan.has_layer_probes:
+            return Measurement()
+        with torch.no_grad():
+            out = plan.layer_values(plan.accumulate(feats, self.labels))
+            if plan.references and out.states:
+                out = out | plan.compare(out.states, self.references.get)
+                self.references.record(out.states)
         return out
+
+    def feature_values(self, feats: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``{variable: values over layers}`` of the scalar per-layer feature probes."""
+        return self.feature_measurement(feats).per_layer(self.layers)
 
     def variable_attrs(self, name: str) -> dict[str, str]:
         """``long_name``, ``units`` and ``source`` of a recorded variable."""
-        for probe in self.probes:
-            if probe.name == name:
-                return {"long_name": probe.long_name, "units": probe.units,
-                        "source": probe.source}
-        if any(p.name == "neural_collapse" for p in self.probes):
-            from probes.collapse import NC_VARIABLES, SOURCE
-
-            if name in NC_VARIABLES:
-                return {**NC_VARIABLES[name], "source": SOURCE}
-        if name in self.model_variables:
-            return dict(self.model_variables[name])
-        return records.variable_attrs(name)
+        declared = self.plan.variables().get(name)
+        return dict(declared[1]) if declared else records.variable_attrs(name)
 
     def attrs(self) -> dict[str, Any]:
         """The Dataset attributes ``source`` and ``parameters``."""
         return {
             "source": self.source,
             "parameters": records.params_attr(dict(
-                probes=[p.name for p in self.probes] + self.model_probe_names,
-                layers=self.layers, reduce=self.reduce, learning_rate=self.learning_rate)),
+                probes=self.plan.names(), layers=self.layers, reduce=self.reduce,
+                learning_rate=self.learning_rate,
+                probe_kwargs={p.name: dict(p.kwargs) for p in self.plan.probes if p.kwargs})),
         }
 
-    def build(self, step: int, feature_values: Mapping[str, np.ndarray],
-              extra: Mapping[str, Any], scalars: Mapping[str, float]) -> xr.Dataset:
+    def _layer_array(self, name: str, per_layer: Mapping[str, Any]) -> Any:
+        """One per-layer variable over ``(step, layer, …)``: an array of numbers, or a
+        DataArray when the values carry extra dims."""
+        dims = self.plan.variables().get(name, (("layer",), {}))[0][1:]
+        sample = next(iter(per_layer.values()))
+        if np.ndim(sample) == 0 and not isinstance(sample, xr.DataArray):
+            return np.array([[float(per_layer.get(layer, np.nan)) for layer in self.layers]])
+        items = []
+        for layer in self.layers:
+            v = per_layer.get(layer)
+            if v is None:
+                v = xr.full_like(xr.DataArray(sample) if not isinstance(sample, xr.DataArray)
+                                 else sample, np.nan, dtype=float)
+            if not isinstance(v, xr.DataArray):
+                v = xr.DataArray(np.asarray(v, dtype=float),
+                                 dims=dims or tuple(f"{name}_dim_{i}" for i in range(np.ndim(v))))
+            items.append(v)
+        da = xr.concat(items, dim="layer", join="outer").assign_coords(
+            layer=("layer", np.array(self.layers, dtype=object)))
+        return da
+
+    def build(self, step: int, measurement: Measurement, scalars: Mapping[str, float]
+              ) -> xr.Dataset:
         """One evaluation as a Dataset with a length-1 ``step`` dimension."""
         coords: dict[str, Any] = records.step_coords([step], self.learning_rate)
         data_vars: dict[str, Any] = {}
-        if feature_values:
-            coords["layer"] = ("layer", np.array(self.layers, dtype=object))
-            for name, values in feature_values.items():
-                data_vars[name] = (("step", "layer"), values[None], self.variable_attrs(name))
         arrays = []
-        for name, value in extra.items():
+        if measurement.layer_values:
+            coords["layer"] = ("layer", np.array(self.layers, dtype=object))
+        for name, per_layer in measurement.layer_values.items():
+            value = self._layer_array(name, per_layer)
+            if isinstance(value, xr.DataArray):
+                da = value.expand_dims(step=1).assign_coords(step=[step])
+                da.attrs = self.variable_attrs(name)
+                arrays.append(da.rename(name))
+            else:
+                data_vars[name] = (("step", "layer"), value, self.variable_attrs(name))
+        for name, value in measurement.values.items():
             if isinstance(value, xr.DataArray):
                 da = value.expand_dims(step=1).assign_coords(step=[step])
                 da.attrs = {**self.variable_attrs(name), **value.attrs}
@@ -196,12 +178,12 @@ class Evaluator:
         ds.attrs = self.attrs()
         return ds
 
-    def evaluate(self, step: int, feats: Mapping[str, Any] | None, extra: Mapping[str, Any],
+    def evaluate(self, step: int, feats: Mapping[str, Any] | None, extra: Measurement,
                  scalars: Mapping[str, float]) -> xr.Dataset:
-        """Feature probes of ``feats`` (``None``: no feature probes) and the Dataset."""
-        with torch.no_grad():
-            values = self.feature_values(feats) if feats is not None else {}
-        return self.build(step, values, extra, scalars)
+        """Feature probes of ``feats`` (``None``: none), merged with ``extra`` (the model and
+        parameter probes measured on the training side), as one evaluation's Dataset."""
+        measurement = self.feature_measurement(feats) if feats is not None else Measurement()
+        return self.build(step, measurement | extra, scalars)
 
 
 def dimension_names(array: Any) -> Sequence[str] | None:
@@ -299,7 +281,7 @@ class ZarrStream:
         return True
 
 
-def check_picklable(probes: Sequence[FeatureProbe]) -> None:
+def check_picklable(probes: Sequence[Probe]) -> None:
     """Raise ``ValueError`` naming the first feature probe that cannot be pickled."""
     for probe in probes:
         try:
@@ -419,14 +401,14 @@ class ProcessWorker:
                 break   # the worker is gone; collect() reports it
         self._tasks.close()
 
-    def submit(self, step: int, feats: dict[str, np.ndarray] | None, extra: Mapping[str, Any],
+    def submit(self, step: int, feats: dict[str, np.ndarray] | None, extra: Measurement,
                scalars: Mapping[str, float], settings: Mapping[str, Any]) -> None:
         """Queue one evaluation (returns at once); ``settings`` updates the worker's
         evaluator's attributes (``learning_rate``, ``seed``, ``source``) first."""
         if self._closed:
             raise RuntimeError("the monitor's worker process is closed")
         self.pending.append(step)
-        self._outbox.put((step, feats, dict(extra), dict(scalars), dict(settings)))
+        self._outbox.put((step, feats, extra, dict(scalars), dict(settings)))
 
     def collect(self, block: bool, keep: int = 0) -> list[tuple]:
         """Results received so far (if ``block``: waiting until at most ``keep`` are still

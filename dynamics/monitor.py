@@ -128,12 +128,12 @@ from dynamics._monitor_worker import (
     ZarrStream,
     check_picklable,
     dimension_names,
-    takes_labels,
     to_numpy,
 )
 from dynamics.schedules import Schedule, log_spaced
-from probes import capture, get_feature_probe
-from probes.registry import MODEL_PROBES, FeatureProbe, ModelProbe
+from probes.capture import capture
+from probes.evaluation import Measurement, ProbePlan, ReferenceBook
+from probes.registry import Probe
 
 __all__ = ["Monitor", "load_stream", "preserved_state"]
 
@@ -180,28 +180,6 @@ class preserved_state:  # noqa: N801 - a context manager used like a function
 
 
 _preserved_state = preserved_state  # the foundation's private name
-
-
-def _collapse_probe() -> FeatureProbe:
-    from probes.collapse import SOURCE, neural_collapse
-
-    return FeatureProbe("neural_collapse", neural_collapse, "neural-collapse metrics", "1",
-                        SOURCE)
-
-
-def _resolve(probe: str | FeatureProbe | ModelProbe) -> FeatureProbe | ModelProbe:
-    if isinstance(probe, (FeatureProbe, ModelProbe)):
-        return probe
-    if probe not in MODEL_PROBES:
-        import probes.instability  # noqa: F401 - registers its model probes
-    if probe in MODEL_PROBES:
-        return MODEL_PROBES[probe]
-    if probe == "neural_collapse":
-        try:
-            return get_feature_probe(probe)
-        except KeyError:
-            return _collapse_probe()
-    return get_feature_probe(probe)  # KeyError listing the known names
 
 
 def _concat(batches: torch.Tensor | Sequence[torch.Tensor] | None) -> Any:
@@ -259,12 +237,14 @@ class Monitor:
         Background modes: at most this many evaluations wait for the worker; a scheduled step
         beyond that waits for the oldest one, so the features held for a worker that falls
         behind stay bounded (default 8).
+    probe_kwargs : mapping probe name → mapping, optional
+        Parameters bound to a probe (``{"alpha_req": {"fit_range": (3, 100)}}``).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        probes: Sequence[str | FeatureProbe | ModelProbe] = ("rankme", "alpha_req"),
+        probes: Sequence[str | Probe] = ("rankme", "alpha_req"),
         layers: Sequence[str] = (),
         schedule: Schedule | None = None,
         probe_data: torch.Tensor | Sequence[torch.Tensor] | None = None,
@@ -277,6 +257,7 @@ class Monitor:
         netcdf: str | Path | None = None,
         background: bool | str = False,
         max_pending: int = 8,
+        probe_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         if int(max_pending) < 1:
             raise ValueError(f"max_pending must be >= 1; got {max_pending}")
@@ -287,15 +268,16 @@ class Monitor:
             raise ValueError(f"background={background!r}: use False (synchronous), "
                              "True or 'thread', or 'process'") from None
         self.model = model
-        resolved = [_resolve(p) for p in probes]
-        self.probes = [p for p in resolved if isinstance(p, FeatureProbe)]
-        self.model_probes = [p for p in resolved if isinstance(p, ModelProbe)]
         self.layers = list(capture(model, layers).layers) if layers else []
-        if (self.probes and self.layers or self.model_probes) and probe_data is None:
+        self.plan = ProbePlan(probes, self.layers, probe_kwargs)
+        self.probes = self.plan.feature_probes
+        self.model_probes = self.plan.model_probes
+        if (self.plan.has_layer_probes or self.model_probes) and probe_data is None:
             raise ValueError("probe_data is required to evaluate probes")
-        needs_labels = [p.name for p in self.probes if takes_labels(p)]
+        needs_labels = [p.name for p in self.probes if p.needs_labels]
         if needs_labels and self.layers and probe_targets is None:
             raise ValueError(f"probes {needs_labels} need labels: pass probe_targets=")
+        self._references = ReferenceBook(self.plan)  # model and parameter probes' states
         if mode == "process":
             check_picklable(self.probes)
         self.schedule = schedule or log_spaced(10_000, 30)
@@ -307,7 +289,7 @@ class Monitor:
         self.source = source
         self.store = Path(store) if store is not None else None
         self.netcdf = Path(netcdf) if netcdf is not None else None
-        self._model_probe_fns = [(p, p.factory()) for p in self.model_probes]
+        self._model_instances = self.plan.model_instances()
         self._evaluations: list[xr.Dataset] = []
         self._stream = ZarrStream(self.store) if self.store is not None else None
         self.seconds_spent = 0.0
@@ -318,8 +300,10 @@ class Monitor:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._worker: ProcessWorker | None = None
+        self._eval = Evaluator(self.plan, _concat(probe_targets), learning_rate, seed, source,
+                               reduce)
         if mode == "process":  # start now: the worker's imports overlap early training
-            self._worker = ProcessWorker(self._evaluator(), self.store)
+            self._worker = ProcessWorker(self._eval, self.store)
 
     # -- the evaluation path shared by the three modes -------------------------------------
     @property
@@ -333,9 +317,9 @@ class Monitor:
         self._learning_rate = value
 
     def _evaluator(self) -> Evaluator:
-        return Evaluator(self.probes, self.model_probes, self.layers,
-                         _concat(self.probe_targets), self.learning_rate, self.seed,
-                         self.source, self.reduce)
+        """The monitor's evaluator, with the current learning rate."""
+        self._eval.learning_rate = self.learning_rate
+        return self._eval
 
     @property
     def seconds_storing(self) -> float:
@@ -426,40 +410,48 @@ class Monitor:
                 for name, f in cap.activations().items()}
 
     def _probe_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
-        """``{variable: values over layers}`` of every feature probe, from captured features
-        (see :meth:`dynamics._monitor_worker.Evaluator.feature_values`)."""
+        """``{variable: values over layers}`` of every scalar feature probe, from captured
+        features (see :meth:`dynamics._monitor_worker.Evaluator.feature_values`)."""
         return self._evaluator().feature_values(feats)
 
-    def _feature_values(self) -> dict[str, np.ndarray]:
-        """``{variable: values over layers}`` of every feature probe (inside preserved state)."""
-        if not (self.layers and self.probes):
-            return {}
-        return self._probe_features(self._capture())
+    def _feature_measurement(self) -> Measurement:
+        """Every per-layer feature probe (inside preserved state)."""
+        if not self.plan.has_layer_probes:
+            return Measurement()
+        return self._evaluator().feature_measurement(self._capture())
 
     def measure(self) -> np.ndarray:
         """Feature-probe values now, shape ``(len(layers), len(probes))``, not recorded.
 
-        Only single-valued feature probes; :meth:`evaluate` gives every variable.
+        Only single-valued feature probes (the variable named after the probe);
+        :meth:`evaluate` gives every variable.  Reference probes are not advanced.
         """
         out = np.full((len(self.layers), len(self.probes)), np.nan)
-        if not self.layers or not self.probes:
+        if not self.plan.has_layer_probes:
             return out
         with preserved_state(self.model), torch.no_grad():
-            values = self._feature_values()
+            feats = self._capture()
+        plan = ProbePlan([p for p in self.probes if not p.reference], self.layers)
+        values = plan.layer_values(plan.accumulate(feats, _concat(self.probe_targets))
+                                   ).per_layer(self.layers)
         for j, probe in enumerate(self.probes):
             if probe.name in values:
                 out[:, j] = values[probe.name]
         return out
 
-    def _model_probe_values(self) -> dict[str, Any]:
-        """Model probes' outputs (call inside preserved state)."""
-        extra: dict[str, Any] = {}
-        if self._model_probe_fns:
+    def _model_measurement(self) -> Measurement:
+        """Parameter and model probes, compared with their references (inside preserved
+        state; the model probes run in eval mode)."""
+        plan = self.plan
+        out = plan.parameter_values(self.model)
+        if plan.model_probes:
             inputs, targets = _concat(self.probe_data), _concat(self.probe_targets)
             self.model.eval()
-            for _, fn in self._model_probe_fns:
-                extra.update(fn(self.model, inputs, targets))
-        return extra
+            out = out | plan.model_values(self.model, inputs, targets, self._model_instances)
+        if plan.references and out.states:
+            out = out | plan.compare(out.states, self._references.get)
+            self._references.record(out.states)
+        return out
 
     def evaluate(self, step: int = 0, **scalars: float) -> xr.Dataset:
         """One evaluation as a Dataset with a length-1 ``step`` dimension (not recorded).
@@ -467,9 +459,9 @@ class Monitor:
         Always synchronous (whatever ``background`` is)."""
         with preserved_state(self.model):
             with torch.no_grad():
-                feature_values = self._feature_values()
-            extra = self._model_probe_values()
-        return self._evaluator().build(step, feature_values, extra, scalars)
+                features = self._feature_measurement()
+            extra = self._model_measurement()
+        return self._evaluator().build(step, features | extra, scalars)
 
     def _record(self, ds: xr.Dataset) -> None:
         if self._stream is not None:
@@ -477,7 +469,7 @@ class Monitor:
         self._evaluations.append(ds)
 
     def _background_job(self, evaluator: Evaluator, step: int,
-                        feats: Mapping[str, torch.Tensor] | None, extra: Mapping[str, Any],
+                        feats: Mapping[str, torch.Tensor] | None, extra: Measurement,
                         scalars: Mapping[str, float]) -> None:
         start = _time.perf_counter()
         self._record(evaluator.evaluate(step, feats, extra, scalars))
@@ -517,14 +509,12 @@ class Monitor:
             with preserved_state(self.model):
                 with torch.no_grad():
                     # process mode copies once, below (to the CPU)
-                    feats = (self._capture(clone=not process) if (self.layers and self.probes)
+                    feats = (self._capture(clone=not process) if self.plan.has_layer_probes
                              else None)
                     arrays = (None if feats is None or not process
                               else {k: to_numpy(v) for k, v in feats.items()})
-                extra = self._model_probe_values()
+                extra = self._model_measurement()
             if process:
-                extra = {k: v if isinstance(v, xr.DataArray) else float(v)  # no tensors sent
-                         for k, v in extra.items()}
                 self._worker.submit(int(step), arrays, extra, scalars,
                                     dict(learning_rate=self.learning_rate, seed=self.seed,
                                          source=self.source))
@@ -557,11 +547,11 @@ class Monitor:
                            compat="override", join="outer", combine_attrs="override")
         else:
             ds = xr.Dataset(coords=records.step_coords([], self.learning_rate))
-            if self.layers and self.probes:
+            if self.plan.has_layer_probes:
                 ds = ds.assign_coords(layer=("layer", np.array(self.layers, dtype=object)))
-                for p in self.probes:
-                    ds[p.name] = (("step", "layer"), np.empty((0, len(self.layers))),
-                                  evaluator.variable_attrs(p.name))
+                for name, (dims, attrs) in self.plan.variables().items():
+                    if dims == ("layer",):
+                        ds[name] = (("step", "layer"), np.empty((0, len(self.layers))), attrs)
             if self.seed is not None:
                 ds = ds.assign_coords(seed=self.seed)
         ds.attrs = {**evaluator.attrs(), "monitor_seconds": self.seconds_spent,

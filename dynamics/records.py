@@ -31,11 +31,6 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from probes import FEATURE_PROBES, MODEL_PROBES
-from probes.collapse import NC_VARIABLES
-from probes.weights import WEIGHT_VARIABLES
-from theory._dataset import params_json
-
 __all__ = [
     "DIMS",
     "VARIABLES",
@@ -89,17 +84,11 @@ VARIABLES: dict[str, dict[str, str]] = {
     "class_mean_norm": {"long_name": "norm of the centred class mean", "units": "1"},
     "classifier_norm": {"long_name": "norm of the classifier row", "units": "1"},
 }
-"""Known variables with their default attributes; other modules may add entries."""
-
-VARIABLES.update({k: dict(v) for k, v in NC_VARIABLES.items()})
-VARIABLES.update({k: dict(v) for k, v in WEIGHT_VARIABLES.items() if k not in VARIABLES})
-for _probe in FEATURE_PROBES.values():
-    VARIABLES.setdefault(_probe.name, {"long_name": _probe.long_name, "units": _probe.units})
-for _probe in MODEL_PROBES.values():
-    for _name, (_long_name, _units) in _probe.variables.items():
-        VARIABLES.setdefault(_name, {"long_name": _long_name, "units": _units})
-VARIABLES.setdefault("ntk_velocity", {"long_name": "kernel velocity, distance / Δtime",
-                                      "units": "1/time"})
+"""Variables that are not a probe's (losses, recipes' quantities) with their default
+attributes.  A probe's variables are declared with the probe (``probes.registry``) and carry
+their attributes into every Dataset, so this module needs no probe module;
+``tests/test_conformance.py`` checks that a probe and this table agree where both name a
+variable."""
 
 _PACKAGES = ("traindyn", "numpy", "scipy", "torch", "jax", "xarray", "h5netcdf", "zarr")
 
@@ -112,8 +101,17 @@ def variable_attrs(name: str, **overrides: str) -> dict[str, str]:
 
 
 def params_attr(params: Mapping[str, Any]) -> str:
-    """Parameters as a JSON string, the form attributes take (``json.loads`` reads it back)."""
-    return params_json(dict(params))
+    """Parameters as a JSON string, the form attributes take (``json.loads`` reads it back);
+    numpy arrays and scalars become lists and numbers, anything else its ``str``."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, np.generic):
+            return o.item()
+        return str(o)
+
+    return json.dumps(dict(params), sort_keys=True, default=default)
 
 
 def provenance() -> dict[str, str]:

@@ -16,136 +16,113 @@ module               what
 ``inductive_bias``   exact inductive-bias estimator (bits)
 ``instability``      attention-logit growth, output-logit divergence, LR sensitivity
 ``capture``          forward hooks: which modules, token reduction, streaming into accumulators
-``registry``         named feature and model probes used by the monitor and ``analyze``
+``registry``         the probe contract: declarations, registration, lookup
+``evaluation``       evaluate a set of probes (shared accumulators, references)
 ===================  ==========================================================================
 """
 
-from probes import ntk as _ntk  # noqa: F401  (registers the "ntk" model probe)
-from probes.capture import (
-    REDUCTIONS,
-    capture,
-    module_names,
-    reduce_tokens,
-    resolve_layers,
-    stream_features,
-)
-from probes.collapse import CollapseAccumulator, neural_collapse
-from probes.inductive_bias import (
-    inductive_bias,
-    kernel_hypothesis_errors,
-    network_hypothesis_errors,
-)
-from probes.instability import (
-    attention_logit_stats,
-    log_partition,
-    lr_sensitivity,
-    max_attention_logit,
-)
-from probes.kernels import (
-    center_kernel,
-    centered_alignment,
-    cumulative_power,
-    kernel_alignment,
-    kernel_distance,
-    kernel_velocity,
-    lazy_rich_summary,
-    ntk_effective_rank,
-    relative_kernel_change,
-)
-from probes.ntk import NTKProbe, batch_coupled_modules, conjugate_kernel, empirical_ntk
-from probes.phases import geometric_phases, phase_segments
-from probes.registry import (
-    FEATURE_PROBES,
-    MODEL_PROBES,
-    get_feature_probe,
-    get_model_probe,
-    register_feature_probe,
-    register_model_probe,
-)
-from probes.spectral import (
-    AlphaReQ,
-    EffectiveRank,
-    ParticipationRatio,
-    PowerLawFit,
-    RankMe,
-    RankMeCovariance,
-    SpectralMetrics,
-    SpectrumAccumulator,
-    StableRank,
-    alpha_req,
-    alpha_req_fit,
-    covariance_spectrum,
-    effective_rank,
-    participation_ratio,
-    power_law_fit,
-    rankme,
-    rankme_covariance,
-    rankme_from_spectrum,
-    singular_values,
-    stable_rank,
-)
-from probes.spectral import register_probes as _register_spectral
-from probes.weights import weight_spectra, weight_spectrum
+from __future__ import annotations
 
-_register_spectral()  # participation_ratio, stable_rank, effective_rank as named feature probes
+import importlib
+from typing import Any
 
-__all__ = [
-    "FEATURE_PROBES",
-    "MODEL_PROBES",
-    "REDUCTIONS",
-    "AlphaReQ",
-    "CollapseAccumulator",
-    "EffectiveRank",
-    "NTKProbe",
-    "ParticipationRatio",
-    "PowerLawFit",
-    "RankMe",
-    "RankMeCovariance",
-    "SpectralMetrics",
-    "SpectrumAccumulator",
-    "StableRank",
-    "alpha_req",
-    "alpha_req_fit",
-    "attention_logit_stats",
-    "batch_coupled_modules",
-    "capture",
-    "center_kernel",
-    "centered_alignment",
-    "conjugate_kernel",
-    "covariance_spectrum",
-    "cumulative_power",
-    "effective_rank",
-    "empirical_ntk",
-    "geometric_phases",
-    "get_feature_probe",
-    "get_model_probe",
-    "inductive_bias",
-    "kernel_alignment",
-    "kernel_distance",
-    "kernel_hypothesis_errors",
-    "kernel_velocity",
-    "lazy_rich_summary",
-    "log_partition",
-    "lr_sensitivity",
-    "max_attention_logit",
-    "module_names",
-    "network_hypothesis_errors",
-    "neural_collapse",
-    "ntk_effective_rank",
-    "participation_ratio",
-    "phase_segments",
-    "power_law_fit",
-    "rankme",
-    "rankme_covariance",
-    "rankme_from_spectrum",
-    "reduce_tokens",
-    "register_feature_probe",
-    "register_model_probe",
-    "relative_kernel_change",
-    "resolve_layers",
-    "singular_values",
-    "stable_rank",
-    "stream_features",
-    "weight_spectra",
-    "weight_spectrum",
-]
+_EXPORTS: dict[str, str] = {
+    # probes.capture
+    "REDUCTIONS": "capture",
+    "capture": "capture",
+    "module_names": "capture",
+    "reduce_tokens": "capture",
+    "resolve_layers": "capture",
+    "stream_features": "capture",
+    # probes.collapse
+    "CollapseAccumulator": "collapse",
+    "neural_collapse": "collapse",
+    # probes.inductive_bias
+    "inductive_bias": "inductive_bias",
+    "kernel_hypothesis_errors": "inductive_bias",
+    "network_hypothesis_errors": "inductive_bias",
+    # probes.instability
+    "attention_logit_stats": "instability",
+    "log_partition": "instability",
+    "lr_sensitivity": "instability",
+    "max_attention_logit": "instability",
+    # probes.kernels
+    "center_kernel": "kernels",
+    "centered_alignment": "kernels",
+    "cumulative_power": "kernels",
+    "kernel_alignment": "kernels",
+    "kernel_distance": "kernels",
+    "kernel_velocity": "kernels",
+    "lazy_rich_summary": "kernels",
+    "ntk_effective_rank": "kernels",
+    "relative_kernel_change": "kernels",
+    # probes.ntk
+    "NTKProbe": "ntk",
+    "batch_coupled_modules": "ntk",
+    "conjugate_kernel": "ntk",
+    "empirical_ntk": "ntk",
+    # probes.phases
+    "geometric_phases": "phases",
+    "phase_segments": "phases",
+    # probes.registry
+    "FEATURE_PROBES": "registry",
+    "MODEL_PROBES": "registry",
+    "get_feature_probe": "registry",
+    "get_model_probe": "registry",
+    "register_feature_probe": "registry",
+    "register_model_probe": "registry",
+    # probes.spectral
+    "AlphaReQ": "spectral",
+    "EffectiveRank": "spectral",
+    "ParticipationRatio": "spectral",
+    "PowerLawFit": "spectral",
+    "RankMe": "spectral",
+    "RankMeCovariance": "spectral",
+    "SpectralMetrics": "spectral",
+    "SpectrumAccumulator": "spectral",
+    "StableRank": "spectral",
+    "alpha_req": "spectral",
+    "alpha_req_fit": "spectral",
+    "covariance_spectrum": "spectral",
+    "effective_rank": "spectral",
+    "participation_ratio": "spectral",
+    "power_law_fit": "spectral",
+    "rankme": "spectral",
+    "rankme_covariance": "spectral",
+    "rankme_from_spectrum": "spectral",
+    "singular_values": "spectral",
+    "stable_rank": "spectral",
+    # probes.weights
+    "weight_spectra": "weights",
+    "weight_spectrum": "weights",
+    # probes.registry / probes.evaluate
+    "Probe": "registry",
+    "Variable": "registry",
+    "Accumulator": "registry",
+    "PROBES": "registry",
+    "get_probe": "registry",
+    "register": "registry",
+    "register_accumulator": "registry",
+    "ProbePlan": "evaluation",
+    "Measurement": "evaluation",
+    "evaluate": "evaluation",
+}
+"""Public name → the module of ``probes`` that defines it."""
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        try:  # a submodule: probes.spectral, probes.ntk …
+            return importlib.import_module(f"probes.{name}")
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'probes' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"probes.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -436,3 +436,28 @@ def neural_collapse(
     if (logits is not None or weight is not None) and not acc.nonfinite:
         acc.update_predictions(features, logits=logits, weight=weight, bias=bias)
     return acc.compute(weight=weight, bias=bias, global_mean=global_mean)
+
+
+# --------------------------------------------------------------------------- registry
+def _read_collapse(acc: CollapseAccumulator, global_mean: str = "class_means") -> xr.Dataset:
+    """``from_accumulator`` of the ``neural_collapse`` probe: NC1–NC3 and CDNV from the shared
+    class statistics (no classifier here: its ``_classifier`` variants, NC3 and NC4 are NaN)."""
+    return acc.compute(global_mean=global_mean)
+
+
+def _collapse_one_shot(features: ArrayLike, labels: ArrayLike, **kwargs) -> xr.Dataset:
+    return neural_collapse(features, labels, **kwargs)
+
+
+def register_probes() -> None:
+    """Register ``neural_collapse`` and its ``"class_stats"`` accumulator (idempotent)."""
+    from probes.registry import Accumulator, Probe, Variable, register, register_accumulator
+
+    register_accumulator(Accumulator("class_stats", CollapseAccumulator, needs_labels=True))
+    register(Probe("neural_collapse", "labelled_features",
+                   {k: Variable(v["long_name"], v["units"]) for k, v in NC_VARIABLES.items()},
+                   SOURCE, fn=_collapse_one_shot, accumulator="class_stats",
+                   from_accumulator=_read_collapse))
+
+
+register_probes()

@@ -709,22 +709,70 @@ class SpectralMetrics(_StreamingSpectral):
 
 
 # --------------------------------------------------------------------------- registry
+def _read_rankme(view: _CachedSpectra, eps: float = DEFAULT_EPS) -> float:
+    return _rankme_compute(view, eps)
+
+
+def _read_rankme_covariance(view: _CachedSpectra, eps: float = DEFAULT_EPS) -> float:
+    return _rankme_covariance_compute(view, eps)
+
+
+def _read_alpha_req(view: _CachedSpectra,
+                    fit_range: tuple[int, int] = DEFAULT_FIT_RANGE) -> dict[str, float]:
+    fit = _alpha_req_compute(view, tuple(fit_range))
+    return {"alpha_req": fit.alpha, "alpha_req_r2": fit.r2}
+
+
+def _read_participation_ratio(view: _CachedSpectra) -> float:
+    return _participation_ratio_compute(view)
+
+
+def _read_stable_rank(view: _CachedSpectra, centered: bool = False) -> float:
+    return _stable_rank_compute(view, centered)
+
+
+def _read_effective_rank(view: _CachedSpectra, order: float = 1.0,
+                         spectrum: str = "singular") -> float:
+    return _effective_rank_compute(view, order, spectrum)
+
+
+_SPECTRUM_READERS = {  # from_accumulator of each registered probe (the cached view)
+    "rankme": _read_rankme, "rankme_covariance": _read_rankme_covariance,
+    "alpha_req": _read_alpha_req, "participation_ratio": _read_participation_ratio,
+    "stable_rank": _read_stable_rank, "effective_rank": _read_effective_rank,
+}
+
 _PROBES = (
+    ("rankme", rankme, {"rankme": ("RankMe effective rank (raw singular values)", "1")},
+     "Garrido, Balestriero, Najman, LeCun (ICML 2023), Eq. 1"),
+    ("rankme_covariance", rankme_covariance,
+     {"rankme_covariance": ("RankMe of centred-covariance eigenvalues", "1")},
+     "Agrawal et al. (NeurIPS 2022); Li et al. (NeurIPS 2025)"),
+    ("alpha_req", alpha_req,
+     {"alpha_req": ("alpha-ReQ eigenspectrum decay exponent", "1"),
+      "alpha_req_r2": ("R² of the alpha-ReQ power-law fit", "1")},
+     "Agrawal, Mondal, Ghosh, Richards (NeurIPS 2022), Eq. 2"),
     ("participation_ratio", participation_ratio,
-     "participation ratio of the centred covariance", "1",
+     {"participation_ratio": ("participation ratio of the centred covariance", "1")},
      "Gao et al. (2017), A theory of multineuronal dimensionality, Eq. 1"),
-    ("stable_rank", stable_rank, "stable rank ||Z||_F^2/||Z||_2^2", "1",
+    ("stable_rank", stable_rank, {"stable_rank": ("stable rank ||Z||_F^2/||Z||_2^2", "1")},
      "Rudelson & Vershynin (2007), J. ACM 54, Sec. 1.4"),
-    ("effective_rank", effective_rank, "effective rank (exp entropy of singular values)", "1",
+    ("effective_rank", effective_rank,
+     {"effective_rank": ("effective rank (exp entropy of singular values)", "1")},
      "Roy & Vetterli (2007), The effective rank, EUSIPCO, Eq. 3"),
 )
 
 
 def register_probes() -> None:
-    """Register the effective-rank feature probes (``participation_ratio``, ``stable_rank``,
-    ``effective_rank``) in :mod:`probes.registry` (idempotent).  ``rankme``,
-    ``rankme_covariance`` and ``alpha_req`` are registered by the registry itself."""
-    from probes.registry import register_feature_probe
+    """Register the spectral probes and their shared ``"spectrum"`` accumulator in
+    :mod:`probes.registry` (idempotent; done when this module is imported)."""
+    from probes.registry import Accumulator, Probe, Variable, register, register_accumulator
 
-    for name, fn, long_name, units, source in _PROBES:
-        register_feature_probe(name, fn, long_name, units, source)
+    register_accumulator(Accumulator("spectrum", SpectrumAccumulator, _CachedSpectra))
+    for name, fn, variables, source in _PROBES:
+        register(Probe(name, "features", {k: Variable(*v) for k, v in variables.items()},
+                       source, fn=fn, accumulator="spectrum",
+                       from_accumulator=_SPECTRUM_READERS[name]))
+
+
+register_probes()

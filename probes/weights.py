@@ -273,3 +273,27 @@ def weight_spectra(
         attrs={"source": SOURCE, "kind": "probe",
                "parameters": json.dumps({"min_tail": min_tail, "esd": "sigma^2/max(m,n)"})},
     )
+
+
+# --------------------------------------------------------------------------- registry
+PROBE_VARIABLES = {f"weight_{k}": v for k, v in WEIGHT_VARIABLES.items()}
+"""The ``weight_spectra`` probe's variables: :data:`WEIGHT_VARIABLES` prefixed ``weight_`` (so
+they never collide with the feature probes' ``stable_rank`` / ``effective_rank``)."""
+
+
+def layer_weight_spectrum(weight: ArrayLike, min_tail: int = 10) -> dict[str, float]:
+    """:func:`weight_spectrum` of one layer's weight, named as the registered probe's
+    variables (``weight_alpha``, ``weight_stable_rank`` …)."""
+    return {f"weight_{k}": v for k, v in weight_spectrum(weight, min_tail).items()}
+
+
+def register_probes() -> None:
+    """Register the ``weight_spectra`` parameter probe (idempotent)."""
+    from probes.registry import Probe, Variable, register
+
+    register(Probe("weight_spectra", "parameters",
+                   {k: Variable(v["long_name"], v["units"]) for k, v in PROBE_VARIABLES.items()},
+                   SOURCE, fn=layer_weight_spectrum))
+
+
+register_probes()

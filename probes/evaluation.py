@@ -1,0 +1,415 @@
+"""Evaluate a set of probes — the one path every consumer takes (Monitor, analyze, sweep).
+
+:class:`ProbePlan` reads the probes' declarations (:mod:`probes.registry`) once and splits an
+evaluation into steps that can run in different places (the Monitor's training thread does the
+forward pass and the model probes; its worker computes the feature probes):
+
+1. :meth:`ProbePlan.start` → per-layer streaming state; :meth:`ProbePlan.update` (a capture
+   ``sink``) feeds each batch of a layer's features (and its labels) into the shared
+   accumulators — one per accumulator *name* and layer, so RankMe, alpha-ReQ and the effective
+   ranks read one float64 second moment and its eigenvalues are computed once, and NC1–NC4 and
+   CDNV read one set of class statistics;
+2. :meth:`ProbePlan.layer_values` → the per-layer probes' values from that state;
+   :meth:`ProbePlan.parameter_values` → the ``parameters`` probes' values from the weights;
+   :meth:`ProbePlan.model_values` → the ``model`` probes' values;
+3. :meth:`ProbePlan.compare` → reference-based probes' comparisons with the states of other
+   evaluations (first / previous / final).
+
+:func:`evaluate` does all of it for a model and a batch source.  Each step returns a
+:class:`Measurement`; measurements merge with ``|``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from probes.registry import ACCUMULATORS, Probe, get_probe
+
+__all__ = ["Measurement", "ProbePlan", "ReferenceBook", "evaluate"]
+
+StateKey = tuple[str, str | None]
+"""(probe name, layer or None for model probes)."""
+
+
+@dataclass
+class Measurement:
+    """Values of one evaluation.
+
+    ``layer_values[variable][layer]`` — per-layer probes (a number, or a DataArray / array
+    over the variable's extra dims); ``values[variable]`` — model probes; ``states`` —
+    what reference-based probes keep, by ``(probe, layer)``; ``notes`` — warnings raised by
+    the probes (deduplicated, in order).
+    """
+
+    layer_values: dict[str, dict[str, Any]] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+    states: dict[StateKey, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __or__(self, other: Measurement) -> Measurement:
+        layer_values = {k: dict(v) for k, v in self.layer_values.items()}
+        for name, per_layer in other.layer_values.items():
+            layer_values.setdefault(name, {}).update(per_layer)
+        return Measurement(layer_values, {**self.values, **other.values},
+                           {**self.states, **other.states},
+                           list(dict.fromkeys(self.notes + other.notes)))
+
+    def per_layer(self, layers: Sequence[str]) -> dict[str, np.ndarray]:
+        """Scalar per-layer variables as arrays over ``layers`` (NaN where missing)."""
+        out = {}
+        for name, values in self.layer_values.items():
+            if all(np.ndim(v) == 0 and not hasattr(v, "dims") for v in values.values()):
+                out[name] = np.array([float(values.get(layer, np.nan)) for layer in layers])
+        return out
+
+
+def _normalise(probe: Probe, value: Any) -> dict[str, Any]:
+    """A probe's return value as ``{variable: value}`` (numbers as floats)."""
+    import xarray as xr
+
+    if isinstance(value, xr.Dataset):
+        items = {k: v for k, v in value.data_vars.items()}
+    elif isinstance(value, Mapping):
+        items = dict(value)
+    else:
+        items = {probe.name: value}
+    out = {}
+    for name, v in items.items():
+        if isinstance(v, xr.DataArray):
+            out[name] = float(v.values) if v.ndim == 0 else v
+        elif isinstance(v, torch.Tensor):
+            out[name] = float(v.item()) if v.numel() == 1 and v.ndim == 0 else \
+                v.detach().cpu().double().numpy()
+        elif np.ndim(v) == 0:
+            out[name] = float(v)
+        else:
+            out[name] = np.asarray(v, dtype=float)
+    unknown = set(out) - set(probe.variables)
+    if unknown:
+        raise ValueError(f"probe {probe.name!r} returned undeclared variables {sorted(unknown)}; "
+                         f"it declares {list(probe.variables)}")
+    return out
+
+
+def _split_state(probe: Probe, result: Any) -> tuple[Any, Any]:
+    if probe.reference:
+        if not (isinstance(result, tuple) and len(result) == 2):
+            raise TypeError(f"reference probe {probe.name!r} must return (values, state)")
+        return result
+    return result, None
+
+
+class _Notes:
+    """Collect warnings raised inside (as text, deduplicated) and re-emit nothing."""
+
+    def __enter__(self) -> list[str]:
+        self._ctx = warnings.catch_warnings(record=True)
+        self.caught = self._ctx.__enter__()
+        warnings.simplefilter("always")
+        return self.caught
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+    def texts(self) -> list[str]:
+        return list(dict.fromkeys(str(w.message) for w in self.caught))
+
+
+@dataclass
+class LayerState:
+    """Streaming state of one layer during one evaluation."""
+
+    accumulators: dict[str, Any]
+    raw: list[torch.Tensor] = field(default_factory=list)
+    labels: list[torch.Tensor] = field(default_factory=list)
+
+
+class ProbePlan:
+    """Which probes, on which layers, sharing which accumulators.
+
+    Parameters
+    ----------
+    probes : sequence of str or Probe
+        Registered names or :class:`~probes.registry.Probe` objects.
+    layers : sequence of str
+        Layer (module) names for the per-layer probes.
+    probe_kwargs : mapping probe name → mapping, optional
+        Parameters bound to each probe (``{"alpha_req": {"fit_range": [3, 100]}}``).
+    """
+
+    def __init__(self, probes: Sequence[str | Probe], layers: Sequence[str] = (),
+                 probe_kwargs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        probe_kwargs = dict(probe_kwargs or {})
+        resolved: list[Probe] = []
+        for p in probes:
+            probe = get_probe(p)
+            if probe.name in probe_kwargs:
+                probe = probe.with_kwargs(**dict(probe_kwargs.pop(probe.name)))
+            resolved.append(probe)
+        if probe_kwargs:
+            raise KeyError(f"probe_kwargs name probes not in the plan: {sorted(probe_kwargs)}")
+        names = [p.name for p in resolved]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"probes {dup} are listed twice")
+        self.probes = resolved
+        self.layers = list(layers)
+        self.feature_probes = [p for p in resolved if p.consumes in ("features",
+                                                                     "labelled_features")]
+        self.parameter_probes = [p for p in resolved if p.consumes == "parameters"]
+        self.model_probes = [p for p in resolved if p.consumes == "model"]
+        self.accumulator_names = list(dict.fromkeys(
+            p.accumulator for p in self.feature_probes if p.accumulator))
+        self.keep_raw = any(p.accumulator is None for p in self.feature_probes)
+        self.needs_labels = any(p.needs_labels for p in self.feature_probes) or any(
+            ACCUMULATORS[a].needs_labels for a in self.accumulator_names)
+        self.references = sorted({r for p in resolved for r in p.reference})
+
+    # -- declarations --------------------------------------------------------------------
+    def variables(self) -> dict[str, tuple[tuple[str, ...], dict[str, str]]]:
+        """``{variable: (dims after step, attrs)}`` of everything the plan records."""
+        out: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {}
+        for probe in self.probes:
+            for name, var in probe.variables.items():
+                dims = (("layer",) if probe.per_layer else ()) + tuple(var.dims)
+                out.setdefault(name, (dims, var.attrs(probe.source)))
+        return out
+
+    def names(self) -> list[str]:
+        return [p.name for p in self.probes]
+
+    @property
+    def has_layer_probes(self) -> bool:
+        return bool(self.feature_probes and self.layers)
+
+    # -- 1. streaming ----------------------------------------------------------------------
+    def start(self) -> dict[str, LayerState]:
+        """Fresh streaming state for every layer."""
+        return {layer: LayerState({a: ACCUMULATORS[a].factory() for a in self.accumulator_names})
+                for layer in self.layers}
+
+    def update(self, state: Mapping[str, LayerState], layer: str, features: Any,
+               labels: Any = None) -> None:
+        """Feed one batch of ``layer``'s features (and their labels) into its state."""
+        st = state[layer]
+        if self.needs_labels and labels is None:
+            raise ValueError(f"probes {[p.name for p in self.feature_probes if p.needs_labels]}"
+                             " need labels of the probe data")
+        for name, acc in st.accumulators.items():
+            if ACCUMULATORS[name].needs_labels:
+                acc.update(features, labels)
+            else:
+                acc.update(features)
+        if self.keep_raw:
+            st.raw.append(features)
+            if labels is not None:
+                st.labels.append(torch.as_tensor(labels))
+
+    def accumulate(self, features: Mapping[str, Any], labels: Any = None
+                   ) -> dict[str, LayerState]:
+        """The streaming state of whole feature matrices (one batch per layer)."""
+        state = self.start()
+        for layer in self.layers:
+            self.update(state, layer, features[layer], labels)
+        return state
+
+    # -- 2. values -------------------------------------------------------------------------
+    def layer_values(self, state: Mapping[str, LayerState]) -> Measurement:
+        """Values of the ``features`` and ``labelled_features`` probes from the streamed state."""
+        out = Measurement()
+        notes = _Notes()
+        with notes:
+            for layer in self.layers:
+                st = state[layer]
+                views = {a: ACCUMULATORS[a].view(acc) for a, acc in st.accumulators.items()}
+                raw = labels = None
+                for probe in self.feature_probes:
+                    if probe.accumulator is not None:
+                        result = probe.from_accumulator(views[probe.accumulator],
+                                                        **probe.kwargs)
+                    else:
+                        if raw is None:
+                            raw = st.raw[0] if len(st.raw) == 1 else torch.cat(
+                                [torch.as_tensor(r) for r in st.raw])
+                            labels = (None if not st.labels else st.labels[0]
+                                      if len(st.labels) == 1 else torch.cat(st.labels))
+                        args = (raw, labels) if probe.needs_labels else (raw,)
+                        result = probe.fn(*args, **probe.kwargs)
+                    result, kept = _split_state(probe, result)
+                    for name, value in _normalise(probe, result).items():
+                        out.layer_values.setdefault(name, {})[layer] = value
+                    if probe.reference:
+                        out.states[(probe.name, layer)] = kept
+        out.notes = notes.texts()
+        return out
+
+    def parameter_values(self, model: torch.nn.Module) -> Measurement:
+        """Values of the ``parameters`` probes: each layer's ``weight`` (``ndim ≥ 2``)."""
+        out = Measurement()
+        if not (self.parameter_probes and self.layers):
+            return out
+        modules = dict(model.named_modules())
+        notes = _Notes()
+        with notes, torch.no_grad():
+            for layer in self.layers:
+                weight = getattr(modules.get(layer), "weight", None)
+                if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+                    warnings.warn(f"layer {layer!r} has no weight matrix: its parameter probes "
+                                  "are NaN", RuntimeWarning, stacklevel=2)
+                    continue
+                for probe in self.parameter_probes:
+                    result, kept = _split_state(probe, probe.fn(weight.detach(),
+                                                                **probe.kwargs))
+                    for name, value in _normalise(probe, result).items():
+                        out.layer_values.setdefault(name, {})[layer] = value
+                    if probe.reference:
+                        out.states[(probe.name, layer)] = kept
+        out.notes = notes.texts()
+        return out
+
+    def model_instances(self) -> dict[str, Callable[..., Any]]:
+        """Per-run callables of the stateful (``factory``) model probes."""
+        return {p.name: p.factory() for p in self.model_probes if p.factory is not None}
+
+    def model_values(self, model: torch.nn.Module, inputs: Any, targets: Any = None,
+                     instances: Mapping[str, Callable[..., Any]] | None = None) -> Measurement:
+        """Values of the ``model`` probes on the probe batch (the caller sets eval mode and
+        preserves the training state)."""
+        out = Measurement()
+        instances = instances or {}
+        notes = _Notes()
+        with notes:
+            for probe in self.model_probes:
+                if probe.factory is not None:
+                    fn = instances.get(probe.name)
+                    if fn is None:
+                        raise ValueError(f"model probe {probe.name!r} is stateful (factory): "
+                                         "pass its instance (ProbePlan.model_instances())")
+                    result = fn(model, inputs, targets)
+                else:
+                    result = probe.fn(model, inputs, targets, **probe.kwargs)
+                result, kept = _split_state(probe, result)
+                out.values.update(_normalise(probe, result))
+                if probe.reference:
+                    out.states[(probe.name, None)] = kept
+        out.notes = notes.texts()
+        return out
+
+    # -- 3. references ---------------------------------------------------------------------
+    def compare(self, states: Mapping[StateKey, Any],
+                references: Callable[[StateKey, str], Any]) -> Measurement:
+        """Reference-based probes' comparisons of ``states`` (this evaluation's) with
+        ``references(key, kind)`` (another evaluation's state, or ``None``)."""
+        out = Measurement()
+        notes = _Notes()
+        with notes:
+            for probe in self.probes:
+                if not probe.reference or probe.compare is None:
+                    continue
+                for (name, layer), state in states.items():
+                    if name != probe.name:
+                        continue
+                    refs = {kind: references((name, layer), kind) for kind in probe.reference}
+                    values = _normalise(probe, probe.compare(state, refs, **probe.kwargs))
+                    for var, value in values.items():
+                        if layer is None:
+                            out.values[var] = value
+                        else:
+                            out.layer_values.setdefault(var, {})[layer] = value
+        out.notes = notes.texts()
+        return out
+
+
+class ReferenceBook:
+    """In-memory reference states for a run evaluated in order (the Monitor).
+
+    ``"first"`` keeps the first state of each key, ``"previous"`` the last one recorded;
+    ``"final"`` cannot be known during a run (``ValueError``)."""
+
+    def __init__(self, plan: ProbePlan) -> None:
+        if "final" in plan.references:
+            raise ValueError("probes comparing with the final checkpoint "
+                             f"({[p.name for p in plan.probes if 'final' in p.reference]}) "
+                             "need the whole series: use dynamics.analyze")
+        self.first: dict[StateKey, Any] = {}
+        self.previous: dict[StateKey, Any] = {}
+
+    def get(self, key: StateKey, kind: str) -> Any:
+        return (self.first if kind == "first" else self.previous).get(key)
+
+    def record(self, states: Mapping[StateKey, Any]) -> None:
+        for key, state in states.items():
+            self.first.setdefault(key, state)
+            self.previous[key] = state
+
+
+def _forward(model: torch.nn.Module, batch: Any) -> None:
+    if isinstance(batch, Mapping):
+        model(**batch)
+    else:
+        model(batch)
+
+
+def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
+             labels: Iterable[Any] | None = None, reduce: str = "flatten",
+             masks: Iterable[Any] | None = None, targets: Any = None,
+             model_inputs: Any = None, instances: Mapping[str, Callable[..., Any]] | None = None,
+             references: ReferenceBook | Callable[[StateKey, str], Any] | None = None,
+             ) -> Measurement:
+    """Every probe of ``plan`` on ``model``: one streamed forward pass over ``batches``, then
+    the parameter and model probes, then the reference comparisons.
+
+    Parameters
+    ----------
+    batches : iterable
+        Inputs for ``model(batch)`` (a mapping goes as keyword arguments).
+    labels, masks : iterables, optional
+        Per batch: integer labels (for labelled probes) and token masks (for the reduction).
+    targets, model_inputs : optional
+        What ``model`` probes receive (``model_inputs`` defaults to the batches concatenated).
+    references : ReferenceBook or callable ``(key, kind) -> state``, optional
+        Where reference probes find other evaluations' states (a :class:`ReferenceBook` is
+        also updated with this evaluation's states).
+    """
+    from probes.capture import capture
+
+    batches = list(batches)
+    labels = list(labels) if labels is not None else [None] * len(batches)
+    masks = list(masks) if masks is not None else [None] * len(batches)
+    out = Measurement()
+    model.eval()
+    if plan.has_layer_probes:
+        state = plan.start()
+        current: dict[str, Any] = {}
+
+        def sink(layer: str, x: torch.Tensor) -> None:
+            plan.update(state, layer, x, current.get("labels"))
+
+        with torch.no_grad(), capture(model, plan.layers, reduce=reduce, sink=sink) as cap:
+            for batch, y, mask in zip(batches, labels, masks, strict=True):
+                current["labels"] = y
+                cap.attention_mask = mask
+                _forward(model, batch)
+        out = out | plan.layer_values(state)
+    out = out | plan.parameter_values(model)
+    if plan.model_probes:
+        if model_inputs is None:
+            model_inputs = batches[0] if len(batches) == 1 else (
+                torch.cat(batches) if all(isinstance(b, torch.Tensor) for b in batches)
+                else batches)
+        out = out | plan.model_values(model, model_inputs, targets, instances)
+    if plan.references and out.states:
+        lookup = references.get if isinstance(references, ReferenceBook) else references
+        if lookup is None:
+            raise ValueError(f"probes {[p.name for p in plan.probes if p.reference]} compare "
+                             "with other evaluations: pass references=")
+        out = out | plan.compare(out.states, lookup)
+        if isinstance(references, ReferenceBook):
+            references.record(out.states)
+    return out
