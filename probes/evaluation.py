@@ -225,9 +225,15 @@ class ProbePlan:
         out = Measurement()
         notes = _Notes()
         with notes:
+            views_by_layer = {
+                layer: {a: ACCUMULATORS[a].view(acc) for a, acc in state[layer].accumulators.items()}
+                for layer in self.layers}
+            for a in self.accumulator_names:
+                if ACCUMULATORS[a].prepare is not None:
+                    ACCUMULATORS[a].prepare([views_by_layer[layer][a] for layer in self.layers])
             for layer in self.layers:
                 st = state[layer]
-                views = {a: ACCUMULATORS[a].view(acc) for a, acc in st.accumulators.items()}
+                views = views_by_layer[layer]
                 raw = labels = None
                 for probe in self.feature_probes:
                     if probe.accumulator is not None:

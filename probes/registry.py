@@ -130,12 +130,16 @@ class Accumulator:
     ``factory()`` returns an object with ``update(features)`` (or ``update(features,
     labels)`` when ``needs_labels``); ``view(acc)`` wraps it for one evaluation so that what
     the probes compute from it (eigenvalues, pseudo-inverses) is computed once.
+    ``prepare(views)``, if given, receives the views of every layer of one evaluation before
+    any probe reads them, so work shared across layers (a batched eigensolve of all layers'
+    d × d statistics, on the device where small solves are fastest) can be done together.
     """
 
     name: str
     factory: Callable[[], Any]
     view: Callable[[Any], Any] = lambda acc: acc  # noqa: E731 - the identity
     needs_labels: bool = False
+    prepare: Callable[[list[Any]], None] | None = None
 
 
 @dataclass(frozen=True, eq=False)
