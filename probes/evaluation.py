@@ -226,7 +226,8 @@ class ProbePlan:
         notes = _Notes()
         with notes:
             views_by_layer = {
-                layer: {a: ACCUMULATORS[a].view(acc) for a, acc in state[layer].accumulators.items()}
+                layer: {a: ACCUMULATORS[a].view(acc)
+                        for a, acc in state[layer].accumulators.items()}
                 for layer in self.layers}
             for a in self.accumulator_names:
                 if ACCUMULATORS[a].prepare is not None:
