@@ -19,7 +19,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from dynamics.demo import DemoConfig, run_demo, summary
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
-    paths = run_demo(args.out, cfg, progress=not args.no_progress)
+    paths = run_demo(args.out, cfg, progress=not args.no_progress, threads=args.threads)
     print(summary(paths, records.load(paths["digits"])))
     return 0
 
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="small sizes (a few seconds)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.add_argument("--threads", type=int,
+                      help="torch threads (default: the cores that are free now, from the "
+                           "load average; env TRAINDYN_THREADS overrides the default)")
     demo.set_defaults(func=_cmd_demo)
 
     th = sub.add_parser("theory", help="evaluate a theory prediction",

@@ -6,7 +6,11 @@
    and compute the Advani–Saxe prediction on the same ``time`` coordinate.
 
 Writes ``<out>/digits.nc``, ``<out>/linear_teacher.nc``, ``<out>/linear_theory.nc`` and PNG
-figures (theory as lines, measurements as points with their seed spread).
+figures (theory as lines; measurements as points: digits with their seed spread, the linear
+teacher as mean ± standard error of the mean over its seeds, which are simulated as one batch).
+
+torch's thread count is chosen from the cores that are free (``dynamics._threads``; override
+with ``threads=`` / ``--threads`` or the environment variable ``TRAINDYN_THREADS``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ from tqdm.auto import tqdm
 
 import theory
 from dynamics import plot, records
+from dynamics._threads import apply_threads
 from dynamics.recipes import simulate_linear_teacher, train_digits_mlp
 from dynamics.schedules import log_steps
 
-__all__ = ["DemoConfig", "run_demo"]
+__all__ = ["DemoConfig", "linear_sem", "run_demo", "summary"]
 
 
 @dataclass
@@ -48,8 +53,11 @@ class DemoConfig:
 
     @classmethod
     def quick(cls) -> DemoConfig:
+        # 20 linear-teacher seeds: at N = 100 one seed's test error at α = 0.5 scatters by
+        # ~0.15 around the theory's 1.0, and two seeds (0.87 ± 0.005, both low) made the
+        # figure say the theory fails; the seeds run as one batch, so 20 cost little more
         return cls(digits_steps=300, digits_seeds=(0, 1), digits_widths=(128, 128),
-                   digits_evals=12, linear_features=100, linear_seeds=(0, 1),
+                   digits_evals=12, linear_features=100, linear_seeds=tuple(range(20)),
                    linear_steps=2000, linear_evals=12)
 
 
@@ -73,7 +81,28 @@ def _linear(cfg: DemoConfig) -> tuple[xr.Dataset, xr.Dataset]:
     predicted = theory.advani_saxe(
         measured.time, measured.load_ratio.values, noise_var=cfg.noise_var,
         learning_rate=cfg.linear_learning_rate)
+    n_seeds = measured.sizes["seed"]
+    measured.attrs["error_bars"] = (
+        f"figure error bars: standard error of the mean over the {n_seeds} seeds, "
+        f"std(ddof=1)/sqrt({n_seeds}); see linear_sem()")
     return measured, predicted
+
+
+def linear_sem(measured: xr.Dataset, var: str) -> tuple[xr.DataArray, xr.DataArray]:
+    """Mean and standard error of the mean of ``measured[var]`` over ``seed``.
+
+    SEM = ``std(ddof=1) / sqrt(n_seeds)``: the uncertainty of the plotted mean, so the theory
+    line should pass within about two of them; NaN (with a warning) for a single seed.
+    """
+    n = measured.sizes["seed"]
+    mean = measured[var].mean("seed")
+    if n < 2:
+        import warnings
+
+        warnings.warn(f"{var}: one seed has no standard error; drawn without error bars",
+                      RuntimeWarning, stacklevel=2)
+        return mean, xr.full_like(mean, np.nan)
+    return mean, measured[var].std("seed", ddof=1) / np.sqrt(n)
 
 
 def _figures(out: Path, digits: xr.Dataset, measured: xr.Dataset, predicted: xr.Dataset,
@@ -100,8 +129,18 @@ def _figures(out: Path, digits: xr.Dataset, measured: xr.Dataset, predicted: xr.
     dense = theory.advani_saxe(
         np.geomspace(times.min(), times.max(), 200), measured.load_ratio.values,
         noise_var=cfg.noise_var, learning_rate=cfg.linear_learning_rate)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    n_seeds = measured.sizes["seed"]
     for ax, var in zip(axes, ("test_error", "train_error"), strict=True):
-        plot.compare(dense, measured, var, x="time", hue="load_ratio", ax=ax)
+        plot.compare(dense, None, var, x="time", hue="load_ratio", ax=ax)
+        mean, sem = linear_sem(measured.where(measured.time > 0, drop=True), var)
+        for i, ratio in enumerate(measured.load_ratio.values):
+            ax.errorbar(mean.time.values, mean.sel(load_ratio=ratio).values,
+                        yerr=sem.sel(load_ratio=ratio).values, fmt="o", ms=3.5, capsize=2,
+                        lw=0.8, color=colours[i % len(colours)],
+                        label=f"measured, load_ratio = {ratio:g}")
+        ax.legend(fontsize=7, frameon=False,
+                  title=f"points: mean ± SEM over {n_seeds} seeds", title_fontsize=7)
         if var == "test_error":
             for a, lim in zip(limits.load_ratio.values, limits.test_error.values, strict=True):
                 ax.axhline(lim, color="0.6", lw=0.8, ls=":")
@@ -117,11 +156,29 @@ def _figures(out: Path, digits: xr.Dataset, measured: xr.Dataset, predicted: xr.
 
 
 def run_demo(out: str | Path = "runs/demo", config: DemoConfig | None = None,
-             progress: bool = True) -> dict[str, Path]:
-    """Run both parts of the demo, write Datasets and figures into ``out``, return their paths."""
+             progress: bool = True, threads: int | None = None) -> dict[str, Path]:
+    """Run both parts of the demo, write Datasets and figures into ``out``, return their paths.
+
+    ``threads`` sets torch's intra-op threads for the run (default: the free cores, see
+    :func:`dynamics._threads.choose_threads`; ``TRAINDYN_THREADS`` overrides); the previous
+    setting is restored afterwards.  ``paths["threads"]`` is the number used.
+    """
+    import torch
+
     cfg = config or DemoConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    before = torch.get_num_threads()
+    chosen = apply_threads(threads)
+    try:
+        paths = _run(out, cfg, progress)
+    finally:
+        torch.set_num_threads(before)
+    paths["threads"] = chosen  # type: ignore[assignment]
+    return paths
+
+
+def _run(out: Path, cfg: DemoConfig, progress: bool) -> dict[str, Path]:
     start = time.perf_counter()
     total = len(cfg.digits_seeds) * (cfg.digits_steps + 1) + 1
     with tqdm(total=total, desc="traindyn demo", unit="step", disable=not progress) as bar:
@@ -145,7 +202,7 @@ def summary(paths: dict[str, Path], digits: xr.Dataset | None = None) -> str:
     """A few lines telling where the results are and what they say."""
     lines = ["traindyn demo: results written"]
     for key, path in paths.items():
-        if key != "seconds":
+        if key not in ("seconds", "threads"):
             lines.append(f"  {key:<16} {path}")
     if digits is not None:
         last = digits.isel(step=-1)
@@ -153,7 +210,10 @@ def summary(paths: dict[str, Path], digits: xr.Dataset | None = None) -> str:
                      "layer " + ", ".join(
                          f"{layer}: {float(last.rankme.sel(layer=layer).mean()):.1f}"
                          for layer in digits.layer.values))
-    lines.append(f"  took {paths['seconds']:.1f} s")
+    threads = paths.get("threads")
+    lines.append(f"  took {paths['seconds']:.1f} s" + (
+        f" with {threads} torch thread{'s' if threads != 1 else ''} (--threads N or "
+        f"TRAINDYN_THREADS=N to change)" if threads else ""))
     return "\n".join(lines)
 
 
