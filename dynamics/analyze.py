@@ -9,12 +9,21 @@
 For each checkpoint (in step order) the weights are loaded safely
 (:mod:`dynamics.checkpoints`), the fixed probe inputs (:mod:`dynamics.probe_inputs`) run
 through the model in eval mode, the chosen layers are captured by forward hooks
-(:mod:`probes.capture`, with its token reduction rules), and the named feature probes of
-``probes.registry.FEATURE_PROBES`` are evaluated per layer.  The spectral probes (``rankme``,
-``rankme_covariance``, ``alpha_req``) share one streaming float64 second-moment accumulator per
-layer (:class:`probes.spectral.SpectrumAccumulator`), so features are never stored whole and
-one eigendecomposition serves both covariance-based probes; any other registered probe gets the
-concatenated features.
+(:mod:`probes.capture`, with its token reduction rules), and every probe asked for is
+evaluated through the probe contract (:mod:`probes.registry`, :mod:`probes.evaluation`) — the
+same path as the Monitor's:
+
+* feature probes per layer; those that share an accumulator (RankMe, alpha-ReQ and the
+  effective ranks: one streaming float64 second moment; NC1–NC4 and CDNV: one set of class
+  statistics) stream the features batch by batch and never store them whole;
+* labelled probes (``neural_collapse`` …) with ``labels=`` (``"digits"`` or a file);
+* parameter probes per layer (``weight_spectra``: ESD summaries and the guarded heavy-tail α);
+* model probes on the probe batch (``ntk`` and its alignment with the labels …);
+* reference probes (kernel velocity / distance to the previous checkpoint, CKA against the
+  first or final one …): each checkpoint's state (a kernel, a layer's features) is stored with
+  its result (``<output>.parts/step<N>.npz``), and the comparisons are made once every state
+  is known, so the checkpoints can run in parallel and a resumed run gives the identical
+  Dataset.
 
 Reliability:
 
@@ -22,9 +31,13 @@ Reliability:
   mismatch, non-finite weights, an error in the forward pass) is recorded with
   ``status = "failed"`` and its ``reason``; the others are analysed.
 * With an ``output`` path, each checkpoint's result is written atomically (temporary file, then
-  ``os.replace``) to ``<output>.parts/`` as soon as it finishes.  A re-run skips checkpoints
-  whose result is there for the same parameters and unchanged files, so a run killed at any
-  point (SIGKILL included) and restarted gives the same Dataset as an uninterrupted run.
+  ``os.replace``) to ``<output>.parts/`` as soon as it finishes.  A re-run reuses a result only
+  when what determines its numbers is unchanged — the parameters, the checkpoint's *content*,
+  the probe-input and label files' content, and the model factory's source file
+  (:mod:`dynamics._analyze_parts`) — and always says on one line what it reuses and what it
+  recomputes and why.  A run killed at any point (SIGKILL included) and restarted gives the
+  same Dataset as an uninterrupted run.  The output path is checked before any checkpoint is
+  computed (:class:`~dynamics._analyze_parts.OutputError`).
   Only the timing variables (:data:`TIMING_VARIABLES`) differ between runs.  The final NetCDF
   file replaces the old one with one ``os.replace``; a Zarr store (a folder) is written whole
   beside the old one and swapped in atomically where Linux allows (``renameat2`` exchange),
@@ -57,9 +70,7 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +80,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from dynamics import _analyze_parts as parts_io
 from dynamics import records
 from dynamics._dask import local_client
 from dynamics.checkpoints import (
@@ -79,15 +91,15 @@ from dynamics.checkpoints import (
     load_into,
     resolve_factory,
 )
-from dynamics.probe_inputs import ProbeInputs, load_probe_inputs
-from probes import spectral
+from dynamics.probe_inputs import ProbeInputs, attach_labels, load_labels, load_probe_inputs
 from probes.capture import REDUCTIONS, capture, module_names, resolve_layers
-from probes.registry import get_feature_probe
+from probes.evaluation import Measurement, ProbePlan
 
 __all__ = [
     "DEFAULT_PROBES",
     "TIMING_VARIABLES",
     "AnalyzeSpec",
+    "OutputError",
     "analyze",
     "analyze_checkpoint",
     "match_layers",
@@ -95,10 +107,13 @@ __all__ = [
     "summary_table",
 ]
 
+OutputError = parts_io.OutputError
+
 DEFAULT_PROBES = ("rankme", "rankme_covariance", "alpha_req")
 TIMING_VARIABLES = ("load_seconds", "forward_seconds", "probe_seconds", "total_seconds",
                     "cpu_seconds")
 """Per-checkpoint wall-clock times: the only variables that differ between identical runs."""
+
 
 def match_layers(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
     """Module names matching names or dotted glob patterns, in model order.
@@ -118,7 +133,6 @@ def match_layers(model: torch.nn.Module, patterns: Sequence[str]) -> list[str]:
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
            "bfloat16": torch.bfloat16}
-_PART_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -145,9 +159,12 @@ class AnalyzeSpec:
     dtype: str = "float32"
     strict: bool = True
     seed: int = 0
+    labels: str | None = None
+    progress: bool = True  # transformers' own loading bars; changes no number
 
     def params(self) -> dict[str, Any]:
         out = asdict(self)
+        out.pop("progress")
         model = self.model
         if model is not None and not isinstance(model, str):
             out["model"] = f"{getattr(model, '__module__', '?')}:" \
@@ -158,6 +175,9 @@ class AnalyzeSpec:
 
     def key(self) -> str:
         return hashlib.sha256(records.params_attr(self.params()).encode()).hexdigest()
+
+    def plan(self, layers: Sequence[str]) -> ProbePlan:
+        return ProbePlan(self.probes, layers, {k: dict(v) for k, v in self.probe_kwargs.items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,15 +218,21 @@ def _model_key(spec: AnalyzeSpec) -> str:
 
 def _inputs(spec: AnalyzeSpec) -> ProbeInputs:
     key = repr((spec.inputs, spec.n_samples, spec.batch_size, str(spec.tokenizer),
-                spec.max_length, spec.seed))
-    return _cached("inputs", key, lambda: load_probe_inputs(
-        spec.inputs, n_samples=spec.n_samples, batch_size=spec.batch_size,
-        tokenizer=spec.tokenizer, max_length=spec.max_length, seed=spec.seed))
+                spec.max_length, spec.seed, spec.labels))
+
+    def make() -> ProbeInputs:
+        inputs = load_probe_inputs(spec.inputs, n_samples=spec.n_samples,
+                                   batch_size=spec.batch_size, tokenizer=spec.tokenizer,
+                                   max_length=spec.max_length, seed=spec.seed)
+        return attach_labels(inputs, load_labels(spec.labels)) if spec.labels else inputs
+
+    return _cached("inputs", key, make)
 
 
 def _load(checkpoint: Checkpoint, spec: AnalyzeSpec) -> tuple[torch.nn.Module, str]:
     if checkpoint.format == "hf":
-        model, digest = load_hf_model(checkpoint.path, spec.hf_class, strict=spec.strict)
+        model, digest = load_hf_model(checkpoint.path, spec.hf_class, strict=spec.strict,
+                                      progress=spec.progress)
         return model.to(device=_device(spec.device), dtype=_DTYPES[spec.dtype]).eval(), digest
     if spec.model is None:
         raise CheckpointError(f"{checkpoint.path.name} is a state dict: a model factory "
@@ -216,42 +242,6 @@ def _load(checkpoint: Checkpoint, spec: AnalyzeSpec) -> tuple[torch.nn.Module, s
     else:  # keys the checkpoint lacks must start from the same initialisation every time
         model = _build_model(spec)
     return model, load_into(model, checkpoint, strict=spec.strict)
-
-
-def _probe_values(layers: Sequence[str], accumulators: dict, raw: dict,
-                  spec: AnalyzeSpec) -> dict[str, list[float]]:
-    values: dict[str, list[float]] = {name: [] for name in spec.probes}
-    if "alpha_req" in spec.probes:
-        values["alpha_req_r2"] = []
-    for layer in layers:
-        acc = accumulators.get(layer)
-        cov: list[torch.Tensor] = []
-
-        def covariance(acc: spectral.SpectrumAccumulator = acc, cov: list = cov) -> torch.Tensor:
-            if not cov:
-                cov.append(acc.covariance_spectrum())
-            return cov[0]
-
-        for name in spec.probes:
-            probe = get_feature_probe(name)
-            kwargs = dict(spec.probe_kwargs.get(name, {}))
-            if probe.fn is spectral.rankme:
-                value = spectral.rankme_from_spectrum(acc.singular_values(), **kwargs)
-            elif probe.fn is spectral.rankme_covariance:
-                value = spectral.rankme_from_spectrum(covariance(), **kwargs)
-            elif probe.fn is spectral.alpha_req:
-                fit = spectral.power_law_fit(covariance(), **kwargs)
-                value = fit.alpha
-                values["alpha_req_r2"].append(fit.r2)
-            else:
-                value = float(probe(torch.cat(raw[layer]), **kwargs))
-                if name == "alpha_req":
-                    values["alpha_req_r2"].append(float("nan"))
-            values[name].append(float(value))
-    return values
-
-
-_FAST = (spectral.rankme, spectral.rankme_covariance, spectral.alpha_req)
 
 
 class _single_threaded:  # noqa: N801
@@ -276,19 +266,67 @@ class _single_threaded:  # noqa: N801
             torch.set_num_threads(self.saved)
 
 
+def _state_key(key: tuple[str, str | None]) -> str:
+    return f"{key[0]}\t{key[1] or ''}"
+
+
+def _from_state_key(text: str) -> tuple[str, str | None]:
+    probe, _, layer = text.partition("\t")
+    return probe, layer or None
+
+
+def _jsonable(value: Any) -> Any:
+    """A measured value as JSON: a number, or a DataArray as ``to_dict`` (data as lists)."""
+    if isinstance(value, xr.DataArray):
+        return {"dataarray": value.to_dict(data="list")}
+    if isinstance(value, np.ndarray):
+        return {"array": value.tolist()}
+    return float(value)
+
+
+def _from_jsonable(value: Any) -> Any:
+    if isinstance(value, dict) and "dataarray" in value:
+        return xr.DataArray.from_dict(value["dataarray"])
+    if isinstance(value, dict) and "array" in value:
+        return np.asarray(value["array"], dtype=float)
+    return value
+
+
+def _model_inputs(inputs: ProbeInputs, device: torch.device, dtype: torch.dtype) -> tuple:
+    """All probe inputs (and labels) in one batch, for model probes."""
+    batches = [b.to(device, dtype) for b in inputs.batches]
+    first = batches[0].inputs
+    if isinstance(first, torch.Tensor):
+        x: Any = torch.cat([b.inputs for b in batches])
+    else:
+        try:
+            x = {k: torch.cat([b.inputs[k] for b in batches]) for k in first}
+        except RuntimeError as err:
+            raise ValueError("model probes need all probe inputs in one batch, and these "
+                             f"batches have different lengths ({err}); use inputs of one "
+                             "length") from None
+    labels = [b.labels for b in batches]
+    y = torch.cat(labels) if all(t is not None for t in labels) else None
+    return x, y
+
+
 def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
                        threads: int | None = None) -> dict[str, Any]:
     """Analyse one checkpoint; never raises for a bad checkpoint (status ``failed`` + reason).
 
-    Returns a JSON-serialisable dict: ``step``, ``status``, ``reason``, ``checkpoint_hash``,
-    ``layers``, ``values`` (probe → one value per layer), ``notes`` (probe warnings) and
-    ``seconds`` (load, forward, probes, total).
+    Returns a dict: ``step``, ``status``, ``reason``, ``checkpoint_hash``, ``layers``,
+    ``values`` (per-layer variable → one value per layer), ``model_values`` (variable →
+    value), ``notes`` (probe warnings), ``layer_notes`` (layer → why its values are NaN),
+    ``seconds`` (load, forward, probes, total, cpu) — all JSON-serialisable — and ``states``
+    (what reference probes keep, arrays; stored beside the part, not in it).
     """
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     result: dict[str, Any] = {
         "step": int(checkpoint.step), "path": str(checkpoint.path), "status": "failed",
-        "reason": "", "checkpoint_hash": "", "layers": [], "values": {}, "notes": "",
+        "reason": "", "checkpoint_hash": "", "layers": [], "values": {}, "model_values": {},
+        "notes": "", "layer_notes": {}, "states": {},
+        "step_source": getattr(checkpoint, "step_source", "name"),
         "seconds": {k: float("nan") for k in ("load", "forward", "probes", "total", "cpu")},
     }
     start, cpu_start = time.perf_counter(), time.process_time()
@@ -298,32 +336,45 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
         loaded = time.perf_counter()
         inputs = _inputs(spec)
         layers = match_layers(model, spec.layers)
-        fast = [get_feature_probe(p).fn in _FAST for p in spec.probes]
-        accumulators = {layer: spectral.SpectrumAccumulator() for layer in layers} \
-            if any(fast) else {}
-        raw: dict[str, list[torch.Tensor]] = {layer: [] for layer in layers}
-        keep_raw = not all(fast)
-
-        def sink(layer: str, x: torch.Tensor) -> None:
-            if accumulators:
-                accumulators[layer].update(x)
-            if keep_raw:
-                raw[layer].append(x)
-
+        plan = spec.plan(layers)
         device, dtype = _device(spec.device), _DTYPES[spec.dtype]
-        with torch.no_grad(), capture(model, layers, reduce=spec.reduce, sink=sink) as cap:
-            for batch in inputs.batches:
-                batch = batch.to(device, dtype)
-                cap.attention_mask = batch.mask
-                if isinstance(batch.inputs, dict):
-                    model(**batch.inputs)
-                else:
-                    model(batch.inputs)
+        measurement = Measurement()
+        state = plan.start() if plan.has_layer_probes else None
+        if state is not None:
+            current: dict[str, Any] = {}
+
+            def sink(layer: str, x: torch.Tensor) -> None:
+                plan.update(state, layer, x, current.get("labels"))
+
+            with torch.no_grad(), capture(model, layers, reduce=spec.reduce, sink=sink) as cap:
+                for batch in inputs.batches:
+                    batch = batch.to(device, dtype)
+                    current["labels"] = (None if batch.labels is None
+                                         else batch.labels.to(device))
+                    cap.attention_mask = batch.mask
+                    if isinstance(batch.inputs, dict):
+                        model(**batch.inputs)
+                    else:
+                        model(batch.inputs)
         forwarded = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught, _single_threaded(device):
-            warnings.simplefilter("always")
-            result["values"] = _probe_values(layers, accumulators, raw, spec)
-        result["notes"] = "; ".join(dict.fromkeys(str(w.message) for w in caught))
+        with _single_threaded(device):
+            if state is not None:
+                measurement = measurement | plan.layer_values(state)
+            measurement = measurement | plan.parameter_values(model)
+            if plan.model_probes:
+                stateful = [p.name for p in plan.model_probes if p.factory is not None]
+                if stateful:
+                    raise ValueError(f"model probes {stateful} keep state between calls in a "
+                                     "way that cannot be resumed: use them in the Monitor")
+                x, y = _model_inputs(inputs, device, dtype)
+                measurement = measurement | plan.model_values(model, x, y)
+        result["values"] = {name: [_jsonable(per_layer.get(layer, float("nan")))
+                                   for layer in layers]
+                            for name, per_layer in measurement.layer_values.items()}
+        result["model_values"] = {k: _jsonable(v) for k, v in measurement.values.items()}
+        result["states"] = {_state_key(k): v for k, v in measurement.states.items()}
+        result["notes"] = "; ".join(measurement.notes)
+        result["layer_notes"] = {k: "; ".join(v) for k, v in measurement.layer_notes.items()}
         result["layers"] = layers
         result["status"] = "ok"
         done = time.perf_counter()
@@ -341,46 +392,78 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
 
 
 # --------------------------------------------------------------------------------------------
-# resumable storage of per-checkpoint results
+# references: comparisons once every state is known
 
 
-def _parts_dir(output: Path) -> Path:
-    return output.with_name(output.name + ".parts")
+def _compare_references(results: list[dict], plan_of: Callable[[list[str]], ProbePlan]
+                        ) -> None:
+    """Fill in each ok result's reference-probe comparisons (first / previous / final), in
+    step order, from the states the checkpoints kept."""
+    ok = [r for r in sorted(results, key=lambda r: r["step"]) if r["status"] == "ok"]
+    if not ok:
+        return
+    plan = plan_of(ok[0]["layers"])
+    if not plan.references:
+        return
+    for i, r in enumerate(ok):
+        others = {"first": ok[0], "previous": ok[i - 1] if i else None, "final": ok[-1]}
 
+        def lookup(key: tuple[str, str | None], kind: str, others: dict = others) -> Any:
+            other = others[kind]
+            return None if other is None else other["states"].get(_state_key(key))
 
-def _part_path(parts: Path, checkpoint: Checkpoint) -> Path:
-    return parts / f"step{checkpoint.step:012d}.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _read_part(path: Path, checkpoint: Checkpoint, spec_key: str) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        part = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if (part.get("version") != _PART_VERSION or part.get("spec_key") != spec_key
-            or part.get("identity") != checkpoint.identity()):
-        return None
-    return part["result"]
+        states = {_from_state_key(k): v for k, v in r["states"].items()}
+        compared = plan.compare(states, lookup)
+        layers = r["layers"]
+        for name, per_layer in compared.layer_values.items():
+            r["values"][name] = [_jsonable(per_layer.get(layer, float("nan")))
+                                 for layer in layers]
+        r["model_values"].update({k: _jsonable(v) for k, v in compared.values.items()})
+        if compared.notes:
+            r["notes"] = "; ".join(filter(None, [r["notes"], *compared.notes]))
 
 
 # --------------------------------------------------------------------------------------------
 # assembly
+
+
+def _variable(name: str, results: list[dict], layers: list[str], attrs: dict[str, str],
+              per_layer: bool) -> xr.DataArray:
+    """One variable over the series (NaN for failed checkpoints and missing values)."""
+    steps = [r["step"] for r in results]
+    raw = [(r["values"] if per_layer else r["model_values"]).get(name) if r["status"] == "ok"
+           else None for r in results]
+    decoded = [None if v is None else ([_from_jsonable(x) for x in v] if per_layer
+                                       else _from_jsonable(v)) for v in raw]
+    sample = next((v for v in decoded if v is not None), None)
+    inner = sample[0] if per_layer and sample else sample
+    if not isinstance(inner, (xr.DataArray, np.ndarray)):
+        if per_layer:
+            values = np.full((len(results), len(layers)), np.nan)
+            for i, v in enumerate(decoded):
+                if v is not None:
+                    values[i] = np.asarray(v, dtype=float)
+            return xr.DataArray(values, dims=("step", "layer"), attrs=attrs)
+        return xr.DataArray(np.array([np.nan if v is None else float(v) for v in decoded]),
+                            dims=("step",), attrs=attrs)
+
+    def as_da(v: Any) -> xr.DataArray:
+        return v if isinstance(v, xr.DataArray) else xr.DataArray(v)
+
+    template = as_da(inner)
+    rows = []
+    for v in decoded:
+        if v is None:
+            row = (xr.concat([xr.full_like(template, np.nan, dtype=float)] * len(layers), "layer")
+                   if per_layer else xr.full_like(template, np.nan, dtype=float))
+        else:
+            row = xr.concat([as_da(x) for x in v], "layer") if per_layer else as_da(v)
+        rows.append(row)
+    da = xr.concat(rows, "step", join="outer").assign_coords(step=steps)
+    if per_layer:
+        da = da.assign_coords(layer=np.array(layers, dtype=object))
+    da.attrs = attrs
+    return da.drop_vars([c for c in da.coords if c not in da.dims])
 
 
 def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
@@ -389,26 +472,24 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
     layers = next((r["layers"] for r in results if r["status"] == "ok"), [])
     for r in results:
         if r["status"] == "ok" and r["layers"] != layers:
-            r.update(status="failed", values={},
+            r.update(status="failed", values={}, model_values={},
                      reason=f"its layers {r['layers'][:4]}… differ from the series' {layers[:4]}…")
     steps = [r["step"] for r in results]
     coords: dict[str, Any] = records.step_coords(steps, learning_rate)
     coords["layer"] = ("layer", np.array(layers, dtype=object),
                        {"long_name": records.DIMS["layer"], "units": ""})
-    names = list(spec.probes) + (["alpha_req_r2"] if "alpha_req" in spec.probes else [])
+    declared = spec.plan(layers).variables()
+    per_layer_names = list(dict.fromkeys(n for r in results for n in r["values"]))
+    model_names = list(dict.fromkeys(n for r in results for n in r["model_values"]))
     data_vars: dict[str, Any] = {}
-    for name in names:
-        values = np.full((len(results), len(layers)), np.nan)
-        for i, r in enumerate(results):
-            if r["status"] == "ok":
-                values[i] = np.asarray(r["values"][name], dtype=float)
-        if name == "alpha_req_r2":
-            var_attrs = records.variable_attrs(name)
-        else:
-            probe = get_feature_probe(name)
-            var_attrs = {"long_name": probe.long_name, "units": probe.units,
-                         "source": probe.source}
-        data_vars[name] = (("step", "layer"), values, var_attrs)
+    for name in [n for n in declared if n in per_layer_names] + [
+            n for n in per_layer_names if n not in declared]:
+        attrs_ = declared.get(name, ((), records.variable_attrs(name)))[1]
+        data_vars[name] = _variable(name, results, layers, dict(attrs_), per_layer=True)
+    for name in [n for n in declared if n in model_names] + [
+            n for n in model_names if n not in declared]:
+        attrs_ = declared.get(name, ((), records.variable_attrs(name)))[1]
+        data_vars[name] = _variable(name, results, layers, dict(attrs_), per_layer=False)
     hashes = [r["checkpoint_hash"] for r in results]
     first_step: dict[str, int] = {}
     for h, step in zip(hashes, steps, strict=True):
@@ -419,8 +500,10 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
     dup_flag = np.array([int(bool(h) and hashes.count(h) > 1) for h in hashes], dtype=np.int8)
 
     def strings(key: str) -> np.ndarray:
-        return np.array([r[key] for r in results], dtype=object)
+        return np.array([str(r.get(key, "")) for r in results], dtype=object)
 
+    layer_notes = np.array([[r.get("layer_notes", {}).get(layer, "") for layer in layers]
+                            for r in results], dtype=object).reshape(len(results), len(layers))
     data_vars.update({
         "status": ("step", strings("status"), {"long_name": "checkpoint status (ok / failed)",
                                                "units": ""}),
@@ -428,6 +511,9 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
                                                "units": ""}),
         "notes": ("step", strings("notes"), {"long_name": "warnings raised by the probes",
                                              "units": ""}),
+        "layer_notes": (("step", "layer"), layer_notes,
+                        {"long_name": "why a layer's values are NaN (its probes' warnings)",
+                         "units": ""}),
         "checkpoint_hash": ("step", np.array(hashes, dtype=object),
                             {"long_name": "SHA-256 of the checkpoint's tensors (names, dtypes, "
                                           "shapes, bytes)", "units": ""}),
@@ -437,6 +523,9 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
                                                              "weights (-1: none)", "units": "1"}),
         "checkpoint_path": ("step", strings("path"), {"long_name": "checkpoint file or folder",
                                                       "units": ""}),
+        "step_source": ("step", strings("step_source"),
+                        {"long_name": "where the step number came from (name, trainer_state, "
+                                      "lightning, explicit, default)", "units": ""}),
     })
     for key, var in zip(("load", "forward", "probes", "total", "cpu"), TIMING_VARIABLES,
                         strict=True):
@@ -450,84 +539,23 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
     return records.validate(xr.Dataset(data_vars, coords=coords, attrs=attrs))
 
 
-# --------------------------------------------------------------------------------------------
-# faces: figure and table
-
-
 def summary_figures(ds: xr.Dataset, folder: str | os.PathLike, stem: str = "analyze"
                     ) -> list[Path]:
-    """One PNG per probe: the metric over log-step, one line per layer; failed steps marked."""
-    import matplotlib
+    """One PNG per ``(step, layer)`` variable (:func:`dynamics.plot.checkpoint_series_figures`)."""
+    from dynamics.plot import checkpoint_series_figures
 
-    if "matplotlib.pyplot" not in sys.modules:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    steps = ds["step"].values
-    failed = steps[ds["status"].values != "ok"]
-    paths = []
-    for name, var in ds.data_vars.items():
-        if var.dims != ("step", "layer"):
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.0))
-        for layer in ds["layer"].values:
-            ax.plot(steps, var.sel(layer=layer).values, marker="o", ms=3, label=str(layer))
-        if len(steps) and steps.min() <= 0:
-            positive = steps[steps > 0]
-            ax.set_xscale("symlog", linthresh=float(positive.min()) if positive.size else 1.0)
-        else:
-            ax.set_xscale("log")
-        for step in failed:
-            ax.axvline(step, color="0.6", ls=":", lw=1)
-        ax.set_xlabel("step" + (" (dotted: failed checkpoints)" if failed.size else ""))
-        ax.set_ylabel(f"{var.attrs.get('long_name', name)}")
-        ax.set_title(name)
-        if ds.sizes["layer"] <= 12:
-            ax.legend(fontsize=7, title="layer", title_fontsize=7)
-        fig.tight_layout()
-        path = folder / f"{stem}_{name}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    return checkpoint_series_figures(ds, folder, stem)
 
 
 def summary_table(ds: xr.Dataset, max_rows: int = 40) -> str:
-    """A short text table: per step the status, hash prefix, duplicate flag, time, and each
-    probe at the last analysed layer (failed rows show the reason)."""
-    probes = [n for n, v in ds.data_vars.items() if v.dims == ("step", "layer")
-              and n != "alpha_req_r2"]
-    last = str(ds["layer"].values[-1]) if ds.sizes.get("layer", 0) else "-"
-    header = ["step", "status", "hash", "dup", "time/s"] + probes
-    rows = []
-    for i, step in enumerate(ds["step"].values):
-        status = str(ds["status"].values[i])
-        dup = int(ds["duplicate_of"].values[i])
-        row = [str(int(step)), status, str(ds["checkpoint_hash"].values[i])[:10] or "-",
-               f"={dup}" if dup >= 0 else ("yes" if ds["duplicate"].values[i] else ""),
-               f"{float(ds['total_seconds'].values[i]):.2f}"]
-        if status == "ok":
-            row += [f"{float(ds[p].values[i, -1]):.4g}" for p in probes]
-        else:
-            row += [str(ds["reason"].values[i])[:60]]
-        rows.append(row)
-    if len(rows) > max_rows:
-        rows = rows[: max_rows // 2] + [["…"] * len(header)] + rows[-max_rows // 2:]
-    widths = [max([len(h)] + [len(r[k]) for r in rows if k < len(r)]) for k, h in
-              enumerate(header)]
-    lines = [f"probes at layer {last}; {ds.attrs.get('n_failed', 0)} failed, "
-             f"{ds.attrs.get('n_duplicates', 0)} with duplicate weights"]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        lines.append("  ".join(c.ljust(widths[k]) if k < len(widths) else c
-                               for k, c in enumerate(r)))
-    return "\n".join(lines)
+    """The text table of a checkpoint series (:func:`dynamics.cli_analyze.summary_table`)."""
+    from dynamics.cli_analyze import summary_table as table
+
+    return table(ds, max_rows)
 
 
 # --------------------------------------------------------------------------------------------
-# the series
+# the series, in steps
 
 
 def _check_flatten(inputs: ProbeInputs) -> None:
@@ -576,6 +604,119 @@ def _run_dask(pending: list[Checkpoint], spec: AnalyzeSpec, workers: int,
             on_result(future.result())
 
 
+def _make_spec(series: list[Checkpoint], *, model: Any, model_kwargs: Any, hf_class: str,
+               inputs: Any, n_samples: int | None, batch_size: int, tokenizer: Any,
+               max_length: int, probes: Sequence[str], probe_kwargs: Any, layers: Any,
+               reduce: str | None, device: str, dtype: str, strict: bool, seed: int,
+               labels: Any, progress: bool) -> AnalyzeSpec:
+    """Check the arguments (unknown probes, reduce, dtype, device, labels) and normalise
+    paths; everything that can be wrong without running a checkpoint fails here."""
+    if not probes:
+        raise ValueError("no probes were asked for")
+    plan = ProbePlan(probes, (), probe_kwargs)  # unknown names and kwargs fail now
+    if plan.needs_labels and labels is None:
+        raise ValueError(f"probes {[p.name for p in plan.feature_probes if p.needs_labels]} "
+                         "need labels of the probe inputs: labels='digits' or a file")
+    text_inputs = str(inputs) in ("stdlib-text", "text") or (
+        Path(inputs).suffix not in (".npz", ".npy", ".pt", ".pth") and str(inputs) != "digits")
+    reduce = reduce or ("mean" if text_inputs else "flatten")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"unknown reduce rule {reduce!r}; choose one of {REDUCTIONS}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    try:
+        dev = _device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine "
+                         "(use --device cpu, or auto)")
+    if text_inputs and tokenizer is None:
+        hf = [c for c in series if c.format == "hf"]
+        if hf:
+            tokenizer = str(hf[0].path.resolve())
+    if str(inputs) not in ("digits", "stdlib-text", "text"):
+        inputs = str(Path(inputs).resolve())
+    if labels is not None and str(labels) != "digits":
+        labels = str(Path(labels).resolve())
+    if model is not None and isinstance(model, str) and ".py" in model:
+        file, sep, attr = model.rpartition(":") if ":" in model else (model, "", "")
+        model = str(Path(file).resolve()) + sep + attr
+    if isinstance(layers, str):
+        layers = [layers]
+    return AnalyzeSpec(
+        model=model, model_kwargs=dict(model_kwargs or {}), hf_class=hf_class,
+        inputs=str(inputs), n_samples=n_samples, batch_size=batch_size, tokenizer=tokenizer,
+        max_length=max_length, probes=tuple(probes),
+        probe_kwargs={k: dict(v) for k, v in (probe_kwargs or {}).items()},
+        layers=tuple(layers or ()), reduce=reduce, device=device, dtype=dtype, strict=strict,
+        seed=seed, labels=None if labels is None else str(labels), progress=progress)
+
+
+def _check_model_and_layers(series: list[Checkpoint], spec: AnalyzeSpec) -> None:
+    if any(c.format != "hf" for c in series):
+        if spec.model is None:
+            raise ValueError("state-dict checkpoints need a model factory: "
+                             "model='package.module:function' or 'file.py:function'")
+        reference = _cached("model", _model_key(spec), lambda: _build_model(spec))
+        if not spec.layers:
+            raise ValueError(f"choose layers (names or glob patterns); the model has: "
+                             f"{', '.join(module_names(reference)[:60])}")
+        match_layers(reference, spec.layers)
+    elif not spec.layers:
+        raise ValueError("choose layers (names or glob patterns), e.g. 'encoder.layer.*'")
+
+
+def _content_keys(spec: AnalyzeSpec) -> dict[str, str]:
+    """What a stored result is reused for, beside the checkpoint's own content."""
+    return {"parameters": spec.key(), "model code": parts_io.source_hash(spec.model),
+            "probe inputs": parts_io.input_hash(spec.inputs),
+            "labels": parts_io.input_hash(spec.labels)}
+
+
+def _resume(series: list[Checkpoint], parts: Path | None, keys: Mapping[str, str],
+            retry_failed: bool) -> tuple[dict[int, dict], list[Checkpoint], list[str]]:
+    """Stored results that still hold, the checkpoints to compute, and why each is."""
+    results: dict[int, dict] = {}
+    pending: list[Checkpoint] = []
+    why: list[str] = []
+    for checkpoint in series:
+        if parts is None:
+            pending.append(checkpoint)
+            continue
+        ckpt_keys = {**keys, "checkpoint content": parts_io.content_hash(
+            [p for p in checkpoint.weight_files() if p.exists()] or [checkpoint.path])}
+        done, states, reason = parts_io.read_part(parts, checkpoint.step, ckpt_keys)
+        if done is not None and (done["status"] == "ok" or not retry_failed):
+            done["states"] = states
+            results[checkpoint.step] = done
+        else:
+            pending.append(checkpoint)
+            if done is not None:
+                reason = "failed before"
+            why.append(f"step {checkpoint.step}: {reason}")
+    return results, pending, why
+
+
+def _reuse_line(n_reused: int, n_total: int, why: list[str]) -> str:
+    recomputed = n_total - n_reused
+    reasons = {}
+    for line in why:
+        reasons.setdefault(line.split(": ", 1)[1], []).append(line.split(":")[0][5:])
+    detail = "; ".join(f"{reason} (step{'s' if len(s) > 1 else ''} {', '.join(s[:6])}"
+                       f"{' …' if len(s) > 6 else ''})" for reason, s in reasons.items())
+    return (f"traindyn analyze: resuming: reusing {n_reused} of {n_total} checkpoints "
+            f"(same parameters, checkpoint contents, probe inputs, labels and model code); "
+            f"computing {recomputed}" + (f": {detail}" if detail else ""))
+
+
+def _save(ds: xr.Dataset, output: Path) -> None:
+    if output.suffix == ".zarr":
+        records.save_zarr(ds, output)
+    else:
+        records.save(ds, output)
+
+
 def analyze(
     checkpoints: str | os.PathLike | Sequence[str | os.PathLike] | Sequence[Checkpoint],
     *,
@@ -595,6 +736,8 @@ def analyze(
     dtype: str = "float32",
     strict: bool = True,
     steps: Sequence[int] | None = None,
+    force_steps: bool = False,
+    labels: str | os.PathLike | None = None,
     learning_rate: float | None = None,
     output: str | os.PathLike | None = None,
     workers: int = 0,
@@ -610,16 +753,20 @@ def analyze(
     Parameters
     ----------
     checkpoints : path, list of paths, or list of :class:`~dynamics.checkpoints.Checkpoint`
-        A folder of state dicts / safetensors / Hugging Face folders, one Hugging Face folder,
-        or explicit paths (see :func:`dynamics.checkpoints.find_checkpoints`).
+        A folder of state dicts / safetensors / Hugging Face folders / Trainer
+        ``checkpoint-*/`` folders / Lightning ``.ckpt`` files, one Hugging Face folder, or
+        explicit paths (see :func:`dynamics.checkpoints.find_checkpoints`).
     model : "module:function", "file.py:function" or callable
         Factory of the network for state-dict checkpoints, called as ``model(**model_kwargs)``.
         Not needed for Hugging Face folders (``hf_class`` is used, default ``AutoModel``).
     inputs, n_samples, batch_size, tokenizer, max_length :
         Probe inputs (:func:`dynamics.probe_inputs.load_probe_inputs`).  For text and Hugging
         Face checkpoints the tokenizer defaults to the first checkpoint folder's own.
-    probes : names in ``probes.registry.FEATURE_PROBES``
+    probes : registered probe names (``probes.registry``)
         Default ``rankme``, ``rankme_covariance``, ``alpha_req`` (which adds ``alpha_req_r2``).
+        Feature, labelled, parameter (``weight_spectra``), model (``ntk`` …) and reference
+        probes all run; stateful model probes written before the probe contract (a
+        ``factory``) cannot be resumed and fail the checkpoint with that reason.
     probe_kwargs : {probe: {argument: value}}
         e.g. ``{"alpha_req": {"fit_range": (11, 100)}}``.
     layers : module names or dotted glob patterns (:func:`match_layers`)
@@ -630,14 +777,20 @@ def analyze(
         inputs of one shape: text tokenised into batches of different lengths raises
         ``ValueError`` before any checkpoint is loaded.
     device, dtype : where and in which precision the model runs (``device="auto"``: CUDA if
-        available); statistics are float64 on that device.
+        available; ``"cuda"`` without CUDA raises ``ValueError``); statistics are float64 on
+        that device.
     strict : bool
         Unexpected keys (state dicts) or weights the checkpoint lacks fail the checkpoint.
-    steps : explicit steps, overriding names.
+    steps, force_steps : explicit steps, paired with the checkpoint paths in argument order;
+        a step that contradicts the number in a name is an error unless ``force_steps``.
+    labels : "digits", a file, or None
+        Integer labels of the probe inputs, for labelled probes (``neural_collapse``) and
+        model probes that compare with the task (NTK alignment).
     learning_rate : gives the coordinate ``time = learning_rate × step``.
     output : path ending in ``.nc`` or ``.zarr``
         Save the Dataset there; per-checkpoint results go to ``<output>.parts/`` as they
-        finish, and a re-run resumes from them.
+        finish, and a re-run resumes from them (module docstring).  Checked before any work:
+        an unwritable path raises :class:`OutputError`.
     workers, scheduler : dask fan-out (module docstring).  ``workers=N`` (N > 1) starts a
         ``LocalCluster`` of N single-threaded processes for this call; ``scheduler`` is the
         address of a running cluster, whose workers should be started without dask's
@@ -650,92 +803,65 @@ def analyze(
         and agree to about 1e-15).  Eigendecompositions always run on one thread.
     retry_failed : bool
         Re-run checkpoints that failed in an earlier run (default); finished ones are skipped.
+    progress : bool
+        A progress bar and a line per checkpoint (the one-line resume summary is printed
+        either way).
     figures : bool or folder
         Write one summary PNG per probe (next to ``output``, or into the given folder).
 
     Returns
     -------
     xarray.Dataset
-        Probe variables over ``(step, layer)``; per step ``status``, ``reason``, ``notes``,
-        ``checkpoint_hash``, ``duplicate``, ``duplicate_of``, ``checkpoint_path`` and the
-        timings of :data:`TIMING_VARIABLES`; attributes ``source``, ``parameters`` (JSON),
-        ``probe_inputs``, ``n_failed``, ``n_duplicates``.
+        Probe variables over ``(step, layer, …)`` and ``(step, …)``; per step ``status``,
+        ``reason``, ``notes``, ``checkpoint_hash``, ``duplicate``, ``duplicate_of``,
+        ``checkpoint_path``, ``step_source`` and the timings of :data:`TIMING_VARIABLES`; per
+        step and layer ``layer_notes`` (why a value is NaN); attributes ``source``,
+        ``parameters`` (JSON), ``probe_inputs``, ``n_failed``, ``n_duplicates``.
     """
     from tqdm.auto import tqdm
 
-    series = (list(checkpoints) if isinstance(checkpoints, Sequence) and checkpoints
-              and isinstance(checkpoints[0], Checkpoint) else find_checkpoints(checkpoints, steps))
-    for name in probes:
-        get_feature_probe(name)  # unknown names fail now, listing the known ones
-    if not probes:
-        raise ValueError("no probes were asked for")
-    text_inputs = str(inputs) in ("stdlib-text", "text") or (
-        Path(inputs).suffix not in (".npz", ".npy", ".pt", ".pth") and str(inputs) != "digits")
-    reduce = reduce or ("mean" if text_inputs else "flatten")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"unknown reduce rule {reduce!r}; choose one of {REDUCTIONS}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    if text_inputs and tokenizer is None:
-        hf = [c for c in series if c.format == "hf"]
-        if hf:
-            tokenizer = str(hf[0].path.resolve())
-    if str(inputs) not in ("digits", "stdlib-text", "text"):
-        inputs = str(Path(inputs).resolve())
-    if model is not None and isinstance(model, str) and ".py" in model:
-        file, sep, attr = model.rpartition(":") if ":" in model else (model, "", "")
-        model = str(Path(file).resolve()) + sep + attr
-    if isinstance(layers, str):
-        layers = [layers]
-    spec = AnalyzeSpec(
-        model=model, model_kwargs=dict(model_kwargs or {}), hf_class=hf_class,
-        inputs=str(inputs), n_samples=n_samples, batch_size=batch_size, tokenizer=tokenizer,
-        max_length=max_length, probes=tuple(probes),
-        probe_kwargs={k: dict(v) for k, v in (probe_kwargs or {}).items()},
-        layers=tuple(layers or ()), reduce=reduce, device=device, dtype=dtype, strict=strict,
-        seed=seed)
-    probe_inputs = _inputs(spec)  # errors in the inputs surface here, before any work
-    if reduce == "flatten":
-        _check_flatten(probe_inputs)
-    if any(c.format != "hf" for c in series):
-        if model is None:
-            raise ValueError("state-dict checkpoints need a model factory: "
-                             "model='package.module:function' or 'file.py:function'")
-        reference = _cached("model", _model_key(spec), lambda: _build_model(spec))
-        if not layers:
-            raise ValueError(f"choose layers (names or glob patterns); the model has: "
-                             f"{', '.join(module_names(reference)[:60])}")
-        match_layers(reference, layers)
-    elif not layers:
-        raise ValueError("choose layers (names or glob patterns), e.g. 'encoder.layer.*'")
-
-    spec_key = spec.key()
+    if n_samples is not None and n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1 (or None for all), got {n_samples}")
     output = Path(output) if output is not None else None
+    if output is not None:
+        parts_io.check_output(output)
+    if isinstance(checkpoints, Sequence) and checkpoints and isinstance(checkpoints[0],
+                                                                        Checkpoint):
+        series = list(checkpoints)
+    elif force_steps:
+        series = find_checkpoints(checkpoints, steps, force_steps=True)
+    else:
+        series = find_checkpoints(checkpoints, steps)
+    spec = _make_spec(series, model=model, model_kwargs=model_kwargs, hf_class=hf_class,
+                      inputs=inputs, n_samples=n_samples, batch_size=batch_size,
+                      tokenizer=tokenizer, max_length=max_length, probes=probes,
+                      probe_kwargs=probe_kwargs, layers=layers, reduce=reduce, device=device,
+                      dtype=dtype, strict=strict, seed=seed, labels=labels, progress=progress)
+    probe_inputs = _inputs(spec)  # errors in the inputs surface here, before any work
+    if spec.reduce == "flatten":
+        _check_flatten(probe_inputs)
+    _check_model_and_layers(series, spec)
+
     if output is not None and output.suffix == ".zarr":
         records.recover_zarr(output)  # a store a killed run was replacing: back, temporaries gone
-    parts = _parts_dir(output) if output is not None else None
-    results: dict[int, dict] = {}
-    pending: list[Checkpoint] = []
-    for checkpoint in series:
-        done = _read_part(_part_path(parts, checkpoint), checkpoint, spec_key) if parts else None
-        if done is not None and (done["status"] == "ok" or not retry_failed):
-            results[checkpoint.step] = done
-        else:
-            pending.append(checkpoint)
+    parts = output.with_name(output.name + ".parts") if output is not None else None
+    keys = _content_keys(spec)
+    results, pending, why = _resume(series, parts, keys, retry_failed)
+    if parts is not None and len(pending) < len(series):
+        print(_reuse_line(len(results), len(series), why), file=sys.stderr, flush=True)
     by_step = {c.step: c for c in series}
 
     bar = tqdm(total=len(series), initial=len(results), desc="traindyn analyze", unit="ckpt",
                disable=not progress, file=sys.stderr)
-    if results and progress:
-        bar.write(f"resuming: {len(results)} of {len(series)} checkpoints already analysed")
 
     def on_result(result: dict) -> None:
         results[result["step"]] = result
         if parts is not None:
             checkpoint = by_step[result["step"]]
-            _write_atomic(_part_path(parts, checkpoint), json.dumps(
-                {"version": _PART_VERSION, "spec_key": spec_key,
-                 "identity": checkpoint.identity(), "result": result}))
+            stored = {k: v for k, v in result.items() if k != "states"}
+            ckpt_keys = {**keys, "checkpoint content": parts_io.content_hash(
+                [p for p in checkpoint.weight_files() if p.exists()] or [checkpoint.path])}
+            parts_io.write_part(parts, result["step"], ckpt_keys, stored, result["states"])
         bar.set_postfix_str(f"step {result['step']} {result['status']} "
                             f"{result['seconds']['total']:.2f}s")
         bar.update(1)
@@ -752,6 +878,7 @@ def analyze(
     finally:
         bar.close()
 
+    _compare_references(list(results.values()), spec.plan)
     params = spec.params()
     params.update(checkpoints=str(checkpoints) if isinstance(checkpoints, (str, os.PathLike))
                   else [str(c.path if isinstance(c, Checkpoint) else c) for c in checkpoints],
@@ -765,13 +892,9 @@ def analyze(
     }
     ds = _assemble(list(results.values()), spec, attrs, learning_rate)
     if output is not None:
-        if output.suffix == ".zarr":
-            records.save_zarr(ds, output)
-        else:
-            records.save(ds, output)
+        _save(ds, output)
     if figures:
         folder = Path(figures) if not isinstance(figures, bool) else (
             output.parent if output is not None else Path.cwd())
         summary_figures(ds, folder, stem=output.stem if output is not None else "analyze")
     return ds
-

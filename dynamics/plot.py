@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import xarray as xr  # noqa: E402
 
-__all__ = ["compare", "metric_over_steps", "save_figure"]
+__all__ = ["checkpoint_series_figures", "compare", "metric_over_steps", "save_figure"]
 
 
 def _label(da: xr.DataArray) -> str:
@@ -124,3 +124,60 @@ def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     fig.savefig(path, dpi=150)
     plt.close(fig)
     return path
+
+
+def checkpoint_series_figures(ds: xr.Dataset, folder: str | Path, stem: str = "analyze"
+                              ) -> list[Path]:
+    """One PNG per ``(step, layer)`` variable of a checkpoint series (``traindyn analyze``):
+    the metric over log-step, one line per layer; failed steps dotted.
+
+    A series of one checkpoint is drawn as one point per layer over the layer axis (a step
+    axis with one step means nothing); layers whose values are all NaN are left out of the
+    drawing and listed in the title.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    steps = ds["step"].values
+    ok = ds["status"].values == "ok" if "status" in ds else np.ones(len(steps), bool)
+    failed = steps[~ok]
+    paths = []
+    for name, var in ds.data_vars.items():
+        if var.dims != ("step", "layer") or var.dtype.kind not in "fiu":
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        layers = [str(v) for v in ds["layer"].values]
+        empty = [layer for layer, col in zip(layers, var.values.T, strict=True)
+                 if np.all(np.isnan(col))]
+        if int(ok.sum()) <= 1:
+            row = var.values[np.argmax(ok)] if ok.any() else np.full(len(layers), np.nan)
+            ax.plot(np.arange(len(layers)), row, marker="o")
+            ax.set_xticks(np.arange(len(layers)), layers, rotation=45, ha="right", fontsize=7)
+            ax.set_xlabel(f"layer (one checkpoint: step {int(steps[np.argmax(ok)])})"
+                          if ok.any() else "layer")
+        else:
+            for layer in layers:
+                if layer in empty:
+                    continue
+                ax.plot(steps, var.sel(layer=layer).values, marker="o", ms=3, label=layer)
+            positive = steps[steps > 0]
+            if len(steps) and steps.min() <= 0:
+                ax.set_xscale("symlog", linthresh=float(positive.min()) if positive.size
+                              else 1.0)
+            else:
+                ax.set_xscale("log")
+            for step in failed:
+                ax.axvline(step, color="0.6", ls=":", lw=1)
+            ax.set_xlabel("step" + (" (dotted: failed checkpoints)" if failed.size else ""))
+            if 0 < len(layers) - len(empty) <= 12:
+                ax.legend(fontsize=7, title="layer", title_fontsize=7)
+        ax.set_ylabel(_label(var))
+        title = str(name)
+        if empty:
+            title += f"  (all NaN: {', '.join(empty[:4])}{' …' if len(empty) > 4 else ''})"
+        ax.set_title(title, fontsize=9)
+        fig.tight_layout()
+        path = folder / f"{stem}_{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

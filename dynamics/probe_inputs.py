@@ -70,6 +70,7 @@ class Batch:
 
     inputs: torch.Tensor | dict[str, torch.Tensor]
     mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
         def move(t: torch.Tensor) -> torch.Tensor:
@@ -78,7 +79,7 @@ class Batch:
 
         inputs = ({k: move(v) for k, v in self.inputs.items()} if isinstance(self.inputs, dict)
                   else move(self.inputs))
-        return Batch(inputs, None if self.mask is None else self.mask.to(device))
+        return Batch(inputs, None if self.mask is None else self.mask.to(device), self.labels)
 
     def __len__(self) -> int:
         first = self.inputs if isinstance(self.inputs, torch.Tensor) else next(
@@ -274,6 +275,54 @@ def _split(data: torch.Tensor | dict[str, torch.Tensor], n: int | None,
     return [Batch(data[i:min(i + batch_size, n)]) for i in range(0, n, batch_size)]
 
 
+def digits_labels() -> torch.Tensor:
+    """The class (0–9) of each scikit-learn digits image, int64, in :func:`digits_inputs` order."""
+    from sklearn.datasets import load_digits
+
+    return torch.from_numpy(load_digits().target.astype(np.int64))
+
+
+def load_labels(source: Any) -> torch.Tensor:
+    """Integer labels of the probe inputs: ``"digits"``, a ``.npy`` / ``.pt`` file, a ``.npz``
+    file (its array ``labels`` or ``y``, or its only array), or an array."""
+    if isinstance(source, str) and source == "digits":
+        return digits_labels()
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"labels {str(source)!r}: not 'digits' and no such file")
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as data:
+                keys = [k for k in ("labels", "y") if k in data.files] or (
+                    data.files if len(data.files) == 1 else [])
+                if not keys:
+                    raise ValueError(f"{path.name} holds {data.files}; name the label array "
+                                     "'labels' or 'y'")
+                values = data[keys[0]]
+        elif path.suffix == ".npy":
+            values = np.load(path, allow_pickle=False)
+        else:
+            values = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        values = source
+    labels = torch.as_tensor(np.asarray(values))
+    if labels.ndim != 1 or labels.is_floating_point() or labels.is_complex():
+        raise ValueError(f"labels must be a 1-D integer array; got dtype {labels.dtype} and "
+                         f"shape {tuple(labels.shape)}")
+    return labels.long()
+
+
+def attach_labels(inputs: ProbeInputs, labels: torch.Tensor) -> ProbeInputs:
+    """The same batches with their slice of ``labels`` (which must cover every sample)."""
+    if labels.shape[0] < inputs.n_samples:
+        raise ValueError(f"{labels.shape[0]} labels for {inputs.n_samples} probe inputs")
+    batches, start = [], 0
+    for b in inputs.batches:
+        batches.append(Batch(b.inputs, b.mask, labels[start:start + len(b)]))
+        start += len(b)
+    return ProbeInputs(batches, inputs.description + ", with labels", inputs.texts)
+
+
 def load_probe_inputs(
     source: str | os.PathLike,
     n_samples: int | None = None,
@@ -301,6 +350,8 @@ def load_probe_inputs(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if n_samples is not None and n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1 (or None for all), got {n_samples}")
     name = str(source)
     texts: list[str] | None = None
     if name == "digits":

@@ -44,21 +44,26 @@ class Measurement:
     ``layer_values[variable][layer]`` — per-layer probes (a number, or a DataArray / array
     over the variable's extra dims); ``values[variable]`` — model probes; ``states`` —
     what reference-based probes keep, by ``(probe, layer)``; ``notes`` — warnings raised by
-    the probes (deduplicated, in order).
+    the probes (deduplicated, in order); ``layer_notes[layer]`` — those raised while that
+    layer's probes ran (why a value is NaN).
     """
 
     layer_values: dict[str, dict[str, Any]] = field(default_factory=dict)
     values: dict[str, Any] = field(default_factory=dict)
     states: dict[StateKey, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    layer_notes: dict[str, list[str]] = field(default_factory=dict)
 
     def __or__(self, other: Measurement) -> Measurement:
         layer_values = {k: dict(v) for k, v in self.layer_values.items()}
         for name, per_layer in other.layer_values.items():
             layer_values.setdefault(name, {}).update(per_layer)
+        layer_notes = {k: list(v) for k, v in self.layer_notes.items()}
+        for layer, notes in other.layer_notes.items():
+            layer_notes[layer] = list(dict.fromkeys(layer_notes.get(layer, []) + notes))
         return Measurement(layer_values, {**self.values, **other.values},
                            {**self.states, **other.states},
-                           list(dict.fromkeys(self.notes + other.notes)))
+                           list(dict.fromkeys(self.notes + other.notes)), layer_notes)
 
     def per_layer(self, layers: Sequence[str]) -> dict[str, np.ndarray]:
         """Scalar per-layer variables as arrays over ``layers`` (NaN where missing)."""
@@ -119,6 +124,12 @@ class _Notes:
 
     def texts(self) -> list[str]:
         return list(dict.fromkeys(str(w.message) for w in self.caught))
+
+    def per_layer(self, out: Measurement, layer: str, first: int) -> None:
+        """File the warnings caught since index ``first`` under ``layer``."""
+        texts = list(dict.fromkeys(str(w.message) for w in self.caught[first:]))
+        if texts:
+            out.layer_notes[layer] = list(dict.fromkeys(out.layer_notes.get(layer, []) + texts))
 
 
 @dataclass
@@ -236,6 +247,7 @@ class ProbePlan:
                 st = state[layer]
                 views = views_by_layer[layer]
                 raw = labels = None
+                first = len(notes.caught)
                 for probe in self.feature_probes:
                     if probe.accumulator is not None:
                         result = probe.from_accumulator(views[probe.accumulator],
@@ -253,6 +265,7 @@ class ProbePlan:
                         out.layer_values.setdefault(name, {})[layer] = value
                     if probe.reference:
                         out.states[(probe.name, layer)] = kept
+                notes.per_layer(out, layer, first)
         out.notes = notes.texts()
         return out
 
@@ -265,6 +278,7 @@ class ProbePlan:
         notes = _Notes()
         with notes, torch.no_grad():
             for layer in self.layers:
+                first = len(notes.caught)
                 weight = getattr(modules.get(layer), "weight", None)
                 if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
                     warnings.warn(f"layer {layer!r} has no weight matrix: its parameter probes "
@@ -277,6 +291,7 @@ class ProbePlan:
                         out.layer_values.setdefault(name, {})[layer] = value
                     if probe.reference:
                         out.states[(probe.name, layer)] = kept
+                notes.per_layer(out, layer, first)
         out.notes = notes.texts()
         return out
 
