@@ -6,6 +6,12 @@ For each check it computes the result on the CPU and on CUDA from the same input
 relative difference and both timings (median of a few repeats, CUDA synchronised).  On a
 machine without CUDA it says so and exits 0.  Exit status 1 if any GPU result disagrees with
 the CPU beyond its tolerance.
+
+Theory rows compare the numpy reference (host) with the same call on jax's GPU
+(``backend="jax"``, float64) and must agree to 1e-10 relative; rows without a device path print
+``host only``.  The theory-grid row (KRR over 10⁶ modes × 100 n × 20 ridges, scaled to
+10⁴ × 20 × 5 without a jax GPU) prints the numpy / device time ratio.  ``--jax-cpu`` runs the
+theory rows with jax's CPU device as the "device" (works without a GPU).
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import numpy as np
 import torch
 
 
-def _timed(fn: Callable[[], object], device: str, repeats: int = 3) -> tuple[object, float]:
-    out = fn()  # warm-up (kernels, caches)
+def _timed(fn: Callable[[], object], device: str, repeats: int = 3,
+           warmup: bool = True) -> tuple[object, float]:
+    out = fn() if warmup else None  # warm-up (kernels, caches, jax compilation)
     times = []
     for _ in range(repeats):
         if device == "cuda":
@@ -90,32 +97,153 @@ def model_checks(n: int = 256) -> dict[str, Callable[[str], object]]:
     return checks
 
 
-def theory_checks() -> dict[str, Callable[[str], object]]:
-    """Theory functions: numpy/jax on the host; run once each as a regression check."""
+HOST_ONLY = {
+    "theory advani_saxe_asymptote",
+    "theory imbalanced_collapse",
+    "theory saxe_dynamics",
+}
+"""Theory rows with no device path (closed forms, sympy, scalar root finding): run once on the
+host and printed as ``host only``."""
+
+THEORY_TOL = 1e-10
+"""Device (jax, float64) against the numpy result: maximum relative difference."""
+
+
+def jax_gpu() -> object | None:
+    """jax's first GPU device, or None when jax has none (e.g. a CPU-only jaxlib)."""
+    try:
+        import jax
+
+        return jax.devices("gpu")[0]
+    except Exception:  # noqa: BLE001 - no GPU backend, or no jax at all
+        return None
+
+
+def _theory_backend(dev: str) -> dict:
+    """``"cpu"``: the numpy reference; ``"cuda"``: jax on the GPU; ``"jax-cpu"``: jax on the
+    CPU (to check the device path where there is no GPU)."""
+    if dev == "cpu":
+        return {}
+    if dev == "jax-cpu":
+        return {"backend": "jax", "device": "cpu"}
+    if dev == "cuda":
+        gpu = jax_gpu()
+        if gpu is None:
+            raise RuntimeError("jax has no GPU device here")
+        return {"backend": "jax", "device": gpu}
+    raise ValueError(f"unknown device {dev!r}")
+
+
+def theory_grid_size(big: bool | None = None) -> tuple[int, int, int]:
+    """(modes, sample sizes, ridges) of the theory-grid row: 10⁶ × 100 × 20 with a jax GPU,
+    10⁴ × 20 × 5 without one (seconds on a CPU)."""
+    if big is None:
+        big = jax_gpu() is not None
+    return (10**6, 100, 20) if big else (10**4, 20, 5)
+
+
+def theory_checks(big: bool | None = None) -> dict[str, Callable[[str], object]]:
+    """Theory functions.  Each takes ``dev``: ``"cpu"`` runs the numpy reference,
+    ``"cuda"`` the same call with ``backend="jax"`` on jax's GPU (``"jax-cpu"``: on jax's
+    CPU).  Rows in :data:`HOST_ONLY` ignore ``dev``."""
     import theory
 
     t = np.geomspace(0.01, 1e3, 200)
     eigs = np.arange(1, 10_001, dtype=float) ** -1.5
+    modes, n_n, n_ridge = theory_grid_size(big)
+    grid_spec = theory.power_law_spectrum(modes, a=1.5, b=1.3)
+    grid_n = np.geomspace(10, 0.5 * modes, n_n)
+    grid_ridge = np.concatenate([[0.0], np.logspace(-8, 0, n_ridge - 1)])
     return {
-        "theory advani_saxe": lambda dev: theory.advani_saxe(t, [0.5, 2.0]),
+        "theory advani_saxe": lambda dev: theory.advani_saxe(
+            t, [0.5, 2.0], **_theory_backend(dev)),
+        "theory advani_saxe GD": lambda dev: theory.advani_saxe(
+            t, [0.5, 2.0], learning_rate=0.1, **_theory_backend(dev)),
         "theory advani_saxe_asymptote": lambda dev: theory.advani_saxe_asymptote([0.5, 2.0]),
         "theory krr_learning_curve": lambda dev: theory.krr_learning_curve(
-            eigs, n=np.geomspace(10, 5e3, 30), ridge=(0.0, 1e-3)),
+            eigs, n=np.geomspace(10, 5e3, 30), ridge=(0.0, 1e-3), **_theory_backend(dev)),
         "theory rf_learning_curve": lambda dev: theory.rf_learning_curve(
-            eigs, n=(100, 1000), n_features=np.geomspace(10, 1e4, 20)),
+            eigs, n=(100, 1000), n_features=np.geomspace(10, 1e4, 20), **_theory_backend(dev)),
+        "theory scaling_regimes": lambda dev: theory.scaling_regimes(
+            eigs, n=(100, 300, 1000), n_features=(100, 300, 1000), n_fixed=30,
+            n_features_fixed=30, noise_var=0.1, **_theory_backend(dev)),
+        f"theory grid KRR {modes:.0e} x {n_n} x {n_ridge}": lambda dev: theory.krr_learning_curve(
+            grid_spec, n=grid_n, ridge=grid_ridge, noise_var=0.1, n_modes_out=0,
+            **_theory_backend(dev)),
         "theory imbalanced_collapse": lambda dev: theory.imbalanced_collapse([50] * 5 + [5] * 5),
         "theory saxe_dynamics": lambda dev: theory.saxe_dynamics(t, [3.0, 2.0, 1.0], 1e-3),
     }
 
 
-def main() -> int:
+def _theory_array(x: object) -> np.ndarray:
+    """Every variable of a Dataset, flattened and concatenated (``to_array`` would broadcast
+    them to common dims, and an empty ``mode`` dim would empty all of them)."""
+    if hasattr(x, "data_vars"):
+        return np.concatenate([np.asarray(v.values, dtype=float).ravel()
+                               for v in x.data_vars.values()])
+    return _as_array(x)
+
+
+def theory_difference(a: np.ndarray, b: np.ndarray, floor: float = 1e-200) -> float:
+    """Max relative difference ``|a − b| / max(|a|, floor)`` over finite entries; inf when the
+    two disagree on which entries are non-finite.  ``floor`` keeps values that the device
+    flushes to zero (subnormals) from counting as a relative difference of 1."""
+    fin_a, fin_b = np.isfinite(a), np.isfinite(b)
+    if not np.array_equal(fin_a, fin_b) or not np.array_equal(np.isnan(a), np.isnan(b)):
+        return float("inf")
+    if not fin_a.any():
+        return 0.0
+    x, y = a[fin_a], b[fin_a]
+    return float(np.max(np.abs(x - y) / np.maximum(np.abs(x), floor)))
+
+
+def theory_rows(device: str = "cuda", big: bool | None = None,
+                repeats: int = 3) -> list[tuple[str, float, float | None, float | None]]:
+    """``(name, cpu seconds, device seconds or None, max relative difference or None)`` per
+    theory row; ``None`` for host-only rows.  The device runs the jax path on ``device``
+    (``"cuda"`` or ``"jax-cpu"``) after one warm-up call (compilation)."""
+    rows = []
+    for name, fn in theory_checks(big).items():
+        grid = name.startswith("theory grid")
+        cpu, t_cpu = _timed(lambda f=fn: f("cpu"), "cpu", repeats=1 if grid else repeats,
+                            warmup=not grid)
+        if name in HOST_ONLY:
+            rows.append((name, t_cpu, None, None))
+            continue
+        dev, t_dev = _timed(lambda f=fn: f(device), "cpu", repeats=1 if grid else repeats)
+        rows.append((name, t_cpu, t_dev, theory_difference(_theory_array(cpu),
+                                                            _theory_array(dev))))
+    return rows
+
+
+def _print_theory(rows: list, device_label: str) -> int:
+    failures = 0
+    for name, t_cpu, t_dev, diff in rows:
+        if t_dev is None:
+            print(f"{name:<36} {t_cpu:9.4f} {'':>9} {'':>9} {'':>10}  host only")
+            continue
+        ok = diff <= THEORY_TOL
+        failures += not ok
+        print(f"{name:<36} {t_cpu:9.4f} {t_dev:9.4f} {t_cpu / t_dev:9.2f} {diff:10.2e}"
+              f"  {device_label}{'' if ok else '  MISMATCH'}")
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "--jax-cpu" in args:
+        # the theory device path on jax's CPU device against numpy: runs anywhere
+        print(f"{'check':<36} {'numpy s':>9} {'jax s':>9} {'speed-up':>9} {'rel diff':>10}")
+        return 1 if _print_theory(theory_rows("jax-cpu"), "jax cpu") else 0
     if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device here; nothing to check (exit 0).")
+        print("gpu_check: no CUDA device here; nothing to check (exit 0). "
+              "`python benchmarks/gpu_check.py --jax-cpu` checks the theory device path on the "
+              "CPU.")
         return 0
     print(f"gpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     failures = 0
     print(f"{'check':<36} {'cpu s':>9} {'cuda s':>9} {'speed-up':>9} {'rel diff':>10}")
-    for name, fn in {**feature_checks(), **model_checks(), **theory_checks()}.items():
+    for name, fn in {**feature_checks(), **model_checks()}.items():
         cpu, t_cpu = _timed(lambda f=fn: f("cpu"), "cpu")
         gpu, t_gpu = _timed(lambda f=fn: f("cuda"), "cuda")
         a, b = _as_array(cpu), _as_array(gpu)
@@ -132,6 +260,13 @@ def main() -> int:
         failures += not ok
         print(f"{name:<36} {t_cpu:9.4f} {t_gpu:9.4f} {t_cpu / t_gpu:9.2f} {diff:10.2e}"
               f"{'' if ok else '  MISMATCH'}")
+    # theory: numpy on the host against the jax path on the GPU (float64, tolerance 1e-10)
+    gpu = jax_gpu()
+    if gpu is None:
+        for name in theory_checks(big=False):
+            print(f"{name:<36} {'':>9} {'':>9} {'':>9} {'':>10}  host only (jax has no GPU)")
+    else:
+        failures += _print_theory(theory_rows("cuda"), f"jax {gpu.platform}")
     return 1 if failures else 0
 
 

@@ -14,40 +14,106 @@ module               what
 ``deep_linear``      Saxe, McClelland & Ganguli (2014) mode dynamics, derived with sympy
 ``neural_collapse``  simplex ETF and imbalanced (Dang et al. 2023) collapse geometry
 ===================  ==========================================================================
+
+``import theory`` is light: the submodules are imported on first use of one of their names
+(PEP 562 module ``__getattr__``), so ``import theory`` loads neither sympy nor jax, and never
+torch.  ``from theory import X`` and ``theory.X`` work for every name in ``__all__``.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from theory.deep_linear import (  # noqa: E402
-    half_rise_time,
-    mode_strength,
-    saxe_dynamics,
-    strength_equation,
-    time_to_strength,
-    two_layer_solution,
-)
-from theory.kernels import Spectrum, krr_learning_curve, power_law_spectrum, solve_kappa  # noqa: E402
-from theory.linear import (  # noqa: E402
-    advani_saxe,
-    advani_saxe_asymptote,
-    marchenko_pastur_density,
-    marchenko_pastur_quadrature,
-)
-from theory.neural_collapse import (  # noqa: E402
-    balanced_collapse,
-    collapse_metrics,
-    imbalanced_collapse,
-    minority_collapse_threshold,
-    simplex_etf,
-)
-from theory.random_features import (  # noqa: E402
-    optimal_ridge,
-    power_law_optimal_fitting_ratio,
-    rf_errors,
-    rf_learning_curve,
-)
-from theory.scaling import fit_power_law, predicted_exponents, scaling_regimes  # noqa: E402
-from theory.spectra import empirical_spectrum, spectrum_from_gram  # noqa: E402
+# public name -> submodule that defines it (imported on first access)
+_EXPORTS: dict[str, str] = {
+    "half_rise_time": "deep_linear",
+    "mode_strength": "deep_linear",
+    "saxe_dynamics": "deep_linear",
+    "strength_equation": "deep_linear",
+    "time_to_strength": "deep_linear",
+    "two_layer_solution": "deep_linear",
+    "Spectrum": "kernels",
+    "krr_learning_curve": "kernels",
+    "power_law_spectrum": "kernels",
+    "solve_kappa": "kernels",
+    "advani_saxe": "linear",
+    "advani_saxe_asymptote": "linear",
+    "marchenko_pastur_density": "linear",
+    "marchenko_pastur_quadrature": "linear",
+    "balanced_collapse": "neural_collapse",
+    "collapse_metrics": "neural_collapse",
+    "imbalanced_collapse": "neural_collapse",
+    "minority_collapse_threshold": "neural_collapse",
+    "simplex_etf": "neural_collapse",
+    "optimal_ridge": "random_features",
+    "power_law_optimal_fitting_ratio": "random_features",
+    "rf_errors": "random_features",
+    "rf_learning_curve": "random_features",
+    "fit_power_law": "scaling",
+    "predicted_exponents": "scaling",
+    "scaling_regimes": "scaling",
+    "empirical_spectrum": "spectra",
+    "spectrum_from_gram": "spectra",
+}
+
+_SUBMODULES = ("deep_linear", "dmft", "kernels", "linear", "neural_collapse",
+               "random_features", "scaling", "spectra")
+
+if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
+    from theory.deep_linear import (
+        half_rise_time,
+        mode_strength,
+        saxe_dynamics,
+        strength_equation,
+        time_to_strength,
+        two_layer_solution,
+    )
+    from theory.kernels import Spectrum, krr_learning_curve, power_law_spectrum, solve_kappa
+    from theory.linear import (
+        advani_saxe,
+        advani_saxe_asymptote,
+        marchenko_pastur_density,
+        marchenko_pastur_quadrature,
+    )
+    from theory.neural_collapse import (
+        balanced_collapse,
+        collapse_metrics,
+        imbalanced_collapse,
+        minority_collapse_threshold,
+        simplex_etf,
+    )
+    from theory.random_features import (
+        optimal_ridge,
+        power_law_optimal_fitting_ratio,
+        rf_errors,
+        rf_learning_curve,
+    )
+    from theory.scaling import fit_power_law, predicted_exponents, scaling_regimes
+    from theory.spectra import empirical_spectrum, spectrum_from_gram
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first access (PEP 562)."""
+    module = _EXPORTS.get(name)
+    if module is not None:
+        value = getattr(importlib.import_module(f"theory.{module}"), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if name in _SUBMODULES:
+        try:
+            return importlib.import_module(f"theory.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"theory.{name}":
+                raise
+    raise AttributeError(f"module 'theory' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "Spectrum",

@@ -31,13 +31,15 @@ Every formula is derived in code with sympy (:func:`strength_equation`, :func:`t
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import sympy as sp
 import xarray as xr
 
 from theory._dataset import theory_attrs, time_axis
+
+if TYPE_CHECKING:
+    import sympy as sp
 
 __all__ = [
     "half_rise_time",
@@ -53,7 +55,23 @@ SOURCE = ("Saxe, McClelland & Ganguli (2014), Exact solutions to the nonlinear d
           "learning in deep linear neural networks, ICLR (arXiv:1312.6120): two-layer mode "
           "solution and its reduction for deeper networks")
 
-u, u0, s, tau, t, x, x0 = sp.symbols("u u_0 s tau t x x_0", positive=True)
+_SYMBOL_NAMES = ("u", "u0", "s", "tau", "t", "x", "x0")
+
+
+@cache
+def _symbols() -> tuple:
+    """sympy, imported on first use (``import theory`` does not load it), and the symbols
+    ``u, u₀, s, τ, t, x, x₀`` of this module (all positive)."""
+    import sympy
+
+    return (sympy, *sympy.symbols("u u_0 s tau t x x_0", positive=True))
+
+
+def __getattr__(name: str) -> Any:
+    """The module's sympy symbols (``from theory.deep_linear import s, t, u``), made lazily."""
+    if name in _SYMBOL_NAMES:
+        return _symbols()[1 + _SYMBOL_NAMES.index(name)]
+    raise AttributeError(f"module 'theory.deep_linear' has no attribute {name!r}")
 
 
 def _check_depth(depth: int) -> int:
@@ -71,6 +89,7 @@ def strength_equation(depth: int = 2) -> sp.Expr:
     ``L = ½(s − Π_l a_l)²`` (Saxe et al. 2014, Sec. 1), restricted to the balanced manifold
     ``a_l = a`` (which the flow preserves), then ``u = a^D`` by the chain rule.
     """
+    sp, u, u0, s, tau, t, x, x0 = _symbols()
     depth = _check_depth(depth)
     layers = sp.symbols(f"a1:{depth + 1}", positive=True)
     a = sp.Symbol("a", positive=True)
@@ -83,6 +102,7 @@ def strength_equation(depth: int = 2) -> sp.Expr:
 def _real_logs(expr: sp.Expr) -> sp.Expr:
     """Replace ``log(g)`` by ``log(−g)`` where ``g < 0`` on ``0 < x < 1``: the same derivative,
     real values on the interval where ``u < s``."""
+    sp, u, u0, s, tau, t, x, x0 = _symbols()
 
     def negative(arg: sp.Expr) -> bool:
         return bool(arg.subs({x: sp.Rational(1, 2), s: 1, tau: 1}).is_negative)
@@ -103,6 +123,7 @@ def time_to_strength(depth: int = 2) -> sp.Expr:
     (Saxe et al. 2014, Sec. 3, written for general depth).  Logarithms are taken of positive
     arguments on ``0 < x < 1``; the result is checked by differentiation.
     """
+    sp, u, u0, s, tau, t, x, x0 = _symbols()
     depth = _check_depth(depth)
     rhs = strength_equation(depth)
     integrand = sp.powsimp(sp.simplify((1 / rhs).subs(u, s * x**depth)
@@ -126,6 +147,7 @@ def two_layer_solution() -> sp.Expr:
 
     Returns ``s u₀ e^{2st/τ} / (s − u₀ + u₀ e^{2st/τ})``, Saxe et al. (2014), Sec. 1.
     """
+    sp, u, u0, s, tau, t, x, x0 = _symbols()
     antiderivative = time_to_strength(2)
     elapsed = (antiderivative - antiderivative.subs(x, x0)).subs(
         {x: sp.sqrt(u / s), x0: sp.sqrt(u0 / s)})
@@ -135,6 +157,7 @@ def two_layer_solution() -> sp.Expr:
 
 @cache
 def _closed_form(depth: int, backend: str) -> Any:
+    sp, u, u0, s, tau, t, x, x0 = _symbols()
     sol = two_layer_solution() if depth == 2 else _one_layer_solution()
     # s / u expanded: a sum of decaying exponentials, stable for large t
     return sp.lambdify((t, s, u0, tau), s / sp.expand(s / sol), modules=backend)
@@ -142,11 +165,13 @@ def _closed_form(depth: int, backend: str) -> Any:
 
 @cache
 def _time_fn(depth: int) -> Any:
+    sp, u, u0, s, tau, t, x, x0 = _symbols()
     return sp.lambdify((x, s, tau), time_to_strength(depth), modules="numpy")
 
 
 @cache
 def _one_layer_solution() -> sp.Expr:
+    sp, u, u0, s, tau, t, x, x0 = _symbols()
     antiderivative = time_to_strength(1)
     elapsed = (antiderivative - antiderivative.subs(x, x0)).subs({x: u / s, x0: u0 / s})
     (solution,) = sp.solve(sp.Eq(t, elapsed), u)

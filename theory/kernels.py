@@ -41,7 +41,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from theory import _backend
 from theory._dataset import theory_attrs
+from theory._validate import count, float_array, nonnegative_scalar
 
 __all__ = [
     "Spectrum",
@@ -236,6 +238,13 @@ def power_law_spectrum(
     return Spectrum(i ** (-float(a)), v2)
 
 
+def _check_spectrum(spectrum: Any) -> Spectrum:
+    if not isinstance(spectrum, Spectrum):
+        raise TypeError(f"spectrum must be a theory.kernels.Spectrum (e.g. Spectrum(eigenvalues, "
+                        f"target_power) or power_law_spectrum(...)); got {type(spectrum).__name__}")
+    return spectrum
+
+
 def _as_spectrum(eigenvalues: Any, target_power: Any, multiplicity: Any) -> Spectrum:
     if isinstance(eigenvalues, Spectrum):
         if target_power is not None or multiplicity is not None:
@@ -273,15 +282,20 @@ def root_decreasing(
         ok = (np.isfinite(newton) & (newton > lo[idx]) & (newton < hi[idx])
               & (np.abs(newton - t[idx]) < 0.5 * width_old[idx]))
         width_old[idx] = hi[idx] - lo[idx]
-        new = np.where(ok, newton, 0.5 * (lo[idx] + hi[idx]))
-        done = (np.abs(new - t[idx]) <= tol * np.maximum(1.0, np.abs(t[idx]))) | (f == 0)
+        # a Newton step below the tolerance means converged, even when round-off puts it on
+        # (or a hair outside) the bracket end it started from (rtsafe's |dx| < xacc)
+        resolution = tol * np.maximum(1.0, np.abs(t[idx]))
+        tiny = np.isfinite(newton) & (np.abs(newton - t[idx]) <= resolution)
+        new = np.where(ok | tiny, newton, 0.5 * (lo[idx] + hi[idx]))
+        done = (np.abs(new - t[idx]) <= resolution) | (f == 0)
         t[idx] = np.where(f == 0, t[idx], new)
         active[idx[done]] = False
     return t
 
 
 def solve_kappa(
-    spectrum: Spectrum, n: Any, ridge: Any, tol: float = 1e-12,
+    spectrum: Spectrum, n: Any, ridge: Any, tol: float = 1e-12, backend: str | None = None,
+    device: Any = None,
 ) -> np.ndarray:
     r"""Effective regularisation ``κ`` of kernel ridge regression (broadcast over ``n``, ridge).
 
@@ -295,12 +309,23 @@ def solve_kappa(
 
     which stays accurate for 10⁶ modes and ``δ → 0`` (``κ`` is resolved to relative ``tol``).
     With ``δ = 0`` and no more modes than samples the limit ``κ = 0`` is returned.
+
+    ``backend="jax"`` (or a ``device``: a ``jax.Device`` or ``"cpu"``, ``"gpu"`` …) iterates
+    the same safeguarded Newton on that jax device in float64, every grid point at once inside
+    one ``lax.while_loop`` (:mod:`theory._backend`); the default ``backend=None`` is numpy on
+    the host.
     """
-    n, ridge = np.broadcast_arrays(np.asarray(n, dtype=float), np.asarray(ridge, dtype=float))
+    spectrum = _check_spectrum(spectrum)
+    dev = _backend.resolve(backend, device)
+    if not np.isfinite(tol) or not 0 < tol < 1:
+        raise ValueError(f"tol must be in (0, 1); got {tol}")
+    n, ridge = np.broadcast_arrays(float_array(n, "n"), float_array(ridge, "ridge"))
     shape = n.shape
     n, ridge = n.ravel().copy(), ridge.ravel().copy()
     if np.any(~np.isfinite(n)) or np.any(n <= 0):
         raise ValueError("n must be positive and finite")
+    if n.size == 0:
+        return np.zeros(shape)
     if np.any(ridge < 0) or np.any(~np.isfinite(ridge)):
         raise ValueError("ridge must be non-negative and finite (negative ridge is not supported)")
     kappa = np.zeros(n.size)
@@ -324,22 +349,36 @@ def solve_kappa(
         total = z + d
         return np.log(total / n[idx][sub]), (-(z - q) - d) / total
 
-    if idx.size:
+    if idx.size and dev is not None:
+        kappa[idx] = _backend.solve_kappa(spectrum, n[idx], ridge[idx], lo[idx], hi[idx], tol, dev)
+    elif idx.size:
         kappa[idx] = np.exp(root_decreasing(evaluate, lo[idx], hi[idx], tol=tol))
     return kappa.reshape(shape)
 
 
-def krr_errors(spectrum: Spectrum, n: np.ndarray, ridge: np.ndarray, noise_var: float) -> dict:
+def spectrum_sums(spectrum: Spectrum, kappa: np.ndarray, device: Any = None,
+                  factor: np.ndarray | None = None, bias: bool = False) -> tuple:
+    """``(Σ m L, Σ m L², Σ m v²(1−L)(1−cL) or None)`` at flat ``κ``: numpy when ``device`` is
+    None, else on that jax device."""
+    if device is not None:
+        return _backend.sums(spectrum, kappa, device, factor, bias)
+    z, q = spectrum.sums(kappa)
+    return z, q, (spectrum.bias_terms(kappa, factor) if bias else None)
+
+
+def krr_errors(spectrum: Spectrum, n: np.ndarray, ridge: np.ndarray, noise_var: float,
+               device: Any = None) -> dict:
     """Kernel-regression predictions at flat, equally shaped arrays ``n`` and ``ridge``.
 
     Returns a dict of flat arrays: ``kappa``, ``overfitting_coefficient``, ``test_error``
     (with noise), ``train_error``, ``excess_test_error`` (without noise), ``learnability_sum``.
+    ``device``: a jax device for the κ solve and the sums over modes (None: numpy).
     """
-    kappa = solve_kappa(spectrum, n, ridge)
-    z, q = spectrum.sums(kappa)
+    kappa = solve_kappa(spectrum, n, ridge, backend="jax" if device is not None else None,
+                        device=device)
+    z, q, bias = spectrum_sums(spectrum, kappa, device, bias=True)
     with np.errstate(divide="ignore"):
         e0 = np.where(n - q > 0, n / np.where(n - q > 0, n - q, 1.0), np.inf)
-    bias = spectrum.bias_terms(kappa)
     # E₀·(bias + σ²) with 0·∞ = 0: at the interpolation threshold (δ = 0, n = number of
     # modes) E₀ = ∞ but κ = 0 learns every mode, so a noiseless target has zero error (the
     # square system is solved exactly) and only noise diverges
@@ -382,6 +421,8 @@ def krr_learning_curve(
     noise_var: float = 0.0,
     multiplicity: Any = None,
     n_modes_out: int = 50,
+    backend: str | None = None,
+    device: Any = None,
 ) -> xr.Dataset:
     r"""Kernel ridge regression test and training error over a grid of ``n`` and ridge ``δ``.
 
@@ -413,6 +454,12 @@ def krr_learning_curve(
     n_modes_out : int
         ``learnability`` is returned for the largest ``n_modes_out`` eigenvalues only (a
         10⁶-mode spectrum over a grid would not fit in memory).
+    backend : {"numpy", "jax"}, optional
+        ``"jax"`` solves κ and sums over the modes on a jax ``device`` in float64 (one
+        ``lax.while_loop`` for the whole grid, no host round-trip per iteration); default numpy.
+    device : jax.Device or str, optional
+        Where the jax backend runs (``"cpu"``, ``"gpu"``, a ``jax.Device``; default jax's
+        default device).  Giving a device implies ``backend="jax"``.
 
     Returns
     -------
@@ -423,14 +470,17 @@ def krr_learning_curve(
         ``mode``.  Scalar ``n`` or ``ridge`` give no dimension.
     """
     spec = _as_spectrum(eigenvalues, target_power, multiplicity)
-    if not np.isfinite(noise_var) or noise_var < 0:
-        raise ValueError(f"noise_var must be non-negative; got {noise_var}")
-    n_arr = np.atleast_1d(np.asarray(n, dtype=float))
-    r_arr = np.atleast_1d(np.asarray(ridge, dtype=float))
+    dev = _backend.resolve(backend, device)
+    noise_var = nonnegative_scalar(noise_var, "noise_var")
+    n_modes_out = count(n_modes_out, "n_modes_out")
+    n_arr = np.atleast_1d(float_array(n, "n"))
+    r_arr = np.atleast_1d(float_array(ridge, "ridge"))
     if n_arr.ndim != 1 or r_arr.ndim != 1:
         raise ValueError("n and ridge must be scalars or 1-D arrays")
+    if n_arr.size == 0 or r_arr.size == 0:
+        raise ValueError("n and ridge must not be empty")
     nn, rr = np.meshgrid(n_arr, r_arr, indexing="ij")
-    out = krr_errors(spec, nn.ravel(), rr.ravel(), float(noise_var))
+    out = krr_errors(spec, nn.ravel(), rr.ravel(), float(noise_var), dev)
     n_out = min(int(n_modes_out), spec.eigenvalues.size)
     L = spec.learnabilities(out["kappa"])[:, :n_out] if n_out else np.empty((nn.size, 0))
     shape = nn.shape

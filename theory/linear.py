@@ -20,12 +20,15 @@ Discrete gradient descent with learning rate ``η`` is the same with ``e^{−λt
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import xarray as xr
 
+from theory import _backend
 from theory._dataset import theory_attrs, time_axis
+from theory._validate import count, float_array, nonnegative_scalar, positive_scalar, real_scalar
 
 __all__ = [
     "advani_saxe",
@@ -40,6 +43,16 @@ SOURCE = (
 )
 
 
+def _load_ratios(load_ratio: Any) -> np.ndarray:
+    ratios = np.atleast_1d(float_array(load_ratio, "load_ratio"))
+    if ratios.ndim != 1 or ratios.size == 0:
+        raise ValueError(f"load_ratio must be a scalar or a non-empty 1-D array; got shape "
+                         f"{ratios.shape}")
+    if not np.all(np.isfinite(ratios)) or np.any(ratios <= 0):
+        raise ValueError("load_ratio (the load ratio α = P/N) must be positive and finite")
+    return ratios
+
+
 def marchenko_pastur_density(lam: np.ndarray, load_ratio: float) -> np.ndarray:
     r"""Continuous part of the Marchenko–Pastur density of the eigenvalues of ``XXᵀ``.
 
@@ -48,11 +61,16 @@ def marchenko_pastur_density(lam: np.ndarray, load_ratio: float) -> np.ndarray:
 
     for ``X`` of shape ``N × αN`` with ``N(0, 1/N)`` entries (Advani & Saxe 2017, Eq. 9).
     It integrates to ``min(1, α)``; the remaining mass ``(1−α)₊`` sits at ``λ = 0``.
+    NaN entries of ``lam`` give NaN, with a warning.
     """
-    lam = np.asarray(lam, dtype=float)
+    load_ratio = positive_scalar(load_ratio, "load_ratio")
+    lam = float_array(lam, "lam")
+    if np.any(np.isnan(lam)):
+        warnings.warn("lam has NaN entries: the density is NaN there", RuntimeWarning,
+                      stacklevel=2)
     lo, hi = (1 - np.sqrt(load_ratio)) ** 2, (1 + np.sqrt(load_ratio)) ** 2
     inside = (lam > lo) & (lam < hi)
-    out = np.zeros_like(lam)
+    out = np.where(np.isnan(lam), np.nan, 0.0)
     out[inside] = np.sqrt((hi - lam[inside]) * (lam[inside] - lo)) / (2 * np.pi * lam[inside])
     return out
 
@@ -66,8 +84,11 @@ def marchenko_pastur_quadrature(
     integrand, ``ρ(λ)dλ = (2√α)² sin²θ / (2πλ) dθ``, integrated by Gauss–Legendre on
     ``θ ∈ [0, π]``.  The weights sum to ``min(1, α)``.
     """
-    if load_ratio <= 0:
-        raise ValueError(f"load ratio α = P/N must be positive; got {load_ratio}")
+    load_ratio = real_scalar(load_ratio, "load_ratio")
+    if not np.isfinite(load_ratio) or load_ratio <= 0:
+        raise ValueError(f"load_ratio (the load ratio α = P/N) must be positive and finite; "
+                         f"got {load_ratio}")
+    n_nodes = count(n_nodes, "n_nodes", minimum=1)
     x, w = np.polynomial.legendre.leggauss(n_nodes)
     theta = 0.5 * np.pi * (x + 1.0)
     w = 0.5 * np.pi * w
@@ -109,6 +130,8 @@ def advani_saxe(
     init_var: float = 0.0,
     learning_rate: float | None = None,
     n_nodes: int = 400,
+    backend: str | None = None,
+    device: Any = None,
 ) -> xr.Dataset:
     r"""Test and training error of the linear student–teacher over training time.
 
@@ -136,6 +159,10 @@ def advani_saxe(
         If given, the exact expectation for discrete gradient descent with this step size.
     n_nodes : int
         Quadrature nodes over the spectrum.
+    backend, device
+        ``backend="jax"`` (or a ``device``: ``"cpu"``, ``"gpu"``, a ``jax.Device``) evaluates
+        the quadrature for every load ratio and time in one float64 call on that jax device
+        (:mod:`theory._backend`); default numpy on the host.
 
     Returns
     -------
@@ -143,23 +170,36 @@ def advani_saxe(
         ``test_error`` and ``train_error`` (mean squared errors) over ``time`` (or the dims of
         the ``time`` DataArray) and ``load_ratio``.
     """
+    dev = _backend.resolve(backend, device)
     t, tdims, tcoords = time_axis(time)
-    ratios = np.atleast_1d(np.asarray(load_ratio, dtype=float))
-    if np.any(t < 0):
-        raise ValueError("time must be non-negative")
+    ratios = _load_ratios(load_ratio)
+    if np.any(np.isnan(t)) or np.any(t < 0):
+        raise ValueError("time must be non-negative (no NaN)")
+    noise_var, teacher_var, init_var = (nonnegative_scalar(v, name) for v, name in (
+        (noise_var, "noise_var"), (teacher_var, "teacher_var"), (init_var, "init_var")))
+    n_nodes = count(n_nodes, "n_nodes", minimum=1)
     if learning_rate is not None:
+        learning_rate = positive_scalar(learning_rate, "learning_rate")
+        if not np.all(np.isfinite(t)):
+            raise ValueError("time must be finite for gradient descent (learning_rate given)")
         unstable = learning_rate * (1 + np.sqrt(ratios.max())) ** 2
         if unstable >= 2:
             raise ValueError(
                 f"gradient descent with learning rate {learning_rate} diverges at α = "
                 f"{ratios.max()} (needs η λ₊ < 2, λ₊ = (1+√α)²)"
             )
-    results = [
-        _errors_one(a, t, noise_var, teacher_var, init_var, learning_rate, n_nodes)
-        for a in ratios
-    ]
-    test = np.stack([r[0] for r in results])
-    train = np.stack([r[1] for r in results])
+    if dev is not None:
+        nodes = [marchenko_pastur_quadrature(a, n_nodes) for a in ratios]
+        test, train = _backend.advani_saxe(
+            np.stack([q[0] for q in nodes]), np.stack([q[1] for q in nodes]), ratios, t,
+            noise_var, init_var + teacher_var, learning_rate, dev)
+    else:
+        results = [
+            _errors_one(a, t, noise_var, teacher_var, init_var, learning_rate, n_nodes)
+            for a in ratios
+        ]
+        test = np.stack([r[0] for r in results])
+        train = np.stack([r[1] for r in results])
     dims = ("load_ratio", *tdims)
     coords = {**tcoords, "load_ratio": ("load_ratio", ratios)}
     shape = (len(ratios), *np.shape(np.asarray(time)))
@@ -198,7 +238,9 @@ def advani_saxe_asymptote(
 
     (Advani & Saxe 2017, Sec. 3); ``E_g`` diverges at ``α = 1``.
     """
-    a = np.atleast_1d(np.asarray(load_ratio, dtype=float))
+    a = _load_ratios(load_ratio)
+    noise_var, teacher_var, init_var = (nonnegative_scalar(v, name) for v, name in (
+        (noise_var, "noise_var"), (teacher_var, "teacher_var"), (init_var, "init_var")))
     s0 = init_var + teacher_var
     with np.errstate(divide="ignore"):
         test = np.where(a > 1, noise_var * a / (a - 1), (1 - a) * s0 + noise_var / (1 - a))

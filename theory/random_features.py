@@ -38,15 +38,19 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from theory import _backend
 from theory._dataset import theory_attrs
+from theory._validate import count, float_array, nonnegative_scalar, positive_scalar
 from theory.kernels import (
     _ATTRS,
     Spectrum,
     _as_spectrum,
+    _check_spectrum,
     _coord,
     krr_errors,
     root_decreasing,
     solve_kappa,
+    spectrum_sums,
 )
 
 __all__ = [
@@ -62,20 +66,23 @@ SOURCE = (
 )
 
 
-def _solve_gamma(spec: Spectrum, n: np.ndarray, nf: np.ndarray, ridge: np.ndarray) -> np.ndarray:
-    """``γ`` for finite ``N_f`` (flat arrays; ``n`` may be ``inf``)."""
+def _solve_gamma(spec: Spectrum, n: np.ndarray, nf: np.ndarray, ridge: np.ndarray,
+                 device: Any = None) -> np.ndarray:
+    """``γ`` for finite ``N_f`` (flat arrays; ``n`` may be ``inf``); on a jax ``device`` if
+    given."""
     gamma = np.zeros(n.size)
     small = np.minimum(n, nf)
+    jx = dict(backend="jax" if device is not None else None, device=device)
     # zero ridge, or infinite data: z(γ) = min(n, N_f)   (δ/κ = n − z or κ = 0)
     direct = (ridge == 0) | np.isinf(n)
     if np.any(direct):
         gamma[direct] = solve_kappa(spec, np.where(ridge[direct] == 0, small[direct],
-                                                   nf[direct]), 0.0)
+                                                   nf[direct]), 0.0, **jx)
     idx = np.flatnonzero(~direct)
     if idx.size == 0 or spec.trace == 0:
         return gamma
     n_i, nf_i, d_i = n[idx], nf[idx], ridge[idx]
-    g_nf = solve_kappa(spec, nf_i, 0.0)  # z(γ_N) = N_f: the left end of the domain
+    g_nf = solve_kappa(spec, nf_i, 0.0, **jx)  # z(γ_N) = N_f: the left end of the domain
     with np.errstate(divide="ignore"):
         lo = np.maximum(np.log(g_nf), np.log(d_i / n_i))
     hi = np.log(np.maximum(4 * spec.trace / np.minimum(n_i, nf_i), 3 * d_i / n_i))
@@ -93,22 +100,32 @@ def _solve_gamma(spec: Spectrum, n: np.ndarray, nf: np.ndarray, ridge: np.ndarra
         df = (-(z - q) - d_s * nf_s * (nf_s - q) / (g * safe**2)) / total
         return f, np.where(ok, df, np.nan)
 
-    gamma[idx] = np.exp(root_decreasing(evaluate, lo, hi))
+    if device is not None:
+        gamma[idx] = _backend.solve_gamma(spec, n_i, nf_i, d_i, lo, hi, 1e-12, device)
+    else:
+        gamma[idx] = np.exp(root_decreasing(evaluate, lo, hi))
     return gamma
 
 
 def rf_errors(
     spectrum: Spectrum, n: Any, n_features: Any, ridge: Any, noise_var: float = 0.0,
+    backend: str | None = None, device: Any = None,
 ) -> dict[str, np.ndarray]:
     """Random-feature predictions at broadcast arrays ``n``, ``n_features``, ``ridge``.
 
     ``n`` or ``n_features`` may be ``inf`` (infinite data; kernel regression).  Returns a dict of
     arrays of the broadcast shape: ``gamma``, ``kappa``, ``overfitting_coefficient``,
     ``test_error`` (includes ``σ²``), ``excess_test_error``, ``train_error``,
-    ``learnability_sum``.  See the module docstring for the equations.
+    ``learnability_sum``.  See the module docstring for the equations.  ``backend="jax"`` /
+    ``device``: the root solves and the sums over modes run on that jax device (a fixed number
+    of dispatches per call, none per iteration), as in
+    :func:`theory.kernels.krr_learning_curve`.
     """
-    n, nf, ridge = np.broadcast_arrays(*(np.asarray(a, dtype=float)
-                                         for a in (n, n_features, ridge)))
+    spectrum = _check_spectrum(spectrum)
+    dev = _backend.resolve(backend, device)
+    noise_var = nonnegative_scalar(noise_var, "noise_var")
+    n, nf, ridge = np.broadcast_arrays(float_array(n, "n"), float_array(n_features, "n_features"),
+                                       float_array(ridge, "ridge"))
     shape = n.shape
     n, nf, ridge = n.ravel(), nf.ravel(), ridge.ravel()
     if np.any(np.isnan(n)) or np.any(n <= 0) or np.any(np.isnan(nf)) or np.any(nf <= 0):
@@ -120,12 +137,12 @@ def rf_errors(
                                           "test_error", "train_error", "learnability_sum")}
     kernel = np.isinf(nf) & np.isfinite(n)
     if np.any(kernel):
-        k = krr_errors(spec, n[kernel], ridge[kernel], noise_var)
+        k = krr_errors(spec, n[kernel], ridge[kernel], noise_var, dev)
         for key in out:
             out[key][kernel] = k["kappa"] if key == "gamma" else k[key]
     both = np.isinf(nf) & np.isinf(n)
     if np.any(both):  # infinite data and features: everything with λ_i > 0 is learnt
-        bias = spec.bias_terms(np.zeros(both.sum()))
+        bias = spectrum_sums(spec, np.zeros(both.sum()), dev, bias=True)[2]
         out["gamma"][both] = out["kappa"][both] = 0.0
         out["overfitting_coefficient"][both] = 1.0
         out["test_error"][both] = out["train_error"][both] = bias + noise_var
@@ -133,11 +150,12 @@ def rf_errors(
     rest = np.flatnonzero(np.isfinite(nf))
     if rest.size:
         n_r, nf_r, d_r = n[rest], nf[rest], ridge[rest]
-        gamma = _solve_gamma(spec, n_r, nf_r, d_r)
-        z, q = spec.sums(gamma)
+        gamma = _solve_gamma(spec, n_r, nf_r, d_r, dev)
+        z, q, _ = spectrum_sums(spec, gamma, dev)
         n_minus_q = nf_r - q
         ok = n_minus_q > 0
         c = np.where(ok, (nf_r - z) / np.where(ok, n_minus_q, 1.0), 1.0)
+        bias = spectrum_sums(spec, gamma, dev, factor=c, bias=True)[2]
         cross = np.where(ok, (z - q) ** 2 / np.where(ok, n_minus_q, 1.0), 0.0)
         with np.errstate(divide="ignore", invalid="ignore"):
             denom = n_r - q - cross
@@ -145,8 +163,17 @@ def rf_errors(
             denom = np.where((d_r == 0) & (n_r == nf_r) & (n_r < spec.n_positive), 0.0, denom)
             e0 = np.where(np.isinf(n_r), 1.0,
                           np.where(denom > 0, n_r / np.where(denom > 0, denom, 1.0), np.inf))
-            test = e0 * (spec.bias_terms(gamma, c) + noise_var)
-            kappa = gamma * np.clip(nf_r - z, 0, None) / nf_r
+            test = e0 * (bias + noise_var)
+            # κ from whichever exact relation is better conditioned at the root: γ(N_f − z)/N_f
+            # cancels when z ≈ N_f (n ≫ N_f), δ/(n − z) when z ≈ n (or δ = 0)
+            # (at δ = 0 or n = ∞ the root has z = min(n, N_f) exactly: use it, not its
+            # round-off, so that κ = 0 comes out exactly 0 where it is)
+            z_root = np.where((d_r == 0) | np.isinf(n_r), np.minimum(n_r, nf_r), z)
+            via_gamma = gamma * np.clip(nf_r - z_root, 0, None) / nf_r
+            via_ridge = d_r / np.where(n_r - z > 0, n_r - z, np.nan)
+            use_ridge = ((d_r > 0) & np.isfinite(n_r) & (n_r - z > 0)
+                         & ((n_r - z) / n_r > (nf_r - z) / nf_r))
+            kappa = np.where(use_ridge, via_ridge, via_gamma)
             factor = np.where(np.isinf(n_r), 1.0,
                               np.where(d_r > 0, d_r / (n_r * np.where(kappa > 0, kappa, 1.0)),
                                        1 - np.minimum(np.minimum(n_r, nf_r), spec.n_positive)
@@ -178,6 +205,8 @@ def rf_learning_curve(
     noise_var: float = 0.0,
     multiplicity: Any = None,
     n_modes_out: int = 50,
+    backend: str | None = None,
+    device: Any = None,
 ) -> xr.Dataset:
     r"""Random-feature ridge regression risk over a grid of ``n``, ``n_features`` and ridge.
 
@@ -198,6 +227,9 @@ def rf_learning_curve(
     n_modes_out : int
         ``learnability`` ``L_i = λ_i/(λ_i+γ)`` is returned for the largest ``n_modes_out``
         eigenvalues.
+    backend, device
+        ``backend="jax"`` (or a ``device``) runs the root solves and sums over modes on a jax
+        device in float64, as :func:`theory.kernels.krr_learning_curve`; default numpy.
 
     Returns
     -------
@@ -207,11 +239,17 @@ def rf_learning_curve(
         and ``learnability`` over those and ``mode``; scalar arguments give no dimension.
     """
     spec = _as_spectrum(eigenvalues, target_power, multiplicity)
-    if not np.isfinite(noise_var) or noise_var < 0:
-        raise ValueError(f"noise_var must be non-negative; got {noise_var}")
-    axes = [np.atleast_1d(np.asarray(a, dtype=float)) for a in (n, n_features, ridge)]
+    dev = _backend.resolve(backend, device)
+    noise_var = nonnegative_scalar(noise_var, "noise_var")
+    n_modes_out = count(n_modes_out, "n_modes_out")
+    axes = [np.atleast_1d(float_array(a, name)) for a, name in
+            ((n, "n"), (n_features, "n_features"), (ridge, "ridge"))]
+    for a, name in zip(axes, ("n", "n_features", "ridge"), strict=True):
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"{name} must be a scalar or a non-empty 1-D array")
     grid = np.meshgrid(*axes, indexing="ij")
-    out = rf_errors(spec, *grid, noise_var=float(noise_var))
+    out = rf_errors(spec, *grid, noise_var=float(noise_var),
+                    backend="jax" if dev is not None else None, device=dev)
     if np.any(np.isinf(out["test_error"])):
         warnings.warn("test error diverges (zero ridge at n = n_features, or n equal to the "
                       "number of modes): returned as inf", RuntimeWarning, stacklevel=2)
@@ -245,6 +283,8 @@ def optimal_ridge(
     multiplicity: Any = None,
     ridge_grid: Any = None,
     tol: float = 1e-4,
+    backend: str | None = None,
+    device: Any = None,
 ) -> xr.Dataset:
     r"""The ridge ``δ* = argmin_{δ≥0} 𝓔_te`` and the risk there, over ``n`` and ``n_features``.
 
@@ -253,6 +293,8 @@ def optimal_ridge(
     much one must overfit (Sec. 5).  The minimum is located on ``ridge_grid`` (default: 0 and 61
     log-spaced values from 10⁻¹⁰ to 10³ times ``Σ m_i λ_i``), then refined by golden-section
     search in ``log δ`` between the neighbours of the best grid point to relative ``tol``.
+    ``backend="jax"`` / ``device``: every risk evaluation runs on that jax device (see
+    :func:`rf_errors`; the golden-section loop itself stays on the host).
 
     Returns
     -------
@@ -261,13 +303,23 @@ def optimal_ridge(
         ``fitting_ratio`` (``train_error / test_error``) over (``n``, ``n_features``).
     """
     spec = _as_spectrum(eigenvalues, target_power, multiplicity)
-    n_arr = np.atleast_1d(np.asarray(n, dtype=float))
-    nf_arr = np.atleast_1d(np.asarray(n_features, dtype=float))
+    dev = _backend.resolve(backend, device)
+    jx = dict(backend="jax" if dev is not None else None, device=dev)
+    noise_var = nonnegative_scalar(noise_var, "noise_var")
+    tol = positive_scalar(tol, "tol")
+    n_arr = np.atleast_1d(float_array(n, "n"))
+    nf_arr = np.atleast_1d(float_array(n_features, "n_features"))
+    for a, name in ((n_arr, "n"), (nf_arr, "n_features")):
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"{name} must be a scalar or a non-empty 1-D array")
     nn, ff = (g.ravel() for g in np.meshgrid(n_arr, nf_arr, indexing="ij"))
     if ridge_grid is None:
         ridge_grid = np.concatenate([[0.0], np.logspace(-10, 3, 61) * max(spec.trace, 1e-300)])
-    grid = np.unique(np.asarray(ridge_grid, dtype=float))
-    risk = rf_errors(spec, nn[:, None], ff[:, None], grid[None, :], noise_var)["test_error"]
+    grid = np.unique(float_array(ridge_grid, "ridge_grid").ravel())
+    if grid.size == 0 or not np.all(np.isfinite(grid)) or grid[0] < 0:
+        raise ValueError("ridge_grid must be a non-empty array of finite ridges δ ≥ 0")
+    risk = rf_errors(spec, nn[:, None], ff[:, None], grid[None, :], noise_var,
+                     **jx)["test_error"]
     best = np.nanargmin(np.where(np.isfinite(risk), risk, np.inf), axis=1)
     lo_i, hi_i = np.clip(best - 1, 0, grid.size - 1), np.clip(best + 1, 0, grid.size - 1)
     positive = grid[grid > 0].min() if np.any(grid > 0) else 1.0
@@ -278,7 +330,7 @@ def optimal_ridge(
     c, d = b - ratio * (b - a), a + ratio * (b - a)
 
     def f(t):
-        return rf_errors(spec, nn, ff, np.exp(t), noise_var)["test_error"]
+        return rf_errors(spec, nn, ff, np.exp(t), noise_var, **jx)["test_error"]
 
     fc, fd = f(c), f(d)
     for _ in range(200):
@@ -295,10 +347,10 @@ def optimal_ridge(
         fd = np.where(need_d, f(d), fd_new) if need_d.any() else fd_new
     refined = np.exp(0.5 * (a + b))
     at_grid = risk[np.arange(nn.size), best]
-    res = rf_errors(spec, nn, ff, refined, noise_var)
+    res = rf_errors(spec, nn, ff, refined, noise_var, **jx)
     use_grid = ~(res["test_error"] <= at_grid)
     delta = np.where(use_grid, grid[best], refined)
-    res = rf_errors(spec, nn, ff, delta, noise_var)
+    res = rf_errors(spec, nn, ff, delta, noise_var, **jx)
     shape = (n_arr.size, nf_arr.size)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio_ft = res["train_error"] / res["test_error"]

@@ -28,7 +28,9 @@ import numpy as np
 import xarray as xr
 from scipy import stats
 
+from theory import _backend
 from theory._dataset import theory_attrs
+from theory._validate import float_array, nonnegative_scalar, positive_scalar
 from theory.kernels import _as_spectrum, _coord
 from theory.random_features import rf_errors
 
@@ -36,10 +38,6 @@ __all__ = ["fit_power_law", "predicted_exponents", "scaling_regimes"]
 
 SOURCE = ("Bahri, Dyer, Kaplan, Lee & Sharma (2021), Explaining neural scaling laws, "
           "arXiv:2102.06701, Sec. 2-3")
-
-REGIMES = ("variance_limited_n", "variance_limited_features", "resolution_limited_n",
-           "resolution_limited_features")
-
 
 def predicted_exponents(a: float, b: float | None = None) -> dict[str, float]:
     r"""Predicted exponents of the four regimes for ``λ_i = i^{−a}``, ``v_i² = i^{−b}``.
@@ -69,8 +67,13 @@ def scaling_regimes(
     ridge: float = 0.0,
     noise_var: float = 0.0,
     multiplicity: Any = None,
+    backend: str | None = None,
+    device: Any = None,
 ) -> xr.Dataset:
     r"""The four scaling regimes of Bahri et al. (2021) from the random-feature risk.
+
+    ``backend="jax"`` (or a ``device``) evaluates the risks on a jax device in float64
+    (:func:`theory.random_features.rf_errors`); default numpy.
 
     Returns
     -------
@@ -86,12 +89,23 @@ def scaling_regimes(
         ones (a truncated spectrum stops improving there).
     """
     spec = _as_spectrum(eigenvalues, target_power, multiplicity)
-    n_arr = np.atleast_1d(np.asarray(n, dtype=float))
-    f_arr = np.atleast_1d(np.asarray(n_features, dtype=float))
+    dev = _backend.resolve(backend, device)
+    n_arr = np.atleast_1d(float_array(n, "n"))
+    f_arr = np.atleast_1d(float_array(n_features, "n_features"))
+    for a, name in ((n_arr, "n"), (f_arr, "n_features")):
+        if a.ndim != 1 or a.size == 0:
+            raise ValueError(f"{name} must be a scalar or a non-empty 1-D array")
+        if np.any(np.isnan(a)) or np.any(a <= 0):
+            raise ValueError(f"{name} must be positive (inf allowed)")
+    n_fixed = positive_scalar(n_fixed, "n_fixed")
+    n_features_fixed = positive_scalar(n_features_fixed, "n_features_fixed")
+    ridge = nonnegative_scalar(ridge, "ridge")
+    noise_var = nonnegative_scalar(noise_var, "noise_var")
     inf = np.inf
 
     def risk(nn, ff):
-        return rf_errors(spec, nn, ff, ridge, noise_var)["test_error"]
+        return rf_errors(spec, nn, ff, ridge, noise_var,
+                         backend="jax" if dev is not None else None, device=dev)["test_error"]
 
     var_n = risk(n_arr, n_features_fixed) - risk(inf, n_features_fixed)
     var_f = risk(n_fixed, f_arr) - risk(n_fixed, inf)
