@@ -72,7 +72,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +94,7 @@ from dynamics.checkpoints import (
 from dynamics.probe_inputs import ProbeInputs, attach_labels, load_labels, load_probe_inputs
 from probes.capture import REDUCTIONS, capture, module_names, resolve_layers
 from probes.evaluation import Measurement, ProbePlan
+from probes.registry import Probe, get_probe
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -151,7 +152,7 @@ class AnalyzeSpec:
     batch_size: int = 256
     tokenizer: Any = None
     max_length: int = 128
-    probes: tuple[str, ...] = DEFAULT_PROBES
+    probes: tuple[str | Probe, ...] = DEFAULT_PROBES
     probe_kwargs: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     layers: tuple[str, ...] = ()
     reduce: str = "flatten"
@@ -163,8 +164,9 @@ class AnalyzeSpec:
     progress: bool = True  # transformers' own loading bars; changes no number
 
     def params(self) -> dict[str, Any]:
-        out = asdict(self)
-        out.pop("progress")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "progress"}
+        out["probes"] = [p.name if isinstance(p, Probe) else p for p in self.probes]
+        out["probe_kwargs"] = {k: dict(v) for k, v in self.probe_kwargs.items()}
         model = self.model
         if model is not None and not isinstance(model, str):
             out["model"] = f"{getattr(model, '__module__', '?')}:" \
@@ -647,7 +649,8 @@ def _make_spec(series: list[Checkpoint], *, model: Any, model_kwargs: Any, hf_cl
     return AnalyzeSpec(
         model=model, model_kwargs=dict(model_kwargs or {}), hf_class=hf_class,
         inputs=str(inputs), n_samples=n_samples, batch_size=batch_size, tokenizer=tokenizer,
-        max_length=max_length, probes=tuple(probes),
+        max_length=max_length,
+        probes=tuple(get_probe(p) for p in probes),  # by value: dask workers need no import
         probe_kwargs={k: dict(v) for k, v in (probe_kwargs or {}).items()},
         layers=tuple(layers or ()), reduce=reduce, device=device, dtype=dtype, strict=strict,
         seed=seed, labels=None if labels is None else str(labels), progress=progress)
@@ -762,7 +765,8 @@ def analyze(
     inputs, n_samples, batch_size, tokenizer, max_length :
         Probe inputs (:func:`dynamics.probe_inputs.load_probe_inputs`).  For text and Hugging
         Face checkpoints the tokenizer defaults to the first checkpoint folder's own.
-    probes : registered probe names (``probes.registry``)
+    probes : registered probe names (``probes.registry``) or :class:`~probes.registry.Probe`
+        objects
         Default ``rankme``, ``rankme_covariance``, ``alpha_req`` (which adds ``alpha_req_r2``).
         Feature, labelled, parameter (``weight_spectra``), model (``ntk`` …) and reference
         probes all run; stateful model probes written before the probe contract (a

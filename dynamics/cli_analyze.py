@@ -103,6 +103,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     what.add_argument("--probes", type=_csv, default=["rankme", "rankme_covariance", "alpha_req"],
                       help="comma-separated names from the probe registry "
                            "(default: rankme,rankme_covariance,alpha_req; see `traindyn info`)")
+    what.add_argument("--import", dest="imports", type=_csv, default=[], metavar="MODULES",
+                      help="modules (package.module or path/to/file.py) to import first: "
+                           "they register your own probes (probes.registry.register)")
     what.add_argument("--probe-kwargs", type=_json, default={}, metavar="JSON",
                       help='per-probe arguments, e.g. \'{"alpha_req": {"fit_range": [11, 100]}}\'')
     what.add_argument("--layers", type=_csv, required=True,
@@ -175,12 +178,31 @@ def summary_table(ds: Any, max_rows: int = 40) -> str:
     return "\n".join(lines)
 
 
+def _import(module: str) -> None:
+    """Import a module by name or a ``.py`` file by path (it registers user probes)."""
+    import importlib
+    import importlib.util
+
+    if module.endswith(".py"):
+        path = Path(module).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--import {module}: no such file")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = mod
+        spec.loader.exec_module(mod)
+    else:
+        importlib.import_module(module)
+
+
 def run(args: argparse.Namespace) -> int:
     """Handler of ``traindyn analyze``: returns 0, or 1 when any checkpoint failed."""
     from dynamics.analyze import analyze
 
     sources = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
     try:
+        for module in args.imports:
+            _import(module)
         ds = analyze(
             sources, model=args.model, model_kwargs=args.model_kwargs, hf_class=args.hf_class,
             inputs=args.inputs, n_samples=args.n_samples, batch_size=args.batch_size,

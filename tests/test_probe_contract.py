@@ -1,0 +1,243 @@
+"""The probe contract (probes.registry, probes.evaluation): one declaration, every place.
+
+The same probe set — spectral (shared accumulator), neural collapse (labelled, shared class
+statistics), weight spectra (parameters), a user-registered probe and a user reference probe —
+gives the same numbers through the Monitor in each of its three modes, through ``analyze``
+over checkpoints, and through direct calls of the plain functions; the references here are
+those direct calls and float64 numpy written in this file.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import probes
+from dynamics.monitor import Monitor
+from probes.evaluation import ProbePlan, ReferenceBook, evaluate
+from probes.registry import PROBES, Probe, Variable, get_probe, register
+from tests.helpers import ROOT, assert_rel, child_env
+
+LAYERS = ["net.0", "net.2"]   # the two Linear layers: features and a weight each
+
+
+# ---------------------------------------------------------------- a user's own probes
+def mean_abs(features):
+    """Mean absolute activation (the user's plain function)."""
+    return float(torch.as_tensor(features).double().abs().mean())
+
+
+def weight_state(weight):
+    """A parameter reference probe: keeps the weight, reports its norm."""
+    w = torch.as_tensor(weight).double()
+    return {"weight_norm_test": float(w.norm())}, w.cpu().numpy()
+
+
+def weight_compare(state, reference):
+    out = {}
+    for kind in ("first", "previous"):
+        ref = reference.get(kind)
+        out[f"weight_distance_{kind}"] = (float("nan") if ref is None
+                                          else float(np.linalg.norm(state - ref)))
+    return out
+
+
+MEAN_ABS = Probe("mean_abs_test", "features", {"mean_abs_test": Variable("mean |h|")},
+                 "a test of the contract", fn=mean_abs)
+WEIGHT_MOTION = Probe(
+    "weight_motion_test", "parameters",
+    {"weight_norm_test": Variable("||W||_F"),
+     "weight_distance_first": Variable("||W - W_first||_F"),
+     "weight_distance_previous": Variable("||W - W_previous||_F")},
+    "a test of the contract", fn=weight_state, reference=("first", "previous"),
+    compare=weight_compare)
+
+
+@pytest.fixture()
+def user_probes():
+    register(MEAN_ABS)
+    register(WEIGHT_MOTION)
+    yield
+    PROBES.pop(MEAN_ABS.name, None)
+    PROBES.pop(WEIGHT_MOTION.name, None)
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(),
+                                 nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Net()
+
+
+def _data(n: int = 90):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 12, generator=g)
+    y = torch.arange(n) % 3
+    return x, y
+
+
+def _direct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every variable by direct calls of the plain functions, layer by layer."""
+    from probes.spectral import alpha_req_fit
+    from probes.weights import weight_spectrum
+
+    net = model.net
+    with torch.no_grad():
+        h0 = net[0](x)
+        h2 = net[2](net[1](h0))
+    out: dict[str, list] = {}
+    for h, layer in ((h0, net[0]), (h2, net[2])):
+        fit = alpha_req_fit(h, fit_range=(2, 8))
+        row = {"rankme": probes.rankme(h), "alpha_req": fit.alpha, "alpha_req_r2": fit.r2,
+               "mean_abs_test": mean_abs(h)}
+        nc = probes.neural_collapse(h, y)
+        row.update({k: float(v) for k, v in nc.data_vars.items()})
+        row.update({f"weight_{k}": v for k, v in weight_spectrum(layer.weight).items()})
+        row["weight_norm_test"] = float(layer.weight.detach().double().norm())
+        for k, v in row.items():
+            out.setdefault(k, []).append(v)
+    return {k: np.array(v, dtype=float) for k, v in out.items()}
+
+
+PROBE_SET = ["rankme", "alpha_req", "neural_collapse", "weight_spectra", "mean_abs_test",
+             "weight_motion_test"]
+
+
+def _check(values: dict[str, np.ndarray], direct: dict[str, np.ndarray], where: str) -> None:
+    assert set(direct) <= set(values), f"{where}: missing {sorted(set(direct) - set(values))}"
+    for name, expected in direct.items():
+        got = np.asarray(values[name], dtype=float)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), f"{where} {name}")
+        finite = ~np.isnan(expected)
+        assert_rel(got[finite], expected[finite], 1e-9, f"{where} {name}")
+
+
+@pytest.mark.parametrize("mode", [False, "thread", "process"])
+def test_monitor_modes_equal_direct_calls(user_probes, mode):
+    x, y = _data()
+    model = _mlp()
+    direct0 = _direct(model, x, y)
+    monitor = Monitor(model, probes=PROBE_SET, layers=LAYERS, probe_data=x, probe_targets=y,
+                      schedule=lambda s: True, background=mode,
+                      probe_kwargs={"alpha_req": {"fit_range": (2, 8)}})
+    w_first = [model.net[0].weight.detach().double().clone(),
+               model.net[2].weight.detach().double().clone()]
+    with monitor:
+        monitor.step(0)
+        with torch.no_grad():  # "training": move the weights
+            for p in model.parameters():
+                p.mul_(1.1)
+        monitor.step(1)
+    ds = monitor.to_dataset()
+    direct1 = _direct(model, x, y)
+    for i, direct in enumerate((direct0, direct1)):
+        _check({k: ds[k].values[i] for k in ds.data_vars if ds[k].dims == ("step", "layer")},
+               direct, f"{mode} step {i}")
+    # the reference probe: first evaluation has no previous; the second moved by ~0.1·W
+    assert np.all(np.isnan(ds["weight_distance_previous"].values[0]))
+    w_now = [model.net[0].weight.detach().double(), model.net[2].weight.detach().double()]
+    expected = [float((b - a).norm()) for a, b in zip(w_first, w_now, strict=True)]
+    assert_rel(expected, [0.1 * float(w.norm()) for w in w_first], 1e-6, "the weights moved")
+    assert_rel(ds["weight_distance_previous"].values[1], expected, 1e-12, mode)
+    assert_rel(ds["weight_distance_first"].values[1], expected, 1e-12, mode)
+    assert ds["mean_abs_test"].attrs["source"] == "a test of the contract"
+    assert ds["nc1"].attrs["long_name"].startswith("NC1")
+
+
+def test_one_evaluate_call_equals_direct_calls_and_keeps_references(user_probes):
+    x, y = _data()
+    model = _mlp(3)
+    plan = ProbePlan(PROBE_SET, LAYERS, {"alpha_req": {"fit_range": (2, 8)}})
+    book = ReferenceBook(plan)
+    batches = list(x.split(32))
+    first = evaluate(plan, model, batches, labels=list(y.split(32)), references=book)
+    _check({k: [v[layer] for layer in LAYERS] for k, v in first.layer_values.items()},
+           _direct(model, x, y), "evaluate")
+    assert set(first.states) == {("weight_motion_test", "net.0"), ("weight_motion_test", "net.2")}
+    assert book.get(("weight_motion_test", "net.0"), "first") is first.states[
+        ("weight_motion_test", "net.0")]
+
+
+def test_plan_declares_dims_and_refuses_what_it_cannot_do(user_probes):
+    plan = ProbePlan(PROBE_SET, LAYERS)
+    variables = plan.variables()
+    assert variables["rankme"][0] == ("layer",)
+    assert variables["nc1"][0] == ("layer",) and variables["weight_alpha"][0] == ("layer",)
+    # spectral probes share one accumulator; neural collapse its class statistics
+    assert plan.accumulator_names == ["spectrum", "class_stats"]
+    assert plan.needs_labels
+    with pytest.raises(KeyError, match="unknown probe 'rankmee'"):
+        ProbePlan(["rankmee"])
+    with pytest.raises(ValueError, match="listed twice"):
+        ProbePlan(["rankme", "rankme"])
+    with pytest.raises(KeyError, match="not in the plan"):
+        ProbePlan(["rankme"], probe_kwargs={"alpha_req": {}})
+    final = Probe("final_test", "features", {"final_test": Variable("x")}, "t",
+                  fn=lambda f: ({}, 0), reference=("final",), compare=lambda s, r: {})
+    with pytest.raises(ValueError, match="final checkpoint"):
+        ReferenceBook(ProbePlan([final], ["a"]))
+    with pytest.raises(ValueError, match="consumes"):
+        Probe("bad", "pixels", {"bad": Variable("x")}, "t", fn=mean_abs)
+    with pytest.raises(ValueError, match="needs compare"):
+        Probe("bad", "features", {"bad": Variable("x")}, "t", fn=mean_abs,
+              reference=("first",))
+
+
+def test_undeclared_variables_are_refused(user_probes):
+    liar = Probe("liar_test", "features", {"liar_test": Variable("x")}, "t",
+                 fn=lambda f: {"something_else": 1.0})
+    x, _ = _data()
+    plan = ProbePlan([liar], LAYERS)
+    with pytest.raises(ValueError, match="undeclared variables"):
+        plan.layer_values(plan.accumulate({"net.0": x, "net.2": x}))
+
+
+def test_user_probe_runs_in_a_sweep_on_worker_processes(tmp_path):
+    """A Probe object travels by value to a dask worker process that never imported it."""
+    pytest.importorskip("distributed")
+    from dynamics import local_client, sweep
+    from dynamics.recipes import train_digits_mlp
+
+    with local_client(1) as client:
+        ds = sweep(train_digits_mlp, {"learning_rate": [0.05]}, seeds=[0],
+                   fixed=dict(widths=(16,), steps=4, n_evals=2,
+                              probes=("rankme", MEAN_ABS)), client=client)
+    serial = train_digits_mlp(widths=(16,), steps=4, n_evals=2, probes=("rankme", MEAN_ABS),
+                              learning_rate=0.05, seed=0)
+    got = ds["mean_abs_test"].squeeze(["learning_rate", "seed"], drop=True).values
+    np.testing.assert_array_equal(got, serial["mean_abs_test"].values)
+    assert np.all(got > 0)
+
+
+def test_registry_imports_no_probe_module_and_probes_import_is_light():
+    code = ("import sys; import probes.registry as r; "
+            "bad = [m for m in ('probes.spectral', 'probes.ntk', 'torch', 'sympy') "
+            "if m in sys.modules]; assert not bad, bad; "
+            "import probes; assert 'sympy' not in sys.modules; "
+            "p = r.get_probe('rankme'); assert p.accumulator == 'spectrum'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=child_env())
+
+
+def test_every_builtin_probe_declares_what_records_knows():
+    """Where a probe and the records vocabulary both name a variable, they agree on units."""
+    from dynamics import records
+    from probes.registry import all_probes
+
+    for probe in all_probes().values():
+        for name, var in probe.variables.items():
+            if name in records.VARIABLES:
+                assert records.VARIABLES[name]["units"] == var.units, (probe.name, name)
+    assert get_probe("weight_spectra").consumes == "parameters"
