@@ -851,7 +851,7 @@ def analyze(
     parts = output.with_name(output.name + ".parts") if output is not None else None
     keys = _content_keys(spec)
     results, pending, why = _resume(series, parts, keys, retry_failed)
-    if parts is not None and len(pending) < len(series):
+    if parts is not None and (results or any(not w.endswith("not analysed yet") for w in why)):
         print(_reuse_line(len(results), len(series), why), file=sys.stderr, flush=True)
     by_step = {c.step: c for c in series}
 

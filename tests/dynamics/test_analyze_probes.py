@@ -1,0 +1,238 @@
+"""``analyze`` with every probe family (labelled, parameter, reference) and its resume rules.
+
+References: direct calls of the plain probe functions on features computed here, and
+distances between the checkpoints' weights computed with numpy.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from dynamics.analyze import TIMING_VARIABLES, OutputError, analyze
+from dynamics.cli_analyze import main as cli_main
+from dynamics.probe_inputs import digits_inputs, digits_labels
+from probes.registry import PROBES, register
+from tests.dynamics.test_analyze import (
+    FACTORY,
+    _copy_series,
+    _load_factory,
+    _trained_state,
+)
+from tests.helpers import ROOT, assert_rel, child_env
+from tests.test_probe_contract import WEIGHT_MOTION
+
+LINEAR = ["net.0", "net.2"]
+STEPS = [0, 10, 100, 1000]
+PROBE_SET = ["rankme", "neural_collapse", "weight_spectra", "weight_motion_test"]
+
+USER_MODULE = '''
+from probes.registry import register
+from tests.test_probe_contract import WEIGHT_MOTION
+
+register(WEIGHT_MOTION)
+'''
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("factory_probes") / "mlp_factory.py"
+    path.write_text(FACTORY)
+    return f"{path}:make_mlp"
+
+
+@pytest.fixture(scope="module")
+def series(factory, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("series_probes")
+    make = _load_factory(factory)
+    for step in STEPS:
+        torch.save(_trained_state(make, step), folder / f"step{step}.pt")
+    return folder
+
+
+@pytest.fixture()
+def user_probe():
+    register(WEIGHT_MOTION)
+    yield
+    PROBES.pop(WEIGHT_MOTION.name, None)
+
+
+def _run(folder, factory, **kw):
+    kw.setdefault("progress", False)
+    return analyze(folder, model=factory, layers=LINEAR, inputs="digits", batch_size=500,
+                   labels="digits", probes=PROBE_SET, **kw)
+
+
+def test_labelled_parameter_and_reference_probes_match_direct_calls(series, factory,
+                                                                    user_probe):
+    import probes
+    from probes.weights import weight_spectrum
+
+    ds = _run(series, factory)
+    make = _load_factory(factory)
+    x, y = digits_inputs(), digits_labels()
+    weights = {}
+    for i, step in enumerate(STEPS):
+        model = make()
+        model.load_state_dict(_trained_state(make, step))
+        net = model.net
+        with torch.no_grad():
+            h = [net[0](x), net[2](torch.relu(net[0](x)))]
+        for j, (feats, layer) in enumerate(zip(h, (net[0], net[2]), strict=True)):
+            where = f"step {step} layer {j}"
+            assert_rel(ds["rankme"].values[i, j], probes.rankme(feats), 1e-9, where)
+            nc = probes.neural_collapse(feats, y)
+            for name in ("nc1", "nc2_equinorm", "nc2_equiangle", "cdnv"):
+                assert_rel(ds[name].values[i, j], float(nc[name]), 1e-9, f"{where} {name}")
+            spectrum = weight_spectrum(layer.weight.detach())
+            for name in ("spectral_norm", "stable_rank", "lambda_max", "mp_edge"):
+                assert_rel(ds[f"weight_{name}"].values[i, j], spectrum[name], 1e-12, where)
+            weights[(step, j)] = layer.weight.detach().double().numpy()
+    for i, step in enumerate(STEPS):
+        for j in range(2):
+            first = np.linalg.norm(weights[(step, j)] - weights[(0, j)])
+            assert_rel(ds["weight_distance_first"].values[i, j], first, 1e-12, "first")
+            if i == 0:
+                assert np.isnan(ds["weight_distance_previous"].values[i, j])
+            else:
+                prev = np.linalg.norm(weights[(step, j)] - weights[(STEPS[i - 1], j)])
+                assert_rel(ds["weight_distance_previous"].values[i, j], prev, 1e-12, "prev")
+    # no classifier was given: its NC variables are NaN, and the Dataset says why per layer
+    assert np.all(np.isnan(ds["nc3"].values))
+    assert ds["layer_notes"].dims == ("step", "layer")
+
+
+def test_labelled_probes_without_labels_fail_before_any_work(series, factory):
+    with pytest.raises(ValueError, match="need labels"):
+        analyze(series, model=factory, layers=LINEAR, probes=["neural_collapse"],
+                progress=False)
+
+
+def test_sigkill_then_restart_gives_the_identical_dataset_with_references(series, factory,
+                                                                          tmp_path,
+                                                                          user_probe):
+    folder = _copy_series(series, tmp_path / "kill")
+    make = _load_factory(factory)
+    for step in (2000, 3000):
+        torch.save(_trained_state(make, step), folder / f"step{step}.pt")
+    module = tmp_path / "user_probes.py"
+    module.write_text(USER_MODULE)
+    output = tmp_path / "killed.nc"
+    parts = tmp_path / "killed.nc.parts"
+    cmd = [sys.executable, "-m", "dynamics.cli_analyze", str(folder), "--model", factory,
+           "--layers", ",".join(LINEAR), "--batch-size", "500", "--labels", "digits",
+           "--probes", ",".join(PROBE_SET), "--import", str(module), "--output", str(output),
+           "--no-progress", "--no-figures"]
+    env = child_env(TRAINDYN_TEST_DELAY="0.15", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(parts.glob("step*.json"))) >= 2:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert not output.exists()
+    assert list(parts.glob("step*.npz")), "reference states are stored beside the parts"
+    resumed = _run(folder, factory, output=output)
+    whole = _run(folder, factory)
+    drop = list(TIMING_VARIABLES)
+    xr.testing.assert_identical(resumed.drop_vars(drop).drop_attrs(),
+                                whole.drop_vars(drop).drop_attrs())
+
+
+def test_resume_reuses_only_what_is_unchanged_and_says_so(series, factory, tmp_path, capfd):
+    folder = _copy_series(series, tmp_path / "resume")
+    inputs = tmp_path / "inputs.npy"
+    np.save(inputs, digits_inputs().numpy()[:300])
+    labels = tmp_path / "labels.npy"
+    np.save(labels, digits_labels().numpy()[:300])
+    source = Path(factory.rpartition(":")[0])
+    model_file = tmp_path / "model.py"
+    model_file.write_text(source.read_text())
+    kw = dict(model=f"{model_file}:make_mlp", layers=LINEAR, inputs=str(inputs),
+              labels=str(labels), probes=["rankme", "neural_collapse"], progress=False,
+              output=tmp_path / "out.nc")
+    first = analyze(folder, **kw)
+    capfd.readouterr()
+    again = analyze(folder, **kw)
+    err = capfd.readouterr().err
+    assert "reusing 4 of 4" in err, err
+    xr.testing.assert_identical(first.drop_vars(list(TIMING_VARIABLES)),
+                                again.drop_vars(list(TIMING_VARIABLES)))
+    # the probe inputs change in content, not in name: everything is computed again
+    np.save(inputs, -digits_inputs().numpy()[:300])
+    changed = analyze(folder, **kw)
+    err = capfd.readouterr().err
+    assert "reusing 0 of 4" in err and "probe inputs" in err, err
+    assert not np.allclose(changed["rankme"].values, first["rankme"].values)
+    # the model code changes (a comment is enough to be safe): recomputed, and said
+    model_file.write_text(model_file.read_text() + "\n# edited\n")
+    analyze(folder, **kw)
+    err = capfd.readouterr().err
+    assert "model code" in err, err
+    # a checkpoint replaced by one with the same size and modification time
+    path = folder / "step100.pt"
+    st = path.stat()
+    make = _load_factory(factory)
+    torch.save(_trained_state(make, 5), path)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    analyze(folder, **kw)
+    err = capfd.readouterr().err
+    assert "reusing 3 of 4" in err and "checkpoint content" in err, err
+
+
+def test_output_problems_are_found_before_any_checkpoint(series, factory, tmp_path, capsys,
+                                                         monkeypatch):
+    import dynamics.analyze as mod
+
+    calls = []
+    monkeypatch.setattr(mod, "analyze_checkpoint", lambda *a, **k: calls.append(1))
+    (tmp_path / "a_dir.nc").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for bad, message in ((tmp_path / "a_dir.nc", "directory"),
+                         (tmp_path / "a_file" / "out.nc", "cannot write"),
+                         (tmp_path / "out.csv", "must end in")):
+        with pytest.raises(OutputError, match=message):
+            analyze(series, model=factory, layers=LINEAR, output=bad, progress=False)
+        code = cli_main([str(series), "--model", factory, "--layers", "net.0", "--output",
+                         str(bad), "--no-progress"])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert calls == []
+
+
+def test_results_are_readable_by_colleagues(series, factory, tmp_path):
+    old = os.umask(0o022)
+    try:
+        output = tmp_path / "shared.nc"
+        analyze(series, model=factory, layers=["net.0"], probes=["rankme"], output=output,
+                progress=False)
+    finally:
+        os.umask(old)
+    for path in [output, *sorted((tmp_path / "shared.nc.parts").iterdir())]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_usage_errors_for_impossible_requests(series, factory, capsys):
+    assert cli_main([str(series), "--model", factory, "--layers", "net.0", "--n-samples", "0",
+                     "--no-progress"]) == 2
+    assert "n_samples must be >= 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli_main([str(series), "--model", factory, "--layers", "net.0", "--device",
+                         "cuda", "--no-progress"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
