@@ -63,10 +63,10 @@ def as_features(x: ArrayLike, name: str = "features") -> torch.Tensor:
     t = as_tensor(x)
     if t.ndim < 2:
         raise ValueError(f"{name} must be (n_samples, n_features); got shape {tuple(t.shape)}")
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
     if t.ndim > 2:
         t = t.reshape(t.shape[0], -1)
-    if t.shape[0] == 0 or t.shape[1] == 0:
-        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
     if not (t.is_floating_point() or t.is_complex()):
         t = t.to(torch.float32)
     return t
@@ -75,6 +75,54 @@ def as_features(x: ArrayLike, name: str = "features") -> torch.Tensor:
 def all_finite(t: torch.Tensor) -> bool:
     """True when every entry of ``t`` is finite."""
     return bool(torch.isfinite(t).all())
+
+
+def check_finite(t: torch.Tensor, name: str, what: str = "") -> bool:
+    """True when ``t`` is finite; otherwise warn (``RuntimeWarning`` naming ``name``) and
+    return False, so that the caller returns NaN for what depends on it."""
+    if all_finite(t):
+        return True
+    warnings.warn(f"{name} has non-finite entries (NaN or Inf){': ' + what if what else ''}",
+                  RuntimeWarning, stacklevel=3)
+    return False
+
+
+def require_finite(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` if it is finite, else ``ValueError`` naming ``name`` (for arguments whose
+    non-finite values have no NaN answer: sizes, tolerances, targets of a fit)."""
+    if not all_finite(t):
+        raise ValueError(f"{name} must be finite; it has NaN or Inf entries")
+    return t
+
+
+def check_labels(labels: ArrayLike, n: int | None = None, name: str = "labels",
+                 n_classes: int | None = None, device: torch.device | None = None
+                 ) -> torch.Tensor:
+    """Integer class labels as a 1-D ``torch.long`` tensor, validated.
+
+    Raises ``TypeError`` for non-integer labels and ``ValueError`` (naming ``name``) for a
+    shape other than ``(n,)``, for negative labels (PyTorch's ``ignore_index = -100``
+    included: drop those samples before probing) and, with ``n_classes``, for labels
+    ``>= n_classes``.
+    """
+    y = as_tensor(labels)
+    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise TypeError(f"{name} must be integers; got dtype {y.dtype}")
+    if n is not None and y.ndim > 1 and y.numel() == n and max(y.shape) == n:
+        y = y.reshape(-1)
+    if y.ndim != 1 or (n is not None and y.shape[0] != n):
+        raise ValueError(f"{name} must have shape ({n if n is not None else 'n'},) to match "
+                         f"the samples; got {tuple(y.shape)}")
+    if y.numel():
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0:
+            raise ValueError(f"{name} must be class indices >= 0; got {lo}"
+                             + (" (PyTorch's ignore_index: drop those samples first)"
+                                if lo == -100 else ""))
+        if n_classes is not None and hi >= n_classes:
+            raise ValueError(f"{name} must be < {n_classes} (the number of classes / outputs);"
+                             f" got {hi}")
+    return y.to(device=device if device is not None else y.device, dtype=torch.long)
 
 
 def warn_nan(reason: str) -> float:

@@ -197,6 +197,11 @@ def reduce_tokens(
     if attention_mask is None:
         return x.mean(1) if reduce == "mean" else x[:, -1]
     mask = attention_mask.to(device=x.device, dtype=x.dtype)
+    empty = (mask > 0).sum(1) == 0
+    if bool(empty.any()):
+        rows = torch.nonzero(empty).reshape(-1).tolist()
+        raise ValueError(f"attention_mask: sequences {rows[:10]} have no non-pad token, so "
+                         f"reduce={reduce!r} is undefined for them; drop them from the batch")
     if reduce == "mean":
         return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
     # last non-pad token: the highest position whose mask is 1 (works for left and right padding)

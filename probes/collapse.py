@@ -42,8 +42,15 @@ import numpy as np
 import torch
 import xarray as xr
 
-from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor
-from probes.spectral import lapack_single_thread
+from probes._arrays import (
+    STAT_DTYPE,
+    ArrayLike,
+    all_finite,
+    as_features,
+    as_tensor,
+    check_labels,
+)
+from probes._solve import lapack_single_thread
 
 __all__ = ["GLOBAL_MEANS", "NC_VARIABLES", "CollapseAccumulator", "neural_collapse"]
 
@@ -159,6 +166,7 @@ class CollapseAccumulator:
         self._scatter: torch.Tensor | None = None
         self._mismatch = 0
         self._predicted = 0
+        self._pred_nonfinite = False
 
     # ------------------------------------------------------------------ updates
     def _grow(self, new_labels: list[int], device: torch.device) -> None:
@@ -224,9 +232,13 @@ class CollapseAccumulator:
         ``argmax`` of ``logits`` or of ``h Wᵀ + b``."""
         self._check()
         z = as_features(features).to(STAT_DTYPE)
-        pred = _network_prediction(z, logits, weight, bias)
-        if pred is None:
+        if logits is None and weight is None:
             raise ValueError("update_predictions needs logits, or the classifier weight")
+        pred = _network_prediction(z, logits, weight, bias, max(self._index))
+        if pred is None:  # non-finite logits / classifier (warned): NC4 is NaN
+            self._pred_nonfinite = True
+            self._predicted += z.shape[0]
+            return self
         self._mismatch += int((self.ncc_predict(z) != pred).sum())
         self._predicted += z.shape[0]
         return self
@@ -270,7 +282,7 @@ class CollapseAccumulator:
         st = self.stats()
         values = _metrics(st, self.n, weight, global_mean, self.nonfinite)
         values["nc4"] = (self._mismatch / self._predicted if self._predicted and
-                         not self.nonfinite else float("nan"))
+                         not (self.nonfinite or self._pred_nonfinite) else float("nan"))
         params = {"global_mean": global_mean, "n_classes": len(st.labels), "n_samples": self.n,
                   "n_features": self.d, "std_ddof": 0,
                   "class_counts": [int(c) for c in st.counts.tolist()],
@@ -279,29 +291,79 @@ class CollapseAccumulator:
 
 
 def _as_labels(labels: ArrayLike, n: int, device: torch.device) -> torch.Tensor:
-    y = as_tensor(labels)
-    if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
-        raise TypeError(f"labels must be integers; got dtype {y.dtype}")
-    y = y.reshape(-1) if y.ndim > 1 and y.numel() == n else y
-    if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"labels must have shape ({n},) to match the features; got "
-                         f"{tuple(y.shape)}")
-    return y.to(device=device, dtype=torch.long)
+    return check_labels(labels, n, "labels", device=device)
 
 
-def _network_prediction(z, logits, weight, bias) -> torch.Tensor | None:
+def _network_prediction(z, logits, weight, bias, max_label: int) -> torch.Tensor | None:
+    """argmax of ``logits`` or of ``z Wᵀ + b``; ``None`` (with a warning) if not finite."""
     if logits is not None:
         lg = as_features(logits, "logits").to(z.device)
         if lg.shape[0] != z.shape[0]:
             raise ValueError(f"logits have {lg.shape[0]} rows; features have {z.shape[0]}")
+        if max_label >= lg.shape[1]:
+            raise ValueError(f"labels must index the columns of logits (0..{lg.shape[1] - 1}); "
+                             f"got label {max_label}")
+        if not all_finite(lg):
+            _warn("neural collapse: logits have non-finite entries (NaN or Inf); NC4 is NaN")
+            return None
         return lg.argmax(1)
-    if weight is None:
-        return None
     w = as_features(weight, "weight").to(device=z.device, dtype=STAT_DTYPE)
+    if w.shape[1] != z.shape[1]:
+        raise ValueError(f"weight has {w.shape[1]} columns; features have {z.shape[1]}")
+    if max_label >= w.shape[0]:
+        raise ValueError(f"labels must index the rows of weight (0..{w.shape[0] - 1}); got "
+                         f"label {max_label}")
     out = z @ w.T
     if bias is not None:
-        out = out + as_tensor(bias).to(device=z.device, dtype=STAT_DTYPE).reshape(-1)
+        b = as_tensor(bias).to(device=z.device, dtype=STAT_DTYPE).reshape(-1)
+        if b.shape[0] != w.shape[0]:
+            raise ValueError(f"bias has {b.shape[0]} entries; weight has {w.shape[0]} rows")
+        out = out + b
+    if not all_finite(out):
+        _warn("neural collapse: the classifier (weight or bias) has non-finite entries; NC4 "
+              "is NaN")
+        return None
     return out.argmax(1)
+
+
+def _rank_tolerance(m: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of ``M̃ᵀM̃`` (or ``M̃M̃ᵀ``) at or below this are round-off of a zero."""
+    return max(m.shape) * torch.finfo(STAT_DTYPE).eps * top.clamp(min=0) * 10
+
+
+def nc1_class_space(m: torch.Tensor, sigma_w: torch.Tensor) -> float | None:
+    r"""``NC1 = Tr(Σ_W Σ_B^†)/C`` by a ``C × C`` eigenproblem (no ``d × d`` solve).
+
+    With ``Σ_B = M̃M̃ᵀ/C`` (``M̃`` is ``d × C``, rank ``≤ C − 1``) and the thin SVD
+    ``M̃ = U S Vᵀ``: ``Σ_B^† = C U S^{-2} Uᵀ``, hence
+    ``NC1 = Σ_k u_kᵀ Σ_W u_k / s_k² = Σ_k a_kᵀ Σ_W a_k / s_k⁴`` with ``a_k = M̃ v_k = s_k u_k``,
+    where ``(s_k², v_k)`` are the eigenpairs of the ``C × C`` matrix ``M̃ᵀM̃`` (Papyan, Han &
+    Donoho 2020, Fig. 6 for the definition; the reduction is linear algebra).  Cost
+    ``O(dC² + d²C)`` instead of the ``O(d³)`` pseudo-inverse.  ``None`` when ``Σ_B = 0``.
+    """
+    with lapack_single_thread(m.device):
+        s2, v = torch.linalg.eigh(m.T @ m)
+    keep = s2 > _rank_tolerance(m, s2.max())
+    if not bool(keep.any()):
+        return None
+    a = m @ v[:, keep]
+    return float(((a * (sigma_w @ a)).sum(0) / s2[keep] ** 2).sum())
+
+
+def nc1_feature_space(m: torch.Tensor, sigma_w: torch.Tensor) -> float | None:
+    """``NC1 = Tr(Σ_W Σ_B^†)/C`` the direct way: the ``d × d`` pseudo-inverse of
+    ``Σ_B = M̃M̃ᵀ/C`` from its eigendecomposition (the reference route of
+    :func:`nc1_class_space`; ``O(d³)``)."""
+    c = m.shape[1]
+    sigma_b = m @ m.T / c
+    with lapack_single_thread(m.device):
+        lam, u = torch.linalg.eigh(sigma_b)
+    keep = lam > _rank_tolerance(m, lam.max()) / c
+    if not bool(keep.any()):
+        return None
+    uk = u[:, keep]
+    pinv = (uk / lam[keep]) @ uk.T
+    return float(torch.trace(sigma_w @ pinv) / c)
 
 
 def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> dict[str, float]:
@@ -327,16 +389,11 @@ def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> d
     m = (means - mu_g).T  # d × C, columns μ_c - μ_G
     sigma_w = st.scatter / n
 
-    # NC1 = Tr(Σ_W Σ_B^†)/C with Σ_B = M Mᵀ/C.  With M = U S Vᵀ, Σ_B^† = C U S^-2 Uᵀ, so
-    # NC1 = Σ_k u_kᵀ Σ_W u_k / s_k² = Σ_k a_kᵀ Σ_W a_k / s_k⁴ with a_k = M v_k (C×C eigenproblem).
-    with lapack_single_thread(m.device):
-        s2, v = torch.linalg.eigh(m.T @ m)
-    keep = s2 > max(m.shape) * torch.finfo(STAT_DTYPE).eps * s2.max().clamp(min=0) * 10
-    if not bool(keep.any()):
+    nc1 = nc1_class_space(m, sigma_w)
+    if nc1 is None:
         _warn("neural collapse: all class means coincide (Sigma_B = 0); NC1 is undefined")
     else:
-        a = m @ v[:, keep]
-        out["nc1"] = float(((a * (sigma_w @ a)).sum(0) / s2[keep] ** 2).sum())
+        out["nc1"] = nc1
 
     out["nc2_equinorm"] = _cv(m.norm(dim=0))
     out["nc2_equiangle"], out["nc2_coherence"] = _angle_metrics(m)
@@ -354,6 +411,10 @@ def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> d
         if min(st.labels) < 0 or max(st.labels) >= w.shape[0]:
             raise ValueError(f"labels must index the rows of weight (0..{w.shape[0] - 1}); "
                              f"got labels {st.labels[0]}..{st.labels[-1]}")
+        if not all_finite(w):
+            _warn("neural collapse: weight has non-finite entries (NaN or Inf); the classifier "
+                  "metrics are NaN")
+            return out
         if w.shape[0] != c:
             _warn(f"weight has {w.shape[0]} rows but only {c} classes are present; classifier "
                   "metrics use the rows of the present classes")

@@ -363,6 +363,8 @@ def inductive_bias(
     eps = np.atleast_1d(np.asarray(epsilon, dtype=float))
     if eps.ndim != 1:
         raise ValueError(f"epsilon must be a number or 1-D; got shape {eps.shape}")
+    if not np.all(np.isfinite(eps)):
+        raise ValueError("epsilon must be finite (NaN or Inf found)")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1); got {confidence}")
     fit = fit_ncx2(e)
@@ -473,8 +475,12 @@ def gp_posterior_errors(
         raise ValueError(f"kernel shapes disagree: K_nn {tuple(knn.shape)}, K_*n "
                          f"{tuple(ksn.shape)}, K_** {tuple(kss.shape)}")
     if ytr.shape[0] != n or yte.shape[0] != m or ytr.shape[1] != yte.shape[1]:
-        raise ValueError(f"targets {tuple(ytr.shape)} / {tuple(yte.shape)} do not match "
-                         f"{n} training and {m} test points")
+        raise ValueError(f"targets y_train {tuple(ytr.shape)} / y_test {tuple(yte.shape)} do "
+                         f"not match {n} training and {m} test points")
+    for name, t in (("k_train", knn), ("k_cross", ksn), ("k_test", kss), ("y_train", ytr),
+                    ("y_test", yte)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} must be finite (NaN or Inf found)")
     chol, info = torch.linalg.cholesky_ex(knn)
     if int(info) != 0:
         raise ValueError("the training kernel matrix is singular: no function of this space "
@@ -524,6 +530,11 @@ def kernel_hypothesis_errors(
     """
     xtr = as_tensor(x_train, STAT_DTYPE)
     xte = as_tensor(x_test, STAT_DTYPE).to(xtr.device)
+    for name, t in (("x_train", xtr), ("x_test", xte)):
+        if t.ndim == 0 or t.shape[0] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} must be finite (NaN or Inf found)")
     xtr, xte = xtr.reshape(xtr.shape[0], -1), xte.reshape(xte.shape[0], -1)
     if kernel == "rbf":
         if lengthscale is None:
@@ -564,6 +575,8 @@ def network_hypothesis_errors(
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("no seeds given")
+    if fit_tolerance is not None and not fit_tolerance >= 0:
+        raise ValueError(f"fit_tolerance must be a non-negative number; got {fit_tolerance}")
     if client is not None:
         results = client.gather(client.map(train_fn, seeds, pure=False))
     else:
@@ -579,6 +592,11 @@ def network_hypothesis_errors(
                           f"data (train error > {fit_tolerance}); they are left out",
                           RuntimeWarning, stacklevel=2)
         test = test[keep]
+    bad = ~np.isfinite(test)
+    if bad.any():
+        warnings.warn(f"{int(bad.sum())} of {test.size} networks gave a non-finite test error "
+                      "(diverged?); they are NaN here and must be dropped or refitted before "
+                      "inductive_bias", RuntimeWarning, stacklevel=2)
     return test
 
 

@@ -67,6 +67,8 @@ def max_attention_logit(
     if qt.shape != kt.shape or qt.ndim < 2:
         raise ValueError(f"q and k must have the same shape (..., tokens, d_head); got "
                          f"{tuple(qt.shape)} and {tuple(kt.shape)}")
+    if qt.numel() == 0:
+        raise ValueError(f"q and k are empty: shape {tuple(qt.shape)}")
     scale = 1.0 / math.sqrt(qt.shape[-1]) if scale is None else scale
     logits = (qt @ kt.transpose(-2, -1)).abs() * scale
     if causal:
@@ -87,7 +89,15 @@ def log_partition(logits: ArrayLike) -> torch.Tensor:
     ``log Z = 0`` when the logits already are log-probabilities; its drift away from 0 is the
     output-logit divergence that z-loss suppresses.
     """
-    return torch.logsumexp(as_tensor(logits, STAT_DTYPE), dim=-1)
+    t = as_tensor(logits, STAT_DTYPE)
+    if t.ndim == 0 or t.shape[-1] == 0:
+        raise ValueError(f"logits need a non-empty last (vocabulary) axis; got shape "
+                         f"{tuple(t.shape)}")
+    out = torch.logsumexp(t, dim=-1)
+    if not bool(torch.isfinite(out).all()):
+        warnings.warn("log_partition: logits have NaN or +Inf entries (or a row of -Inf): "
+                      "log Z is not finite there", RuntimeWarning, stacklevel=2)
+    return out
 
 
 def lr_sensitivity(
@@ -111,10 +121,12 @@ def lr_sensitivity(
     """
     values = np.asarray(losses, dtype=np.float64).ravel()
     if values.size == 0:
-        raise ValueError("lr_sensitivity needs at least one loss")
+        raise ValueError("losses is empty: lr_sensitivity needs at least one loss")
     if not math.isfinite(initial_loss):
         raise ValueError(f"initial_loss must be finite, got {initial_loss}")
     capped = np.where(np.isfinite(values), np.minimum(values, initial_loss), initial_loss)
+    if best_loss is not None and not math.isfinite(best_loss):
+        raise ValueError(f"best_loss must be finite, got {best_loss}")
     if best_loss is None:
         finite = values[np.isfinite(values)]
         if finite.size == 0:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_tensor, warn_nan
+from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_tensor, check_labels, warn_nan
 
 __all__ = [
     "center_kernel",
@@ -49,6 +49,8 @@ __all__ = [
 
 def _kernel(K: ArrayLike, name: str = "K") -> torch.Tensor:
     t = as_tensor(K, STAT_DTYPE)
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
     if t.ndim == 2 and t.shape[0] == t.shape[1]:
         return t
     if t.ndim == 4 and t.shape[0] == t.shape[1] and t.shape[2] == t.shape[3]:
@@ -81,18 +83,17 @@ def targets_matrix(
         Number of one-hot columns for integer labels (default ``max(y) + 1``).
     """
     t = as_tensor(y)
-    if t.ndim == 1 and not (t.is_floating_point() or t.is_complex()):
-        if t.numel() and int(t.min()) < 0:
-            raise ValueError("integer class labels must be non-negative")
+    if t.ndim == 1 and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool):
+        t = check_labels(t, n, "y (integer class labels)", n_classes=n_outputs)
         c = n_outputs if n_outputs is not None else (int(t.max()) + 1 if t.numel() else 1)
-        t = torch.nn.functional.one_hot(t.long(), c)
+        t = torch.nn.functional.one_hot(t, c)
     t = t.to(STAT_DTYPE)
     if t.ndim == 1:
         t = t[:, None]
     if t.ndim != 2:
-        raise ValueError(f"targets must be (n,) or (n, c); got shape {tuple(t.shape)}")
+        raise ValueError(f"targets y must be (n,) or (n, c); got shape {tuple(t.shape)}")
     if n is not None and t.shape[0] != n:
-        raise ValueError(f"targets have {t.shape[0]} samples but the kernel has {n}")
+        raise ValueError(f"targets y have {t.shape[0]} samples but the kernel has {n}")
     return t
 
 
@@ -117,6 +118,8 @@ def center_kernel(K: ArrayLike) -> torch.Tensor:
     For a full ``(n, n, k, k)`` NTK the centring acts on the two sample axes (``H ⊗ I_k``).
     """
     K = _kernel(K)
+    if not all_finite(K):
+        warn_nan("center_kernel: K has non-finite entries (NaN or Inf); so has the result")
     Kc = K - K.mean(0, keepdim=True)
     return Kc - Kc.mean(1, keepdim=True)
 
@@ -175,6 +178,9 @@ def cumulative_power(K: ArrayLike, y: ArrayLike, k: int | None = None) -> np.nda
         warn_nan("cumulative power: non-finite kernel")
         return out if k is None else float("nan")
     norm2 = float((Y * Y).sum())
+    if not np.isfinite(norm2):
+        warn_nan("cumulative power: the targets y are not finite")
+        return np.full(Km.shape[0], np.nan) if k is None else float("nan")
     if norm2 == 0:
         warn_nan("cumulative power undefined for zero targets")
         return np.full(Km.shape[0], np.nan) if k is None else float("nan")

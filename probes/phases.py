@@ -123,7 +123,10 @@ def geometric_phases(
         raise ValueError(f"step, rankme and alpha must have the same length; got "
                          f"{steps.size}, {r.size}, {a.size}")
     if steps.size < 3:
-        raise ValueError(f"need at least 3 checkpoints to take derivatives; got {steps.size}")
+        raise ValueError(f"step: need at least 3 checkpoints to take derivatives; got "
+                         f"{steps.size}")
+    if not np.all(np.isfinite(steps)):
+        raise ValueError("step must be finite (NaN or Inf found)")
     if np.any(steps < 0) or np.any(np.diff(steps) <= 0):
         raise ValueError("steps must be non-negative and strictly increasing")
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -165,6 +168,8 @@ def phase_segments(step: ArrayLike, labels: ArrayLike) -> list[tuple[int, int, s
     labels = np.asarray(labels)
     if steps.shape != labels.shape:
         raise ValueError("step and labels must have the same length")
+    if not np.all(np.isfinite(steps)):
+        raise ValueError("step must be finite (NaN or Inf found)")
     out: list[tuple[int, int, str]] = []
     start = 0
     for i in range(1, steps.size + 1):

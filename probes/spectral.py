@@ -25,6 +25,7 @@ overflow upstream) give NaN with a ``RuntimeWarning``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor, warn_nan
+from probes._solve import batched_eigvalsh, eigvalsh, lapack_single_thread
 
 __all__ = [
     "DEFAULT_EPS",
@@ -67,30 +69,6 @@ DEFAULT_EPS = 1e-7
 
 DEFAULT_FIT_RANGE = (10, 100)
 """0-based half-open index range of the alpha-ReQ fit: ranks 11..100 (reptrix's default)."""
-
-
-class lapack_single_thread:  # noqa: N801 - a context manager used like a function
-    """Run CPU eigensolvers and SVDs on one intra-op thread; restore the count afterwards.
-
-    LAPACK's symmetric eigensolver parallelises poorly at the ``d × d`` sizes of probe
-    statistics, and on a busy machine OpenMP's spinning threads can make a 2-thread solve tens
-    of times slower than a 1-thread one; one thread also makes results independent of the
-    thread count (the last bits of LAPACK eigenvalues change with it).  No effect on CUDA.
-    """
-
-    def __init__(self, device: torch.device | None = None) -> None:
-        self.active = device is None or device.type == "cpu"
-        self.saved: int | None = None
-
-    def __enter__(self) -> None:
-        if self.active and torch.get_num_threads() != 1:
-            self.saved = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.saved is not None:
-            torch.set_num_threads(self.saved)
-            self.saved = None
 
 
 # --------------------------------------------------------------------------- accumulator
@@ -230,22 +208,43 @@ class SpectrumAccumulator:
             return self._m2
         return self._m2 + self.n * torch.outer(self._mean, self._mean)
 
+    def eigen_matrix(self, centered: bool) -> torch.Tensor | None:
+        """The symmetric matrix whose eigenvalues / ``n`` are :meth:`eigenvalues` (``d × d``,
+        or ``n × n`` while rows are kept), or ``None`` — with a ``RuntimeWarning`` — when the
+        features were not finite or their second moment overflows float64."""
+        if not self._check():
+            warnings.warn("features are not finite (NaN or Inf): their spectra are NaN",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        matrix = self._gram_or_scatter(centered)
+        if not all_finite(matrix):
+            warnings.warn("the second moment of the features overflows float64 (entries of "
+                          "about 1e154 or more): their spectra are NaN; rescale the features",
+                          RuntimeWarning, stacklevel=3)
+            return None
+        return matrix
+
+    def eigenvalues_from(self, raw: torch.Tensor | None) -> torch.Tensor:
+        """:meth:`eigenvalues` from the ascending eigenvalues ``raw`` of :meth:`eigen_matrix`
+        (``None``: NaN), so that a batched solve of several matrices gives identical values."""
+        if raw is None:
+            return torch.full((min(self.n, self.d),), float("nan"), dtype=STAT_DTYPE,
+                              device=self.device)
+        evals = raw.flip(0) / self.n
+        tol = max(self.n, self.d) * torch.finfo(STAT_DTYPE).eps * evals[0].clamp(min=0)
+        return torch.where(evals > tol, evals, torch.zeros_like(evals))
+
     def eigenvalues(self, centered: bool) -> torch.Tensor:
         """Eigenvalues of the second-moment matrix ``(1/n) ZᵀZ`` (``centered=False``) or of the
         covariance ``(1/n) Z_cᵀ Z_c`` with column-centred ``Z_c`` (``centered=True``).
 
         Returns ``min(n, d)`` values in descending order (float64, on the accumulator's
-        device), with round-off below ``max(n, d)·ε_64·λ_max`` set to zero.  NaN when the
-        features were not finite.
+        device), with round-off below ``max(n, d)·ε_64·λ_max`` set to zero.  NaN, with a
+        ``RuntimeWarning``, when the features were not finite or their second moment
+        overflows float64.
         """
-        if not self._check():
-            return torch.full((min(self.n, self.d),), float("nan"), dtype=STAT_DTYPE,
-                              device=self.device)
-        matrix = self._gram_or_scatter(centered)
-        with lapack_single_thread(matrix.device):
-            evals = torch.linalg.eigvalsh(matrix).flip(0) / self.n
-        tol = max(self.n, self.d) * torch.finfo(STAT_DTYPE).eps * evals[0].clamp(min=0)
-        return torch.where(evals > tol, evals, torch.zeros_like(evals))
+        matrix = self.eigen_matrix(centered)
+        return self.eigenvalues_from(None if matrix is None else eigvalsh(matrix))
 
     def singular_values(self) -> torch.Tensor:
         """Singular values ``σ_k`` of the raw (uncentred) ``Z``, descending, ``min(n, d)``."""
@@ -253,11 +252,7 @@ class SpectrumAccumulator:
 
     def covariance_spectrum(self) -> torch.Tensor:
         """Eigenvalues of the centred covariance, ``d`` of them (zeros appended when ``n < d``)."""
-        evals = self.eigenvalues(centered=True)
-        if evals.numel() < self.d:
-            pad = torch.zeros(self.d - evals.numel(), dtype=evals.dtype, device=evals.device)
-            evals = torch.cat([evals, pad])
-        return evals
+        return _pad_spectrum(self.eigenvalues(centered=True), self.d)
 
     def trace_moments(self, centered: bool = True) -> tuple[float, float]:
         """``(Tr A, ‖A‖_F²)`` of ``A = (1/n)·second moment``, without an eigensolve (the Gram
@@ -265,7 +260,19 @@ class SpectrumAccumulator:
         if not self._check():
             return float("nan"), float("nan")
         a = self._gram_or_scatter(centered) / self.n
-        return float(torch.diagonal(a).sum()), float((a * a).sum())
+        trace, frob2 = float(torch.diagonal(a).sum()), float((a * a).sum())
+        if not (math.isfinite(trace) and math.isfinite(frob2)):
+            return float("nan"), float("nan")  # overflow: the caller warns
+        return trace, frob2
+
+
+def _pad_spectrum(evals: torch.Tensor, d: int) -> torch.Tensor:
+    """``d`` covariance eigenvalues from the ``min(n, d)`` computed ones: the other ``d − n``
+    are zero (NaN when the computed ones are NaN: non-finite features)."""
+    if evals.numel() >= d:
+        return evals
+    fill = 0.0 if all_finite(evals) else float("nan")
+    return torch.cat([evals, evals.new_full((d - evals.numel(),), fill)])
 
 
 def _accumulate(features: ArrayLike) -> SpectrumAccumulator:
@@ -385,6 +392,9 @@ def power_law_fit(
     lam = _spectrum_tensor(eigenvalues).cpu().numpy()
     if not np.all(np.isfinite(lam)):
         return _nan_fit("alpha-ReQ: the spectrum is not finite", lo, hi)
+    if np.any(lam < 0):
+        raise ValueError("eigenvalues must be non-negative (a covariance spectrum); got "
+                         f"{float(lam.min())}")
     positive = int(np.sum(lam > 0))
     if hi > lam.size or np.any(lam[lo:hi] <= 0):
         return _nan_fit(
@@ -422,7 +432,8 @@ def _alpha_req_compute(
 def _participation_ratio_compute(acc: SpectrumAccumulator) -> float:
     trace, frob2 = acc.trace_moments(centered=True)
     if math.isnan(trace):
-        return warn_nan("participation ratio: the features are not finite")
+        return warn_nan("participation ratio: the features are not finite, or their second "
+                        "moment overflows float64")
     if not frob2 > 0:
         return warn_nan("participation ratio: the features are constant (zero covariance)")
     return trace * trace / frob2
@@ -635,11 +646,16 @@ class EffectiveRank(_StreamingSpectral):
 
 
 class _CachedSpectra:
-    """The accumulator's spectra, each computed once (for several metrics at one time)."""
+    """The accumulator's spectra, each computed once (for several metrics at one time).
+
+    Views joined by :func:`prepare_spectra` (the ``"spectrum"`` accumulator's ``prepare``)
+    share a :class:`_SpectrumBatch`: the first eigenvalue request of one of them solves that
+    variant (raw or centred) for every view of the batch in batched calls."""
 
     def __init__(self, acc: SpectrumAccumulator) -> None:
         self.acc = acc
         self._memo: dict = {}
+        self._batch: _SpectrumBatch | None = None
 
     def _get(self, key, fn):
         if key not in self._memo:
@@ -647,21 +663,50 @@ class _CachedSpectra:
         return self._memo[key]
 
     def eigenvalues(self, centered: bool) -> torch.Tensor:
-        return self._get(("eig", centered), lambda: self.acc.eigenvalues(centered))
+        key = ("eig", centered)
+        if key not in self._memo and self._batch is not None:
+            self._batch.solve(centered)
+        return self._get(key, lambda: self.acc.eigenvalues(centered))
 
     def singular_values(self) -> torch.Tensor:
         return self._get("sv", lambda: (self.eigenvalues(False) * self.acc.n).sqrt())
 
     def covariance_spectrum(self) -> torch.Tensor:
-        def spectrum() -> torch.Tensor:
-            evals = self.eigenvalues(True)
-            pad = evals.new_zeros(self.acc.d - evals.numel())
-            return torch.cat([evals, pad]) if pad.numel() else evals
-
-        return self._get("cov", spectrum)
+        return self._get("cov", lambda: _pad_spectrum(self.eigenvalues(True), self.acc.d))
 
     def trace_moments(self, centered: bool = True) -> tuple[float, float]:
         return self._get(("tm", centered), lambda: self.acc.trace_moments(centered))
+
+
+class _SpectrumBatch:
+    """Views of several layers whose eigenproblems are solved together (lazily, per variant,
+    so that no solve is made that no probe asks for)."""
+
+    def __init__(self, views: Sequence[_CachedSpectra]) -> None:
+        self.views = list(views)
+
+    def solve(self, centered: bool) -> None:
+        key = ("eig", centered)
+        todo = [v for v in self.views if key not in v._memo and v.acc.n > 0]
+        matrices = [(v, v.acc.eigen_matrix(centered)) for v in todo]
+        valid = [(v, m) for v, m in matrices if m is not None]
+        raws = batched_eigvalsh([m for _, m in valid])
+        for (v, _), raw in zip(valid, raws, strict=True):
+            v._memo[key] = v.acc.eigenvalues_from(raw)
+        for v, m in matrices:
+            if m is None:
+                v._memo[key] = v.acc.eigenvalues_from(None)
+
+
+def prepare_spectra(views: Sequence[_CachedSpectra]) -> None:
+    """``prepare`` of the ``"spectrum"`` accumulator (:class:`probes.registry.Accumulator`):
+    join every layer's view into one :class:`_SpectrumBatch`, so that layers with the same
+    ``d`` (same matrix shape) are eigendecomposed in one batched ``torch.linalg.eigvalsh`` call
+    (:func:`probes._solve.batched_eigvalsh`) — bit-identical values to per-layer solves on the
+    CPU — and small solves run where :mod:`probes._solve` places them."""
+    batch = _SpectrumBatch([v for v in views if isinstance(v, _CachedSpectra)])
+    for v in batch.views:
+        v._batch = batch
 
 
 SPECTRAL_METRICS: dict[str, Callable[[SpectrumAccumulator], float]] = {
@@ -768,7 +813,8 @@ def register_probes() -> None:
     :mod:`probes.registry` (idempotent; done when this module is imported)."""
     from probes.registry import Accumulator, Probe, Variable, register, register_accumulator
 
-    register_accumulator(Accumulator("spectrum", SpectrumAccumulator, _CachedSpectra))
+    register_accumulator(Accumulator("spectrum", SpectrumAccumulator, _CachedSpectra,
+                                     prepare=prepare_spectra))
     for name, fn, variables, source in _PROBES:
         register(Probe(name, "features", {k: Variable(*v) for k, v in variables.items()},
                        source, fn=fn, accumulator="spectrum",

@@ -30,6 +30,7 @@ taxonomy).  The unguarded Clauset fit is kept as ``alpha_unguarded`` for compari
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -85,6 +86,8 @@ WEIGHT_VARIABLES: dict[str, dict[str, str]] = {
 
 def _as_matrix(weight: ArrayLike) -> torch.Tensor:
     w = as_tensor(weight)
+    if w.numel() == 0:
+        raise ValueError(f"weight is empty: shape {tuple(w.shape)}")
     if w.ndim < 2:
         raise ValueError(f"a weight matrix needs at least 2 dimensions; got shape "
                          f"{tuple(w.shape)}")
@@ -193,9 +196,16 @@ def weight_spectrum(weight: ArrayLike, min_tail: int = 10) -> dict[str, float]:
     w = _as_matrix(weight)
     m, n = w.shape
     ratio = min(m, n) / max(m, n)
-    lam = esd(w)
     out = dict.fromkeys(WEIGHT_VARIABLES, float("nan"))
-    if not all_finite(lam) or not lam[0] > 0:
+    if not all_finite(w):
+        warnings.warn("weight has non-finite entries (NaN or Inf): its spectral summaries are "
+                      "NaN", RuntimeWarning, stacklevel=2)
+        return out
+    lam = esd(w)
+    if not lam[0] > 0:
+        warnings.warn("weight is zero: its norms are 0 and its ranks, ESD fit and tail are "
+                      "undefined (NaN)", RuntimeWarning, stacklevel=2)
+        out["spectral_norm"] = out["frobenius_norm"] = out["lambda_max"] = 0.0
         return out
     s = (lam * max(m, n)).sqrt()
     out["spectral_norm"] = float(s[0])
