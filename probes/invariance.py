@@ -245,18 +245,23 @@ def invariance_distance(fx: ArrayLike, fgx: ArrayLike) -> float:
         constant over inputs (zero denominator) or not finite.
     """
     a, b = _pair64(fx, fgx)
+    return _invariance_distance(a, b)
+
+
+def _invariance_distance(a: torch.Tensor, b: torch.Tensor,
+                         spread: torch.Tensor | None = None) -> float:
     if a.shape[0] < 2:
         raise ValueError(f"invariance_distance needs n >= 2 inputs; got {a.shape[0]}")
     if not (all_finite(a) and all_finite(b)):
         return warn_nan("invariance distance: the representations are not finite")
-    spread = _mean_pair_distance(a)
+    spread = _mean_pair_distance(a) if spread is None else spread
     if not float(spread) > 0:
         return warn_nan("invariance distance: the representation is constant over inputs")
     return float(torch.linalg.norm(b - a, dim=1).mean() / spread)
 
 
 def equivariance_error(fx: ArrayLike, fgx: ArrayLike, fit_fraction: float = 0.5,
-                       ridge: float = 1e-6, seed: int = 0) -> float:
+                       ridge: float = 1e-3, seed: int = 0) -> float:
     r"""Held-out residual of the best affine map ``f(g·x) ≈ M f(x) + b`` (Lenc & Vedaldi 2015).
 
     ``M, b`` minimise ``Σ_fit ‖f(g x_i) − M f(x_i) − b‖² + λ‖M‖_F²`` on a random
@@ -284,10 +289,16 @@ def equivariance_error(fx: ArrayLike, fgx: ArrayLike, fit_fraction: float = 0.5,
     ma, mb = a[fit].mean(0), b[fit].mean(0)
     xa, xb = a[fit] - ma, b[fit] - mb
     d = a.shape[1]
-    gram = xa.T @ xa
-    lam = ridge * float(torch.diagonal(gram).sum()) / d
-    gram.diagonal().add_(lam if lam > 0 else 0.0)
-    m = torch.linalg.lstsq(gram, xa.T @ xb).solution  # (d_in, d_out)
+    if d <= n_fit:  # primal: (XᵀX + λI) M = XᵀY, a d × d system
+        gram = xa.T @ xa
+        lam = ridge * float(torch.diagonal(gram).sum()) / d
+        gram.diagonal().add_(lam)
+        m = torch.linalg.lstsq(gram, xa.T @ xb).solution  # (d_in, d_out)
+    else:  # dual, same M: Xᵀ (XXᵀ + λI)⁻¹ Y, an n_fit × n_fit system
+        gram = xa @ xa.T
+        lam = ridge * float(torch.diagonal(gram).sum()) / d
+        gram.diagonal().add_(lam)
+        m = xa.T @ torch.linalg.lstsq(gram, xb).solution
     pred = (a[test] - ma) @ m + mb
     resid = (b[test] - pred).square().sum()
     total = (b[test] - b[test].mean(0)).square().sum()
@@ -333,7 +344,7 @@ def invariance_scores(
     reduce: str = "flatten",
     equivariance: bool = True,
     fit_fraction: float = 0.5,
-    ridge: float = 1e-6,
+    ridge: float = 1e-3,
 ) -> xr.Dataset:
     """Per-layer invariance and equivariance of ``model`` under several transformations.
 
@@ -375,14 +386,16 @@ def invariance_scores(
         coord = np.array(names, dtype=object)
     if not funcs:
         raise ValueError("transforms is empty: give at least one transformation")
-    clean = layer_features(model, xt, layers, reduce)
+    clean = {k: v.to(STAT_DTYPE) for k, v in layer_features(model, xt, layers, reduce).items()}
     layer_names = list(clean)
+    spreads = {k: _mean_pair_distance(v) if all_finite(v) else None for k, v in clean.items()}
     shape = (len(funcs), len(layer_names))
     dist, ckas, equi = np.empty(shape), np.empty(shape), np.empty(shape)
     for i, fn in enumerate(funcs):
         moved = layer_features(model, fn(xt), layers, reduce)
         for j, name in enumerate(layer_names):
-            dist[i, j] = invariance_distance(clean[name], moved[name])
+            a, b = _pair64(clean[name], moved[name])
+            dist[i, j] = _invariance_distance(a, b, spreads[name])
             ckas[i, j] = linear_cka(clean[name], moved[name])
             if equivariance:
                 equi[i, j] = equivariance_error(clean[name], moved[name], fit_fraction, ridge)
