@@ -65,7 +65,8 @@ class MonitorCallback(Callback):
     Parameters are those of :class:`~dynamics.monitor.Monitor` (without ``model``); the
     learning rate for the ``time`` coordinate is read from the first optimiser when not given.
     ``background`` chooses the monitor's mode (``False``, ``"thread"`` or ``"process"``; see
-    :mod:`dynamics.monitor`).
+    :mod:`dynamics.monitor`); an existing ``store`` needs ``overwrite=True`` or ``resume=True``
+    (else ``FileExistsError`` in ``setup``, before training starts).
     """
 
     def __init__(
@@ -81,10 +82,13 @@ class MonitorCallback(Callback):
         store: str | Path | None = None,
         netcdf: str | Path | None = None,
         background: bool | str = False,
+        overwrite: bool = False,
+        resume: bool = False,
     ) -> None:
         super().__init__()
         self.kwargs = dict(probes=probes, layers=layers, schedule=schedule, reduce=reduce,
                            seed=seed, store=store, netcdf=netcdf, background=background,
+                           overwrite=overwrite, resume=resume,
                            source="traindyn Monitor (Lightning callback)")
         self.probe_data = probe_data
         self.probe_targets = probe_targets

@@ -30,17 +30,22 @@ model probe ran in train mode) and every parameter's ``.grad`` (probes that back
 the monitor is bit-identical in its weights to a run without it (tested).
 
 **Nothing measured is lost.**  With ``store=`` each evaluation is appended to a Zarr store
-along ``step`` as soon as it is measured, and the count of complete evaluations is written
-after the data; :func:`load_stream` reads the store back, dropping a half-written last
-evaluation, so a crash loses at most the evaluation in progress.  :meth:`Monitor.save` (or
+along ``step`` as soon as it is measured and then committed: the store's consolidated
+metadata (every array's length and the count of complete evaluations) is replaced atomically
+(:class:`dynamics.storage.ZarrStream`).  So a store opens with plain ``xarray.open_zarr`` (or
+:func:`load_stream`) at any moment, even after ``kill -9`` mid-append, holding exactly the
+complete evaluations: a crash loses at most the evaluation in progress.  An existing store is
+never replaced silently: ``store=`` on a path that exists raises ``FileExistsError`` at
+construction unless ``overwrite=True`` (replace it) or ``resume=True`` (append to it: a
+restarted run) is given.  :meth:`Monitor.save` (or
 ``netcdf=``, written when the ``with`` block ends) writes the finished run to NetCDF.
 
 **Three modes** (``background=``).  In every mode the training thread runs, at a scheduled
 step, the probe forward pass and the model probes (they need the current weights) inside the
 same state preservation; the modes differ in where the *feature probes*, building the Dataset
 and the Zarr append run.  All three record the same Dataset and the same Zarr store (tested)
-through one code path (:class:`dynamics._monitor_worker.Evaluator` and
-:class:`~dynamics._monitor_worker.ZarrStream`).
+through one code path (:class:`dynamics._evaluator.Evaluator` and
+:class:`dynamics.storage.ZarrStream`).
 
 * ``background=False`` (default) — *synchronous*: everything on the training thread.  The
   simplest; the only mode in which feature probes run on the model's device (GPU probes on the
@@ -61,7 +66,10 @@ through one code path (:class:`dynamics._monitor_worker.Evaluator` and
   probes run on the CPU even when training runs on a GPU.  Feature probes must be picklable
   (module-level functions; a lambda or local function raises ``ValueError`` at construction),
   and a training script must keep its training code under ``if __name__ == "__main__":``
-  (spawn imports the main module in the worker).  If the training process is killed, the
+  (spawn imports the main module in the worker): a script without that guard is refused
+  with ``RuntimeError`` at construction, before training starts (the monitor waits for the
+  worker to start only then, and a Monitor constructed while the worker re-imports the
+  script raises there).  If the training process is killed, the
   worker sees the end of its pipe, finishes and writes the evaluations it had received, and
   exits; if the worker dies, the training side raises ``RuntimeError`` naming the steps lost.
 * ``background=True`` or ``"thread"`` — a *worker thread* (``ThreadPoolExecutor(max_workers=1)``)
@@ -107,8 +115,12 @@ same numbers as the one-shot functions).
 
 from __future__ import annotations
 
+import ast
+import multiprocessing
 import random
+import sys
 import time as _time
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -120,24 +132,21 @@ import xarray as xr
 from torch import nn
 
 from dynamics import records
+from dynamics._evaluator import Evaluator, to_numpy
 from dynamics._monitor_worker import (
-    COMPLETE_ATTR,
-    Evaluator,
+    WORKER_NAME,
+    Done,
     ProcessWorker,
     WorkerError,
-    ZarrStream,
     check_picklable,
-    dimension_names,
-    to_numpy,
 )
 from dynamics.schedules import Schedule, log_spaced
+from dynamics.storage import COMPLETE_ATTR, ZarrStream, check_store, load_stream, save_netcdf
 from probes.capture import capture
 from probes.evaluation import Measurement, ProbePlan, ReferenceBook
 from probes.registry import Probe
 
-__all__ = ["Monitor", "load_stream", "preserved_state"]
-
-
+__all__ = ["COMPLETE_ATTR", "Monitor", "load_stream", "preserved_state"]
 
 class preserved_state:  # noqa: N801 - a context manager used like a function
     """Restore a model's modes, buffers, gradients and all random states on exit.
@@ -179,14 +188,49 @@ class preserved_state:  # noqa: N801 - a context manager used like a function
         random.setstate(self.py_rng)
 
 
-_preserved_state = preserved_state  # the foundation's private name
-
-
 def _concat(batches: torch.Tensor | Sequence[torch.Tensor] | None) -> Any:
     if batches is None or isinstance(batches, torch.Tensor):
         return batches
     batches = list(batches)
     return batches[0] if len(batches) == 1 else torch.cat(batches)
+
+
+_READY_TIMEOUT = 120.0
+"""Seconds a monitor in process mode waits, at construction, for a worker that re-imports a
+training script without a main guard (it normally fails within the script's imports)."""
+
+
+def _unguarded_main() -> str | None:
+    """The training script's path if the spawn start method will re-import it in a worker and
+    it has no top-level ``if __name__ == "__main__":`` (else ``None``: interactive, ``-c``,
+    a notebook, or a guarded script)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or not str(path).endswith(".py"):
+        return None   # spawn re-imports only a main module that is a .py file
+    try:
+        with open(path, "rb") as handle:
+            tree = ast.parse(handle.read())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Compare):
+            names = [node.test.left, *node.test.comparators]
+            if any(isinstance(n, ast.Name) and n.id == "__name__" for n in names):
+                return None
+    return str(path)
+
+
+def _unguarded_message(script: str | None = None, in_worker: bool = False) -> str:
+    where = (f"the training script {script!r}" if script is not None
+             else "the training script")
+    what = ("a Monitor was constructed inside the monitor's own worker process" if in_worker
+            else "the monitor's worker process could not start")
+    return (f"{what}: background='process' starts the worker with the 'spawn' start method, "
+            f"which re-imports {where} in the worker, and its training code is not under "
+            "`if __name__ == \"__main__\":`, so the worker would run the training again. Put "
+            "the training code under `if __name__ == \"__main__\":` (or use "
+            "background='thread').")
 
 
 _MODES = {False: "sync", None: "sync", "sync": "sync", "synchronous": "sync",
@@ -222,9 +266,19 @@ class Monitor:
         Targets/labels of the probe data: passed to model probes and to feature probes that
         take ``labels`` (neural collapse).
     store : path, optional
-        Zarr store to which each evaluation is appended as it is measured (a Zarr store
-        already there is replaced when the first evaluation is written; any other existing
-        path raises ``FileExistsError``).
+        Zarr store to which each evaluation is appended and committed as it is measured
+        (:class:`dynamics.storage.ZarrStream`).  A store already there raises
+        ``FileExistsError`` here, before training starts, unless ``overwrite`` or ``resume``
+        is given; a path that is not a Zarr store is never replaced.
+    overwrite : bool
+        Replace an existing ``store`` (atomically, when the first new evaluation is written:
+        until then the old recording is intact).
+    resume : bool
+        Append to an existing ``store`` (a restarted run): its layers must include this
+        monitor's (checked here) and the first new evaluation must record the same variables
+        and layers (else ``ValueError``); scheduled steps at or below the last recorded step
+        are skipped, with one warning.  :meth:`to_dataset` holds this run's evaluations; the
+        store holds all (:func:`load_stream`).
     netcdf : path, optional
         NetCDF file written by :meth:`close` (the end of a ``with`` block).
     background : {False, True, "thread", "process"}
@@ -258,7 +312,11 @@ class Monitor:
         background: bool | str = False,
         max_pending: int = 8,
         probe_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        overwrite: bool = False,
+        resume: bool = False,
     ) -> None:
+        if multiprocessing.current_process().name == WORKER_NAME:
+            raise RuntimeError(_unguarded_message(in_worker=True))
         if int(max_pending) < 1:
             raise ValueError(f"max_pending must be >= 1; got {max_pending}")
         self.max_pending = int(max_pending)
@@ -289,9 +347,25 @@ class Monitor:
         self.source = source
         self.store = Path(store) if store is not None else None
         self.netcdf = Path(netcdf) if netcdf is not None else None
+        self._resume_after: int | None = None   # resume=True: the last step in the store
+        self._skip_warned = False
+        store_mode = "new"
+        if self.store is not None:
+            held = check_store(self.store, overwrite=overwrite, resume=resume)
+            if overwrite and self.store.exists():
+                store_mode = "overwrite"
+            elif held is not None:
+                store_mode = "resume"
+                missing = [layer for layer in self.layers if layer not in held["layers"]]
+                if missing:
+                    raise ValueError(
+                        f"resume=True: the store {str(self.store)!r} has no layers {missing} "
+                        f"(it holds {held['layers']}); resume only the same monitor, or pass "
+                        "overwrite=True or another store=")
+                self._resume_after = max(held["steps"]) if held["steps"] else None
         self._model_instances = self.plan.model_instances()
         self._evaluations: list[xr.Dataset] = []
-        self._stream = ZarrStream(self.store) if self.store is not None else None
+        self._stream = ZarrStream(self.store, store_mode) if self.store is not None else None
         self.seconds_spent = 0.0
         self.seconds_background = 0.0
         self._seconds_storing_elsewhere = 0.0  # the worker process's store writes
@@ -303,7 +377,15 @@ class Monitor:
         self._eval = Evaluator(self.plan, _concat(probe_targets), learning_rate, seed, source,
                                reduce)
         if mode == "process":  # start now: the worker's imports overlap early training
-            self._worker = ProcessWorker(self._eval, self.store)
+            self._worker = ProcessWorker(self._eval, self.store, store_mode)
+            script = _unguarded_main()
+            if script is not None:   # the worker re-imports it: wait to see it survive that
+                try:
+                    self._worker.wait_ready(timeout=_READY_TIMEOUT)
+                except WorkerError:
+                    worker, self._worker = self._worker, None
+                    worker.close()
+                    raise RuntimeError(_unguarded_message(script=script)) from None
 
     # -- the evaluation path shared by the three modes -------------------------------------
     @property
@@ -381,16 +463,15 @@ class Monitor:
             raise RuntimeError(str(exc)) from None
         error: BaseException | None = None
         for reply in replies:
-            if reply[0] == "ok":
-                _, _, ds, seconds, storing = reply
-                self._evaluations.append(ds)
-                self.seconds_background += seconds
-                self._seconds_storing_elsewhere += storing
+            if isinstance(reply, Done):
+                self._evaluations.append(reply.dataset)
+                self.seconds_background += reply.seconds
+                self._seconds_storing_elsewhere += reply.seconds_storing
             elif error is None:
-                _, step, exc, text = reply
-                error = RuntimeError(f"a background evaluation of the monitor failed (step "
-                                     f"{step}); the worker process's traceback:\n{text}")
-                error.__cause__ = exc
+                error = RuntimeError(
+                    f"a background evaluation of the monitor failed (step {reply.step}); the "
+                    f"worker process's traceback:\n{reply.traceback}")
+                error.__cause__ = reply.error
         if error is not None:
             raise error
 
@@ -411,7 +492,7 @@ class Monitor:
 
     def _probe_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of every scalar feature probe, from captured
-        features (see :meth:`dynamics._monitor_worker.Evaluator.feature_values`)."""
+        features (see :meth:`dynamics._evaluator.Evaluator.feature_values`)."""
         return self._evaluator().feature_values(feats)
 
     def _feature_measurement(self) -> Measurement:
@@ -497,6 +578,13 @@ class Monitor:
             self._collect(block=False)
         if not self.schedule(step):
             return False
+        if self._resume_after is not None and step <= self._resume_after:
+            if not self._skip_warned:
+                self._skip_warned = True
+                warnings.warn(f"resume=True: the store {str(self.store)!r} already holds steps "
+                              f"up to {self._resume_after}; scheduled steps up to it are "
+                              f"skipped (first: {step})", stacklevel=2)
+            return False
         self._bound_pending()
         start = _time.perf_counter()
         if self.mode == "sync":
@@ -561,35 +649,6 @@ class Monitor:
         return ds
 
     def save(self, path: str | Path) -> Path:
-        """Write everything recorded so far to NetCDF (atomically; see ``records.save_netcdf``)."""
-        return records.save_netcdf(self.to_dataset(), path)
-
-
-
-def load_stream(path: str | Path) -> xr.Dataset:
-    """Read a monitor's Zarr store, keeping only the evaluations written completely.
-
-    A process killed while appending can leave some arrays one evaluation longer than others
-    (or longer than the count of complete evaluations); they are cut back to that count in the
-    store before it is read, so the result holds every completed evaluation.
-    """
-    import zarr
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no monitor store at {path}")
-    group = zarr.open_group(str(path), mode="r+")
-    complete = group.attrs.get(COMPLETE_ATTR)
-    arrays = []
-    for _, array in group.arrays():
-        dims = dimension_names(array)
-        if dims and dims[0] == "step":
-            arrays.append(array)
-    if complete is None:
-        if not arrays:
-            raise ValueError(f"{path} holds no complete evaluation")
-        complete = min(a.shape[0] for a in arrays)
-    for array in arrays:
-        if array.shape[0] > complete:
-            array.resize((complete, *array.shape[1:]))
-    return records.load(path)
+        """Write everything recorded so far to NetCDF (atomically; see
+        :func:`dynamics.storage.save_netcdf`)."""
+        return save_netcdf(self.to_dataset(), path)

@@ -76,10 +76,9 @@ def test_netcdf_write_is_atomic(tmp_path, monkeypatch):
 def test_zarr_append_along_step_equals_concatenation(tmp_path):
     parts = [_measured(steps=(s,), seed=s) for s in (0, 10, 100)]
     store = tmp_path / "live.zarr"
-    appender = records.ZarrAppender(store)
     for part in parts:
-        appender.append(part)
-    back = appender.load()
+        records.append_zarr(part, store)
+    back = records.load(store)
     expected = xr.concat(parts, dim="step")
     np.testing.assert_array_equal(back.step.values, [0, 10, 100])
     np.testing.assert_allclose(back.rankme.values, expected.rankme.values)

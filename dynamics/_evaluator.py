@@ -1,0 +1,168 @@
+"""The monitor's evaluator: captured features, model-probe outputs and scalars → one
+evaluation's Dataset.
+
+:class:`Evaluator` is a small picklable object (the probe plan, labels, learning rate, seed,
+source, reduce, reference states) shared by the monitor's three modes: it runs on the training
+thread, on a worker thread, or in the worker process (:mod:`dynamics._monitor_worker`).
+
+Used by :mod:`dynamics.monitor`; not public.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from dynamics import records
+from probes.evaluation import Measurement, ProbePlan, ReferenceBook
+
+__all__ = ["Evaluator", "to_numpy"]
+
+
+def to_numpy(features: torch.Tensor) -> np.ndarray:
+    """A detached CPU numpy copy of captured features (one device-to-host copy on CUDA).
+
+    ``bfloat16`` (which numpy lacks) becomes ``float32``: exact, and the probes compute in
+    float64 anyway."""
+    t = features.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    t = t.cpu() if t.device.type != "cpu" else t.clone()
+    return t.numpy()
+
+
+class Evaluator:
+    """Features → probe values → one evaluation's Dataset (picklable when its probes are).
+
+    Holds the :class:`probes.evaluation.ProbePlan` and the in-memory reference states of the
+    per-layer probes that compare with the first or previous evaluation, so one instance
+    lives as long as the monitor (in the worker process, in process mode).
+
+    Parameters
+    ----------
+    plan : ProbePlan
+    labels : tensor, optional
+        Labels of the probe data, for labelled probes.  Pickled as a numpy array and restored
+        as a CPU tensor.
+    learning_rate, seed, source, reduce
+        As in :class:`dynamics.monitor.Monitor`.
+    """
+
+    def __init__(self, plan: ProbePlan, labels: Any, learning_rate: float | None,
+                 seed: int | None, source: str, reduce: str) -> None:
+        self.plan = plan
+        self.layers = list(plan.layers)
+        self.labels = labels
+        self.learning_rate = learning_rate
+        self.seed = seed
+        self.source = source
+        self.reduce = reduce
+        self.references = ReferenceBook(plan)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        if isinstance(self.labels, torch.Tensor):
+            state["labels"] = to_numpy(self.labels)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if isinstance(self.labels, np.ndarray):
+            self.labels = torch.from_numpy(self.labels)
+
+    def feature_measurement(self, feats: Mapping[str, Any]) -> Measurement:
+        """The per-layer feature probes of captured features (shared accumulators; reference
+        probes compared with this evaluator's first/previous states)."""
+        plan = self.plan
+        if not plan.has_layer_probes:
+            return Measurement()
+        with torch.no_grad():
+            out = plan.layer_values(plan.accumulate(feats, self.labels))
+            if plan.references and out.states:
+                out = out | plan.compare(out.states, self.references.get)
+                self.references.record(out.states)
+        return out
+
+    def feature_values(self, feats: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``{variable: values over layers}`` of the scalar per-layer feature probes."""
+        return self.feature_measurement(feats).per_layer(self.layers)
+
+    def variable_attrs(self, name: str) -> dict[str, str]:
+        """``long_name``, ``units`` and ``source`` of a recorded variable."""
+        declared = self.plan.variables().get(name)
+        return dict(declared[1]) if declared else records.variable_attrs(name)
+
+    def attrs(self) -> dict[str, Any]:
+        """The Dataset attributes ``source`` and ``parameters``."""
+        return {
+            "source": self.source,
+            "parameters": records.params_attr(dict(
+                probes=self.plan.names(), layers=self.layers, reduce=self.reduce,
+                learning_rate=self.learning_rate,
+                probe_kwargs={p.name: dict(p.kwargs) for p in self.plan.probes if p.kwargs})),
+        }
+
+    def _layer_array(self, name: str, per_layer: Mapping[str, Any]) -> Any:
+        """One per-layer variable over ``(step, layer, …)``: an array of numbers, or a
+        DataArray when the values carry extra dims."""
+        dims = self.plan.variables().get(name, (("layer",), {}))[0][1:]
+        sample = next(iter(per_layer.values()))
+        if np.ndim(sample) == 0 and not isinstance(sample, xr.DataArray):
+            return np.array([[float(per_layer.get(layer, np.nan)) for layer in self.layers]])
+        items = []
+        for layer in self.layers:
+            v = per_layer.get(layer)
+            if v is None:
+                v = xr.full_like(xr.DataArray(sample) if not isinstance(sample, xr.DataArray)
+                                 else sample, np.nan, dtype=float)
+            if not isinstance(v, xr.DataArray):
+                v = xr.DataArray(np.asarray(v, dtype=float),
+                                 dims=dims or tuple(f"{name}_dim_{i}" for i in range(np.ndim(v))))
+            items.append(v)
+        da = xr.concat(items, dim="layer", join="outer").assign_coords(
+            layer=("layer", np.array(self.layers, dtype=object)))
+        return da
+
+    def build(self, step: int, measurement: Measurement, scalars: Mapping[str, float]
+              ) -> xr.Dataset:
+        """One evaluation as a Dataset with a length-1 ``step`` dimension."""
+        coords: dict[str, Any] = records.step_coords([step], self.learning_rate)
+        data_vars: dict[str, Any] = {}
+        arrays = []
+        if measurement.layer_values:
+            coords["layer"] = ("layer", np.array(self.layers, dtype=object))
+        for name, per_layer in measurement.layer_values.items():
+            value = self._layer_array(name, per_layer)
+            if isinstance(value, xr.DataArray):
+                da = value.expand_dims(step=1).assign_coords(step=[step])
+                da.attrs = self.variable_attrs(name)
+                arrays.append(da.rename(name))
+            else:
+                data_vars[name] = (("step", "layer"), value, self.variable_attrs(name))
+        for name, value in measurement.values.items():
+            if isinstance(value, xr.DataArray):
+                da = value.expand_dims(step=1).assign_coords(step=[step])
+                da.attrs = {**self.variable_attrs(name), **value.attrs}
+                arrays.append(da.rename(name))
+            else:
+                data_vars[name] = ("step", [float(value)], self.variable_attrs(name))
+        for name, value in scalars.items():
+            data_vars[name] = ("step", [float(value)], records.variable_attrs(name))
+        if self.seed is not None:
+            coords["seed"] = self.seed
+        ds = xr.Dataset(data_vars, coords=coords)
+        if arrays:
+            ds = xr.merge([ds, *arrays], join="outer", combine_attrs="override")
+        ds.attrs = self.attrs()
+        return ds
+
+    def evaluate(self, step: int, feats: Mapping[str, Any] | None, extra: Measurement,
+                 scalars: Mapping[str, float]) -> xr.Dataset:
+        """Feature probes of ``feats`` (``None``: none), merged with ``extra`` (the model and
+        parameter probes measured on the training side), as one evaluation's Dataset."""
+        measurement = self.feature_measurement(feats) if feats is not None else Measurement()
+        return self.build(step, measurement | extra, scalars)
