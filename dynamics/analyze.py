@@ -215,12 +215,14 @@ def _build_model(spec: AnalyzeSpec) -> torch.nn.Module:
 
 def _model_key(spec: AnalyzeSpec) -> str:
     return repr((spec.params()["model"], dict(spec.model_kwargs), spec.device, spec.dtype,
-                 id(spec.model) if not isinstance(spec.model, str) else 0))
+                 id(spec.model) if not isinstance(spec.model, str) else 0,
+                 parts_io.source_hash(spec.model)))
 
 
 def _inputs(spec: AnalyzeSpec) -> ProbeInputs:
     key = repr((spec.inputs, spec.n_samples, spec.batch_size, str(spec.tokenizer),
-                spec.max_length, spec.seed, spec.labels))
+                spec.max_length, spec.seed, spec.labels,  # and the files' contents:
+                parts_io.input_hash(spec.inputs), parts_io.input_hash(spec.labels)))
 
     def make() -> ProbeInputs:
         inputs = load_probe_inputs(spec.inputs, n_samples=spec.n_samples,
