@@ -388,6 +388,10 @@ def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> d
         mu_g = (st.counts[:, None] * means).sum(0) / st.counts.sum()
     m = (means - mu_g).T  # d × C, columns μ_c - μ_G
     sigma_w = st.scatter / n
+    if not (all_finite(sigma_w) and all_finite(st.within_ss) and all_finite(m.T @ m)):
+        _warn("neural collapse: the second moments of the features overflow float64 (entries "
+              "of about 1e154 or more); metrics are NaN: rescale the features")
+        return out
 
     nc1 = nc1_class_space(m, sigma_w)
     if nc1 is None:

@@ -201,19 +201,26 @@ def weight_spectrum(weight: ArrayLike, min_tail: int = 10) -> dict[str, float]:
         warnings.warn("weight has non-finite entries (NaN or Inf): its spectral summaries are "
                       "NaN", RuntimeWarning, stacklevel=2)
         return out
-    lam = esd(w)
-    if not lam[0] > 0:
+    with lapack_single_thread(w.device):
+        s = torch.linalg.svdvals(w)
+    if not s[0] > 0:
         warnings.warn("weight is zero: its norms are 0 and its ranks, ESD fit and tail are "
                       "undefined (NaN)", RuntimeWarning, stacklevel=2)
         out["spectral_norm"] = out["frobenius_norm"] = out["lambda_max"] = 0.0
         return out
-    s = (lam * max(m, n)).sqrt()
+    rel = s / s[0]  # scaled, so that no square overflows
     out["spectral_norm"] = float(s[0])
-    out["frobenius_norm"] = float(s.square().sum().sqrt())
-    out["stable_rank"] = float(s.square().sum() / s[0] ** 2)
-    p = s / s.sum()
+    out["frobenius_norm"] = float(s[0] * rel.square().sum().sqrt())
+    out["stable_rank"] = float(rel.square().sum())
+    p = rel / rel.sum()
     p = p[p > 0]
     out["effective_rank"] = float(torch.exp(-(p * p.log()).sum()))
+    lam = s * s / max(m, n)
+    if not all_finite(lam):
+        warnings.warn("weight: its ESD sigma^2/N overflows float64 (entries of about 1e154 or "
+                      "more); the ESD, Marchenko-Pastur and tail summaries are NaN",
+                      RuntimeWarning, stacklevel=2)
+        return out
     out["lambda_max"] = float(lam[0])
     lam_np = lam.cpu().numpy()
     s2, edge = marchenko_pastur_scale(lam_np, ratio)

@@ -1187,6 +1187,140 @@ def ntk_cases(p) -> list[Case]:
     ]
 
 
+# --- every registered probe through probes.evaluation.ProbePlan -------------------------
+@st.composite
+def plan_spec(draw):
+    return {"n": draw(st.sampled_from([1, 2, 3, 6, 12])), "d": draw(st.sampled_from([4, 8])),
+            "defect": draw(st.sampled_from(["none", "nonfinite", "one_class", "constant",
+                                            "zero", "overflow"])),
+            "dtype": draw(st.sampled_from(["float32", "float64", "float16", "bfloat16",
+                                           "int64"])),
+            "bad": draw(st.sampled_from(NONFINITE)), "seed": draw(st.integers(0, 2**31 - 1))}
+
+
+PLAN_REFERENCES: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "rankme": (lambda x, y: {"rankme": ref_rankme(x)}, ("rankme",)),
+    "rankme_covariance": (lambda x, y: {"rankme_covariance": _rankme_cov(x)},
+                          ("rankme_covariance",)),
+    "alpha_req": (lambda x, y: {"alpha_req": _alpha(x)}, ("alpha_req",)),
+    "participation_ratio": (lambda x, y: {"participation_ratio": ref_pr(x)},
+                            ("participation_ratio",)),
+    "stable_rank": (lambda x, y: {"stable_rank": ref_stable_rank(x)}, ("stable_rank",)),
+    "effective_rank": (lambda x, y: {"effective_rank": ref_erank(x)}, ("effective_rank",)),
+    "neural_collapse": (lambda x, y: {k: v for k, v in ref_collapse(x, y).items()
+                                      if k in NC_KEYS} if len(np.unique(y)) > 1 else
+                        dict.fromkeys(NC_KEYS, float("nan")), NC_KEYS),
+}
+"""Feature probes registered in probes/spectral.py and probes/collapse.py, with references."""
+
+
+def _plan_run(probe: str, x, y, kwargs=None):
+    """One layer through ProbePlan; the probes' warnings (kept as notes) are re-emitted."""
+    from probes.evaluation import ProbePlan
+
+    plan = ProbePlan([probe], ["layer"], probe_kwargs=kwargs)
+    m = plan.layer_values(plan.accumulate({"layer": x}, y))
+    if m.notes:
+        warnings.warn(" | ".join(m.notes), RuntimeWarning, stacklevel=2)
+    return {k: v["layer"] for k, v in m.layer_values.items()}
+
+
+def plan_cases(p) -> list[Case]:
+    rng = np.random.default_rng(p["seed"])
+    n, d, defect, dtype = p["n"], p["d"], p["defect"], p["dtype"]
+    y = np.arange(n) % (1 if defect == "one_class" else 3)
+    x = quarter_values(rng, (n, d), integer="int" in dtype) + 2.0 * y[:, None]
+    valid = True
+    if defect == "nonfinite":
+        dtype = "float32" if "int" in dtype else dtype
+        x[rng.integers(n), rng.integers(d)] = p["bad"]
+        valid = False
+    elif defect == "constant":
+        x[:] = x[:1]
+    elif defect == "zero":
+        x[:] = 0
+    elif defect == "overflow":
+        dtype, x = "float64", x * 1e170
+    xa = make(x, dtype)
+    ya = torch.as_tensor(y)
+    cases = []
+    for probe, (ref, keys) in PLAN_REFERENCES.items():
+        kwargs = {"alpha_req": {"fit_range": (0, 3)}} if probe == "alpha_req" else None
+        expect = _undefined_if(x if valid else None, lambda z, ref=ref: ref(z, y))
+        if defect == "overflow":  # every one of these is scale-free
+            expect = _overflow_scaled(ref, x, y)
+        cases.append(Case(f"ProbePlan[{probe}]", lambda probe=probe, kwargs=kwargs:
+                          _plan_run(probe, xa, ya, kwargs), expect, ("features", "labels"),
+                          keys=keys, rtol=1e-7, atol=1e-9,
+                          what=str({k: p[k] for k in ("n", "d", "dtype", "defect")})))
+    # parameters: the weight of one layer
+    model = nn.Sequential(nn.Linear(d, max(n, 1)).double())
+    with torch.no_grad():
+        model[0].weight.copy_(torch.as_tensor(np.resize(x, (max(n, 1), d))))
+
+    def parameter_run():
+        from probes.evaluation import ProbePlan
+
+        plan = ProbePlan(["weight_spectra"], ["0"])
+        m = plan.parameter_values(model)
+        if m.notes:
+            warnings.warn(" | ".join(m.notes), RuntimeWarning, stacklevel=2)
+        return {k: v["0"] for k, v in m.layer_values.items()}
+
+    w = np.resize(x, (max(n, 1), d))
+    wref = _undefined_if(w if np.all(np.isfinite(w)) and defect != "overflow" else None,
+                         _ref_weight)
+    wkeys = ("weight_spectral_norm", "weight_frobenius_norm", "weight_stable_rank")
+    if isinstance(wref, dict):
+        wref = {f"weight_{k}": v for k, v in wref.items() if f"weight_{k}" in wkeys}
+        if not wref["weight_spectral_norm"] > 0:
+            wref["weight_stable_rank"] = float("nan")
+    cases.append(Case("ProbePlan[weight_spectra]", parameter_run,
+                      wref if defect != "overflow" else _overflow_weight(w), ("weight",),
+                      keys=wkeys, rtol=1e-7))
+    # model probes: the output logits' log Z and the attention logits
+    lin = nn.Linear(d, 3).double()
+
+    def model_run(probe, net, inputs):
+        from probes.evaluation import ProbePlan
+
+        plan = ProbePlan([probe])
+        m = plan.model_values(net, inputs, None, plan.model_instances())
+        if m.notes:
+            warnings.warn(" | ".join(m.notes), RuntimeWarning, stacklevel=2)
+        return m.values
+
+    xin = torch.as_tensor(x)
+    with torch.no_grad():
+        out = lin(xin).numpy()
+    with np.errstate(all="ignore"):
+        top = out.max(-1, keepdims=True)
+        lz = float(np.mean(top[:, 0] + np.log(np.sum(np.exp(out - top), -1))))
+    cases.append(Case("ProbePlan[log_partition]", lambda: model_run("log_partition", lin, xin),
+                      {"mean_log_z": lz} if np.isfinite(lz) else INVALID, ("logits",),
+                      keys=("mean_log_z",), rtol=1e-9))
+    return cases
+
+
+def _overflow_scaled(ref, x, y):
+    """Scale-free quantities of features whose second moment overflows float64: the
+    reference on ``x / 1e170`` (NaN with a warning is also accepted: judged as allowed)."""
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return ref(x / 1e170, y)
+        except (ValueError, np.linalg.LinAlgError, ZeroDivisionError):
+            return INVALID
+
+
+def _overflow_weight(w):
+    with np.errstate(all="ignore"):
+        r = _ref_weight(w / 1e170)
+    return {"weight_spectral_norm": r["spectral_norm"] * 1e170,
+            "weight_frobenius_norm": r["frobenius_norm"] * 1e170,
+            "weight_stable_rank": r["stable_rank"]}
+
+
 # ----------------------------------------------------------------------------- campaign
 FAMILIES: dict[str, tuple[Any, Callable[[dict], list[Case]]]] = {
     "features": (feature_spec(), feature_cases),
@@ -1199,6 +1333,7 @@ FAMILIES: dict[str, tuple[Any, Callable[[dict], list[Case]]]] = {
     "phases": (phase_spec(), phase_cases),
     "inductive_bias": (bias_spec(), bias_cases),
     "capture": (capture_spec(), capture_cases),
+    "probe_plan": (plan_spec(), plan_cases),
 }
 NTK_FAMILY = (ntk_spec(), ntk_cases)
 
