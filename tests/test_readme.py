@@ -93,4 +93,17 @@ def _check_results(ns: dict, folder: Path) -> None:
             else pred.test_error.isel(step=0)
         np.testing.assert_allclose(at_zero.values, 1.25, rtol=1e-6)
         checked += 1
+    if "mean_norm" in ns and "mon" in ns:
+        # the user-registered probe, recorded by the Monitor, equals its formula by hand
+        import torch
+
+        from probes.registry import PROBES
+
+        model, x = ns["model"], ns["x_probe"]
+        with torch.no_grad():
+            h = torch.relu(model.net[0](x)).double()
+        got = ns["mon"].evaluate(0)["mean_norm"].values
+        np.testing.assert_allclose(got, [[float(h.norm(dim=1).mean())]], rtol=1e-12)
+        PROBES.pop("mean_norm")
+        checked += 1
     assert checked, "a README python snippet ran but nothing it promises was checked"
