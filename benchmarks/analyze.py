@@ -37,7 +37,14 @@ bound on the ratio.
 Timings on a shared machine are noisy (10-30 % between runs of the same process on the
 development VM): read them as measured, not as constants.
 
-Run: ``.venv/bin/python benchmarks/analyze.py [--quick] [--no-workers] [--threads N]``.
+**Probe families** (``--families``, and at the end of a full run): the digits MLP series with
+each probe family of the probe contract added in turn — spectral (RankMe, alpha-ReQ), + neural
+collapse with the digits labels, + weight spectra (per-layer ESD), + the NTK model probe (with
+its alignment to the labels and reference comparisons; when registered in contract form) —
+each as seconds per checkpoint and the ratio to the same load + forward baseline.
+
+Run: ``.venv/bin/python benchmarks/analyze.py [--quick] [--no-workers] [--threads N]
+[--families]``.
 """
 
 from __future__ import annotations
@@ -355,10 +362,52 @@ def _report_breakdown(b: dict, analyzed: _clock) -> str:
         f"forward = {analyzed.wall / total:.2f} × that bound"])
 
 
+def probe_families(n: int, width: int = 256) -> list[tuple[str, float, float]]:
+    """Seconds per checkpoint of analyze with each probe family added, and the baseline's."""
+    from probes.registry import get_probe
+
+    here = f"{Path(__file__).resolve()}:make_mlp"
+    factory = resolve_factory(here)
+    kwargs = {"width": width, "depth": 3}
+    sets = [("spectral (rankme, alpha_req)", ["rankme", "alpha_req"]),
+            ("+ neural collapse (labels)", ["rankme", "alpha_req", "neural_collapse"]),
+            ("+ weight spectra", ["rankme", "alpha_req", "neural_collapse", "weight_spectra"])]
+    try:
+        if get_probe("ntk").factory is None:
+            sets.append(("+ NTK (alignment, kernel motion)", [*sets[-1][1], "ntk"]))
+    except KeyError:
+        pass
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "series"
+        _write_series(folder, factory, kwargs, n)
+        inputs = load_probe_inputs("digits", batch_size=512)
+        _baseline(folder, factory, kwargs, inputs, first_only=True)
+        base = _baseline(folder, factory, kwargs, inputs)
+        rows.append(("load + forward (baseline)", base.wall, 1.0))
+        for name, probe_set in sets:
+            common = dict(model=here, model_kwargs=kwargs, progress=False, inputs="digits",
+                          batch_size=512, layers=["[024]"], labels="digits", probes=probe_set)
+            analyze(sorted(folder.glob("*.safetensors"))[:1], **common)
+            with _clock(n) as clock:
+                analyze(folder, **common)
+            rows.append((name, clock.wall, clock.wall / base.wall))
+    return rows
+
+
+def _report_families(rows: list[tuple[str, float, float]], n: int, width: int) -> str:
+    lines = [f"probe families, digits MLP 3×{width} x{n} checkpoints, 1797 samples, the 3 "
+             "linear layers (wall seconds per checkpoint; ratio to load + forward):"]
+    lines += [f"  {name:36s} {wall:8.4f} s  {ratio:6.2f}×" for name, wall, ratio in rows]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller checkpoints")
     parser.add_argument("--no-workers", action="store_true", help="skip the dask comparison")
+    parser.add_argument("--families", action="store_true",
+                        help="only the probe-family rows (each family's cost vs load + forward)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads here and in each worker (default 1: CPU time is "
                              "then a robust measure, and 2 workers fill 2 cores)")
@@ -372,6 +421,10 @@ def main() -> None:
     print(f"torch threads {torch.get_num_threads()}, cpu {os.cpu_count()}, "
           f"load average {os.getloadavg()[0]:.1f} (timings on a shared machine are noisy)",
           flush=True)
+    if args.families:
+        n = 2 if args.quick else 4
+        print(_report_families(probe_families(n), n, 256), flush=True)
+        return
     lm_case = run_case(f"tiny LM d_model {lm['d_model']} x{n_lm}, 512 sequences of 64 bytes, "
                        f"last token, 4 blocks", f"{here}:make_tiny_lm", lm,
                        dict(inputs="stdlib-text", tokenizer="bytes", max_length=64,
@@ -386,6 +439,7 @@ def main() -> None:
                    workers=False, threads=args.threads)
     print(_report(mlp), flush=True)
     print(_report_breakdown(mlp_breakdown(512, 3, 512), mlp["analyze"]), flush=True)
+    print(_report_families(probe_families(n_other), n_other, 256), flush=True)
 
 
 if __name__ == "__main__":
