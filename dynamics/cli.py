@@ -44,7 +44,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from importlib import metadata
 
     from dynamics.records import provenance
-    from probes.registry import FEATURE_PROBES, MODEL_PROBES
+    from probes.registry import CONSUMES, all_probes
 
     try:
         version = metadata.version("traindyn")
@@ -53,8 +53,14 @@ def _cmd_info(args: argparse.Namespace) -> int:
     print("traindyn", version)
     print("versions:", ", ".join(f"{k} {v}" for k, v in
                                 json.loads(provenance()["versions"]).items()))
-    print("feature probes:", ", ".join(sorted(FEATURE_PROBES)))
-    print("model probes:", ", ".join(sorted(MODEL_PROBES)) or "(none)")
+    registered = all_probes()
+    print("probes (by what they consume; * streams a shared accumulator, "
+          "↺ compares with another checkpoint):")
+    for kind in CONSUMES:
+        names = [p.name + ("*" if p.streams else "") + ("↺" if p.reference else "")
+                 for p in sorted(registered.values(), key=lambda p: p.name)
+                 if p.consumes == kind]
+        print(f"  {kind + ':':19s}", ", ".join(names) or "(none)")
     return 0
 
 
