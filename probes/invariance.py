@@ -65,6 +65,9 @@ from probes.capture import capture, resolve_layers
 from probes.similarity import linear_cka
 
 __all__ = [
+    "DEFAULT_GENERATORS",
+    "DEFAULT_TRANSFORMS",
+    "GENERATORS",
     "TRANSFORMS",
     "GroupAveraged",
     "add_noise",
@@ -78,7 +81,11 @@ __all__ = [
     "layer_features",
     "lie_derivative",
     "lie_derivative_error",
+    "lie_derivative_probe",
     "lie_derivative_scores",
+    "invariance_probe",
+    "parse_transform",
+    "register_probes",
     "permute",
     "rot90_group",
     "rotate",
@@ -600,3 +607,115 @@ def rot90_group(dims: tuple[int, int] = (-2, -1)) -> list[Callable]:
 def flip_group(dims: int | Sequence[int] = -1) -> list[Callable]:
     """Identity and reversal along ``dims`` (Z₂)."""
     return [partial(flip, apply=False, dims=dims), partial(flip, apply=True, dims=dims)]
+
+
+# --------------------------------------------------------------------------- probe contract
+def _std(x: torch.Tensor) -> float:
+    return float(x.double().std())
+
+
+def parse_transform(spec: str, x: torch.Tensor | None = None
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A transformation ``x -> g·x`` from a short text spec (for probe parameters and the CLI).
+
+    ``"shift:k"`` cyclic shift by ``k`` along the last axis (``"shift_y:k"``: the one before);
+    ``"translate:t"`` Fourier sub-pixel translation by ``t`` along the last axis;
+    ``"rotate:deg"`` rotation by ``deg`` degrees of the last two axes (bicubic);
+    ``"flip"`` reversal of the last axis; ``"permute:seed"`` a random permutation of the last
+    axis drawn with ``seed``; ``"noise:s"`` additive Gaussian noise of standard deviation
+    ``s × std(x)`` (``x`` the probe inputs; seed 0).
+    """
+    name, _, arg = spec.partition(":")
+    try:
+        value = float(arg) if arg else None
+    except ValueError:
+        raise ValueError(f"transform {spec!r}: {arg!r} is not a number") from None
+    if name in ("shift", "shift_y"):
+        return partial(cyclic_shift, shift=int(value if value is not None else 1),
+                       dims=-1 if name == "shift" else -2)
+    if name == "translate":
+        return partial(translate, shift=0.5 if value is None else value)
+    if name == "rotate":
+        return partial(rotate, angle=math.radians(15.0 if value is None else value))
+    if name == "flip":
+        return partial(flip, apply=True)
+    if name == "permute":
+        seed = int(value or 0)
+
+        def perm(z: torch.Tensor) -> torch.Tensor:
+            p = torch.randperm(z.shape[-1], generator=torch.Generator().manual_seed(seed))
+            return permute(z, p)
+
+        return perm
+    if name == "noise":
+        scale = (0.1 if value is None else value) * (1.0 if x is None else _std(x))
+        return partial(add_noise, sigma=scale)
+    raise ValueError(f"unknown transform {spec!r}; use shift:k, shift_y:k, translate:t, "
+                     "rotate:deg, flip, permute:seed or noise:s")
+
+
+def _translate_y(x: torch.Tensor, t: object) -> torch.Tensor:
+    return translate(x, t, dim=-2)
+
+
+GENERATORS: dict[str, Transform] = {"translate": translate, "translate_y": _translate_y,
+                                    "rotate": rotate, "noise": add_noise}
+"""One-parameter transformations (identity at θ = 0) for the ``lie_derivative`` probe."""
+
+
+DEFAULT_TRANSFORMS = ("shift:1", "noise:0.1")
+DEFAULT_GENERATORS = ("translate",)
+
+
+def invariance_probe(model: nn.Module, inputs: ArrayLike, targets: object = None,
+                     layers: Sequence[str] | None = None,
+                     transforms: Sequence[str] = DEFAULT_TRANSFORMS, reduce: str = "flatten",
+                     equivariance: bool = True) -> xr.Dataset:
+    """The ``invariance`` model probe: :func:`invariance_scores` for text-specified transforms
+    (:func:`parse_transform`) over ``(transform, layer)``; ``layers=None`` uses the output."""
+    x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
+    funcs = {spec: parse_transform(spec, x) for spec in transforms}
+    return invariance_scores(model, x, funcs, layers, reduce=reduce, equivariance=equivariance)
+
+
+def lie_derivative_probe(model: nn.Module, inputs: ArrayLike, targets: object = None,
+                         layers: Sequence[str] | None = None,
+                         generators: Sequence[str] = DEFAULT_GENERATORS,
+                         convention: str = "mean_square") -> xr.Dataset:
+    """The ``lie_derivative`` model probe: :func:`lie_derivative_scores` for generators named
+    in :data:`GENERATORS` over ``(transform, layer)``."""
+    unknown = [g for g in generators if g not in GENERATORS]
+    if unknown:
+        raise ValueError(f"unknown generators {unknown}; available: {list(GENERATORS)}")
+    gens = {g: GENERATORS[g] for g in generators}
+    return lie_derivative_scores(model, inputs, gens, layers, convention)
+
+
+def register_probes() -> None:
+    """Register the ``invariance`` and ``lie_derivative`` model probes (idempotent).
+
+    Both run forward passes of the model on transformed probe inputs and capture ``layers``
+    themselves (``probe_kwargs={"invariance": {"layers": [...], "transforms": [...]}}``);
+    give them the same ``layers`` as the monitor or analysis so the ``layer`` dims agree.
+    """
+    from probes.registry import Probe, Variable, register
+
+    dims = ("transform", "layer")
+    register(Probe(
+        "invariance", "model",
+        {"invariance_distance": Variable(
+            "invariance distance, mean ||f(gx)-f(x)|| / mean ||f(x)-f(x')||", "1", dims),
+         "invariance_cka": Variable("linear CKA between f(X) and f(gX)", "1", dims),
+         "equivariance_error": Variable(
+             "held-out relative residual of the best affine map f(gx) ~ M f(x) + b", "1",
+             dims)},
+        source="Speicher et al. (TMLR 2024); Kornblith et al. (ICML 2019); Lenc & Vedaldi "
+               "(CVPR 2015)", fn=invariance_probe))
+    register(Probe(
+        "lie_derivative", "model",
+        {"lie_derivative": Variable("Lie derivative error, mean square over samples and units",
+                                    "1", dims)},
+        source="Gruver, Finzi, Goldblum, Wilson (ICLR 2023), Eq. 3-4", fn=lie_derivative_probe))
+
+
+register_probes()

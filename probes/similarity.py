@@ -71,6 +71,7 @@ __all__ = [
     "minibatch_cka",
     "procrustes_distance",
     "rbf_cka",
+    "register_probes",
 ]
 
 REFERENCES = ("first", "previous", "final")
@@ -577,3 +578,68 @@ def checkpoint_cka(
     return xr.Dataset({name: (dims, out, {"long_name": long, "units": "1"})}, coords=coords,
                       attrs={"source": _SOURCE, "parameters": json.dumps(params)})
 
+
+
+# --------------------------------------------------------------------------- probe contract
+def _cka_state(features: ArrayLike, kernel: str = "linear", debiased: bool = False,
+               bandwidth: float = DEFAULT_BANDWIDTH) -> tuple[dict, dict[str, np.ndarray]]:
+    """What a CKA reference probe keeps of one evaluation: the features themselves when they
+    are narrower than the number of samples (``d ≤ n``), else the ``n × n`` kernel — whichever
+    is smaller (float64 numpy)."""
+    z = features64(features, "features")
+    n, d = z.shape
+    if kernel == "linear" and d <= n:
+        return {}, {"features": z.cpu().numpy()}
+    return {}, {"kernel": _kernel_of(z, kernel, bandwidth).cpu().numpy()}
+
+
+def _kernel_of(z: torch.Tensor, kind: str, bandwidth: float) -> torch.Tensor:
+    """The kernel :func:`cka_matrix` uses for ``kind`` (linear: ``ZZᵀ``, uncentred)."""
+    return kernel(z, kind, bandwidth)
+
+
+def _state_kernel(state: Mapping[str, np.ndarray]) -> torch.Tensor:
+    if "kernel" in state:
+        return torch.as_tensor(np.asarray(state["kernel"]), dtype=torch.float64)
+    z = torch.as_tensor(np.asarray(state["features"]), dtype=torch.float64)
+    return z @ z.T
+
+
+def _cka_compare(state: Mapping[str, np.ndarray], reference: Mapping[str, object], kind: str,
+                 kernel: str = "linear", debiased: bool = False,
+                 bandwidth: float = DEFAULT_BANDWIDTH) -> dict[str, float]:
+    """CKA between this evaluation's state and the ``kind`` reference's (same layer)."""
+    ref = reference.get(kind)
+    name = f"cka_{kind}"
+    if ref is None:
+        return {name: warn_nan(f"{name}: there is no {kind} evaluation to compare with yet")}
+    if "features" in state and "features" in ref:
+        return {name: linear_cka(np.asarray(ref["features"]), np.asarray(state["features"]),
+                                 debiased)}
+    k, l = _state_kernel(state), _state_kernel(ref)  # noqa: E741
+    if k.shape != l.shape:
+        raise ValueError(f"{name}: this evaluation has n = {k.shape[0]} probe samples, the "
+                         f"{kind} one n = {l.shape[0]}; CKA needs the same inputs")
+    return {name: cka(l, k, debiased)}
+
+
+def register_probes() -> None:
+    """Register ``cka_first``, ``cka_previous`` and ``cka_final`` (idempotent): per layer, the
+    CKA between this checkpoint's features and the reference checkpoint's features of the same
+    layer on the same probe inputs.  Parameters (``probe_kwargs``): ``kernel`` ("linear" or
+    "rbf"), ``debiased`` (unbiased HSIC), ``bandwidth``.  ``cka_final`` needs the whole series
+    (``dynamics.analyze``); the Monitor runs ``cka_first`` and ``cka_previous``."""
+    from functools import partial
+
+    from probes.registry import Probe, Variable, register
+
+    for kind in REFERENCES:
+        register(Probe(
+            f"cka_{kind}", "features",
+            {f"cka_{kind}": Variable(f"CKA with the {kind} checkpoint's features of the layer "
+                                     "(linear, biased HSIC unless debiased=True)", "1")},
+            source=_SOURCE, fn=_cka_state, reference=(kind,),
+            compare=partial(_cka_compare, kind=kind)))
+
+
+register_probes()
