@@ -475,8 +475,9 @@ def neural_collapse(
     features : array (N, d)
         Penultimate-layer features (torch, numpy or jax; computed in float64 on their device).
     labels : integer array (N,)
-        Class labels; with ``weight`` or ``logits`` they index rows of ``weight`` / columns of
-        ``logits``.
+        Class labels ``>= 0`` (a negative label, e.g. PyTorch's ``ignore_index = -100``, is a
+        ``ValueError``: drop those samples first); with ``weight`` or ``logits`` they index
+        rows of ``weight`` / columns of ``logits`` (``ValueError`` otherwise).
     weight : array (K, d), optional
         Last-layer classifier; enables the ``_classifier`` NC2 metrics, NC3 and (with ``bias``)
         NC4.  NaN without it.
@@ -493,7 +494,9 @@ def neural_collapse(
         ``nc2_equiangle``, ``nc2_equiangle_classifier``, ``nc2_coherence``,
         ``nc2_coherence_classifier``, ``nc3``, ``nc4``, ``cdnv`` with ``long_name``/``units``;
         attributes ``source``, ``kind`` and ``parameters`` (JSON: the convention, class counts).
-        Non-finite features or fewer than two classes give NaN with a ``RuntimeWarning``.
+        Non-finite features (or second moments overflowing float64) or fewer than two classes
+        give NaN with a ``RuntimeWarning``; a non-finite classifier or non-finite logits give
+        NaN, with a warning, for the metrics that use them.
     """
     if global_mean not in GLOBAL_MEANS:
         raise ValueError(f"unknown global_mean {global_mean!r}; choose one of {GLOBAL_MEANS}")

@@ -44,7 +44,7 @@ import torch
 import xarray as xr
 from scipy import optimize, special, stats
 
-from probes._arrays import STAT_DTYPE, ArrayLike, as_tensor
+from probes._arrays import STAT_DTYPE, ArrayLike, as_tensor, require_finite
 
 __all__ = [
     "MLPHypothesis",
@@ -479,8 +479,7 @@ def gp_posterior_errors(
                          f"not match {n} training and {m} test points")
     for name, t in (("k_train", knn), ("k_cross", ksn), ("k_test", kss), ("y_train", ytr),
                     ("y_test", yte)):
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} must be finite (NaN or Inf found)")
+        require_finite(t, name)
     chol, info = torch.linalg.cholesky_ex(knn)
     if int(info) != 0:
         raise ValueError("the training kernel matrix is singular: no function of this space "
@@ -533,8 +532,7 @@ def kernel_hypothesis_errors(
     for name, t in (("x_train", xtr), ("x_test", xte)):
         if t.ndim == 0 or t.shape[0] == 0:
             raise ValueError(f"{name} is empty: shape {tuple(t.shape)}")
-        if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} must be finite (NaN or Inf found)")
+        require_finite(t, name)
     xtr, xte = xtr.reshape(xtr.shape[0], -1), xte.reshape(xte.shape[0], -1)
     if kernel == "rbf":
         if lengthscale is None:

@@ -31,7 +31,15 @@ import numpy as np
 import torch
 import xarray as xr
 
-from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_tensor, check_labels, warn_nan
+from probes._arrays import (
+    STAT_DTYPE,
+    ArrayLike,
+    all_finite,
+    as_tensor,
+    check_finite,
+    check_labels,
+    warn_nan,
+)
 
 __all__ = [
     "center_kernel",
@@ -118,8 +126,7 @@ def center_kernel(K: ArrayLike) -> torch.Tensor:
     For a full ``(n, n, k, k)`` NTK the centring acts on the two sample axes (``H ⊗ I_k``).
     """
     K = _kernel(K)
-    if not all_finite(K):
-        warn_nan("center_kernel: K has non-finite entries (NaN or Inf); so has the result")
+    check_finite(K, "K", "center_kernel's result has them too")
     Kc = K - K.mean(0, keepdim=True)
     return Kc - Kc.mean(1, keepdim=True)
 
