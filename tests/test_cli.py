@@ -38,8 +38,10 @@ def test_theory_linear_writes_a_dataset(tmp_path):
 
 
 def test_quick_demo_writes_results_and_figures(tmp_path, capsys):
-    assert main(["demo", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert main(["demo", "--quick", "--no-progress", "--threads", "1", "--out",
+                 str(tmp_path)]) == 0
     printed = capsys.readouterr().out
+    assert "with 1 torch thread " in printed
     for name in ("digits.nc", "linear_teacher.nc", "linear_theory.nc", "digits_geometry.png",
                  "linear_teacher.png"):
         assert (tmp_path / name).exists(), name
@@ -53,3 +55,17 @@ def test_quick_demo_writes_results_and_figures(tmp_path, capsys):
     theory_ds = records.load(tmp_path / "linear_theory.nc")
     measured = records.load(tmp_path / "linear_teacher.nc")
     np.testing.assert_array_equal(theory_ds.step.values, measured.step.values)
+
+
+def test_analyze_steps_pair_with_paths_in_argument_order(tmp_path, capsys):
+    import torch
+
+    for step in (2, 10):
+        torch.save({"w": torch.zeros(2)}, tmp_path / f"step{step}.pt")
+    args = ["analyze", str(tmp_path / "step10.pt"), str(tmp_path / "step2.pt"),
+            "--model", "torch.nn:Identity", "--layers", "x", "--no-progress", "--no-figures"]
+    # 2,10 against step10.pt, step2.pt (argument order) contradicts both names: usage error
+    assert main([*args, "--steps", "2,10"]) == 2
+    err = capsys.readouterr().err
+    assert "explicit step 2 for step10.pt" in err and "its name says step 10" in err
+    assert "--force-steps" in err

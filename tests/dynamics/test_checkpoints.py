@@ -495,3 +495,17 @@ def test_load_hf_model_progress_false_silences_transformers(tiny_bert_folder, ca
     assert quiet.err == "" and quiet.out == ""
     # the user's settings are restored afterwards
     assert transformers.utils.logging.is_progress_bar_enabled()
+
+
+def test_trainer_output_dir_of_a_transformers_model_is_its_checkpoints(tmp_path):
+    out = tmp_path / "out"
+    for folder, step in ((out, 900), (out / "checkpoint-300", 300), (out / "checkpoint-900", 900)):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+        save_file({"w": torch.full((2,), float(step))}, str(folder / "model.safetensors"))
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    series = find_checkpoints(out)      # the final model at the top is not a separate step
+    assert [(c.path.name, c.step, c.format, c.step_source) for c in series] == [
+        ("checkpoint-300", 300, "hf", "trainer_state"),
+        ("checkpoint-900", 900, "hf", "trainer_state")]
+    assert "model.safetensors" in [p.name for p in series[0].weight_files()]
