@@ -38,6 +38,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from probes._ntk_engines import auto_method  # noqa: E402
 from probes.ntk import empirical_ntk  # noqa: E402
 
 METHODS = ("auto", "structured", "ntk_vp", "jacobian")
@@ -60,50 +61,104 @@ def cnn(channels: int, k: int, side: int) -> nn.Sequential:
                          nn.Linear(channels * out * out, k))
 
 
+class Transformer(nn.Module):
+    """Linear embedding → ``nn.TransformerEncoderLayer`` (post-norm, ReLU, no dropout) → mean
+    over tokens → linear head."""
+
+    def __init__(self, d_in: int, d: int, heads: int, ff: int, k: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.emb = nn.Linear(d_in, d)
+        self.layer = nn.TransformerEncoderLayer(d, heads, ff, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(d, k)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(self.emb(x)).mean(1))
+
+
+def kind_of(model: nn.Module) -> str:
+    if isinstance(model, Transformer):
+        return "transformer"
+    return "mlp" if isinstance(model[0], nn.Linear) else "cnn"
+
+
+def cases(quick: bool = False) -> list[tuple]:
+    """``(name, model, x, output, methods, neural-tangents methods to skip)`` of every shape.
+
+    The same list is read by ``tests/probes/test_ntk_cost_model.py``, which checks the cost
+    model's choice on these shapes against a table (timings stay here).
+    """
+    torch.manual_seed(0)
+    head = METHODS[:2] if quick else METHODS
+    return [
+        ("MLP 64-512-512-10 (headline)", mlp(64, 512, 2, 10), torch.randn(128, 64), "full",
+         head, "jacobian"),
+        ("MLP 64-512-512-10", mlp(64, 512, 2, 10), torch.randn(128, 64), "trace", head,
+         "jacobian"),
+        ("MLP 32-128x3-5", mlp(32, 128, 3, 5), torch.randn(64, 32), "full", METHODS, ""),
+        ("MLP 16-256-1", mlp(16, 256, 1, 1), torch.randn(256, 16), "full", METHODS, ""),
+        ("CNN 3x8x8, 16 channels, 10 outputs", cnn(16, 10, 8), torch.randn(32, 3, 8, 8),
+         "full", METHODS, ""),
+        ("Transformer block: 8 tokens, d 32, 4 heads, ff 64, 10 outputs",
+         Transformer(16, 32, 4, 64, 10), torch.randn(32, 8, 16), "full", METHODS, ""),
+    ]
+
+
 def _sync(device: torch.device) -> None:
     """Wait for queued CUDA work so a wall-clock interval covers the kernels it launched."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def timeit_interleaved(fns: dict, repeats: dict,
-                       device: torch.device = CPU) -> dict:
-    """Best time of each function over rounds that alternate between them (after a warm-up).
+def timeit_interleaved(fns: dict, repeats: int, device: torch.device = CPU,
+                       cpu: dict | None = None) -> dict:
+    """Best wall time of each function over rounds that alternate between them (after a warm-up).
 
     Alternating rounds and taking the minimum keep a shared machine's load bursts from landing
-    on one method only.  On CUDA each call is bracketed by a synchronisation.
+    on one method only.  Functions faster than 0.1 s get more rounds (up to 30, about 1 s in
+    all), so millisecond timings are minima over many calls; ones slower than 3 s get one.
+    On CUDA each call is bracketed by a synchronisation.  ``cpu``, if given, receives the best
+    process CPU time of each (all threads; steadier than wall time on a loaded machine).
     """
-    best = {}
+    best, reps = {}, {}
+    cpu = {} if cpu is None else cpu
     for name, fn in fns.items():
+        _sync(device)
+        t = time.perf_counter()
         fn()
+        _sync(device)
+        warm = time.perf_counter() - t
         best[name] = float("inf")
-    for r in range(max(repeats.values())):
+        reps[name] = 1 if warm > 3 else max(repeats, min(30, int(1.0 / max(warm, 1e-4))))
+    for r in range(max(reps.values())):
         for name, fn in fns.items():
-            if r < repeats[name]:
+            if r < reps[name]:
                 _sync(device)
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 fn()
                 _sync(device)
                 best[name] = min(best[name], time.perf_counter() - t)
+                cpu[name] = min(cpu.get(name, float("inf")), time.process_time() - c)
     return best
 
 
-def nt_case(model: nn.Module, x: torch.Tensor, kind: str, path: str, skip: str) -> None:
-    arrays = {"kind": kind, "x": x.numpy(), "skip": skip}
-    i = 0
-    for m in model.modules():
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
-            arrays[f"p{i}"] = m.weight.detach().numpy()
-            arrays[f"p{i + 1}"] = m.bias.detach().numpy()
-            i += 2
+def nt_case(model: nn.Module, x: torch.Tensor, kind: str, output: str, path: str,
+            skip: str) -> None:
+    named = dict(model.named_parameters())
+    arrays = {"kind": kind, "x": x.cpu().numpy(), "skip": skip, "output": output,
+              "names": np.array(list(named)), "heads": getattr(model, "heads", 1)}
+    for i, p in enumerate(named.values()):
+        arrays[f"p{i}"] = p.detach().cpu().numpy()
     np.savez(path, **arrays)
 
 
-def run_nt(nt_python: str, model, x, kind, repeats, skip) -> dict | None:
+def run_nt(nt_python: str, model, x, kind, output, repeats, skip) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         case, out = os.path.join(tmp, "case.npz"), os.path.join(tmp, "out.json")
-        nt_case(model, x, kind, case, skip)
+        nt_case(model, x, kind, output, case, skip)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+        if torch.get_num_threads() == 1:  # the same one thread on both sides
+            env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         proc = subprocess.run([nt_python, str(ROOT / "benchmarks" / "ntk_reference.py"), case,
                                out, str(repeats)], capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -117,39 +172,66 @@ def run_nt(nt_python: str, model, x, kind, repeats, skip) -> dict | None:
 
 
 def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip,
-               device: torch.device = CPU):
+               device: torch.device = CPU) -> dict:
     print(f"\n== {name}: n = {x.shape[0]}, output = {output!r}, device {device}")
     model.eval()
     if device.type != "cpu":  # neural-tangents reads CPU copies; timings use the device ones
         nt_python = None
     model, x = model.to(device), x.to(device)
     fns = {m: (lambda m=m: empirical_ntk(model, x, output=output, method=m)) for m in methods}
-    reps = {m: 1 if m == "jacobian" and x.shape[0] >= 128 else repeats for m in methods}
+    cpu: dict = {}
     with torch.no_grad():
-        times = timeit_interleaved(fns, reps, device)
+        times = timeit_interleaved(fns, repeats, device, cpu)
     kernels = {m: fn() for m, fn in fns.items()}
+    chosen = auto_method(model, x, output=output)
     for m in methods:
-        print(f"  traindyn {m:<11s} {times[m]:9.4f} s")
-    best = min(t for m, t in times.items() if m != "auto")
+        note = f"  (chose {chosen})" if m == "auto" else ""
+        print(f"  traindyn {m:<11s} {times[m]:9.4f} s  (CPU time {cpu[m]:.4f} s){note}")
+    explicit = {m: t for m, t in times.items() if m != "auto"}
+    best_m = min(explicit, key=explicit.get)
     ref = kernels["jacobian"] if "jacobian" in kernels else kernels["structured"]
     err = max(float((K - ref).abs().max() / ref.abs().max()) for K in kernels.values())
-    print(f"  auto / best explicit = {times['auto'] / best:.3f}   "
+    print(f"  auto / best explicit ({best_m}) = {times['auto'] / explicit[best_m]:.3f}   "
           f"(max relative difference between methods {err:.1e})")
-    if nt_python and output == "full":
-        res = run_nt(nt_python, model, x, "mlp" if isinstance(model[0], nn.Linear) else "cnn",
-                     repeats, nt_skip)
+    row = {"name": name, "n": x.shape[0], "output": output, "best_m": best_m,
+           "best": explicit[best_m], "auto": times["auto"], "chosen": chosen,
+           "auto_cpu": cpu["auto"]}
+    if nt_python:
+        res = run_nt(nt_python, model, x, kind_of(model), output, repeats, nt_skip)
         if res:
             print(f"  neural-tangents {res['versions']}")
+            k = int(model(x[:1]).numel())
+            ours = (kernels["auto"] if output == "full" else kernels["auto"] / k).cpu()
+            nt_best = {}
             for r in res["results"]:
                 if "error" in r:
                     print(f"  nt {r['method']:<11s} failed: {r['error']}")
                     continue
-                K = torch.from_numpy(np.ascontiguousarray(r["kernel"]))
-                e = float((K - kernels["auto"]).abs().max() / K.abs().max())
-                print(f"  nt {r['method']:<11s} {r['best']:9.4f} s (median {r['seconds']:.4f})  "
-                      f"traindyn auto / nt best = {times['auto'] / r['best']:.4f}   "
-                      f"(kernels differ by {e:.1e})")
-    return times
+                K = torch.from_numpy(np.ascontiguousarray(r["kernel"])).to(ours.dtype)
+                e = float((K - ours).abs().max() / K.abs().max())
+                nt_best[r["method"]] = (r["best"], r["cpu"])
+                print(f"  nt {r['method']:<11s} {r['best']:9.4f} s (median {r['seconds']:.4f}, "
+                      f"CPU time {r['cpu']:.4f} s)  traindyn auto / nt = "
+                      f"{times['auto'] / r['best']:.3f}, by CPU time "
+                      f"{cpu['auto'] / r['cpu']:.3f}   (kernels differ by {e:.1e})")
+            if nt_best:
+                row["nt_m"] = min(nt_best, key=lambda m: nt_best[m][0])
+                row["nt"], row["nt_cpu"] = nt_best[row["nt_m"]]
+    return row
+
+
+def summary(rows: list[dict]) -> None:
+    """One table of every shape: best explicit, auto, neural-tangents' best, ratios."""
+    print("\n| shape | n | output | traindyn best explicit | auto (chose) | auto / best "
+          "| neural-tangents best | auto / nt best (wall; CPU time) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        nt = ((f"{r['nt']:.4f} s ({r['nt_m']})",
+               f"{r['auto'] / r['nt']:.2f}; {r['auto_cpu'] / r['nt_cpu']:.2f}") if "nt" in r
+              else ("not measured", "–"))
+        print(f"| {r['name']} | {r['n']} | {r['output']} | {r['best']:.4f} s ({r['best_m']}) "
+              f"| {r['auto']:.4f} s ({r['chosen']}) | {r['auto'] / r['best']:.2f} | {nt[0]} "
+              f"| {nt[1]} |")
 
 
 def peak(n: int, device: torch.device = CPU) -> None:
@@ -203,10 +285,11 @@ def _rss_gib() -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=5, help="least rounds per method")
     ap.add_argument("--no-nt", action="store_true")
     ap.add_argument("--nt-python", default=os.environ.get("NT_PYTHON", "/tmp/nt-env/bin/python"))
     ap.add_argument("--peak", type=int, default=0, help="only measure peak memory at this n")
+    ap.add_argument("--only", default="", help="comma-separated case indices (default: all)")
     ap.add_argument("--quick", action="store_true", help="skip the slow explicit methods at n=128")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--device", default="cpu",
@@ -226,19 +309,12 @@ def main() -> None:
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device} "
           f"({where}); neural-tangents python: {nt_python}")
-    torch.manual_seed(0)
-    head = METHODS[:2] if args.quick else METHODS
-    cases = [
-        ("MLP 64-512-512-10 (headline)", mlp(64, 512, 2, 10), torch.randn(128, 64), "full",
-         head, "jacobian"),
-        ("MLP 64-512-512-10", mlp(64, 512, 2, 10), torch.randn(128, 64), "trace", head, ""),
-        ("MLP 32-128x3-5", mlp(32, 128, 3, 5), torch.randn(64, 32), "full", METHODS, ""),
-        ("MLP 16-256-1", mlp(16, 256, 1, 1), torch.randn(256, 16), "full", METHODS, ""),
-        ("CNN 3x8x8, 16 channels, 10 outputs", cnn(16, 10, 8), torch.randn(32, 3, 8, 8),
-         "full", METHODS, ""),
-    ]
-    for name, model, x, output, methods, skip in cases:
-        bench_case(name, model, x, output, args.repeats, methods, nt_python, skip, device)
+    todo = cases(args.quick)
+    if args.only:
+        todo = [todo[int(i)] for i in args.only.split(",")]
+    rows = [bench_case(name, model, x, output, args.repeats, methods, nt_python, skip, device)
+            for name, model, x, output, methods, skip in todo]
+    summary(rows)
     print("\npeak memory (fresh process):")
     subprocess.run([sys.executable, __file__, "--peak", "4096", "--device", args.device,
                     *(["--threads", str(args.threads)] if args.threads else [])], check=False)

@@ -237,7 +237,7 @@ def test_ntk_model_probe_tracks_alignment_and_motion():
 
 
 def test_structured_plan_covers_linear_and_conv_weights_and_falls_back_for_the_rest():
-    from probes.ntk import _plan_structured
+    from probes._ntk_structured import plan_structured as _plan_structured
 
     def plan_of(name):
         model, shape = models()[name]
@@ -259,7 +259,110 @@ def test_structured_plan_covers_linear_and_conv_weights_and_falls_back_for_the_r
 def test_default_symmetric_panels_equal_one_block():
     model, shape = models()["mlp"]
     model = model.double()
-    x = torch.randn(70, *shape, dtype=torch.float64)  # n >= 64: three panels by default
+    x = torch.randn(520, *shape, dtype=torch.float64)  # n >= 512: three panels by default
     for output in ("full", "trace"):
         assert rel_err(empirical_ntk(model, x, output=output),
-                       empirical_ntk(model, x, output=output, chunk_size=70)) < 1e-12
+                       empirical_ntk(model, x, output=output, chunk_size=520)) < 1e-12
+
+
+# ----------------------------------------------------------------------------- transformers
+class Block(nn.Module):
+    """Linear embedding → ``nn.TransformerEncoderLayer`` → mean over tokens → linear head."""
+
+    def __init__(self, norm_first: bool):
+        super().__init__()
+        self.emb = nn.Linear(3, 8)
+        self.layer = nn.TransformerEncoderLayer(8, 2, 12, dropout=0.0, batch_first=True,
+                                                norm_first=norm_first)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.layer(self.emb(x)).mean(1))
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention with separate key/value inputs, a causal mask, padding and RMSNorm."""
+
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(3, 8)
+        self.kv = nn.Linear(3, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.norm = nn.RMSNorm(8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        q, kv = self.q(x), torch.tanh(self.kv(x))
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool).triu(1)
+        pad = torch.zeros(x.shape[0], T, dtype=torch.bool)
+        pad[:, -1] = True
+        h, _ = self.attn(q, kv, kv, attn_mask=causal, key_padding_mask=pad)
+        return self.head(self.norm(h)[:, 0] + h[:, 1])
+
+
+class SDPA(nn.Module):
+    """Attention written with ``F.scaled_dot_product_attention`` (the fused kernel)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(3, 12)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        h = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(h.mean(1))
+
+
+def transformer_models():
+    torch.manual_seed(1)
+    return {"post_norm": Block(False), "pre_norm": Block(True), "cross": CrossAttention(),
+            "sdpa": SDPA()}
+
+
+@pytest.mark.parametrize("name", list(transformer_models()))
+def test_transformer_ntk_equals_brute_force_for_every_method(name):
+    model = transformer_models()[name].double().eval()
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    ref = brute_ntk(model, x)  # torch's own attention (fused kernels where it picks them)
+    for method in METHODS:
+        K = empirical_ntk(model, x, output="full", method=method)
+        assert rel_err(K, ref) < 1e-9, f"{name}/{method}: {rel_err(K, ref):.2e}"
+    # structured derivatives cover every parameter: projections inside attention and the norms
+    chosen = select_parameters(model)
+    from probes._ntk_structured import plan_structured
+
+    plan, _ = plan_structured(model, x, chosen, True, 3)
+    assert sorted(plan.fallback) == [], plan.fallback
+    kinds = sorted({g.kind for g in plan.groups})
+    assert kinds == (["linear", "norm"] if name != "sdpa" else ["linear"])
+
+
+def test_math_attention_equals_torch_multi_head_attention():
+    """``mha_math`` against torch's own ``F.multi_head_attention_forward`` (option by option)."""
+    from probes._ntk_common import mha_math
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2).double()
+    L, S, N = 4, 5, 3
+    q = torch.randn(L, N, 8, dtype=torch.float64)
+    kv = torch.randn(S, N, 8, dtype=torch.float64)
+    bool_mask = torch.rand(L, S) > 0.7
+    bool_mask[:, 0] = False
+    float_mask = torch.randn(N * 2, L, S, dtype=torch.float64)
+    pad = torch.zeros(N, S, dtype=torch.bool)
+    pad[0, -2:] = True
+    args = (8, 2, mha.in_proj_weight, mha.in_proj_bias, None, None, False, 0.0,
+            mha.out_proj.weight, mha.out_proj.bias)
+    for query, key, kw in [
+        (q, q, {}),
+        (q, kv, {"attn_mask": bool_mask, "key_padding_mask": pad}),
+        (q, kv, {"attn_mask": float_mask, "average_attn_weights": False}),
+        (q[:, 0], kv[:, 0], {"attn_mask": bool_mask}),  # unbatched
+    ]:
+        ref = torch.nn.functional.multi_head_attention_forward(query, key, key, *args,
+                                                               training=False, **kw)
+        out = mha_math(query, key, key, *args, training=False, **kw)
+        for a, b in zip(out, ref, strict=True):
+            assert rel_err(a, b) < 1e-12

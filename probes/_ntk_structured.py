@@ -1,0 +1,404 @@
+"""Structured-derivatives engine of the empirical NTK (Novak, Sohl-Dickstein, Schoenholz 2022).
+
+Every call ``y = a Wᵀ + b`` of ``F.linear`` (and ``F.conv1d/2d`` through im2col) whose weight is a
+chosen parameter is intercepted; with the input activations ``a`` and the backpropagated signals
+``g_a = ∂f_a/∂y`` (one batched backward with k one-hot cotangents), ``∂f_a(x)/∂W = Σ_t g_{a,t} ⊗
+a_t`` (t runs over tokens / conv positions / repeated calls), so the layer's block is
+``Θ_W = (a₁·a₂ + [bias]) ∘ (g₁·g₂)`` — a Gram of signals times a Gram of activations
+(Novak et al. 2022, Sec. 4, "matrix multiplication" rule).  When ``T`` tokens make ``T²`` Gram
+terms dearer than the layer Jacobian (typical for convolutions and attention projections), the
+per-layer Jacobian ``Σ_t g_t a_tᵀ`` is formed from the same factors instead.
+
+Normalisation layers ``F.layer_norm`` / ``F.rms_norm`` with a chosen affine weight (and bias)
+are intercepted the same way: ``y = x̂ ∘ γ + β`` gives ``∂f_a/∂γ = Σ_t g_{a,t} ∘ x̂_t`` and
+``∂f_a/∂β = Σ_t g_{a,t}`` (Novak et al. 2022, Sec. 4, "elementwise" rule), formed directly.
+Attention runs as math (:class:`probes._ntk_common.MathMode`), so the input and output
+projections inside ``nn.MultiheadAttention`` are ``F.linear`` calls this engine sees.
+
+Everything else (embeddings, weights used outside these calls) falls back to the Jacobian
+engine; which parameters are structured is checked once by comparing a random-cotangent
+gradient with its reconstruction from the factors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from probes._ntk_common import MathMode, outputs
+
+_LINEAR = F.linear
+_CONV = {F.conv1d: 1, F.conv2d: 2}
+_NORMS = (F.layer_norm, F.rms_norm)
+
+
+@dataclass
+class Call:
+    kind: str  # "linear", "conv" or "norm"
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    a: torch.Tensor  # (n, T, p) input rows (im2col patches; x̂ for norms)
+    y: torch.Tensor  # the op's output, as recorded (autograd target)
+
+
+def _conv_args(args: tuple, kwargs: dict, dims: int) -> tuple | None:
+    names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+    vals = dict(zip(names, args, strict=False))
+    vals.update(kwargs)
+    stride, padding, dilation = (vals.get(k, d) for k, d in (("stride", 1), ("padding", 0),
+                                                              ("dilation", 1)))
+    if vals.get("groups", 1) != 1:
+        return None
+    w = vals["weight"]
+    ks = tuple(w.shape[2:])
+
+    def tup(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * dims
+
+    stride, dilation = tup(stride), tup(dilation)
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * dims
+        elif padding == "same":
+            tot = [d * (k - 1) for d, k in zip(dilation, ks, strict=False)]
+            if any(t % 2 for t in tot):
+                return None
+            padding = tuple(t // 2 for t in tot)
+        else:
+            return None
+    return ks, stride, tup(padding), dilation
+
+
+def _im2col(x: torch.Tensor, ks, stride, padding, dilation) -> torch.Tensor:
+    """``(n, C, *spatial)`` → ``(n, L, C·∏ks)`` patches, in ``weight.reshape(out, -1)`` order."""
+    if len(ks) == 1:
+        x = x.unsqueeze(2)
+        ks, stride, padding, dilation = ((1,) + ks, (1,) + stride, (0,) + padding, (1,) + dilation)
+    cols = F.unfold(x, ks, dilation=dilation, padding=padding, stride=stride)
+    return cols.transpose(1, 2)
+
+
+class Recorder(MathMode):
+    """Intercept linear / conv / norm calls whose weight or bias is chosen (module docstring)."""
+
+    def __init__(self, ids: set[int]) -> None:
+        super().__init__()
+        self.ids = ids
+        self.calls: list[Call] = []
+
+    def _chosen(self, w, b) -> bool:
+        return id(w) in self.ids or (b is not None and id(b) in self.ids)
+
+    def handle(self, func, args, kwargs):
+        if func is _LINEAR or func in _CONV:
+            vals = dict(zip(("input", "weight", "bias"), args, strict=False))
+            vals.update({k: v for k, v in kwargs.items() if k in ("input", "weight", "bias")})
+            w, b = vals.get("weight"), vals.get("bias")
+            if self._chosen(w, b):
+                x = vals["input"]
+                y = func(*args, **kwargs)
+                if func is _LINEAR:
+                    if x.ndim < 2:
+                        return y
+                    a = x.detach().reshape(x.shape[0], -1, x.shape[-1])
+                    self.calls.append(Call("linear", w, b, a, y))
+                    return y.clone()  # in-place ops downstream must not alter the recorded y
+                geo = _conv_args(args, kwargs, _CONV[func])
+                if geo is not None and x.ndim == _CONV[func] + 2:
+                    a = _im2col(x.detach(), *geo)
+                    self.calls.append(Call("conv", w, b, a, y))
+                    return y.clone()
+                return y
+        elif func in _NORMS:
+            names = (("input", "normalized_shape", "weight", "bias", "eps") if func is F.layer_norm
+                     else ("input", "normalized_shape", "weight", "eps"))
+            vals = dict(zip(names, args, strict=False))
+            vals.update(kwargs)
+            w, b = vals.get("weight"), vals.get("bias")
+            x = vals["input"]
+            if (w is not None or b is not None) and self._chosen(w, b) and x.ndim >= 2:
+                shape = vals["normalized_shape"]
+                shape = (shape,) if isinstance(shape, int) else tuple(shape)
+                if func is F.layer_norm:
+                    xhat = F.layer_norm(x, shape, None, None, vals.get("eps", 1e-5))
+                else:
+                    xhat = F.rms_norm(x, shape, None, vals.get("eps"))
+                y = xhat if w is None else xhat * w
+                if b is not None:
+                    y = y + b
+                D = math.prod(shape)
+                a = xhat.detach().reshape(x.shape[0], -1, D)
+                self.calls.append(Call("norm", w, b, a, y))
+                return y.clone()
+        return func(*args, **kwargs)
+
+
+@dataclass
+class Group:
+    """One weight (and/or bias) handled by structured derivatives, with its calls."""
+
+    kind: str
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    materialise: bool = False  # form the per-layer Jacobian instead of Grams of factors
+
+
+@dataclass
+class Plan:
+    groups: list[Group]
+    fallback: dict[str, nn.Parameter]
+    ops: int = 0  # torch calls in the recorded forward
+
+
+@dataclass
+class Factors:
+    groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (a, g)
+    jac: list[torch.Tensor] = field(default_factory=list)  # (n, k, P) small Jacobians
+
+
+def signals(f: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``∂f_a/∂y`` for each recorded ``y`` and every output ``a``, stacked as ``(k, *y.shape)``."""
+    n, k = f.shape
+    eye = torch.eye(k, dtype=f.dtype, device=f.device)
+    cot = eye[:, None, :].expand(k, n, k)
+    try:
+        gs = torch.autograd.grad(f, ys, grad_outputs=cot, is_grads_batched=True,
+                                 retain_graph=True, allow_unused=True)
+    except RuntimeError:  # an op without a batching rule: one backward per output
+        per = [torch.autograd.grad(f[:, a].sum(), ys, retain_graph=True, allow_unused=True)
+               for a in range(k)]
+        gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
+              for i in range(len(ys))]
+    return [torch.zeros((k, *y.shape), dtype=y.dtype, device=y.device) if g is None else g
+            for g, y in zip(gs, ys, strict=False)]
+
+
+def _g_rows(g: torch.Tensor, kind: str) -> torch.Tensor:
+    """Signals ``(k, n, …)`` → ``(n, k, T, out)``."""
+    k, n = g.shape[:2]
+    if kind == "conv":  # (k, n, out, *spatial)
+        return g.reshape(k, n, g.shape[2], -1).permute(1, 0, 3, 2)
+    return g.reshape(k, n, -1, g.shape[-1]).permute(1, 0, 2, 3)
+
+
+@dataclass
+class Recording:
+    """One chunk's forward: outputs ``f (n, k)``, intercepted calls, their signals, the number
+    of torch calls made (for the cost model), and each group's factors once formed."""
+
+    f: torch.Tensor | None
+    calls: list[Call]
+    gs: list[torch.Tensor]
+    ops: int = 0
+    cache: dict = field(default_factory=dict)
+
+    def factors(self, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (_key(group.weight), _key(group.bias))
+        if key not in self.cache:
+            self.cache[key] = group_factors(group, self.calls, self.gs)
+        return self.cache[key]
+
+
+def record(model, x, ids) -> Recording:
+    """Forward with the recorder on, then the batched backward."""
+    with Recorder(ids) as rec:
+        f = outputs(model, x)
+    gs = signals(f, [c.y for c in rec.calls]) if rec.calls else []
+    return Recording(f, rec.calls, gs, rec.n_ops)
+
+
+def _key(p) -> int | None:
+    return None if p is None else id(p)
+
+
+def group_factors(group: Group, calls, gs):
+    """Concatenate the calls of one group along tokens: ``a (n, T, p)``, ``g (n, k, T, out)``.
+
+    For linear and conv groups with a bias, ``a`` carries a trailing column of ones.
+    """
+    a_parts, g_parts = [], []
+    for c, g in zip(calls, gs, strict=False):
+        if c.kind != group.kind and not {c.kind, group.kind} <= {"linear", "conv"}:
+            continue
+        if group.weight is not None and c.weight is not group.weight:
+            continue
+        if group.weight is None and c.bias is not group.bias:
+            continue
+        cols = []
+        if group.weight is not None or group.kind == "norm":
+            cols.append(c.a)
+        if group.bias is not None and group.kind != "norm":
+            cols.append(torch.ones(*c.a.shape[:2], 1, dtype=c.a.dtype, device=c.a.device))
+        a_parts.append(torch.cat(cols, -1) if len(cols) > 1 else cols[0])
+        g_parts.append(_g_rows(g, c.kind))
+    a = torch.cat(a_parts, 1) if len(a_parts) > 1 else a_parts[0]
+    g = torch.cat(g_parts, 2) if len(g_parts) > 1 else g_parts[0]
+    return a, g
+
+
+def group_jacobian(group: Group, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample Jacobian ``(n, k, P_group)`` of one group from its factors."""
+    n, k = g.shape[:2]
+    if group.kind == "norm":
+        parts = []
+        if group.weight is not None:
+            parts.append(torch.einsum("nktd,ntd->nkd", g, a))
+        if group.bias is not None:
+            parts.append(g.sum(2))
+        return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+    if a.shape[1] == 1:
+        return (g[:, :, 0, :, None] * a[:, None, 0, None, :]).reshape(n, k, -1)
+    return torch.einsum("nkto,ntp->nkop", g, a).reshape(n, k, -1)
+
+
+def _reconstruct(group: Group, r: torch.Tensor, a, g) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``[(parameter, Σ r·∂f/∂parameter from the factors)]`` for one group."""
+    if group.kind == "norm":
+        out = []
+        n, k, T, d = g.shape
+        rg = torch.bmm(r[:, None, :], g.reshape(n, k, T * d)).reshape(n, T, d)
+        if group.weight is not None:
+            out.append((group.weight, (rg * a).sum((0, 1))))
+        if group.bias is not None:
+            out.append((group.bias, rg.sum((0, 1))))
+        return out
+    n, k, T, o = g.shape
+    rg = torch.bmm(r[:, None, :], g.reshape(n, k, T * o)).reshape(n * T, o)
+    rec = rg.T @ a.reshape(n * T, -1)
+    out = []
+    if group.weight is not None:
+        width = rec.shape[1] - (group.bias is not None)
+        out.append((group.weight, rec[:, :width]))
+    if group.bias is not None:
+        out.append((group.bias, rec[:, -1]))
+    return out
+
+
+def plan_structured(model, x, chosen: dict[str, nn.Parameter], full: bool, n_total: int):
+    """Decide which chosen parameters go through structured derivatives (module docstring).
+
+    Returns the plan and the :class:`Recording` of ``x``, reused for the first chunk.
+    """
+    ids = {id(p): n for n, p in chosen.items()}
+    rec = record(model, x, set(ids))
+    f, calls = rec.f, rec.calls
+    n, k = f.shape
+    # parameters seen in an intercepted call, and in which role
+    roles: dict[int, set] = {}
+    for c in calls:
+        fam = "norm" if c.kind == "norm" else "lin"
+        if c.weight is not None and id(c.weight) in ids:
+            roles.setdefault(id(c.weight), set()).add(("w", _key(c.bias), fam))
+        if c.bias is not None and id(c.bias) in ids:
+            roles.setdefault(id(c.bias), set()).add(("b", _key(c.weight), fam))
+    groups: list[Group] = []
+    covered: set[int] = set()
+    for c in calls:
+        w = c.weight if (c.weight is not None and id(c.weight) in ids) else None
+        b = c.bias if (c.bias is not None and id(c.bias) in ids) else None
+        if w is not None and len(roles[id(w)]) != 1:
+            w = None  # used with different biases or by different ops: leave to the fallback
+        if b is not None and (len(roles[id(b)]) != 1 or (w is None and c.weight is not None
+                                                          and id(c.weight) in ids)):
+            b = None
+        key = (_key(w), _key(b))
+        if key == (None, None) or any((_key(g.weight), _key(g.bias)) == key for g in groups):
+            continue
+        if (w is not None and id(w) in covered) or (b is not None and id(b) in covered):
+            continue
+        groups.append(Group(c.kind, w, b))
+        covered.update(id(p) for p in (w, b) if p is not None)
+    # verification: a random-cotangent gradient must equal its reconstruction from the factors
+    if groups:
+        r = torch.randn(f.shape, generator=torch.Generator().manual_seed(0), dtype=f.dtype)
+        r = r.to(f.device)
+        params = [p for g in groups for p in (g.weight, g.bias) if p is not None]
+        true = torch.autograd.grad(f, params, grad_outputs=r, retain_graph=True, allow_unused=True)
+        true = dict(zip(map(id, params), true, strict=False))
+        ok = []
+        for grp in groups:
+            a, g = rec.factors(grp)
+            good = True
+            for p, part in _reconstruct(grp, r, a, g):
+                t = true[id(p)]
+                t = torch.zeros_like(p) if t is None else t
+                tol = 50 * math.sqrt(torch.finfo(p.dtype).eps) * (float(t.norm()) + 1e-30)
+                good &= part.numel() == p.numel() and float(
+                    (part.reshape(p.shape) - t).norm()) <= tol
+            if good:
+                ok.append(grp)
+        groups = ok
+    done = {id(p) for g in groups for p in (g.weight, g.bias) if p is not None}
+    fallback = {nm: p for nm, p in chosen.items() if id(p) not in done}
+    # per group: Grams of factors (cost ~ n²T²(p + k_eff·out)) or the layer Jacobian
+    k_eff = k * k if full else k
+    for grp in groups:
+        if grp.kind == "norm":
+            grp.materialise = True
+            continue
+        a, g = rec.factors(grp)
+        T, p, q = a.shape[1], a.shape[2], g.shape[3]
+        gram_cost = n_total**2 * T**2 * (p + k_eff * q)
+        jac_cost = n_total * k * T * p * q + n_total**2 * (k_eff) * p * q
+        grp.materialise = T > 1 and jac_cost < gram_cost
+    return Plan(groups, fallback, rec.ops), rec
+
+
+def structured_factors(model, x, plan: Plan, jacobian_rows,
+                       recorded: Recording | None = None) -> Factors:
+    """Factors of one chunk ``x``; ``jacobian_rows(model, x, params)`` serves the fallback."""
+    ids = {id(p) for g in plan.groups for p in (g.weight, g.bias) if p is not None}
+    if recorded is None:
+        recorded = record(model, x, ids) if ids else Recording(None, [], [])
+    out = Factors()
+    for grp in plan.groups:
+        a, g = recorded.factors(grp)
+        if grp.materialise:
+            out.jac.append(group_jacobian(grp, a, g))
+        else:
+            out.groups.append((a, g))
+    if plan.fallback:
+        out.jac.append(jacobian_rows(model, x, plan.fallback))
+    if len(out.jac) > 1:
+        out.jac = [torch.cat(out.jac, -1)]
+    return out
+
+
+def block(F1: Factors, F2: Factors, output: str, k: int) -> torch.Tensor:
+    """Kernel block from two factor sets: ``(n1, k, n2, k)`` if ``"full"``, else ``(n1, n2)``."""
+    if output == "full":
+        K = None
+        for (a1, g1), (a2, g2) in zip(F1.groups, F2.groups, strict=False):
+            n1, n2, T = a1.shape[0], a2.shape[0], a1.shape[1]
+            if T == 1:
+                G = (g1.reshape(n1 * k, -1) @ g2.reshape(n2 * k, -1).T).view(n1, k, n2, k)
+                G.mul_((a1[:, 0] @ a2[:, 0].T)[:, None, :, None])
+            else:
+                A = torch.einsum("itp,jsp->itjs", a1, a2)
+                G = torch.einsum("iktq,jlsq,itjs->ikjl", g1, g2, A)
+            K = G if K is None else K.add_(G)
+        for J1, J2 in zip(F1.jac, F2.jac, strict=False):
+            n1, n2 = J1.shape[0], J2.shape[0]
+            G = (J1.reshape(n1 * k, -1) @ J2.reshape(n2 * k, -1).T).view(n1, k, n2, k)
+            K = G if K is None else K.add_(G)
+        return K
+    K = None
+    for (a1, g1), (a2, g2) in zip(F1.groups, F2.groups, strict=False):
+        n1, n2, T = a1.shape[0], a2.shape[0], a1.shape[1]
+        if T == 1:
+            G = g1.reshape(n1, -1) @ g2.reshape(n2, -1).T
+            G.mul_(a1[:, 0] @ a2[:, 0].T)
+        else:
+            h1 = g1.permute(0, 2, 1, 3).reshape(n1 * T, -1)
+            h2 = g2.permute(0, 2, 1, 3).reshape(n2 * T, -1)
+            A = a1.reshape(n1 * T, -1) @ a2.reshape(n2 * T, -1).T
+            G = ((h1 @ h2.T) * A).view(n1, T, n2, T).sum((1, 3))
+        K = G if K is None else K.add_(G)
+    for J1, J2 in zip(F1.jac, F2.jac, strict=False):
+        G = J1.reshape(J1.shape[0], -1) @ J2.reshape(J2.shape[0], -1).T
+        K = G if K is None else K.add_(G)
+    return K
