@@ -530,7 +530,7 @@ def lie_derivative_scores(
     model: nn.Module, x: ArrayLike, generators: Mapping[str, Transform],
     layers: str | Sequence[str] | None = None, convention: str = "mean_square",
 ) -> xr.Dataset:
-    """:func:`lie_derivative_error` per ``(transform, layer)`` for named one-parameter
+    """:func:`lie_derivative_error` per ``(generator, layer)`` for named one-parameter
     transformations ``{name: g(x, θ)}`` (each the identity at ``θ = 0``)."""
     names = list(generators)
     values, layer_names = [], None
@@ -539,9 +539,9 @@ def lie_derivative_scores(
         layer_names = list(lie)
         values.append([lie_derivative_error(lie[k], convention) for k in layer_names])
     return xr.Dataset(
-        {"lie_derivative": (("transform", "layer"), np.asarray(values), {
+        {"lie_derivative": (("generator", "layer"), np.asarray(values), {
             "long_name": f"Lie derivative error ({convention})", "units": "1"})},
-        coords={"transform": ("transform", np.array(names, dtype=object)),
+        coords={"generator": ("generator", np.array(names, dtype=object)),
                 "layer": ("layer", np.array(layer_names, dtype=object))},
         attrs={"source": "Gruver, Finzi, Goldblum, Wilson (ICLR 2023), Eq. 3-4",
                "parameters": json.dumps({"convention": convention})})
@@ -683,7 +683,7 @@ def lie_derivative_probe(model: nn.Module, inputs: ArrayLike, targets: object = 
                          generators: Sequence[str] = DEFAULT_GENERATORS,
                          convention: str = "mean_square") -> xr.Dataset:
     """The ``lie_derivative`` model probe: :func:`lie_derivative_scores` for generators named
-    in :data:`GENERATORS` over ``(transform, layer)``."""
+    in :data:`GENERATORS` over ``(generator, layer)``."""
     unknown = [g for g in generators if g not in GENERATORS]
     if unknown:
         raise ValueError(f"unknown generators {unknown}; available: {list(GENERATORS)}")
@@ -714,7 +714,7 @@ def register_probes() -> None:
     register(Probe(
         "lie_derivative", "model",
         {"lie_derivative": Variable("Lie derivative error, mean square over samples and units",
-                                    "1", dims)},
+                                    "1", ("generator", "layer"))},
         source="Gruver, Finzi, Goldblum, Wilson (ICLR 2023), Eq. 3-4", fn=lie_derivative_probe))
 
 

@@ -611,6 +611,8 @@ def _cka_compare(state: Mapping[str, np.ndarray], reference: Mapping[str, object
     """CKA between this evaluation's state and the ``kind`` reference's (same layer)."""
     ref = reference.get(kind)
     name = f"cka_{kind}"
+    if ref is None and kind in ("first", "final"):
+        ref = state  # no other evaluation recorded yet: this one is the first (or the final)
     if ref is None:
         return {name: warn_nan(f"{name}: there is no {kind} evaluation to compare with yet")}
     if "features" in state and "features" in ref:

@@ -217,8 +217,8 @@ def test_lie_derivative_of_rotation_equals_finite_difference_per_layer():
         f1 = inv.layer_features(model, inv.rotate(images, h), [name])[name]
         torch.testing.assert_close(lie[name], (f1 - f0) / h, atol=1e-5, rtol=1e-5)
     ds = inv.lie_derivative_scores(model, images, {"rotate": inv.rotate}, layers=["1", "2"])
-    assert ds.lie_derivative.dims == ("transform", "layer")
-    assert float(ds.lie_derivative.sel(transform="rotate", layer="2")) == pytest.approx(
+    assert ds.lie_derivative.dims == ("generator", "layer")
+    assert float(ds.lie_derivative.sel(generator="rotate", layer="2")) == pytest.approx(
         float(lie["2"].square().mean()), rel=1e-12)
 
 
