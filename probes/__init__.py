@@ -15,6 +15,8 @@ module               what
 ``kernels``          kernel–target alignment, centred alignment, kernel distance and velocity
 ``inductive_bias``   exact inductive-bias estimator (bits)
 ``instability``      attention-logit growth, output-logit divergence, LR sensitivity
+``similarity``       CKA (linear, RBF, debiased), Procrustes distance, streaming minibatch CKA
+``invariance``       invariance / equivariance per layer, Lie derivative, group averaging
 ``capture``          forward hooks: which modules, token reduction, streaming into accumulators
 ``registry``         the probe contract: declarations, registration, lookup
 ``evaluation``       evaluate a set of probes (shared accumulators, references)
@@ -92,6 +94,23 @@ _EXPORTS: dict[str, str] = {
     "rankme_from_spectrum": "spectral",
     "singular_values": "spectral",
     "stable_rank": "spectral",
+    # probes.similarity
+    "MinibatchCKA": "similarity",
+    "checkpoint_cka": "similarity",
+    "cka": "similarity",
+    "cka_matrix": "similarity",
+    "debiased_cka": "similarity",
+    "linear_cka": "similarity",
+    "minibatch_cka": "similarity",
+    "procrustes_distance": "similarity",
+    "rbf_cka": "similarity",
+    # probes.invariance
+    "GroupAveraged": "invariance",
+    "equivariance_error": "invariance",
+    "invariance_distance": "invariance",
+    "invariance_scores": "invariance",
+    "lie_derivative": "invariance",
+    "lie_derivative_scores": "invariance",
     # probes.weights
     "weight_spectra": "weights",
     "weight_spectrum": "weights",
