@@ -257,10 +257,35 @@ def _describe(path: Path) -> str:
     return f"{path.name}/" if path.is_dir() else path.name
 
 
+def _hub_revisions(root: Path) -> list[tuple[Path, str]] | None:
+    """``(snapshot folder, revision name)`` of a Hugging Face Hub cache folder, else None.
+
+    ``from_pretrained("EleutherAI/pythia-70m", revision="step1000")`` leaves
+    ``models--EleutherAI--pythia-70m/refs/step1000`` (a commit hash) and
+    ``snapshots/<hash>/`` (the files).  A revision without a step in its name (``main``) is
+    dropped when a stepped revision names the same snapshot.
+    """
+    refs, snapshots = root / "refs", root / "snapshots"
+    if not (refs.is_dir() and snapshots.is_dir()):
+        return None
+    found: dict[Path, list[str]] = {}
+    for ref in sorted(p for p in refs.rglob("*") if p.is_file()):
+        folder = snapshots / ref.read_text().strip()
+        if is_hf_folder(folder):
+            found.setdefault(folder, []).append(ref.relative_to(refs).as_posix())
+    pairs = []
+    for folder, names in found.items():
+        stepped = [n for n in names if parse_step(n) is not None]
+        pairs += [(folder, n) for n in (stepped or names)]
+    return sorted(pairs, key=lambda pair: _natural_key(Path(pair[1])))
+
+
 def _resolve_step(path: Path, fmt: str, explicit: int | None, force: bool, lone: bool,
-                  record: Mapping[str, Any] | None = None) -> tuple[int | None, str]:
+                  record: Mapping[str, Any] | None = None,
+                  name: str | None = None) -> tuple[int | None, str]:
     """The step of one checkpoint and where it came from; contradictions are ValueErrors."""
-    named = parse_step(path.name)
+    named = parse_step(name or path.name)
+    label = f"revision {name}" if name else _describe(path)
     recorded, recorded_source, where = None, "", ""
     if fmt in ("hf", "weights_dir"):
         recorded = _trainer_state_step(path)
@@ -273,7 +298,7 @@ def _resolve_step(path: Path, fmt: str, explicit: int | None, force: bool, lone:
             for other, what in ((named, "its name says step"), (recorded, where)):
                 if other is not None and other != explicit:
                     raise ValueError(
-                        f"the explicit step {explicit} for {_describe(path)} contradicts the "
+                        f"the explicit step {explicit} for {label} contradicts the "
                         f"checkpoint: {what} {other}. Steps pair with the checkpoints in the "
                         f"order given; pass force_steps=True (--force-steps) to use {explicit} "
                         f"anyway")
@@ -281,7 +306,7 @@ def _resolve_step(path: Path, fmt: str, explicit: int | None, force: bool, lone:
     if recorded is not None:
         if named is not None and named != recorded:
             raise ValueError(
-                f"{_describe(path)}: its name says step {named} but {where} {recorded}; pass "
+                f"{label}: its name says step {named} but {where} {recorded}; pass "
                 f"the steps explicitly (with force_steps=True / --force-steps) to choose")
         return recorded, recorded_source
     if named is not None:
@@ -305,7 +330,9 @@ def find_checkpoints(
         or Lightning ``.ckpt`` files; a Trainer ``output_dir`` (its ``checkpoint-*/`` folders);
         a single checkpoint (a series of one); an explicit list of files and folders (a
         revision series of one model: ``step1000/``, ``revision-step2000/``, ``main/``); or a
-        mapping ``{path: step}`` (``None``: read the step from the checkpoint).
+        mapping ``{path: step}`` (``None``: read the step from the checkpoint); or a Hugging
+        Face Hub cache folder ``models--org--name`` holding several revisions (``refs/step1000``
+        → ``snapshots/<hash>/``, the step read from the revision name).
     steps : sequence of int or None, optional
         Explicit steps, one per checkpoint.  For a list of paths they pair with the paths **in
         the order given**; for a folder, with its checkpoints in natural name order (``step2``
@@ -328,6 +355,7 @@ def find_checkpoints(
         (without ``force_steps``); a name contradicts ``trainer_state.json`` or Lightning's
         ``global_step``; two checkpoints share a step; or ``steps`` has the wrong length.
     """
+    names: list[str | None] = []
     if isinstance(source, Mapping):
         if steps is not None:
             raise ValueError("steps: give either a mapping {path: step} or steps, not both")
@@ -337,7 +365,15 @@ def find_checkpoints(
         root = Path(source)
         if not root.exists():
             raise FileNotFoundError(f"no checkpoint file or folder at {root}")
-        paths = _candidates(root) if root.is_dir() else [root]
+        revisions = _hub_revisions(root) if root.is_dir() else None
+        if revisions is not None:
+            if not revisions:
+                raise FileNotFoundError(f"no revision in the Hub cache folder {root} has "
+                                        f"config.json and weights")
+            paths = [folder for folder, _ in revisions]
+            names = [name for _, name in revisions]
+        else:
+            paths = _candidates(root) if root.is_dir() else [root]
     else:
         paths = [Path(p) for p in source]
     if not paths:
@@ -362,12 +398,13 @@ def find_checkpoints(
         if len(explicit) != len(found):
             raise ValueError(f"{len(explicit)} steps were given for {len(found)} checkpoints "
                              f"({', '.join(_describe(p) for p, _ in found[:6])} …)")
+    names = names or [None] * len(found)
     series, missing = [], []
-    for (path, fmt), given in zip(found, explicit, strict=True):
+    for (path, fmt), given, name in zip(found, explicit, names, strict=True):
         step, where = _resolve_step(path, fmt, given, force_steps, lone=len(found) == 1,
-                                    record=lightning.get(path))
+                                    record=lightning.get(path), name=name)
         if step is None:
-            missing.append(_describe(path))
+            missing.append(f"revision {name}" if name else _describe(path))
         else:
             series.append(Checkpoint(path, step, fmt, where))
     if missing:

@@ -509,3 +509,34 @@ def test_trainer_output_dir_of_a_transformers_model_is_its_checkpoints(tmp_path)
         ("checkpoint-300", 300, "hf", "trainer_state"),
         ("checkpoint-900", 900, "hf", "trainer_state")]
     assert "model.safetensors" in [p.name for p in series[0].weight_files()]
+
+
+def test_hub_cache_folder_is_a_revision_series(tmp_path):
+    # from_pretrained(..., revision="step1000") etc. leave refs/<revision> → snapshots/<hash>/
+    cache = tmp_path / "models--EleutherAI--pythia-70m"
+    (cache / "refs").mkdir(parents=True)
+    for i, (revision, commit) in enumerate([("step1000", "a1"), ("step143000", "c3"),
+                                            ("main", "c3"), ("step20", "b2")]):
+        (cache / "refs" / revision).write_text(commit)
+        snap = cache / "snapshots" / commit
+        if not snap.exists():
+            snap.mkdir(parents=True)
+            (snap / "config.json").write_text("{}")
+            save_file({"w": torch.full((2,), float(i))}, str(snap / "model.safetensors"))
+    (cache / "blobs").mkdir()
+    series = find_checkpoints(cache)
+    # main is the same snapshot as step143000: listed once, under its step
+    assert [(c.path.name, c.step, c.format, c.step_source) for c in series] == [
+        ("b2", 20, "hf", "name"), ("a1", 1000, "hf", "name"), ("c3", 143000, "hf", "name")]
+    # a revision with no step of its own needs explicit steps, and the error names it
+    (cache / "refs" / "main").write_text("d4")
+    (cache / "snapshots" / "d4").mkdir()
+    (cache / "snapshots" / "d4" / "config.json").write_text("{}")
+    save_file({"w": torch.zeros(2)}, str(cache / "snapshots" / "d4" / "model.safetensors"))
+    with pytest.raises(ValueError, match="cannot read a step from revision main"):
+        find_checkpoints(cache)
+    # explicit steps pair with the revisions in natural name order: main, step20, step1000, …
+    with pytest.raises(ValueError, match="explicit step 5 for revision step20"):
+        find_checkpoints(cache, steps=[143001, 5, 1000, 143000])
+    series = find_checkpoints(cache, steps=[143001, None, None, None])
+    assert [(c.step, c.step_source) for c in series][-1] == (143001, "explicit")
