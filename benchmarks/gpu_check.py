@@ -41,6 +41,13 @@ def _timed(fn: Callable[[], object], device: str, repeats: int = 3,
 
 
 def _as_array(x: object) -> np.ndarray:
+    if isinstance(x, dict):  # several named results: all of them, in key order
+        parts = [_as_array(x[k]).ravel() for k in sorted(x)]
+        return np.concatenate(parts) if parts else np.empty(0)
+    if isinstance(x, (tuple, list)) and not all(isinstance(v, (int, float)) for v in x):
+        # e.g. a stateful probe's (values, state)
+        parts = [_as_array(v).ravel() for v in x]
+        return np.concatenate(parts) if parts else np.empty(0)
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().double().numpy()
     if hasattr(x, "to_array"):  # xarray Dataset

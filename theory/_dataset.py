@@ -24,9 +24,14 @@ def time_axis(time: Any) -> tuple[np.ndarray, tuple[str, ...], dict[str, Any]]:
     """
     if isinstance(time, xr.DataArray):
         coords = {name: c for name, c in time.coords.items()}
-        coords["time"] = (time.dims, np.asarray(time.values, dtype=float))
-        return np.asarray(time.values, dtype=float), tuple(time.dims), coords
-    values = np.atleast_1d(np.asarray(time, dtype=float))
+        from theory._validate import float_array
+
+        values = float_array(time.values, "time")
+        coords["time"] = (time.dims, values)
+        return values, tuple(time.dims), coords
+    from theory._validate import float_array
+
+    values = np.atleast_1d(float_array(time, "time"))
     if values.ndim != 1:
         raise ValueError(f"time must be 1-D; got shape {values.shape}")
     return values, ("time",), {"time": ("time", values)}

@@ -30,6 +30,7 @@ Every formula is derived in code with sympy (:func:`strength_equation`, :func:`t
 
 from __future__ import annotations
 
+import warnings
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,14 @@ import numpy as np
 import xarray as xr
 
 from theory._dataset import theory_attrs, time_axis
+from theory._validate import (
+    count,
+    finite_array,
+    finite_scalar,
+    float_array,
+    nonnegative_scalar,
+    positive_scalar,
+)
 
 if TYPE_CHECKING:
     import sympy as sp
@@ -75,13 +84,36 @@ def __getattr__(name: str) -> Any:
 
 
 def _check_depth(depth: int) -> int:
-    if int(depth) != depth or depth < 1:
+    try:
+        return count(depth, "depth", minimum=1)
+    except ValueError:
         raise ValueError(f"depth (number of weight matrices) must be a positive integer; "
-                         f"got {depth}")
-    return int(depth)
+                         f"got {depth}") from None
 
 
-@cache
+def _check_backend(backend: Any) -> str:
+    if backend not in ("numpy", "jax"):
+        raise ValueError(f"backend must be 'numpy' or 'jax'; got {backend!r}")
+    return backend
+
+
+def _strengths(singular_value: Any, initial_strength: Any, names: tuple[str, str]) -> tuple:
+    """Broadcast ``s`` and ``u₀`` (finite, ``s > 0``, ``u₀ > 0``); errors name the argument."""
+    sv, uv = (finite_array(v, name) for v, name in zip((singular_value, initial_strength), names,
+                                                       strict=True))
+    try:
+        sv, uv = np.broadcast_arrays(sv, uv)
+    except ValueError:
+        raise ValueError(f"{names[0]} and {names[1]} do not broadcast: shapes {sv.shape} and "
+                         f"{uv.shape}") from None
+    if np.any(sv <= 0):
+        raise ValueError(f"{names[0]} (singular values s) must be positive")
+    if np.any(uv <= 0):
+        raise ValueError(f"{names[1]} (initial strengths u₀) must be positive (small "
+                         "initialisation)")
+    return sv, uv
+
+
 def strength_equation(depth: int = 2) -> sp.Expr:
     r"""``du/dt`` of the mode strength ``u = Π_l a_l`` from balanced initialisation (sympy).
 
@@ -89,8 +121,12 @@ def strength_equation(depth: int = 2) -> sp.Expr:
     ``L = ½(s − Π_l a_l)²`` (Saxe et al. 2014, Sec. 1), restricted to the balanced manifold
     ``a_l = a`` (which the flow preserves), then ``u = a^D`` by the chain rule.
     """
+    return _strength_equation(_check_depth(depth))
+
+
+@cache
+def _strength_equation(depth: int) -> sp.Expr:
     sp, u, u0, s, tau, t, x, x0 = _symbols()
-    depth = _check_depth(depth)
     layers = sp.symbols(f"a1:{depth + 1}", positive=True)
     a = sp.Symbol("a", positive=True)
     loss = (s - sp.Mul(*layers)) ** 2 / 2
@@ -111,7 +147,6 @@ def _real_logs(expr: sp.Expr) -> sp.Expr:
                         lambda e: sp.log(-e.args[0]))
 
 
-@cache
 def time_to_strength(depth: int = 2) -> sp.Expr:
     r"""Antiderivative ``T(x)`` with ``t = T(x) − T(x₀)``, ``x = (u/s)^{1/D}`` (sympy).
 
@@ -123,9 +158,13 @@ def time_to_strength(depth: int = 2) -> sp.Expr:
     (Saxe et al. 2014, Sec. 3, written for general depth).  Logarithms are taken of positive
     arguments on ``0 < x < 1``; the result is checked by differentiation.
     """
+    return _time_to_strength(_check_depth(depth))
+
+
+@cache
+def _time_to_strength(depth: int) -> sp.Expr:
     sp, u, u0, s, tau, t, x, x0 = _symbols()
-    depth = _check_depth(depth)
-    rhs = strength_equation(depth)
+    rhs = _strength_equation(depth)
     integrand = sp.powsimp(sp.simplify((1 / rhs).subs(u, s * x**depth)
                                        * sp.diff(s * x**depth, x)), force=True)
     # integrate the rational function of x alone: sympy drops terms when the s-dependent
@@ -208,13 +247,20 @@ def mode_strength(
     only).  Requires ``0 < u₀ < s``.
     """
     depth = _check_depth(depth)
-    tv, sv, uv = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in
-                                       (time, singular_value, initial_strength)))
-    if np.any(sv <= 0) or np.any(uv <= 0) or np.any(uv >= sv):
+    backend = _check_backend(backend)
+    tau = positive_scalar(tau, "tau")
+    tv = float_array(time, "time")
+    if np.any(np.isnan(tv)) or np.any(tv < 0):
+        raise ValueError("time must be non-negative (no NaN)")
+    sv, uv = _strengths(singular_value, initial_strength, ("singular_value", "initial_strength"))
+    try:
+        tv, sv, uv = np.broadcast_arrays(tv, sv, uv)
+    except ValueError:
+        raise ValueError(f"time, singular_value and initial_strength do not broadcast: shapes "
+                         f"{tv.shape}, {sv.shape}, {uv.shape}") from None
+    if np.any(uv >= sv):
         raise ValueError("need singular values s > 0 and initial strengths 0 < u₀ < s "
-                         "(small initialisation)")
-    if np.any(tv < 0):
-        raise ValueError("time must be non-negative")
+                         "(small initialisation): initial_strength ≥ singular_value")
     if depth <= 2:
         return _closed_form(depth, backend)(tv, sv, uv, tau)
     if backend != "numpy":
@@ -226,14 +272,20 @@ def mode_strength(
 def half_rise_time(singular_value: Any, initial_strength: Any, depth: int = 2,
                    tau: float = 1.0) -> np.ndarray:
     r"""Time at which ``u`` reaches ``s/2``: ``T(2^{-1/D}) − T(x₀)``; for ``D = 2``,
-    ``(τ/2s) ln(s/u₀ − 1)`` (Saxe et al. 2014).  NaN where ``u₀ ≥ s/2``."""
+    ``(τ/2s) ln(s/u₀ − 1)`` (Saxe et al. 2014).  NaN where ``u₀ ≥ s/2`` (the mode starts past
+    half strength), with a warning."""
     depth = _check_depth(depth)
-    sv, uv = np.broadcast_arrays(np.asarray(singular_value, float),
-                                 np.asarray(initial_strength, float))
+    tau = positive_scalar(tau, "tau")
+    sv, uv = _strengths(singular_value, initial_strength, ("singular_value", "initial_strength"))
     x0v = (uv / sv) ** (1 / depth)
-    with np.errstate(invalid="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         out = _time_of(np.full_like(sv, 0.5 ** (1 / depth)), x0v, sv, depth, tau)
-    return np.where(uv < sv / 2, out, np.nan)
+    past = ~(uv < sv / 2)
+    if np.any(past):
+        warnings.warn(f"half_rise_time: initial_strength ≥ singular_value/2 for {past.sum()} "
+                      "mode(s), which start past half strength: NaN there", RuntimeWarning,
+                      stacklevel=2)
+    return np.where(past, np.nan, out)
 
 
 def initial_strength_through(time: float, strength: float, singular_value: float,
@@ -246,8 +298,12 @@ def initial_strength_through(time: float, strength: float, singular_value: float
     prediction.
     """
     depth = _check_depth(depth)
+    tau = positive_scalar(tau, "tau")
+    time = nonnegative_scalar(time, "time")
+    singular_value = positive_scalar(singular_value, "singular_value")
+    strength = finite_scalar(strength, "strength")
     if not 0 < strength < singular_value:
-        raise ValueError("need 0 < strength < singular value")
+        raise ValueError("need 0 < strength < singular value (strength, singular_value)")
     xs = (strength / singular_value) ** (1 / depth)
     target = _time_of(np.array(xs), np.array(0.5), np.array(singular_value), depth, tau) - time
     lo, hi = -60.0, float(np.log(xs / (1 - xs)))
@@ -286,8 +342,16 @@ def saxe_dynamics(
         coordinate ``singular_value`` on ``mode``.
     """
     tv, tdims, tcoords = time_axis(time)
-    sv = np.atleast_1d(np.asarray(singular_values, dtype=float))
-    uv = np.broadcast_to(np.asarray(initial_strength, dtype=float), sv.shape)
+    sv = np.atleast_1d(finite_array(singular_values, "singular_values"))
+    if sv.ndim != 1:
+        raise ValueError(f"singular_values must be 1-D (one per mode); got shape {sv.shape}")
+    try:
+        uv = np.broadcast_to(finite_array(initial_strength, "initial_strength"), sv.shape)
+    except ValueError:
+        raise ValueError(f"initial_strength must be a scalar or one value per mode "
+                         f"({sv.size}); got shape {np.shape(initial_strength)}") from None
+    if np.any(sv <= 0):
+        raise ValueError("singular_values must be positive")
     strengths = mode_strength(tv[None, :], sv[:, None], uv[:, None], depth, tau)
     shape = (len(sv), *np.shape(np.asarray(time)))
     ds = xr.Dataset(

@@ -43,7 +43,7 @@ import xarray as xr
 
 from theory import _backend
 from theory._dataset import theory_attrs
-from theory._validate import count, float_array, nonnegative_scalar
+from theory._validate import count, finite_scalar, float_array, nonnegative_scalar, real_scalar
 
 __all__ = [
     "Spectrum",
@@ -90,11 +90,15 @@ class Spectrum:
 
     def __init__(self, eigenvalues: Any, target_power: Any = None, multiplicity: Any = None,
                  accelerate: bool | None = None):
-        lam = np.asarray(eigenvalues, dtype=float).ravel()
+        lam = float_array(eigenvalues, "eigenvalues").ravel()
         if lam.size == 0:
-            raise ValueError("the spectrum is empty: pass at least one eigenvalue")
-        v2 = np.zeros_like(lam) if target_power is None else np.asarray(target_power, float).ravel()
-        m = np.ones_like(lam) if multiplicity is None else np.asarray(multiplicity, float).ravel()
+            raise ValueError("the spectrum is empty: pass at least one eigenvalue (eigenvalues)")
+        v2 = (np.zeros_like(lam) if target_power is None
+              else float_array(target_power, "target_power").ravel())
+        m = (np.ones_like(lam) if multiplicity is None
+             else float_array(multiplicity, "multiplicity").ravel())
+        if accelerate is not None and not isinstance(accelerate, (bool, np.bool_)):
+            raise TypeError(f"accelerate must be True, False or None; got {accelerate!r}")
         if v2.shape != lam.shape or m.shape != lam.shape:
             raise ValueError(
                 f"eigenvalues, target_power and multiplicity need the same length; got "
@@ -229,13 +233,26 @@ def power_law_spectrum(
     the generic teacher of Bahri et al. (2021).  With ``noise_free_norm`` the target power is
     rescaled so that ``Σ v_i² = 1``.
     """
-    if n_modes < 1:
-        raise ValueError(f"n_modes must be at least 1; got {n_modes}")
-    i = np.arange(1, int(n_modes) + 1, dtype=float)
-    v2 = i ** (-float(b))
+    n_modes = count(n_modes, "n_modes", minimum=1)
+    a, b = finite_scalar(a, "a"), finite_scalar(b, "b")
+    i = np.arange(1, n_modes + 1, dtype=float)
+    v2 = i ** (-b)
     if noise_free_norm:
         v2 = v2 / v2.sum()
-    return Spectrum(i ** (-float(a)), v2)
+    with np.errstate(over="ignore"):
+        lam = i ** (-a)
+    if not np.all(np.isfinite(lam)) or not np.all(np.isfinite(v2)):
+        raise ValueError(f"a = {a}, b = {b}: i^-a or i^-b overflows float64 for i ≤ n_modes")
+    return Spectrum(lam, v2)
+
+
+def _broadcast(**arrays: np.ndarray) -> list[np.ndarray]:
+    """``np.broadcast_arrays`` whose error names the arguments."""
+    try:
+        return np.broadcast_arrays(*arrays.values())
+    except ValueError:
+        shapes = ", ".join(f"{k} {np.shape(v)}" for k, v in arrays.items())
+        raise ValueError(f"{', '.join(arrays)} do not broadcast together: {shapes}") from None
 
 
 def _check_spectrum(spectrum: Any) -> Spectrum:
@@ -248,7 +265,8 @@ def _check_spectrum(spectrum: Any) -> Spectrum:
 def _as_spectrum(eigenvalues: Any, target_power: Any, multiplicity: Any) -> Spectrum:
     if isinstance(eigenvalues, Spectrum):
         if target_power is not None or multiplicity is not None:
-            raise ValueError("pass either a Spectrum or arrays, not both")
+            raise ValueError("pass either a Spectrum or arrays, not both (eigenvalues is a "
+                             "Spectrum: target_power and multiplicity must be None)")
         return eigenvalues
     return Spectrum(eigenvalues, target_power, multiplicity)
 
@@ -317,9 +335,10 @@ def solve_kappa(
     """
     spectrum = _check_spectrum(spectrum)
     dev = _backend.resolve(backend, device)
+    tol = real_scalar(tol, "tol")
     if not np.isfinite(tol) or not 0 < tol < 1:
         raise ValueError(f"tol must be in (0, 1); got {tol}")
-    n, ridge = np.broadcast_arrays(float_array(n, "n"), float_array(ridge, "ridge"))
+    n, ridge = _broadcast(n=float_array(n, "n"), ridge=float_array(ridge, "ridge"))
     shape = n.shape
     n, ridge = n.ravel().copy(), ridge.ravel().copy()
     if np.any(~np.isfinite(n)) or np.any(n <= 0):

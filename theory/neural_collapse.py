@@ -40,6 +40,7 @@ measured one line up with ``xr.align``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -47,6 +48,7 @@ import xarray as xr
 from scipy import optimize
 
 from theory._dataset import theory_attrs
+from theory._validate import count, finite_array, finite_scalar, float_array, positive_scalar
 
 __all__ = [
     "NC_VARIABLES",
@@ -84,10 +86,10 @@ def simplex_etf(n_classes: int, dim: int | None = None) -> np.ndarray:
     r"""Columns of a simplex equiangular tight frame: ``√(C/(C−1)) (I − 11ᵀ/C)`` embedded in
     ``R^dim`` (``dim ≥ C``, default ``C``).  Unit norms, pairwise cosines ``−1/(C−1)``, zero sum
     (Papyan et al. 2020, Def. 1 with ``α = 1``, ``U = [I; 0]``)."""
-    c = int(n_classes)
+    c = count(n_classes, "n_classes")
     if c < 2:
-        raise ValueError(f"a simplex ETF needs at least 2 classes; got {n_classes}")
-    dim = c if dim is None else int(dim)
+        raise ValueError(f"a simplex ETF needs at least 2 classes (n_classes); got {n_classes}")
+    dim = c if dim is None else count(dim, "dim")
     if dim < c:
         raise ValueError(f"dim must be >= n_classes = {c} for this embedding; got {dim}")
     m = np.sqrt(c / (c - 1)) * (np.eye(c) - np.ones((c, c)) / c)
@@ -126,15 +128,28 @@ def _strength(n: float, n_total: float, c: float, q: float) -> float:
 
 
 def _decays(weight_decay: float | Sequence[float], feature_decay: float, n_layers: int):
+    n_layers = count(n_layers, "n_layers")
     if n_layers < 1:
         raise ValueError(f"n_layers (linear layers after the free features) must be >= 1; "
                          f"got {n_layers}")
-    wd = np.broadcast_to(np.asarray(weight_decay, dtype=float), (n_layers,)).copy()
-    decays = np.concatenate([wd, [float(feature_decay)]])
+    wd = finite_array(weight_decay, "weight_decay")
+    if wd.ndim > 1 or (wd.ndim == 1 and wd.size not in (1, n_layers)):
+        raise ValueError(f"weight_decay must be one value or one per layer (n_layers = "
+                         f"{n_layers}); got shape {wd.shape}")
+    wd = np.broadcast_to(wd.reshape(-1) if wd.ndim else wd, (n_layers,)).copy()
+    decays = np.concatenate([wd, [finite_scalar(feature_decay, "feature_decay")]])
     if np.any(decays <= 0):
-        raise ValueError("weight decays and the feature decay must be positive (with zero "
-                         "decay the minimum is not attained)")
+        raise ValueError("weight_decay and feature_decay must be positive (with zero decay the "
+                         "minimum is not attained)")
     return wd, decays
+
+
+def _sizes(class_sizes: Sequence[int]) -> np.ndarray:
+    sizes = float_array(class_sizes, "class_sizes")
+    if sizes.ndim != 1 or len(sizes) < 2 or not np.all(np.isfinite(sizes)) \
+            or np.any(sizes <= 0):
+        raise ValueError("class_sizes must list at least 2 positive, finite class sizes")
+    return sizes
 
 
 def class_strengths(
@@ -144,9 +159,7 @@ def class_strengths(
     r"""Optimal singular values ``z_k`` of ``Z = W_M⋯W_1 H̄ D^{1/2}`` per class (module
     docstring; Dang et al. 2023).  ``weight_decay``: ``λ_{W_M}, …, λ_{W_1}`` (one value for
     all layers, or one per layer, last layer first)."""
-    sizes = np.asarray(class_sizes, dtype=float)
-    if sizes.ndim != 1 or len(sizes) < 2 or np.any(sizes <= 0):
-        raise ValueError("class_sizes must list at least 2 positive class sizes")
+    sizes = _sizes(class_sizes)
     _, decays = _decays(weight_decay, feature_decay, n_layers)
     c, q = _penalty_constant(decays)
     n_total = sizes.sum()
@@ -162,6 +175,7 @@ def minority_collapse_threshold(
     ``M = 1``: ``N² λ_W λ_H`` (soft-thresholding).  Deeper: the ``n`` at which the positive
     local minimum of the scalar problem stops beating ``z = 0`` (bisection).
     """
+    n_total = positive_scalar(n_total, "n_total")
     _, decays = _decays(weight_decay, feature_decay, n_layers)
     c, q = _penalty_constant(decays)
     if np.isclose(q, 1.0):
@@ -189,7 +203,7 @@ def collapse_geometry(
     ``σ_{M,k} = ((z_k² Π_j λ_j)^{1/(M+1)} / λ_{W_M})^{1/2}``.  Any rotation ``R`` of the
     feature space (``means R``, ``weight R``) is also a minimiser.
     """
-    sizes = np.asarray(class_sizes, dtype=float)
+    sizes = _sizes(class_sizes)
     wd, decays = _decays(weight_decay, feature_decay, n_layers)
     z = class_strengths(sizes, weight_decay, feature_decay, n_layers)
     mu = (z**2 * np.prod(decays)) ** (1 / len(decays))
@@ -227,11 +241,28 @@ def collapse_metrics(
     ``means``: ``C × d`` class means; ``weight``: ``C × d`` classifier rows (bias-free
     prediction ``argmax Wh``).  With zero within-class spread ``nc1 = cdnv = 0`` whenever the
     class means are distinct; ``nc4 = 0`` when every class mean is classified as its own class.
-    Quantities that the probe leaves undefined (two equal means, a zero classifier row) are NaN.
+    Quantities that the probe leaves undefined (two equal means, a zero classifier row) are NaN,
+    with a warning naming them.
     """
-    means = np.asarray(means, dtype=float)
+    means = finite_array(means, "means")
+    if means.ndim != 2 or means.shape[0] < 2 or means.shape[1] < 1:
+        raise ValueError(f"means must be a (C, d) matrix with C ≥ 2 classes; got shape "
+                         f"{means.shape}")
     c = means.shape[0]
-    sizes = np.ones(c) if class_sizes is None else np.asarray(class_sizes, dtype=float)
+    if class_sizes is None:
+        sizes = np.ones(c)
+    else:
+        sizes = finite_array(class_sizes, "class_sizes")
+        if sizes.shape != (c,) or np.any(sizes <= 0):
+            raise ValueError(f"class_sizes must hold {c} positive sizes (one per row of means); "
+                             f"got {class_sizes!r}")
+    if weight is not None:
+        weight = finite_array(weight, "weight")
+        if weight.shape != means.shape:
+            raise ValueError(f"weight must have the shape of means {means.shape}; got "
+                             f"{weight.shape}")
+    if not isinstance(global_mean, str):
+        raise TypeError(f"global_mean must be a string; got {global_mean!r}")
     if global_mean == "class_means":
         mu_g = means.mean(0)
     elif global_mean == "samples":
@@ -258,6 +289,14 @@ def collapse_metrics(
         unique = bool(np.all(top[:, -1] > top[:, -2] + 1e-12 * np.abs(top[:, -1])))
         if distinct and unique:
             out["nc4"] = 0.0
+    # without `weight` the classifier metrics, nc3 and nc4 are not computed (NaN by design)
+    needs_weight = {k for k in out if k.endswith("classifier")} | {"nc3", "nc4"}
+    undefined = [k for k, v in out.items() if np.isnan(v)
+                 and (weight is not None or k not in needs_weight)]
+    if undefined:
+        warnings.warn(f"collapse_metrics: {', '.join(undefined)} undefined for this geometry "
+                      "(equal class means, or a zero class mean or classifier row): NaN",
+                      RuntimeWarning, stacklevel=2)
     return out
 
 
@@ -279,6 +318,7 @@ def balanced_collapse(n_classes: int, global_mean: str = "class_means") -> xr.Da
     Dataset also gives the predicted pairwise cosine ``−1/(C−1)`` of centred means
     (``class_mean_cosine``)."""
     etf = simplex_etf(n_classes)
+    n_classes = etf.shape[1]
     metrics = collapse_metrics(etf.T, etf.T, global_mean=global_mean)
     labels = np.arange(n_classes)
     return _dataset(
@@ -321,7 +361,7 @@ def imbalanced_collapse(
         ``minority_collapse_threshold`` (the class size below which a class collapses, at this
         ``N``).  Class means and classifier rows are mutually orthogonal.
     """
-    sizes = np.asarray(class_sizes, dtype=float)
+    sizes = _sizes(class_sizes)
     means, weight, z = collapse_geometry(sizes, weight_decay, feature_decay, n_layers)
     metrics = collapse_metrics(means, weight, sizes, global_mean)
     threshold = minority_collapse_threshold(sizes.sum(), weight_decay, feature_decay, n_layers)

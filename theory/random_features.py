@@ -45,6 +45,7 @@ from theory.kernels import (
     _ATTRS,
     Spectrum,
     _as_spectrum,
+    _broadcast,
     _check_spectrum,
     _coord,
     krr_errors,
@@ -124,8 +125,9 @@ def rf_errors(
     spectrum = _check_spectrum(spectrum)
     dev = _backend.resolve(backend, device)
     noise_var = nonnegative_scalar(noise_var, "noise_var")
-    n, nf, ridge = np.broadcast_arrays(float_array(n, "n"), float_array(n_features, "n_features"),
-                                       float_array(ridge, "ridge"))
+    n, nf, ridge = _broadcast(n=float_array(n, "n"), n_features=float_array(n_features,
+                                                                            "n_features"),
+                              ridge=float_array(ridge, "ridge"))
     shape = n.shape
     n, nf, ridge = n.ravel(), nf.ravel(), ridge.ravel()
     if np.any(np.isnan(n)) or np.any(n <= 0) or np.any(np.isnan(nf)) or np.any(nf <= 0):
@@ -394,7 +396,13 @@ def power_law_optimal_fitting_ratio(a: Any, b: Any) -> np.ndarray:
     finite ``n`` and with noise (with noise ``σ² > 0`` fixed the ratio tends to 1 as
     ``n → ∞``).
     """
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    a, b = float_array(a, "a"), float_array(b, "b")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        raise ValueError("a and b must be finite")
+    try:
+        a, b = np.broadcast_arrays(a, b)
+    except ValueError:
+        raise ValueError(f"a and b do not broadcast: shapes {a.shape}, {b.shape}") from None
     if np.any(a <= 1) or np.any(b <= 1) or np.any(b >= 2 * a + 1):
         raise ValueError("needs a > 1 and 1 < b < 2a + 1 (a normalisable target and a "
                          "convergent bias integral)")

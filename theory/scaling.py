@@ -30,7 +30,14 @@ from scipy import stats
 
 from theory import _backend
 from theory._dataset import theory_attrs
-from theory._validate import float_array, nonnegative_scalar, positive_scalar
+from theory._validate import (
+    count,
+    finite_scalar,
+    float_array,
+    nonnegative_scalar,
+    positive_scalar,
+    real_scalar,
+)
 from theory.kernels import _as_spectrum, _coord
 from theory.random_features import rf_errors
 
@@ -46,7 +53,8 @@ def predicted_exponents(a: float, b: float | None = None) -> dict[str, float]:
     ridgeless: ``min(b−1, 2a)`` in ``n`` and ``min(b−1, a)`` in ``N_f`` (module docstring);
     ``b`` defaults to ``a`` (the generic teacher), giving ``α_K = a − 1`` for both.
     """
-    b = a if b is None else b
+    a = finite_scalar(a, "a")
+    b = a if b is None else finite_scalar(b, "b")
     if a <= 1 or b <= 1:
         raise ValueError("needs a > 1 (trace-class kernel) and b > 1 (square-summable target)")
     return {
@@ -196,22 +204,29 @@ def fit_power_law(
             y = y.transpose(other[0], "seed").values
         else:
             y = y.values
-    x = np.asarray(x, dtype=float).ravel()
-    y = np.asarray(y, dtype=float)
+    x = float_array(x, "x").ravel()
+    y = float_array(y, "y")
     y = y[:, None] if y.ndim == 1 else y
     if y.ndim != 2 or y.shape[0] != x.size:
         raise ValueError(f"y must be (k,) or (k, S) with k = len(x) = {x.size}; got {y.shape}")
     if np.any(x <= 0) or not np.all(np.isfinite(x)):
         raise ValueError("x must be positive and finite")
+    level = real_scalar(level, "level")
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1); got {level}")
+    offset = finite_scalar(offset, "offset")
+    n_boot = count(n_boot, "n_boot")
+    seed = count(seed, "seed")
+    if np.unique(x).size < 2:
+        raise ValueError("x must hold at least 2 distinct values for a slope")
     mean = y.mean(1) - offset
     keep = np.isfinite(mean) & (mean > 0)
     if not keep.all():
         warnings.warn(f"{(~keep).sum()} point(s) with y − offset ≤ 0 or non-finite dropped from "
                       "the power-law fit", RuntimeWarning, stacklevel=2)
-    if keep.sum() < 3:
-        raise ValueError("a power-law fit with an interval needs at least 3 usable points")
+    if keep.sum() < 3 or np.unique(x[keep]).size < 2:
+        raise ValueError("a power-law fit with an interval needs at least 3 usable points of "
+                         "y (y − offset > 0 and finite) at 2 or more distinct x")
     lx, yk = np.log(x[keep]), y[keep]
     slope, intercept, r2 = _ols(lx, np.log(mean[keep])[:, None])
     k = lx.size

@@ -25,6 +25,7 @@ import numpy as np
 import xarray as xr
 
 from theory._dataset import theory_attrs
+from theory._validate import float_array
 from theory.kernels import Spectrum
 
 __all__ = ["empirical_spectrum", "spectrum_from_gram"]
@@ -34,7 +35,7 @@ SOURCE = ("Canatar, Bordelon & Pehlevan (2021), Spectral bias and task-model ali
 
 
 def _eigensystem(gram: Any, targets: Any) -> tuple[np.ndarray, np.ndarray, int]:
-    K = np.asarray(gram, dtype=float)
+    K = float_array(gram, "gram")
     if K.ndim != 2 or K.shape[0] != K.shape[1] or K.shape[0] == 0:
         raise ValueError(f"gram must be a square (P, P) matrix; got shape {K.shape}")
     if not np.all(np.isfinite(K)):
@@ -53,7 +54,9 @@ def _eigensystem(gram: Any, targets: Any) -> tuple[np.ndarray, np.ndarray, int]:
     if targets is None:
         v2 = np.zeros(P)
     else:
-        y = np.asarray(targets, dtype=float)
+        y = float_array(targets, "targets")
+        if not np.all(np.isfinite(y)):
+            raise ValueError("targets has non-finite entries")
         if y.ndim == 0 or y.shape[0] != P:
             raise ValueError(f"targets must have P = {P} rows; got shape {y.shape}")
         y = y.reshape(P, -1)
@@ -87,7 +90,13 @@ def empirical_spectrum(gram: Any, targets: Any = None) -> xr.Dataset:
     """
     lam, v2, P = _eigensystem(gram, targets)
     total = v2.sum()
-    cum = np.cumsum(v2) / total if total > 0 else np.full_like(v2, np.nan)
+    if total > 0:
+        cum = np.cumsum(v2) / total
+    else:
+        cum = np.full_like(v2, np.nan)
+        warnings.warn("empirical_spectrum: " + ("no targets given" if targets is None else
+                                               "the targets have zero power")
+                      + ": cumulative_power is undefined (NaN)", RuntimeWarning, stacklevel=2)
     return xr.Dataset(
         {
             "eigenvalue": ("mode", lam, {"long_name": "kernel eigenvalue λ_i = s_i/P",
