@@ -57,7 +57,39 @@ PRODUCERS = {
         n_features=20, steps=[0, 5], seeds=[0]),
     "recipes.train_digits_mlp": lambda: train_digits_mlp(widths=(16,), steps=5, n_evals=3,
                                                          probes=("rankme",)),
+    "probes.cka_matrix": lambda: probes.cka_matrix({"a": _FEATS, "b": _FEATS[:, :3] ** 2},
+                                                   debiased=True),
+    "probes.minibatch_cka": lambda: probes.minibatch_cka([_FEATS, _FEATS ** 2], batch_size=20),
+    "probes.checkpoint_cka": lambda: probes.checkpoint_cka(
+        {0: {"a": _FEATS}, 5: {"a": _FEATS + 0.1}}, learning_rate=0.1),
+    "probes.checkpoint_cka_first": lambda: probes.checkpoint_cka(
+        {0: {"a": _FEATS}, 5: {"a": _FEATS ** 2}}, reference="first"),
+    "probes.invariance_scores": lambda: _invariance(),
+    "probes.lie_derivative_scores": lambda: _lie(),
 }
+
+
+def _small_model():
+    import torch
+
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+
+
+def _invariance():
+    from functools import partial
+
+    from probes.invariance import cyclic_shift, invariance_scores
+
+    return invariance_scores(_small_model(), _FEATS.astype(np.float32),
+                             (partial(cyclic_shift), [1, 2]), layers=["1"], dim="shift")
+
+
+def _lie():
+    from probes.invariance import lie_derivative_scores, translate
+
+    return lie_derivative_scores(_small_model(), _FEATS.astype(np.float32),
+                                 {"translate": translate}, layers=["1", "2"])
 
 
 @pytest.mark.parametrize("name", sorted(PRODUCERS))
