@@ -147,6 +147,47 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
 
 
+def plan_layers(x: torch.Tensor, layers: int, device: torch.device, repeats: int) -> None:
+    """ProbePlan over ``layers`` layers (the same ``d``) with all six spectral probes: the
+    ``"spectrum"`` accumulator's ``prepare`` (one batched eigensolve per variant for all layers)
+    against per-layer solves (``prepare`` switched off), interleaved; values must be equal."""
+    from dataclasses import replace
+
+    from probes import registry
+    from probes.evaluation import ProbePlan
+
+    names = ["rankme", "rankme_covariance", "alpha_req", "participation_ratio", "stable_rank",
+             "effective_rank"]
+    feats = {f"l{i}": x[:, torch.randperm(x.shape[1], generator=torch.Generator()
+                                           .manual_seed(i)).to(x.device)]
+             for i in range(layers)}
+    plan = ProbePlan(names, list(feats))
+    state = plan.accumulate(feats)
+    batched_acc = registry.ACCUMULATORS["spectrum"]
+    per_layer_acc = replace(batched_acc, prepare=None)
+
+    def run(acc):
+        def go():
+            registry.ACCUMULATORS["spectrum"] = acc
+            try:
+                return plan.layer_values(state).layer_values
+            finally:
+                registry.ACCUMULATORS["spectrum"] = batched_acc
+        return go
+
+    res = interleaved({"per-layer solves": run(per_layer_acc),
+                       "batched prepare": run(batched_acc)}, device, repeats)
+    a, b = (r["result"] for r in res.values())
+    same = all(a[k][layer] == b[k][layer] or (np.isnan(a[k][layer]) and np.isnan(b[k][layer]))
+               for k in a for layer in a[k])
+    print(f"\nProbePlan, {layers} layers of {tuple(x.shape)}, six spectral probes (values from "
+          f"the accumulated state; accumulation not timed):")
+    for name, r in res.items():
+        print(f"{name:42s} {r['wall'] * 1e3:9.1f} {r['ratio_wall']:6.2f}× {r['cpu'] * 1e3:9.1f} "
+              f"{r['ratio_cpu']:6.2f}×")
+    print(f"values identical (bit for bit): {same}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=25_600)
@@ -159,6 +200,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-n", type=int, default=None,
                     help="n of the memory test (default: --n); it streams n and 10 n")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--layers", type=int, default=0,
+                    help="also time ProbePlan over this many layers: batched prepare vs "
+                         "per-layer solves")
+    ap.add_argument("--no-memory", action="store_true", help="skip the memory test")
     args = ap.parse_args(argv)
     if args.memory_child is not None:
         if args.threads:
@@ -205,6 +250,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"load average (1, 5, 15 min): {os.getloadavg()} on {os.cpu_count()} CPUs")
     print(f"values: RankMe {exact['rankme']:.4f}, alpha-ReQ {exact['alpha_req']:.4f}")
 
+    if args.layers:
+        plan_layers(x[: min(args.n, 4 * args.d)], args.layers, device, args.repeats)
+    if args.no_memory:
+        return
     n_mem = args.memory_n or args.n
     small = peak_memory_of_stream(n_mem, args.d, args.batch, device)
     large = peak_memory_of_stream(10 * n_mem, args.d, args.batch, device)
