@@ -9,18 +9,22 @@
 # into /tmp/site, prints the GPU and versions, then runs, each under its own `timeout` and
 # continuing after a failure:
 #
-#   a. benchmarks/gpu_check.py                      every probe/theory function, CPU vs CUDA
-#   b. benchmarks/spectral.py --device cuda          default size, then n = 102400, d = 4096
-#   c. benchmarks/ntk.py --device cuda --no-nt --quick
-#   d. benchmarks/monitor_overhead.py --device cuda
-#   e. benchmarks/analyze.py --quick                 (serial and 2 dask workers)
+#   a. benchmarks/gpu_check.py                      every probe/theory function, CPU vs CUDA /
+#                                                   the jax GPU (theory rows, DMFT, the big grid)
+#   x. benchmarks/eigvalsh_crossover.py --quick      where small d×d solves are fastest; batched
+#   b. benchmarks/spectral.py --device cuda --reference   traindyn vs the papers' SVD route
+#   c. benchmarks/ntk.py --device cuda --no-nt --quick    auto vs best explicit (cost model)
+#   d. benchmarks/monitor_overhead.py --device cuda --model cnn   (three modes, 40 evaluations)
+#   t. benchmarks/theory_device.py --device gpu      KRR/RF/scaling grid: jax GPU vs numpy
+#   m. benchmarks/dmft.py --device gpu --quick       DMFT solve: GPU vs CPU (if present)
+#   s. benchmarks/similarity.py --device cuda        streaming vs full-Gram CKA on the GPU
+#   e. benchmarks/analyze.py --quick --no-workers    analyze / (load + forward)
 #   f. the test suite, pytest -n 8, with CUDA visible (the tests themselves need no GPU)
 #
-# Steps a-e share one budget (BUDGET_AE seconds, 240 by default): each gets the smaller of its
+# Steps a-e share one budget (BUDGET_AE seconds, 270 by default): each gets the smaller of its
 # own limit and what is left of that budget, and is skipped when under 10 s is left.  Step f
-# has its own limit (PYTEST_LIMIT, 180 s; the whole suite took 155 s on 2 local workers).
-# Worst case about 8 minutes in all (setup ~20 s + 240 s + 180 s + kill grace); a typical
-# run is shorter.  Logs (at most 6 files) go to $OUT: env.log, gpu_check.log, bench.log,
+# has its own limit (PYTEST_LIMIT, 180 s).  Worst case under 8 minutes in all (setup ~20 s +
+# 270 s + 180 s + kill grace); a typical run is shorter.  Logs (at most 6 files) go to $OUT: env.log, gpu_check.log, bench.log,
 # analyze.log, pytest.log and summary.txt (one line per step: exit code and seconds).
 #
 # Settings (environment):
@@ -28,7 +32,7 @@
 #   SKIP_WHEELS=1       do not install .whl/*.whl (use the interpreter's own packages)
 #   SITE=/tmp/site      where the wheels are installed (put first on PYTHONPATH)
 #   OUT=/tmp/gpuout     where the logs go (the device tool sets OUT)
-#   BUDGET_AE=240       seconds shared by steps a-e
+#   BUDGET_AE=270       seconds shared by steps a-e
 #   PYTEST_LIMIT=180    seconds for step f;  PYTEST_WORKERS=8;  PYTEST_MAXFAIL=10
 #   PYTEST_EXTRA=""     extra pytest arguments (e.g. "-k spectral" for a quick local check)
 #
@@ -42,7 +46,7 @@ ROOT=$PWD
 PY=${PY:-python3}
 SITE=${SITE:-/tmp/site}
 OUT=${OUT:-/tmp/gpuout}
-BUDGET_AE=${BUDGET_AE:-240}
+BUDGET_AE=${BUDGET_AE:-270}
 PYTEST_LIMIT=${PYTEST_LIMIT:-180}
 PYTEST_WORKERS=${PYTEST_WORKERS:-8}
 PYTEST_MAXFAIL=${PYTEST_MAXFAIL:-10}
@@ -189,19 +193,27 @@ step() {
 
 step "a gpu_check" "$OUT/gpu_check.log" 90 ae \
     "$PY" benchmarks/gpu_check.py
-step "b spectral cuda (default)" "$OUT/bench.log" 60 cuda \
-    "$PY" benchmarks/spectral.py --device cuda
-step "c ntk cuda --quick" "$OUT/bench.log" 60 cuda \
+step "x eigvalsh crossover" "$OUT/bench.log" 30 cuda \
+    "$PY" benchmarks/eigvalsh_crossover.py --quick
+step "b spectral cuda + reference route" "$OUT/bench.log" 45 cuda \
+    "$PY" benchmarks/spectral.py --device cuda --reference --layers 4
+step "c ntk cuda --quick" "$OUT/bench.log" 45 cuda \
     "$PY" benchmarks/ntk.py --device cuda --no-nt --quick
-step "d monitor_overhead cuda" "$OUT/bench.log" 75 cuda \
-    "$PY" benchmarks/monitor_overhead.py --device cuda
-# the same benchmark on the CPU of a many-core machine: a core is free for background mode
-step "d2 monitor_overhead cpu mlp 4 thr" "$OUT/bench.log" 45 own \
-    "$PY" benchmarks/monitor_overhead.py --device cpu --model mlp --threads 4
-step "e analyze --quick" "$OUT/analyze.log" 90 ae \
-    "$PY" benchmarks/analyze.py --quick
-step "b2 spectral cuda n=102400 d=4096" "$OUT/bench.log" 60 cuda \
-    "$PY" benchmarks/spectral.py --device cuda --n 102400 --d 4096 --batch 10240
+step "d monitor_overhead cuda cnn" "$OUT/bench.log" 75 cuda \
+    "$PY" benchmarks/monitor_overhead.py --device cuda --model cnn
+step "t theory grid jax gpu" "$OUT/bench.log" 30 cuda \
+    "$PY" benchmarks/theory_device.py --device gpu
+if [ -f benchmarks/dmft.py ]; then
+    step "m dmft gpu" "$OUT/bench.log" 40 cuda \
+        "$PY" benchmarks/dmft.py --device gpu --quick
+fi
+step "s similarity cuda" "$OUT/bench.log" 30 cuda \
+    "$PY" benchmarks/similarity.py --device cuda
+step "e analyze --quick" "$OUT/analyze.log" 60 ae \
+    "$PY" benchmarks/analyze.py --quick --no-workers
+step "b2 spectral cuda n=102400 d=4096" "$OUT/bench.log" 45 cuda \
+    "$PY" benchmarks/spectral.py --device cuda --n 102400 --d 4096 --batch 10240 --reference \
+    --no-memory
 # shellcheck disable=SC2086  # PYTEST_EXTRA is a list of arguments
 step "f pytest -n $PYTEST_WORKERS" "$OUT/pytest.log" "$PYTEST_LIMIT" own \
     "$PY" -m pytest -q -n "$PYTEST_WORKERS" --maxfail="$PYTEST_MAXFAIL" -p no:cacheprovider \
