@@ -50,7 +50,7 @@ from probes._arrays import (
     as_tensor,
     check_labels,
 )
-from probes._solve import lapack_single_thread
+from probes._solve import lapack_single_thread, solve_device
 
 __all__ = ["GLOBAL_MEANS", "NC_VARIABLES", "CollapseAccumulator", "neural_collapse"]
 
@@ -341,8 +341,11 @@ def nc1_class_space(m: torch.Tensor, sigma_w: torch.Tensor) -> float | None:
     Donoho 2020, Fig. 6 for the definition; the reduction is linear algebra).  Cost
     ``O(dC² + d²C)`` instead of the ``O(d³)`` pseudo-inverse.  ``None`` when ``Σ_B = 0``.
     """
-    with lapack_single_thread(m.device):
-        s2, v = torch.linalg.eigh(m.T @ m)
+    gram = m.T @ m
+    where = solve_device(gram.shape[0], gram.device)  # a small C × C solve: maybe the CPU
+    with lapack_single_thread(where):
+        s2, v = torch.linalg.eigh(gram.to(where))
+    s2, v = s2.to(m.device), v.to(m.device)
     keep = s2 > _rank_tolerance(m, s2.max())
     if not bool(keep.any()):
         return None

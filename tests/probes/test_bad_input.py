@@ -1453,3 +1453,16 @@ if __name__ == "__main__":  # pragma: no cover - the report's table
         for func, ds in sorted(campaign_table.details.items()):
             for d in sorted(ds)[:8]:
                 print(func, "::", d)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int64", "np.int32", "float32"])
+@pytest.mark.parametrize("shape", [(30, 8), (5, 12)])  # n > d, and the Gram side n < d
+def test_low_precision_and_integer_features_give_the_float64_values(dtype, shape, rng):
+    """Features exactly representable in ``dtype`` give the float64 reference's values of the
+    same numbers, to 1e-12 relative: every product is formed in float64."""
+    x = quarter_values(rng, shape, integer="int" in dtype) + 1.0
+    z = make(x, dtype)
+    assert abs(S.rankme(z) - ref_rankme(x)) <= 1e-12 * ref_rankme(x)
+    assert abs(S.rankme_covariance(z) - _rankme_cov(x)) <= 1e-12 * _rankme_cov(x)
+    assert abs(S.participation_ratio(z) - ref_pr(x)) <= 1e-12 * ref_pr(x)
+    assert abs(S.alpha_req(z, (0, 3)) - _alpha(x)) <= 1e-10 * abs(_alpha(x))
