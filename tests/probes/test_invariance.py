@@ -12,8 +12,8 @@ from torch import nn
 
 from probes import invariance as inv
 
-torch.set_default_dtype(torch.float64)
 N = 16
+F64 = torch.float64
 
 
 class GlobalMean(nn.Module):
@@ -41,16 +41,16 @@ def mlp(seed: int = 0, n_in: int = N) -> nn.Module:
 
 
 def signals(n: int = 200, seed: int = 1) -> torch.Tensor:
-    return torch.randn(n, 1, N, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(n, 1, N, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 # ----------------------------------------------------------------- transformations
 def test_transformations_match_exact_references():
-    x = torch.randn(3, 8, 8)
+    x = torch.randn(3, 8, 8, dtype=F64)
     assert torch.equal(inv.rotate(x, 0.0), x)
     torch.testing.assert_close(inv.rotate(x, math.pi / 2), torch.rot90(x, 1, (-2, -1)),
                                atol=1e-13, rtol=0)
-    y = torch.randn(4, 9)
+    y = torch.randn(4, 9, dtype=F64)
     torch.testing.assert_close(inv.translate(y, 2.0), inv.cyclic_shift(y, 2), atol=1e-13,
                                rtol=0)
     torch.testing.assert_close(inv.translate(inv.translate(y, 0.3), 0.45), inv.translate(y, 0.75),
@@ -132,7 +132,7 @@ def test_group_averaged_model_is_invariant_to_round_off():
         torch.testing.assert_close(averaged(inv.cyclic_shift(x, k)), base, atol=1e-14, rtol=0)
     ds = inv.invariance_scores(averaged, x, (inv.cyclic_shift, [2, 7]))
     assert float(ds.invariance_distance.max()) < 1e-14
-    images = torch.randn(20, 1, 6, 6)
+    images = torch.randn(20, 1, 6, 6, dtype=F64)
     rot_avg = inv.GroupAveraged(mlp(n_in=36), inv.rot90_group())
     torch.testing.assert_close(rot_avg(torch.rot90(images, 1, (-2, -1))), rot_avg(images),
                                atol=1e-14, rtol=0)
@@ -161,7 +161,7 @@ def test_lie_derivative_of_exactly_equivariant_models_is_zero():
 
     lie = inv.lie_derivative(PowerSpectrum(), x[:, 0, :15], inv.translate)["output"]
     assert float(lie.abs().max()) < 1e-10
-    pts = torch.randn(10, 2)
+    pts = torch.randn(10, 2, dtype=F64)
     lie = inv.lie_derivative(_RadialScale(), pts, _rotate_points, rho_out=_unrotate_points)
     assert float(lie["output"].abs().max()) < 1e-14
 
@@ -195,12 +195,14 @@ class _Pick(nn.Module):
 
 def test_lie_derivative_of_non_equivariant_functions_matches_hand_values():
     # f(p) = p_x under rotation: d/dθ (p_x cos θ − p_y sin θ) at 0 = −p_y
-    lie = inv.lie_derivative(_Pick(0), torch.tensor([[1.0, 2.0], [-3.0, 0.5]]), _rotate_points)
-    torch.testing.assert_close(lie["output"][:, 0], torch.tensor([-2.0, -0.5]), atol=1e-15,
+    pts = torch.tensor([[1.0, 2.0], [-3.0, 0.5]], dtype=F64)
+    lie = inv.lie_derivative(_Pick(0), pts, _rotate_points)
+    torch.testing.assert_close(lie["output"][:, 0], torch.tensor([-2.0, -0.5], dtype=F64),
+                               atol=1e-15,
                                rtol=0)
     # f(x) = x_j under translation of cos(2πkm/N): d/dt cos(2πk(j−t)/N) = (2πk/N) sin(2πkj/N)
     k, j = 3, 2
-    wave = torch.cos(2 * math.pi * k * torch.arange(N) / N)[None]
+    wave = torch.cos(2 * math.pi * k * torch.arange(N, dtype=F64) / N)[None]
     lie = inv.lie_derivative(_Pick(j), wave, inv.translate)["output"]
     hand = 2 * math.pi * k / N * math.sin(2 * math.pi * k * j / N)
     assert float(lie[0, 0]) == pytest.approx(hand, rel=1e-12)
@@ -208,7 +210,7 @@ def test_lie_derivative_of_non_equivariant_functions_matches_hand_values():
 
 
 def test_lie_derivative_of_rotation_equals_finite_difference_per_layer():
-    images = torch.randn(6, 1, 8, 8)
+    images = torch.randn(6, 1, 8, 8, dtype=F64)
     model = mlp(n_in=64)
     lie = inv.lie_derivative(model, images, inv.rotate, layers=["1", "2"])
     h = 1e-7
