@@ -213,7 +213,7 @@ def test_minibatch_single_batch_equals_debiased_cka_and_merge_equals_sequential(
 
 def test_minibatch_hsic_is_unbiased_for_the_full_batch_estimate():
     """E over shuffles of the minibatch mean HSIC = the full-data unbiased HSIC (U-statistic)."""
-    n, b, shuffles = 120, 20, 300
+    n, b, shuffles = 120, 20, 150
     x = RNG.standard_normal((n, 5))
     y = np.tanh(x[:, :3]) + 0.5 * RNG.standard_normal((n, 3))
     k, l = torch.tensor(x @ x.T), torch.tensor(y @ y.T)  # noqa: E741
