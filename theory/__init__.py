@@ -13,6 +13,7 @@ module               what
 ``spectra``          empirical kernel spectra and target coefficients from data
 ``deep_linear``      Saxe, McClelland & Ganguli (2014) mode dynamics, derived with sympy
 ``neural_collapse``  simplex ETF and imbalanced (Dang et al. 2023) collapse geometry
+``dmft``             two-layer DMFT solver, lazy → rich (Bordelon & Pehlevan 2022; jax)
 ===================  ==========================================================================
 
 ``import theory`` is light: the submodules are imported on first use of one of their names
@@ -57,6 +58,9 @@ _EXPORTS: dict[str, str] = {
     "scaling_regimes": "scaling",
     "empirical_spectrum": "spectra",
     "spectrum_from_gram": "spectra",
+    "dmft_two_layer": "dmft",
+    "initial_kernels": "dmft",
+    "DMFTConvergenceWarning": "dmft",
 }
 
 _SUBMODULES = ("deep_linear", "dmft", "kernels", "linear", "neural_collapse",
@@ -71,6 +75,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         time_to_strength,
         two_layer_solution,
     )
+    from theory.dmft import DMFTConvergenceWarning, dmft_two_layer, initial_kernels
     from theory.kernels import Spectrum, krr_learning_curve, power_law_spectrum, solve_kappa
     from theory.linear import (
         advani_saxe,
@@ -116,6 +121,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "DMFTConvergenceWarning",
+    "dmft_two_layer",
+    "initial_kernels",
     "Spectrum",
     "__version__",
     "advani_saxe",

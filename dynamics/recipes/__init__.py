@@ -11,6 +11,8 @@ recipe                pairs with
 ``collapse_training`` ``theory.neural_collapse``, ``probes.collapse``
 ``digits``            representation probes (RankMe, alpha-ReQ)
 ``tiny_lm``           instability proxies and checkpoint-series geometry
+``two_layer``         ``theory.dmft`` (mean-field two-layer network, Bordelon & Pehlevan 2022)
+``grokking``          lazy → rich grokking (Kumar, Bordelon, Gershman & Pehlevan 2024)
 ====================  ============================================================
 """
 
@@ -21,6 +23,7 @@ from dynamics.recipes.collapse_training import (
 )
 from dynamics.recipes.deep_linear import svd_task, train_deep_linear
 from dynamics.recipes.digits import DigitsMLP, load_digits_split, train_digits_mlp
+from dynamics.recipes.grokking import train_grokking
 from dynamics.recipes.kernel_regression import (
     digits_kernel,
     simulate_digits_krr,
@@ -30,8 +33,12 @@ from dynamics.recipes.kernel_regression import (
 )
 from dynamics.recipes.linear_teacher import simulate_linear_teacher
 from dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig, load_corpus, train_tiny_lm
+from dynamics.recipes.two_layer import train_two_layer, two_layer_task
 
 __all__ = [
+    "train_grokking",
+    "train_two_layer",
+    "two_layer_task",
     "DigitsMLP",
     "TinyLM",
     "TinyLMConfig",

@@ -1,0 +1,59 @@
+"""dynamics.recipes.grokking: the sufficient-statistics test loss against Monte Carlo, the
+recorded Dataset, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dynamics import records
+from dynamics.recipes.grokking import (
+    GrokkingNet,
+    grokking_task,
+    population_test_loss,
+    train_grokking,
+)
+
+
+def test_population_loss_from_statistics_matches_monte_carlo():
+    _, _, _, _, beta = grokking_task(5, 1, 6, seed=4)
+    net = GrokkingNet(6, 40, alpha=2.0, epsilon=0.5, seed=1)
+    with torch.no_grad():
+        net.linear.weight += 0.2 * torch.randn_like(net.linear.weight)
+    b = torch.as_tensor(beta)
+    exact = population_test_loss(net.statistics(b), 2.0, 0.5)
+    x = torch.randn(400_000, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = (net(x) - 0.5 * (x @ b) ** 2) ** 2
+    mc, se = float(err.mean()), float(err.std() / np.sqrt(len(err)))
+    assert abs(mc - exact) < 4 * se, (mc, exact, se)
+
+
+def test_train_grokking_records_losses_statistics_and_probes():
+    ds = train_grokking(alpha=(1.0, 20.0), n_train=40, n_test=400, dim=8, width=30,
+                        epsilon=0.2, learning_rate=0.3, steps=300, n_evals=6, seeds=(0,),
+                        ntk_samples=16)
+    records.validate(ds)
+    for name in ("train_loss", "test_loss", "test_loss_population", "m_drift_sq",
+                 "M_drift_trace", "M_drift_beta", "M_drift_fro", "ntk_alignment",
+                 "ntk_centered_alignment", "rankme"):
+        assert name in ds, name
+    assert ds.train_loss.dims == ("alpha", "seed", "step")
+    first, last = ds.isel(step=0), ds.isel(step=-1)
+    assert (last.train_loss < first.train_loss).all()
+    assert float(first.M_drift_fro.max()) == 0.0
+    # lazier (larger α) moves the weights less: statistics scale like 1/α
+    lazy, rich = last.M_drift_fro.sel(alpha=20.0), last.M_drift_fro.sel(alpha=1.0)
+    assert float(lazy.max()) < float(rich.min())
+    # sampled test loss agrees with the exact population value (400 points: ~15 %)
+    rel = np.abs(last.test_loss / last.test_loss_population - 1)
+    assert float(rel.max()) < 0.3
+    np.testing.assert_allclose(ds.time.values, 0.3 * ds.step.values)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="alpha"):
+        GrokkingNet(3, 4, alpha=0.0)
+    with pytest.raises(ValueError, match="n_train"):
+        train_grokking(n_train=0)
