@@ -110,7 +110,7 @@ def costs(s: ModelShape, n1: int, n2: int, same: bool, output: str,
         else:
             gram = 2 * pairs * L.T ** 2 * (L.p + k_eff * L.q)
             mat = 2 * N * k * L.T * L.p * L.q + 2 * pairs * k_eff * L.p * L.q
-            fl += mat if (L.T > 1 and mat < gram) else gram
+            fl += mat if (L.T > 1 and (output == "full" or mat < gram)) else gram
         launches += 6 * dev.latency
     if s.P_fallback:
         fl += 3 * F * N * k + 2 * pairs * k_eff * s.P_fallback

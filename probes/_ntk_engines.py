@@ -118,7 +118,7 @@ def per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size):
     probe_chunk = x1[: min(n1, chunk_size or sym or 256)]
     plan = recorded = None
     if method in ("auto", "structured"):
-        plan, recorded = st.plan_structured(model, probe_chunk, chosen, full, max(n1, n2))
+        plan, recorded = st.cached_plan(model, probe_chunk, chosen, full, max(n1, n2))
     k = int(recorded.f.shape[1]) if recorded is not None else int(_k_outputs(model, x1[:1]))
     if method == "auto":
         shape = cost.describe(model, x1, chosen, plan, recorded, k)
@@ -207,7 +207,7 @@ def auto_method(model, x1, x2=None, *, output: str = "trace", params=None) -> st
     sym = math.ceil(n1 / 3) if (same and n1 >= SYM_PANELS) else None
     probe_chunk = x1[: min(n1, sym or 256)]
     with torch.enable_grad(), requires_grad(chosen.values()):
-        plan, recorded = st.plan_structured(model, probe_chunk, chosen, output == "full",
+        plan, recorded = st.cached_plan(model, probe_chunk, chosen, output == "full",
                                             max(n1, n2))
     shape = cost.describe(model, x1, chosen, plan, recorded, int(recorded.f.shape[1]))
     return cost.choose(shape, n1, n2, same, output, x1.device)

@@ -7,7 +7,8 @@ a_t`` (t runs over tokens / conv positions / repeated calls), so the layer's blo
 ``Θ_W = (a₁·a₂ + [bias]) ∘ (g₁·g₂)`` — a Gram of signals times a Gram of activations
 (Novak et al. 2022, Sec. 4, "matrix multiplication" rule).  When ``T`` tokens make ``T²`` Gram
 terms dearer than the layer Jacobian (typical for convolutions and attention projections), the
-per-layer Jacobian ``Σ_t g_t a_tᵀ`` is formed from the same factors instead.
+per-layer Jacobian ``Σ_t g_t a_tᵀ`` is formed from the same factors instead (always, for the
+full kernel of a layer with ``T > 1``).
 
 Normalisation layers ``F.layer_norm`` / ``F.rms_norm`` with a chosen affine weight (and bias)
 are intercepted the same way: ``y = x̂ ∘ γ + β`` gives ``∂f_a/∂γ = Σ_t g_{a,t} ∘ x̂_t`` and
@@ -23,6 +24,7 @@ gradient with its reconstruction from the factors.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -89,6 +91,7 @@ class Recorder(MathMode):
         super().__init__()
         self.ids = ids
         self.calls: list[Call] = []
+        self.other_uses: list[tuple[str, int]] = []  # chosen tensors seen in other calls
 
     def _chosen(self, w, b) -> bool:
         return id(w) in self.ids or (b is not None and id(b) in self.ids)
@@ -134,6 +137,10 @@ class Recorder(MathMode):
                 a = xhat.detach().reshape(x.shape[0], -1, D)
                 self.calls.append(Call("norm", w, b, a, y))
                 return y.clone()
+        for v in (*args, *kwargs.values()):
+            for t in (v if isinstance(v, (list, tuple)) else (v,)):
+                if isinstance(t, torch.Tensor) and id(t) in self.ids:
+                    self.other_uses.append((getattr(func, "__name__", str(func)), id(t)))
         return func(*args, **kwargs)
 
 
@@ -152,6 +159,7 @@ class Plan:
     groups: list[Group]
     fallback: dict[str, nn.Parameter]
     ops: int = 0  # torch calls in the recorded forward
+    fingerprint: tuple = ()  # of the recording it was verified on (Recording.fingerprint)
 
 
 @dataclass
@@ -163,6 +171,11 @@ class Factors:
 def signals(f: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
     """``∂f_a/∂y`` for each recorded ``y`` and every output ``a``, stacked as ``(k, *y.shape)``."""
     n, k = f.shape
+    if k == 1:  # one output: a plain backward
+        gs = torch.autograd.grad(f, ys, grad_outputs=torch.ones_like(f), retain_graph=True,
+                                 allow_unused=True)
+        return [torch.zeros((1, *y.shape), dtype=y.dtype, device=y.device) if g is None
+                else g[None] for g, y in zip(gs, ys, strict=False)]
     eye = torch.eye(k, dtype=f.dtype, device=f.device)
     cot = eye[:, None, :].expand(k, n, k)
     try:
@@ -195,6 +208,14 @@ class Recording:
     gs: list[torch.Tensor]
     ops: int = 0
     cache: dict = field(default_factory=dict)
+    other_uses: tuple = ()
+
+    def fingerprint(self, x: torch.Tensor) -> tuple:
+        """What the plan's validity rests on: the input's trailing shape, which chosen tensors
+        each intercepted call used (and its rows' shape), and the other calls that used them."""
+        return (tuple(x.shape[1:]), x.dtype,
+                tuple((c.kind, _key(c.weight), _key(c.bias), tuple(c.a.shape[1:]))
+                      for c in self.calls), self.other_uses)
 
     def factors(self, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
         key = (_key(group.weight), _key(group.bias))
@@ -208,7 +229,7 @@ def record(model, x, ids) -> Recording:
     with Recorder(ids) as rec:
         f = outputs(model, x)
     gs = signals(f, [c.y for c in rec.calls]) if rec.calls else []
-    return Recording(f, rec.calls, gs, rec.n_ops)
+    return Recording(f, rec.calls, gs, rec.n_ops, other_uses=tuple(rec.other_uses))
 
 
 def _key(p) -> int | None:
@@ -278,13 +299,14 @@ def _reconstruct(group: Group, r: torch.Tensor, a, g) -> list[tuple[torch.Tensor
     return out
 
 
-def plan_structured(model, x, chosen: dict[str, nn.Parameter], full: bool, n_total: int):
+def plan_structured(model, x, chosen: dict[str, nn.Parameter], full: bool, n_total: int,
+                    rec: Recording | None = None):
     """Decide which chosen parameters go through structured derivatives (module docstring).
 
     Returns the plan and the :class:`Recording` of ``x``, reused for the first chunk.
     """
     ids = {id(p): n for n, p in chosen.items()}
-    rec = record(model, x, set(ids))
+    rec = record(model, x, set(ids)) if rec is None else rec
     f, calls = rec.f, rec.calls
     n, k = f.shape
     # parameters seen in an intercepted call, and in which role
@@ -334,18 +356,40 @@ def plan_structured(model, x, chosen: dict[str, nn.Parameter], full: bool, n_tot
         groups = ok
     done = {id(p) for g in groups for p in (g.weight, g.bias) if p is not None}
     fallback = {nm: p for nm, p in chosen.items() if id(p) not in done}
-    # per group: Grams of factors (cost ~ n²T²(p + k_eff·out)) or the layer Jacobian
-    k_eff = k * k if full else k
+    # per group: Grams of factors (cost ~ n²T²(p + k·out) for a trace) or the layer Jacobian;
+    # the full kernel with T > 1 tokens always materialises (its Gram form is a (nkT)² product
+    # followed by a memory-bound reduction, never the cheaper one in practice)
     for grp in groups:
-        if grp.kind == "norm":
-            grp.materialise = True
-            continue
         a, g = rec.factors(grp)
         T, p, q = a.shape[1], a.shape[2], g.shape[3]
-        gram_cost = n_total**2 * T**2 * (p + k_eff * q)
-        jac_cost = n_total * k * T * p * q + n_total**2 * (k_eff) * p * q
-        grp.materialise = T > 1 and jac_cost < gram_cost
-    return Plan(groups, fallback, rec.ops), rec
+        gram_cost = n_total**2 * T**2 * (p + k * q)
+        jac_cost = n_total * k * T * p * q + n_total**2 * k * p * q
+        grp.materialise = grp.kind == "norm" or (T > 1 and (full or jac_cost < gram_cost))
+    return Plan(groups, fallback, rec.ops, rec.fingerprint(x)), rec
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def cached_plan(model, x, chosen: dict[str, nn.Parameter], full: bool, n_total: int):
+    """:func:`plan_structured`, verified once per model, parameter set and input shape.
+
+    Later calls record ``x`` (which the factors need anyway) and reuse the plan when the
+    recording's :meth:`Recording.fingerprint` matches the verified one; any change (a weight
+    used by another call, a different path through the model) plans and verifies again.
+    """
+    key = (tuple(map(id, chosen.values())), full, n_total, tuple(x.shape[1:]), x.dtype)
+    try:
+        per_model = _PLANS.setdefault(model, {})
+    except TypeError:  # not weak-referenceable: no cache
+        return plan_structured(model, x, chosen, full, n_total)
+    rec = record(model, x, set(map(id, chosen.values())))
+    plan = per_model.get(key)
+    if plan is not None and plan.fingerprint == rec.fingerprint(x):
+        return plan, rec
+    plan, rec = plan_structured(model, x, chosen, full, n_total, rec)
+    per_model[key] = plan
+    return plan, rec
 
 
 def structured_factors(model, x, plan: Plan, jacobian_rows,
@@ -373,13 +417,9 @@ def block(F1: Factors, F2: Factors, output: str, k: int) -> torch.Tensor:
     if output == "full":
         K = None
         for (a1, g1), (a2, g2) in zip(F1.groups, F2.groups, strict=False):
-            n1, n2, T = a1.shape[0], a2.shape[0], a1.shape[1]
-            if T == 1:
-                G = (g1.reshape(n1 * k, -1) @ g2.reshape(n2 * k, -1).T).view(n1, k, n2, k)
-                G.mul_((a1[:, 0] @ a2[:, 0].T)[:, None, :, None])
-            else:
-                A = torch.einsum("itp,jsp->itjs", a1, a2)
-                G = torch.einsum("iktq,jlsq,itjs->ikjl", g1, g2, A)
+            n1, n2 = a1.shape[0], a2.shape[0]  # one token: the plan materialises T > 1
+            G = (g1.reshape(n1 * k, -1) @ g2.reshape(n2 * k, -1).T).view(n1, k, n2, k)
+            G.mul_((a1[:, 0] @ a2[:, 0].T)[:, None, :, None])
             K = G if K is None else K.add_(G)
         for J1, J2 in zip(F1.jac, F2.jac, strict=False):
             n1, n2 = J1.shape[0], J2.shape[0]

@@ -366,3 +366,27 @@ def test_math_attention_equals_torch_multi_head_attention():
         out = mha_math(query, key, key, *args, training=False, **kw)
         for a, b in zip(out, ref, strict=True):
             assert rel_err(a, b) < 1e-12
+
+
+def test_cached_plan_is_verified_again_when_the_forward_changes():
+    """The structured plan is reused across calls only while the forward uses the chosen
+    parameters the same way; a weight that starts being used outside F.linear re-plans."""
+
+    class Switch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(4, 5), nn.Linear(5, 3)
+            self.tied = False
+
+        def forward(self, x):
+            h = torch.tanh(self.inp(x))
+            y = self.out(h)
+            return y + h @ self.out.weight.T if self.tied else y
+
+    torch.manual_seed(0)
+    model = Switch().double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    for tied in (False, True, False):
+        model.tied = tied
+        K = empirical_ntk(model, x, output="full", method="structured")
+        assert rel_err(K, brute_ntk(model, x)) < 1e-9, tied
