@@ -89,10 +89,12 @@ def _warn(msg: str) -> None:
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _cv(x: torch.Tensor) -> float:
-    """Coefficient of variation std/mean (population std)."""
+def _cv(x: torch.Tensor, what: str = "class means") -> float:
+    """Coefficient of variation std/mean (population std); NaN with a warning if all zero."""
     mean = x.mean()
     if not mean > 0:
+        _warn(f"neural collapse: the norms of the {what} are all zero; their equinorm "
+              "coefficient of variation is NaN")
         return float("nan")
     return float(x.std(correction=0) / mean)
 
@@ -107,10 +109,14 @@ def _cosines(vectors: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return gram[i, j], ok
 
 
-def _angle_metrics(vectors: torch.Tensor) -> tuple[float, float]:
-    """(std of pairwise cosines, mean |cos + 1/(C-1)|) of the columns of ``vectors``."""
+def _angle_metrics(vectors: torch.Tensor, what: str = "centred class means"
+                   ) -> tuple[float, float]:
+    """(std of pairwise cosines, mean |cos + 1/(C-1)|) of the columns of ``vectors``; NaN with
+    a warning when a column is zero (its angles are undefined)."""
     cos, ok = _cosines(vectors)
     if not ok:
+        _warn(f"neural collapse: one of the {what} is zero, so its angles are undefined: the "
+              "equiangularity metrics are NaN")
         return float("nan"), float("nan")
     c = vectors.shape[1]
     return float(cos.std(correction=0)), float((cos + 1.0 / (c - 1)).abs().mean())
@@ -410,6 +416,9 @@ def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> d
     var = st.within_ss / st.counts
     i, j = torch.triu_indices(c, c, offset=1, device=means.device)
     out["cdnv"] = float(((var[i] + var[j]) / (2.0 * dist2[i, j])).mean())
+    if not np.isfinite(out["cdnv"]):
+        _warn("neural collapse: two class means coincide, so the CDNV of that pair is "
+              f"{out['cdnv']} (a variance over a zero distance)")
 
     if weight is not None:
         w = as_features(weight, "weight").to(device=means.device, dtype=STAT_DTYPE)
@@ -426,11 +435,15 @@ def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> d
             _warn(f"weight has {w.shape[0]} rows but only {c} classes are present; classifier "
                   "metrics use the rows of the present classes")
         wc = w[torch.tensor(st.labels, device=w.device)].T  # d × C, column c = w_c
-        out["nc2_equinorm_classifier"] = _cv(wc.norm(dim=0))
-        out["nc2_equiangle_classifier"], out["nc2_coherence_classifier"] = _angle_metrics(wc)
+        out["nc2_equinorm_classifier"] = _cv(wc.norm(dim=0), "classifier rows")
+        out["nc2_equiangle_classifier"], out["nc2_coherence_classifier"] = _angle_metrics(
+            wc, "classifier rows")
         wn, mn = wc.norm(), m.norm()
         if wn > 0 and mn > 0:
             out["nc3"] = float(((wc / wn - m / mn) ** 2).sum())
+        else:
+            _warn("neural collapse: the classifier or the centred class means are zero: NC3 "
+                  "is NaN")
     return out
 
 

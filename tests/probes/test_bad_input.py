@@ -488,8 +488,11 @@ def collapse_cases(p) -> list[Case]:
 
     if valid:
         def reference(hh):
-            if C < 2:
-                return dict.fromkeys(NC_KEYS + NC_CLASSIFIER, float("nan"))
+            if C < 2:  # one class: only NC4 is defined (every prediction is that class)
+                out = dict.fromkeys(NC_KEYS + NC_CLASSIFIER, float("nan"))
+                if use != "none":
+                    out["nc4"] = float(np.mean(logits.argmax(1) != y))
+                return out
             r = ref_collapse(hh, y, W=W if use != "none" else None, b=b)
             out = {k: r.get(k, float("nan")) for k in NC_KEYS}
             if use == "weight":
