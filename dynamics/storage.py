@@ -461,7 +461,8 @@ class ZarrStream:
             raise ValueError(f"mode={mode!r}: use 'new', 'overwrite' or 'resume'")
         self.path = Path(path)
         self.mode = mode
-        self.count = 0
+        self.count = 0   # evaluations committed
+        self.rows = 0    # rows along step committed
         self.seconds = 0.0
         self.group: Any = None  # the open Zarr group once the store exists
         self.arrays: dict[str, Any] = {}
@@ -482,6 +483,7 @@ class ZarrStream:
             for name, array in self.arrays.items()
             if tuple(dimension_names(array) or ()) == (name,) and name != "step"}
         self.count = int(self.group.attrs[COMPLETE_ATTR])
+        self.rows = self.arrays["step"].shape[0]   # committed rows (an append may add several)
 
     def _check_resumed(self, ds: xr.Dataset) -> None:
         """The first evaluation appended to a resumed store must record what it holds."""
@@ -522,6 +524,7 @@ class ZarrStream:
         elif self._fast_append(ds):
             _commit(self.path, self.group, self.arrays, **{COMPLETE_ATTR: self.count + 1})
             self.count += 1
+            self.rows += 1
         else:
             self._rewrite(ds)     # (re)opens the store: count + 1
         self.seconds += _time.perf_counter() - start
@@ -558,8 +561,8 @@ class ZarrStream:
             shutil.copytree(self.path, folder)
             group = zarr.open_group(str(folder), mode="r+", use_consolidated=False)
             for array, _ in _step_arrays(group).values():  # rows beyond the commit: out
-                if array.shape[0] != self.count:
-                    array.resize((self.count, *array.shape[1:]))
+                if array.shape[0] != self.rows:
+                    array.resize((self.rows, *array.shape[1:]))
             _zarr_ready(ds).to_zarr(folder, append_dim="step", consolidated=False)
             _commit(folder, zarr.open_group(str(folder), mode="r", use_consolidated=False),
                     **{COMPLETE_ATTR: count})
@@ -592,7 +595,7 @@ class ZarrStream:
                     self._fixed_coords.get(dim) != list(np.asarray(ds[dim].values).tolist())):
                 return False
         for array, values in writes:
-            if array.shape[0] != self.count:   # rows a killed run wrote beyond its commit
-                array.resize((self.count, *array.shape[1:]))
+            if array.shape[0] != self.rows:   # rows an append that failed wrote beyond it
+                array.resize((self.rows, *array.shape[1:]))
             array.append(values, axis=0)
         return True
