@@ -1,40 +1,50 @@
 """The NTK model probe: kernel–target alignment and kernel motion over training.
 
-``probe = get_model_probe("ntk").factory()`` returns a stateful callable
-``probe(model, inputs, targets) -> dict[str, float]``: the output-traced NTK
-(:func:`probes.ntk.empirical_ntk`) on (at most ``max_samples``) probe inputs, compared with the
-targets (integer labels one-hot encoded) and with the kernels of earlier calls of the *same*
-instance:
+The registered probe ``"ntk"`` follows the one probe contract (:mod:`probes.registry`): it
+consumes the model on the probe batch and its targets (integer labels, one-hot encoded, or
+regression targets), and compares with the first and the previous evaluation
+(``reference=("first", "previous")``).  :func:`ntk_values` computes the output-traced NTK
+(:func:`probes.ntk.empirical_ntk`) on at most ``max_samples`` probe inputs and returns the values
+below that need no reference plus the state to keep (the float64 kernel as a numpy array and its
+centred alignment); :func:`ntk_compare` turns this state and the references' states into the
+comparisons.  Whoever keeps the states (the Monitor in memory, ``analyze`` on disk) therefore
+resumes identically after a kill.
 
 ``ntk_alignment``           kernel–target alignment (Cristianini et al. 2001)
 ``ntk_centered_alignment``  centred alignment (Cortes, Mohri, Rostamizadeh 2012)
-``ntk_alignment_gain``      centred alignment minus its value at the first call
+``ntk_alignment_gain``      centred alignment minus its value at the first evaluation
 ``ntk_effective_rank``      entropy effective rank of the NTK (Roy & Vetterli 2007)
-``ntk_relative_change``     ``‖K_t − K_0‖_F/‖K_0‖_F``, ``K_0`` the first call's kernel (0 there)
-``ntk_distance_previous``   Fort et al. (2020) kernel distance to the previous call (NaN at first)
+``ntk_relative_change``     ``‖K_t − K_0‖_F/‖K_0‖_F``, ``K_0`` the first evaluation's (0 there)
+``ntk_distance_previous``   Fort et al. (2020) kernel distance to the previous evaluation (NaN
+                            with a warning at the first)
 ``ntk_trace_mean``          ``tr(K)/n``, the kernel's scale
 
-Make one instance per run, call it at increasing steps on the same inputs; kernel velocity is
-``ntk_distance_previous / Δtime`` (the caller knows the times).  The probe runs the model in the
-mode it is given (the monitor uses eval mode), turns gradients on internally, and does not touch
-``.grad`` or the parameters.
+Kernel velocity is ``ntk_distance_previous / Δtime`` (the contract does not pass times).
+:class:`NTKProbe` is the same computation as a stateful callable ``probe(model, inputs,
+targets) -> dict`` that keeps its own first and previous states (one instance per run).  The
+model runs in the mode it is given (the monitor uses eval mode); gradients are turned on
+internally, ``.grad`` and the parameters are not touched.
 """
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 from torch import nn
 
 from probes import kernels as _k
 from probes._arrays import ArrayLike
 from probes._ntk_common import ParamSpec
-from probes.registry import register_model_probe
+from probes.registry import Probe, register
 
-__all__ = ["NTK_PROBE_VARIABLES", "NTKProbe"]
+__all__ = ["NTK_PROBE_VARIABLES", "NTKProbe", "ntk_compare", "ntk_values"]
 
 
 class NTKProbe:
-    """Stateful NTK alignment / motion probe (contract in the module docstring)."""
+    """Stateful NTK alignment / motion probe: :func:`ntk_values` and :func:`ntk_compare` with
+    the first and previous states kept by the instance (module docstring)."""
 
     def __init__(self, max_samples: int = 256, method: str = "auto", params: ParamSpec = None,
                  chunk_size: int | None = None) -> None:
@@ -42,35 +52,19 @@ class NTKProbe:
         self.method = method
         self.params = params
         self.chunk_size = chunk_size
-        self.K0_: torch.Tensor | None = None
-        self.K_prev_: torch.Tensor | None = None
-        self.centered0_: float | None = None
+        self.first_: dict[str, np.ndarray] | None = None
+        self.previous_: dict[str, np.ndarray] | None = None
 
     def __call__(self, model: nn.Module, inputs: ArrayLike, targets: ArrayLike) -> dict[str, float]:
-        from probes.ntk import empirical_ntk  # probes.ntk imports this module
-
-        x = inputs[: self.max_samples]
-        y = targets[: self.max_samples]
-        K = empirical_ntk(model, x, output="trace", method=self.method, params=self.params,
-                          chunk_size=self.chunk_size).detach().to(torch.float64)
-        Y = _k.targets_matrix(y, K.shape[0])
-        out = {
-            "ntk_alignment": _k.kernel_alignment(K, Y),
-            "ntk_centered_alignment": _k.centered_alignment(K, Y),
-            "ntk_effective_rank": _k.ntk_effective_rank(K),
-            "ntk_trace_mean": float(torch.diagonal(K).mean()),
-        }
-        if self.K0_ is None:
-            self.K0_ = K
-            self.centered0_ = out["ntk_centered_alignment"]
-        elif self.K0_.shape != K.shape:
-            raise ValueError("the NTK probe must see the same probe inputs at every call")
-        out["ntk_alignment_gain"] = out["ntk_centered_alignment"] - self.centered0_
-        out["ntk_relative_change"] = _k.relative_kernel_change(K, self.K0_)
-        out["ntk_distance_previous"] = (float("nan") if self.K_prev_ is None
-                                        else _k.kernel_distance(self.K_prev_, K))
-        self.K_prev_ = K
-        return out
+        values, state = ntk_values(model, inputs, targets, max_samples=self.max_samples,
+                                   method=self.method, params=self.params,
+                                   chunk_size=self.chunk_size)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # NaN distance at the first call is documented
+            values |= ntk_compare(state, {"first": self.first_, "previous": self.previous_})
+        self.first_ = self.first_ or state
+        self.previous_ = state
+        return values
 
 
 NTK_PROBE_VARIABLES: dict[str, tuple[str, str]] = {
@@ -83,7 +77,71 @@ NTK_PROBE_VARIABLES: dict[str, tuple[str, str]] = {
     "ntk_trace_mean": ("mean NTK diagonal tr(K)/n", "1"),
 }
 
-register_model_probe(
-    "ntk", NTKProbe, NTK_PROBE_VARIABLES,
+
+# ----------------------------------------------------------------------------- the contract
+def ntk_values(model: nn.Module, inputs: ArrayLike, targets: ArrayLike, *,
+               max_samples: int = 256, method: str = "auto", params: ParamSpec = None,
+               chunk_size: int | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """One evaluation of the ``"ntk"`` probe (the :mod:`probes.registry` contract).
+
+    Returns the values that need no reference — alignment (Cristianini et al. 2001), centred
+    alignment (Cortes, Mohri, Rostamizadeh 2012, Def. 1), entropy effective rank (Roy & Vetterli
+    2007), ``tr(K)/n`` — and the state to keep: the float64 output-traced kernel on the first
+    ``max_samples`` inputs and its centred alignment, for :func:`ntk_compare`.
+    """
+    from probes.ntk import empirical_ntk  # probes.ntk imports this module
+
+    if targets is None:
+        raise ValueError("the ntk probe needs targets (labels or regression targets)")
+    x = inputs[:max_samples]
+    y = targets[:max_samples]
+    K = empirical_ntk(model, x, output="trace", method=method, params=params,
+                      chunk_size=chunk_size).detach().to(torch.float64)
+    Y = _k.targets_matrix(y, K.shape[0])
+    values = {
+        "ntk_alignment": _k.kernel_alignment(K, Y),
+        "ntk_centered_alignment": _k.centered_alignment(K, Y),
+        "ntk_effective_rank": _k.ntk_effective_rank(K),
+        "ntk_trace_mean": float(torch.diagonal(K).mean()),
+    }
+    state = {"kernel": K.cpu().numpy(),
+             "centered_alignment": np.asarray(values["ntk_centered_alignment"])}
+    return values, state
+
+
+def ntk_compare(state: dict[str, np.ndarray], reference: dict[str, dict | None],
+                **_: object) -> dict[str, float]:
+    """Comparisons of one evaluation's kernel with the first and the previous evaluation's.
+
+    ``ntk_relative_change`` ``‖K − K_0‖_F/‖K_0‖_F`` and ``ntk_alignment_gain`` (centred
+    alignment minus the first's) are 0 when there is no first evaluation yet (this one is it);
+    ``ntk_distance_previous`` is Fort et al.'s (2020, Eq. 3) ``1 − ⟨K', K⟩/(‖K'‖‖K‖)``, NaN with
+    a warning at the first evaluation.  Kernel velocity is the distance over the time step.
+    """
+    K = torch.from_numpy(np.asarray(state["kernel"], dtype=np.float64))
+    first, previous = reference.get("first"), reference.get("previous")
+    out = {"ntk_relative_change": 0.0, "ntk_alignment_gain": 0.0}
+    for kind, ref in (("first", first), ("previous", previous)):
+        if ref is not None and np.shape(ref["kernel"]) != tuple(K.shape):
+            raise ValueError(f"the ntk probe's {kind} evaluation used {np.shape(ref['kernel'])[0]} "
+                             f"probe inputs, this one {K.shape[0]}: use the same inputs throughout")
+    if first is not None:
+        K0 = torch.from_numpy(np.asarray(first["kernel"], dtype=np.float64))
+        out["ntk_relative_change"] = _k.relative_kernel_change(K, K0)
+        out["ntk_alignment_gain"] = float(state["centered_alignment"]) - float(
+            first["centered_alignment"])
+    if previous is None:
+        warnings.warn("ntk_distance_previous is NaN at the first evaluation (no previous one)",
+                      stacklevel=2)
+        out["ntk_distance_previous"] = float("nan")
+    else:
+        Kp = torch.from_numpy(np.asarray(previous["kernel"], dtype=np.float64))
+        out["ntk_distance_previous"] = _k.kernel_distance(Kp, K)
+    return out
+
+
+register(Probe(
+    "ntk", "model", NTK_PROBE_VARIABLES,
     "Jacot et al. (2018); Cortes, Mohri, Rostamizadeh (2012); Fort et al. (2020)",
-)
+    fn=ntk_values, reference=("first", "previous"), compare=ntk_compare,
+))

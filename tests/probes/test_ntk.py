@@ -210,30 +210,83 @@ def test_conjugate_kernel_is_feature_gram():
     assert_rel(K11.numpy(), (phi1 @ phi1.T).detach().numpy(), 1e-5, "CK raw")
 
 
-def test_ntk_model_probe_tracks_alignment_and_motion():
+def _probe_setup():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 2)).double()
     x = torch.randn(12, 3, dtype=torch.float64)
     y = (x[:, 0] > 0).long()
-    spec = get_model_probe("ntk")
-    probe = spec.factory()
-    assert isinstance(probe, NTKProbe)
+    return model, x, y
+
+
+def _expected(K, K0, Kp, y):
+    """Hand-written alignment, relative change and Fort distance from brute-force kernels."""
+    Y = torch.nn.functional.one_hot(y, 2).double()
+    A = float((Y.T @ K @ Y).trace() / (K.norm() * (Y @ Y.T).norm()))
+    change = float((K - K0).norm() / K0.norm())
+    dist = float("nan") if Kp is None else 1 - float((Kp * K).sum() / (Kp.norm() * K.norm()))
+    return A, change, dist
+
+
+def test_ntk_model_probe_tracks_alignment_and_motion():
+    model, x, y = _probe_setup()
+    probe = NTKProbe()
     with torch.no_grad():  # the monitor calls probes under no_grad
         r0 = probe(model, x, y)
-    assert set(r0) == set(spec.variables)
+    assert set(r0) == set(get_model_probe("ntk").variables)
     assert r0["ntk_relative_change"] == 0 and np.isnan(r0["ntk_distance_previous"])
     K0 = torch.einsum("ijaa->ij", brute_ntk(model, x))
-    Y = torch.nn.functional.one_hot(y, 2).double()
-    A = float((Y.T @ K0 @ Y).trace() / (K0.norm() * (Y @ Y.T).norm()))
-    assert_rel(r0["ntk_alignment"], A, 1e-8, "alignment")
+    assert_rel(r0["ntk_alignment"], _expected(K0, K0, None, y)[0], 1e-8, "alignment")
     with torch.no_grad():
         model[0].weight.mul_(1.5)
     r1 = probe(model, x, y)
     K1 = torch.einsum("ijaa->ij", brute_ntk(model, x))
-    assert_rel(r1["ntk_relative_change"], float((K1 - K0).norm() / K0.norm()), 1e-8, "change")
-    cos = float((K0 * K1).sum() / (K0.norm() * K1.norm()))
-    assert_rel(r1["ntk_distance_previous"], 1 - cos, 1e-6, "distance")
+    _, change, dist = _expected(K1, K0, K0, y)
+    assert_rel(r1["ntk_relative_change"], change, 1e-8, "change")
+    assert_rel(r1["ntk_distance_previous"], dist, 1e-6, "distance")
     assert_rel(r1["ntk_trace_mean"], float(K1.diagonal().mean()), 1e-8, "trace mean")
+
+
+def test_ntk_contract_probe_through_evaluate_and_resumed_from_saved_states():
+    """The registered "ntk" probe under the one contract: probes.evaluation.evaluate with a
+    ReferenceBook over three checkpoints gives the brute-force numbers; restarting after the
+    second from its saved (numpy) states gives the identical third evaluation."""
+    from probes.evaluation import ProbePlan, ReferenceBook, evaluate
+
+    spec = get_model_probe("ntk")
+    assert spec.consumes == "model" and spec.reference == ("first", "previous")
+    model, x, y = _probe_setup()
+    plan = ProbePlan(["ntk"], [])
+    book = ReferenceBook(plan)
+    kernels, results, states = [], [], []
+    for step in range(3):
+        with torch.no_grad():
+            model[0].weight.mul_(1.0 + 0.3 * step)
+        m = evaluate(plan, model, [x], targets=y, references=book)
+        kernels.append(torch.einsum("ijaa->ij", brute_ntk(model, x)))
+        results.append(m.values)
+        states.append(m.states[("ntk", None)])
+    assert set(results[0]) == set(spec.variables)
+    assert np.isnan(results[0]["ntk_distance_previous"]) and results[0]["ntk_relative_change"] == 0
+    for t in (1, 2):
+        A, change, dist = _expected(kernels[t], kernels[0], kernels[t - 1], y)
+        assert_rel(results[t]["ntk_alignment"], A, 1e-8, "alignment")
+        assert_rel(results[t]["ntk_relative_change"], change, 1e-8, "change")
+        assert_rel(results[t]["ntk_distance_previous"], dist, 1e-6, "distance")
+    assert results[2]["ntk_alignment_gain"] == pytest.approx(
+        results[2]["ntk_centered_alignment"] - results[0]["ntk_centered_alignment"], abs=1e-14)
+    # resume: states as saved to disk (plain numpy), the third checkpoint evaluated again
+    saved = [{k: np.array(v) for k, v in st.items()} for st in states]
+    refs = {"first": saved[0], "previous": saved[1]}
+    again = evaluate(plan, model, [x], targets=y, references=lambda key, kind: refs[kind])
+    assert again.values == results[2]
+    # the standalone NTKProbe gives the same numbers as the contract path
+    model2, _, _ = _probe_setup()
+    probe = NTKProbe()
+    for step in range(3):
+        with torch.no_grad():
+            model2[0].weight.mul_(1.0 + 0.3 * step)
+        direct = probe(model2, x, y)
+    assert direct == pytest.approx(results[2], rel=1e-12)
 
 
 def test_structured_plan_covers_linear_and_conv_weights_and_falls_back_for_the_rest():
