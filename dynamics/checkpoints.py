@@ -341,6 +341,9 @@ def find_checkpoints(
         Use explicit steps even where they contradict a step in the checkpoint's name,
         ``trainer_state.json`` or Lightning record (otherwise a ValueError naming both).
 
+    A Lightning ``last.ckpt`` (step from its ``global_step``) that repeats the step of a
+    checkpoint named with that step is the same save and is left out.
+
     Returns
     -------
     list of Checkpoint
@@ -411,13 +414,21 @@ def find_checkpoints(
         raise ValueError(
             f"cannot read a step from {', '.join(missing[:5])}: name checkpoints like "
             f"step1000 / checkpoint-1000 / ckpt_000100, or pass the steps explicitly")
-    by_step: dict[int, Path] = {}
+    by_step: dict[int, Checkpoint] = {}
     for ckpt in series:
-        if ckpt.step in by_step:
-            raise ValueError(f"two checkpoints have step {ckpt.step}: {by_step[ckpt.step]} and "
-                             f"{ckpt.path}")
-        by_step[ckpt.step] = ckpt.path
-    return sorted(series, key=lambda c: c.step)
+        other = by_step.get(ckpt.step)
+        if other is None:
+            by_step[ckpt.step] = ckpt
+            continue
+        # Lightning's save_last writes last.ckpt beside epoch=…-step=N.ckpt of the same step:
+        # a name without a step whose step came from the file's own record is that copy
+        unnamed = [c for c in (other, ckpt) if c.step_source in ("lightning", "trainer_state")
+                   and parse_step(c.path.name) is None]
+        if len(unnamed) == 1:
+            by_step[ckpt.step] = other if unnamed[0] is ckpt else ckpt
+            continue
+        raise ValueError(f"two checkpoints have step {ckpt.step}: {other.path} and {ckpt.path}")
+    return sorted(by_step.values(), key=lambda c: c.step)
 
 
 # --------------------------------------------------------------------------------------------

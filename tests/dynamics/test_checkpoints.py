@@ -422,6 +422,10 @@ def test_lightning_ckpt_weights_only_prefix_stripped_step_from_global_step(tmp_p
         torch.testing.assert_close(target(x), mods[ckpt.step].model(x), rtol=0, atol=0)
         assert digest == hash_state_dict({f"model.{k}": v for k, v in
                                           mods[ckpt.step].model.state_dict().items()})
+    # save_last: last.ckpt repeats the latest epoch=…-step=N.ckpt and is left out
+    _lightning_ckpt(tmp_path / "epoch=1-step=250.ckpt", mods[250], 250)
+    assert [c.path.name for c in find_checkpoints(tmp_path)] == [
+        "epoch=0-step=100.ckpt", "epoch=1-step=250.ckpt"]
     # the LightningModule itself as the target: no prefix is stripped
     whole = _LitModule()
     load_into(whole, series[0])
