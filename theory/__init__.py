@@ -16,6 +16,11 @@ module               what
 ``dmft``             two-layer DMFT solver, lazy → rich (Bordelon & Pehlevan 2022; jax)
 ===================  ==========================================================================
 
+The kernel, random-feature, scaling and Advani–Saxe predictions also run on a jax device
+(``backend="jax"`` and/or ``device="gpu"``; float64, equal to numpy to ~1e-14 relative; see
+``theory._backend``).  Every public function checks its arguments: bad input raises a
+``ValueError`` / ``TypeError`` naming the argument, or gives NaN with a warning.
+
 ``import theory`` is light: the submodules are imported on first use of one of their names
 (PEP 562 module ``__getattr__``), so ``import theory`` loads neither sympy nor jax, and never
 torch.  ``from theory import X`` and ``theory.X`` work for every name in ``__all__``.
