@@ -236,16 +236,64 @@ def _print_theory(rows: list, device_label: str) -> int:
     return failures
 
 
+DMFT_TOL = 1e-8
+"""theory.dmft on the GPU against the same solve on the CPU (same sampled fields, float64)."""
+
+
+def dmft_row() -> tuple[float, float | None, float | None]:
+    """``theory.dmft.dmft_two_layer`` (P = 40, 16384 fields, 200 steps, γ₀ = 1) on jax's CPU
+    and on its GPU: (cpu s, gpu s or None, max relative difference of the loss curves or
+    None).  No GPU: the device half is unmeasured (None)."""
+    from dynamics.recipes.two_layer import two_layer_task
+    from theory.dmft import dmft_two_layer
+
+    x, y, xt, yt = two_layer_task(40, 40, 10, "he2", 0)
+    t = np.linspace(0, 10, 21)
+
+    def solve(dev: str):
+        return dmft_two_layer(x, y, t, 1.0, xt, yt, n_samples=16384, n_steps=200,
+                              two_time=0, device=dev)
+
+    solve("cpu")  # compile
+    t0 = time.perf_counter()
+    cpu = solve("cpu")
+    t_cpu = time.perf_counter() - t0
+    if jax_gpu() is None:
+        return t_cpu, None, None
+    solve("gpu")
+    t0 = time.perf_counter()
+    gpu = solve("gpu")
+    t_gpu = time.perf_counter() - t0
+    a = np.concatenate([cpu.train_loss.values, cpu.test_loss.values])
+    b = np.concatenate([gpu.train_loss.values, gpu.test_loss.values])
+    return t_cpu, t_gpu, float(np.max(np.abs(a - b) / np.abs(a)))
+
+
+def _print_dmft() -> int:
+    t_cpu, t_gpu, diff = dmft_row()
+    name = "theory dmft_two_layer P=40 M=16384"
+    if t_gpu is None:
+        print(f"{name:<36} {t_cpu:9.4f} {'':>9} {'':>9} {'':>10}  jax GPU unmeasured (none)")
+        return 0
+    ok = diff <= DMFT_TOL
+    print(f"{name:<36} {t_cpu:9.4f} {t_gpu:9.4f} {t_cpu / t_gpu:9.2f} {diff:10.2e}  jax gpu"
+          f"{'' if ok else '  MISMATCH'}")
+    return int(not ok)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if "--jax-cpu" in args:
         # the theory device path on jax's CPU device against numpy: runs anywhere
         print(f"{'check':<36} {'numpy s':>9} {'jax s':>9} {'speed-up':>9} {'rel diff':>10}")
-        return 1 if _print_theory(theory_rows("jax-cpu"), "jax cpu") else 0
+        failures = _print_theory(theory_rows("jax-cpu"), "jax cpu") + _print_dmft()
+        return 1 if failures else 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; nothing to check (exit 0). "
               "`python benchmarks/gpu_check.py --jax-cpu` checks the theory device path on the "
               "CPU.")
+        print("theory dmft_two_layer (jax GPU vs CPU): unmeasured here (no GPU); "
+              "`--jax-cpu` runs its CPU half")
         return 0
     print(f"gpu_check on {torch.cuda.get_device_name(0)}, torch {torch.__version__}")
     failures = 0
@@ -274,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<36} {'':>9} {'':>9} {'':>9} {'':>10}  host only (jax has no GPU)")
     else:
         failures += _print_theory(theory_rows("cuda"), f"jax {gpu.platform}")
+    failures += _print_dmft()
     return 1 if failures else 0
 
 
