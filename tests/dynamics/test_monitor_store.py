@@ -1,0 +1,139 @@
+"""The monitor's store: an existing one is refused, replaced (overwrite=True) or resumed
+(resume=True); process mode refuses a training script without a main guard at construction."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from torch import nn
+
+from dynamics.monitor import Monitor
+from dynamics.schedules import linear
+from tests.helpers import ROOT, child_env
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(store, steps, probes=("rankme",), layers=("1",), shift=0.0, **options) -> Monitor:
+    """Record ``steps`` of a small net whose weights change by a known amount per step; the
+    loss passed at step ``s`` is ``s + shift`` (tells the runs apart)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU())
+    monitor = Monitor(model, probes=list(probes), layers=list(layers), schedule=linear(1),
+                      probe_data=torch.randn(20, 3), store=store, **options)
+    with monitor:
+        for step in steps:
+            with torch.no_grad():
+                model[0].weight.mul_(1.0 + 0.1 * step)
+            monitor.step(step, train_loss=step + shift)
+    return monitor
+
+
+def stored(store) -> xr.Dataset:
+    with xr.open_zarr(store) as ds:
+        return ds.load()
+
+
+def test_an_existing_store_is_refused_at_construction(tmp_path):
+    store = tmp_path / "run.zarr"
+    run(store, range(3))
+    before = stored(store)
+    with pytest.raises(FileExistsError, match=r"overwrite=True.*resume=True"):
+        run(store, range(3))
+    xr.testing.assert_identical(stored(store), before)
+
+
+def test_overwrite_replaces_the_store_at_the_first_new_evaluation(tmp_path):
+    store = tmp_path / "run.zarr"
+    run(store, range(4))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU())
+    monitor = Monitor(model, probes=["rankme"], layers=["1"], schedule=linear(1),
+                      probe_data=torch.randn(20, 3), store=store, overwrite=True)
+    np.testing.assert_array_equal(stored(store)["step"].values, range(4))   # still intact
+    monitor.step(7, train_loss=-1.0)
+    ds = stored(store)
+    np.testing.assert_array_equal(ds["step"].values, [7])
+    np.testing.assert_array_equal(ds["train_loss"].values, [-1.0])
+    np.testing.assert_array_equal(ds["rankme"].values, monitor.to_dataset()["rankme"].values)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.zarr"]
+
+
+@pytest.mark.parametrize("background", [False, pytest.param("process", marks=pytest.mark.slow)])
+def test_resume_appends_and_skips_the_steps_already_recorded(tmp_path, background):
+    store = tmp_path / "run.zarr"
+    first = run(store, range(5))           # steps 0-4, then the run "crashes"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = run(store, range(8), shift=100.0, resume=True, background=background)
+    skips = [w for w in caught if "already holds steps up to 4" in str(w.message)]
+    assert len(skips) == 1                 # one warning for the five skipped steps
+    ds = stored(store)
+    np.testing.assert_array_equal(ds["step"].values, range(8))
+    np.testing.assert_array_equal(ds["train_loss"].values, [0, 1, 2, 3, 4, 105, 106, 107])
+    mine = second.to_dataset()
+    np.testing.assert_array_equal(mine["step"].values, [5, 6, 7])
+    np.testing.assert_array_equal(ds["rankme"].values,
+                                  np.concatenate([first.to_dataset()["rankme"].values,
+                                                  mine["rankme"].values]))
+
+
+@pytest.mark.filterwarnings("ignore:resume=True")
+def test_resume_refuses_a_run_that_records_something_else(tmp_path):
+    store = tmp_path / "run.zarr"
+    run(store, range(2))
+    before = stored(store)
+    with pytest.raises(ValueError, match=r"no layers \['3'\]"):
+        run(store, range(4), layers=("1", "3"), resume=True)
+    with pytest.raises(ValueError, match=r"holds variables.*this run records.*alpha_req"):
+        run(store, range(4), probes=("rankme", "alpha_req"), resume=True)
+    xr.testing.assert_identical(stored(store), before)
+
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    from dynamics.monitor import Monitor
+    from dynamics.schedules import linear
+
+    def main():
+        model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+        monitor = Monitor(model, probes=["rankme"], layers=["1"], schedule=linear(1),
+                          probe_data=torch.randn(8, 3), background="process")
+        print("training starts", flush=True)
+        with monitor:
+            for step in range(3):
+                monitor.step(step, train_loss=float(step))
+        print("steps", monitor.to_dataset()["step"].values.tolist(), flush=True)
+""")
+
+
+@pytest.mark.parametrize("guarded", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_process_mode_refuses_a_script_without_a_main_guard_at_construction(tmp_path, guarded):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT + ('if __name__ == "__main__":\n    main()\n' if guarded
+                                else "main()\n"))
+    out = subprocess.run([sys.executable, str(script)], env=child_env(OMP_NUM_THREADS="1"),
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if guarded:
+        assert out.returncode == 0, out.stderr
+        assert "steps [0, 1, 2]" in out.stdout
+    else:
+        assert out.returncode != 0
+        assert "training starts" not in out.stdout   # refused before training started
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("RuntimeError: the monitor's worker process could not start")
+        assert "if __name__ ==" in last and str(script) in last
