@@ -66,6 +66,9 @@ PRODUCERS = {
         {0: {"a": _FEATS}, 5: {"a": _FEATS ** 2}}, reference="first"),
     "probes.invariance_scores": lambda: _invariance(),
     "probes.lie_derivative_scores": lambda: _lie(),
+    "theory.dmft_two_layer": lambda: _dmft_and_two_layer()[0],
+    "recipes.train_two_layer": lambda: _dmft_and_two_layer()[1],
+    "recipes.train_grokking": lambda: _grokking(),
 }
 
 
@@ -109,3 +112,29 @@ def test_theory_and_measurement_share_names_and_coordinates():
     aligned_theory, aligned_measured = xr.align(predicted, measured, join="exact")
     residual = aligned_measured.test_error - aligned_theory.test_error
     assert residual.dims == ("load_ratio", "seed", "step")
+
+
+def _dmft_and_two_layer():
+    from dynamics.recipes.two_layer import train_two_layer, two_layer_task
+
+    x, y, xt, yt = two_layer_task(6, 4, 3, "tanh", 0)
+    measured = train_two_layer(x, y, 1.0, xt, yt, widths=(16,), seeds=(0,), steps=4,
+                               record_every=2)
+    predicted = theory.dmft_two_layer(x, y, measured.time, 1.0, xt, yt, n_samples=64,
+                                      n_steps=8, two_time=2)
+    return predicted, measured
+
+
+def _grokking():
+    from dynamics.recipes.grokking import train_grokking
+
+    return train_grokking(alpha=(1.0,), n_train=8, n_test=8, dim=3, width=6, steps=3,
+                          n_evals=2, ntk_samples=4)
+
+
+def test_dmft_and_two_layer_network_align_without_glue():
+    predicted, measured = _dmft_and_two_layer()
+    shared = set(predicted.data_vars) & set(measured.data_vars)
+    assert {"train_loss", "test_loss", "ntk", "ntk_alignment", "train_prediction"} <= shared
+    th, me = xr.align(predicted, measured.isel(width=0), join="exact")
+    assert (me.train_loss - th.train_loss).dims == ("seed", "step")
