@@ -102,6 +102,17 @@ def _normalise(probe: Probe, value: Any) -> dict[str, Any]:
     return out
 
 
+def _takes_layers(fn: Callable[..., Any]) -> bool:
+    """Whether a model probe's function has a ``layers`` parameter (it then receives the
+    plan's layers unless the probe binds its own)."""
+    import inspect
+
+    try:
+        return "layers" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _split_state(probe: Probe, result: Any) -> tuple[Any, Any]:
     if probe.reference:
         if not (isinstance(result, tuple) and len(result) == 2):
@@ -315,7 +326,10 @@ class ProbePlan:
                                          "pass its instance (ProbePlan.model_instances())")
                     result = fn(model, inputs, targets)
                 else:
-                    result = probe.fn(model, inputs, targets, **probe.kwargs)
+                    kwargs = dict(probe.kwargs)
+                    if "layers" not in kwargs and _takes_layers(probe.fn):
+                        kwargs["layers"] = list(self.layers)  # the plan's layers by default
+                    result = probe.fn(model, inputs, targets, **kwargs)
                 result, kept = _split_state(probe, result)
                 out.values.update(_normalise(probe, result))
                 if probe.reference:
@@ -338,6 +352,8 @@ class ProbePlan:
                     if name != probe.name:
                         continue
                     refs = {kind: references((name, layer), kind) for kind in probe.reference}
+                    if refs.get("first") is None and "first" in refs:
+                        refs["first"] = state  # the first evaluation is its own first
                     values = _normalise(probe, probe.compare(state, refs, **probe.kwargs))
                     for var, value in values.items():
                         if layer is None:

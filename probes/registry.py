@@ -15,7 +15,9 @@ A probe (:class:`Probe`) declares
     ``fn(features, labels, **kw)``;
     ``"parameters"`` — the weight of one layer (module ``layer``'s ``weight``, ``ndim ≥ 2``):
     ``fn(weight, **kw)``;
-    ``"model"`` — the whole model on the probe batch: ``fn(model, inputs, targets, **kw)``.
+    ``"model"`` — the whole model on the probe batch: ``fn(model, inputs, targets, **kw)``
+    (a function with a ``layers`` parameter receives the evaluation's layers unless the probe
+    binds its own; DataArray values over ``layer`` must use those layer names).
     The first three give ``(step, layer, …)`` variables, ``"model"`` gives ``(step, …)``.
 ``variables``
     ``{name: Variable(long_name, units, dims)}`` — every variable it returns with the dims
@@ -35,10 +37,11 @@ A probe (:class:`Probe`) declares
     ``from_accumulator``) then returns ``(values, state)`` — values that need no reference
     (may be empty) and the state to keep (a numpy array or a flat mapping of them) — and
     ``compare(state, reference, **kw)`` returns the comparisons, where ``reference`` is
-    ``{kind: state of that evaluation, or None}`` (``None``: no such evaluation yet; the first
-    step has no previous one).  The caller keeps the states — in memory in the Monitor, on
-    disk beside the parts in ``analyze`` (so a resumed analysis sees the same references, and
-    the states of a series can be computed in parallel before the comparisons).
+    ``{kind: state of that evaluation, or None}`` (``None``: no such evaluation yet — the first
+    step has no previous one; the first evaluation's ``"first"`` is its own state).  The
+    caller keeps the states — in memory in the Monitor, on disk beside the parts in
+    ``analyze`` (so a resumed analysis sees the same references, and the states of a series
+    can be computed in parallel before the comparisons).
 ``factory``
     Only for stateful ``model`` probes written before this contract (``factory()`` returns the
     callable; kept per run): usable in the Monitor; ``analyze`` refuses them because their state
