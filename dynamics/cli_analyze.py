@@ -197,9 +197,13 @@ def _import(module: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``traindyn analyze``: returns 0, or 1 when any checkpoint failed."""
+    from dynamics._threads import apply_threads
     from dynamics.analyze import analyze
 
     sources = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
+    # this process's torch threads: the cores free now (TRAINDYN_THREADS overrides); dask
+    # workers use the same count unless --threads says otherwise, so results equal serial ones
+    apply_threads(None, processes=max(1, args.workers))
     try:
         for module in args.imports:
             _import(module)
