@@ -131,8 +131,9 @@ def spoil(value: Any, arg: Arg, kind: str, pos: int, mag: float) -> Any:
             return np.concatenate([a, a[:1]])  # one entry too many (length 1 would broadcast)
         if kind == "empty":
             return np.empty((0,) * a.ndim)
-        if kind == "int dtype":
-            return np.rint(a).astype(np.int64)
+        if kind == "int dtype":  # an inf entry becomes a huge negative int: still bad input
+            with np.errstate(invalid="ignore"):
+                return np.rint(a).astype(np.int64)
         if kind == "single element":
             return a[:1]
         if kind == "ragged":
