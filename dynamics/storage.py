@@ -217,15 +217,18 @@ def _compat(name: str, default: Callable) -> Callable:
     return vars(records).get(name, default)
 
 
-def _replace_store(output: Path, write: Callable[[Path], None]) -> Path:
+def _replace_store(output: Path, write: Callable[[Path], None], fsync: bool = True) -> Path:
     """Make the Zarr store ``output`` with ``write(folder)`` so that a crash at any moment
-    leaves the old complete store or the new complete one (see :func:`save_zarr`)."""
+    leaves the old complete store or the new complete one (see :func:`save_zarr`).  Without
+    ``fsync`` (the monitor's stream, whose every commit is unflushed too) this holds for a
+    killed process, not for a lost machine."""
     output.parent.mkdir(parents=True, exist_ok=True)
     recover_zarr(output)
     new = _store_temp(output, "new")
     shutil.rmtree(new, ignore_errors=True)
     write(new)
-    _fsync_tree(new)
+    if fsync:
+        _fsync_tree(new)
     if not os.path.lexists(output):
         os.rename(new, output)
     elif _compat("_exchange", _exchange)(new, output):
@@ -235,7 +238,8 @@ def _replace_store(output: Path, write: Callable[[Path], None]) -> Path:
         os.rename(output, old)
         os.rename(new, output)
         shutil.rmtree(old)
-    _fsync_dir(output.parent)
+    if fsync:
+        _fsync_dir(output.parent)
     return output
 
 
@@ -547,7 +551,7 @@ class ZarrStream:
             _write_zarr(ds, folder)
             _commit(folder, zarr.open_group(str(folder), mode="r"), **{COMPLETE_ATTR: 1})
 
-        _replace_store(self.path, write)
+        _replace_store(self.path, write, fsync=False)
         self._open()
 
     def _rewrite(self, ds: xr.Dataset) -> None:
@@ -567,7 +571,7 @@ class ZarrStream:
             _commit(folder, zarr.open_group(str(folder), mode="r", use_consolidated=False),
                     **{COMPLETE_ATTR: count})
 
-        _replace_store(self.path, write)
+        _replace_store(self.path, write, fsync=False)
         self._open()
 
     def _fast_append(self, ds: xr.Dataset) -> bool:
