@@ -241,3 +241,13 @@ def test_every_builtin_probe_declares_what_records_knows():
             if name in records.VARIABLES:
                 assert records.VARIABLES[name]["units"] == var.units, (probe.name, name)
     assert get_probe("weight_spectra").consumes == "parameters"
+
+
+def test_importing_a_submodule_keeps_the_export_of_the_same_name():
+    """Regression: ``import probes.inductive_bias`` used to replace the function
+    ``probes.inductive_bias`` by the module (seen in the conformance test)."""
+    code = ("import types, probes.inductive_bias, probes.capture, probes; "
+            "assert not isinstance(probes.inductive_bias, types.ModuleType); "
+            "assert not isinstance(probes.capture, types.ModuleType); "
+            "from probes.inductive_bias import kernel_hypothesis_errors")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=child_env())
