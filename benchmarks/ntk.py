@@ -6,13 +6,22 @@ Run::
     .venv/bin/python benchmarks/ntk.py                 # all shapes, neural-tangents if found
     .venv/bin/python benchmarks/ntk.py --no-nt         # traindyn only
     .venv/bin/python benchmarks/ntk.py --peak 4096     # peak memory of an n = 4096 NTK
+    .venv/bin/python benchmarks/ntk.py --threads 1 --quick --only 2,5   # some shapes, 1 thread
     python3 benchmarks/ntk.py --device cuda --no-nt --quick   # on a GPU (no neural-tangents)
 
 neural-tangents lives in its own environment (see ``benchmarks/ntk_reference.py`` for the two
 commands that create ``/tmp/nt-env``); point ``--nt-python`` (or ``$NT_PYTHON``) at its python.
-Timings are the best of interleaved repeats after one warm-up call (neural-tangents: the median
-and best after jit compilation), on whatever the machine is doing at the time: on a shared
-machine they are noisy, so the script prints ratios measured in the same run.  With
+It runs the same weights in its own layout (dense weights ``(in, out)``, NHWC convolutions), so
+its structured derivatives are at their best.  Shapes: four MLPs, a small CNN and a transformer
+block (linear embedding, ``nn.TransformerEncoderLayer``, mean over tokens, linear head).
+Timings are the best of interleaved repeats after one warm-up call (neural-tangents: after jit
+compilation; traindyn: after the first call has planned and verified its structured
+derivatives, which later calls on the same model reuse), on whatever the machine is doing at
+the time: on a shared machine they are noisy, so the script prints ratios measured in the same
+run, and process CPU times beside wall times.  With ``--threads 1`` both sides run one thread
+(torch's threads; XLA's through ``XLA_FLAGS``), the fair setting on a loaded machine, where
+torch's spinning worker threads lose most of their time.  The last lines are a table of every
+shape: traindyn's best explicit method, ``auto`` and its choice, and neural-tangents' best.  With
 ``--device cuda`` models and inputs live on the GPU, every timed call is bracketed by
 ``torch.cuda.synchronize()``, the neural-tangents comparison is skipped (it runs on the CPU), and
 the peak-memory line reports the peak CUDA allocation above what was allocated before the call.
@@ -90,11 +99,12 @@ def cases(quick: bool = False) -> list[tuple]:
     """
     torch.manual_seed(0)
     head = METHODS[:2] if quick else METHODS
+    nt_slow = "jacobian,ntk_vp" if quick else "jacobian"  # minutes at n = 128 on 2 cores
     return [
         ("MLP 64-512-512-10 (headline)", mlp(64, 512, 2, 10), torch.randn(128, 64), "full",
-         head, "jacobian"),
+         head, nt_slow),
         ("MLP 64-512-512-10", mlp(64, 512, 2, 10), torch.randn(128, 64), "trace", head,
-         "jacobian"),
+         nt_slow),
         ("MLP 32-128x3-5", mlp(32, 128, 3, 5), torch.randn(64, 32), "full", METHODS, ""),
         ("MLP 16-256-1", mlp(16, 256, 1, 1), torch.randn(256, 16), "full", METHODS, ""),
         ("CNN 3x8x8, 16 channels, 10 outputs", cnn(16, 10, 8), torch.randn(32, 3, 8, 8),
@@ -195,7 +205,7 @@ def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip,
           f"(max relative difference between methods {err:.1e})")
     row = {"name": name, "n": x.shape[0], "output": output, "best_m": best_m,
            "best": explicit[best_m], "auto": times["auto"], "chosen": chosen,
-           "auto_cpu": cpu["auto"]}
+           "auto_cpu": cpu["auto"], "best_cpu": cpu[best_m]}
     if nt_python:
         res = run_nt(nt_python, model, x, kind_of(model), output, repeats, nt_skip)
         if res:
@@ -222,15 +232,17 @@ def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip,
 
 def summary(rows: list[dict]) -> None:
     """One table of every shape: best explicit, auto, neural-tangents' best, ratios."""
-    print("\n| shape | n | output | traindyn best explicit | auto (chose) | auto / best "
-          "| neural-tangents best | auto / nt best (wall; CPU time) |")
+    print("\nwall s [CPU s]; ratios as wall; CPU time (CPU time is steadier on a loaded machine)")
+    print("| shape | n | output | traindyn best explicit | auto (chose) | auto / best "
+          "| neural-tangents best | auto / nt best |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        nt = ((f"{r['nt']:.4f} s ({r['nt_m']})",
+        nt = ((f"{r['nt']:.4f} [{r['nt_cpu']:.4f}] ({r['nt_m']})",
                f"{r['auto'] / r['nt']:.2f}; {r['auto_cpu'] / r['nt_cpu']:.2f}") if "nt" in r
               else ("not measured", "–"))
-        print(f"| {r['name']} | {r['n']} | {r['output']} | {r['best']:.4f} s ({r['best_m']}) "
-              f"| {r['auto']:.4f} s ({r['chosen']}) | {r['auto'] / r['best']:.2f} | {nt[0]} "
+        print(f"| {r['name']} | {r['n']} | {r['output']} | {r['best']:.4f} [{r['best_cpu']:.4f}]"
+              f" ({r['best_m']}) | {r['auto']:.4f} [{r['auto_cpu']:.4f}] ({r['chosen']}) "
+              f"| {r['auto'] / r['best']:.2f}; {r['auto_cpu'] / r['best_cpu']:.2f} | {nt[0]} "
               f"| {nt[1]} |")
 
 
