@@ -418,9 +418,9 @@ def block(F1: Factors, F2: Factors, output: str, k: int) -> torch.Tensor:
         K = None
         for (a1, g1), (a2, g2) in zip(F1.groups, F2.groups, strict=False):
             n1, n2 = a1.shape[0], a2.shape[0]  # one token: the plan materialises T > 1
-            G = (g1.reshape(n1 * k, -1) @ g2.reshape(n2 * k, -1).T).view(n1, k, n2, k)
-            G.mul_((a1[:, 0] @ a2[:, 0].T)[:, None, :, None])
-            K = G if K is None else K.add_(G)
+            H = (g1.reshape(n1 * k, -1) @ g2.reshape(n2 * k, -1).T).view(n1, k, n2, k)
+            A = (a1[:, 0] @ a2[:, 0].T)[:, None, :, None]
+            K = H.mul_(A) if K is None else K.addcmul_(H, A)
         for J1, J2 in zip(F1.jac, F2.jac, strict=False):
             n1, n2 = J1.shape[0], J2.shape[0]
             G = (J1.reshape(n1 * k, -1) @ J2.reshape(n2 * k, -1).T).view(n1, k, n2, k)
