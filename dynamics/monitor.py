@@ -293,6 +293,11 @@ class Monitor:
         behind stay bounded (default 8).
     probe_kwargs : mapping probe name → mapping, optional
         Parameters bound to a probe (``{"alpha_req": {"fit_range": (3, 100)}}``).
+    model_schedule : callable ``step -> bool``, optional
+        Its own schedule for the parameter and model probes (weight spectra, NTK alignment …),
+        which often cost more than the feature probes: they run at the steps where it is
+        true, the feature probes where ``schedule`` is.  A step is recorded when either is
+        due; the scalar variables of the family not due are NaN there.  Default: ``schedule``.
     """
 
     def __init__(
@@ -314,6 +319,7 @@ class Monitor:
         probe_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
         overwrite: bool = False,
         resume: bool = False,
+        model_schedule: Schedule | None = None,
     ) -> None:
         if multiprocessing.current_process().name == WORKER_NAME:
             raise RuntimeError(_unguarded_message(in_worker=True))
@@ -339,6 +345,7 @@ class Monitor:
         if mode == "process":
             check_picklable(self.probes)
         self.schedule = schedule or log_spaced(10_000, 30)
+        self.model_schedule = model_schedule
         self.probe_data = probe_data
         self.probe_targets = probe_targets
         self._learning_rate = learning_rate
@@ -544,6 +551,34 @@ class Monitor:
             extra = self._model_measurement()
         return self._evaluator().build(step, features | extra, scalars)
 
+    def _not_due(self, kinds: tuple[str, ...]) -> Measurement:
+        """NaN for the scalar variables of the probe kinds not due at this step (so every
+        evaluation records the same variables; array-valued ones are left out)."""
+        out = Measurement()
+        for probe in self.plan.probes:
+            if probe.consumes not in kinds:
+                continue
+            for name, var in probe.variables.items():
+                if var.dims:
+                    continue
+                if probe.per_layer:
+                    if self.layers:
+                        out.layer_values[name] = dict.fromkeys(self.layers, float("nan"))
+                else:
+                    out.values[name] = float("nan")
+        return out
+
+    def _evaluate_due(self, step: int, features_due: bool, model_due: bool,
+                      scalars: Mapping[str, float]) -> xr.Dataset:
+        """One synchronous evaluation of the probe families due at ``step``."""
+        with preserved_state(self.model):
+            with torch.no_grad():
+                features = (self._feature_measurement() if features_due
+                            else self._not_due(("features", "labelled_features")))
+            extra = (self._model_measurement() if model_due
+                     else self._not_due(("parameters", "model")))
+        return self._evaluator().build(step, features | extra, scalars)
+
     def _record(self, ds: xr.Dataset) -> None:
         if self._stream is not None:
             self._stream.append(ds)
@@ -576,7 +611,10 @@ class Monitor:
             self._raise_finished_errors()
         if self._worker is not None and self._worker.pending:
             self._collect(block=False)
-        if not self.schedule(step):
+        features_due = bool(self.schedule(step))
+        model_due = features_due if self.model_schedule is None else bool(
+            self.model_schedule(step))
+        if not (features_due or model_due):
             return False
         if self._resume_after is not None and step <= self._resume_after:
             if not self._skip_warned:
@@ -588,7 +626,7 @@ class Monitor:
         self._bound_pending()
         start = _time.perf_counter()
         if self.mode == "sync":
-            self._record(self.evaluate(int(step), **scalars))
+            self._record(self._evaluate_due(int(step), features_due, model_due, scalars))
         else:
             scalars = {k: float(v) for k, v in scalars.items()}
             process = self.mode == "process"
@@ -597,11 +635,14 @@ class Monitor:
             with preserved_state(self.model):
                 with torch.no_grad():
                     # process mode copies once, below (to the CPU)
-                    feats = (self._capture(clone=not process) if self.plan.has_layer_probes
-                             else None)
+                    feats = (self._capture(clone=not process)
+                             if self.plan.has_layer_probes and features_due else None)
                     arrays = (None if feats is None or not process
                               else {k: to_numpy(v) for k, v in feats.items()})
-                extra = self._model_measurement()
+                extra = (self._model_measurement() if model_due
+                         else self._not_due(("parameters", "model")))
+                if not features_due:
+                    extra = extra | self._not_due(("features", "labelled_features"))
             if process:
                 self._worker.submit(int(step), arrays, extra, scalars,
                                     dict(learning_rate=self.learning_rate, seed=self.seed,

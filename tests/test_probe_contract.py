@@ -251,3 +251,27 @@ def test_importing_a_submodule_keeps_the_export_of_the_same_name():
             "assert not isinstance(probes.capture, types.ModuleType); "
             "from probes.inductive_bias import kernel_hypothesis_errors")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=child_env())
+
+
+@pytest.mark.parametrize("mode", [False, "thread"])
+def test_model_and_parameter_probes_on_their_own_schedule(user_probes, mode):
+    x, y = _data()
+    model = _mlp(5)
+    monitor = Monitor(model, probes=["rankme", "weight_spectra", "weight_motion_test"],
+                      layers=LAYERS, probe_data=x, schedule=lambda s: s % 2 == 0,
+                      model_schedule=lambda s: s % 3 == 0, background=mode)
+    with monitor:
+        for step in range(7):
+            monitor.step(step)
+    ds = monitor.to_dataset()
+    assert list(ds.step.values) == [0, 2, 3, 4, 6]          # either schedule due
+    rank_due = ~np.isnan(ds["rankme"].values[:, 0])
+    weight_due = ~np.isnan(ds["weight_spectral_norm"].values[:, 0])
+    np.testing.assert_array_equal(rank_due, [True, True, False, True, True])
+    np.testing.assert_array_equal(weight_due, [True, False, True, False, True])
+    # the weights did not move: distances to the first/previous evaluation of the weights are 0
+    assert np.all(ds["weight_distance_previous"].values[[2, 4]] == 0)
+    w = model.net[0].weight.detach().double()
+    assert_rel(ds["weight_spectral_norm"].values[0, 0],
+               float(torch.linalg.matrix_norm(w, ord=2)), 1e-12, "spectral norm")
+
