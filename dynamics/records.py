@@ -49,6 +49,14 @@ DIMS: dict[str, str] = {
     "ridge": "ridge regularisation",
     "mode": "kernel eigenmode index (descending eigenvalue)",
     "epsilon": "target test error ε",
+    "layer2": "second module name (layer × layer similarity)",
+    "checkpoint2": "second checkpoint's step (checkpoint × checkpoint similarity)",
+    "transform": "input transformation (name and parameter)",
+    "generator": "generator of a continuous transformation (Lie derivative)",
+    "angle": "rotation angle",
+    "time2": "second time of a two-time kernel (DMFT)",
+    "width": "hidden width N of a finite network",
+    "gamma0": "richness γ₀ of the mean-field parameterisation",
 }
 """Shared dimension names and their meaning."""
 
@@ -171,8 +179,7 @@ def _plain_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_STORAGE = ("save", "load", "save_netcdf", "save_zarr", "append_zarr", "recover_zarr",
-            "_write_zarr", "_exchange")
+_STORAGE = ("save", "load", "save_netcdf", "save_zarr", "append_zarr", "recover_zarr")
 
 
 def __getattr__(name: str) -> Any:

@@ -210,13 +210,6 @@ def recover_zarr(output: str | os.PathLike) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _compat(name: str, default: Callable) -> Callable:
-    """``records.<name>`` if a caller replaced it there (the crash tests of
-    ``tests/dynamics/test_analyze_edges.py`` patch ``records._write_zarr``/``_exchange``,
-    from before these moved here), else this module's function."""
-    return vars(records).get(name, default)
-
-
 def _replace_store(output: Path, write: Callable[[Path], None], fsync: bool = True) -> Path:
     """Make the Zarr store ``output`` with ``write(folder)`` so that a crash at any moment
     leaves the old complete store or the new complete one (see :func:`save_zarr`).  Without
@@ -231,7 +224,7 @@ def _replace_store(output: Path, write: Callable[[Path], None], fsync: bool = Tr
         _fsync_tree(new)
     if not os.path.lexists(output):
         os.rename(new, output)
-    elif _compat("_exchange", _exchange)(new, output):
+    elif _exchange(new, output):
         shutil.rmtree(new)  # it now holds the old store
     else:
         old = _store_temp(output, "old")
@@ -255,7 +248,7 @@ def save_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     ``save_zarr``, and by ``traindyn analyze`` when it starts) moves back.  The replaced
     store is deleted last.
     """
-    return _replace_store(Path(path), lambda new: _compat("_write_zarr", _write_zarr)(ds, new))
+    return _replace_store(Path(path), lambda new: _write_zarr(ds, new))
 
 
 def append_zarr(ds: xr.Dataset, path: str | os.PathLike, dim: str = "step") -> Path:

@@ -19,7 +19,7 @@ import torch
 import xarray as xr
 
 from dynamics import analyze as analyze_module
-from dynamics import records
+from dynamics import records, storage
 from dynamics.analyze import analyze
 from dynamics.probe_inputs import byte_tokenize, load_probe_inputs, stdlib_sentences
 from tests.helpers import ROOT, assert_rel
@@ -132,19 +132,19 @@ def test_a_crash_while_writing_keeps_the_old_store_and_the_next_run_tidies(tmp_p
                                                                            monkeypatch):
     out = tmp_path / "r.zarr"
     records.save_zarr(_ds(1), out)
-    real = records._write_zarr
+    real = storage._write_zarr
 
     def dies_half_way(ds, path):
         real(ds, path)
         shutil.rmtree(next(p for p in Path(path).iterdir() if p.is_dir()))  # half written
         raise Crash
 
-    monkeypatch.setattr(records, "_write_zarr", dies_half_way)
+    monkeypatch.setattr(storage, "_write_zarr", dies_half_way)
     with pytest.raises(Crash):
         records.save_zarr(_ds(2), out)
     assert _value(out) == 1.0
     assert len(_leftovers(out)) == 1
-    monkeypatch.setattr(records, "_write_zarr", real)
+    monkeypatch.setattr(storage, "_write_zarr", real)
     records.save_zarr(_ds(3), out)
     assert _value(out) == 3.0
     assert _leftovers(out) == []
@@ -176,7 +176,7 @@ def test_a_crash_after_the_exchange_has_the_new_store_in_place(tmp_path, monkeyp
 def test_two_rename_fallback_crash_between_renames_is_repaired(tmp_path, monkeypatch):
     out = tmp_path / "r.zarr"
     records.save_zarr(_ds(1), out)
-    monkeypatch.setattr(records, "_exchange", lambda a, b: False)
+    monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
     real, calls = os.rename, []
 
     def second_rename_dies(src, dst):
@@ -202,7 +202,7 @@ def test_the_exchange_is_atomic_on_this_filesystem(tmp_path):
     b.mkdir()
     (a / "x").write_text("a")
     (b / "x").write_text("b")
-    if not records._exchange(a, b):
+    if not storage._exchange(a, b):
         pytest.skip("renameat2(RENAME_EXCHANGE) unavailable here: the two-rename fallback runs")
     assert (a / "x").read_text() == "b" and (b / "x").read_text() == "a"
 
@@ -231,9 +231,9 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 import numpy as np
 import xarray as xr
-from dynamics import records
+from dynamics import records, storage
 if {fallback}:
-    records._exchange = lambda a, b: False
+    storage._exchange = lambda a, b: False
 out = Path({out!r})
 for i in range(10 ** 6):
     records.save_zarr(xr.Dataset({{"v": ("x", np.full(50, float(i % 2)))}}), out)
