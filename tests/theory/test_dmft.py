@@ -90,7 +90,7 @@ def _linear_reference(x, y, gamma0, t_eval):
     return np.einsum("pd,td->tp", x, S[:, :D, D]) / (gamma0 * np.sqrt(D))
 
 
-@pytest.mark.parametrize("gamma0", [0.5, 1.5])
+@pytest.mark.parametrize("gamma0", [pytest.param(0.5, marks=pytest.mark.slow), 1.5])
 def test_linear_activation_matches_reduced_linear_network(gamma0):
     x, y, xt, yt = _task(target="linear")
     t = np.linspace(0, 20, 11)
@@ -107,22 +107,27 @@ def test_linear_activation_matches_reduced_linear_network(gamma0):
 
 # --- small γ₀: leading-order perturbation theory ----------------------------------------------
 def test_small_gamma_correction_is_quadratic():
-    """The O(γ₀) correction vanishes (it is odd in the readout a ~ N(0, 1)); the loss moves by
-    c γ₀² + O(γ₀⁴): halving γ₀ divides the change by 4."""
+    """The O(γ₀) correction vanishes (it is odd in the readout a ~ N(0, 1); the antithetic
+    fields keep that exact); the loss moves by c γ₀² + O(γ₀⁴): halving γ₀ divides the change
+    by 4.  Caveat measured here: c carries the sampling error of the kernel change (on this
+    small he2 task it varies by a factor ~2 between seeds at 4096 fields, and one 2048-field
+    set nearly cancels it, so γ₀⁴ shows already at γ₀ = 0.05); with 4096 fields, seed 0, the
+    ratios are 4.06 and 3.92."""
     x, y, xt, yt = _task(target="he2")
     t = np.linspace(0, 10, 11)
-    base = dmft_two_layer(x, y, t, 0.0, xt, yt, n_samples=4096, n_steps=100).train_loss.values
+    kw = dict(n_samples=4096, n_steps=100, tol=1e-11)
+    base = dmft_two_layer(x, y, t, 0.0, xt, yt, **kw).train_loss.values
     dev = {}
     for g in (0.05, 0.1, 0.2):
-        ds = dmft_two_layer(x, y, t, g, xt, yt, n_samples=4096, n_steps=100)
+        ds = dmft_two_layer(x, y, t, g, xt, yt, **kw)
         _residual_decreases(ds)
         dev[g] = ds.train_loss.values - base
     r1 = np.abs(dev[0.1]).max() / np.abs(dev[0.05]).max()
     r2 = np.abs(dev[0.2]).max() / np.abs(dev[0.1]).max()
-    assert abs(r1 - 4) < 0.1 and abs(r2 - 4) < 0.4, (r1, r2)
+    assert abs(r1 - 4) < 0.15 and abs(r2 - 4) < 0.4, (r1, r2)
     # the shape of the correction is the same function of time at leading order
-    np.testing.assert_allclose(dev[0.1] / 0.01, dev[0.05] / 0.0025, atol=0.02 * np.abs(
-        dev[0.05] / 0.0025).max())
+    np.testing.assert_allclose(dev[0.1] / 0.1**2, dev[0.05] / 0.05**2,
+                               atol=0.05 * np.abs(dev[0.05] / 0.05**2).max())
 
 
 # --- feature learning aligns the kernel with the task ---------------------------------------
@@ -135,7 +140,7 @@ def test_alignment_grows_with_gamma0():
     t = np.linspace(0, 20, 11)
     gains = []
     for g in (0.25, 0.5, 1.0):
-        ds = dmft_two_layer(x, y, t, g, n_samples=2048, n_steps=100)
+        ds = dmft_two_layer(x, y, t, g, n_samples=1024, n_steps=60)
         _residual_decreases(ds)
         a = ds.ntk_centered_alignment.values
         gains.append((a - a[0]).max())
