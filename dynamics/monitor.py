@@ -81,6 +81,15 @@ through one code path (:class:`dynamics._evaluator.Evaluator` and
   The worker thread computes on one intra-op thread: ``torch.set_num_threads`` is a per-thread
   setting (OpenMP's ``nthreads`` is a per-thread variable), so the worker's
   ``torch.set_num_threads(1)`` leaves the training thread's count as it was.
+  On CUDA the worker thread computes on its own CUDA stream (after an event recorded behind
+  the captured features), so its kernels overlap training's instead of queueing behind them
+  on the default stream (written without a GPU at hand: its overlap is unmeasured).
+
+**Process mode on a GPU run** computes the feature probes on the CPU from the same float32
+(or bfloat16 → float32) features that synchronous mode uses on the GPU: both accumulate in
+float64, so the values differ only by the order of float64 sums and the eigensolvers' round-off
+(≲ 1e-12 relative expected; a 2025 H200 run measured ~1e-7, before the probes' float64 batch
+products were the default everywhere — to be re-measured by ``benchmarks/gpu_session.sh``).
 
 In both background modes :meth:`Monitor.to_dataset`, :meth:`Monitor.flush`,
 :meth:`Monitor.save` and :meth:`Monitor.close` wait for pending evaluations, and an exception
@@ -586,10 +595,41 @@ class Monitor:
 
     def _background_job(self, evaluator: Evaluator, step: int,
                         feats: Mapping[str, torch.Tensor] | None, extra: Measurement,
-                        scalars: Mapping[str, float]) -> None:
+                        scalars: Mapping[str, float], ready: Any = None) -> None:
         start = _time.perf_counter()
-        self._record(evaluator.evaluate(step, feats, extra, scalars))
+        if ready is not None:  # CUDA: compute on the monitor's own stream (see _side_stream)
+            stream = self._side_stream(next(iter(feats.values())).device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(ready)
+                for t in feats.values():
+                    t.record_stream(stream)
+                ds = evaluator.evaluate(step, feats, extra, scalars)
+        else:
+            ds = evaluator.evaluate(step, feats, extra, scalars)
+        self._record(ds)
         self.seconds_background += _time.perf_counter() - start
+
+    def _side_stream(self, device: torch.device) -> Any:
+        """The thread worker's own CUDA stream on ``device``: its kernels overlap training's
+        instead of queueing behind them on the default stream (made on first use).
+        Unmeasured: no GPU was available when this was written."""
+        streams = self.__dict__.setdefault("_streams", {})
+        if device not in streams:
+            streams[device] = torch.cuda.Stream(device)
+        return streams[device]
+
+    @staticmethod
+    def _ready_event(feats: Mapping[str, torch.Tensor] | None) -> Any:
+        """A CUDA event recorded after the captured features on the training stream (the
+        worker's stream waits for it), or ``None`` off CUDA."""
+        if not feats:
+            return None
+        first = next(iter(feats.values()))
+        if first.device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(first.device))
+        return event
 
     def _bound_pending(self) -> None:
         """Wait for the worker while ``max_pending`` evaluations are queued (bounds the memory
@@ -654,7 +694,8 @@ class Monitor:
                         max_workers=1, thread_name_prefix="traindyn-monitor",
                         initializer=torch.set_num_threads, initargs=(1,))
                 self._pending.append(self._executor.submit(
-                    self._background_job, self._evaluator(), int(step), feats, extra, scalars))
+                    self._background_job, self._evaluator(), int(step), feats, extra, scalars,
+                    self._ready_event(feats)))
         self.seconds_spent += _time.perf_counter() - start
         return True
 
