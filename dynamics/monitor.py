@@ -88,8 +88,8 @@ through one code path (:class:`dynamics._evaluator.Evaluator` and
 **Process mode on a GPU run** computes the feature probes on the CPU from the same float32
 (or bfloat16 → float32) features that synchronous mode uses on the GPU: both accumulate in
 float64, so the values differ only by the order of float64 sums and the eigensolvers' round-off
-(≲ 1e-12 relative expected; a 2025 H200 run measured ~1e-7, before the probes' float64 batch
-products were the default everywhere — to be re-measured by ``benchmarks/gpu_session.sh``).
+(≲ 1e-12 relative expected).  An earlier H200 run measured ~1e-7 relative between the two
+modes, a gap whose cause was not established; ``benchmarks/gpu_session.sh`` re-measures it.
 
 In both background modes :meth:`Monitor.to_dataset`, :meth:`Monitor.flush`,
 :meth:`Monitor.save` and :meth:`Monitor.close` wait for pending evaluations, and an exception
