@@ -31,6 +31,7 @@ The model probe (``get_model_probe("ntk")``, :class:`NTKProbe`) is in :mod:`prob
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
@@ -121,12 +122,23 @@ def empirical_ntk(
                     "map X -> f(X).")
             if not same:
                 raise ValueError("per_sample=False computes the kernel of one batch: pass x2=None")
-            return _eng.finish(_eng.batch_ntk(model, x1, chosen), output).detach()
+            return _warn_nonfinite(_eng.finish(_eng.batch_ntk(model, x1, chosen), output)
+                                   .detach(), "empirical_ntk")
         if not per_sample:
             raise ValueError("per_sample=False is only for batch-coupled models (BatchNorm in "
                              "train mode); this model has none")
         K = _eng.per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size)
-    return K.detach()
+    return _warn_nonfinite(K.detach(), "empirical_ntk")
+
+
+def _warn_nonfinite(K: torch.Tensor, where: str) -> torch.Tensor:
+    """Warn (never silently) when a kernel has NaN or infinite entries."""
+    bad = ~torch.isfinite(K)
+    if bool(bad.any()):
+        warnings.warn(f"{where}: {int(bad.sum())} of {K.numel()} kernel entries are NaN or "
+                      "infinite (non-finite samples in x1/x2, or non-finite weights)",
+                      RuntimeWarning, stacklevel=3)
+    return K
 
 
 def conjugate_kernel(
@@ -161,4 +173,4 @@ def conjugate_kernel(
     phi1 = feats[0]
     phi2 = feats[1] if len(feats) > 1 else phi1
     K = phi1 @ phi2.T
-    return K / phi1.shape[1] if normalize else K
+    return _warn_nonfinite(K / phi1.shape[1] if normalize else K, "conjugate_kernel")

@@ -443,3 +443,17 @@ def test_cached_plan_is_verified_again_when_the_forward_changes():
         model.tied = tied
         K = empirical_ntk(model, x, output="full", method="structured")
         assert rel_err(K, brute_ntk(model, x)) < 1e-9, tied
+
+
+def test_non_finite_sample_gives_nan_row_and_column_with_a_warning():
+    model, shape = models()["mlp"]
+    model = model.double()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    good = empirical_ntk(model, x)
+    x[2, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="NaN or infinite"):
+        K = empirical_ntk(model, x)
+    bad = torch.isnan(K)
+    assert bad[2].all() and bad[:, 2].all() and int(bad.sum()) == 7
+    keep = [0, 1, 3]
+    assert rel_err(K[keep][:, keep], good[keep][:, keep]) < 1e-12
