@@ -16,8 +16,9 @@ from probes._ntk_common import requires_grad, select_parameters
 from probes._ntk_engines import auto_method
 
 # shape name -> (choice on the CPU, choice on CUDA).  CPU column: the fastest explicit method
-# measured by benchmarks/ntk.py on the 2-core VM (CPU time, one thread; auto within 1.2x of it
-# on every shape).  CUDA column: the model's choice with its unmeasured CUDA constants.
+# measured by benchmarks/ntk.py on the 2-core VM (CPU time, one thread; on the transformer block
+# structured and jacobian are within 10 % of each other, either way round between runs).  CUDA
+# column: the model's choice with its CUDA constants, which have not been measured.
 TABLE = {
     "MLP 64-512-512-10 (headline)": ("structured", "structured"),
     "MLP 64-512-512-10": ("structured", "structured"),
