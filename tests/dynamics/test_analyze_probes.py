@@ -6,6 +6,7 @@ distances between the checkpoints' weights computed with numpy.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -34,7 +35,9 @@ from tests.test_probe_contract import WEIGHT_MOTION
 
 LINEAR = ["net.0", "net.2"]
 STEPS = [0, 10, 100, 1000]
-PROBE_SET = ["rankme", "neural_collapse", "weight_spectra", "weight_motion_test"]
+PROBE_SET = ["rankme", "neural_collapse", "weight_spectra", "weight_motion_test", "ntk"]
+NTK_SAMPLES = 48
+PROBE_KWARGS = {"ntk": {"max_samples": NTK_SAMPLES}}
 
 USER_MODULE = '''
 from probes.registry import register
@@ -70,7 +73,27 @@ def user_probe():
 def _run(folder, factory, **kw):
     kw.setdefault("progress", False)
     return analyze(folder, model=factory, layers=LINEAR, inputs="digits", batch_size=500,
-                   labels="digits", probes=PROBE_SET, **kw)
+                   labels="digits", probes=PROBE_SET, probe_kwargs=PROBE_KWARGS, **kw)
+
+
+def _ntk_float64(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Brute force: Θ = Σ_a J_a J_aᵀ (output trace) from float64 Jacobians (torch.func)."""
+    from torch.func import functional_call, jacrev
+
+    model = model.double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    jac = jacrev(lambda p: functional_call(model, p, (x.double(),)))(params)
+    flat = torch.cat([j.reshape(x.shape[0], -1, j[0, 0].numel()) for j in jac.values()], -1)
+    return torch.einsum("iap,jap->ij", flat, flat).numpy()
+
+
+def _centered_alignment(K: np.ndarray, y: np.ndarray) -> float:
+    """Cortes, Mohri & Rostamizadeh (2012): ⟨HKH, H YYᵀ H⟩ / (‖HKH‖ ‖H YYᵀ H‖)."""
+    n = len(y)
+    H = np.eye(n) - 1.0 / n
+    L = (y[:, None] == y[None, :]).astype(float)
+    Kc, Lc = H @ K @ H, H @ L @ H
+    return float((Kc * Lc).sum() / (np.linalg.norm(Kc) * np.linalg.norm(Lc)))
 
 
 def test_labelled_parameter_and_reference_probes_match_direct_calls(series, factory,
@@ -81,10 +104,13 @@ def test_labelled_parameter_and_reference_probes_match_direct_calls(series, fact
     ds = _run(series, factory)
     make = _load_factory(factory)
     x, y = digits_inputs(), digits_labels()
-    weights = {}
+    weights, kernels = {}, []
     for i, step in enumerate(STEPS):
         model = make()
         model.load_state_dict(_trained_state(make, step))
+        kernels.append(_ntk_float64(_reloaded(make, step), x[:NTK_SAMPLES]))
+        assert_rel(ds["ntk_centered_alignment"].values[i],
+                   _centered_alignment(kernels[-1], y[:NTK_SAMPLES].numpy()), 1e-5, "ntk")
         net = model.net
         with torch.no_grad():
             h = [net[0](x), net[2](torch.relu(net[0](x)))]
@@ -107,9 +133,21 @@ def test_labelled_parameter_and_reference_probes_match_direct_calls(series, fact
             else:
                 prev = np.linalg.norm(weights[(step, j)] - weights[(STEPS[i - 1], j)])
                 assert_rel(ds["weight_distance_previous"].values[i, j], prev, 1e-12, "prev")
+    for i in range(1, len(STEPS)):
+        K, K0, Kp = kernels[i], kernels[0], kernels[i - 1]
+        assert_rel(ds["ntk_relative_change"].values[i], np.linalg.norm(K - K0) /
+                   np.linalg.norm(K0), 1e-4, "ntk change")
+        distance = 1 - (Kp * K).sum() / (np.linalg.norm(Kp) * np.linalg.norm(K))
+        assert abs(ds["ntk_distance_previous"].values[i] - distance) < 1e-6 + 1e-3 * distance
     # no classifier was given: its NC variables are NaN, and the Dataset says why per layer
     assert np.all(np.isnan(ds["nc3"].values))
     assert ds["layer_notes"].dims == ("step", "layer")
+
+
+def _reloaded(make, step: int) -> torch.nn.Module:
+    model = make()
+    model.load_state_dict(_trained_state(make, step))
+    return model
 
 
 def test_labelled_probes_without_labels_fail_before_any_work(series, factory):
@@ -131,7 +169,8 @@ def test_sigkill_then_restart_gives_the_identical_dataset_with_references(series
     parts = tmp_path / "killed.nc.parts"
     cmd = [sys.executable, "-m", "dynamics.cli_analyze", str(folder), "--model", factory,
            "--layers", ",".join(LINEAR), "--batch-size", "500", "--labels", "digits",
-           "--probes", ",".join(PROBE_SET), "--import", str(module), "--output", str(output),
+           "--probes", ",".join(PROBE_SET), "--probe-kwargs", json.dumps(PROBE_KWARGS),
+           "--import", str(module), "--output", str(output),
            "--no-progress", "--no-figures"]
     env = child_env(TRAINDYN_TEST_DELAY="0.15", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
