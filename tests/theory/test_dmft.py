@@ -202,10 +202,12 @@ def _check_against_networks(out, widths, tol, slope_range):
         assert rel < tol and rel_test < tol, (g, rel, rel_test)
         ca_t = theory.ntk_centered_alignment
         ca_m = measured.ntk_centered_alignment.mean("seed")
-        # the kernel moves (rich) and the network's alignment follows the theory's path
+        # the kernel moves (rich) and the network's alignment change follows the theory's
+        # (changes from t = 0: the finite-width initial kernel's own alignment is off by ~3e-4)
         move = float(np.abs(ca_t - ca_t[0]).max())
         assert move > 1e-3
-        assert float(np.abs(ca_m - ca_t).max()) < 0.25 * move, (g, move)
+        off = float(np.abs((ca_m - ca_m[0]) - (ca_t - ca_t[0])).max())
+        assert off < 0.25 * move, (g, move, off)
         # mean squared deviation of the predictions over seeds, times and points: ∝ 1/N
         gap = [float(((net.train_prediction.sel(width=n) - th.train_prediction) ** 2).mean())
                for n in widths]
