@@ -57,6 +57,11 @@ DIMS: dict[str, str] = {
     "time2": "second time of a two-time kernel (DMFT)",
     "width": "hidden width N of a finite network",
     "gamma0": "richness γ₀ of the mean-field parameterisation",
+    "time1": "first time of a two-time kernel (DMFT)",
+    "sample2": "second sample index of a kernel",
+    "test_sample": "test sample index",
+    "iteration": "iteration of a self-consistent solver",
+    "alpha": "laziness α of the grokking model (large: lazy)",
 }
 """Shared dimension names and their meaning."""
 

@@ -121,6 +121,15 @@ def _split_state(probe: Probe, result: Any) -> tuple[Any, Any]:
     return result, None
 
 
+def _file(out: Measurement, probe: Probe, layer: str, result: Any) -> None:
+    """Record one per-layer probe's result (its values, and its state if it keeps one)."""
+    result, kept = _split_state(probe, result)
+    for name, value in _normalise(probe, result).items():
+        out.layer_values.setdefault(name, {})[layer] = value
+    if probe.reference:
+        out.states[(probe.name, layer)] = kept
+
+
 class _Notes:
     """Collect warnings raised inside (as text, deduplicated) and re-emit nothing."""
 
@@ -271,11 +280,7 @@ class ProbePlan:
                                       if len(st.labels) == 1 else torch.cat(st.labels))
                         args = (raw, labels) if probe.needs_labels else (raw,)
                         result = probe.fn(*args, **probe.kwargs)
-                    result, kept = _split_state(probe, result)
-                    for name, value in _normalise(probe, result).items():
-                        out.layer_values.setdefault(name, {})[layer] = value
-                    if probe.reference:
-                        out.states[(probe.name, layer)] = kept
+                    _file(out, probe, layer, result)
                 notes.per_layer(out, layer, first)
         out.notes = notes.texts()
         return out
@@ -296,12 +301,7 @@ class ProbePlan:
                                   "are NaN", RuntimeWarning, stacklevel=2)
                     continue
                 for probe in self.parameter_probes:
-                    result, kept = _split_state(probe, probe.fn(weight.detach(),
-                                                                **probe.kwargs))
-                    for name, value in _normalise(probe, result).items():
-                        out.layer_values.setdefault(name, {})[layer] = value
-                    if probe.reference:
-                        out.states[(probe.name, layer)] = kept
+                    _file(out, probe, layer, probe.fn(weight.detach(), **probe.kwargs))
                 notes.per_layer(out, layer, first)
         out.notes = notes.texts()
         return out

@@ -43,3 +43,25 @@ def child_env(**extra: str) -> dict[str, str]:
     root prepended to any ``PYTHONPATH`` already set (which may hold carried packages)."""
     path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def start_and_kill(cmd: list[str], parts: Path, at_least: int, env: dict[str, str],
+                   limit: float = 120) -> None:
+    """Run ``cmd`` and SIGKILL it as soon as ``parts`` holds ``at_least`` ``step*.json``
+    results (an ``analyze`` run with per-checkpoint parts); fails if it ended first."""
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list(parts.glob("step*.json"))) >= at_least:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL

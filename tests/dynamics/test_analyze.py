@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +24,7 @@ from dynamics.probe_inputs import (
     stdlib_sentences,
 )
 from probes.registry import FEATURE_PROBES, FeatureProbe
-from tests.helpers import ROOT, assert_rel, child_env
+from tests.helpers import assert_rel, child_env, start_and_kill
 
 FACTORY = '''
 import os
@@ -315,19 +312,7 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(series, factory, tmp_p
     cmd = [sys.executable, "-m", "dynamics.cli_analyze", str(folder), "--model", factory,
            "--layers", ",".join(LAYERS), "--batch-size", "500", "--output", str(output),
            "--no-progress", "--no-figures"]
-    env = child_env(TRAINDYN_TEST_DELAY="0.1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(parts.glob("step*.json"))) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    start_and_kill(cmd, parts, 2, child_env(TRAINDYN_TEST_DELAY="0.1", OMP_NUM_THREADS="1"))
     finished = len(list(parts.glob("step*.json")))
     assert 2 <= finished < 6 and not output.exists()
     # restart (here in-process, the same code path as the command line)

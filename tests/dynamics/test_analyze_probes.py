@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import stat
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +27,7 @@ from tests.dynamics.test_analyze import (
     _load_factory,
     _trained_state,
 )
-from tests.helpers import ROOT, assert_rel, child_env
+from tests.helpers import assert_rel, child_env, start_and_kill
 from tests.test_probe_contract import WEIGHT_MOTION
 
 LINEAR = ["net.0", "net.2"]
@@ -172,18 +169,7 @@ def test_sigkill_then_restart_gives_the_identical_dataset_with_references(series
            "--probes", ",".join(PROBE_SET), "--probe-kwargs", json.dumps(PROBE_KWARGS),
            "--import", str(module), "--output", str(output),
            "--no-progress", "--no-figures"]
-    env = child_env(TRAINDYN_TEST_DELAY="0.15", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list(parts.glob("step*.json"))) >= 2:
-            break
-        time.sleep(0.01)
-    assert proc.poll() is None, proc.stderr.read().decode()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    start_and_kill(cmd, parts, 2, child_env(TRAINDYN_TEST_DELAY="0.15", OMP_NUM_THREADS="1"))
     assert not output.exists()
     assert list(parts.glob("step*.npz")), "reference states are stored beside the parts"
     resumed = _run(folder, factory, output=output)
