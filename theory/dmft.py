@@ -373,11 +373,23 @@ def dmft_two_layer(
     import jax
     import jax.numpy as jnp
 
-    x, y, xt, yt = _check_inputs(x_train, y_train, x_test, y_test, float(gamma0), n_samples)
+    from theory import _validate as check
+
+    gamma0 = check.real_scalar(gamma0, "gamma0")
+    n_samples = check.count(n_samples, "n_samples", 2)
+    x, y, xt, yt = _check_inputs(x_train, y_train, x_test, y_test, gamma0, n_samples)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation {activation!r} is not supported; use one of {ACTIVATIONS}")
+    epsilon = check.finite_scalar(epsilon, "epsilon")
+    damping = check.finite_scalar(damping, "damping")
     if not 0 < damping <= 1:
         raise ValueError(f"damping must be in (0, 1]; got {damping}")
+    tol = check.positive_scalar(tol, "tol")
+    max_iter = check.count(max_iter, "max_iter", 1)
+    n_steps = check.count(n_steps, "n_steps", 1)
+    two_time = check.count(two_time, "two_time", 0)
+    if dt is not None:
+        dt = check.positive_scalar(dt, "dt")
     t_out, tdims, tcoords = time_axis(time)
     if np.any(~np.isfinite(t_out)) or np.any(t_out < 0):
         raise ValueError("time must be finite and non-negative")

@@ -233,3 +233,20 @@ def test_dmft_matches_networks_full():
     widths = (250, 1000, 4000)
     out = _compare(widths, range(6), 32768, p=20, q=20, d=10, steps=200)
     _check_against_networks(out, widths, tol=0.02, slope_range=(-1.2, -0.6))
+
+
+@pytest.mark.parametrize("kwargs, error, names", [
+    ({"n_samples": "x"}, TypeError, "n_samples"), ({"n_samples": 2.5}, TypeError, "n_samples"),
+    ({"max_iter": float("nan")}, TypeError, "max_iter"), ({"max_iter": -1}, ValueError, "max_iter"),
+    ({"n_steps": 0}, ValueError, "n_steps"), ({"dt": 0}, ValueError, "dt"),
+    ({"dt": -1}, ValueError, "dt"), ({"damping": "x"}, TypeError, "damping"),
+    ({"tol": -1}, ValueError, "tol"), ({"two_time": -1}, ValueError, "two_time"),
+    ({"epsilon": float("nan")}, ValueError, "epsilon"),
+])
+def test_solver_settings_out_of_their_domain_are_named(kwargs, error, names):
+    """Found by the theory bad-input campaign: each got a traceback or a NaN curve before."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 4))
+    with pytest.raises(error, match=names):
+        dmft_two_layer(x, np.sin(x[:, 0]), [0.0, 1.0], 0.5,
+                       **{"n_samples": 64, "n_steps": 10, **kwargs})
