@@ -216,6 +216,3 @@ def summary(paths: dict[str, Path], digits: xr.Dataset | None = None) -> str:
         f"TRAINDYN_THREADS=N to change)" if threads else ""))
     return "\n".join(lines)
 
-
-def _as_float(x) -> float:  # pragma: no cover - tiny helper for printing
-    return float(np.asarray(x))
