@@ -261,3 +261,37 @@ def test_usage_errors_for_impossible_requests(series, factory, capsys):
         assert cli_main([str(series), "--model", factory, "--layers", "net.0", "--device",
                          "cuda", "--no-progress"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_series_figures_say_what_they_show(tmp_path, monkeypatch):
+    """One checkpoint: drawn over the layers, not a one-point step axis; an all-NaN layer is
+    named in the title and left out of the legend."""
+    from matplotlib.figure import Figure
+
+    from dynamics import records as rec
+    from dynamics.plot import checkpoint_series_figures
+
+    seen = []
+
+    def record(fig, path, **kw):
+        ax = fig.axes[0]
+        legend = ax.get_legend()
+        seen.append((ax.get_xlabel(), ax.get_title(),
+                     [t.get_text() for t in legend.get_texts()] if legend else []))
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    values = np.array([[1.0, 2.0, np.nan], [1.5, 2.5, np.nan], [2.0, 3.0, np.nan]])
+
+    def series(steps):
+        n = len(steps)
+        return xr.Dataset({"rankme": (("step", "layer"), values[:n], {"long_name": "RankMe",
+                                                                      "units": "1"}),
+                           "status": ("step", np.array(["ok"] * n, dtype=object))},
+                          coords={**rec.step_coords(steps, None), "layer": ["a", "b", "c"]})
+
+    checkpoint_series_figures(series([0, 10, 100]), tmp_path)
+    xlabel, title, legend = seen[-1]
+    assert xlabel.startswith("step") and legend == ["a", "b"] and "all NaN: c" in title
+    checkpoint_series_figures(series([100]), tmp_path)
+    xlabel, title, legend = seen[-1]
+    assert xlabel.startswith("layer (one checkpoint: step 100)")
