@@ -399,8 +399,8 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
 # references: comparisons once every state is known
 
 
-def _compare_references(results: list[dict], plan_of: Callable[[list[str]], ProbePlan]
-                        ) -> None:
+def _compare_references(results: list[dict], plan_of: Callable[[list[str]], ProbePlan],
+                        learning_rate: float | None = None) -> None:
     """Fill in each ok result's reference-probe comparisons (first / previous / final), in
     step order, from the states the checkpoints kept."""
     ok = [r for r in sorted(results, key=lambda r: r["step"]) if r["status"] == "ok"]
@@ -409,6 +409,7 @@ def _compare_references(results: list[dict], plan_of: Callable[[list[str]], Prob
     plan = plan_of(ok[0]["layers"])
     if not plan.references:
         return
+    lr = 1.0 if learning_rate is None else float(learning_rate)
     for i, r in enumerate(ok):
         others = {"first": ok[0], "previous": ok[i - 1] if i else None, "final": ok[-1]}
 
@@ -416,8 +417,11 @@ def _compare_references(results: list[dict], plan_of: Callable[[list[str]], Prob
             other = others[kind]
             return None if other is None else other["states"].get(_state_key(key))
 
+        def when(key: tuple[str, str | None], kind: str, others: dict = others) -> Any:
+            return None if others[kind] is None else lr * others[kind]["step"]
+
         states = {_from_state_key(k): v for k, v in r["states"].items()}
-        compared = plan.compare(states, lookup)
+        compared = plan.compare(states, lookup, lr * r["step"], when)
         layers = r["layers"]
         for name, per_layer in compared.layer_values.items():
             r["values"][name] = [_jsonable(per_layer.get(layer, float("nan")))
@@ -884,7 +888,7 @@ def analyze(
     finally:
         bar.close()
 
-    _compare_references(list(results.values()), spec.plan)
+    _compare_references(list(results.values()), spec.plan, learning_rate)
     params = spec.params()
     params.update(checkpoints=str(checkpoints) if isinstance(checkpoints, (str, os.PathLike))
                   else [str(c.path if isinstance(c, Checkpoint) else c) for c in checkpoints],

@@ -536,7 +536,7 @@ class Monitor:
                 out[:, j] = values[probe.name]
         return out
 
-    def _model_measurement(self) -> Measurement:
+    def _model_measurement(self, step: int = 0) -> Measurement:
         """Parameter and model probes, compared with their references (inside preserved
         state; the model probes run in eval mode)."""
         plan = self.plan
@@ -546,8 +546,10 @@ class Monitor:
             self.model.eval()
             out = out | plan.model_values(self.model, inputs, targets, self._model_instances)
         if plan.references and out.states:
-            out = out | plan.compare(out.states, self._references.get)
-            self._references.record(out.states)
+            time = (1.0 if self.learning_rate is None else self.learning_rate) * step
+            out = out | plan.compare(out.states, self._references.get, time,
+                                     self._references.time)
+            self._references.record(out.states, time)
         return out
 
     def evaluate(self, step: int = 0, **scalars: float) -> xr.Dataset:
@@ -557,7 +559,7 @@ class Monitor:
         with preserved_state(self.model):
             with torch.no_grad():
                 features = self._feature_measurement()
-            extra = self._model_measurement()
+            extra = self._model_measurement(step)
         return self._evaluator().build(step, features | extra, scalars)
 
     def _not_due(self, kinds: tuple[str, ...]) -> Measurement:
@@ -584,7 +586,7 @@ class Monitor:
             with torch.no_grad():
                 features = (self._feature_measurement() if features_due
                             else self._not_due(("features", "labelled_features")))
-            extra = (self._model_measurement() if model_due
+            extra = (self._model_measurement(step) if model_due
                      else self._not_due(("parameters", "model")))
         return self._evaluator().build(step, features | extra, scalars)
 
@@ -679,7 +681,7 @@ class Monitor:
                              if self.plan.has_layer_probes and features_due else None)
                     arrays = (None if feats is None or not process
                               else {k: to_numpy(v) for k, v in feats.items()})
-                extra = (self._model_measurement() if model_due
+                extra = (self._model_measurement(step) if model_due
                          else self._not_due(("parameters", "model")))
                 if not features_due:
                     extra = extra | self._not_due(("features", "labelled_features"))

@@ -102,15 +102,20 @@ def _normalise(probe: Probe, value: Any) -> dict[str, Any]:
     return out
 
 
-def _takes_layers(fn: Callable[..., Any]) -> bool:
-    """Whether a model probe's function has a ``layers`` parameter (it then receives the
-    plan's layers unless the probe binds its own)."""
+def _takes(fn: Callable[..., Any], parameter: str) -> bool:
+    """Whether ``fn`` has a parameter of that name."""
     import inspect
 
     try:
-        return "layers" in inspect.signature(fn).parameters
+        return parameter in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _takes_layers(fn: Callable[..., Any]) -> bool:
+    """Whether a model probe's function has a ``layers`` parameter (it then receives the
+    plan's layers unless the probe binds its own)."""
+    return _takes(fn, "layers")
 
 
 def _split_state(probe: Probe, result: Any) -> tuple[Any, Any]:
@@ -339,22 +344,35 @@ class ProbePlan:
 
     # -- 3. references ---------------------------------------------------------------------
     def compare(self, states: Mapping[StateKey, Any],
-                references: Callable[[StateKey, str], Any]) -> Measurement:
+                references: Callable[[StateKey, str], Any], time: float | None = None,
+                times: Callable[[StateKey, str], float | None] | None = None) -> Measurement:
         """Reference-based probes' comparisons of ``states`` (this evaluation's) with
-        ``references(key, kind)`` (another evaluation's state, or ``None``)."""
+        ``references(key, kind)`` (another evaluation's state, or ``None``).
+
+        A ``compare`` function with a ``times`` parameter also receives ``{"current": time,
+        kind: that evaluation's time or None}`` (``times(key, kind)``), for rates such as the
+        kernel velocity (distance / Δtime)."""
         out = Measurement()
         notes = _Notes()
         with notes:
             for probe in self.probes:
                 if not probe.reference or probe.compare is None:
                     continue
+                wants_times = _takes(probe.compare, "times")
                 for (name, layer), state in states.items():
                     if name != probe.name:
                         continue
-                    refs = {kind: references((name, layer), kind) for kind in probe.reference}
+                    key = (name, layer)
+                    refs = {kind: references(key, kind) for kind in probe.reference}
+                    when = {kind: times(key, kind) if times is not None else None
+                            for kind in probe.reference}
                     if refs.get("first") is None and "first" in refs:
                         refs["first"] = state  # the first evaluation is its own first
-                    values = _normalise(probe, probe.compare(state, refs, **probe.kwargs))
+                        when["first"] = time
+                    kwargs = dict(probe.kwargs)
+                    if wants_times:
+                        kwargs["times"] = {"current": time, **when}
+                    values = _normalise(probe, probe.compare(state, refs, **kwargs))
                     for var, value in values.items():
                         if layer is None:
                             out.values[var] = value
@@ -377,14 +395,22 @@ class ReferenceBook:
                              "need the whole series: use dynamics.analyze")
         self.first: dict[StateKey, Any] = {}
         self.previous: dict[StateKey, Any] = {}
+        self._times: dict[str, dict[StateKey, float | None]] = {"first": {}, "previous": {}}
 
     def get(self, key: StateKey, kind: str) -> Any:
         return (self.first if kind == "first" else self.previous).get(key)
 
-    def record(self, states: Mapping[StateKey, Any]) -> None:
+    def time(self, key: StateKey, kind: str) -> float | None:
+        """The time at which the ``kind`` state of ``key`` was recorded (or ``None``)."""
+        return self._times["first" if kind == "first" else "previous"].get(key)
+
+    def record(self, states: Mapping[StateKey, Any], time: float | None = None) -> None:
         for key, state in states.items():
-            self.first.setdefault(key, state)
+            if key not in self.first:
+                self.first[key] = state
+                self._times["first"][key] = time
             self.previous[key] = state
+            self._times["previous"][key] = time
 
 
 def _forward(model: torch.nn.Module, batch: Any) -> None:
@@ -399,7 +425,7 @@ def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
              masks: Iterable[Any] | None = None, targets: Any = None,
              model_inputs: Any = None, instances: Mapping[str, Callable[..., Any]] | None = None,
              references: ReferenceBook | Callable[[StateKey, str], Any] | None = None,
-             ) -> Measurement:
+             time: float | None = None) -> Measurement:
     """Every probe of ``plan`` on ``model``: one streamed forward pass over ``batches``, then
     the parameter and model probes, then the reference comparisons.
 
@@ -414,6 +440,8 @@ def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
     references : ReferenceBook or callable ``(key, kind) -> state``, optional
         Where reference probes find other evaluations' states (a :class:`ReferenceBook` is
         also updated with this evaluation's states).
+    time : float, optional
+        This evaluation's time (learning rate × step), for rates (kernel velocity).
     """
     from probes.capture import capture
 
@@ -447,7 +475,9 @@ def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
         if lookup is None:
             raise ValueError(f"probes {[p.name for p in plan.probes if p.reference]} compare "
                              "with other evaluations: pass references=")
-        out = out | plan.compare(out.states, lookup)
-        if isinstance(references, ReferenceBook):
-            references.record(out.states)
+        book = references if isinstance(references, ReferenceBook) else None
+        out = out | plan.compare(out.states, lookup, time,
+                                 book.time if book is not None else None)
+        if book is not None:
+            book.record(out.states, time)
     return out

@@ -74,6 +74,8 @@ NTK_PROBE_VARIABLES: dict[str, tuple[str, str]] = {
     "ntk_effective_rank": ("entropy effective rank of the NTK", "1"),
     "ntk_relative_change": ("relative NTK change ‖K_t − K_0‖/‖K_0‖", "1"),
     "ntk_distance_previous": ("kernel distance to the previous evaluation", "1"),
+    "ntk_velocity": ("kernel velocity, distance to the previous evaluation / Δtime",
+                     "1/time"),
     "ntk_trace_mean": ("mean NTK diagonal tr(K)/n", "1"),
 }
 
@@ -110,13 +112,15 @@ def ntk_values(model: nn.Module, inputs: ArrayLike, targets: ArrayLike, *,
 
 
 def ntk_compare(state: dict[str, np.ndarray], reference: dict[str, dict | None],
-                **_: object) -> dict[str, float]:
+                times: dict[str, float | None] | None = None, **_: object) -> dict[str, float]:
     """Comparisons of one evaluation's kernel with the first and the previous evaluation's.
 
     ``ntk_relative_change`` ``‖K − K_0‖_F/‖K_0‖_F`` and ``ntk_alignment_gain`` (centred
     alignment minus the first's) are 0 when there is no first evaluation yet (this one is it);
     ``ntk_distance_previous`` is Fort et al.'s (2020, Eq. 3) ``1 − ⟨K', K⟩/(‖K'‖‖K‖)``, NaN with
-    a warning at the first evaluation.  Kernel velocity is the distance over the time step.
+    a warning at the first evaluation.  ``ntk_velocity`` is that distance over the time step
+    (Fort et al. 2020, Sec. 3), from ``times`` (``{"current": t, "previous": t'}``; NaN
+    without them or at the first evaluation).
     """
     K = torch.from_numpy(np.asarray(state["kernel"], dtype=np.float64))
     first, previous = reference.get("first"), reference.get("previous")
@@ -137,6 +141,10 @@ def ntk_compare(state: dict[str, np.ndarray], reference: dict[str, dict | None],
     else:
         Kp = torch.from_numpy(np.asarray(previous["kernel"], dtype=np.float64))
         out["ntk_distance_previous"] = _k.kernel_distance(Kp, K)
+    out["ntk_velocity"] = float("nan")
+    now, before = (times or {}).get("current"), (times or {}).get("previous")
+    if previous is not None and now is not None and before is not None and now > before:
+        out["ntk_velocity"] = out["ntk_distance_previous"] / (now - before)
     return out
 
 

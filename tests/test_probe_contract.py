@@ -275,3 +275,19 @@ def test_model_and_parameter_probes_on_their_own_schedule(user_probes, mode):
     assert_rel(ds["weight_spectral_norm"].values[0, 0],
                float(torch.linalg.matrix_norm(w, ord=2)), 1e-12, "spectral norm")
 
+
+
+def test_monitor_kernel_velocity_uses_the_time_between_model_evaluations():
+    x, y = _data(40)
+    model = _mlp(7)
+    monitor = Monitor(model, probes=["ntk"], probe_data=x, probe_targets=y, learning_rate=0.5,
+                      schedule=lambda s: s in (0, 4), probe_kwargs={"ntk": {"max_samples": 16}})
+    with monitor:
+        monitor.step(0)
+        with torch.no_grad():
+            model.net[0].weight.mul_(1.3)
+        monitor.step(4)
+    ds = monitor.to_dataset()
+    assert ds["ntk_distance_previous"].values[1] > 0
+    assert_rel(ds["ntk_velocity"].values[1], ds["ntk_distance_previous"].values[1] / 2.0,
+               1e-12, "velocity = distance / (0.5 × 4)")

@@ -98,7 +98,7 @@ def test_labelled_parameter_and_reference_probes_match_direct_calls(series, fact
     import probes
     from probes.weights import weight_spectrum
 
-    ds = _run(series, factory)
+    ds = _run(series, factory, learning_rate=0.1)
     make = _load_factory(factory)
     x, y = digits_inputs(), digits_labels()
     weights, kernels = {}, []
@@ -136,6 +136,10 @@ def test_labelled_parameter_and_reference_probes_match_direct_calls(series, fact
                    np.linalg.norm(K0), 1e-4, "ntk change")
         distance = 1 - (Kp * K).sum() / (np.linalg.norm(Kp) * np.linalg.norm(K))
         assert abs(ds["ntk_distance_previous"].values[i] - distance) < 1e-6 + 1e-3 * distance
+        dt = 0.1 * (STEPS[i] - STEPS[i - 1])   # time = learning rate × step
+        assert_rel(ds["ntk_velocity"].values[i], ds["ntk_distance_previous"].values[i] / dt,
+                   1e-12, "velocity")
+    assert np.isnan(ds["ntk_velocity"].values[0])
     # no classifier was given: its NC variables are NaN, and the Dataset says why per layer
     assert np.all(np.isnan(ds["nc3"].values))
     assert ds["layer_notes"].dims == ("step", "layer")

@@ -278,7 +278,9 @@ def test_ntk_contract_probe_through_evaluate_and_resumed_from_saved_states():
     saved = [{k: np.array(v) for k, v in st.items()} for st in states]
     refs = {"first": saved[0], "previous": saved[1]}
     again = evaluate(plan, model, [x], targets=y, references=lambda key, kind: refs[kind])
-    assert again.values == results[2]
+    assert again.values.keys() == results[2].keys()
+    np.testing.assert_array_equal([again.values[k] for k in sorted(again.values)],
+                                  [results[2][k] for k in sorted(again.values)])  # NaN == NaN
     # the standalone NTKProbe gives the same numbers as the contract path
     model2, _, _ = _probe_setup()
     probe = NTKProbe()
@@ -286,7 +288,7 @@ def test_ntk_contract_probe_through_evaluate_and_resumed_from_saved_states():
         with torch.no_grad():
             model2[0].weight.mul_(1.0 + 0.3 * step)
         direct = probe(model2, x, y)
-    assert direct == pytest.approx(results[2], rel=1e-12)
+    assert direct == pytest.approx(results[2], rel=1e-12, nan_ok=True)
 
 
 def test_structured_plan_covers_linear_and_conv_weights_and_falls_back_for_the_rest():
