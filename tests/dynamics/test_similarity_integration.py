@@ -58,12 +58,14 @@ def _drift(model: nn.Module, step: int) -> None:
             p.add_(0.3 * torch.randn(p.shape, generator=gen))
 
 
-def test_monitor_cka_references_and_invariance_equal_direct_calls():
+@pytest.mark.parametrize("mode", [False, "thread", "process"])
+def test_monitor_cka_references_and_invariance_equal_direct_calls(mode):
+    """In every Monitor mode (process mode: the CKA references live in the worker)."""
     x = torch.randn(60, 64, generator=torch.Generator().manual_seed(5))
     model = _make()
     monitor = Monitor(model, probes=["rankme", "cka_first", "cka_previous", "invariance",
                                      "lie_derivative"],
-                      layers=LAYERS, probe_data=x, schedule=lambda s: True,
+                      layers=LAYERS, probe_data=x, schedule=lambda s: True, background=mode,
                       probe_kwargs={"invariance": INV_KW, "lie_derivative": LIE_KW,
                                     "cka_previous": {"debiased": True}})
     feats, direct_inv, direct_lie = [], [], []
