@@ -1414,7 +1414,7 @@ def test_campaign_covers_every_public_function():
 
 
 def test_ntk_bad_input():
-    """NTK functions (probes/ntk*.py, another helper's): reported here, skipped if they fail."""
+    """NTK functions (probes/ntk*.py): the same rule as every other probe."""
     failures = []
 
     def record(case, outcome, detail):
@@ -1422,8 +1422,7 @@ def test_ntk_bad_input():
             failures.append(f"{case.func}: {outcome} {detail}")
 
     run_family(*NTK_FAMILY, 5 if not SLOW else SLOW_EXAMPLES, record)
-    if failures:
-        pytest.skip("NTK helper: " + "; ".join(sorted(set(failures))[:6]))
+    assert not failures, "; ".join(sorted(set(failures))[:6])
 
 
 def campaign_table(examples: int = EXAMPLES, ntk: bool = True) -> dict[str, Counter]:
