@@ -168,19 +168,20 @@ def _compiled(activation: str, epsilon: float, n_train: int):
         da = (gamma0 / P) * phi(h[:, :P]) @ delta
         return dh, da
 
+    def heun(h, a, dt, d0, d1, gamma0, kx_tr):
+        """One Heun (explicit trapezoid) step of the sampled fields, Δ = d0 → d1."""
+        dh1, da1 = rhs(h, a, d0, gamma0, kx_tr)
+        dh2, da2 = rhs(h + dt * dh1, a + dt * da1, d1, gamma0, kx_tr)
+        return h + 0.5 * dt * (dh1 + dh2), a + 0.5 * dt * (da1 + da2)
+
     @jax.jit
     def field_pass(h0, a0, deltas, dts, gamma0, kx_tr):
         """Integrate the sampled fields given Δ on the grid (Heun); K̂ on the grid."""
         k0, _, _ = kernels(h0, a0, kx_tr)
 
         def step(carry, xs):
-            h, a = carry
             dt, d0, d1 = xs
-            dh1, da1 = rhs(h, a, d0, gamma0, kx_tr)
-            h_e, a_e = h + dt * dh1, a + dt * da1
-            dh2, da2 = rhs(h_e, a_e, d1, gamma0, kx_tr)
-            h = h + 0.5 * dt * (dh1 + dh2)
-            a = a + 0.5 * dt * (da1 + da2)
+            h, a = heun(*carry, dt, d0, d1, gamma0, kx_tr)
             k, _, _ = kernels(h, a, kx_tr)
             return (h, a), k
 
@@ -191,13 +192,8 @@ def _compiled(activation: str, epsilon: float, n_train: int):
     def states_at(h0, a0, deltas, dts, gamma0, kx_tr, keep):
         """Fields at the grid indices flagged in ``keep`` (for two-time kernels)."""
         def step(carry, xs):
-            h, a = carry
             dt, d0, d1 = xs
-            dh1, da1 = rhs(h, a, d0, gamma0, kx_tr)
-            h_e, a_e = h + dt * dh1, a + dt * da1
-            dh2, da2 = rhs(h_e, a_e, d1, gamma0, kx_tr)
-            h = h + 0.5 * dt * (dh1 + dh2)
-            a = a + 0.5 * dt * (da1 + da2)
+            h, a = heun(*carry, dt, d0, d1, gamma0, kx_tr)
             return (h, a), (h[:, :P], a)
 
         _, (hs, as_) = jax.lax.scan(step, (h0, a0), (dts, deltas[:-1], deltas[1:]))
