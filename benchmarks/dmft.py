@@ -19,23 +19,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import time
 import warnings
 
 import numpy as np
 import torch
+from _timing import best_of  # noqa: E402 - benchmarks/_timing.py
 
 from dynamics.recipes.two_layer import train_two_layer, two_layer_task
 from theory.dmft import dmft_two_layer
-
-
-def _timed(fn, repeat: int = 1):
-    best, out = np.inf, None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def _jax_gpu() -> bool:
@@ -65,14 +56,14 @@ def main() -> None:
         return train_two_layer(x, y, 1.0, xt, yt, widths=widths, seeds=seeds,
                                learning_rate=0.05, steps=steps, record_every=10, device=device)
 
-    t_net, net = _timed(nets)
+    t_net, net = best_of(nets, 1)
 
     def solve(device: str = "cpu", **kw):
         base = dict(n_samples=fields, dt=0.05, two_time=0, device=device)
         return dmft_two_layer(x, y, net.time, 1.0, xt, yt, **{**base, **kw})
 
     solve()  # compile once (a fresh process pays it on its first call; shown below)
-    t_th, th = _timed(solve, repeat=2)
+    t_th, th = best_of(solve, repeat=2)
     gap = float(np.abs(net.train_loss.sel(width=widths[-1]).mean("seed") - th.train_loss).max()
                 / th.train_loss.max())
     print(f"\n1. DMFT ({fields} fields, {th.attrs['n_iterations']} iterations) vs "
@@ -93,7 +84,7 @@ def main() -> None:
                                       two_time=0, max_iter=8, tol=0.0)
 
         run()  # compile
-        return _timed(run, repeat=2)[0]
+        return best_of(run, repeat=2)[0]
 
     t0 = cost(**base)
     print(f"   base P={base['P']}, steps={base['n_steps']}, fields={base['M']}: {t0:.3f} s "
@@ -107,14 +98,14 @@ def main() -> None:
     print("\n3. CUDA vs CPU")
     if _jax_gpu():
         solve("gpu")
-        t_gpu, th_gpu = _timed(lambda: solve("gpu"), repeat=2)
+        t_gpu, th_gpu = best_of(lambda: solve("gpu"), repeat=2)
         diff = float(np.abs(th_gpu.train_loss - th.train_loss).max() / th.train_loss.max())
         print(f"   DMFT jax GPU {t_gpu:.3f} s vs CPU {t_th:.3f} s: speed-up {t_th / t_gpu:.1f}, "
               f"max rel diff {diff:.1e}")
     else:
         print("   DMFT jax GPU: unmeasured (jax has no GPU here)")
     if torch.cuda.is_available():
-        t_cuda, _ = _timed(lambda: nets("cuda"))
+        t_cuda, _ = best_of(lambda: nets("cuda"), 1)
         print(f"   networks torch CUDA {t_cuda:.2f} s vs CPU {t_net:.2f} s: speed-up "
               f"{t_net / t_cuda:.1f}")
     else:

@@ -12,22 +12,13 @@ Wall-clock times on a shared machine are noisy: read the ratios as orders of mag
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
+from _timing import best_of  # noqa: E402 - benchmarks/_timing.py
 
 from dynamics.recipes.kernel_regression import simulate_krr, simulate_rf
 from theory.kernels import krr_learning_curve, power_law_spectrum
 from theory.random_features import optimal_ridge, rf_learning_curve
-
-
-def _best_of(fn, repeat: int = 3) -> tuple[float, object]:
-    best, out = np.inf, None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def main() -> None:
@@ -42,25 +33,25 @@ def main() -> None:
     rows = []
     # 1. KRR learning curve: 6 sample sizes × 3 ridges
     ns, ridges = [25, 50, 100, 200, 400, 800], [0.0, 1e-2, 1e-1]
-    t_th, th = _best_of(lambda: krr_learning_curve(spec, n=ns, ridge=ridges, noise_var=noise))
-    t_sim, sim = _best_of(lambda: simulate_krr(lam, v2, n=ns, ridge=ridges, noise_var=noise,
+    t_th, th = best_of(lambda: krr_learning_curve(spec, n=ns, ridge=ridges, noise_var=noise))
+    t_sim, sim = best_of(lambda: simulate_krr(lam, v2, n=ns, ridge=ridges, noise_var=noise,
                                                seeds=seeds), repeat=1)
     err = float(np.abs(sim.test_error.mean("seed") / th.test_error - 1).mean())
     rows.append(("KRR curve, 6 n x 3 ridges", t_th, t_sim, err))
 
     # 2. RF curve at n = 200: 8 widths × 3 ridges (the interpolation threshold excluded)
     nf = [25, 50, 100, 150, 300, 500, 1000, 2000]
-    t_th, th = _best_of(lambda: rf_learning_curve(spec, n=[200], n_features=nf, ridge=ridges,
+    t_th, th = best_of(lambda: rf_learning_curve(spec, n=[200], n_features=nf, ridge=ridges,
                                                   noise_var=noise))
-    t_sim, sim = _best_of(lambda: simulate_rf(lam, v2, n=[200], n_features=nf, ridge=ridges,
+    t_sim, sim = best_of(lambda: simulate_rf(lam, v2, n=[200], n_features=nf, ridge=ridges,
                                               noise_var=noise, seeds=seeds), repeat=1)
     err = float(np.abs(sim.test_error.mean("seed") / th.test_error - 1).mean())
     rows.append(("RF curve, n=200, 8 N_f x 3 ridges", t_th, t_sim, err))
 
     # 3. optimal-ridge envelope: theory minimises over δ; a simulation must sweep a ridge grid
     grid = np.concatenate([[0.0], np.logspace(-4, 1, 15)])
-    t_th, th = _best_of(lambda: optimal_ridge(spec, n=[200], n_features=nf, noise_var=noise))
-    t_sim, sim = _best_of(lambda: simulate_rf(lam, v2, n=[200], n_features=nf, ridge=grid,
+    t_th, th = best_of(lambda: optimal_ridge(spec, n=[200], n_features=nf, noise_var=noise))
+    t_sim, sim = best_of(lambda: simulate_rf(lam, v2, n=[200], n_features=nf, ridge=grid,
                                               noise_var=noise, seeds=seeds), repeat=1)
     best_sim = sim.test_error.mean("seed").min("ridge")
     err = float(np.abs(best_sim / th.test_error - 1).mean())
@@ -75,7 +66,7 @@ def main() -> None:
 
     # theory alone at a size no simulation reaches: 10⁶ modes, 30 × 10 grid
     big = power_law_spectrum(10**6, a=1.5, b=1.5)
-    t_big, _ = _best_of(lambda: krr_learning_curve(big, n=np.geomspace(10, 1e5, 30),
+    t_big, _ = best_of(lambda: krr_learning_curve(big, n=np.geomspace(10, 1e5, 30),
                                                    ridge=np.logspace(-8, 0, 10)), repeat=1)
     print(f"theory only: KRR curve with 10^6 modes over a 30 n x 10 ridge grid: {t_big:.2f} s")
 

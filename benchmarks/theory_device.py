@@ -21,17 +21,9 @@ import platform
 import time
 
 import numpy as np
+from _timing import best_of  # noqa: E402 - benchmarks/_timing.py
 
 import theory
-
-
-def _best_of(fn, repeat: int) -> tuple[float, object]:
-    best, out = np.inf, None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
 
 
 def _max_rel(a, b, floor: float = 1e-200) -> float:
@@ -79,11 +71,11 @@ def main() -> None:
     print(f"{header[0]:52s} {header[1]:>9s} {header[2]:>10s} {header[3]:>9s} {header[4]:>10s} "
           f"{header[5]:>13s}")
     for name, fn in cases.items():
-        t_np, ref = _best_of(fn, args.repeat)
+        t_np, ref = best_of(fn, args.repeat)
         t0 = time.perf_counter()
         fn(**jx)
         t_first = time.perf_counter() - t0
-        t_jax, out = _best_of(lambda f=fn: f(**jx), args.repeat)
+        t_jax, out = best_of(lambda f=fn: f(**jx), args.repeat)
         print(f"{name:52s} {t_np:9.3f} {t_first:10.3f} {t_jax:9.3f} {t_np / t_jax:10.2f} "
               f"{_max_rel(ref, out):13.2e}")
 
