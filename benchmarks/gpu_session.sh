@@ -16,7 +16,7 @@
 #   c. benchmarks/ntk.py --device cuda --no-nt --quick    auto vs best explicit (cost model)
 #   d. benchmarks/monitor_overhead.py --device cuda --model cnn   (three modes, 40 evaluations)
 #   t. benchmarks/theory_device.py --device gpu      KRR/RF/scaling grid: jax GPU vs numpy
-#   m. benchmarks/dmft.py --device gpu --quick       DMFT solve: GPU vs CPU (if present)
+#   m. benchmarks/dmft.py --quick                    DMFT solve and networks: GPU vs CPU
 #   s. benchmarks/similarity.py --device cuda        streaming vs full-Gram CKA on the GPU
 #   e. benchmarks/analyze.py --quick --no-workers    analyze / (load + forward)
 #   f. the test suite, pytest -n 8, with CUDA visible (the tests themselves need no GPU)
@@ -203,10 +203,8 @@ step "d monitor_overhead cuda cnn" "$OUT/bench.log" 75 cuda \
     "$PY" benchmarks/monitor_overhead.py --device cuda --model cnn
 step "t theory grid jax gpu" "$OUT/bench.log" 30 cuda \
     "$PY" benchmarks/theory_device.py --device gpu
-if [ -f benchmarks/dmft.py ]; then
-    step "m dmft gpu" "$OUT/bench.log" 40 cuda \
-        "$PY" benchmarks/dmft.py --device gpu --quick
-fi
+step "m dmft gpu" "$OUT/bench.log" 40 cuda \
+    "$PY" benchmarks/dmft.py --quick
 step "s similarity cuda" "$OUT/bench.log" 30 cuda \
     "$PY" benchmarks/similarity.py --device cuda
 step "e analyze --quick" "$OUT/analyze.log" 60 ae \
