@@ -683,8 +683,16 @@ def _content_keys(spec: AnalyzeSpec) -> dict[str, str]:
             "labels": parts_io.input_hash(spec.labels)}
 
 
-def _resume(series: list[Checkpoint], parts: Path | None, keys: Mapping[str, str],
-            retry_failed: bool) -> tuple[dict[int, dict], list[Checkpoint], list[str]]:
+def _checkpoint_keys(series: list[Checkpoint], keys: Mapping[str, str]
+                     ) -> dict[int, dict[str, str]]:
+    """Per step: ``keys`` and the checkpoint's content hash (each file is read once)."""
+    return {c.step: {**keys, "checkpoint content": parts_io.content_hash(
+        [p for p in c.weight_files() if p.exists()] or [c.path])} for c in series}
+
+
+def _resume(series: list[Checkpoint], parts: Path | None,
+            keys_by_step: Mapping[int, Mapping[str, str]], retry_failed: bool
+            ) -> tuple[dict[int, dict], list[Checkpoint], list[str]]:
     """Stored results that still hold, the checkpoints to compute, and why each is."""
     results: dict[int, dict] = {}
     pending: list[Checkpoint] = []
@@ -693,9 +701,8 @@ def _resume(series: list[Checkpoint], parts: Path | None, keys: Mapping[str, str
         if parts is None:
             pending.append(checkpoint)
             continue
-        ckpt_keys = {**keys, "checkpoint content": parts_io.content_hash(
-            [p for p in checkpoint.weight_files() if p.exists()] or [checkpoint.path])}
-        done, states, reason = parts_io.read_part(parts, checkpoint.step, ckpt_keys)
+        done, states, reason = parts_io.read_part(parts, checkpoint.step,
+                                                  keys_by_step[checkpoint.step])
         if done is not None and (done["status"] == "ok" or not retry_failed):
             done["states"] = states
             results[checkpoint.step] = done
@@ -855,11 +862,10 @@ def analyze(
     if output is not None and output.suffix == ".zarr":
         records.recover_zarr(output)  # a store a killed run was replacing: back, temporaries gone
     parts = output.with_name(output.name + ".parts") if output is not None else None
-    keys = _content_keys(spec)
-    results, pending, why = _resume(series, parts, keys, retry_failed)
+    keys_by_step = _checkpoint_keys(series, _content_keys(spec)) if parts is not None else {}
+    results, pending, why = _resume(series, parts, keys_by_step, retry_failed)
     if parts is not None and (results or any(not w.endswith("not analysed yet") for w in why)):
         print(_reuse_line(len(results), len(series), why), file=sys.stderr, flush=True)
-    by_step = {c.step: c for c in series}
 
     bar = tqdm(total=len(series), initial=len(results), desc="traindyn analyze", unit="ckpt",
                disable=not progress, file=sys.stderr)
@@ -867,11 +873,9 @@ def analyze(
     def on_result(result: dict) -> None:
         results[result["step"]] = result
         if parts is not None:
-            checkpoint = by_step[result["step"]]
             stored = {k: v for k, v in result.items() if k != "states"}
-            ckpt_keys = {**keys, "checkpoint content": parts_io.content_hash(
-                [p for p in checkpoint.weight_files() if p.exists()] or [checkpoint.path])}
-            parts_io.write_part(parts, result["step"], ckpt_keys, stored, result["states"])
+            parts_io.write_part(parts, result["step"], keys_by_step[result["step"]], stored,
+                                result["states"])
         bar.set_postfix_str(f"step {result['step']} {result['status']} "
                             f"{result['seconds']['total']:.2f}s")
         bar.update(1)
