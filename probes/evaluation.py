@@ -209,13 +209,16 @@ class ProbePlan:
 
     # -- declarations --------------------------------------------------------------------
     def variables(self) -> dict[str, tuple[tuple[str, ...], dict[str, str]]]:
-        """``{variable: (dims after step, attrs)}`` of everything the plan records."""
-        out: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {}
-        for probe in self.probes:
-            for name, var in probe.variables.items():
-                dims = (("layer",) if probe.per_layer else ()) + tuple(var.dims)
-                out.setdefault(name, (dims, var.attrs(probe.source)))
-        return out
+        """``{variable: (dims after step, attrs)}`` of everything the plan records (built
+        once: the Monitor reads it for every variable of every evaluation; do not mutate)."""
+        if getattr(self, "_variables", None) is None:
+            out: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {}
+            for probe in self.probes:
+                for name, var in probe.variables.items():
+                    dims = (("layer",) if probe.per_layer else ()) + tuple(var.dims)
+                    out.setdefault(name, (dims, var.attrs(probe.source)))
+            self._variables = out
+        return self._variables
 
     def names(self) -> list[str]:
         return [p.name for p in self.probes]
