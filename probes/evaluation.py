@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from probes._pending import Pending, fetch
 from probes.registry import ACCUMULATORS, Probe, get_probe
 
 __all__ = ["Measurement", "ProbePlan", "ReferenceBook", "evaluate"]
@@ -150,9 +151,14 @@ class _Notes:
     def texts(self) -> list[str]:
         return list(dict.fromkeys(str(w.message) for w in self.caught))
 
-    def per_layer(self, out: Measurement, layer: str, first: int) -> None:
-        """File the warnings caught since index ``first`` under ``layer``."""
-        texts = list(dict.fromkeys(str(w.message) for w in self.caught[first:]))
+    def texts_since(self, first: int) -> list[str]:
+        return list(dict.fromkeys(str(w.message) for w in self.caught[first:]))
+
+    def per_layer(self, out: Measurement, layer: str, first: int,
+                  earlier: Sequence[str] = ()) -> None:
+        """File the warnings caught since index ``first`` (after ``earlier`` ones) under
+        ``layer``."""
+        texts = list(dict.fromkeys([*earlier, *self.texts_since(first)]))
         if texts:
             out.layer_notes[layer] = list(dict.fromkeys(out.layer_notes.get(layer, []) + texts))
 
@@ -260,9 +266,17 @@ class ProbePlan:
 
     # -- 2. values -------------------------------------------------------------------------
     def layer_values(self, state: Mapping[str, LayerState]) -> Measurement:
-        """Values of the ``features`` and ``labelled_features`` probes from the streamed state."""
+        """Values of the ``features`` and ``labelled_features`` probes from the streamed state.
+
+        Two phases, so that the device is not waited for once per metric: every probe of every
+        layer first computes on the device (the accumulators' probes answer with a
+        :class:`~probes._pending.Pending`), then all their numbers come to the host in one
+        copy per device (:func:`probes._pending.fetch`) and are finished there — NaN checks
+        and warnings included, filed under their layer."""
         out = Measurement()
         notes = _Notes()
+        computed: dict[str, list[tuple[Probe, Any]]] = {layer: [] for layer in self.layers}
+        early: dict[str, list[str]] = {}
         with notes:
             views_by_layer = {
                 layer: {a: ACCUMULATORS[a].view(acc)
@@ -271,7 +285,7 @@ class ProbePlan:
             for a in self.accumulator_names:
                 if ACCUMULATORS[a].prepare is not None:
                     ACCUMULATORS[a].prepare([views_by_layer[layer][a] for layer in self.layers])
-            for layer in self.layers:
+            for layer in self.layers:  # 1. on the device
                 st = state[layer]
                 views = views_by_layer[layer]
                 raw = labels = None
@@ -288,8 +302,18 @@ class ProbePlan:
                                       if len(st.labels) == 1 else torch.cat(st.labels))
                         args = (raw, labels) if probe.needs_labels else (raw,)
                         result = probe.fn(*args, **probe.kwargs)
+                    computed[layer].append((probe, result))
+                early[layer] = notes.texts_since(first)
+            pending = [r for layer in self.layers for _, r in computed[layer]
+                       if isinstance(r, Pending)]
+            hosts = iter(fetch(pending))  # 2. one device → host copy per device
+            for layer in self.layers:  # 3. on the host
+                first = len(notes.caught)
+                for probe, result in computed[layer]:
+                    if isinstance(result, Pending):
+                        result = result.finish(next(hosts))
                     _file(out, probe, layer, result)
-                notes.per_layer(out, layer, first)
+                notes.per_layer(out, layer, first, early[layer])
         out.notes = notes.texts()
         return out
 

@@ -33,7 +33,11 @@ import numpy as np
 import torch
 
 from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor, warn_nan
+from probes._pending import Pending, finish_all, flag, scalar
 from probes._solve import batched_eigvalsh, eigvalsh, lapack_single_thread
+
+Checks = list[tuple[torch.Tensor | bool, str]]
+"""``(condition, reason)`` pairs: the first that holds makes a metric NaN with that warning."""
 
 __all__ = [
     "DEFAULT_EPS",
@@ -110,7 +114,7 @@ class SpectrumAccumulator:
         """Forget everything seen so far."""
         self.n = 0
         self.d: int | None = None
-        self.nonfinite = False
+        self._nonfinite: torch.Tensor | None = None  # 0-d bool on the device: no host wait
         self._rows: list[torch.Tensor] | None = []
         self._mean: torch.Tensor | None = None
         self._m2: torch.Tensor | None = None
@@ -124,8 +128,7 @@ class SpectrumAccumulator:
             self.d = z.shape[1]
         elif z.shape[1] != self.d:
             raise ValueError(f"batch has {z.shape[1]} features; earlier batches had {self.d}")
-        if not all_finite(z):
-            self.nonfinite = True
+        self._mark_nonfinite(~torch.isfinite(z).all())
         if self._rows is None:
             self._merge_batch(z)  # increments n
             return self
@@ -140,6 +143,18 @@ class SpectrumAccumulator:
             self._m2 = torch.zeros(self.d, self.d, dtype=STAT_DTYPE, device=rows.device)
             self._merge_batch(rows)
         return self
+
+    def _mark_nonfinite(self, flag: torch.Tensor) -> None:
+        """Or a 0-d device flag into the "features were not finite" flag (no host wait)."""
+        if self._nonfinite is None:
+            self._nonfinite = flag
+        else:
+            self._nonfinite = self._nonfinite | flag.to(self._nonfinite.device)
+
+    @property
+    def nonfinite(self) -> bool:
+        """Whether a NaN or Inf was seen (reading it waits for the device)."""
+        return self._nonfinite is not None and bool(self._nonfinite)
 
     def _merge_batch(self, z: torch.Tensor) -> None:
         nb = z.shape[0]
@@ -170,7 +185,8 @@ class SpectrumAccumulator:
             return self
         if self.d is not None and other.d != self.d:
             raise ValueError(f"cannot merge: {other.d} features vs {self.d}")
-        self.nonfinite = self.nonfinite or other.nonfinite
+        if other._nonfinite is not None:
+            self._mark_nonfinite(other._nonfinite)
         if self._rows is not None:  # adopt other's moments, then add the rows kept here
             mine = torch.cat(self._rows).to(STAT_DTYPE) if self._rows else None
             self.d, self.n, self._rows = other.d, other.n, None
@@ -192,11 +208,6 @@ class SpectrumAccumulator:
             return self._rows[0].device
         return None if self._m2 is None else self._m2.device
 
-    def _check(self) -> bool:
-        if self.n == 0:
-            raise ValueError("no samples were accumulated: call update() first")
-        return not self.nonfinite
-
     def _gram_or_scatter(self, centered: bool) -> torch.Tensor:
         """``ZᵀZ`` / ``Z_cᵀZ_c`` (``d × d``) or, while rows are kept, ``ZZᵀ`` / ``Z_cZ_cᵀ``."""
         if self._rows is not None:
@@ -208,19 +219,38 @@ class SpectrumAccumulator:
             return self._m2
         return self._m2 + self.n * torch.outer(self._mean, self._mean)
 
-    def eigen_matrix(self, centered: bool) -> torch.Tensor | None:
-        """The symmetric matrix whose eigenvalues / ``n`` are :meth:`eigenvalues` (``d × d``,
-        or ``n × n`` while rows are kept), or ``None`` — with a ``RuntimeWarning`` — when the
-        features were not finite or their second moment overflows float64."""
-        if not self._check():
-            warnings.warn("features are not finite (NaN or Inf): their spectra are NaN",
-                          RuntimeWarning, stacklevel=3)
-            return None
+    def _flags(self) -> torch.Tensor:
+        """The "features were not finite" flag as a 0-d bool tensor on the state's device."""
+        if self._nonfinite is None:
+            return torch.zeros((), dtype=torch.bool, device=self.device)
+        return self._nonfinite
+
+    def masked_matrix(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(matrix, nonfinite, overflow)`` without waiting for the device.
+
+        ``matrix`` is the symmetric matrix whose eigenvalues / ``n`` are :meth:`eigenvalues`
+        (``d × d``, or ``n × n`` while rows are kept), replaced by zeros when ``nonfinite``
+        (NaN or Inf in the features) or ``overflow`` (a finite input whose second moment
+        overflows float64) holds — 0-d boolean tensors, read later with the results
+        (:mod:`probes._pending`), so that no eigensolver ever sees a NaN."""
+        self._check_n()
         matrix = self._gram_or_scatter(centered)
-        if not all_finite(matrix):
-            warnings.warn("the second moment of the features overflows float64 (entries of "
-                          "about 1e154 or more): their spectra are NaN; rescale the features",
-                          RuntimeWarning, stacklevel=3)
+        nonfinite = self._flags()
+        overflow = ~torch.isfinite(matrix).all() & ~nonfinite
+        matrix = torch.where(nonfinite | overflow, torch.zeros((), dtype=matrix.dtype,
+                                                               device=matrix.device), matrix)
+        return matrix, nonfinite, overflow
+
+    def eigen_matrix(self, centered: bool) -> torch.Tensor | None:
+        """The matrix of :meth:`masked_matrix`, or ``None`` — with a ``RuntimeWarning`` — when
+        the features were not finite or their second moment overflows float64 (reads the
+        flags now: one host wait)."""
+        matrix, nonfinite, overflow = self.masked_matrix(centered)
+        if bool(nonfinite):
+            warnings.warn(NONFINITE, RuntimeWarning, stacklevel=3)
+            return None
+        if bool(overflow):
+            warnings.warn(OVERFLOW, RuntimeWarning, stacklevel=3)
             return None
         return matrix
 
@@ -254,16 +284,32 @@ class SpectrumAccumulator:
         """Eigenvalues of the centred covariance, ``d`` of them (zeros appended when ``n < d``)."""
         return _pad_spectrum(self.eigenvalues(centered=True), self.d)
 
-    def trace_moments(self, centered: bool = True) -> tuple[float, float]:
-        """``(Tr A, ‖A‖_F²)`` of ``A = (1/n)·second moment``, without an eigensolve (the Gram
-        side has the same non-zero eigenvalues, hence the same two numbers)."""
-        if not self._check():
-            return float("nan"), float("nan")
+    def trace_tensors(self, centered: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(Tr A, ‖A‖_F², bad)`` of ``A = (1/n)·second moment`` as 0-d device tensors, without
+        an eigensolve (the Gram side has the same non-zero eigenvalues, hence the same two
+        numbers); ``bad``: the features were not finite or the numbers overflow."""
+        self._check_n()
         a = self._gram_or_scatter(centered) / self.n
-        trace, frob2 = float(torch.diagonal(a).sum()), float((a * a).sum())
-        if not (math.isfinite(trace) and math.isfinite(frob2)):
-            return float("nan"), float("nan")  # overflow: the caller warns
-        return trace, frob2
+        trace, frob2 = torch.diagonal(a).sum(), (a * a).sum()
+        bad = self._flags() | ~(torch.isfinite(trace) & torch.isfinite(frob2))
+        return trace, frob2, bad
+
+    def trace_moments(self, centered: bool = True) -> tuple[float, float]:
+        """:meth:`trace_tensors` read on the host: ``(nan, nan)`` when they are bad."""
+        trace, frob2, bad = self.trace_tensors(centered)
+        if bool(bad):
+            return float("nan"), float("nan")  # the caller warns
+        return float(trace), float(frob2)
+
+    def _check_n(self) -> None:
+        if self.n == 0:
+            raise ValueError("no samples were accumulated: call update() first")
+
+
+NONFINITE = "features are not finite (NaN or Inf): their spectra are NaN"
+OVERFLOW = ("the second moment of the features overflows float64 (entries of about 1e154 or "
+            "more): their spectra are NaN; rescale the features")
 
 
 def _pad_spectrum(evals: torch.Tensor, d: int) -> torch.Tensor:
@@ -306,17 +352,32 @@ def rankme_from_spectrum(spectrum: ArrayLike, eps: float = DEFAULT_EPS) -> float
     Returns NaN with a warning for a spectrum that is all zero or not finite; raises
     ``ValueError`` for negative entries.
     """
+    s = _checked_spectrum(spectrum, "RankMe")
+    return _rankme_pending(s, eps, _spectrum_checks(s, "RankMe")).result()
+
+
+def _checked_spectrum(spectrum: ArrayLike, what: str) -> torch.Tensor:
     s = _spectrum_tensor(spectrum)
-    if not all_finite(s):
-        return warn_nan("RankMe: the spectrum is not finite (NaN or Inf in the features)")
     if bool((s < 0).any()):
-        raise ValueError("RankMe: a spectrum must be non-negative (singular values or "
+        raise ValueError(f"{what}: a spectrum must be non-negative (singular values or "
                          "eigenvalues of a covariance)")
+    return s
+
+
+def _spectrum_checks(s: torch.Tensor, what: str) -> list[tuple[torch.Tensor, str]]:
+    """The NaN condition of a spectrum given as an array (the features are not known)."""
+    return [(~torch.isfinite(s).all(), f"{what}: the spectrum is not finite (NaN or Inf in the "
+                                       "features)")]
+
+
+def _rankme_pending(s: torch.Tensor, eps: float, checks: Checks) -> Pending:
+    """RankMe of the spectrum ``s`` (a device tensor) as a :class:`~probes._pending.Pending`:
+    NaN, with the first failed check's warning, or for an all-zero spectrum."""
     total = s.sum()
-    if not total > 0:
-        return warn_nan("RankMe: the features are all zero; RankMe is undefined (NaN)")
     p = s / total + eps
-    return float(torch.exp(-(p * p.log()).sum()))
+    value = torch.exp(-(p * p.log()).sum())
+    return scalar(value, [*checks, (~(total > 0), "RankMe: the features are all zero; RankMe "
+                                                   "is undefined (NaN)")])
 
 
 def effective_rank_from_spectrum(spectrum: ArrayLike, order: float = 1.0) -> float:
@@ -330,25 +391,30 @@ def effective_rank_from_spectrum(spectrum: ArrayLike, order: float = 1.0) -> flo
     ``q = ∞`` on squared singular values is the stable rank.  Non-increasing in ``q``; between
     1 and the number of non-zero entries.  NaN with a warning for all-zero or non-finite input.
     """
-    s = _spectrum_tensor(spectrum)
     if order < 0 or math.isnan(order):
         raise ValueError(f"the order of a Rényi entropy must be >= 0; got {order}")
-    if not all_finite(s):
-        return warn_nan("effective rank: the spectrum is not finite")
-    if bool((s < 0).any()):
-        raise ValueError("effective rank: a spectrum must be non-negative")
+    s = _checked_spectrum(spectrum, "effective rank")
+    return _effective_rank_pending(s, order, _spectrum_checks(s, "effective rank")).result()
+
+
+def _effective_rank_pending(s: torch.Tensor, order: float, checks: Checks) -> Pending:
+    """:func:`effective_rank_from_spectrum` of the device tensor ``s``, pending."""
+    if order < 0 or math.isnan(order):
+        raise ValueError(f"the order of a Rényi entropy must be >= 0; got {order}")
     total = s.sum()
-    if not total > 0:
-        return warn_nan("effective rank: the spectrum is all zero (NaN)")
     p = s / total
     if order == 1:
         logp = torch.where(p > 0, p.log(), torch.zeros_like(p))
-        return float(torch.exp(-(p * logp).sum()))
-    if math.isinf(order):
-        return float(1.0 / p.max())
-    if order == 0:
-        return float((p > 0).sum())
-    return float(torch.exp(torch.log((p[p > 0] ** order).sum()) / (1.0 - order)))
+        value = torch.exp(-(p * logp).sum())
+    elif math.isinf(order):
+        value = 1.0 / p.max()
+    elif order == 0:
+        value = (p > 0).sum().to(STAT_DTYPE)
+    else:
+        powers = torch.where(p > 0, p.clamp(min=0) ** order, torch.zeros_like(p))
+        value = torch.exp(torch.log(powers.sum()) / (1.0 - order))
+    return scalar(value, [*checks, (~(total > 0), "effective rank: the spectrum is all zero "
+                                                   "(NaN)")])
 
 
 @dataclass(frozen=True)
@@ -371,6 +437,13 @@ def _nan_fit(reason: str, lo: int, hi: int) -> PowerLawFit:
     return PowerLawFit(warn_nan(reason), np.nan, np.nan, (lo, hi), np.nan)
 
 
+def _fit_range(fit_range: tuple[int, int]) -> tuple[int, int]:
+    lo, hi = int(fit_range[0]), int(fit_range[1])
+    if not 0 <= lo < hi - 1:
+        raise ValueError(f"fit_range must be (lo, hi) with 0 <= lo < hi - 1; got {fit_range}")
+    return lo, hi
+
+
 def power_law_fit(
     eigenvalues: ArrayLike, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE
 ) -> PowerLawFit:
@@ -386,77 +459,130 @@ def power_law_fit(
     Returns NaN values with a warning when the range asks for more positive eigenvalues than
     there are, or the spectrum is not finite.
     """
-    lo, hi = int(fit_range[0]), int(fit_range[1])
-    if not 0 <= lo < hi - 1:
-        raise ValueError(f"fit_range must be (lo, hi) with 0 <= lo < hi - 1; got {fit_range}")
-    lam = _spectrum_tensor(eigenvalues).cpu().numpy()
-    if not np.all(np.isfinite(lam)):
-        return _nan_fit("alpha-ReQ: the spectrum is not finite", lo, hi)
-    if np.any(lam < 0):
+    lo, hi = _fit_range(fit_range)
+    lam = _spectrum_tensor(eigenvalues)
+    if bool((lam < 0).any()):
         raise ValueError("eigenvalues must be non-negative (a covariance spectrum); got "
                          f"{float(lam.min())}")
-    positive = int(np.sum(lam > 0))
-    if hi > lam.size or np.any(lam[lo:hi] <= 0):
-        return _nan_fit(
-            f"alpha-ReQ: fit range [{lo}, {hi}) needs {hi} positive eigenvalues, but the "
-            f"spectrum has {positive} of {lam.size} (use more samples or features, or a "
-            f"smaller fit_range)", lo, hi)
-    ranks = np.arange(lo, hi, dtype=np.float64) + 1.0
-    x, y, w = -np.log(ranks), np.log(lam[lo:hi]), 1.0 / ranks
-    xm, ym = np.average(x, weights=w), np.average(y, weights=w)
-    alpha = float(np.sum(w * (x - xm) * (y - ym)) / np.sum(w * (x - xm) ** 2))
-    intercept = float(ym - alpha * xm)
-    resid = y - (intercept + alpha * x)
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
-    ss_tot_w = float(np.sum(w * (y - ym) ** 2))
-    r2 = float(1.0 - np.sum(resid**2) / ss_tot) if ss_tot > 0 else 1.0
-    r2_w = float(1.0 - np.sum(w * resid**2) / ss_tot_w) if ss_tot_w > 0 else 1.0
-    return PowerLawFit(alpha, intercept, r2, (lo, hi), r2_w)
+    checks = [(~torch.isfinite(lam).all(), "alpha-ReQ: the spectrum is not finite")]
+    return _power_law_pending(lam, lo, hi, checks).result()
+
+
+def _power_law_pending(lam: torch.Tensor, lo: int, hi: int, checks: Checks) -> Pending:
+    """:func:`power_law_fit` of the device tensor ``lam`` (descending), pending: every sum is
+    formed on the device and read once."""
+    size = lam.numel()
+    fits = hi <= size
+    if fits:
+        seg = lam[lo:hi]
+        ranks = torch.arange(lo + 1, hi + 1, dtype=STAT_DTYPE, device=lam.device)
+        x, w = -ranks.log(), 1.0 / ranks
+        y = seg.clamp(min=torch.finfo(STAT_DTYPE).tiny).log()  # a zero is caught by `positive`
+        xm, ym = (w * x).sum() / w.sum(), (w * y).sum() / w.sum()
+        alpha = (w * (x - xm) * (y - ym)).sum() / (w * (x - xm) ** 2).sum()
+        intercept = ym - alpha * xm
+        resid = y - (intercept + alpha * x)
+        ss_tot, ss_tot_w = ((y - y.mean()) ** 2).sum(), (w * (y - ym) ** 2).sum()
+        one = torch.ones((), dtype=STAT_DTYPE, device=lam.device)
+        r2 = torch.where(ss_tot > 0, 1.0 - (resid ** 2).sum() / ss_tot, one)
+        r2_w = torch.where(ss_tot_w > 0, 1.0 - (w * resid ** 2).sum() / ss_tot_w, one)
+        in_range = (seg > 0).all()
+        tensors = {"alpha": alpha, "intercept": intercept, "r2": r2, "r2_w": r2_w,
+                   "in_range": in_range}
+    else:
+        tensors = {}
+    tensors["positive"] = (lam > 0).sum()
+    failed = {f"check{i}": flag(c) for i, (c, _) in enumerate(checks)}
+    tensors.update({k: v for k, v in failed.items() if isinstance(v, torch.Tensor)})
+
+    def finish(h: dict[str, np.ndarray]) -> PowerLawFit:
+        for i, (_, reason) in enumerate(checks):
+            f = failed[f"check{i}"]
+            if f if isinstance(f, bool) else bool(h[f"check{i}"]):
+                return _nan_fit(reason, lo, hi)
+        if not fits or not bool(h["in_range"]):
+            return _nan_fit(
+                f"alpha-ReQ: fit range [{lo}, {hi}) needs {hi} positive eigenvalues, but the "
+                f"spectrum has {int(h['positive'])} of {size} (use more samples or features, "
+                "or a smaller fit_range)", lo, hi)
+        return PowerLawFit(float(h["alpha"]), float(h["intercept"]), float(h["r2"]), (lo, hi),
+                           float(h["r2_w"]))
+
+    return Pending(tensors, finish)
 
 
 # --------------------------------------------------------------------------- shared computes
+# Each metric of an accumulator is a ``_<metric>_pending(view, …)`` (device tensors, read later
+# with the whole evaluation) and a ``_<metric>_compute(acc, …)`` that reads it at once.
+def _rankme_pending_of(view: _CachedSpectra, eps: float = DEFAULT_EPS) -> Pending:
+    return _rankme_pending(view.singular_values(), eps, view.checks(False, "RankMe"))
+
+
+def _rankme_covariance_pending(view: _CachedSpectra, eps: float = DEFAULT_EPS) -> Pending:
+    return _rankme_pending(view.covariance_spectrum(), eps, view.checks(True, "RankMe"))
+
+
+def _alpha_req_pending(view: _CachedSpectra,
+                       fit_range: tuple[int, int] = DEFAULT_FIT_RANGE) -> Pending:
+    lo, hi = _fit_range(fit_range)
+    return _power_law_pending(view.covariance_spectrum(), lo, hi, view.checks(True, "alpha-ReQ"))
+
+
+def _participation_ratio_pending(view: _CachedSpectra) -> Pending:
+    trace, frob2, bad = view.trace_tensors(centered=True)
+    return scalar(trace * trace / frob2, [
+        (bad, "participation ratio: the features are not finite, or their second moment "
+              "overflows float64"),
+        (~(frob2 > 0), "participation ratio: the features are constant (zero covariance)")])
+
+
+def _stable_rank_pending(view: _CachedSpectra, centered: bool = False) -> Pending:
+    evals = view.eigenvalues(centered)
+    return scalar(evals.sum() / evals[0], [
+        *view.checks(centered, "stable rank"),
+        (~(evals[0] > 0), "stable rank: the matrix is zero (NaN)")])
+
+
+def _effective_rank_pending_of(view: _CachedSpectra, order: float = 1.0,
+                               spectrum: str = "singular") -> Pending:
+    if spectrum == "singular":
+        s, centered = view.singular_values(), False
+    elif spectrum == "covariance":
+        s, centered = view.covariance_spectrum(), True
+    else:
+        raise ValueError(f"spectrum must be 'singular' or 'covariance'; got {spectrum!r}")
+    return _effective_rank_pending(s, order, view.checks(centered, "effective rank"))
+
+
+def _view(acc: SpectrumAccumulator | _CachedSpectra) -> _CachedSpectra:
+    return acc if isinstance(acc, _CachedSpectra) else _CachedSpectra(acc)
+
+
 def _rankme_compute(acc: SpectrumAccumulator, eps: float = DEFAULT_EPS) -> float:
-    return rankme_from_spectrum(acc.singular_values(), eps)
+    return _rankme_pending_of(_view(acc), eps).result()
 
 
 def _rankme_covariance_compute(acc: SpectrumAccumulator, eps: float = DEFAULT_EPS) -> float:
-    return rankme_from_spectrum(acc.covariance_spectrum(), eps)
+    return _rankme_covariance_pending(_view(acc), eps).result()
 
 
 def _alpha_req_compute(
     acc: SpectrumAccumulator, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE
 ) -> PowerLawFit:
-    return power_law_fit(acc.covariance_spectrum(), fit_range)
+    return _alpha_req_pending(_view(acc), fit_range).result()
 
 
 def _participation_ratio_compute(acc: SpectrumAccumulator) -> float:
-    trace, frob2 = acc.trace_moments(centered=True)
-    if math.isnan(trace):
-        return warn_nan("participation ratio: the features are not finite, or their second "
-                        "moment overflows float64")
-    if not frob2 > 0:
-        return warn_nan("participation ratio: the features are constant (zero covariance)")
-    return trace * trace / frob2
+    return _participation_ratio_pending(_view(acc)).result()
 
 
 def _stable_rank_compute(acc: SpectrumAccumulator, centered: bool = False) -> float:
-    evals = acc.eigenvalues(centered)
-    if not all_finite(evals):
-        return warn_nan("stable rank: the features are not finite")
-    if not evals[0] > 0:
-        return warn_nan("stable rank: the matrix is zero (NaN)")
-    return float(evals.sum() / evals[0])
+    return _stable_rank_pending(_view(acc), centered).result()
 
 
 def _effective_rank_compute(acc: SpectrumAccumulator, order: float = 1.0,
                             spectrum: str = "singular") -> float:
-    if spectrum == "singular":
-        s = acc.singular_values()
-    elif spectrum == "covariance":
-        s = acc.covariance_spectrum()
-    else:
-        raise ValueError(f"spectrum must be 'singular' or 'covariance'; got {spectrum!r}")
-    return effective_rank_from_spectrum(s, order)
+    return _effective_rank_pending_of(_view(acc), order, spectrum).result()
 
 
 # --------------------------------------------------------------------------- one-shot functions
@@ -646,7 +772,12 @@ class EffectiveRank(_StreamingSpectral):
 
 
 class _CachedSpectra:
-    """The accumulator's spectra, each computed once (for several metrics at one time).
+    """The accumulator's spectra, each computed once (for several metrics at one time), as
+    device tensors that are never read on the host here.
+
+    A spectrum of non-finite features (or of a second moment that overflows float64) is that
+    of a zero matrix; :meth:`checks` gives the flags that turn the metrics computed from it into
+    NaN with the reason, when the evaluation's results are read (:mod:`probes._pending`).
 
     Views joined by :func:`prepare_spectra` (the ``"spectrum"`` accumulator's ``prepare``)
     share a :class:`_SpectrumBatch`: the first eigenvalue request of one of them solves that
@@ -662,20 +793,38 @@ class _CachedSpectra:
             self._memo[key] = fn()
         return self._memo[key]
 
+    def _solve(self, centered: bool) -> None:
+        matrix, nonfinite, overflow = self.acc.masked_matrix(centered)
+        self._memo[("eig", centered)] = self.acc.eigenvalues_from(eigvalsh(matrix))
+        self._memo[("flags", centered)] = (nonfinite, overflow)
+
     def eigenvalues(self, centered: bool) -> torch.Tensor:
         key = ("eig", centered)
         if key not in self._memo and self._batch is not None:
             self._batch.solve(centered)
-        return self._get(key, lambda: self.acc.eigenvalues(centered))
+        if key not in self._memo:  # no batch, or no samples (this raises the ValueError)
+            self._solve(centered)
+        return self._memo[key]
+
+    def checks(self, centered: bool, what: str) -> Checks:
+        """``[(nonfinite, reason), (overflow, reason)]`` of the ``centered`` spectrum."""
+        self.eigenvalues(centered)
+        nonfinite, overflow = self._memo[("flags", centered)]
+        return [(nonfinite, f"{what}: {NONFINITE}"), (overflow, f"{what}: {OVERFLOW}")]
 
     def singular_values(self) -> torch.Tensor:
         return self._get("sv", lambda: (self.eigenvalues(False) * self.acc.n).sqrt())
 
     def covariance_spectrum(self) -> torch.Tensor:
-        return self._get("cov", lambda: _pad_spectrum(self.eigenvalues(True), self.acc.d))
+        def padded() -> torch.Tensor:
+            evals = self.eigenvalues(True)
+            extra = self.acc.d - evals.numel()  # n < d: the other d − n are zero
+            return torch.cat([evals, evals.new_zeros(extra)]) if extra > 0 else evals
+        return self._get("cov", padded)
 
-    def trace_moments(self, centered: bool = True) -> tuple[float, float]:
-        return self._get(("tm", centered), lambda: self.acc.trace_moments(centered))
+    def trace_tensors(self, centered: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self._get(("tm", centered), lambda: self.acc.trace_tensors(centered))
 
 
 class _SpectrumBatch:
@@ -688,14 +837,11 @@ class _SpectrumBatch:
     def solve(self, centered: bool) -> None:
         key = ("eig", centered)
         todo = [v for v in self.views if key not in v._memo and v.acc.n > 0]
-        matrices = [(v, v.acc.eigen_matrix(centered)) for v in todo]
-        valid = [(v, m) for v, m in matrices if m is not None]
-        raws = batched_eigvalsh([m for _, m in valid])
-        for (v, _), raw in zip(valid, raws, strict=True):
+        masked = [v.acc.masked_matrix(centered) for v in todo]
+        raws = batched_eigvalsh([m for m, _, _ in masked])
+        for v, (_, nonfinite, overflow), raw in zip(todo, masked, raws, strict=True):
             v._memo[key] = v.acc.eigenvalues_from(raw)
-        for v, m in matrices:
-            if m is None:
-                v._memo[key] = v.acc.eigenvalues_from(None)
+            v._memo[("flags", centered)] = (nonfinite, overflow)
 
 
 def prepare_spectra(views: Sequence[_CachedSpectra]) -> None:
@@ -725,8 +871,9 @@ class SpectralMetrics(_StreamingSpectral):
     """Several spectral metrics from one pass and one accumulator.
 
     ``SpectralMetrics(["rankme", "alpha_req"])`` accumulates once and ``compute()`` returns
-    ``{"rankme": …, "alpha_req": …}``; each value equals the one-shot function's.  Names are
-    keys of :data:`SPECTRAL_METRICS`; ``fit_range`` and ``eps`` apply to alpha-ReQ and RankMe.
+    ``{"rankme": …, "alpha_req": …}``; each value equals the one-shot function's, and all of
+    them are read from the device together.  Names are keys of :data:`SPECTRAL_METRICS`;
+    ``fit_range`` and ``eps`` apply to alpha-ReQ and RankMe.
     """
 
     def __init__(self, metrics: Sequence[str] = ("rankme", "alpha_req"),
@@ -740,51 +887,39 @@ class SpectralMetrics(_StreamingSpectral):
         self.metrics, self.eps, self.fit_range = tuple(metrics), eps, fit_range
 
     def compute(self) -> dict[str, float]:
-        acc, out = _CachedSpectra(self.accumulator), {}
-        fit = None
+        view = _CachedSpectra(self.accumulator)
+        pendings: dict[str, Pending] = {}
         for name in self.metrics:
             if name in ("alpha_req", "alpha_req_r2"):
-                fit = fit or _alpha_req_compute(acc, self.fit_range)
-                out[name] = fit.alpha if name == "alpha_req" else fit.r2
-            elif name in ("rankme", "rankme_covariance"):
-                out[name] = SPECTRAL_METRICS[name](acc, self.eps)
+                pendings.setdefault("fit", _alpha_req_pending(view, self.fit_range))
+            elif name == "rankme":
+                pendings[name] = _rankme_pending_of(view, self.eps)
+            elif name == "rankme_covariance":
+                pendings[name] = _rankme_covariance_pending(view, self.eps)
             else:
-                out[name] = SPECTRAL_METRICS[name](acc)
-        return out
+                pendings[name] = _METRIC_PENDINGS[name](view)
+        results = dict(zip(pendings, finish_all(list(pendings.values())), strict=True))
+        return {name: (results["fit"].alpha if name == "alpha_req" else results["fit"].r2)
+                if name in ("alpha_req", "alpha_req_r2") else results[name]
+                for name in self.metrics}
+
+
+_METRIC_PENDINGS = {"participation_ratio": _participation_ratio_pending,
+                    "stable_rank": _stable_rank_pending,
+                    "effective_rank": _effective_rank_pending_of}
 
 
 # --------------------------------------------------------------------------- registry
-def _read_rankme(view: _CachedSpectra, eps: float = DEFAULT_EPS) -> float:
-    return _rankme_compute(view, eps)
-
-
-def _read_rankme_covariance(view: _CachedSpectra, eps: float = DEFAULT_EPS) -> float:
-    return _rankme_covariance_compute(view, eps)
-
-
 def _read_alpha_req(view: _CachedSpectra,
-                    fit_range: tuple[int, int] = DEFAULT_FIT_RANGE) -> dict[str, float]:
-    fit = _alpha_req_compute(view, tuple(fit_range))
-    return {"alpha_req": fit.alpha, "alpha_req_r2": fit.r2}
+                    fit_range: tuple[int, int] = DEFAULT_FIT_RANGE) -> Pending:
+    return _alpha_req_pending(view, tuple(fit_range)).then(
+        lambda fit: {"alpha_req": fit.alpha, "alpha_req_r2": fit.r2})
 
 
-def _read_participation_ratio(view: _CachedSpectra) -> float:
-    return _participation_ratio_compute(view)
-
-
-def _read_stable_rank(view: _CachedSpectra, centered: bool = False) -> float:
-    return _stable_rank_compute(view, centered)
-
-
-def _read_effective_rank(view: _CachedSpectra, order: float = 1.0,
-                         spectrum: str = "singular") -> float:
-    return _effective_rank_compute(view, order, spectrum)
-
-
-_SPECTRUM_READERS = {  # from_accumulator of each registered probe (the cached view)
-    "rankme": _read_rankme, "rankme_covariance": _read_rankme_covariance,
-    "alpha_req": _read_alpha_req, "participation_ratio": _read_participation_ratio,
-    "stable_rank": _read_stable_rank, "effective_rank": _read_effective_rank,
+_SPECTRUM_READERS = {  # from_accumulator of each registered probe: pending device values
+    "rankme": _rankme_pending_of, "rankme_covariance": _rankme_covariance_pending,
+    "alpha_req": _read_alpha_req, "participation_ratio": _participation_ratio_pending,
+    "stable_rank": _stable_rank_pending, "effective_rank": _effective_rank_pending_of,
 }
 
 _PROBES = (

@@ -1,0 +1,127 @@
+"""Values computed on the device and read on the host once, after the whole evaluation.
+
+On an accelerator every read of a tensor's value by Python (``float(t)``, ``bool(t)``,
+``t.item()``, an ``if`` on a tensor) waits for the device queue to drain: a *host
+synchronisation*.  A probe evaluation that reads each metric as it computes it waits a dozen
+times per layer, and the device sits idle between the tiny kernels that follow each wait.
+
+A :class:`Pending` keeps what a probe computed as device tensors, together with a host-side
+``finish`` that turns their values into the probe's result — and decides, from flags computed
+on the device too, whether a value is NaN and which warning says why.  :func:`fetch` moves the
+tensors of many pendings (every layer, every probe of an evaluation) to the host in **one**
+device-to-host copy per device; :func:`finish_all` then runs the ``finish`` functions in order.
+The streaming accumulators of :mod:`probes.spectral` and :mod:`probes.collapse` answer with
+pendings, and :meth:`probes.evaluation.ProbePlan.layer_values` resolves all of them at once.
+
+What still synchronises inside an evaluation, and why: an eigensolve on CUDA (torch checks
+LAPACK's ``info`` on the host after ``torch.linalg.eigvalsh``), or the copy of a small matrix
+to the host when :mod:`probes._solve` places its solve there; both happen once per batch of
+same-shaped matrices (:func:`probes._solve.batched_eigvalsh`), not once per layer and metric.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["Pending", "fetch", "finish_all", "flag", "scalar"]
+
+Flag = torch.Tensor | bool
+"""A condition: a 0-d boolean tensor on the device, or a Python bool known on the host."""
+
+
+@dataclass
+class Pending:
+    """A result whose numbers are still on the device.
+
+    Parameters
+    ----------
+    tensors : mapping str → tensor
+        What ``finish`` reads (any shape; booleans and integers arrive as float64 — exact for
+        counts below 2⁵³).
+    finish : callable ``(host) -> result``
+        Runs on the host with ``host[name]`` a float64 numpy array of each tensor's shape (a
+        0-d array for a scalar); may warn; returns the probe's result.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    finish: Callable[[dict[str, np.ndarray]], Any]
+
+    def then(self, fn: Callable[[Any], Any]) -> Pending:
+        """The same tensors, finished by ``fn(self.finish(host))``."""
+        return Pending(self.tensors, lambda host: fn(self.finish(host)))
+
+    def result(self) -> Any:
+        """Fetch this pending alone and finish it (one host synchronisation)."""
+        return self.finish(fetch([self])[0])
+
+
+def flag(condition: Flag) -> torch.Tensor | bool:
+    """``condition`` as a fetchable 0-d tensor (a Python bool stays a bool)."""
+    if isinstance(condition, torch.Tensor):
+        return condition.reshape(())
+    return bool(condition)
+
+
+def scalar(value: torch.Tensor, checks: Sequence[tuple[Flag, str]] = ()) -> Pending:
+    """A number with the conditions under which it is NaN.
+
+    ``checks`` are ``(condition, reason)`` pairs in order of precedence: the first condition
+    that holds makes the result NaN with ``RuntimeWarning(reason)``; otherwise the result is
+    ``float(value)``."""
+    tensors: dict[str, torch.Tensor] = {"value": value.reshape(())}
+    host_flags: list[tuple[str | bool, str]] = []
+    for i, (condition, reason) in enumerate(checks):
+        f = flag(condition)
+        if isinstance(f, torch.Tensor):
+            tensors[f"check{i}"] = f
+            host_flags.append((f"check{i}", reason))
+        else:
+            host_flags.append((f, reason))
+
+    def finish(host: dict[str, np.ndarray]) -> float:
+        for key, reason in host_flags:
+            failed = key if isinstance(key, bool) else bool(host[key])
+            if failed:
+                warnings.warn(reason, RuntimeWarning, stacklevel=2)
+                return float("nan")
+        return float(host["value"])
+
+    return Pending(tensors, finish)
+
+
+def fetch(pendings: Iterable[Pending]) -> list[dict[str, np.ndarray]]:
+    """The tensors of every pending as host float64 arrays, in **one** copy per device.
+
+    All tensors on one device are flattened, cast to float64 and concatenated on that device;
+    the single buffer is copied to the host and split again.  Returns, per pending, the dict
+    its ``finish`` expects."""
+    pendings = list(pendings)
+    by_device: dict[torch.device, list[tuple[int, str, torch.Tensor]]] = {}
+    for i, p in enumerate(pendings):
+        for name, t in p.tensors.items():
+            t = torch.as_tensor(t)
+            by_device.setdefault(t.device, []).append((i, name, t))
+    out: list[dict[str, np.ndarray]] = [{} for _ in pendings]
+    for items in by_device.values():
+        flat = [t.detach().reshape(-1).to(torch.float64) for _, _, t in items]
+        buffer = torch.cat(flat) if len(flat) > 1 else flat[0]
+        # the one device → host copy (and wait) of this device; a copy on the CPU too, so that
+        # later in-place updates of an accumulator cannot change what was fetched
+        host = np.array(buffer.to("cpu").numpy(), copy=True)
+        start = 0
+        for (i, name, t), f in zip(items, flat, strict=True):
+            size = f.numel()
+            out[i][name] = host[start:start + size].reshape(tuple(t.shape))
+            start += size
+    return out
+
+
+def finish_all(pendings: Sequence[Pending]) -> list[Any]:
+    """:func:`fetch` then each ``finish``, in order (their warnings are raised in that order)."""
+    return [p.finish(h) for p, h in zip(pendings, fetch(pendings), strict=True)]
