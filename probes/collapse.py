@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +52,7 @@ from probes._arrays import (
     as_tensor,
     check_labels,
 )
+from probes._pending import Pending
 from probes._solve import lapack_single_thread, solve_device
 
 __all__ = ["GLOBAL_MEANS", "NC_VARIABLES", "CollapseAccumulator", "neural_collapse"]
@@ -89,43 +92,42 @@ def _warn(msg: str) -> None:
     warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
-def _cv(x: torch.Tensor, what: str = "class means") -> float:
+def _cv(x: np.ndarray, what: str = "class means") -> float:
     """Coefficient of variation std/mean (population std); NaN with a warning if all zero."""
     mean = x.mean()
     if not mean > 0:
         _warn(f"neural collapse: the norms of the {what} are all zero; their equinorm "
               "coefficient of variation is NaN")
         return float("nan")
-    return float(x.std(correction=0) / mean)
+    return float(x.std() / mean)
 
 
-def _cosines(vectors: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Off-diagonal cosines (i < j) between the columns of ``vectors`` (d × C)."""
-    norms = vectors.norm(dim=0)
-    ok = bool((norms > 0).all())
-    unit = vectors / norms.clamp(min=torch.finfo(vectors.dtype).tiny)
-    gram = unit.T @ unit
-    i, j = torch.triu_indices(gram.shape[0], gram.shape[1], offset=1, device=gram.device)
-    return gram[i, j], ok
-
-
-def _angle_metrics(vectors: torch.Tensor, what: str = "centred class means"
-                   ) -> tuple[float, float]:
-    """(std of pairwise cosines, mean |cos + 1/(C-1)|) of the columns of ``vectors``; NaN with
-    a warning when a column is zero (its angles are undefined)."""
-    cos, ok = _cosines(vectors)
-    if not ok:
+def _angle_metrics(gram: np.ndarray, what: str = "centred class means") -> tuple[float, float]:
+    """(std of pairwise cosines, mean |cos + 1/(C-1)|) of vectors with Gram matrix ``gram``
+    (``C × C``); NaN with a warning when a vector is zero (its angles are undefined)."""
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    if not np.all(norms > 0):
         _warn(f"neural collapse: one of the {what} is zero, so its angles are undefined: the "
               "equiangularity metrics are NaN")
         return float("nan"), float("nan")
-    c = vectors.shape[1]
-    return float(cos.std(correction=0)), float((cos + 1.0 / (c - 1)).abs().mean())
+    c = gram.shape[0]
+    i, j = np.triu_indices(c, k=1)
+    cos = gram[i, j] / (norms[i] * norms[j])
+    return float(cos.std()), float(np.abs(cos + 1.0 / (c - 1)).mean())
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without making the host wait (pinned memory, non-blocking
+    copy); itself on the CPU."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @dataclass
 class _Stats:
     labels: list[int]
-    counts: torch.Tensor  # (C,)
+    counts: torch.Tensor  # (C,) on the host
     means: torch.Tensor  # (C, d)
     within_ss: torch.Tensor  # (C,) Σ_{i∈c} ||h_i - μ_c||²
     scatter: torch.Tensor  # (d, d) Σ_c Σ_{i∈c} (h_i - μ_c)(h_i - μ_c)ᵀ
@@ -164,9 +166,9 @@ class CollapseAccumulator:
         """Forget everything seen so far."""
         self.n = 0
         self.d: int | None = None
-        self.nonfinite = False
+        self._nonfinite: torch.Tensor | None = None  # 0-d bool on the device: no host wait
         self._index: dict[int, int] = {}
-        self._counts: torch.Tensor | None = None
+        self._counts: torch.Tensor | None = None  # on the host: the labels live there
         self._means: torch.Tensor | None = None
         self._within_ss: torch.Tensor | None = None
         self._scatter: torch.Tensor | None = None
@@ -175,53 +177,70 @@ class CollapseAccumulator:
         self._pred_nonfinite = False
 
     # ------------------------------------------------------------------ updates
+    @property
+    def nonfinite(self) -> bool:
+        """Whether a NaN or Inf was seen (reading it waits for the device)."""
+        return self._nonfinite is not None and bool(self._nonfinite)
+
+    def _flags(self) -> torch.Tensor:
+        if self._nonfinite is None:
+            return torch.zeros((), dtype=torch.bool, device=self._means.device)
+        return self._nonfinite
+
     def _grow(self, new_labels: list[int], device: torch.device) -> None:
         k = len(new_labels)
         zeros = dict(dtype=STAT_DTYPE, device=device)
         for label in new_labels:
             self._index[label] = len(self._index)
         if self._counts is None:
-            self._counts = torch.zeros(k, **zeros)
+            self._counts = torch.zeros(k, dtype=STAT_DTYPE)
             self._means = torch.zeros(k, self.d, **zeros)
             self._within_ss = torch.zeros(k, **zeros)
             self._scatter = torch.zeros(self.d, self.d, **zeros)
         else:
-            self._counts = torch.cat([self._counts, torch.zeros(k, **zeros)])
+            self._counts = torch.cat([self._counts, torch.zeros(k, dtype=STAT_DTYPE)])
             self._means = torch.cat([self._means, torch.zeros(k, self.d, **zeros)])
             self._within_ss = torch.cat([self._within_ss, torch.zeros(k, **zeros)])
 
     def update(self, features: ArrayLike, labels: ArrayLike) -> CollapseAccumulator:
         """Add a batch: ``features`` of shape ``(b, d)`` (trailing axes flattened), integer
-        ``labels`` of shape ``(b,)``."""
+        ``labels`` of shape ``(b,)``.
+
+        The class bookkeeping (which labels, how many of each) is done on the host, where
+        labels come from; the features stay on their device and the host never waits for it.
+        Labels given on an accelerator are copied to the host first (one wait per batch)."""
         z = as_features(features).to(STAT_DTYPE)
-        y = _as_labels(labels, z.shape[0], z.device)
+        y = _as_labels(labels, z.shape[0])
         if self.d is None:
             self.d = z.shape[1]
         elif z.shape[1] != self.d:
             raise ValueError(f"batch has {z.shape[1]} features; earlier batches had {self.d}")
-        if not all_finite(z):
-            self.nonfinite = True
+        bad = ~torch.isfinite(z).all()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
         uniq, inv = torch.unique(y, return_inverse=True)
         values = [int(u) for u in uniq.tolist()]
         new = [v for v in values if v not in self._index]
         if new:
             self._grow(new, z.device)
-        rows = torch.tensor([self._index[v] for v in values], device=z.device)
-        nb = torch.bincount(inv, minlength=len(values)).to(STAT_DTYPE)
-        sums = torch.zeros(len(values), self.d, dtype=STAT_DTYPE, device=z.device)
-        sums.index_add_(0, inv, z)
-        mb = sums / nb[:, None]
-        zc = z - mb[inv]
-        ss_b = torch.zeros(len(values), dtype=STAT_DTYPE, device=z.device)
-        ss_b.index_add_(0, inv, (zc * zc).sum(1))
+        k = len(values)
+        rows = torch.tensor([self._index[v] for v in values])
+        nb = torch.bincount(inv, minlength=k).to(STAT_DTYPE)
         na = self._counts[rows]
         n = na + nb
-        delta = mb - self._means[rows]
-        w = na * nb / n
+        index = _to_device(torch.cat([inv, rows]), z.device)
+        inv_d, rows_d = index[:inv.numel()], index[inv.numel():]
+        nb_d, w_d, frac_d = _to_device(torch.stack([nb, na * nb / n, nb / n]), z.device)
+        sums = torch.zeros(k, self.d, dtype=STAT_DTYPE, device=z.device)
+        sums.index_add_(0, inv_d, z)
+        mb = sums / nb_d[:, None]
+        zc = z - mb[inv_d]
+        ss_b = torch.zeros(k, dtype=STAT_DTYPE, device=z.device)
+        ss_b.index_add_(0, inv_d, (zc * zc).sum(1))
+        delta = mb - self._means[rows_d]
         self._scatter.addmm_(zc.T, zc)
-        self._scatter.addmm_((delta * w[:, None]).T, delta)
-        self._within_ss[rows] += ss_b + w * (delta * delta).sum(1)
-        self._means[rows] += delta * (nb / n)[:, None]
+        self._scatter.addmm_((delta * w_d[:, None]).T, delta)
+        self._within_ss[rows_d] += ss_b + w_d * (delta * delta).sum(1)
+        self._means[rows_d] += delta * frac_d[:, None]
         self._counts[rows] = n
         self.n += z.shape[0]
         return self
@@ -264,12 +283,13 @@ class CollapseAccumulator:
             raise ValueError("no samples were accumulated: call update(features, labels) first")
 
     def stats(self) -> _Stats:
-        """Accumulated statistics, classes sorted by label."""
+        """Accumulated statistics, classes sorted by label (counts on the host)."""
         self._check()
         labels = sorted(self._index)
-        order = torch.tensor([self._index[v] for v in labels], device=self._means.device)
-        return _Stats(labels, self._counts[order], self._means[order], self._within_ss[order],
-                      self._scatter)
+        order = torch.tensor([self._index[v] for v in labels])
+        order_d = _to_device(order, self._means.device)
+        return _Stats(labels, self._counts[order], self._means[order_d],
+                      self._within_ss[order_d], self._scatter)
 
     def compute(
         self,
@@ -283,21 +303,36 @@ class CollapseAccumulator:
         symmetry with :func:`neural_collapse` and is not used by NC1-NC3.
         """
         del bias
+        return self.pending(weight, global_mean).result()
+
+    def pending(self, weight: ArrayLike | None = None, global_mean: str = "class_means"
+                ) -> Pending:
+        """:meth:`compute` as a :class:`~probes._pending.Pending`: the device reduces the
+        ``d``-dimensional statistics to ``C × C`` blocks (:func:`_class_blocks`) and the
+        metrics are finished on the host from those, after one copy."""
         if global_mean not in GLOBAL_MEANS:
             raise ValueError(f"unknown global_mean {global_mean!r}; choose one of {GLOBAL_MEANS}")
         st = self.stats()
-        values = _metrics(st, self.n, weight, global_mean, self.nonfinite)
-        values["nc4"] = (self._mismatch / self._predicted if self._predicted and
-                         not (self.nonfinite or self._pred_nonfinite) else float("nan"))
         params = {"global_mean": global_mean, "n_classes": len(st.labels), "n_samples": self.n,
                   "n_features": self.d, "std_ddof": 0,
                   "class_counts": [int(c) for c in st.counts.tolist()],
                   "classes": st.labels}
-        return _dataset(values, params)
+        mismatch, predicted, pred_bad = self._mismatch, self._predicted, self._pred_nonfinite
+
+        def finish(values: dict[str, float], host: dict[str, np.ndarray]) -> xr.Dataset:
+            ok = not (bool(host["nonfinite"]) or pred_bad)
+            values["nc4"] = mismatch / predicted if predicted and ok else float("nan")
+            return _dataset(values, params)
+
+        return _metrics_pending(st, self.n, weight, global_mean, self._flags(), finish)
 
 
-def _as_labels(labels: ArrayLike, n: int, device: torch.device) -> torch.Tensor:
-    return check_labels(labels, n, "labels", device=device)
+def _as_labels(labels: ArrayLike, n: int) -> torch.Tensor:
+    """Validated labels on the host (copied there once if they live on an accelerator)."""
+    y = as_tensor(labels)
+    if y.device.type != "cpu":
+        y = y.cpu()
+    return check_labels(y, n, "labels")
 
 
 def _network_prediction(z, logits, weight, bias, max_label: int) -> torch.Tensor | None:
@@ -332,9 +367,28 @@ def _network_prediction(z, logits, weight, bias, max_label: int) -> torch.Tensor
     return out.argmax(1)
 
 
-def _rank_tolerance(m: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of ``M̃ᵀM̃`` (or ``M̃M̃ᵀ``) at or below this are round-off of a zero."""
-    return max(m.shape) * torch.finfo(STAT_DTYPE).eps * top.clamp(min=0) * 10
+def _rank_tolerance(size: int, top: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of ``M̃ᵀM̃`` (or ``M̃M̃ᵀ``; ``M̃`` is ``d × C``, ``size = max(d, C)``) at or
+    below this are round-off of a zero."""
+    return size * torch.finfo(STAT_DTYPE).eps * top.clamp(min=0) * 10
+
+
+def class_blocks(m: torch.Tensor, sigma_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(G, Q) = (M̃ᵀM̃, M̃ᵀ Σ_W M̃)``: the ``C × C`` blocks every NC1 computation needs."""
+    return m.T @ m, m.T @ (sigma_w @ m)
+
+
+def _nc1_from_blocks(gram: torch.Tensor, quad: torch.Tensor, d: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""``(NC1, Σ_B ≠ 0)`` from the blocks of :func:`class_blocks` (see
+    :func:`nc1_class_space`), on the blocks' device."""
+    where = solve_device(gram.shape[0], gram.device)  # a small C × C solve: maybe the CPU
+    with lapack_single_thread(where):
+        s2, v = torch.linalg.eigh(gram.to(where))
+    s2, v = s2.to(gram.device), v.to(gram.device)
+    keep = s2 > _rank_tolerance(max(d, gram.shape[0]), s2.max())
+    terms = (v * (quad @ v)).sum(0) / s2.clamp(min=torch.finfo(STAT_DTYPE).tiny) ** 2
+    return torch.where(keep, terms, torch.zeros_like(terms)).sum(), keep.any()
 
 
 def nc1_class_space(m: torch.Tensor, sigma_w: torch.Tensor) -> float | None:
@@ -342,21 +396,15 @@ def nc1_class_space(m: torch.Tensor, sigma_w: torch.Tensor) -> float | None:
 
     With ``Σ_B = M̃M̃ᵀ/C`` (``M̃`` is ``d × C``, rank ``≤ C − 1``) and the thin SVD
     ``M̃ = U S Vᵀ``: ``Σ_B^† = C U S^{-2} Uᵀ``, hence
-    ``NC1 = Σ_k u_kᵀ Σ_W u_k / s_k² = Σ_k a_kᵀ Σ_W a_k / s_k⁴`` with ``a_k = M̃ v_k = s_k u_k``,
-    where ``(s_k², v_k)`` are the eigenpairs of the ``C × C`` matrix ``M̃ᵀM̃`` (Papyan, Han &
-    Donoho 2020, Fig. 6 for the definition; the reduction is linear algebra).  Cost
-    ``O(dC² + d²C)`` instead of the ``O(d³)`` pseudo-inverse.  ``None`` when ``Σ_B = 0``.
+    ``NC1 = Σ_k u_kᵀ Σ_W u_k / s_k² = Σ_k v_kᵀ (M̃ᵀ Σ_W M̃) v_k / s_k⁴``,
+    where ``(s_k², v_k)`` are the eigenpairs of the ``C × C`` matrix ``G = M̃ᵀM̃`` (Papyan, Han &
+    Donoho 2020, Fig. 6 for the definition; the reduction is linear algebra).  Only the two
+    ``C × C`` blocks ``G`` and ``M̃ᵀ Σ_W M̃`` leave the device.  Cost ``O(dC² + d²C)`` instead
+    of the ``O(d³)`` pseudo-inverse.  ``None`` when ``Σ_B = 0``.
     """
-    gram = m.T @ m
-    where = solve_device(gram.shape[0], gram.device)  # a small C × C solve: maybe the CPU
-    with lapack_single_thread(where):
-        s2, v = torch.linalg.eigh(gram.to(where))
-    s2, v = s2.to(m.device), v.to(m.device)
-    keep = s2 > _rank_tolerance(m, s2.max())
-    if not bool(keep.any()):
-        return None
-    a = m @ v[:, keep]
-    return float(((a * (sigma_w @ a)).sum(0) / s2[keep] ** 2).sum())
+    gram, quad = class_blocks(m, sigma_w)
+    nc1, nonzero = _nc1_from_blocks(gram, quad, m.shape[0])
+    return float(nc1) if bool(nonzero) else None
 
 
 def nc1_feature_space(m: torch.Tensor, sigma_w: torch.Tensor) -> float | None:
@@ -367,7 +415,7 @@ def nc1_feature_space(m: torch.Tensor, sigma_w: torch.Tensor) -> float | None:
     sigma_b = m @ m.T / c
     with lapack_single_thread(m.device):
         lam, u = torch.linalg.eigh(sigma_b)
-    keep = lam > _rank_tolerance(m, lam.max()) / c
+    keep = lam > _rank_tolerance(max(m.shape), lam.max()) / c
     if not bool(keep.any()):
         return None
     uk = u[:, keep]
@@ -375,11 +423,61 @@ def nc1_feature_space(m: torch.Tensor, sigma_w: torch.Tensor) -> float | None:
     return float(torch.trace(sigma_w @ pinv) / c)
 
 
-def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> dict[str, float]:
+def _metrics_pending(st: _Stats, n: int, weight: ArrayLike | None, global_mean: str,
+                     nonfinite: torch.Tensor,
+                     finish: Callable[[dict[str, float], dict[str, np.ndarray]], Any]
+                     ) -> Pending:
+    """NC1–NC3 and CDNV as a :class:`~probes._pending.Pending`: the device forms the
+    ``C × C`` blocks (class-mean Gram ``G``, ``Q = M̃ᵀ Σ_W M̃``, squared distances of the class
+    means, classifier Gram and NC3) and the host finishes the metrics from them — the
+    definitions of Papyan, Han & Donoho (2020) and Galanti et al. (2022), module docstring.
+    ``finish(values, host)`` adds what the caller knows (NC4) and returns the result."""
+    c = len(st.labels)
+    device = st.means.device
+    tensors: dict[str, torch.Tensor] = {"nonfinite": nonfinite}
+    w = None
+    if c >= 2:
+        means = st.means
+        counts = _to_device(st.counts, device)
+        if global_mean == "class_means":
+            mu_g = means.mean(0)
+        else:
+            mu_g = (counts[:, None] * means).sum(0) / counts.sum()
+        m = (means - mu_g).T  # d × C, columns μ_c - μ_G
+        sigma_w = st.scatter / n
+        gram, quad = class_blocks(m, sigma_w)
+        diffs = means[:, None, :] - means[None, :, :]
+        tensors.update(
+            gram=gram, quad=quad, dist2=(diffs * diffs).sum(-1), var=st.within_ss / counts,
+            overflow=~(torch.isfinite(sigma_w).all() & torch.isfinite(st.within_ss).all()
+                       & torch.isfinite(gram).all()))
+        if weight is not None:
+            w = as_features(weight, "weight").to(device=device, dtype=STAT_DTYPE)
+            if w.shape[1] != means.shape[1]:
+                raise ValueError(f"weight has {w.shape[1]} columns; features have "
+                                 f"{means.shape[1]}")
+            if min(st.labels) < 0 or max(st.labels) >= w.shape[0]:
+                raise ValueError(f"labels must index the rows of weight (0..{w.shape[0] - 1}); "
+                                 f"got labels {st.labels[0]}..{st.labels[-1]}")
+            wc = w[_to_device(torch.tensor(st.labels), device)].T  # d × C, column c = w_c
+            wn, mn = wc.norm(), m.norm()
+            tensors.update(w_finite=torch.isfinite(w).all(), w_gram=wc.T @ wc,
+                           nc3=((wc / wn - m / mn) ** 2).sum(), nc3_ok=(wn > 0) & (mn > 0))
+    d = st.means.shape[1]
+
+    def done(host: dict[str, np.ndarray]) -> Any:
+        return finish(_metrics_host(st, c, d, w, host), host)
+
+    return Pending(tensors, done)
+
+
+def _metrics_host(st: _Stats, c: int, d: int, w: torch.Tensor | None,
+                  host: dict[str, np.ndarray]) -> dict[str, float]:
+    """The host half of :func:`_metrics_pending`: NaN checks, warnings and the ``C × C``
+    algebra."""
     nan = float("nan")
     out = dict.fromkeys(NC_VARIABLES, nan)
-    c = len(st.labels)
-    if nonfinite:
+    if bool(host["nonfinite"]):
         _warn("neural collapse: the features are not finite (NaN or Inf); metrics are NaN")
         return out
     if c < 2:
@@ -390,57 +488,44 @@ def _metrics(st: _Stats, n: int, weight, global_mean: str, nonfinite: bool) -> d
     if singles:
         _warn(f"classes {singles} have a single sample: their within-class variance is 0 by "
               "construction, which biases NC1 and CDNV downwards")
-    means = st.means
-    if global_mean == "class_means":
-        mu_g = means.mean(0)
-    else:
-        mu_g = (st.counts[:, None] * means).sum(0) / st.counts.sum()
-    m = (means - mu_g).T  # d × C, columns μ_c - μ_G
-    sigma_w = st.scatter / n
-    if not (all_finite(sigma_w) and all_finite(st.within_ss) and all_finite(m.T @ m)):
+    if bool(host["overflow"]):
         _warn("neural collapse: the second moments of the features overflow float64 (entries "
               "of about 1e154 or more); metrics are NaN: rescale the features")
         return out
 
-    nc1 = nc1_class_space(m, sigma_w)
-    if nc1 is None:
+    gram = host["gram"]
+    nc1, nonzero = _nc1_from_blocks(torch.from_numpy(gram), torch.from_numpy(host["quad"]), d)
+    if not bool(nonzero):
         _warn("neural collapse: all class means coincide (Sigma_B = 0); NC1 is undefined")
     else:
-        out["nc1"] = nc1
+        out["nc1"] = float(nc1)
 
-    out["nc2_equinorm"] = _cv(m.norm(dim=0))
-    out["nc2_equiangle"], out["nc2_coherence"] = _angle_metrics(m)
+    out["nc2_equinorm"] = _cv(np.sqrt(np.clip(np.diag(gram), 0.0, None)))
+    out["nc2_equiangle"], out["nc2_coherence"] = _angle_metrics(gram)
 
-    diffs = means[:, None, :] - means[None, :, :]
-    dist2 = (diffs * diffs).sum(-1)
-    var = st.within_ss / st.counts
-    i, j = torch.triu_indices(c, c, offset=1, device=means.device)
-    out["cdnv"] = float(((var[i] + var[j]) / (2.0 * dist2[i, j])).mean())
+    i, j = np.triu_indices(c, k=1)
+    var, dist2 = host["var"], host["dist2"]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["cdnv"] = float(((var[i] + var[j]) / (2.0 * dist2[i, j])).mean())
     if not np.isfinite(out["cdnv"]):
         _warn("neural collapse: two class means coincide, so the CDNV of that pair is "
               f"{out['cdnv']} (a variance over a zero distance)")
 
-    if weight is not None:
-        w = as_features(weight, "weight").to(device=means.device, dtype=STAT_DTYPE)
-        if w.shape[1] != means.shape[1]:
-            raise ValueError(f"weight has {w.shape[1]} columns; features have {means.shape[1]}")
-        if min(st.labels) < 0 or max(st.labels) >= w.shape[0]:
-            raise ValueError(f"labels must index the rows of weight (0..{w.shape[0] - 1}); "
-                             f"got labels {st.labels[0]}..{st.labels[-1]}")
-        if not all_finite(w):
+    if w is not None:
+        if not bool(host["w_finite"]):
             _warn("neural collapse: weight has non-finite entries (NaN or Inf); the classifier "
                   "metrics are NaN")
             return out
         if w.shape[0] != c:
             _warn(f"weight has {w.shape[0]} rows but only {c} classes are present; classifier "
                   "metrics use the rows of the present classes")
-        wc = w[torch.tensor(st.labels, device=w.device)].T  # d × C, column c = w_c
-        out["nc2_equinorm_classifier"] = _cv(wc.norm(dim=0), "classifier rows")
+        w_gram = host["w_gram"]
+        out["nc2_equinorm_classifier"] = _cv(np.sqrt(np.clip(np.diag(w_gram), 0.0, None)),
+                                             "classifier rows")
         out["nc2_equiangle_classifier"], out["nc2_coherence_classifier"] = _angle_metrics(
-            wc, "classifier rows")
-        wn, mn = wc.norm(), m.norm()
-        if wn > 0 and mn > 0:
-            out["nc3"] = float(((wc / wn - m / mn) ** 2).sum())
+            w_gram, "classifier rows")
+        if bool(host["nc3_ok"]):
+            out["nc3"] = float(host["nc3"])
         else:
             _warn("neural collapse: the classifier or the centred class means are zero: NC3 "
                   "is NaN")
@@ -523,10 +608,11 @@ def neural_collapse(
 
 
 # --------------------------------------------------------------------------- registry
-def _read_collapse(acc: CollapseAccumulator, global_mean: str = "class_means") -> xr.Dataset:
+def _read_collapse(acc: CollapseAccumulator, global_mean: str = "class_means") -> Pending:
     """``from_accumulator`` of the ``neural_collapse`` probe: NC1–NC3 and CDNV from the shared
-    class statistics (no classifier here: its ``_classifier`` variants, NC3 and NC4 are NaN)."""
-    return acc.compute(global_mean=global_mean)
+    class statistics (no classifier here: its ``_classifier`` variants, NC3 and NC4 are NaN),
+    pending until the evaluation's values are read."""
+    return acc.pending(global_mean=global_mean)
 
 
 def _collapse_one_shot(features: ArrayLike, labels: ArrayLike, **kwargs) -> xr.Dataset:

@@ -149,7 +149,9 @@ class SpectrumAccumulator:
         if self._nonfinite is None:
             self._nonfinite = flag
         else:
-            self._nonfinite = self._nonfinite | flag.to(self._nonfinite.device)
+            if flag.device != self._nonfinite.device:  # merge() of another device's state
+                flag = flag.to(self._nonfinite.device)
+            self._nonfinite = self._nonfinite | flag
 
     @property
     def nonfinite(self) -> bool:
