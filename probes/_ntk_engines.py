@@ -161,9 +161,12 @@ def per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size):
     f2 = f1 if same else factors(x2)
     mode = "full" if full else "trace"
     if len(f1) == 1 and len(f2) == 1:
-        K = st.block(f1[0], f2[0], mode, k)
-        if full:
-            return finish(K, output)
+        if same:  # symmetric: upper row panels only, written in the final layout
+            K = st.block_sym(f1[0], mode, k)
+        else:
+            K = st.block(f1[0], f2[0], mode, k)
+            if full:
+                return finish(K, output)
     else:
         K = torch.empty((n1, n2, k, k) if full else (n1, n2), dtype=dtype, device=x1.device)
         for i, Fi in enumerate(f1):
@@ -172,6 +175,9 @@ def per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size):
                 if same and j < i:
                     continue
                 c = slice(j * chunk, min(n2, (j + 1) * chunk))
+                if same and j == i:
+                    K[r, c] = st.block_sym(Fi, mode, k)
+                    continue
                 B = st.block(Fi, Fj, mode, k)
                 if full:
                     K[r, c] = B.permute(0, 2, 1, 3)

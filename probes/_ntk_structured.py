@@ -166,6 +166,12 @@ class Plan:
 class Factors:
     groups: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (a, g)
     jac: list[torch.Tensor] = field(default_factory=list)  # (n, k, P) small Jacobians
+    unit: list[torch.Tensor] = field(default_factory=list)  # a (n, 1, p) of unit-signal layers
+
+    def rows(self, s: slice) -> Factors:
+        """The factors of samples ``s`` (views)."""
+        return Factors([(a[s], g[s]) for a, g in self.groups], [J[s] for J in self.jac],
+                       [a[s] for a in self.unit])
 
 
 def signals(f: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -394,7 +400,12 @@ def cached_plan(model, x, chosen: dict[str, nn.Parameter], full: bool, n_total: 
 
 def structured_factors(model, x, plan: Plan, jacobian_rows,
                        recorded: Recording | None = None) -> Factors:
-    """Factors of one chunk ``x``; ``jacobian_rows(model, x, params)`` serves the fallback."""
+    """Factors of one chunk ``x``; ``jacobian_rows(model, x, params)`` serves the fallback.
+
+    A one-token layer whose signals are exactly one-hot, ``∂f_a/∂y_c = δ_ac`` (the output
+    layer, when the model returns its ``y``), is kept as its activations only (``unit``): its
+    signal Gram is ``δ_ab``, so its block is ``δ_ab (a₁·a₂)`` without the signal product.
+    """
     ids = {id(p) for g in plan.groups for p in (g.weight, g.bias) if p is not None}
     if recorded is None:
         recorded = record(model, x, ids) if ids else Recording(None, [], [])
@@ -403,32 +414,119 @@ def structured_factors(model, x, plan: Plan, jacobian_rows,
         a, g = recorded.factors(grp)
         if grp.materialise:
             out.jac.append(group_jacobian(grp, a, g))
+        elif _unit_signals(g):
+            out.unit.append(a)
         else:
-            out.groups.append((a, g))
+            out.groups.append((a, g.contiguous()))
     if plan.fallback:
         out.jac.append(jacobian_rows(model, x, plan.fallback))
-    if len(out.jac) > 1:
-        out.jac = [torch.cat(out.jac, -1)]
     return out
 
 
+def _unit_signals(g: torch.Tensor) -> bool:
+    """Whether ``g (n, k, 1, k)`` is the identity for every sample (exact comparison)."""
+    n, k, T, q = g.shape
+    if T != 1 or q != k:
+        return False
+    eye = torch.eye(k, dtype=g.dtype, device=g.device)
+    return bool(torch.equal(g[:, :, 0], eye.expand(n, k, k)))
+
+
+SYM_WORK = 2e8
+"""Multiply-adds of a symmetric block above which it is computed in row panels, upper panels
+only (below it, the extra calls cost more than the skipped products save)."""
+
+
+def block_sym(F: Factors, output: str, k: int) -> torch.Tensor:
+    """``block(F, F, …)`` of a symmetric kernel, in the *final* layout: ``(n, n, k, k)`` for
+    ``"full"``, ``(n, n)`` for ``"trace"``.
+
+    Large blocks are cut into ``m`` row panels and only the ``m(m+1)/2`` panel pairs on and
+    above the diagonal are computed (each Gram's products shrink to ``(m+1)/2m`` of the
+    whole); the panels below are their transposes.
+    """
+    n = _samples(F)
+    m = _panels(block_work(F, output, k))
+    full = output == "full"
+    if m == 1 or n < 2 * m:
+        K = block(F, F, output, k)
+        return K.permute(0, 2, 1, 3).contiguous() if full else K
+    cuts = [round(i * n / m) for i in range(m + 1)]
+    parts = [F.rows(slice(cuts[i], cuts[i + 1])) for i in range(m)]
+    ref = next(t for t in (*F.jac, *F.unit, *(a for a, _ in F.groups)))
+    K = torch.empty((n, n, k, k) if full else (n, n), dtype=ref.dtype, device=ref.device)
+    for i in range(m):
+        r = slice(cuts[i], cuts[i + 1])
+        for j in range(i, m):
+            c = slice(cuts[j], cuts[j + 1])
+            B = block(parts[i], parts[j], output, k)
+            if full:
+                K[r, c] = B.permute(0, 2, 1, 3)
+                if j > i:
+                    K[c, r] = B.permute(2, 0, 3, 1)
+            else:
+                K[r, c] = B
+                if j > i:
+                    K[c, r] = B.T
+    return K
+
+
+def _samples(F: Factors) -> int:
+    return next(t for t in (*F.jac, *F.unit, *(a for a, _ in F.groups))).shape[0]
+
+
+def _panels(work: float) -> int:
+    """Row panels for a symmetric block of ``work`` multiply-adds (:data:`SYM_WORK`)."""
+    return 1 if work < SYM_WORK else 2 if work < 6 * SYM_WORK else 4
+
+
+def block_work(F: Factors, output: str, k: int) -> float:
+    """Multiply-adds of ``block(F, F, output, k)`` (the products only)."""
+    n = _samples(F)
+    full = output == "full"
+    w = 0.0
+    for a, g in F.groups:
+        T, p, q = a.shape[1], a.shape[2], g.shape[3]
+        w += n * n * T * T * (p + k * q * (k if full else 1))
+    for J in F.jac:
+        w += n * n * J.shape[2] * k * (k if full else 1)
+    for a in F.unit:
+        w += n * n * a.shape[2]
+    return w
+
+
 def block(F1: Factors, F2: Factors, output: str, k: int) -> torch.Tensor:
-    """Kernel block from two factor sets: ``(n1, k, n2, k)`` if ``"full"``, else ``(n1, n2)``."""
-    if output == "full":
-        K = None
-        for (a1, g1), (a2, g2) in zip(F1.groups, F2.groups, strict=False):
-            n1, n2 = a1.shape[0], a2.shape[0]  # one token: the plan materialises T > 1
-            H = (g1.reshape(n1 * k, -1) @ g2.reshape(n2 * k, -1).T).view(n1, k, n2, k)
-            A = (a1[:, 0] @ a2[:, 0].T)[:, None, :, None]
-            K = H.mul_(A) if K is None else K.addcmul_(H, A)
-        for J1, J2 in zip(F1.jac, F2.jac, strict=False):
-            n1, n2 = J1.shape[0], J2.shape[0]
-            G = (J1.reshape(n1 * k, -1) @ J2.reshape(n2 * k, -1).T).view(n1, k, n2, k)
-            K = G if K is None else K.add_(G)
-        return K
+    """Kernel block from two factor sets: ``(n1, k, n2, k)`` if ``"full"``, else ``(n1, n2)``.
+
+    The terms, summed over layers: Grams ``(g₁·g₂)(a₁·a₂)`` (Novak et al. 2022, Sec. 4),
+    Jacobian products ``J₁J₂ᵀ`` (accumulated in place, one GEMM each), and unit-signal layers'
+    ``δ_ab (a₁·a₂)`` (``k (a₁·a₂)`` in the trace).
+    """
+    n1, n2 = _samples(F1), _samples(F2)
     K = None
+    if output == "full":
+        for (a1, g1), (a2, g2) in zip(F1.groups, F2.groups, strict=False):
+            # one token: the plan materialises T > 1 for the full kernel.  The activation
+            # Gram is repeated along (j, b) so the product runs along contiguous rows (a
+            # broadcast over the inner b axis is several times slower)
+            H = (g1.reshape(n1 * k, -1) @ g2.reshape(n2 * k, -1).T).view(n1, k, n2 * k)
+            A = (a1[:, 0] @ a2[:, 0].T).repeat_interleave(k, dim=1)[:, None, :]
+            K = H.mul_(A) if K is None else K.addcmul_(H, A)
+        K = None if K is None else K.view(n1, k, n2, k)
+        for J1, J2 in zip(F1.jac, F2.jac, strict=False):
+            J1, J2 = J1.reshape(n1 * k, -1), J2.reshape(n2 * k, -1)
+            if K is None:
+                K = (J1 @ J2.T).view(n1, k, n2, k)
+            else:
+                K.view(n1 * k, n2 * k).addmm_(J1, J2.T)
+        for a1, a2 in zip(F1.unit, F2.unit, strict=False):
+            A = a1[:, 0] @ a2[:, 0].T
+            if K is None:
+                K = torch.zeros(n1, k, n2, k, dtype=A.dtype, device=A.device)
+            K.diagonal(dim1=1, dim2=3).add_(A[:, :, None])
+        return K
     for (a1, g1), (a2, g2) in zip(F1.groups, F2.groups, strict=False):
-        n1, n2, T = a1.shape[0], a2.shape[0], a1.shape[1]
+        T = a1.shape[1]
         if T == 1:
             G = g1.reshape(n1, -1) @ g2.reshape(n2, -1).T
             G.mul_(a1[:, 0] @ a2[:, 0].T)
@@ -439,6 +537,14 @@ def block(F1: Factors, F2: Factors, output: str, k: int) -> torch.Tensor:
             G = ((h1 @ h2.T) * A).view(n1, T, n2, T).sum((1, 3))
         K = G if K is None else K.add_(G)
     for J1, J2 in zip(F1.jac, F2.jac, strict=False):
-        G = J1.reshape(J1.shape[0], -1) @ J2.reshape(J2.shape[0], -1).T
-        K = G if K is None else K.add_(G)
+        J1, J2 = J1.reshape(n1, -1), J2.reshape(n2, -1)
+        if K is None:
+            K = J1 @ J2.T
+        else:
+            K.addmm_(J1, J2.T)
+    for a1, a2 in zip(F1.unit, F2.unit, strict=False):
+        if K is None:
+            K = (a1[:, 0] @ a2[:, 0].T).mul_(k)
+        else:
+            K.addmm_(a1[:, 0], a2[:, 0].T, alpha=k)
     return K

@@ -132,7 +132,14 @@ def empirical_ntk(
 
 
 def _warn_nonfinite(K: torch.Tensor, where: str) -> torch.Tensor:
-    """Warn (never silently) when a kernel has NaN or infinite entries."""
+    """Warn (never silently) when a kernel has NaN or infinite entries.
+
+    A NaN or infinite entry makes the sum NaN or infinite, so a finite sum (one reduction)
+    clears the kernel; only a non-finite sum (a bad entry, or an overflowing sum of finite
+    entries) pays for the entry-wise count.
+    """
+    if K.numel() == 0 or bool(torch.isfinite(K.sum())):
+        return K
     bad = ~torch.isfinite(K)
     if bool(bad.any()):
         warnings.warn(f"{where}: {int(bad.sum())} of {K.numel()} kernel entries are NaN or "
