@@ -46,8 +46,9 @@ class Evaluator:
     ----------
     plan : ProbePlan
     labels : tensor, optional
-        Labels of the probe data, for labelled probes.  Pickled as a numpy array and restored
-        as a CPU tensor.
+        Labels of the probe data, for labelled probes.  Kept on the host (copied there once,
+        here), where the probes' class bookkeeping runs without waiting for the device;
+        pickled as a numpy array.
     learning_rate, seed, source, reduce
         As in :class:`dynamics.monitor.Monitor`.
     """
@@ -56,6 +57,8 @@ class Evaluator:
                  seed: int | None, source: str, reduce: str) -> None:
         self.plan = plan
         self.layers = list(plan.layers)
+        if isinstance(labels, torch.Tensor) and labels.device.type != "cpu":
+            labels = labels.detach().cpu()  # once: the class bookkeeping is done on the host
         self.labels = labels
         self.learning_rate = learning_rate
         self.seed = seed

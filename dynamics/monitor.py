@@ -529,7 +529,7 @@ class Monitor:
         with preserved_state(self.model), torch.no_grad():
             feats = self._capture()
         plan = ProbePlan([p for p in self.probes if not p.reference], self.layers)
-        values = plan.layer_values(plan.accumulate(feats, _concat(self.probe_targets))
+        values = plan.layer_values(plan.accumulate(feats, self._eval.labels)
                                    ).per_layer(self.layers)
         for j, probe in enumerate(self.probes):
             if probe.name in values:

@@ -31,6 +31,11 @@ A probe (:class:`Probe`) declares
     or ``"class_stats"`` — class counts, means and within-class scatter for NC1–NC4 and CDNV)
     and ``from_accumulator(view, **kw)``, which computes the probe's values from it.  Probes
     that name the same accumulator share one pass over the features and one set of solves.
+    ``from_accumulator`` may answer with a :class:`probes._pending.Pending` (device tensors
+    and a host-side ``finish``): the plan then reads the numbers of every such probe of every
+    layer in one device-to-host copy, after all of them have been queued on the device — the
+    built-in accumulators' probes do, and an evaluation waits for the device once
+    (``tests/probes/test_host_sync.py``).
 ``reference``
     ``()`` or a tuple drawn from :data:`REFERENCES` (``"first"``, ``"previous"``, ``"final"``):
     the probe compares this evaluation with another's state.  Its ``fn`` (or
