@@ -304,16 +304,7 @@ class ProbePlan:
                         result = probe.fn(*args, **probe.kwargs)
                     computed[layer].append((probe, result))
                 early[layer] = notes.texts_since(first)
-            pending = [r for layer in self.layers for _, r in computed[layer]
-                       if isinstance(r, Pending)]
-            hosts = iter(fetch(pending))  # 2. one device → host copy per device
-            for layer in self.layers:  # 3. on the host
-                first = len(notes.caught)
-                for probe, result in computed[layer]:
-                    if isinstance(result, Pending):
-                        result = result.finish(next(hosts))
-                    _file(out, probe, layer, result)
-                notes.per_layer(out, layer, first, early[layer])
+            self._finish(out, computed, early, notes)  # one read, then the host
         out.notes = notes.texts()
         return out
 
@@ -324,19 +315,38 @@ class ProbePlan:
             return out
         modules = dict(model.named_modules())
         notes = _Notes()
+        computed: dict[str, list[tuple[Probe, Any]]] = {layer: [] for layer in self.layers}
+        early: dict[str, list[str]] = {}
         with notes, torch.no_grad():
-            for layer in self.layers:
+            for layer in self.layers:  # on the device (pending answers are read below)
                 first = len(notes.caught)
                 weight = getattr(modules.get(layer), "weight", None)
                 if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
                     warnings.warn(f"layer {layer!r} has no weight matrix: its parameter probes "
                                   "are NaN", RuntimeWarning, stacklevel=2)
-                    continue
-                for probe in self.parameter_probes:
-                    _file(out, probe, layer, probe.fn(weight.detach(), **probe.kwargs))
-                notes.per_layer(out, layer, first)
+                else:
+                    for probe in self.parameter_probes:
+                        computed[layer].append((probe, probe.fn(weight.detach(),
+                                                                **probe.kwargs)))
+                early[layer] = notes.texts_since(first)
+            self._finish(out, computed, early, notes)
         out.notes = notes.texts()
         return out
+
+    def _finish(self, out: Measurement, computed: Mapping[str, list[tuple[Probe, Any]]],
+                early: Mapping[str, list[str]], notes: _Notes) -> None:
+        """Read every pending result in one copy per device, finish and file them by layer
+        (with the warnings raised while each layer was computed)."""
+        pending = [r for layer in self.layers for _, r in computed[layer]
+                   if isinstance(r, Pending)]
+        hosts = iter(fetch(pending))
+        for layer in self.layers:
+            first = len(notes.caught)
+            for probe, result in computed[layer]:
+                if isinstance(result, Pending):
+                    result = result.finish(next(hosts))
+                _file(out, probe, layer, result)
+            notes.per_layer(out, layer, first, early[layer])
 
     def model_instances(self) -> dict[str, Callable[..., Any]]:
         """Per-run callables of the stateful (``factory``) model probes."""

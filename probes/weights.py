@@ -40,7 +40,8 @@ import xarray as xr
 from torch import nn
 
 from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor
-from probes.spectral import lapack_single_thread
+from probes._pending import Pending, finish_all
+from probes._solve import lapack_single_thread, solve_device
 
 __all__ = [
     "TailFit",
@@ -193,41 +194,62 @@ def weight_spectrum(weight: ArrayLike, min_tail: int = 10) -> dict[str, float]:
     ``exp(−Σ p ln p)``, ``p = σ/Σσ`` (Roy & Vetterli 2007).  ESD, MP bulk and the guarded
     heavy-tail exponent as in the module docstring.  A non-finite or zero matrix gives NaN.
     """
+    return weight_spectrum_pending(weight, min_tail).result()
+
+
+def weight_spectrum_pending(weight: ArrayLike, min_tail: int = 10) -> Pending:
+    """:func:`weight_spectrum` as a :class:`~probes._pending.Pending`.
+
+    The device computes the singular values — where :func:`probes._solve.solve_device` places
+    a solve of that size (small matrices on the CPU, where an SVD is faster than on a GPU) —
+    and a finiteness flag; the summaries, which are sorting, medians and the KS search of the
+    tail fit, run on the host from the ``min(m, n)`` singular values, read once with the
+    rest of the evaluation."""
     w = _as_matrix(weight)
     m, n = w.shape
+    finite = torch.isfinite(w).all()
+    w = torch.where(finite, w, torch.zeros((), dtype=w.dtype, device=w.device))
+    where = solve_device(min(m, n), w.device)
+    with lapack_single_thread(where):  # a copy to the CPU (one wait) only for a small solve
+        s = torch.linalg.svdvals(w if where == w.device else w.to(where))
+    return Pending({"s": s, "finite": finite},
+                   lambda host: _summaries(host["s"], bool(host["finite"]), m, n, min_tail))
+
+
+def _summaries(s: np.ndarray, finite: bool, m: int, n: int, min_tail: int
+               ) -> dict[str, float]:
+    """The host half of :func:`weight_spectrum_pending`: summaries of the singular values."""
     ratio = min(m, n) / max(m, n)
     out = dict.fromkeys(WEIGHT_VARIABLES, float("nan"))
-    if not all_finite(w):
+    if not finite:
         warnings.warn("weight has non-finite entries (NaN or Inf): its spectral summaries are "
-                      "NaN", RuntimeWarning, stacklevel=2)
+                      "NaN", RuntimeWarning, stacklevel=3)
         return out
-    with lapack_single_thread(w.device):
-        s = torch.linalg.svdvals(w)
     if not s[0] > 0:
         warnings.warn("weight is zero: its norms are 0 and its ranks, ESD fit and tail are "
-                      "undefined (NaN)", RuntimeWarning, stacklevel=2)
+                      "undefined (NaN)", RuntimeWarning, stacklevel=3)
         out["spectral_norm"] = out["frobenius_norm"] = out["lambda_max"] = 0.0
         return out
     rel = s / s[0]  # scaled, so that no square overflows
     out["spectral_norm"] = float(s[0])
-    out["frobenius_norm"] = float(s[0] * rel.square().sum().sqrt())
-    out["stable_rank"] = float(rel.square().sum())
+    out["frobenius_norm"] = float(s[0] * np.sqrt(np.sum(rel * rel)))
+    out["stable_rank"] = float(np.sum(rel * rel))
     p = rel / rel.sum()
     p = p[p > 0]
-    out["effective_rank"] = float(torch.exp(-(p * p.log()).sum()))
-    lam = s * s / max(m, n)
-    if not all_finite(lam):
+    out["effective_rank"] = float(np.exp(-np.sum(p * np.log(p))))
+    with np.errstate(over="ignore"):
+        lam = s * s / max(m, n)
+    if not np.all(np.isfinite(lam)):
         warnings.warn("weight: its ESD sigma^2/N overflows float64 (entries of about 1e154 or "
                       "more); the ESD, Marchenko-Pastur and tail summaries are NaN",
-                      RuntimeWarning, stacklevel=2)
+                      RuntimeWarning, stacklevel=3)
         return out
     out["lambda_max"] = float(lam[0])
-    lam_np = lam.cpu().numpy()
-    s2, edge = marchenko_pastur_scale(lam_np, ratio)
+    s2, edge = marchenko_pastur_scale(lam, ratio)
     out["mp_scale"], out["mp_edge"] = s2, edge
-    n_out = int(np.sum(lam_np > edge * (1 + 3 * min(m, n) ** (-2.0 / 3.0))))
+    n_out = int(np.sum(lam > edge * (1 + 3 * min(m, n) ** (-2.0 / 3.0))))
     out["n_outliers"] = float(n_out)
-    fit = power_law_tail_fit(lam_np, min_tail)
+    fit = power_law_tail_fit(lam, min_tail)
     out["alpha_unguarded"] = fit.alpha
     heavy = n_out >= min_tail and np.isfinite(fit.alpha)
     out["heavy_tailed"] = float(heavy)
@@ -279,7 +301,8 @@ def weight_spectra(
     weights = _named_weights(model, layers)
     if not weights:
         raise ValueError("no weight matrices (parameters with 2 or more dimensions) found")
-    rows = {name: weight_spectrum(w, min_tail) for name, w in weights.items()}
+    pendings = {name: weight_spectrum_pending(w, min_tail) for name, w in weights.items()}
+    rows = dict(zip(pendings, finish_all(list(pendings.values())), strict=True))  # one read
     names = list(rows)
     data_vars = {
         var: ("layer", np.array([rows[n][var] for n in names]), dict(attrs))
@@ -298,10 +321,12 @@ PROBE_VARIABLES = {f"weight_{k}": v for k, v in WEIGHT_VARIABLES.items()}
 they never collide with the feature probes' ``stable_rank`` / ``effective_rank``)."""
 
 
-def layer_weight_spectrum(weight: ArrayLike, min_tail: int = 10) -> dict[str, float]:
+def layer_weight_spectrum(weight: ArrayLike, min_tail: int = 10) -> Pending:
     """:func:`weight_spectrum` of one layer's weight, named as the registered probe's
-    variables (``weight_alpha``, ``weight_stable_rank`` …)."""
-    return {f"weight_{k}": v for k, v in weight_spectrum(weight, min_tail).items()}
+    variables (``weight_alpha``, ``weight_stable_rank`` …), pending until the evaluation's
+    values are read."""
+    return weight_spectrum_pending(weight, min_tail).then(
+        lambda values: {f"weight_{k}": v for k, v in values.items()})
 
 
 def register_probes() -> None:

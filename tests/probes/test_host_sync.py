@@ -200,3 +200,20 @@ def test_streaming_metrics_read_once():
         values = metrics.compute()
     assert mode.reads == [("probes._pending", "fetch", "to")], mode.reads
     assert values["rankme"] == pytest.approx(rankme(torch.cat(batches)), rel=1e-12)
+
+
+def test_parameter_probes_read_once(model):
+    """Weight spectra of three layers: singular values on the device, one read for all."""
+    plan = ProbePlan(["weight_spectra"], ["0", "2", "4"])
+    with HostReads() as mode:
+        mode.taint(*model.parameters())
+        out = plan.parameter_values(model)
+    assert mode.reads == [("probes._pending", "fetch", "to")], mode.reads
+    from probes.weights import weight_spectrum
+
+    for layer in plan.layers:
+        want = weight_spectrum(model[int(layer)].weight.detach())
+        assert out.layer_values["weight_stable_rank"][layer] == want["stable_rank"]
+        s = np.linalg.svd(model[int(layer)].weight.detach().numpy(), compute_uv=False)
+        assert want["stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-12)
+
