@@ -217,3 +217,27 @@ def test_parameter_probes_read_once(model):
         s = np.linalg.svd(model[int(layer)].weight.detach().numpy(), compute_uv=False)
         assert want["stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-12)
 
+
+
+def test_a_monitor_evaluation_reads_once_per_probe_family():
+    """The Monitor (synchronous mode) adds no read of its own: one for the feature probes,
+    one for the parameter probes."""
+    from dynamics.monitor import Monitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
+                                torch.nn.Linear(64, 10))
+    x, y = torch.randn(200, 16), torch.arange(200) % 10
+    monitor = Monitor(model, probe_data=x, probe_targets=y, layers=["0", "2"],
+                      probes=["rankme", "alpha_req", "neural_collapse", "weight_spectra"],
+                      probe_kwargs={"alpha_req": {"fit_range": (1, 8)}},
+                      schedule=lambda step: True)
+    monitor.step(0)
+    with HostReads() as mode:
+        mode.taint(x, *model.parameters())
+        monitor.step(1)
+    assert mode.reads == [("probes._pending", "fetch", "to")] * 2, mode.reads
+    ds = monitor.to_dataset()
+    assert np.isfinite(ds["rankme"].sel(step=1)).all()
+    assert ds["rankme"].sel(step=1, layer="0") == pytest.approx(
+        rankme(model[0](x).detach()), rel=1e-12)
