@@ -20,6 +20,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -310,6 +311,42 @@ def monitor_parity(device: str, n: int = 2048, width: int = 256) -> float:
     return max(diffs)
 
 
+def host_syncs(device: str = "cuda", width: int = 256) -> tuple[int, list[str]]:
+    """Host synchronisations in one synchronous Monitor evaluation on ``device`` (RankMe,
+    alpha-ReQ, neural collapse and weight spectra of two 256-wide layers), counted by torch's
+    CUDA sync debug mode; returns the count and where they were made (file:line, distinct).
+
+    Expected (issue #16): one read of the feature probes' values and one of the parameter
+    probes' (:mod:`probes._pending`), plus the waits no Python code can avoid — torch's
+    LAPACK ``info`` check after each batched CUDA eigensolve / SVD, or the copy of a small
+    matrix to the CPU where :mod:`probes._solve` places its solve.  The CPU test
+    ``tests/probes/test_host_sync.py`` checks the Python side without a GPU."""
+    import warnings
+
+    from torch import nn
+
+    from dynamics.monitor import Monitor
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 10)).to(device)
+    x = torch.randn(2048, 64, device=device)
+    y = torch.arange(2048, device=device) % 10
+    mon = Monitor(model, probes=["rankme", "alpha_req", "neural_collapse", "weight_spectra"],
+                  layers=["1", "3"], probe_data=x, probe_targets=y, schedule=lambda s: True)
+    mon.step(0)  # warm-up: the solve crossover is measured once per process
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mon.step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message).lower()]
+    return len(syncs), list(dict.fromkeys(f"{Path(w.filename).name}:{w.lineno}" for w in syncs))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if "--jax-cpu" in args:
@@ -347,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parity = monitor_parity("cuda")
     print(f"{'monitor process (CPU) vs sync (CUDA)':<36} {'':>9} {'':>9} {'':>9} {parity:10.2e}"
           f"  rankme, alpha_req, nc1{'' if parity <= 1e-9 else '  DIFFERS (see Monitor docs)'}")
+    count, where = host_syncs("cuda")
+    print(f"{'host syncs, one sync-mode evaluation':<36} {count:>9d} {'':>9} {'':>9} {'':>10}"
+          f"  at {', '.join(where[:8])}")
     # theory: numpy on the host against the jax path on the GPU (float64, tolerance 1e-10)
     gpu = jax_gpu()
     if gpu is None:
