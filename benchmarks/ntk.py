@@ -122,27 +122,36 @@ def _sync(device: torch.device) -> None:
 
 def timeit_interleaved(fns: dict, repeats: int, device: torch.device = CPU,
                        cpu: dict | None = None) -> dict:
-    """Best wall time of each function over rounds that alternate between them (after a warm-up).
+    """Best wall time of each function over rounds that alternate between them (after warm-up).
 
     Alternating rounds and taking the minimum keep a shared machine's load bursts from landing
-    on one method only.  Functions faster than 0.1 s get more rounds (up to 30, about 1 s in
-    all), so millisecond timings are minima over many calls; ones slower than 3 s get one.
-    On CUDA each call is bracketed by a synchronisation.  ``cpu``, if given, receives the best
-    process CPU time of each (all threads; steadier than wall time on a loaded machine).
+    on one method only; the order rotates every round, so each method is timed after each of
+    the others (a fast method timed right after a slow one finds caches and the allocator in
+    the state the slow one left, which on its own costs it 20-40 % at millisecond sizes).
+    Functions faster than 0.1 s get more rounds (up to 30, about 1 s in all), so millisecond
+    timings are minima over many calls; ones slower than 3 s get one.  The round count comes
+    from a second warm-up call (the first one plans).  On CUDA each call is bracketed by a
+    synchronisation.  ``cpu``, if given, receives the best process CPU time of each (all
+    threads; steadier than wall time on a loaded machine).
     """
     best, reps = {}, {}
     cpu = {} if cpu is None else cpu
     for name, fn in fns.items():
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        warm = time.perf_counter() - t
+        for _ in range(2):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            warm = time.perf_counter() - t
+            if warm > 3:
+                break
         best[name] = float("inf")
         reps[name] = 1 if warm > 3 else max(repeats, min(30, int(1.0 / max(warm, 1e-4))))
+    names = list(fns)
     for r in range(max(reps.values())):
-        for name, fn in fns.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:
             if r < reps[name]:
+                fn = fns[name]
                 _sync(device)
                 t, c = time.perf_counter(), time.process_time()
                 fn()

@@ -432,18 +432,21 @@ def _unit_signals(g: torch.Tensor) -> bool:
     return bool(torch.equal(g[:, :, 0], eye.expand(n, k, k)))
 
 
-SYM_WORK = 2e8
-"""Multiply-adds of a symmetric block above which it is computed in row panels, upper panels
-only (below it, the extra calls cost more than the skipped products save)."""
+SYM_WORK = 1e8
+"""Multiply-adds of a symmetric block from which it is computed in row strips, upper part only
+(below it, the extra calls cost about what the skipped products save).  Measured on the 2-core
+VM, one thread (``benchmarks/ntk.py`` shapes): strips are even at ~4·10⁷ multiply-adds and save
+10–30 % from 10⁸; four strips beat two from ~2.5·10⁸ (three, unevenly cut, never won)."""
 
 
 def block_sym(F: Factors, output: str, k: int) -> torch.Tensor:
     """``block(F, F, …)`` of a symmetric kernel, in the *final* layout: ``(n, n, k, k)`` for
     ``"full"``, ``(n, n)`` for ``"trace"``.
 
-    Large blocks are cut into ``m`` row panels and only the ``m(m+1)/2`` panel pairs on and
-    above the diagonal are computed (each Gram's products shrink to ``(m+1)/2m`` of the
-    whole); the panels below are their transposes.
+    Large blocks are cut into ``m`` row strips, strip ``i`` against samples ``i…n`` only (one
+    product per strip), so the Grams' products shrink to ``(m+1)/2m`` of the whole; the part
+    below the diagonal is the transpose of the part above, written in the same pass that puts
+    the block in its final layout.
     """
     n = _samples(F)
     m = _panels(block_work(F, output, k))
@@ -452,22 +455,17 @@ def block_sym(F: Factors, output: str, k: int) -> torch.Tensor:
         K = block(F, F, output, k)
         return K.permute(0, 2, 1, 3).contiguous() if full else K
     cuts = [round(i * n / m) for i in range(m + 1)]
-    parts = [F.rows(slice(cuts[i], cuts[i + 1])) for i in range(m)]
     ref = next(t for t in (*F.jac, *F.unit, *(a for a, _ in F.groups)))
     K = torch.empty((n, n, k, k) if full else (n, n), dtype=ref.dtype, device=ref.device)
     for i in range(m):
-        r = slice(cuts[i], cuts[i + 1])
-        for j in range(i, m):
-            c = slice(cuts[j], cuts[j + 1])
-            B = block(parts[i], parts[j], output, k)
-            if full:
-                K[r, c] = B.permute(0, 2, 1, 3)
-                if j > i:
-                    K[c, r] = B.permute(2, 0, 3, 1)
-            else:
-                K[r, c] = B
-                if j > i:
-                    K[c, r] = B.T
+        r0, r1 = cuts[i], cuts[i + 1]
+        B = block(F.rows(slice(r0, r1)), F.rows(slice(r0, n)), output, k)
+        if full:  # B[i, a, j, b] → K[i, j, a, b]; below the diagonal K[j, i, b, a]
+            K[r0:r1, r0:] = B.permute(0, 2, 1, 3)
+            K[r1:, r0:r1] = B[:, :, r1 - r0:].permute(2, 0, 3, 1)
+        else:
+            K[r0:r1, r0:] = B
+            K[r1:, r0:r1] = B[:, r1 - r0:].T
     return K
 
 
@@ -477,7 +475,7 @@ def _samples(F: Factors) -> int:
 
 def _panels(work: float) -> int:
     """Row panels for a symmetric block of ``work`` multiply-adds (:data:`SYM_WORK`)."""
-    return 1 if work < SYM_WORK else 2 if work < 6 * SYM_WORK else 4
+    return 1 if work < SYM_WORK else 2 if work < 2.5 * SYM_WORK else 4
 
 
 def block_work(F: Factors, output: str, k: int) -> float:
