@@ -90,6 +90,18 @@ class Evaluator:
                 self.references.record(out.states)
         return out
 
+    def parameter_measurement(self, weights: Mapping[str, Any]) -> Measurement:
+        """The parameter probes of a weight snapshot (:meth:`ProbePlan.weights`), compared
+        with this evaluator's first/previous states (thread mode: the worker computes them, so
+        that their solves overlap training)."""
+        plan = self.plan
+        with torch.no_grad():
+            out = plan.parameter_values(weights)
+            if plan.references and out.states:
+                out = out | plan.compare(out.states, self.references.get)
+                self.references.record(out.states)
+        return out
+
     def feature_values(self, feats: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of the scalar per-layer feature probes."""
         return self.feature_measurement(feats).per_layer(self.layers)
@@ -164,8 +176,12 @@ class Evaluator:
         return ds
 
     def evaluate(self, step: int, feats: Mapping[str, Any] | None, extra: Measurement,
-                 scalars: Mapping[str, float]) -> xr.Dataset:
-        """Feature probes of ``feats`` (``None``: none), merged with ``extra`` (the model and
-        parameter probes measured on the training side), as one evaluation's Dataset."""
+                 scalars: Mapping[str, float], weights: Mapping[str, Any] | None = None
+                 ) -> xr.Dataset:
+        """Feature probes of ``feats`` (``None``: none) and parameter probes of ``weights``
+        (a snapshot; ``None``: measured on the training side, in ``extra``), merged with
+        ``extra`` (the model probes), as one evaluation's Dataset."""
         measurement = self.feature_measurement(feats) if feats is not None else Measurement()
+        if weights is not None:
+            measurement = measurement | self.parameter_measurement(weights)
         return self.build(step, measurement | extra, scalars)

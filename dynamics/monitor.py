@@ -43,7 +43,9 @@ restarted run) is given.  :meth:`Monitor.save` (or
 **Three modes** (``background=``).  In every mode the training thread runs, at a scheduled
 step, the probe forward pass and the model probes (they need the current weights) inside the
 same state preservation; the modes differ in where the *feature probes*, building the Dataset
-and the Zarr append run.  All three record the same Dataset and the same Zarr store (tested)
+and the Zarr append run (and, in thread mode, the parameter probes, on a snapshot of the
+weights).  Every mode reads the probes' numbers from the device once per probe family and
+evaluation (:mod:`probes._pending`).  All three record the same Dataset and the same Zarr store (tested)
 through one code path (:class:`dynamics._evaluator.Evaluator` and
 :class:`dynamics.storage.ZarrStream`).
 
@@ -81,9 +83,13 @@ through one code path (:class:`dynamics._evaluator.Evaluator` and
   The worker thread computes on one intra-op thread: ``torch.set_num_threads`` is a per-thread
   setting (OpenMP's ``nthreads`` is a per-thread variable), so the worker's
   ``torch.set_num_threads(1)`` leaves the training thread's count as it was.
+  The parameter probes (weight spectra) run in the worker too, on a clone of the layers'
+  weights queued at :meth:`Monitor.step` (tested: weights changed by later steps do not reach
+  the recorded values), so their SVDs are off the training thread.
   On CUDA the worker thread computes on its own CUDA stream (after an event recorded behind
-  the captured features), so its kernels overlap training's instead of queueing behind them
-  on the default stream (written without a GPU at hand: its overlap is unmeasured).
+  the captured features and the weight clones), so its kernels overlap training's instead of
+  queueing behind them on the default stream (written without a GPU at hand: its overlap is
+  unmeasured).
 
 **Process mode on a GPU run** computes the feature probes on the CPU from the same float32
 (or bfloat16 → float32) features that synchronous mode uses on the GPU: both accumulate in
@@ -536,11 +542,11 @@ class Monitor:
                 out[:, j] = values[probe.name]
         return out
 
-    def _model_measurement(self, step: int = 0) -> Measurement:
-        """Parameter and model probes, compared with their references (inside preserved
-        state; the model probes run in eval mode)."""
+    def _model_measurement(self, step: int = 0, parameters: bool = True) -> Measurement:
+        """Parameter (unless ``parameters=False``) and model probes, compared with their
+        references (inside preserved state; the model probes run in eval mode)."""
         plan = self.plan
-        out = plan.parameter_values(self.model)
+        out = plan.parameter_values(self.model) if parameters else Measurement()
         if plan.model_probes:
             inputs, targets = _concat(self.probe_data), _concat(self.probe_targets)
             self.model.eval()
@@ -597,17 +603,20 @@ class Monitor:
 
     def _background_job(self, evaluator: Evaluator, step: int,
                         feats: Mapping[str, torch.Tensor] | None, extra: Measurement,
-                        scalars: Mapping[str, float], ready: Any = None) -> None:
+                        scalars: Mapping[str, float], ready: Any = None,
+                        weights: Mapping[str, torch.Tensor | None] | None = None) -> None:
         start = _time.perf_counter()
         if ready is not None:  # CUDA: compute on the monitor's own stream (see _side_stream)
-            stream = self._side_stream(next(iter(feats.values())).device)
+            tensors = [t for t in [*(feats or {}).values(), *(weights or {}).values()]
+                       if t is not None]
+            stream = self._side_stream(tensors[0].device)
             with torch.cuda.stream(stream):
                 stream.wait_event(ready)
-                for t in feats.values():
+                for t in tensors:
                     t.record_stream(stream)
-                ds = evaluator.evaluate(step, feats, extra, scalars)
+                ds = evaluator.evaluate(step, feats, extra, scalars, weights)
         else:
-            ds = evaluator.evaluate(step, feats, extra, scalars)
+            ds = evaluator.evaluate(step, feats, extra, scalars, weights)
         self._record(ds)
         self.seconds_background += _time.perf_counter() - start
 
@@ -621,12 +630,15 @@ class Monitor:
         return streams[device]
 
     @staticmethod
-    def _ready_event(feats: Mapping[str, torch.Tensor] | None) -> Any:
-        """A CUDA event recorded after the captured features on the training stream (the
-        worker's stream waits for it), or ``None`` off CUDA."""
-        if not feats:
+    def _ready_event(feats: Mapping[str, torch.Tensor] | None,
+                     weights: Mapping[str, torch.Tensor | None] | None = None) -> Any:
+        """A CUDA event recorded after the captured features and the weight snapshot on the
+        training stream (the worker's stream waits for it), or ``None`` off CUDA."""
+        tensors = [t for t in [*(feats or {}).values(), *(weights or {}).values()]
+                   if t is not None]
+        if not tensors:
             return None
-        first = next(iter(feats.values()))
+        first = tensors[0]
         if first.device.type != "cuda":
             return None
         event = torch.cuda.Event()
@@ -681,8 +693,13 @@ class Monitor:
                              if self.plan.has_layer_probes and features_due else None)
                     arrays = (None if feats is None or not process
                               else {k: to_numpy(v) for k, v in feats.items()})
-                extra = (self._model_measurement(step) if model_due
-                         else self._not_due(("parameters", "model")))
+                # thread mode: the parameter probes run in the worker on a snapshot of the
+                # weights (a queued clone), so that their solves overlap training
+                weights = (self.plan.weights(self.model, copy=True)
+                           if not process and model_due and self.plan.parameter_probes
+                           else None)
+                extra = (self._model_measurement(step, parameters=weights is None)
+                         if model_due else self._not_due(("parameters", "model")))
                 if not features_due:
                     extra = extra | self._not_due(("features", "labelled_features"))
             if process:
@@ -697,7 +714,7 @@ class Monitor:
                         initializer=torch.set_num_threads, initargs=(1,))
                 self._pending.append(self._executor.submit(
                     self._background_job, self._evaluator(), int(step), feats, extra, scalars,
-                    self._ready_event(feats)))
+                    self._ready_event(feats, weights), weights))
         self.seconds_spent += _time.perf_counter() - start
         return True
 

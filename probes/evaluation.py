@@ -308,26 +308,43 @@ class ProbePlan:
         out.notes = notes.texts()
         return out
 
-    def parameter_values(self, model: torch.nn.Module) -> Measurement:
-        """Values of the ``parameters`` probes: each layer's ``weight`` (``ndim ≥ 2``)."""
+    def weights(self, model: torch.nn.Module, copy: bool = False
+                ) -> dict[str, torch.Tensor | None]:
+        """Each plan layer's ``weight`` (``ndim ≥ 2``; ``None`` where there is none), detached —
+        cloned with ``copy=True`` (a snapshot that later training steps do not change; on a
+        GPU the clone is queued, not waited for)."""
+        modules = dict(model.named_modules())
+        out: dict[str, torch.Tensor | None] = {}
+        with torch.no_grad():
+            for layer in self.layers:
+                weight = getattr(modules.get(layer), "weight", None)
+                if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+                    out[layer] = None
+                else:
+                    out[layer] = weight.detach().clone() if copy else weight.detach()
+        return out
+
+    def parameter_values(self, model: torch.nn.Module | Mapping[str, torch.Tensor | None]
+                         ) -> Measurement:
+        """Values of the ``parameters`` probes: each layer's ``weight`` (``ndim ≥ 2``), from the
+        model or from a snapshot of :meth:`weights`."""
         out = Measurement()
         if not (self.parameter_probes and self.layers):
             return out
-        modules = dict(model.named_modules())
+        weights = model if isinstance(model, Mapping) else self.weights(model)
         notes = _Notes()
         computed: dict[str, list[tuple[Probe, Any]]] = {layer: [] for layer in self.layers}
         early: dict[str, list[str]] = {}
         with notes, torch.no_grad():
             for layer in self.layers:  # on the device (pending answers are read below)
                 first = len(notes.caught)
-                weight = getattr(modules.get(layer), "weight", None)
-                if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
+                weight = weights.get(layer)
+                if weight is None:
                     warnings.warn(f"layer {layer!r} has no weight matrix: its parameter probes "
                                   "are NaN", RuntimeWarning, stacklevel=2)
                 else:
                     for probe in self.parameter_probes:
-                        computed[layer].append((probe, probe.fn(weight.detach(),
-                                                                **probe.kwargs)))
+                        computed[layer].append((probe, probe.fn(weight, **probe.kwargs)))
                 early[layer] = notes.texts_since(first)
             self._finish(out, computed, early, notes)
         out.notes = notes.texts()

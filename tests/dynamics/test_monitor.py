@@ -687,3 +687,30 @@ def test_a_worker_that_falls_behind_holds_at_most_max_pending_evaluations(backgr
     with pytest.raises(ValueError, match="max_pending"):
         Monitor(model, probes=[SLOW], layers=["1"], probe_data=torch.randn(10, 4),
                 max_pending=0)
+
+
+def test_thread_mode_parameter_probes_see_the_weights_of_their_step(monkeypatch):
+    """Thread mode computes the parameter probes in the worker, from a snapshot of the weights
+    taken at step(): training that changes the weights before the worker runs (held back here
+    by 0.3 s) does not change what is recorded.  Reference: the spectral norm by numpy SVD."""
+    from dynamics._evaluator import Evaluator
+
+    original = Evaluator.parameter_measurement
+
+    def slow(self, weights):
+        time.sleep(0.3)
+        return original(self, weights)
+
+    monkeypatch.setattr(Evaluator, "parameter_measurement", slow)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
+    want = np.linalg.svd(model[0].weight.detach().numpy().astype(float), compute_uv=False)[0]
+    mon = Monitor(model, probe_data=torch.randn(64, 8), layers=["0", "2"],
+                  probes=["rankme", "weight_spectra"], schedule=lambda s: True,
+                  background="thread")
+    with mon:
+        mon.step(0)
+        with torch.no_grad():
+            model[0].weight.mul_(3.0)  # "training" moves on before the worker reads
+    got = float(mon.to_dataset()["weight_spectral_norm"].sel(step=0, layer="0"))
+    assert got == pytest.approx(want, rel=1e-6)
