@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -461,3 +463,74 @@ def test_non_finite_sample_gives_nan_row_and_column_with_a_warning():
     assert bad[2].all() and bad[:, 2].all() and int(bad.sum()) == 7
     keep = [0, 1, 3]
     assert rel_err(K[keep][:, keep], good[keep][:, keep]) < 1e-12
+
+
+# ----------------------------------------------------------------------------- fast paths
+class ScaledHead(nn.Module):
+    """An MLP whose output is twice its last Linear's output: signals 2·δ_ac, not one-hot."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return 2 * self.net(x)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "tied", "nobias_one_output"])
+@pytest.mark.parametrize("strips", [2, 4])
+def test_symmetric_row_strips_equal_brute_force(monkeypatch, name, strips):
+    """Upper row strips, mirrored below the diagonal (forced on small models; by default
+    only blocks of ≥ 10⁸ multiply-adds use them) vs the float64 brute-force Jacobian kernel."""
+    from probes import _ntk_structured as st
+
+    monkeypatch.setattr(st, "_panels", lambda work: strips)
+    model, shape = models()[name]
+    model = model.double()
+    x = torch.randn(9, *shape, dtype=torch.float64)  # 9 rows: uneven strips
+    ref = brute_ntk(model, x)
+    K = empirical_ntk(model, x, output="full", method="structured")
+    assert rel_err(K, ref) < 1e-9, f"{name}/{strips}: {rel_err(K, ref):.2e}"
+    tr = empirical_ntk(model, x, output="trace", method="structured")
+    assert rel_err(tr, torch.einsum("ijaa->ij", ref)) < 1e-9
+    # and chunked, where the diagonal chunks take the strips
+    Kc = empirical_ntk(model, x, output="full", method="structured", chunk_size=4)
+    assert rel_err(Kc, ref) < 1e-9
+
+
+def test_unit_signal_output_layer_is_detected_exactly():
+    """A model returning its last Linear's output keeps that layer as activations only (its
+    signal Gram is δ_ab); a scaled output (signals 2·δ) must not be taken for one; both
+    kernels equal the float64 brute-force Jacobian kernel."""
+    from probes import _ntk_structured as st
+    from probes._ntk_common import requires_grad
+    from probes._ntk_engines import jacobian_rows
+
+    torch.manual_seed(1)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for model, unit, layers in ((models()["mlp"][0].double(), 1, 3),
+                                (ScaledHead().double(), 0, 2)):
+        chosen = select_parameters(model)
+        with torch.enable_grad(), requires_grad(chosen.values()):
+            plan, rec = st.plan_structured(model, x, chosen, True, 6)
+            F = st.structured_factors(model, x, plan, jacobian_rows, rec)
+        assert len(F.unit) == unit and len(F.unit) + len(F.groups) == layers
+        ref = brute_ntk(model, x)
+        for output, want in (("full", ref), ("trace", torch.einsum("ijaa->ij", ref))):
+            K = empirical_ntk(model, x, output=output, method="structured")
+            assert rel_err(K, want) < 1e-12, (type(model).__name__, output)
+
+
+def test_nonfinite_check_is_not_fooled_by_an_overflowing_sum():
+    """The one-reduction check: finite entries whose float32 sum overflows raise no warning;
+    an infinite entry is counted."""
+    from probes.ntk import _warn_nonfinite
+
+    K = torch.full((3, 3), 3e38, dtype=torch.float32)  # sum = inf, every entry finite
+    assert not torch.isfinite(K.sum())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _warn_nonfinite(K, "t") is K
+    K[1, 2] = float("inf")
+    with pytest.warns(RuntimeWarning, match="1 of 9 kernel entries"):
+        _warn_nonfinite(K, "t")
