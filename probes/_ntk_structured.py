@@ -45,6 +45,7 @@ class Call:
     bias: torch.Tensor | None
     a: torch.Tensor  # (n, T, p) input rows (im2col patches; x̂ for norms)
     y: torch.Tensor  # the op's output, as recorded (autograd target)
+    cut: tuple | None = None  # (input, its version, geometry, sources) of a cut conv
 
 
 def _conv_args(args: tuple, kwargs: dict, dims: int) -> tuple | None:
@@ -84,17 +85,70 @@ def _im2col(x: torch.Tensor, ks, stride, padding, dilation) -> torch.Tensor:
     return cols.transpose(1, 2)
 
 
+_SOURCES: dict = {}
+
+
+def _sources(spatial: tuple, ks, stride, padding, dilation, device) -> torch.Tensor:
+    """``(L·∏ks,)``: for each patch entry ``(l, κ)`` of :func:`_im2col`, 1 + the flat input
+    position it reads, or 0 for a tap in the padding."""
+    key = (spatial, ks, stride, padding, dilation, device)
+    if key not in _SOURCES:
+        HW = math.prod(spatial)
+        img = torch.arange(1, HW + 1, dtype=torch.float64).reshape(1, 1, *spatial)
+        cols = _im2col(img, ks, stride, padding, dilation)[0]  # (L, ∏ks)
+        if len(_SOURCES) > 64:
+            _SOURCES.clear()
+        _SOURCES[key] = cols.reshape(-1).round().long().to(device)
+    return _SOURCES[key]
+
+
+def _conv_input_grad(gy: torch.Tensor, c: Call) -> torch.Tensor:
+    """``(k, n, q, *out)`` output signals of a cut convolution → ``(k, n, C, *in)`` signals of
+    its input (the transposed convolution, for all ``k·n`` rows at once): patch gradients
+    ``g W`` (one product), scatter-added onto the input positions they were read from."""
+    x, _, geo, src = c.cut
+    k, n, q = gy.shape[:3]
+    N, C = k * n, x.shape[1]
+    kk = c.weight[0, 0].numel()
+    L = gy[0, 0, 0].numel()
+    W = c.weight.detach().reshape(q, C, kk).transpose(1, 2).reshape(q, kk * C)
+    cols = gy.reshape(N, q, L).transpose(1, 2).reshape(N * L, q) @ W  # rows (N, l), cols (κ, C)
+    HW = x[0, 0].numel()
+    out = torch.zeros(N, HW + 1, C, dtype=cols.dtype, device=cols.device)
+    out.index_add_(1, src, cols.view(N, L * kk, C))
+    # contiguous: a batched backward through a strided gradient runs ~10x slower
+    return out[:, 1:].transpose(1, 2).contiguous().view(k, *x.shape)
+
+
 class Recorder(MathMode):
     """Intercept linear / conv / norm calls whose weight or bias is chosen (module docstring)."""
 
-    def __init__(self, ids: set[int]) -> None:
+    def __init__(self, ids: set[int], cut: bool = False) -> None:
         super().__init__()
         self.ids = ids
+        self.cut = cut
         self.calls: list[Call] = []
         self.other_uses: list[tuple[str, int]] = []  # chosen tensors seen in other calls
 
     def _chosen(self, w, b) -> bool:
         return id(w) in self.ids or (b is not None and id(b) in self.ids)
+
+    def _cut_conv(self, func, args, kwargs, x, w, b):
+        """A convolution whose input needs signals, computed on detached tensors with its
+        output as an autograd leaf (see :func:`record`); None where the geometry is not
+        supported."""
+        dims = _CONV[func]
+        geo = _conv_args(args, kwargs, dims)
+        if geo is None or x.ndim != dims + 2 or w is None:
+            return None
+        ks, stride, padding, dilation = geo
+        y = func(x.detach(), w.detach(), None if b is None else b.detach(), stride, padding,
+                 dilation, 1)
+        y.requires_grad_(True)
+        a = _im2col(x.detach(), *geo)
+        src = _sources(tuple(x.shape[2:]), *geo, x.device)
+        self.calls.append(Call("conv", w, b, a, y, (x, x._version, geo, src)))
+        return y.clone()
 
     def handle(self, func, args, kwargs):
         if func is _LINEAR or func in _CONV:
@@ -103,6 +157,10 @@ class Recorder(MathMode):
             w, b = vals.get("weight"), vals.get("bias")
             if self._chosen(w, b):
                 x = vals["input"]
+                if func is not _LINEAR and self.cut and x.requires_grad:
+                    cut = self._cut_conv(func, args, kwargs, x, w, b)
+                    if cut is not None:
+                        return cut
                 y = func(*args, **kwargs)
                 if func is _LINEAR:
                     if x.ndim < 2:
@@ -177,23 +235,29 @@ class Factors:
 def signals(f: torch.Tensor, ys: list[torch.Tensor]) -> list[torch.Tensor]:
     """``∂f_a/∂y`` for each recorded ``y`` and every output ``a``, stacked as ``(k, *y.shape)``."""
     n, k = f.shape
-    if k == 1:  # one output: a plain backward
-        gs = torch.autograd.grad(f, ys, grad_outputs=torch.ones_like(f), retain_graph=True,
-                                 allow_unused=True)
-        return [torch.zeros((1, *y.shape), dtype=y.dtype, device=y.device) if g is None
-                else g[None] for g, y in zip(gs, ys, strict=False)]
     eye = torch.eye(k, dtype=f.dtype, device=f.device)
-    cot = eye[:, None, :].expand(k, n, k)
-    try:
-        gs = torch.autograd.grad(f, ys, grad_outputs=cot, is_grads_batched=True,
-                                 retain_graph=True, allow_unused=True)
-    except RuntimeError:  # an op without a batching rule: one backward per output
-        per = [torch.autograd.grad(f[:, a].sum(), ys, retain_graph=True, allow_unused=True)
-               for a in range(k)]
-        gs = [None if per[0][i] is None else torch.stack([p[i] for p in per])
-              for i in range(len(ys))]
+    gs = _vjp(f, ys, eye[:, None, :].expand(k, n, k))
     return [torch.zeros((k, *y.shape), dtype=y.dtype, device=y.device) if g is None else g
             for g, y in zip(gs, ys, strict=False)]
+
+
+def _vjp(out: torch.Tensor, targets: list[torch.Tensor], cot: torch.Tensor) -> list:
+    """``cot[r]ᵀ ∂out/∂target`` for every row ``r`` of ``cot (k, *out.shape)``: one batched
+    backward (a plain one when ``k = 1``), or one per row for ops without a batching rule;
+    ``(k, *target.shape)`` per target, None where it does not reach it."""
+    k = cot.shape[0]
+    if k == 1:
+        gs = torch.autograd.grad(out, targets, grad_outputs=cot[0], retain_graph=True,
+                                 allow_unused=True)
+        return [None if g is None else g[None] for g in gs]
+    try:
+        return list(torch.autograd.grad(out, targets, grad_outputs=cot, is_grads_batched=True,
+                                        retain_graph=True, allow_unused=True))
+    except RuntimeError:  # an op without a batching rule: one backward per row
+        per = [torch.autograd.grad(out, targets, grad_outputs=cot[r], retain_graph=True,
+                                   allow_unused=True) for r in range(k)]
+        return [None if per[0][i] is None else torch.stack([p[i] for p in per])
+                for i in range(len(targets))]
 
 
 def _g_rows(g: torch.Tensor, kind: str) -> torch.Tensor:
@@ -230,12 +294,36 @@ class Recording:
         return self.cache[key]
 
 
-def record(model, x, ids) -> Recording:
-    """Forward with the recorder on, then the batched backward."""
-    with Recorder(ids) as rec:
+def record(model, x, ids, cut: bool = False) -> Recording:
+    """Forward with the recorder on, then the batched backward of the signals.
+
+    With ``cut``, convolutions whose input needs signals run on detached tensors, their
+    outputs autograd leaves: the batched backward stops there, the convolution's transposed
+    product is done for all ``k`` outputs at once (:func:`_conv_input_grad`), and a further
+    batched backward from its input carries the signals on, the cut calls taken last to first
+    (a signal reaches a layer from every later cut that its output feeds, and from ``f``
+    directly).  Parameter gradients do not flow through cut calls, so plans are verified on
+    uncut recordings.  If an input was modified in place after its convolution read it, the
+    recording is made again uncut.
+    """
+    with Recorder(ids, cut) as rec:
         f = outputs(model, x)
-    gs = signals(f, [c.y for c in rec.calls]) if rec.calls else []
-    return Recording(f, rec.calls, gs, rec.n_ops, other_uses=tuple(rec.other_uses))
+    calls = rec.calls
+    cuts = [i for i, c in enumerate(calls) if c.cut is not None]
+    if any(calls[i].cut[0]._version != calls[i].cut[1] for i in cuts):
+        return record(model, x, ids)
+    ys = [c.y for c in calls]
+    gs = signals(f, ys) if calls else []
+    for i in reversed(cuts):
+        upstream = list(range(i))
+        gx = _conv_input_grad(gs[i], calls[i])
+        if not upstream or not calls[i].cut[0].requires_grad:
+            continue
+        more = _vjp(calls[i].cut[0], [ys[j] for j in upstream], gx)
+        for j, g in zip(upstream, more, strict=True):
+            if g is not None:
+                gs[j] = gs[j] + g
+    return Recording(f, calls, gs, rec.n_ops, other_uses=tuple(rec.other_uses))
 
 
 def _key(p) -> int | None:
@@ -389,10 +477,13 @@ def cached_plan(model, x, chosen: dict[str, nn.Parameter], full: bool, n_total: 
         per_model = _PLANS.setdefault(model, {})
     except TypeError:  # not weak-referenceable: no cache
         return plan_structured(model, x, chosen, full, n_total)
-    rec = record(model, x, set(map(id, chosen.values())))
+    ids = set(map(id, chosen.values()))
+    rec = record(model, x, ids, cut=True)
     plan = per_model.get(key)
     if plan is not None and plan.fingerprint == rec.fingerprint(x):
         return plan, rec
+    if any(c.cut is not None for c in rec.calls):  # verification needs parameter gradients
+        rec = record(model, x, ids)
     plan, rec = plan_structured(model, x, chosen, full, n_total, rec)
     per_model[key] = plan
     return plan, rec
@@ -408,7 +499,7 @@ def structured_factors(model, x, plan: Plan, jacobian_rows,
     """
     ids = {id(p) for g in plan.groups for p in (g.weight, g.bias) if p is not None}
     if recorded is None:
-        recorded = record(model, x, ids) if ids else Recording(None, [], [])
+        recorded = record(model, x, ids, cut=True) if ids else Recording(None, [], [])
     out = Factors()
     for grp in plan.groups:
         a, g = recorded.factors(grp)

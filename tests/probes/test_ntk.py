@@ -534,3 +534,63 @@ def test_nonfinite_check_is_not_fooled_by_an_overflowing_sum():
     K[1, 2] = float("inf")
     with pytest.warns(RuntimeWarning, match="1 of 9 kernel entries"):
         _warn_nonfinite(K, "t")
+
+
+class TwoConv1d(nn.Module):
+    """Conv1d ('same' padding) → tanh → dilated Conv1d → flatten → Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 3, 3, padding="same")
+        self.c2 = nn.Conv1d(3, 4, 3, dilation=2)
+        self.head = nn.Linear(4 * 4, 2)
+
+    def forward(self, x):
+        return self.head(self.c2(torch.tanh(self.c1(x))).flatten(1))
+
+
+class ResidualConv(nn.Module):
+    """A skip connection around a convolution, then a strided, padded one: signals reach the
+    first layer both through the cut convolutions and around them."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 3, 3, padding=1)
+        self.c2 = nn.Conv2d(3, 3, 3, padding=1)
+        self.c3 = nn.Conv2d(3, 2, 3, stride=2, padding=1)
+        self.head = nn.Linear(2 * 3 * 3, 3)
+
+    def forward(self, x):
+        z = torch.relu(self.c1(x))
+        z = torch.tanh(self.c2(z) + z)
+        return self.head(torch.relu(self.c3(z)).flatten(1))
+
+
+@pytest.mark.parametrize("name", ["cnn", "conv1d_two", "residual"])
+def test_cut_convolutions_give_the_uncut_signals_and_the_brute_force_kernel(name):
+    """Convolutions whose input needs signals are cut out of the batched backward (their
+    transposed product done for all outputs at once): the signals equal those of the plain
+    batched backward, and the kernels of the first call (uncut, verified) and of later calls
+    (cached plan, cut recordings) equal the float64 brute-force Jacobian kernel."""
+    from probes import _ntk_structured as st
+    from probes._ntk_common import requires_grad
+
+    torch.manual_seed(2)
+    model, shape = {"cnn": models()["cnn"], "conv1d_two": (TwoConv1d(), (2, 8)),
+                    "residual": (ResidualConv(), (2, 6, 6))}[name]
+    model = model.double()
+    x = torch.randn(5, *shape, dtype=torch.float64)
+    chosen = select_parameters(model)
+    ids = set(map(id, chosen.values()))
+    with torch.enable_grad(), requires_grad(chosen.values()):
+        cut, plain = st.record(model, x, ids, cut=True), st.record(model, x, ids)
+    assert sum(c.cut is not None for c in cut.calls) == {"cnn": 1, "conv1d_two": 1,
+                                                          "residual": 2}[name]
+    for g1, g0 in zip(cut.gs, plain.gs, strict=True):
+        assert rel_err(g1, g0) < 1e-12
+    ref = brute_ntk(model, x)
+    for _ in range(2):  # the second call reuses the plan and records with cuts
+        assert rel_err(empirical_ntk(model, x, output="full", method="structured"), ref) < 1e-9
+    x2 = torch.randn(3, *shape, dtype=torch.float64)
+    cross = torch.einsum("ijaa->ij", brute_ntk(model, x, x2))
+    assert rel_err(empirical_ntk(model, x, x2, method="structured"), cross) < 1e-9
