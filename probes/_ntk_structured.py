@@ -599,7 +599,8 @@ def block(F1: Factors, F2: Factors, output: str, k: int) -> torch.Tensor:
             # Gram is repeated along (j, b) so the product runs along contiguous rows (a
             # broadcast over the inner b axis is several times slower)
             H = (g1.reshape(n1 * k, -1) @ g2.reshape(n2 * k, -1).T).view(n1, k, n2 * k)
-            A = (a1[:, 0] @ a2[:, 0].T).repeat_interleave(k, dim=1)[:, None, :]
+            A = a1[:, 0] @ a2[:, 0].T
+            A = (A if k == 1 else A.repeat_interleave(k, dim=1))[:, None, :]
             K = H.mul_(A) if K is None else K.addcmul_(H, A)
         K = None if K is None else K.view(n1, k, n2, k)
         for J1, J2 in zip(F1.jac, F2.jac, strict=False):
@@ -609,10 +610,12 @@ def block(F1: Factors, F2: Factors, output: str, k: int) -> torch.Tensor:
             else:
                 K.view(n1 * k, n2 * k).addmm_(J1, J2.T)
         for a1, a2 in zip(F1.unit, F2.unit, strict=False):
-            A = a1[:, 0] @ a2[:, 0].T
             if K is None:
-                K = torch.zeros(n1, k, n2, k, dtype=A.dtype, device=A.device)
-            K.diagonal(dim1=1, dim2=3).add_(A[:, :, None])
+                K = torch.zeros(n1, k, n2, k, dtype=a1.dtype, device=a1.device)
+            if k == 1:  # δ_ab = 1: accumulate inside the product
+                K.view(n1, n2).addmm_(a1[:, 0], a2[:, 0].T)
+            else:
+                K.diagonal(dim1=1, dim2=3).add_((a1[:, 0] @ a2[:, 0].T)[:, :, None])
         return K
     for (a1, g1), (a2, g2) in zip(F1.groups, F2.groups, strict=False):
         T = a1.shape[1]
