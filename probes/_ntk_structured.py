@@ -127,6 +127,7 @@ class Recorder(MathMode):
         super().__init__()
         self.ids = ids
         self.cut = cut
+        self.detached = False  # a convolution ran on detached tensors (no parameter gradients)
         self.calls: list[Call] = []
         self.other_uses: list[tuple[str, int]] = []  # chosen tensors seen in other calls
 
@@ -134,20 +135,30 @@ class Recorder(MathMode):
         return id(w) in self.ids or (b is not None and id(b) in self.ids)
 
     def _cut_conv(self, func, args, kwargs, x, w, b):
-        """A convolution whose input needs signals, computed on detached tensors with its
-        output as an autograd leaf (see :func:`record`); None where the geometry is not
-        supported."""
+        """A convolution in a ``cut`` recording (see :func:`record`): computed on detached
+        tensors as the product of its patches (which the factors need anyway) with the weight,
+        its output an autograd leaf; the input is kept for the transposed product when it
+        needs signals.  None where the geometry is not supported."""
         dims = _CONV[func]
         geo = _conv_args(args, kwargs, dims)
         if geo is None or x.ndim != dims + 2 or w is None:
             return None
         ks, stride, padding, dilation = geo
-        y = func(x.detach(), w.detach(), None if b is None else b.detach(), stride, padding,
-                 dilation, 1)
-        y.requires_grad_(True)
-        a = _im2col(x.detach(), *geo)
-        src = _sources(tuple(x.shape[2:]), *geo, x.device)
-        self.calls.append(Call("conv", w, b, a, y, (x, x._version, geo, src)))
+        a = _im2col(x.detach(), *geo)  # (n, L, C·∏ks)
+        n, L = a.shape[:2]
+        q = w.shape[0]
+        out = [(s + 2 * p - d * (k - 1) - 1) // st + 1
+               for s, k, st, p, d in zip(x.shape[2:], ks, stride, padding, dilation,
+                                         strict=True)]
+        wm = w.detach().reshape(q, -1)
+        y = (a.reshape(n * L, -1) @ wm.T if b is None
+             else torch.addmm(b.detach(), a.reshape(n * L, -1), wm.T))
+        y = y.view(n, L, q).transpose(1, 2).reshape(n, q, *out).requires_grad_(True)
+        cut = None
+        if x.requires_grad:
+            cut = (x, x._version, geo, _sources(tuple(x.shape[2:]), *geo, x.device))
+        self.calls.append(Call("conv", w, b, a, y, cut))
+        self.detached = True
         return y.clone()
 
     def handle(self, func, args, kwargs):
@@ -157,7 +168,7 @@ class Recorder(MathMode):
             w, b = vals.get("weight"), vals.get("bias")
             if self._chosen(w, b):
                 x = vals["input"]
-                if func is not _LINEAR and self.cut and x.requires_grad:
+                if func is not _LINEAR and self.cut:
                     cut = self._cut_conv(func, args, kwargs, x, w, b)
                     if cut is not None:
                         return cut
@@ -279,6 +290,7 @@ class Recording:
     ops: int = 0
     cache: dict = field(default_factory=dict)
     other_uses: tuple = ()
+    detached: bool = False  # some calls ran detached: no parameter gradients through them
 
     def fingerprint(self, x: torch.Tensor) -> tuple:
         """What the plan's validity rests on: the input's trailing shape, which chosen tensors
@@ -323,7 +335,8 @@ def record(model, x, ids, cut: bool = False) -> Recording:
         for j, g in zip(upstream, more, strict=True):
             if g is not None:
                 gs[j] = gs[j] + g
-    return Recording(f, calls, gs, rec.n_ops, other_uses=tuple(rec.other_uses))
+    return Recording(f, calls, gs, rec.n_ops, other_uses=tuple(rec.other_uses),
+                     detached=rec.detached)
 
 
 def _key(p) -> int | None:
@@ -482,7 +495,7 @@ def cached_plan(model, x, chosen: dict[str, nn.Parameter], full: bool, n_total: 
     plan = per_model.get(key)
     if plan is not None and plan.fingerprint == rec.fingerprint(x):
         return plan, rec
-    if any(c.cut is not None for c in rec.calls):  # verification needs parameter gradients
+    if rec.detached:  # verification needs parameter gradients
         rec = record(model, x, ids)
     plan, rec = plan_structured(model, x, chosen, full, n_total, rec)
     per_model[key] = plan

@@ -594,3 +594,22 @@ def test_cut_convolutions_give_the_uncut_signals_and_the_brute_force_kernel(name
     x2 = torch.randn(3, *shape, dtype=torch.float64)
     cross = torch.einsum("ijaa->ij", brute_ntk(model, x, x2))
     assert rel_err(empirical_ntk(model, x, x2, method="structured"), cross) < 1e-9
+
+
+@pytest.mark.parametrize("name", ["cnn", "conv1d"])
+def test_cached_plan_structures_every_convolution(name):
+    """Plans are verified on recordings with parameter gradients, so every convolution weight
+    is structured (none falls back to the Jacobian), also when the only convolution reads the
+    input, which cut recordings compute detached."""
+    from probes import _ntk_structured as st
+    from probes._ntk_common import requires_grad
+
+    model, shape = models()[name]
+    model = model.double()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    chosen = select_parameters(model)
+    with torch.enable_grad(), requires_grad(chosen.values()):
+        for _ in range(2):
+            plan, rec = st.cached_plan(model, x, chosen, True, 4)
+            assert plan.fallback == {} and len(plan.groups) == len(chosen) // 2
+    assert rel_err(empirical_ntk(model, x, output="full"), brute_ntk(model, x)) < 1e-9
