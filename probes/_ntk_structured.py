@@ -19,6 +19,18 @@ projections inside ``nn.MultiheadAttention`` are ``F.linear`` calls this engine 
 Everything else (embeddings, weights used outside these calls) falls back to the Jacobian
 engine; which parameters are structured is checked once by comparing a random-cotangent
 gradient with its reconstruction from the factors.
+
+Speed (same kernel, fewer or cheaper operations; each path is tested against the float64
+brute-force Jacobian kernel in ``tests/probes/test_ntk.py``):
+
+* an output layer whose signals are exactly one-hot (the model returns its ``y``) skips the
+  signal Gram: its block is ``δ_ab (a₁·a₂)`` (:func:`structured_factors`);
+* a symmetric kernel of ≥ :data:`SYM_WORK` multiply-adds is computed in row strips, upper part
+  only (:func:`block_sym`);
+* once a plan is verified, convolutions are recorded *cut* (:func:`record`): their outputs are
+  autograd leaves and their transposed product runs for all ``k`` outputs in one GEMM and a
+  scatter, where the batched backward (legacy ``vmap``) ran the convolution's backward once per
+  output.
 """
 
 from __future__ import annotations
