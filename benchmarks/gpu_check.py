@@ -282,11 +282,15 @@ def _print_dmft() -> int:
     return int(not ok)
 
 
-def monitor_parity(device: str, n: int = 2048, width: int = 256) -> float:
-    """Max relative difference between the Monitor's synchronous mode (probes on ``device``)
-    and its process mode (probes on the CPU, from the same captured features) for RankMe,
-    alpha-ReQ and NC1 of two hidden layers: issue #16 asks that they agree to float64
-    round-off or that the gap be explained."""
+def monitor_parity(device: str, n: int = 2048, width: int = 256) -> tuple[float, float]:
+    """``(process vs sync, sync vs sync)``: max relative differences of RankMe, alpha-ReQ and
+    NC1 of two hidden layers between the Monitor's synchronous mode (probes on ``device``) and
+    its process mode (probes on the CPU, from features captured on ``device``), and between
+    two synchronous runs.  Each Monitor runs its own float32 forward pass, so the second
+    number is the floor set by the device's forward pass alone (cuBLAS/cuDNN may sum in
+    another order from one call to the next); issue #16 asks that the modes agree to float64
+    round-off or that the gap be explained — a first number at the level of the second is the
+    forward pass, not the mode."""
     from torch import nn
 
     from dynamics.monitor import Monitor
@@ -297,18 +301,22 @@ def monitor_parity(device: str, n: int = 2048, width: int = 256) -> float:
     x = torch.randn(n, 64, device=device)
     y = torch.arange(n, device=device) % 10
     out = {}
-    for mode in (False, "process"):
+    for key, mode in (("sync", False), ("process", "process"), ("sync again", False)):
         mon = Monitor(model, probes=["rankme", "alpha_req", "neural_collapse"],
                       layers=["1", "3"], probe_data=x, probe_targets=y,
                       schedule=lambda s: True, background=mode)
         with mon:
             mon.step(0)
-        out[mode] = mon.to_dataset()
-    diffs = []
-    for name in ("rankme", "alpha_req", "nc1"):
-        a, b = out[False][name].values, out["process"][name].values
-        diffs.append(float(np.nanmax(np.abs(a - b) / np.maximum(np.abs(a), 1e-300))))
-    return max(diffs)
+        out[key] = mon.to_dataset()
+
+    def gap(a_key: str, b_key: str) -> float:
+        diffs = []
+        for name in ("rankme", "alpha_req", "nc1"):
+            a, b = out[a_key][name].values, out[b_key][name].values
+            diffs.append(float(np.nanmax(np.abs(a - b) / np.maximum(np.abs(a), 1e-300))))
+        return max(diffs)
+
+    return gap("sync", "process"), gap("sync", "sync again")
 
 
 def host_syncs(device: str = "cuda", width: int = 256) -> tuple[int, list[str]]:
@@ -381,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         failures += not ok
         print(f"{name:<36} {t_cpu:9.4f} {t_gpu:9.4f} {t_cpu / t_gpu:9.2f} {diff:10.2e}"
               f"{'' if ok else '  MISMATCH'}")
-    parity = monitor_parity("cuda")
+    parity, floor = monitor_parity("cuda")
+    explained = parity <= max(1e-9, 10 * floor)
     print(f"{'monitor process (CPU) vs sync (CUDA)':<36} {'':>9} {'':>9} {'':>9} {parity:10.2e}"
-          f"  rankme, alpha_req, nc1{'' if parity <= 1e-9 else '  DIFFERS (see Monitor docs)'}")
+          f"  rankme, alpha_req, nc1; two sync runs differ by {floor:.2e} (forward pass)"
+          f"{'' if explained else '  DIFFERS beyond the forward pass (see Monitor docs)'}")
     count, where = host_syncs("cuda")
     print(f"{'host syncs, one sync-mode evaluation':<36} {count:>9d} {'':>9} {'':>9} {'':>10}"
           f"  at {', '.join(where[:8])}")

@@ -95,7 +95,11 @@ through one code path (:class:`dynamics._evaluator.Evaluator` and
 (or bfloat16 → float32) features that synchronous mode uses on the GPU: both accumulate in
 float64, so the values differ only by the order of float64 sums and the eigensolvers' round-off
 (≲ 1e-12 relative expected).  An earlier H200 run measured ~1e-7 relative between the two
-modes, a gap whose cause was not established; ``benchmarks/gpu_session.sh`` re-measures it.
+modes; in that check each mode's Monitor ran its own float32 forward pass on the GPU, where
+cuBLAS/cuDNN may sum in another order from one call to the next, so float32 round-off of the
+*features* (~1e-7) is the likely cause.  ``benchmarks/gpu_check.py`` now prints, beside the
+process-vs-sync gap, the gap between two synchronous runs (the forward pass's own floor), and
+flags the modes only if they differ beyond it (not yet run on a GPU).
 
 In both background modes :meth:`Monitor.to_dataset`, :meth:`Monitor.flush`,
 :meth:`Monitor.save` and :meth:`Monitor.close` wait for pending evaluations, and an exception
