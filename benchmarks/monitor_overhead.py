@@ -127,18 +127,27 @@ def train(workload: str, steps: int, monitor_args: dict | None, device: str,
                monitor)
 
 
+FLOOR_SOLVES = "floor: the d × d eigensolves (raw + centred)"
+FLOOR_FORWARD = "forward pass with hooks"
+
+
 def breakdown(monitor: Monitor, store: Path) -> dict[str, float]:
     """Seconds of each part of one evaluation (median of 5; probes summed over layers)."""
     from probes import capture
+    from probes._solve import batched_eigvalsh
     from probes.collapse import neural_collapse
-    from probes.spectral import SpectralMetrics
+    from probes.spectral import SpectralMetrics, SpectrumAccumulator
 
     model, x = monitor.model, monitor.probe_data
     parts: dict[str, list[float]] = {}
 
     def timed(name, fn):
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         t = time.perf_counter()
         out = fn()
+        if x.is_cuda:  # the GPU's time, not the launch's
+            torch.cuda.synchronize(x.device)
         parts.setdefault(name, []).append(time.perf_counter() - t)
         return out
 
@@ -150,8 +159,13 @@ def breakdown(monitor: Monitor, store: Path) -> dict[str, float]:
     for _ in range(5):
         model.eval()
         with torch.no_grad(), capture(model, monitor.layers) as cap:
-            timed("forward pass with hooks", lambda: model(x))
+            timed(FLOOR_FORWARD, lambda: model(x))
         feats = cap.activations()
+        # the floor: the eigensolves that no route avoids for exact RankMe (raw spectrum) and
+        # alpha-ReQ (centred spectrum) of every layer, batched as the probes batch them
+        accs = [SpectrumAccumulator().update(feats[layer]) for layer in monitor.layers]
+        mats = [a.masked_matrix(c)[0] for c in (False, True) for a in accs]
+        timed(FLOOR_SOLVES, lambda m=mats: batched_eigvalsh(m))
         for layer in monitor.layers:
             timed("rankme + alpha_req (one shared accumulator)",
                   lambda f=feats[layer]: spectral(f))
@@ -248,6 +262,10 @@ def _report(r: dict, args: argparse.Namespace) -> None:
     for name, seconds in sorted(r["parts"].items(), key=lambda kv: -kv[1]):
         print(f"    {name:44s} {seconds * 1e3:8.2f} ms")
     per_eval = r["t_eval"]
+    floor = r["parts"][FLOOR_FORWARD] + r["parts"][FLOOR_SOLVES]
+    print(f"  in-run cost per synchronous evaluation {per_eval * 1e3:.2f} ms; its floor "
+          f"(forward pass + the unavoidable solves, measured above) {floor * 1e3:.2f} ms: "
+          f"{per_eval / floor:.2f}× the floor (issue #16 target on a GPU: ≤ 12 ms)")
     counts = ", ".join(f"n={n}: {1 + n * per_eval / base:.3f}" for n in (10, 20, 40, 100, 400))
     print(f"  synchronous ratio(n) = 1 + n·t_eval/t_run: {counts}")
     print(f"  evaluations that fit a 5% budget: {int(0.05 * base / per_eval)}; "
