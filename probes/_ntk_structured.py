@@ -347,7 +347,7 @@ def record(model, x, ids, cut: bool = False) -> Recording:
         more = _vjp(calls[i].cut[0], [ys[j] for j in upstream], gx)
         for j, g in zip(upstream, more, strict=True):
             if g is not None:
-                gs[j] = gs[j] + g
+                gs[j] = gs[j] + g  # not in place: a gradient may alias a cotangent
     return Recording(f, calls, gs, rec.n_ops, other_uses=tuple(rec.other_uses),
                      detached=rec.detached)
 
@@ -393,7 +393,9 @@ def group_jacobian(group: Group, a: torch.Tensor, g: torch.Tensor) -> torch.Tens
         return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
     if a.shape[1] == 1:
         return (g[:, :, 0, :, None] * a[:, None, 0, None, :]).reshape(n, k, -1)
-    return torch.einsum("nkto,ntp->nkop", g, a).reshape(n, k, -1)
+    T, o = g.shape[2], g.shape[3]
+    # Σ_t g[n,k,t,o] a[n,t,p]: one batched product, rows (k, o) per sample
+    return torch.bmm(g.transpose(2, 3).reshape(n, k * o, T), a).reshape(n, k, -1)
 
 
 def _reconstruct(group: Group, r: torch.Tensor, a, g) -> list[tuple[torch.Tensor, torch.Tensor]]:
