@@ -121,6 +121,8 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     copy); itself on the CPU."""
     if device.type == "cpu":
         return t
+    if device.type != "cuda":  # pinned memory is a CUDA notion: a plain copy elsewhere
+        return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
 
 
