@@ -22,9 +22,10 @@ run, and process CPU times beside wall times.  traindyn's ``auto`` and fastest e
 are timed before and after neural-tangents' run (best of both, at most 60 calls), and
 neural-tangents takes the best of at most 60 calls, so both minima come from the same stretch
 of the machine's load.  With ``--threads 1`` both sides run one thread
-(torch's threads; XLA's through ``XLA_FLAGS``), the fair setting on a loaded machine, where
-torch's spinning worker threads lose most of their time.  The last lines are a table of every
-shape: traindyn's best explicit method, ``auto`` and its choice, and neural-tangents' best.  With
+(torch's threads; XLA's through ``XLA_FLAGS``; on Linux both pinned to the same core), the fair
+setting on a loaded machine, where torch's spinning worker threads lose most of their time.
+The last lines are a table of every shape: traindyn's best explicit method, ``auto`` and its
+choice, and neural-tangents' best.  With
 ``--device cuda`` models and inputs live on the GPU, every timed call is bracketed by
 ``torch.cuda.synchronize()``, the neural-tangents comparison is skipped (it runs on the CPU), and
 the peak-memory line reports the peak CUDA allocation above what was allocated before the call.
@@ -182,10 +183,19 @@ def run_nt(nt_python: str, model, x, kind, output, repeats, skip) -> dict | None
         case, out = os.path.join(tmp, "case.npz"), os.path.join(tmp, "out.json")
         nt_case(model, x, kind, output, case, skip)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "JAX_PLATFORMS": "cpu"}
+        pin = None
         if torch.get_num_threads() == 1:  # the same one thread on both sides
             env["XLA_FLAGS"] = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            if hasattr(os, "sched_setaffinity"):
+                # the flags leave XLA some work on other threads (its CPU time exceeded its
+                # wall time by up to 1.9x on an idle machine): pin it to one core as well
+                core = min(os.sched_getaffinity(0))
+
+                def pin() -> None:
+                    os.sched_setaffinity(0, {core})
         proc = subprocess.run([nt_python, str(ROOT / "benchmarks" / "ntk_reference.py"), case,
-                               out, str(repeats)], capture_output=True, text=True, env=env)
+                               out, str(repeats)], capture_output=True, text=True, env=env,
+                              preexec_fn=pin)
         if proc.returncode != 0:
             print("  neural-tangents failed:", proc.stderr.strip().splitlines()[-1:])
             return None
@@ -339,6 +349,9 @@ def main() -> None:
         ap.error("--device cuda: torch sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.threads == 1 and hasattr(os, "sched_setaffinity"):
+        # one core for both sides (neural-tangents' subprocess is pinned to the same one)
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if args.peak:
         peak(args.peak, device)
         return
