@@ -45,8 +45,8 @@ step, the probe forward pass and the model probes (they need the current weights
 same state preservation; the modes differ in where the *feature probes*, building the Dataset
 and the Zarr append run (and, in thread mode, the parameter probes, on a snapshot of the
 weights).  Every mode reads the probes' numbers from the device once per probe family and
-evaluation (:mod:`probes._pending`).  All three record the same Dataset and the same Zarr store (tested)
-through one code path (:class:`dynamics._evaluator.Evaluator` and
+evaluation (:mod:`probes._pending`).  All three record the same Dataset and the same Zarr
+store (tested) through one code path (:class:`dynamics._evaluator.Evaluator` and
 :class:`dynamics.storage.ZarrStream`).
 
 * ``background=False`` (default) — *synchronous*: everything on the training thread.  The
