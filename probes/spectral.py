@@ -777,9 +777,10 @@ class _CachedSpectra:
     """The accumulator's spectra, each computed once (for several metrics at one time), as
     device tensors that are never read on the host here.
 
-    A spectrum of non-finite features (or of a second moment that overflows float64) is that
-    of a zero matrix; :meth:`checks` gives the flags that turn the metrics computed from it into
-    NaN with the reason, when the evaluation's results are read (:mod:`probes._pending`).
+    The spectrum of non-finite features (or of a second moment that overflows float64) is NaN,
+    set on the device after solving a zero matrix in its place; :meth:`checks` gives the flags
+    that turn the metrics into NaN with the reason when the evaluation's results are read
+    (:mod:`probes._pending`).
 
     Views joined by :func:`prepare_spectra` (the ``"spectrum"`` accumulator's ``prepare``)
     share a :class:`_SpectrumBatch`: the first eigenvalue request of one of them solves that
@@ -797,7 +798,16 @@ class _CachedSpectra:
 
     def _solve(self, centered: bool) -> None:
         matrix, nonfinite, overflow = self.acc.masked_matrix(centered)
-        self._memo[("eig", centered)] = self.acc.eigenvalues_from(eigvalsh(matrix))
+        self._store(centered, eigvalsh(matrix), nonfinite, overflow)
+
+    def _store(self, centered: bool, raw: torch.Tensor, nonfinite: torch.Tensor,
+               overflow: torch.Tensor) -> None:
+        """Keep the eigenvalues of a solve — NaN, set on the device, where the flags hold, so
+        that a probe reading them directly never sees the zero matrix's finite spectrum."""
+        evals = self.acc.eigenvalues_from(raw)
+        self._memo[("eig", centered)] = torch.where(
+            nonfinite | overflow, torch.full((), float("nan"), dtype=evals.dtype,
+                                             device=evals.device), evals)
         self._memo[("flags", centered)] = (nonfinite, overflow)
 
     def eigenvalues(self, centered: bool) -> torch.Tensor:
@@ -820,8 +830,10 @@ class _CachedSpectra:
     def covariance_spectrum(self) -> torch.Tensor:
         def padded() -> torch.Tensor:
             evals = self.eigenvalues(True)
-            extra = self.acc.d - evals.numel()  # n < d: the other d − n are zero
-            return torch.cat([evals, evals.new_zeros(extra)]) if extra > 0 else evals
+            extra = self.acc.d - evals.numel()  # n < d: the other d − n are zero (NaN if bad)
+            if extra <= 0:
+                return evals
+            return torch.cat([evals, (evals[:1] * 0).expand(extra)])
         return self._get("cov", padded)
 
     def trace_tensors(self, centered: bool = True
@@ -842,8 +854,7 @@ class _SpectrumBatch:
         masked = [v.acc.masked_matrix(centered) for v in todo]
         raws = batched_eigvalsh([m for m, _, _ in masked])
         for v, (_, nonfinite, overflow), raw in zip(todo, masked, raws, strict=True):
-            v._memo[key] = v.acc.eigenvalues_from(raw)
-            v._memo[("flags", centered)] = (nonfinite, overflow)
+            v._store(centered, raw, nonfinite, overflow)
 
 
 def prepare_spectra(views: Sequence[_CachedSpectra]) -> None:

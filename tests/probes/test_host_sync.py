@@ -241,3 +241,23 @@ def test_a_monitor_evaluation_reads_once_per_probe_family():
     assert np.isfinite(ds["rankme"].sel(step=1)).all()
     assert ds["rankme"].sel(step=1, layer="0") == pytest.approx(
         rankme(model[0](x).detach()), rel=1e-12)
+
+
+def test_a_probe_reading_the_view_never_sees_the_zeroed_matrix():
+    """Non-finite features are solved as a zero matrix (no host wait to skip them); a
+    third-party probe reading the shared view's spectra directly still gets NaN, not the zero
+    matrix's finite spectrum (never silently wrong)."""
+    from probes.spectral import SpectrumAccumulator, _CachedSpectra
+
+    x = torch.randn(50, 8, dtype=torch.float64)
+    x[3, 2] = float("inf")
+    view = _CachedSpectra(SpectrumAccumulator().update(x))
+    for spectrum in (view.eigenvalues(False), view.eigenvalues(True), view.singular_values(),
+                     view.covariance_spectrum()):
+        assert torch.isnan(spectrum).all()
+    few = _CachedSpectra(SpectrumAccumulator().update(x[:5]))  # n < d: padded spectrum
+    assert few.covariance_spectrum().shape == (8,)
+    assert torch.isnan(few.covariance_spectrum()).all()
+    ok = _CachedSpectra(SpectrumAccumulator().update(x[4:]))
+    want = np.linalg.eigvalsh(np.cov(x[4:].numpy().T, bias=True))[::-1]
+    assert np.allclose(ok.covariance_spectrum().numpy(), want, rtol=1e-10, atol=1e-12)
