@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["Pending", "fetch", "finish_all", "flag", "scalar"]
+__all__ = ["DeviceFlag", "Pending", "fetch", "finish_all", "first_failure", "flag", "scalar"]
 
 Flag = torch.Tensor | bool
 """A condition: a 0-d boolean tensor on the device, or a Python bool known on the host."""
@@ -68,31 +68,81 @@ def flag(condition: Flag) -> torch.Tensor | bool:
     return bool(condition)
 
 
+Failure = Callable[[dict[str, np.ndarray]], "str | None"]
+"""A host function: the reason of the first check that failed, or ``None``."""
+
+
+def first_failure(checks: Sequence[tuple[Flag, str]]) -> tuple[dict[str, torch.Tensor], Failure]:
+    """The device flags of ``checks`` — ``(condition, reason)`` pairs in order of precedence —
+    to fetch (keys ``check<i>``), and a host function that gives the reason of the first
+    condition that holds, or ``None`` when none does."""
+    tensors: dict[str, torch.Tensor] = {}
+    order: list[tuple[str | bool, str]] = []
+    for i, (condition, reason) in enumerate(checks):
+        f = flag(condition)
+        if isinstance(f, torch.Tensor):
+            tensors[f"check{i}"] = f
+            order.append((f"check{i}", reason))
+        else:
+            order.append((f, reason))
+
+    def failure(host: dict[str, np.ndarray]) -> str | None:
+        for key, reason in order:
+            if key if isinstance(key, bool) else bool(host[key]):
+                return reason
+        return None
+
+    return tensors, failure
+
+
 def scalar(value: torch.Tensor, checks: Sequence[tuple[Flag, str]] = ()) -> Pending:
     """A number with the conditions under which it is NaN.
 
     ``checks`` are ``(condition, reason)`` pairs in order of precedence: the first condition
     that holds makes the result NaN with ``RuntimeWarning(reason)``; otherwise the result is
     ``float(value)``."""
-    tensors: dict[str, torch.Tensor] = {"value": value.reshape(())}
-    host_flags: list[tuple[str | bool, str]] = []
-    for i, (condition, reason) in enumerate(checks):
-        f = flag(condition)
-        if isinstance(f, torch.Tensor):
-            tensors[f"check{i}"] = f
-            host_flags.append((f"check{i}", reason))
-        else:
-            host_flags.append((f, reason))
+    tensors, failure = first_failure(checks)
+    tensors["value"] = value.reshape(())
 
     def finish(host: dict[str, np.ndarray]) -> float:
-        for key, reason in host_flags:
-            failed = key if isinstance(key, bool) else bool(host[key])
-            if failed:
-                warnings.warn(reason, RuntimeWarning, stacklevel=2)
-                return float("nan")
+        reason = failure(host)
+        if reason is not None:
+            warnings.warn(reason, RuntimeWarning, stacklevel=2)
+            return float("nan")
         return float(host["value"])
 
     return Pending(tensors, finish)
+
+
+class DeviceFlag:
+    """A condition or-ed together on the device, batch after batch ("a NaN was seen"), and read
+    only when asked: marking it never makes the host wait."""
+
+    def __init__(self) -> None:
+        self.value: torch.Tensor | None = None
+
+    def mark(self, condition: torch.Tensor | DeviceFlag) -> None:
+        """Or in a 0-d boolean tensor (or another flag, e.g. of a merged accumulator)."""
+        if isinstance(condition, DeviceFlag):
+            if condition.value is None:
+                return
+            condition = condition.value
+        if self.value is None:
+            self.value = condition
+            return
+        if condition.device != self.value.device:  # merged from another device
+            condition = condition.to(self.value.device)
+        self.value = self.value | condition
+
+    def tensor(self, device: torch.device | None) -> torch.Tensor:
+        """The flag as a 0-d boolean tensor (``False`` on ``device`` when never marked)."""
+        if self.value is None:
+            return torch.zeros((), dtype=torch.bool, device=device)
+        return self.value
+
+    def __bool__(self) -> bool:
+        """Read the flag (one host wait)."""
+        return self.value is not None and bool(self.value)
 
 
 def fetch(pendings: Iterable[Pending]) -> list[dict[str, np.ndarray]]:

@@ -52,7 +52,7 @@ from probes._arrays import (
     as_tensor,
     check_labels,
 )
-from probes._pending import Pending
+from probes._pending import DeviceFlag, Pending
 from probes._solve import lapack_single_thread, solve_device
 
 __all__ = ["GLOBAL_MEANS", "NC_VARIABLES", "CollapseAccumulator", "neural_collapse"]
@@ -168,7 +168,7 @@ class CollapseAccumulator:
         """Forget everything seen so far."""
         self.n = 0
         self.d: int | None = None
-        self._nonfinite: torch.Tensor | None = None  # 0-d bool on the device: no host wait
+        self._nonfinite = DeviceFlag()  # a NaN or Inf was seen (on the device: no host wait)
         self._index: dict[int, int] = {}
         self._counts: torch.Tensor | None = None  # on the host: the labels live there
         self._means: torch.Tensor | None = None
@@ -182,12 +182,7 @@ class CollapseAccumulator:
     @property
     def nonfinite(self) -> bool:
         """Whether a NaN or Inf was seen (reading it waits for the device)."""
-        return self._nonfinite is not None and bool(self._nonfinite)
-
-    def _flags(self) -> torch.Tensor:
-        if self._nonfinite is None:
-            return torch.zeros((), dtype=torch.bool, device=self._means.device)
-        return self._nonfinite
+        return bool(self._nonfinite)
 
     def _grow(self, new_labels: list[int], device: torch.device) -> None:
         k = len(new_labels)
@@ -217,8 +212,7 @@ class CollapseAccumulator:
             self.d = z.shape[1]
         elif z.shape[1] != self.d:
             raise ValueError(f"batch has {z.shape[1]} features; earlier batches had {self.d}")
-        bad = ~torch.isfinite(z).all()
-        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+        self._nonfinite.mark(~torch.isfinite(z).all())
         uniq, inv = torch.unique(y, return_inverse=True)
         values = [int(u) for u in uniq.tolist()]
         new = [v for v in values if v not in self._index]
@@ -310,7 +304,7 @@ class CollapseAccumulator:
     def pending(self, weight: ArrayLike | None = None, global_mean: str = "class_means"
                 ) -> Pending:
         """:meth:`compute` as a :class:`~probes._pending.Pending`: the device reduces the
-        ``d``-dimensional statistics to ``C × C`` blocks (:func:`_class_blocks`) and the
+        ``d``-dimensional statistics to ``C × C`` blocks (:func:`class_blocks`) and the
         metrics are finished on the host from those, after one copy."""
         if global_mean not in GLOBAL_MEANS:
             raise ValueError(f"unknown global_mean {global_mean!r}; choose one of {GLOBAL_MEANS}")
@@ -326,7 +320,8 @@ class CollapseAccumulator:
             values["nc4"] = mismatch / predicted if predicted and ok else float("nan")
             return _dataset(values, params)
 
-        return _metrics_pending(st, self.n, weight, global_mean, self._flags(), finish)
+        return _metrics_pending(st, self.n, weight, global_mean,
+                                self._nonfinite.tensor(self._means.device), finish)
 
 
 def _as_labels(labels: ArrayLike, n: int) -> torch.Tensor:

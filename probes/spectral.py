@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor, warn_nan
-from probes._pending import Pending, finish_all, flag, scalar
+from probes._pending import DeviceFlag, Pending, finish_all, first_failure, scalar
 from probes._solve import batched_eigvalsh, eigvalsh, lapack_single_thread
 
 Checks = list[tuple[torch.Tensor | bool, str]]
@@ -114,7 +114,7 @@ class SpectrumAccumulator:
         """Forget everything seen so far."""
         self.n = 0
         self.d: int | None = None
-        self._nonfinite: torch.Tensor | None = None  # 0-d bool on the device: no host wait
+        self._nonfinite = DeviceFlag()  # a NaN or Inf was seen (on the device: no host wait)
         self._rows: list[torch.Tensor] | None = []
         self._mean: torch.Tensor | None = None
         self._m2: torch.Tensor | None = None
@@ -128,7 +128,7 @@ class SpectrumAccumulator:
             self.d = z.shape[1]
         elif z.shape[1] != self.d:
             raise ValueError(f"batch has {z.shape[1]} features; earlier batches had {self.d}")
-        self._mark_nonfinite(~torch.isfinite(z).all())
+        self._nonfinite.mark(~torch.isfinite(z).all())
         if self._rows is None:
             self._merge_batch(z)  # increments n
             return self
@@ -144,19 +144,10 @@ class SpectrumAccumulator:
             self._merge_batch(rows)
         return self
 
-    def _mark_nonfinite(self, flag: torch.Tensor) -> None:
-        """Or a 0-d device flag into the "features were not finite" flag (no host wait)."""
-        if self._nonfinite is None:
-            self._nonfinite = flag
-        else:
-            if flag.device != self._nonfinite.device:  # merge() of another device's state
-                flag = flag.to(self._nonfinite.device)
-            self._nonfinite = self._nonfinite | flag
-
     @property
     def nonfinite(self) -> bool:
         """Whether a NaN or Inf was seen (reading it waits for the device)."""
-        return self._nonfinite is not None and bool(self._nonfinite)
+        return bool(self._nonfinite)
 
     def _merge_batch(self, z: torch.Tensor) -> None:
         nb = z.shape[0]
@@ -187,8 +178,7 @@ class SpectrumAccumulator:
             return self
         if self.d is not None and other.d != self.d:
             raise ValueError(f"cannot merge: {other.d} features vs {self.d}")
-        if other._nonfinite is not None:
-            self._mark_nonfinite(other._nonfinite)
+        self._nonfinite.mark(other._nonfinite)
         if self._rows is not None:  # adopt other's moments, then add the rows kept here
             mine = torch.cat(self._rows).to(STAT_DTYPE) if self._rows else None
             self.d, self.n, self._rows = other.d, other.n, None
@@ -221,12 +211,6 @@ class SpectrumAccumulator:
             return self._m2
         return self._m2 + self.n * torch.outer(self._mean, self._mean)
 
-    def _flags(self) -> torch.Tensor:
-        """The "features were not finite" flag as a 0-d bool tensor on the state's device."""
-        if self._nonfinite is None:
-            return torch.zeros((), dtype=torch.bool, device=self.device)
-        return self._nonfinite
-
     def masked_matrix(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(matrix, nonfinite, overflow)`` without waiting for the device.
 
@@ -237,7 +221,7 @@ class SpectrumAccumulator:
         (:mod:`probes._pending`), so that no eigensolver ever sees a NaN."""
         self._check_n()
         matrix = self._gram_or_scatter(centered)
-        nonfinite = self._flags()
+        nonfinite = self._nonfinite.tensor(self.device)
         overflow = ~torch.isfinite(matrix).all() & ~nonfinite
         matrix = torch.where(nonfinite | overflow, torch.zeros((), dtype=matrix.dtype,
                                                                device=matrix.device), matrix)
@@ -294,7 +278,7 @@ class SpectrumAccumulator:
         self._check_n()
         a = self._gram_or_scatter(centered) / self.n
         trace, frob2 = torch.diagonal(a).sum(), (a * a).sum()
-        bad = self._flags() | ~(torch.isfinite(trace) & torch.isfinite(frob2))
+        bad = self._nonfinite.tensor(self.device) | ~(torch.isfinite(trace) & torch.isfinite(frob2))
         return trace, frob2, bad
 
     def trace_moments(self, centered: bool = True) -> tuple[float, float]:
@@ -494,14 +478,13 @@ def _power_law_pending(lam: torch.Tensor, lo: int, hi: int, checks: Checks) -> P
     else:
         tensors = {}
     tensors["positive"] = (lam > 0).sum()
-    failed = {f"check{i}": flag(c) for i, (c, _) in enumerate(checks)}
-    tensors.update({k: v for k, v in failed.items() if isinstance(v, torch.Tensor)})
+    flags, failure = first_failure(checks)
+    tensors.update(flags)
 
     def finish(h: dict[str, np.ndarray]) -> PowerLawFit:
-        for i, (_, reason) in enumerate(checks):
-            f = failed[f"check{i}"]
-            if f if isinstance(f, bool) else bool(h[f"check{i}"]):
-                return _nan_fit(reason, lo, hi)
+        reason = failure(h)
+        if reason is not None:
+            return _nan_fit(reason, lo, hi)
         if not fits or not bool(h["in_range"]):
             return _nan_fit(
                 f"alpha-ReQ: fit range [{lo}, {hi}) needs {hi} positive eigenvalues, but the "
