@@ -77,29 +77,35 @@ class Evaluator:
         if isinstance(self.labels, np.ndarray):
             self.labels = torch.from_numpy(self.labels)
 
-    def feature_measurement(self, feats: Mapping[str, Any]) -> Measurement:
+    def feature_measurement(self, feats: Mapping[str, Any], step: int | None = None
+                            ) -> Measurement:
         """The per-layer feature probes of captured features (shared accumulators; reference
         probes compared with this evaluator's first/previous states)."""
         plan = self.plan
         if not plan.has_layer_probes:
             return Measurement()
         with torch.no_grad():
-            out = plan.layer_values(plan.accumulate(feats, self.labels))
-            if plan.references and out.states:
-                out = out | plan.compare(out.states, self.references.get)
-                self.references.record(out.states)
-        return out
+            return self._compared(plan.layer_values(plan.accumulate(feats, self.labels)), step)
 
-    def parameter_measurement(self, weights: Mapping[str, Any]) -> Measurement:
+    def parameter_measurement(self, weights: Mapping[str, Any], step: int | None = None
+                              ) -> Measurement:
         """The parameter probes of a weight snapshot (:meth:`ProbePlan.weights`), compared
         with this evaluator's first/previous states (thread mode: the worker computes them, so
         that their solves overlap training)."""
-        plan = self.plan
         with torch.no_grad():
-            out = plan.parameter_values(weights)
-            if plan.references and out.states:
-                out = out | plan.compare(out.states, self.references.get)
-                self.references.record(out.states)
+            return self._compared(self.plan.parameter_values(weights), step)
+
+    def _compared(self, out: Measurement, step: int | None) -> Measurement:
+        """``out`` with its reference probes compared with this evaluator's first/previous
+        states (at time learning rate × ``step``, as the Monitor's model probes), which are
+        then recorded."""
+        plan = self.plan
+        if not (plan.references and out.states):
+            return out
+        time = None if step is None else (
+            1.0 if self.learning_rate is None else self.learning_rate) * step
+        out = out | plan.compare(out.states, self.references.get, time, self.references.time)
+        self.references.record(out.states, time)
         return out
 
     def feature_values(self, feats: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -181,7 +187,8 @@ class Evaluator:
         """Feature probes of ``feats`` (``None``: none) and parameter probes of ``weights``
         (a snapshot; ``None``: measured on the training side, in ``extra``), merged with
         ``extra`` (the model probes), as one evaluation's Dataset."""
-        measurement = self.feature_measurement(feats) if feats is not None else Measurement()
+        measurement = (self.feature_measurement(feats, step) if feats is not None
+                       else Measurement())
         if weights is not None:
-            measurement = measurement | self.parameter_measurement(weights)
+            measurement = measurement | self.parameter_measurement(weights, step)
         return self.build(step, measurement | extra, scalars)

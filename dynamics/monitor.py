@@ -207,6 +207,13 @@ class preserved_state:  # noqa: N801 - a context manager used like a function
         random.setstate(self.py_rng)
 
 
+def _handed_over(feats: Mapping[str, torch.Tensor] | None,
+                 weights: Mapping[str, torch.Tensor | None] | None) -> list[torch.Tensor]:
+    """The tensors a thread-mode evaluation hands to the worker: captured features and the
+    weight snapshot."""
+    return [t for t in [*(feats or {}).values(), *(weights or {}).values()] if t is not None]
+
+
 def _concat(batches: torch.Tensor | Sequence[torch.Tensor] | None) -> Any:
     if batches is None or isinstance(batches, torch.Tensor):
         return batches
@@ -521,11 +528,11 @@ class Monitor:
         features (see :meth:`dynamics._evaluator.Evaluator.feature_values`)."""
         return self._evaluator().feature_values(feats)
 
-    def _feature_measurement(self) -> Measurement:
+    def _feature_measurement(self, step: int) -> Measurement:
         """Every per-layer feature probe (inside preserved state)."""
         if not self.plan.has_layer_probes:
             return Measurement()
-        return self._evaluator().feature_measurement(self._capture())
+        return self._evaluator().feature_measurement(self._capture(), step)
 
     def measure(self) -> np.ndarray:
         """Feature-probe values now, shape ``(len(layers), len(probes))``, not recorded.
@@ -568,7 +575,7 @@ class Monitor:
         Always synchronous (whatever ``background`` is)."""
         with preserved_state(self.model):
             with torch.no_grad():
-                features = self._feature_measurement()
+                features = self._feature_measurement(step)
             extra = self._model_measurement(step)
         return self._evaluator().build(step, features | extra, scalars)
 
@@ -594,7 +601,7 @@ class Monitor:
         """One synchronous evaluation of the probe families due at ``step``."""
         with preserved_state(self.model):
             with torch.no_grad():
-                features = (self._feature_measurement() if features_due
+                features = (self._feature_measurement(step) if features_due
                             else self._not_due(("features", "labelled_features")))
             extra = (self._model_measurement(step) if model_due
                      else self._not_due(("parameters", "model")))
@@ -611,8 +618,7 @@ class Monitor:
                         weights: Mapping[str, torch.Tensor | None] | None = None) -> None:
         start = _time.perf_counter()
         if ready is not None:  # CUDA: compute on the monitor's own stream (see _side_stream)
-            tensors = [t for t in [*(feats or {}).values(), *(weights or {}).values()]
-                       if t is not None]
+            tensors = _handed_over(feats, weights)
             stream = self._side_stream(tensors[0].device)
             with torch.cuda.stream(stream):
                 stream.wait_event(ready)
@@ -638,8 +644,7 @@ class Monitor:
                      weights: Mapping[str, torch.Tensor | None] | None = None) -> Any:
         """A CUDA event recorded after the captured features and the weight snapshot on the
         training stream (the worker's stream waits for it), or ``None`` off CUDA."""
-        tensors = [t for t in [*(feats or {}).values(), *(weights or {}).values()]
-                   if t is not None]
+        tensors = _handed_over(feats, weights)
         if not tensors:
             return None
         first = tensors[0]

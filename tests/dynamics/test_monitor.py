@@ -697,9 +697,9 @@ def test_thread_mode_parameter_probes_see_the_weights_of_their_step(monkeypatch)
 
     original = Evaluator.parameter_measurement
 
-    def slow(self, weights):
+    def slow(self, weights, *args):
         time.sleep(0.3)
-        return original(self, weights)
+        return original(self, weights, *args)
 
     monkeypatch.setattr(Evaluator, "parameter_measurement", slow)
     torch.manual_seed(0)
@@ -714,3 +714,43 @@ def test_thread_mode_parameter_probes_see_the_weights_of_their_step(monkeypatch)
             model[0].weight.mul_(3.0)  # "training" moves on before the worker reads
     got = float(mon.to_dataset()["weight_spectral_norm"].sel(step=0, layer="0"))
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def _weight_norm_state(weight):
+    return {}, {"norm": np.array(float(weight.double().norm()))}
+
+
+def _norm_change_rate(state, reference, times):
+    """(‖W‖ − ‖W‖ at the first evaluation) / (time − its time): needs both times."""
+    dt = times["current"] - times["first"] if times["current"] is not None else np.nan
+    change = float(state["norm"] - reference["first"]["norm"])
+    return {"norm_rate": change / dt if dt else 0.0}
+
+
+def test_parameter_reference_probes_get_the_same_times_in_every_mode():
+    """A parameter probe comparing with the first evaluation at time = learning rate × step:
+    thread mode (parameter probes in the worker) records what synchronous mode records, and
+    both equal the rate worked by hand from the weights at those steps."""
+    from probes.registry import Probe, Variable
+
+    probe = Probe("norm_rate", "parameters", {"norm_rate": Variable("weight-norm rate")},
+                  "test", fn=_weight_norm_state, reference=("first",),
+                  compare=_norm_change_rate)
+    results, norms = {}, {}
+    for mode in (False, "thread"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6))
+        mon = Monitor(model, probe_data=torch.randn(8, 4), layers=["0"], probes=[probe],
+                      schedule=at_steps([0, 5]), learning_rate=0.1, background=mode)
+        with mon:
+            for step in range(6):
+                if step in (0, 5):
+                    norms[step] = float(model[0].weight.detach().double().norm())
+                mon.step(step)
+                with torch.no_grad():
+                    model[0].weight.mul_(1.1)
+        results[mode] = mon.to_dataset()["norm_rate"].sel(layer="0").values
+    want = (norms[5] - norms[0]) / (0.1 * 5)
+    for mode, values in results.items():
+        assert values[0] == 0.0, mode
+        assert values[1] == pytest.approx(want, rel=1e-12), mode
