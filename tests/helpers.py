@@ -34,36 +34,11 @@ def run_notebook(name: str, tmp_path: Path, timeout: int = 600) -> object:
     os.environ["PYTHONPATH"] = os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
     km = AsyncKernelManager(kernel_name="python3",
-                            client_class="tests.helpers.NoHeartbeatKernelClient")
+                            client_class="tests._nbkernel.NoHeartbeatKernelClient")
     client = NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(tmp_path)}})
     client.execute()
     return nb
-
-
-def _no_heartbeat_client() -> type:
-    from jupyter_client.asynchronous import AsyncKernelClient
-
-    class NoHeartbeatKernelClient(AsyncKernelClient):
-        """A kernel client without the heartbeat channel.
-
-        jupyter_client 8.10's heartbeat thread can block for ever in its ``send`` once the
-        kernel has exited, and ``stop_channels`` then joins it for ever: a CI run hung there
-        after every test had passed.  The kernel manager that started the kernel answers
-        ``is_alive`` (it polls the process), so nbclient does not need the heartbeat."""
-
-        def start_channels(self, shell: bool = True, iopub: bool = True, stdin: bool = True,
-                           hb: bool = False, control: bool = True) -> None:
-            super().start_channels(shell=shell, iopub=iopub, stdin=stdin, hb=False,
-                                   control=control)
-
-    return NoHeartbeatKernelClient
-
-
-def __getattr__(name: str) -> object:  # jupyter_client imports the client class by name
-    if name == "NoHeartbeatKernelClient":
-        return _no_heartbeat_client()
-    raise AttributeError(name)
 
 
 def child_env(**extra: str) -> dict[str, str]:
