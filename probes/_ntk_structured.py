@@ -35,6 +35,7 @@ brute-force Jacobian kernel in ``tests/probes/test_ntk.py``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class Call:
     a: torch.Tensor  # (n, T, p) input rows (im2col patches; x̂ for norms)
     y: torch.Tensor  # the op's output, as recorded (autograd target)
     cut: tuple | None = None  # (input, its version, geometry, sources) of a cut conv
+    version: int | None = None  # y's version when recorded, where y went downstream uncopied
 
 
 def _conv_args(args: tuple, kwargs: dict, dims: int) -> tuple | None:
@@ -135,10 +137,11 @@ def _conv_input_grad(gy: torch.Tensor, c: Call) -> torch.Tensor:
 class Recorder(MathMode):
     """Intercept linear / conv / norm calls whose weight or bias is chosen (module docstring)."""
 
-    def __init__(self, ids: set[int], cut: bool = False) -> None:
+    def __init__(self, ids: set[int], cut: bool = False, copy: bool = True) -> None:
         super().__init__()
         self.ids = ids
         self.cut = cut
+        self.copy = copy  # hand copies of recorded linear / conv outputs downstream
         self.detached = False  # a convolution ran on detached tensors (no parameter gradients)
         self.calls: list[Call] = []
         self.other_uses: list[tuple[str, int]] = []  # chosen tensors seen in other calls
@@ -190,13 +193,15 @@ class Recorder(MathMode):
                     if x.ndim < 2:
                         return y
                     a = x.detach().reshape(x.shape[0], -1, x.shape[-1])
-                    self.calls.append(Call("linear", w, b, a, y))
-                    return y.clone()  # in-place ops downstream must not alter the recorded y
+                    self.calls.append(Call("linear", w, b, a, y, version=y._version))
+                    # in-place ops downstream must not alter the recorded y (without copies,
+                    # :func:`record` checks its version afterwards)
+                    return y.clone() if self.copy else y
                 geo = _conv_args(args, kwargs, _CONV[func])
                 if geo is not None and x.ndim == _CONV[func] + 2:
                     a = _im2col(x.detach(), *geo)
-                    self.calls.append(Call("conv", w, b, a, y))
-                    return y.clone()
+                    self.calls.append(Call("conv", w, b, a, y, version=y._version))
+                    return y.clone() if self.copy else y
                 return y
         elif func in _NORMS:
             names = (("input", "normalized_shape", "weight", "bias", "eps") if func is F.layer_norm
@@ -319,8 +324,17 @@ class Recording:
         return self.cache[key]
 
 
-def record(model, x, ids, cut: bool = False) -> Recording:
+_COPIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Models whose recorded outputs were modified in place downstream (recorded with copies)."""
+
+
+def record(model, x, ids, cut: bool = False, copy: bool | None = None) -> Recording:
     """Forward with the recorder on, then the batched backward of the signals.
+
+    Recorded linear and conv outputs go downstream as they are (a copy per call would cost an
+    op forward and one backward, most of a small model's recording); if one of them was then
+    modified in place (``ReLU(inplace=True)``), its version counter says so and the recording
+    is made again with copies (``copy=None`` remembers that per model).
 
     With ``cut``, convolutions whose input needs signals run on detached tensors, their
     outputs autograd leaves: the batched backward stops there, the convolution's transposed
@@ -331,12 +345,21 @@ def record(model, x, ids, cut: bool = False) -> Recording:
     uncut recordings.  If an input was modified in place after its convolution read it, the
     recording is made again uncut.
     """
-    with Recorder(ids, cut) as rec:
+    if copy is None:
+        try:
+            copy = model in _COPIES
+        except TypeError:  # not weak-referenceable
+            copy = True
+    with Recorder(ids, cut, copy) as rec:
         f = outputs(model, x)
     calls = rec.calls
+    if not copy and any(c.version is not None and c.y._version != c.version for c in calls):
+        with contextlib.suppress(TypeError):
+            _COPIES[model] = True
+        return record(model, x, ids, cut, copy=True)
     cuts = [i for i, c in enumerate(calls) if c.cut is not None]
     if any(calls[i].cut[0]._version != calls[i].cut[1] for i in cuts):
-        return record(model, x, ids)
+        return record(model, x, ids, copy=copy)
     ys = [c.y for c in calls]
     gs = signals(f, ys) if calls else []
     for i in reversed(cuts):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from probes import _ntk_structured as st
 from probes.ntk import (
     NTKProbe,
     batch_coupled_modules,
@@ -613,3 +614,28 @@ def test_cached_plan_structures_every_convolution(name):
             plan, rec = st.cached_plan(model, x, chosen, True, 4)
             assert plan.fallback == {} and len(plan.groups) == len(chosen) // 2
     assert rel_err(empirical_ntk(model, x, output="full"), brute_ntk(model, x)) < 1e-9
+
+
+def test_recorded_outputs_modified_in_place_are_recorded_again_with_copies():
+    """Recorded layer outputs go downstream uncopied; an in-place op on one (ReLU(inplace))
+    is caught by its version counter and the model re-recorded with copies: the kernel equals
+    the float64 brute-force Jacobian kernel and every layer keeps structured derivatives."""
+    torch.manual_seed(3)
+    inplace = nn.Sequential(nn.Linear(5, 7), nn.ReLU(inplace=True), nn.Linear(7, 6),
+                            nn.Tanh(), nn.Linear(6, 3)).double()
+    plain = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).double()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    for model in (inplace, plain):
+        K = empirical_ntk(model, x, output="full", method="structured")
+        assert rel_err(K, brute_ntk(model, x)) < 1e-10
+    assert inplace in st._COPIES and plain not in st._COPIES
+    # every layer stayed structured (without copies the in-place ReLU would have changed the
+    # first layer's signals: its verification would fail, the layer fall back to the Jacobian)
+    assert all(not plan.fallback for plan in st._PLANS[inplace].values())
+    # a second call on the remembered model records with copies from the start
+    ids = {id(p) for p in inplace.parameters()}
+    with torch.enable_grad():
+        rec = st.record(inplace, x, ids)
+    assert all(c.y._version == c.version for c in rec.calls)
+    assert rel_err(empirical_ntk(inplace, x, output="full", method="structured"),
+                   brute_ntk(inplace, x)) < 1e-10
