@@ -7,6 +7,7 @@ Run::
     .venv/bin/python benchmarks/ntk.py --no-nt         # traindyn only
     .venv/bin/python benchmarks/ntk.py --peak 4096     # peak memory of an n = 4096 NTK
     .venv/bin/python benchmarks/ntk.py --threads 1 --quick --only 2,5   # some shapes, 1 thread
+    .venv/bin/python benchmarks/ntk.py --threads 1 --conv-routes   # cut convolutions' routes
     python3 benchmarks/ntk.py --device cuda --no-nt --quick   # on a GPU (no neural-tangents)
 
 neural-tangents lives in its own environment (see ``benchmarks/ntk_reference.py`` for the two
@@ -323,6 +324,63 @@ def _peak_cuda(model: nn.Module, x: torch.Tensor, device: torch.device) -> None:
           f"{full_gib:.1f} GiB")
 
 
+class ConvStack(nn.Module):
+    """``depth`` 3×3 convolutions (stride 1, padding 1, ReLU) → mean over positions → linear
+    head: every convolution after the first needs signals at its input."""
+
+    def __init__(self, channels: int, depth: int, k: int) -> None:
+        super().__init__()
+        convs, c = [], 3
+        for _ in range(depth):
+            convs += [nn.Conv2d(c, channels, 3, padding=1), nn.ReLU()]
+            c = channels
+        self.body = nn.Sequential(*convs)
+        self.head = nn.Linear(channels, k)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def conv_routes(repeats: int, device: torch.device) -> None:
+    """The two routes of a cut convolution's transposed product (``probes._ntk_structured.
+    _conv_input_grad``: GEMM + scatter, or one transposed convolution) and ``auto`` (timed
+    once per geometry), on the benchmark CNN and on stride-1 CNNs, full kernel, interleaved."""
+    from probes import _ntk_structured as st
+
+    print("\n== transposed product of cut convolutions (env "
+          f"{st.CONV_INPUT_GRAD_ENV}), full kernel, device {device}")
+    torch.manual_seed(0)
+    shapes = [("CNN 3x8x8 (benchmark shape 4)", cnn(16, 10, 8), torch.randn(32, 3, 8, 8)),
+              ("3 convs 16 ch, 3x16x16, 10 outputs", ConvStack(16, 3, 10),
+               torch.randn(16, 3, 16, 16)),
+              ("3 convs 32 ch, 3x16x16, 10 outputs", ConvStack(32, 3, 10),
+               torch.randn(16, 3, 16, 16))]
+    saved = os.environ.get(st.CONV_INPUT_GRAD_ENV)
+
+    def run(model, x, route):
+        def f():
+            os.environ[st.CONV_INPUT_GRAD_ENV] = route
+            empirical_ntk(model, x, output="full", method="structured")
+        return f
+
+    try:
+        for name, model, x in shapes:
+            model, x = model.to(device).eval(), x.to(device)
+            st._CONV_ROUTES.clear()
+            best = timeit_interleaved({r: run(model, x, r) for r in ("scatter", "transpose",
+                                                                     "auto")}, repeats, device)
+            chose = sorted(set(st._CONV_ROUTES.values()))
+            print(f"  {name}: scatter {best['scatter']:.4f} s, transpose "
+                  f"{best['transpose']:.4f} s, auto {best['auto']:.4f} s (chose {chose}); "
+                  f"transpose / scatter = {best['transpose'] / best['scatter']:.2f}, "
+                  f"auto / best = {best['auto'] / min(best['scatter'], best['transpose']):.2f}")
+    finally:
+        if saved is None:
+            os.environ.pop(st.CONV_INPUT_GRAD_ENV, None)
+        else:
+            os.environ[st.CONV_INPUT_GRAD_ENV] = saved
+
+
 def _rss_gib() -> float:
     """Current resident set size (Linux ``/proc``), in GiB."""
     with open("/proc/self/status") as fh:
@@ -341,6 +399,8 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated case indices (default: all)")
     ap.add_argument("--quick", action="store_true", help="skip the slow explicit methods at n=128")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--conv-routes", action="store_true",
+                    help="only time the two routes of cut convolutions' transposed product")
     ap.add_argument("--device", default="cpu",
                     help="torch device of models and inputs (default cpu; e.g. cuda)")
     args = ap.parse_args()
@@ -354,6 +414,9 @@ def main() -> None:
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if args.peak:
         peak(args.peak, device)
+        return
+    if args.conv_routes:
+        conv_routes(args.repeats, device)
         return
     nt_python = None if args.no_nt or not Path(args.nt_python).exists() else args.nt_python
     if device.type != "cpu":

@@ -567,15 +567,17 @@ class ResidualConv(nn.Module):
         return self.head(torch.relu(self.c3(z)).flatten(1))
 
 
+@pytest.mark.parametrize("route", ["scatter", "transpose", "auto"])
 @pytest.mark.parametrize("name", ["cnn", "conv1d_two", "residual"])
-def test_cut_convolutions_give_the_uncut_signals_and_the_brute_force_kernel(name):
+def test_cut_convolutions_give_the_uncut_signals_and_the_brute_force_kernel(name, route,
+                                                                            monkeypatch):
     """Convolutions whose input needs signals are cut out of the batched backward (their
-    transposed product done for all outputs at once): the signals equal those of the plain
-    batched backward, and the kernels of the first call (uncut, verified) and of later calls
-    (cached plan, cut recordings) equal the float64 brute-force Jacobian kernel."""
-    from probes import _ntk_structured as st
+    transposed product done for all outputs at once, by either route): the signals equal those
+    of the plain batched backward, and the kernels of the first call (uncut, verified) and of
+    later calls (cached plan, cut recordings) equal the float64 brute-force Jacobian kernel."""
     from probes._ntk_common import requires_grad
 
+    monkeypatch.setenv(st.CONV_INPUT_GRAD_ENV, route)
     torch.manual_seed(2)
     model, shape = {"cnn": models()["cnn"], "conv1d_two": (TwoConv1d(), (2, 8)),
                     "residual": (ResidualConv(), (2, 6, 6))}[name]
@@ -639,3 +641,38 @@ def test_recorded_outputs_modified_in_place_are_recorded_again_with_copies():
     assert all(c.y._version == c.version for c in rec.calls)
     assert rel_err(empirical_ntk(inplace, x, output="full", method="structured"),
                    brute_ntk(inplace, x)) < 1e-10
+
+
+def test_conv_input_grad_routes_agree_and_auto_times_once(monkeypatch):
+    """Both transposed-product routes equal torch's own input gradient of the convolution for
+    every output row (float64, strided / padded / dilated 2-D and 1-D geometries); ``auto``
+    times them once per geometry and keeps the faster; a bad override is refused."""
+    torch.manual_seed(4)
+    cases = [(nn.Conv2d(3, 4, 3, stride=2), (3, 9, 9)),
+             (nn.Conv2d(3, 4, 3, padding=1, dilation=1), (3, 5, 5)),
+             (nn.Conv2d(2, 3, 2, stride=(1, 2), padding=(1, 0), dilation=(2, 1)), (2, 6, 7)),
+             (nn.Conv1d(2, 3, 3, dilation=2, padding=2), (2, 8))]
+    for conv, shape in cases:
+        conv = conv.double()
+        x = torch.randn(4, *shape, dtype=torch.float64, requires_grad=True)
+        with st.Recorder({id(conv.weight)}, cut=True) as rec:
+            conv(x)
+        (call,) = rec.calls
+        gy = torch.randn(3, *call.y.shape, dtype=torch.float64)
+        y = conv(x)
+        ref = torch.stack([torch.autograd.grad(y, x, g, retain_graph=True)[0] for g in gy])
+        for name, fn in st._CONV_GRAD.items():
+            assert rel_err(fn(gy, call), ref) < 1e-12, name
+        st._CONV_ROUTES.clear()
+        monkeypatch.setenv(st.CONV_INPUT_GRAD_ENV, "auto")
+        assert rel_err(st._conv_input_grad(gy, call), ref) < 1e-12
+        (chosen,) = st._CONV_ROUTES.values()
+        assert chosen in st._CONV_GRAD
+        calls = []
+        monkeypatch.setitem(st._CONV_GRAD, chosen, lambda g, c, f=st._CONV_GRAD[chosen],
+                            log=calls: log.append(1) or f(g, c))
+        assert rel_err(st._conv_input_grad(gy, call), ref) < 1e-12 and calls == [1]
+        monkeypatch.undo()
+    monkeypatch.setenv(st.CONV_INPUT_GRAD_ENV, "fold")
+    with pytest.raises(ValueError, match="TRAINDYN_NTK_CONV_INPUT_GRAD"):
+        st._conv_input_grad(gy, call)
