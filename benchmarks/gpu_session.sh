@@ -14,6 +14,7 @@
 #   x. benchmarks/eigvalsh_crossover.py --quick      where small d×d solves are fastest; batched
 #   b. benchmarks/spectral.py --device cuda --reference   traindyn vs the papers' SVD route
 #   c. benchmarks/ntk.py --device cuda --no-nt --quick    auto vs best explicit (cost model)
+#  c2. benchmarks/ntk.py --device cuda --conv-routes      cut convolutions: transpose vs scatter
 #   d. benchmarks/monitor_overhead.py --device cuda --model cnn   (three modes, 40 evaluations)
 #   t. benchmarks/theory_device.py --device gpu      KRR/RF/scaling grid: jax GPU vs numpy
 #   m. benchmarks/dmft.py --quick                    DMFT solve and networks: GPU vs CPU
@@ -199,6 +200,8 @@ step "b spectral cuda + reference route" "$OUT/bench.log" 45 cuda \
     "$PY" benchmarks/spectral.py --device cuda --reference --layers 4
 step "c ntk cuda --quick" "$OUT/bench.log" 45 cuda \
     "$PY" benchmarks/ntk.py --device cuda --no-nt --quick
+step "c2 ntk conv routes cuda" "$OUT/bench.log" 20 cuda \
+    "$PY" benchmarks/ntk.py --device cuda --conv-routes
 step "d monitor_overhead cuda cnn" "$OUT/bench.log" 75 cuda \
     "$PY" benchmarks/monitor_overhead.py --device cuda --model cnn
 step "t theory grid jax gpu" "$OUT/bench.log" 30 cuda \
