@@ -93,8 +93,10 @@ def device_dtype(chosen: dict[str, nn.Parameter]) -> tuple[torch.device, torch.d
 
 
 def prepare_input(x: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    t = as_tensor(x).to(device)
-    if t.is_floating_point():
+    t = as_tensor(x)
+    if t.device != device:
+        t = t.to(device)
+    if t.is_floating_point() and t.dtype != dtype:
         t = t.to(dtype)
     if t.ndim < 1 or t.shape[0] == 0:
         raise ValueError(f"inputs must have a non-empty batch axis; got shape {tuple(t.shape)}")

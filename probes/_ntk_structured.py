@@ -392,6 +392,19 @@ class Recording:
                 tuple((c.kind, _key(c.weight), _key(c.bias), tuple(c.a.shape[1:]))
                       for c in self.calls), self.other_uses)
 
+    def returns(self, group: Group) -> bool:
+        """Whether the model returned the output ``y`` of this group's only call itself (``f``
+        a contiguous view of a contiguous ``y``, same elements): then ``∂f_a/∂y_c = δ_ac``
+        exactly, known without reading the signals (a host wait on a GPU)."""
+        f = self.f
+        calls = [c for c in self.calls if c.weight is group.weight and c.bias is group.bias]
+        if f is None or len(calls) != 1 or calls[0].kind != "linear":
+            return False
+        y = calls[0].y
+        return (f.requires_grad and (f is y or f._base is y) and f.data_ptr() == y.data_ptr()
+                and f.numel() == y.numel() and f.shape[1] == y.shape[-1]
+                and f.is_contiguous() and y.is_contiguous())
+
     def factors(self, group: Group) -> tuple[torch.Tensor, torch.Tensor]:
         key = (_key(group.weight), _key(group.bias))
         if key not in self.cache:
@@ -621,7 +634,9 @@ def structured_factors(model, x, plan: Plan, jacobian_rows,
 
     A one-token layer whose signals are exactly one-hot, ``∂f_a/∂y_c = δ_ac`` (the output
     layer, when the model returns its ``y``), is kept as its activations only (``unit``): its
-    signal Gram is ``δ_ab``, so its block is ``δ_ab (a₁·a₂)`` without the signal product.
+    signal Gram is ``δ_ab``, so its block is ``δ_ab (a₁·a₂)`` without the signal product.  It
+    is recognised from the recording (:meth:`Recording.returns`) or, on the CPU, by comparing
+    the signals with the identity (a host read, which on a GPU would wait for the device).
     """
     ids = {id(p) for g in plan.groups for p in (g.weight, g.bias) if p is not None}
     if recorded is None:
@@ -631,7 +646,7 @@ def structured_factors(model, x, plan: Plan, jacobian_rows,
         a, g = recorded.factors(grp)
         if grp.materialise:
             out.jac.append(group_jacobian(grp, a, g))
-        elif _unit_signals(g):
+        elif recorded.returns(grp) or (g.device.type == "cpu" and _unit_signals(g)):
             out.unit.append(a)
         else:
             out.groups.append((a, g.contiguous()))

@@ -100,6 +100,17 @@ def empirical_ntk(
     -------
     torch.Tensor on the model's device, in the parameters' dtype.
     """
+    K = _unchecked_ntk(model, x1, x2, output=output, method=method, params=params,
+                       chunk_size=chunk_size, per_sample=per_sample)
+    return _warn_nonfinite(K, "empirical_ntk")
+
+
+def _unchecked_ntk(model: nn.Module, x1: ArrayLike, x2: ArrayLike | None = None, *,
+                   output: Output = "trace", method: str = "auto", params: ParamSpec = None,
+                   chunk_size: int | None = None, per_sample: bool = True) -> torch.Tensor:
+    """:func:`empirical_ntk` without its check for non-finite entries, which reads the kernel
+    on the host: for callers that copy the kernel to the host anyway and check it there with
+    :func:`_warn_nonfinite` (the NTK probe), so that a kernel on a GPU is read once."""
     if output not in ("trace", "mean", "full"):
         raise ValueError(f"output must be 'trace', 'mean' or 'full'; got {output!r}")
     if method not in METHODS:
@@ -122,13 +133,12 @@ def empirical_ntk(
                     "map X -> f(X).")
             if not same:
                 raise ValueError("per_sample=False computes the kernel of one batch: pass x2=None")
-            return _warn_nonfinite(_eng.finish(_eng.batch_ntk(model, x1, chosen), output)
-                                   .detach(), "empirical_ntk")
+            return _eng.finish(_eng.batch_ntk(model, x1, chosen), output).detach()
         if not per_sample:
             raise ValueError("per_sample=False is only for batch-coupled models (BatchNorm in "
                              "train mode); this model has none")
         K = _eng.per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size)
-    return _warn_nonfinite(K.detach(), "empirical_ntk")
+    return K.detach()
 
 
 def _warn_nonfinite(K: torch.Tensor, where: str) -> torch.Tensor:

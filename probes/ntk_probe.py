@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from probes import kernels as _k
-from probes._arrays import ArrayLike
+from probes._arrays import ArrayLike, as_tensor
 from probes._ntk_common import ParamSpec
 from probes.registry import Probe, register
 
@@ -92,14 +92,17 @@ def ntk_values(model: nn.Module, inputs: ArrayLike, targets: ArrayLike, *,
     2007), ``tr(K)/n`` — and the state to keep: the float64 output-traced kernel on the first
     ``max_samples`` inputs and its centred alignment, for :func:`ntk_compare`.
     """
-    from probes.ntk import empirical_ntk  # probes.ntk imports this module
+    from probes.ntk import _unchecked_ntk, _warn_nonfinite  # probes.ntk imports this module
 
     if targets is None:
         raise ValueError("the ntk probe needs targets (labels or regression targets)")
     x = inputs[:max_samples]
-    y = targets[:max_samples]
-    K = empirical_ntk(model, x, output="trace", method=method, params=params,
-                      chunk_size=chunk_size).detach().to(torch.float64)
+    y = as_tensor(targets[:max_samples]).cpu()
+    # the kernel comes to the host once (its state is kept there); every summary is computed
+    # there, so a kernel on a GPU is read by one copy
+    K = _unchecked_ntk(model, x, output="trace", method=method, params=params,
+                       chunk_size=chunk_size).to("cpu", torch.float64)
+    _warn_nonfinite(K, "empirical_ntk")
     Y = _k.targets_matrix(y, K.shape[0])
     values = {
         "ntk_alignment": _k.kernel_alignment(K, Y),
@@ -107,7 +110,7 @@ def ntk_values(model: nn.Module, inputs: ArrayLike, targets: ArrayLike, *,
         "ntk_effective_rank": _k.ntk_effective_rank(K),
         "ntk_trace_mean": float(torch.diagonal(K).mean()),
     }
-    state = {"kernel": K.cpu().numpy(),
+    state = {"kernel": K.numpy(),
              "centered_alignment": np.asarray(values["ntk_centered_alignment"])}
     return values, state
 

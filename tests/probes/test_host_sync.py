@@ -29,7 +29,7 @@ from probes.spectral import SpectralMetrics, rankme
 
 READS = {"__float__", "__int__", "__bool__", "__index__", "item", "tolist", "numpy", "cpu",
          "unique", "unique_consecutive", "nonzero", "argwhere", "bincount", "masked_select",
-         "repeat_interleave", "__array__"}
+         "repeat_interleave", "__array__", "equal"}
 """Tensor operations that make the host wait for a device tensor's value."""
 
 FACTORIES = {"zeros", "ones", "full", "empty", "arange", "tensor", "eye", "linspace"}
@@ -139,8 +139,9 @@ def test_the_recorder_sees_reads_it_should():
         torch.zeros(3, device=x.device) + 1  # a factory on the device, then...
         (torch.zeros(3, device=x.device) + 1).cpu()  # ...a copy to the host
         torch.tensor([1, 2]).tolist()  # a host tensor: not a read
+        torch.equal(y, y)
     assert [r[2] for r in mode.reads] == ["__float__", "__bool__", "tolist", "__getitem__",
-                                          "cpu"]
+                                          "cpu", "equal"]
 
 
 def test_an_evaluation_reads_the_device_once(model):
@@ -217,6 +218,24 @@ def test_parameter_probes_read_once(model):
         s = np.linalg.svd(model[int(layer)].weight.detach().numpy(), compute_uv=False)
         assert want["stable_rank"] == pytest.approx((s**2).sum() / s[0] ** 2, rel=1e-12)
 
+
+def test_the_ntk_probe_reads_its_kernel_once(model):
+    """The NTK model probe (structured derivatives, an output layer recognised from the
+    recording): the kernel comes to the host in one copy, every summary is computed there.
+    The first call also verifies its plan (reads once per model and input shape)."""
+    from probes import kernels
+    from probes.ntk import empirical_ntk
+
+    plan = ProbePlan(["ntk"], [])
+    x, y = torch.randn(30, 16, dtype=torch.float64), torch.arange(30) % 10
+    plan.model_values(model, x, y)  # plans and verifies
+    with HostReads() as mode:
+        mode.taint(x, *model.parameters())
+        out = plan.model_values(model, x, y)
+    assert mode.reads == [("probes.ntk_probe", "ntk_values", "to")], mode.reads
+    K = empirical_ntk(model, x, method="jacobian")
+    assert out.values["ntk_alignment"] == pytest.approx(kernels.kernel_alignment(K, y), rel=1e-9)
+    assert out.values["ntk_trace_mean"] == pytest.approx(float(K.diagonal().mean()), rel=1e-9)
 
 
 def test_a_monitor_evaluation_reads_once_per_probe_family():

@@ -676,3 +676,26 @@ def test_conv_input_grad_routes_agree_and_auto_times_once(monkeypatch):
     monkeypatch.setenv(st.CONV_INPUT_GRAD_ENV, "fold")
     with pytest.raises(ValueError, match="TRAINDYN_NTK_CONV_INPUT_GRAD"):
         st._conv_input_grad(gy, call)
+
+
+def test_returned_output_layer_is_recognised_from_the_recording(monkeypatch):
+    """Without comparing signal values (a host read on a GPU; switched off here), a model that
+    returns its last Linear's output is recognised from the recording; a scaled output or an
+    in-place-modified model (recorded with copies) is not, and takes the general path — every
+    kernel equals the float64 brute-force Jacobian kernel."""
+    from probes._ntk_common import requires_grad
+    from probes._ntk_engines import jacobian_rows
+
+    monkeypatch.setattr(st, "_unit_signals", lambda g: False)
+    torch.manual_seed(5)
+    x = torch.randn(6, 5, dtype=torch.float64)
+    plain = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    for model, unit in ((plain, 1), (ScaledHead().double(), 0), (models()["mlp"][0].double(), 0)):
+        chosen = select_parameters(model)
+        with torch.enable_grad(), requires_grad(chosen.values()):
+            for _ in range(2):  # the second recording knows whether the model needs copies
+                plan, rec = st.cached_plan(model, x, chosen, True, 6)
+            F = st.structured_factors(model, x, plan, jacobian_rows, rec)
+        assert len(F.unit) == unit, type(model).__name__
+        ref = brute_ntk(model, x)
+        assert rel_err(empirical_ntk(model, x, output="full", method="structured"), ref) < 1e-12
