@@ -369,7 +369,8 @@ def conv_routes(repeats: int, device: torch.device) -> None:
             st._CONV_ROUTES.clear()
             best = timeit_interleaved({r: run(model, x, r) for r in ("scatter", "transpose",
                                                                      "auto")}, repeats, device)
-            chose = sorted(set(st._CONV_ROUTES.values()))
+            chose = (sorted(set(st._CONV_ROUTES.values())) if device.type == "cpu"
+                     else "transpose, untimed off the CPU")
             print(f"  {name}: scatter {best['scatter']:.4f} s, transpose "
                   f"{best['transpose']:.4f} s, auto {best['auto']:.4f} s (chose {chose}); "
                   f"transpose / scatter = {best['transpose'] / best['scatter']:.2f}, "
