@@ -372,12 +372,18 @@ class ProbePlan:
     def model_values(self, model: torch.nn.Module, inputs: Any, targets: Any = None,
                      instances: Mapping[str, Callable[..., Any]] | None = None) -> Measurement:
         """Values of the ``model`` probes on the probe batch (the caller sets eval mode and
-        preserves the training state)."""
+        preserves the training state).
+
+        As :meth:`layer_values`: every probe first computes (a probe answering with a
+        :class:`~probes._pending.Pending` leaves its numbers — and a reference probe its
+        state — on the device), then the pendings of all model probes come to the host in one
+        copy per device and are finished, in the probes' order."""
         out = Measurement()
         instances = instances or {}
         notes = _Notes()
         with notes:
-            for probe in self.model_probes:
+            computed: list[tuple[Probe, Any]] = []
+            for probe in self.model_probes:  # 1. on the device
                 if probe.factory is not None:
                     fn = instances.get(probe.name)
                     if fn is None:
@@ -389,6 +395,11 @@ class ProbePlan:
                     if "layers" not in kwargs and _takes_layers(probe.fn):
                         kwargs["layers"] = list(self.layers)  # the plan's layers by default
                     result = probe.fn(model, inputs, targets, **kwargs)
+                computed.append((probe, result))
+            hosts = iter(fetch([r for _, r in computed if isinstance(r, Pending)]))  # 2. one read
+            for probe, result in computed:  # 3. on the host
+                if isinstance(result, Pending):
+                    result = result.finish(next(hosts))
                 result, kept = _split_state(probe, result)
                 out.values.update(_normalise(probe, result))
                 if probe.reference:

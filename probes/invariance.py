@@ -60,9 +60,10 @@ import torch
 import xarray as xr
 from torch import nn
 
-from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, warn_nan
+from probes._arrays import STAT_DTYPE, ArrayLike, as_features
+from probes._pending import Pending, scalar
 from probes.capture import capture, resolve_layers
-from probes.similarity import linear_cka
+from probes.similarity import _linear_cka_pending, _nonfinite, _on, _pair
 
 __all__ = [
     "DEFAULT_GENERATORS",
@@ -191,11 +192,11 @@ def flip(x: torch.Tensor, apply: object = True, dims: int | Sequence[int] = -1) 
 
 def permute(x: torch.Tensor, perm: Sequence[int] | torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Reorder ``x`` along ``dim`` (tokens or features) by the permutation ``perm``."""
-    p = torch.as_tensor(perm, dtype=torch.long, device=x.device)
+    p = torch.as_tensor(perm, dtype=torch.long)  # validated where it was made (the host)
     if sorted(p.tolist()) != list(range(x.shape[dim])):
         raise ValueError(f"perm must be a permutation of range({x.shape[dim]}); got "
                          f"{p.tolist()[:10]}…")
-    return torch.index_select(x, dim, p)
+    return torch.index_select(x, dim, _on(p, x.device))
 
 
 def add_noise(x: torch.Tensor, sigma: float | torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -223,7 +224,20 @@ def _pair64(fx: ArrayLike, fgx: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     if a.shape != b.shape:
         raise ValueError(f"f_x and f_gx must have the same shape (the same inputs before and "
                          f"after the transformation); got {tuple(a.shape)} and {tuple(b.shape)}")
-    return a, b.to(a.device)
+    return a, _on(b, a.device)
+
+
+def _gather(parts: Sequence[Pending], build: Callable[[list], object]) -> Pending:
+    """One :class:`~probes._pending.Pending` of several: its tensors are theirs (keys
+    prefixed by position); ``finish`` finishes each in order (their warnings in that order)
+    and returns ``build([results])``."""
+    tensors = {f"{i}:{k}": t for i, p in enumerate(parts) for k, t in p.tensors.items()}
+
+    def finish(host: dict[str, np.ndarray]) -> object:
+        return build([p.finish({k: host[f"{i}:{k}"] for k in p.tensors})
+                      for i, p in enumerate(parts)])
+
+    return Pending(tensors, finish)
 
 
 def _mean_pair_distance(z: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -255,19 +269,20 @@ def invariance_distance(fx: ArrayLike, fgx: ArrayLike) -> float:
         constant over inputs (zero denominator) or not finite.
     """
     a, b = _pair64(fx, fgx)
-    return _invariance_distance(a, b)
+    return _invariance_distance(a, b).result()
 
 
 def _invariance_distance(a: torch.Tensor, b: torch.Tensor,
-                         spread: torch.Tensor | None = None) -> float:
+                         spread: torch.Tensor | None = None) -> Pending:
+    """:func:`invariance_distance` of float64 ``a``, ``b`` computed on the device (NaN checks
+    as device flags), as a :class:`~probes._pending.Pending`; ``spread`` is the mean pair
+    distance of ``a`` when already known."""
     if a.shape[0] < 2:
         raise ValueError(f"invariance_distance needs n >= 2 inputs; got {a.shape[0]}")
-    if not (all_finite(a) and all_finite(b)):
-        return warn_nan("invariance distance: the representations are not finite")
     spread = _mean_pair_distance(a) if spread is None else spread
-    if not float(spread) > 0:
-        return warn_nan("invariance distance: the representation is constant over inputs")
-    return float(torch.linalg.norm(b - a, dim=1).mean() / spread)
+    return scalar(torch.linalg.norm(b - a, dim=1).mean() / spread, [
+        (_nonfinite(a, b), "invariance distance: the representations are not finite"),
+        (~(spread > 0), "invariance distance: the representation is constant over inputs")])
 
 
 def equivariance_error(fx: ArrayLike, fgx: ArrayLike, fit_fraction: float = 0.5,
@@ -286,35 +301,48 @@ def equivariance_error(fx: ArrayLike, fgx: ArrayLike, fit_fraction: float = 0.5,
     transformed representation or non-finite values.
     """
     a, b = _pair64(fx, fgx)
+    return _equivariance_error(a, b, fit_fraction, ridge, seed).result()
+
+
+def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def _equivariance_error(a: torch.Tensor, b: torch.Tensor, fit_fraction: float = 0.5,
+                        ridge: float = 1e-3, seed: int = 0) -> Pending:
+    """:func:`equivariance_error` of float64 ``a``, ``b`` computed on the device (the ridge
+    ``λ`` a device scalar; NaN checks as device flags), as a
+    :class:`~probes._pending.Pending`.  Non-finite representations are flagged, and the
+    system solved is then made finite (its answer is discarded) so that the solver never
+    sees NaN."""
     n = a.shape[0]
     if not 0 < fit_fraction < 1:
         raise ValueError(f"fit_fraction must be in (0, 1); got {fit_fraction}")
     n_fit = int(round(fit_fraction * n))
     if n_fit < 2 or n - n_fit < 2:
         raise ValueError(f"equivariance_error needs >= 2 inputs in each split; n = {n}")
-    if not (all_finite(a) and all_finite(b)):
-        return warn_nan("equivariance error: the representations are not finite")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(a.device)
+    bad = _nonfinite(a, b)
+    perm = _on(torch.randperm(n, generator=torch.Generator().manual_seed(seed)), a.device)
     fit, test = perm[:n_fit], perm[n_fit:]
     ma, mb = a[fit].mean(0), b[fit].mean(0)
     xa, xb = a[fit] - ma, b[fit] - mb
     d = a.shape[1]
     if d <= n_fit:  # primal: (XᵀX + λI) M = XᵀY, a d × d system
         gram = xa.T @ xa
-        lam = ridge * float(torch.diagonal(gram).sum()) / d
+        lam = ridge * torch.diagonal(gram).sum() / d
         gram.diagonal().add_(lam)
-        m = torch.linalg.lstsq(gram, xa.T @ xb).solution  # (d_in, d_out)
+        m = torch.linalg.lstsq(_finite_or_zero(gram), _finite_or_zero(xa.T @ xb)).solution
     else:  # dual, same M: Xᵀ (XXᵀ + λI)⁻¹ Y, an n_fit × n_fit system
         gram = xa @ xa.T
-        lam = ridge * float(torch.diagonal(gram).sum()) / d
+        lam = ridge * torch.diagonal(gram).sum() / d
         gram.diagonal().add_(lam)
-        m = xa.T @ torch.linalg.lstsq(gram, xb).solution
+        m = xa.T @ torch.linalg.lstsq(_finite_or_zero(gram), _finite_or_zero(xb)).solution
     pred = (a[test] - ma) @ m + mb
     resid = (b[test] - pred).square().sum()
     total = (b[test] - b[test].mean(0)).square().sum()
-    if not float(total) > 0:
-        return warn_nan("equivariance error: the transformed representation is constant")
-    return float(resid / total)
+    return scalar(resid / total, [
+        (bad, "equivariance error: the representations are not finite"),
+        (~(total > 0), "equivariance error: the transformed representation is constant")])
 
 
 # --------------------------------------------------------------------------- model helpers
@@ -381,10 +409,29 @@ def invariance_scores(
         ``invariance_distance``, ``invariance_cka`` and (optionally) ``equivariance_error``
         over ``(dim, layer)``.
     """
+    return _invariance_scores(model, x, transforms, layers, dim, reduce, equivariance,
+                              fit_fraction, ridge).result()
+
+
+def _invariance_scores(
+    model: nn.Module,
+    x: ArrayLike,
+    transforms: Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+    | tuple[Transform, Sequence[object]],
+    layers: str | Sequence[str] | None = None,
+    dim: str = "transform",
+    reduce: str = "flatten",
+    equivariance: bool = True,
+    fit_fraction: float = 0.5,
+    ridge: float = 1e-3,
+) -> Pending:
+    """:func:`invariance_scores` computed on the device: a :class:`~probes._pending.Pending`
+    whose ``finish`` decides each NaN (with its warning) and builds the Dataset, so that an
+    evaluation reads the device once for every transform, layer and score (issue #16)."""
     device = _model_device(model)
     xt = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
     if device is not None:
-        xt = xt.to(device)
+        xt = _on(xt, device)
     if isinstance(transforms, tuple):
         g, thetas = transforms
         names = list(thetas)
@@ -398,17 +445,34 @@ def invariance_scores(
         raise ValueError("transforms is empty: give at least one transformation")
     clean = {k: v.to(STAT_DTYPE) for k, v in layer_features(model, xt, layers, reduce).items()}
     layer_names = list(clean)
-    spreads = {k: _mean_pair_distance(v) if all_finite(v) else None for k, v in clean.items()}
+    spreads = {k: _mean_pair_distance(v) for k, v in clean.items()}  # NaN ones are flagged
     shape = (len(funcs), len(layer_names))
-    dist, ckas, equi = np.empty(shape), np.empty(shape), np.empty(shape)
-    for i, fn in enumerate(funcs):
+    parts: list[Pending] = []  # per (transform, layer): distance, CKA[, equivariance]
+    for fn in funcs:
         moved = layer_features(model, fn(xt), layers, reduce)
-        for j, name in enumerate(layer_names):
+        for name in layer_names:
             a, b = _pair64(clean[name], moved[name])
-            dist[i, j] = _invariance_distance(a, b, spreads[name])
-            ckas[i, j] = linear_cka(clean[name], moved[name])
+            parts.append(_invariance_distance(a, b, spreads[name]))
+            parts.append(_linear_cka_pending(*_pair(clean[name], moved[name])))
             if equivariance:
-                equi[i, j] = equivariance_error(clean[name], moved[name], fit_fraction, ridge)
+                parts.append(_equivariance_error(a, b, fit_fraction, ridge))
+    per_entry = 3 if equivariance else 2
+    n_inputs = int(xt.shape[0])
+
+    def build(values: list) -> xr.Dataset:
+        table = np.asarray(values, dtype=float).reshape(*shape, per_entry)
+        return _invariance_dataset(table, dim, coord, layer_names, n_inputs, reduce,
+                                   equivariance, fit_fraction, ridge)
+
+    return _gather(parts, build)
+
+
+def _invariance_dataset(table: np.ndarray, dim: str, coord: np.ndarray, layer_names: list,
+                        n: int, reduce: str, equivariance: bool, fit_fraction: float,
+                        ridge: float) -> xr.Dataset:
+    """The Dataset of :func:`invariance_scores` from its ``(transform, layer, score)`` table."""
+    dist, ckas = table[..., 0], table[..., 1]
+    equi = table[..., 2] if equivariance else None
     data = {
         "invariance_distance": ((dim, "layer"), dist, {
             "long_name": "invariance distance, mean ||f(gx)-f(x)|| / mean ||f(x)-f(x')||",
@@ -420,7 +484,7 @@ def invariance_scores(
         data["equivariance_error"] = ((dim, "layer"), equi, {
             "long_name": "held-out relative residual of the best affine map f(gx) ~ M f(x) + b",
             "units": "1"})
-    params = {"n": int(xt.shape[0]), "reduce": reduce, "fit_fraction": fit_fraction,
+    params = {"n": n, "reduce": reduce, "fit_fraction": fit_fraction,
               "ridge": ridge}
     return xr.Dataset(
         data, coords={dim: (dim, coord), "layer": ("layer", np.array(layer_names, dtype=object))},
@@ -471,7 +535,7 @@ def lie_derivative(
     device = _model_device(model)
     xt = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x.detach()
     if device is not None:
-        xt = xt.to(device)
+        xt = _on(xt, device)
     names = ["output"] if layers is None else list(resolve_layers(model, layers))
     modules = {} if layers is None else resolve_layers(model, layers)
     dtype = xt.dtype if xt.is_floating_point() else torch.float32
@@ -516,17 +580,22 @@ def lie_derivative_error(lie: ArrayLike, convention: str = "mean_square") -> flo
     ``e2e_lee.py`` (ngruver/lie-deriv issue #6).  ``"rms_norm"``: ``√(mean_i ‖(L f)_i‖²)``,
     per-sample Euclidean norm (not width-normalised).
     """
-    t = as_features(lie, "lie").to(STAT_DTYPE)
-    if not all_finite(t):
-        return warn_nan("Lie derivative: values are not finite")
+    return _lie_derivative_error(as_features(lie, "lie").to(STAT_DTYPE), convention).result()
+
+
+def _lie_derivative_error(t: torch.Tensor, convention: str = "mean_square") -> Pending:
+    """:func:`lie_derivative_error` of the float64 ``(n, d)`` tensor ``t``, computed on the
+    device, as a :class:`~probes._pending.Pending` (NaN + warning for non-finite values)."""
     if convention == "mean_square":
-        return float(t.square().mean())
-    if convention == "mean_abs":
-        return float(t.abs().mean())
-    if convention == "rms_norm":
-        return float(t.square().sum(1).mean().sqrt())
-    raise ValueError(f"convention must be 'mean_square', 'mean_abs' or 'rms_norm'; "
-                     f"got {convention!r}")
+        value = t.square().mean()
+    elif convention == "mean_abs":
+        value = t.abs().mean()
+    elif convention == "rms_norm":
+        value = t.square().sum(1).mean().sqrt()
+    else:
+        raise ValueError(f"convention must be 'mean_square', 'mean_abs' or 'rms_norm'; "
+                         f"got {convention!r}")
+    return scalar(value, [(_nonfinite(t), "Lie derivative: values are not finite")])
 
 
 def lie_derivative_scores(
@@ -535,14 +604,36 @@ def lie_derivative_scores(
 ) -> xr.Dataset:
     """:func:`lie_derivative_error` per ``(generator, layer)`` for named one-parameter
     transformations ``{name: g(x, θ)}`` (each the identity at ``θ = 0``)."""
+    return _lie_derivative_scores(model, x, generators, layers, convention).result()
+
+
+def _lie_derivative_scores(
+    model: nn.Module, x: ArrayLike, generators: Mapping[str, Transform],
+    layers: str | Sequence[str] | None = None, convention: str = "mean_square",
+) -> Pending:
+    """:func:`lie_derivative_scores` computed on the device: a
+    :class:`~probes._pending.Pending` whose ``finish`` builds the Dataset (issue #16)."""
     names = list(generators)
-    values, layer_names = [], None
+    parts: list[Pending] = []
+    layer_names: list[str] = []
     for name in names:
         lie = lie_derivative(model, x, generators[name], layers)
         layer_names = list(lie)
-        values.append([lie_derivative_error(lie[k], convention) for k in layer_names])
+        parts.extend(_lie_derivative_error(as_features(lie[k], "lie").to(STAT_DTYPE), convention)
+                     for k in layer_names)
+
+    def build(values: list) -> xr.Dataset:
+        return _lie_dataset(np.asarray(values, dtype=float).reshape(len(names), len(layer_names)),
+                            names, layer_names, convention)
+
+    return _gather(parts, build)
+
+
+def _lie_dataset(values: np.ndarray, names: list, layer_names: list, convention: str
+                 ) -> xr.Dataset:
+    """The Dataset of :func:`lie_derivative_scores` from its ``(generator, layer)`` values."""
     return xr.Dataset(
-        {"lie_derivative": (("generator", "layer"), np.asarray(values), {
+        {"lie_derivative": (("generator", "layer"), values, {
             "long_name": f"Lie derivative error ({convention})", "units": "1"})},
         coords={"generator": ("generator", np.array(names, dtype=object)),
                 "layer": ("layer", np.array(layer_names, dtype=object))},
@@ -613,8 +704,10 @@ def flip_group(dims: int | Sequence[int] = -1) -> list[Callable]:
 
 
 # --------------------------------------------------------------------------- probe contract
-def _std(x: torch.Tensor) -> float:
-    return float(x.double().std())
+def _std(x: torch.Tensor) -> torch.Tensor:
+    """The standard deviation of ``x`` as a float64 0-d tensor on ``x``'s device (not read:
+    a noise scale made from it stays on the device)."""
+    return x.double().std()
 
 
 def parse_transform(spec: str, x: torch.Tensor | None = None
@@ -676,9 +769,19 @@ def invariance_probe(model: nn.Module, inputs: ArrayLike, targets: object = None
                      equivariance: bool = True) -> xr.Dataset:
     """The ``invariance`` model probe: :func:`invariance_scores` for text-specified transforms
     (:func:`parse_transform`) over ``(transform, layer)``; ``layers=None`` uses the output."""
+    return _invariance_probe(model, inputs, targets, layers, transforms, reduce,
+                             equivariance).result()
+
+
+def _invariance_probe(model: nn.Module, inputs: ArrayLike, targets: object = None,
+                      layers: Sequence[str] | None = None,
+                      transforms: Sequence[str] = DEFAULT_TRANSFORMS, reduce: str = "flatten",
+                      equivariance: bool = True) -> Pending:
+    """:func:`invariance_probe` as a :class:`~probes._pending.Pending` (the registered probe:
+    :meth:`probes.evaluation.ProbePlan.model_values` reads all model probes at once)."""
     x = inputs if isinstance(inputs, torch.Tensor) else torch.as_tensor(np.asarray(inputs))
     funcs = {spec: parse_transform(spec, x) for spec in transforms}
-    return invariance_scores(model, x, funcs, layers, reduce=reduce, equivariance=equivariance)
+    return _invariance_scores(model, x, funcs, layers, reduce=reduce, equivariance=equivariance)
 
 
 def lie_derivative_probe(model: nn.Module, inputs: ArrayLike, targets: object = None,
@@ -687,11 +790,21 @@ def lie_derivative_probe(model: nn.Module, inputs: ArrayLike, targets: object = 
                          convention: str = "mean_square") -> xr.Dataset:
     """The ``lie_derivative`` model probe: :func:`lie_derivative_scores` for generators named
     in :data:`GENERATORS` over ``(generator, layer)``."""
+    return _lie_derivative_probe(model, inputs, targets, layers, generators,
+                                 convention).result()
+
+
+def _lie_derivative_probe(model: nn.Module, inputs: ArrayLike, targets: object = None,
+                          layers: Sequence[str] | None = None,
+                          generators: Sequence[str] = DEFAULT_GENERATORS,
+                          convention: str = "mean_square") -> Pending:
+    """:func:`lie_derivative_probe` as a :class:`~probes._pending.Pending` (the registered
+    probe)."""
     unknown = [g for g in generators if g not in GENERATORS]
     if unknown:
         raise ValueError(f"unknown generators {unknown}; available: {list(GENERATORS)}")
     gens = {g: GENERATORS[g] for g in generators}
-    return lie_derivative_scores(model, inputs, gens, layers, convention)
+    return _lie_derivative_scores(model, inputs, gens, layers, convention)
 
 
 def register_probes() -> None:
@@ -713,12 +826,12 @@ def register_probes() -> None:
              "held-out relative residual of the best affine map f(gx) ~ M f(x) + b", "1",
              dims)},
         source="Speicher et al. (TMLR 2024); Kornblith et al. (ICML 2019); Lenc & Vedaldi "
-               "(CVPR 2015)", fn=invariance_probe))
+               "(CVPR 2015)", fn=_invariance_probe))
     register(Probe(
         "lie_derivative", "model",
         {"lie_derivative": Variable("Lie derivative error, mean square over samples and units",
                                     "1", ("generator", "layer"))},
-        source="Gruver, Finzi, Goldblum, Wilson (ICLR 2023), Eq. 3-4", fn=lie_derivative_probe))
+        source="Gruver, Finzi, Goldblum, Wilson (ICLR 2023), Eq. 3-4", fn=_lie_derivative_probe))
 
 
 register_probes()

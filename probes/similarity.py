@@ -35,6 +35,7 @@ constant (zero-variance) representation or non-finite values give NaN with a
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -53,7 +54,10 @@ from probes._hsic import (
     hsic_unbiased,
     hsic_unbiased_stats,
     kernel,
+    median_sq_distance,
+    squared_distances,
 )
+from probes._pending import Pending, first_failure
 
 __all__ = [
     "DEFAULT_BANDWIDTH",
@@ -86,20 +90,46 @@ def _pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"x and y must hold the same samples: x has n = {a.shape[0]} rows, "
                          f"y has n = {b.shape[0]}")
-    return a, b.to(a.device)
+    return a, _on(b, a.device)
 
 
-def _ratio(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, what: str) -> float:
-    """``xy / √(xx·yy)`` with NaN + warning for a non-positive or non-finite denominator."""
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device`` (no ``.to`` call when it is there already)."""
+    return t if t.device == device else t.to(device)
+
+
+def _nonfinite(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0-d device flag: some entry of ``tensors`` is NaN or infinite."""
+    finite = torch.isfinite(tensors[0]).all()
+    for t in tensors[1:]:
+        finite = finite & torch.isfinite(t).all()
+    return ~finite
+
+
+def _ratio_pending(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, what: str,
+                   checks: Sequence[tuple[torch.Tensor | bool, str]] = ()) -> Pending:
+    """``xy / √(xx·yy)`` computed on the device, as a :class:`~probes._pending.Pending`: NaN +
+    warning when one of ``checks`` holds (in order), then for non-finite HSICs, then for a
+    non-positive denominator (``xx`` or ``yy`` at most ``10⁻¹²`` × the largest of the three)."""
     values = torch.stack([xy, xx, yy])
-    if not all_finite(values):
-        return warn_nan(f"{what}: the representations are not finite")
-    scale = max(float(xx.abs()), float(yy.abs()), float(xy.abs()), 1e-300)
-    tiny = 1e-12 * scale
-    if not (float(xx) > tiny and float(yy) > tiny):
-        return warn_nan(f"{what}: a representation is constant (its HSIC with itself is "
-                        f"{float(min(xx, yy)):.3g}, not positive), so CKA is undefined")
-    return float(xy / torch.sqrt(xx * yy))
+    tiny = 1e-12 * values.abs().max().clamp(min=1e-300)
+    flags, failure = first_failure([
+        *checks, (~torch.isfinite(values).all(), f"{what}: the representations are not finite")])
+    tensors = {**flags, "xx": xx, "yy": yy, "value": xy / torch.sqrt(xx * yy),
+               "constant": ~((xx > tiny) & (yy > tiny))}
+
+    def finish(h: dict[str, np.ndarray]) -> float:
+        reason = failure(h)
+        if reason is None and bool(h["constant"]):
+            reason = (f"{what}: a representation is constant (its HSIC with itself is "
+                      f"{min(float(h['xx']), float(h['yy'])):.3g}, not positive), so CKA is "
+                      "undefined")
+        if reason is not None:
+            warnings.warn(reason, RuntimeWarning, stacklevel=2)
+            return float("nan")
+        return float(h["value"])
+
+    return Pending(tensors, finish)
 
 
 def _check_n(n: int, debiased: bool) -> None:
@@ -118,15 +148,15 @@ def cka(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:  # noqa: E
     Kornblith et al. (ICML 2019), Eq. 4, with the biased HSIC ``tr(KHLH)/(n−1)²`` (Eq. 3) or,
     with ``debiased=True``, the unbiased HSIC of Song et al. (JMLR 2012, Eq. 5).
     """
-    kk, ll = features64(k, "k"), features64(l, "l").to(features64(k, "k").device)
+    kk = features64(k, "k")
+    ll = _on(features64(l, "l"), kk.device)
     if kk.shape[0] != kk.shape[1] or ll.shape != kk.shape:
         raise ValueError(f"k and l must be square kernels of the same size; got "
                          f"{tuple(kk.shape)} and {tuple(ll.shape)}")
     _check_n(kk.shape[0], debiased)
-    if not (all_finite(kk) and all_finite(ll)):
-        return warn_nan("CKA: the kernels are not finite")
     hsic = hsic_unbiased if debiased else hsic_biased
-    return _ratio(hsic(kk, ll), hsic(kk, kk), hsic(ll, ll), "CKA")
+    return _ratio_pending(hsic(kk, ll), hsic(kk, kk), hsic(ll, ll), "CKA",
+                          [(_nonfinite(kk, ll), "CKA: the kernels are not finite")]).result()
 
 
 def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
@@ -154,22 +184,28 @@ def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
         constant or non-finite representation.
     """
     a, b = _pair(x, y)
+    return _linear_cka_pending(a, b, debiased).result()
+
+
+def _linear_cka_pending(a: torch.Tensor, b: torch.Tensor, debiased: bool = False) -> Pending:
+    """:func:`linear_cka` of float64 ``a``, ``b`` (same rows, same device) computed on the
+    device, as a :class:`~probes._pending.Pending` (its checks are device flags too)."""
     _check_n(a.shape[0], debiased)
-    if not (all_finite(a) and all_finite(b)):
-        return warn_nan("linear CKA: the representations are not finite")
+    what = "debiased linear CKA" if debiased else "linear CKA"
+    checks = [(_nonfinite(a, b), "linear CKA: the representations are not finite")]
     if debiased:
         ka, kb = a @ a.T, b @ b.T
-        return _ratio(hsic_unbiased(ka, kb), hsic_unbiased(ka, ka), hsic_unbiased(kb, kb),
-                      "debiased linear CKA")
+        return _ratio_pending(hsic_unbiased(ka, kb), hsic_unbiased(ka, ka),
+                              hsic_unbiased(kb, kb), what, checks)
     ac, bc = a - a.mean(0), b - b.mean(0)
     n, p, q = a.shape[0], a.shape[1], b.shape[1]
     if p * q + p * p + q * q <= 3 * n * n:  # feature space (Eq. 5): cheaper when p, q < n
         xy = (bc.T @ ac).square().sum()
         xx = (ac.T @ ac).square().sum().sqrt()
         yy = (bc.T @ bc).square().sum().sqrt()
-        return _ratio(xy, xx.square(), yy.square(), "linear CKA")
+        return _ratio_pending(xy, xx.square(), yy.square(), what, checks)
     ka, kb = ac @ ac.T, bc @ bc.T
-    return _ratio((ka * kb).sum(), (ka * ka).sum(), (kb * kb).sum(), "linear CKA")
+    return _ratio_pending((ka * kb).sum(), (ka * ka).sum(), (kb * kb).sum(), what, checks)
 
 
 def debiased_cka(x: ArrayLike, y: ArrayLike) -> float:
@@ -582,20 +618,36 @@ def checkpoint_cka(
 
 # --------------------------------------------------------------------------- probe contract
 def _cka_state(features: ArrayLike, kernel: str = "linear", debiased: bool = False,
-               bandwidth: float = DEFAULT_BANDWIDTH) -> tuple[dict, dict[str, np.ndarray]]:
+               bandwidth: float = DEFAULT_BANDWIDTH) -> Pending:
     """What a CKA reference probe keeps of one evaluation: the features themselves when they
     are narrower than the number of samples (``d ≤ n``), else the ``n × n`` kernel — whichever
-    is smaller (float64 numpy)."""
+    is smaller (float64 numpy, on the host: later evaluations compare with it there).
+
+    Answers with a :class:`~probes._pending.Pending` finishing to ``({}, state)``, so that
+    :meth:`probes.evaluation.ProbePlan.layer_values` brings the states of every layer (and
+    every CKA probe) to the host in its one copy (issue #16)."""
     z = features64(features, "features")
     n, d = z.shape
-    if kernel == "linear" and d <= n:
-        return {}, {"features": z.cpu().numpy()}
-    return {}, {"kernel": _kernel_of(z, kernel, bandwidth).cpu().numpy()}
+    key, value = (("features", z) if kernel == "linear" and d <= n
+                  else ("kernel", _kernel_of(z, kernel, bandwidth)))
+    # a copy of its own (not a view of the evaluation's shared host buffer, which a reference
+    # state would otherwise keep alive)
+    return Pending({key: value}, lambda host: ({}, {key: host[key].copy()}))
 
 
 def _kernel_of(z: torch.Tensor, kind: str, bandwidth: float) -> torch.Tensor:
-    """The kernel :func:`cka_matrix` uses for ``kind`` (linear: ``ZZᵀ``, uncentred)."""
-    return kernel(z, kind, bandwidth)
+    """The kernel :func:`cka_matrix` uses for ``kind`` (linear: ``ZZᵀ``, uncentred).
+
+    The RBF kernel is :func:`probes._hsic.gram_rbf`'s, with its "all points coincide" case
+    (``σ² = 0``: every entry 1) decided on the device rather than by an ``if`` on the host."""
+    if kind != "rbf":
+        return kernel(z, kind, bandwidth)
+    if not bandwidth > 0:
+        raise ValueError(f"bandwidth must be a positive fraction of the median distance; "
+                         f"got {bandwidth}")
+    sq = squared_distances(z)
+    sigma2 = bandwidth**2 * median_sq_distance(z, sq)
+    return torch.where(sigma2 > 0, torch.exp(-sq / (2.0 * sigma2)), torch.ones_like(sq))
 
 
 def _state_kernel(state: Mapping[str, np.ndarray]) -> torch.Tensor:

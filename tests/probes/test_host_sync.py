@@ -280,3 +280,188 @@ def test_a_probe_reading_the_view_never_sees_the_zeroed_matrix():
     ok = _CachedSpectra(SpectrumAccumulator().update(x[4:]))
     want = np.linalg.eigvalsh(np.cov(x[4:].numpy().T, bias=True))[::-1]
     assert np.allclose(ok.covariance_spectrum().numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------- reference and model probes
+FETCH = ("probes._pending", "fetch", "to")
+
+
+def _mlp(width: int = 64) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(),
+                               torch.nn.Linear(width, 10)).double()
+
+
+def _features(model: torch.nn.Sequential, x: torch.Tensor) -> dict[str, np.ndarray]:
+    """Layers "0" and "2" of ``model`` on ``x``, by plain forward calls (no hooks, no probes)."""
+    with torch.no_grad():
+        h = model[0](x)
+        return {"0": h.numpy(), "2": model[2](torch.relu(h)).numpy()}
+
+
+def _linear_cka_by_hand(a: np.ndarray, b: np.ndarray) -> float:
+    """Kornblith et al. (ICML 2019), Eq. 5: ‖B_cᵀA_c‖²_F / (‖A_cᵀA_c‖_F ‖B_cᵀB_c‖_F)."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    return float(np.linalg.norm(b.T @ a) ** 2
+                 / (np.linalg.norm(a.T @ a) * np.linalg.norm(b.T @ b)))
+
+
+def _monitor_step_reads(model, x, probes, steps=2, between=None):
+    """Run a synchronous Monitor for ``steps`` evaluations (``between()`` after each but the
+    last) and return (the host reads of the last one, the monitor)."""
+    from dynamics.monitor import Monitor
+
+    monitor = Monitor(model, probe_data=x, probe_targets=torch.arange(len(x)) % 10,
+                      layers=["0", "2"], probes=probes, schedule=lambda step: True)
+    for step in range(steps - 1):
+        monitor.step(step)
+        if between is not None:
+            between()
+    with HostReads() as mode:
+        mode.taint(x, *model.parameters())
+        monitor.step(steps - 1)
+    return mode.reads, monitor
+
+
+def test_cka_reference_states_come_to_the_host_in_the_one_fetch():
+    """cka_first + cka_previous on two layers — layer "0" wider than the 200 probe inputs (its
+    state is the n × n kernel), layer "2" narrower (its state is the features): all four
+    states come in the one copy of the feature probes.  (Before: one ``.cpu()`` per probe and
+    layer in ``_cka_state``, 4 reads.)  Values: the hand formula on plainly computed
+    features of the first, previous and current weights."""
+    model = _mlp(width=256)
+    x = torch.randn(200, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    snapshots = [_features(model, x)]
+    gen = torch.Generator().manual_seed(6)
+
+    def train():
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        snapshots.append(_features(model, x))
+
+    reads, monitor = _monitor_step_reads(model, x, ["cka_first", "cka_previous"], steps=3,
+                                         between=train)
+    assert reads == [FETCH], reads
+    ds = monitor.to_dataset()
+    first, previous, now = snapshots
+    for layer in ("0", "2"):
+        want_first = _linear_cka_by_hand(first[layer], now[layer])
+        want_previous = _linear_cka_by_hand(previous[layer], now[layer])
+        assert want_first < 0.99  # the weights did move: a comparison that can be wrong
+        assert float(ds["cka_first"].sel(step=2, layer=layer)) == pytest.approx(
+            want_first, rel=1e-12)
+        assert float(ds["cka_previous"].sel(step=2, layer=layer)) == pytest.approx(
+            want_previous, rel=1e-12)
+
+
+def test_rbf_cka_state_is_computed_on_the_device():
+    """The RBF kernel state (σ² = bandwidth² × median squared distance, Kornblith et al. 2019,
+    Sec. 3) is built without an ``if`` on σ² on the host: one read for two layers (before:
+    a ``__bool__`` in ``gram_rbf`` and a ``.cpu()`` per layer).  Its kernel equals the hand
+    formula, and a constant layer gets the all-ones kernel (σ² = 0) as before."""
+    gen = torch.Generator().manual_seed(7)
+    feats = {"a": torch.randn(30, 5, dtype=torch.float64, generator=gen),
+             "const": torch.ones(30, 5, dtype=torch.float64)}
+    plan = ProbePlan(["cka_first"], list(feats), probe_kwargs={"cka_first": {"kernel": "rbf"}})
+    with HostReads() as mode:
+        mode.taint(*feats.values())
+        out = plan.layer_values(plan.accumulate(feats))
+    assert mode.reads == [FETCH], mode.reads
+    z = feats["a"].numpy()
+    sq = ((z[:, None, :] - z[None, :, :]) ** 2).sum(-1)
+    sigma2 = 0.5**2 * np.median(sq[np.triu_indices(30, 1)])
+    got = out.states[("cka_first", "a")]["kernel"]
+    assert np.allclose(got, np.exp(-sq / (2 * sigma2)), rtol=1e-12, atol=1e-14)
+    assert np.array_equal(out.states[("cka_first", "const")]["kernel"], np.ones((30, 30)))
+
+
+def test_invariance_probe_reads_once_in_a_monitor_step():
+    """The ``invariance`` model probe (default transforms shift:1 and noise:0.1, two layers):
+    distances, CKAs, equivariance fits and their NaN checks on the device, one read.  (Before:
+    64 reads — finiteness checks, ``float`` of each score and of the noise scale.)  Values:
+    Speicher et al.'s distance and linear CKA by hand, the equivariance error of the one-shot
+    function, all on features of plainly transformed inputs."""
+    from scipy.spatial.distance import pdist
+
+    from probes.invariance import equivariance_error
+
+    model = _mlp()
+    x = torch.randn(200, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    reads, monitor = _monitor_step_reads(model, x, ["invariance"])
+    assert reads == [FETCH], reads
+    ds = monitor.to_dataset().sel(step=1)
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    moved = {"shift:1": torch.roll(x, 1, -1), "noise:0.1": x + 0.1 * float(x.std()) * eps}
+    clean = _features(model, x)
+    for spec, gx in moved.items():
+        after = _features(model, gx)
+        for layer in ("0", "2"):
+            f, fg = clean[layer], after[layer]
+            distance = np.linalg.norm(fg - f, axis=1).mean() / pdist(f).mean()
+            got = ds.sel(transform=spec, layer=layer)
+            assert float(got["invariance_distance"]) == pytest.approx(distance, rel=1e-12)
+            assert float(got["invariance_cka"]) == pytest.approx(_linear_cka_by_hand(f, fg),
+                                                                 rel=1e-12)
+            assert float(got["equivariance_error"]) == pytest.approx(
+                equivariance_error(f, fg), rel=1e-12)
+    assert float(ds["invariance_distance"].sel(transform="noise:0.1", layer="0")) > 0.01
+
+
+def test_lie_derivative_probe_reads_once_in_a_monitor_step():
+    """The ``lie_derivative`` model probe (generator: Fourier translation of the last axis,
+    mean-square convention of Gruver et al. 2023, Eq. 4): one read.  (Before: 5 — a
+    finiteness check and a ``float`` per layer, a no-op ``.to``.)  Values by hand: with
+    ``∂g = Re F⁻¹[−2πik F x]`` the derivative of the translation at 0, the Lie derivative of
+    ``h = W₀x + b₀`` is ``∂g W₀ᵀ`` and of ``W₂ relu(h) + b₂`` is ``(1[h > 0] ⊙ ∂g W₀ᵀ) W₂ᵀ``."""
+    model = _mlp()
+    x = torch.randn(200, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    reads, monitor = _monitor_step_reads(model, x, ["lie_derivative"])
+    assert reads == [FETCH], reads
+    ds = monitor.to_dataset().sel(step=1, generator="translate")
+    xn = x.numpy()
+    k = np.fft.fftfreq(16)
+    dg = np.real(np.fft.ifft(np.fft.fft(xn, axis=-1) * (-2j * np.pi * k), axis=-1))
+    w0, w2 = model[0].weight.detach().numpy(), model[2].weight.detach().numpy()
+    lie0 = dg @ w0.T
+    lie2 = ((_features(model, x)["0"] > 0) * lie0) @ w2.T
+    for layer, lie in (("0", lie0), ("2", lie2)):
+        assert float(ds["lie_derivative"].sel(layer=layer)) == pytest.approx(
+            float(np.mean(lie**2)), rel=1e-12)
+
+
+def test_model_probes_share_one_read_and_keep_their_nan_warnings():
+    """``ProbePlan.model_values`` fetches the pendings of all its model probes together: the
+    invariance and Lie-derivative probes read once between them.  Non-finite inputs and a
+    dead (constant) layer still give NaN with the reason (never a finite wrong value), and
+    the Lie derivative of a constant layer is exactly 0."""
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight.zero_()  # layer "0" constant over inputs, and so layer "2"
+    x = torch.randn(40, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    plan = ProbePlan(["invariance", "lie_derivative"], ["0", "2"])
+    with HostReads() as mode:
+        mode.taint(x, *model.parameters())
+        out = plan.model_values(model, x)
+    assert mode.reads == [FETCH], mode.reads
+    for name in ("invariance_distance", "invariance_cka", "equivariance_error"):
+        assert np.isnan(out.values[name].values).all(), name
+    assert (out.values["lie_derivative"].values == 0).all()
+    for reason in ("invariance distance: the representation is constant over inputs",
+                   "linear CKA: a representation is constant",
+                   "equivariance error: the transformed representation is constant"):
+        assert any(n.startswith(reason) for n in out.notes), (reason, out.notes)
+
+    bad = x.clone()
+    bad[3, 4] = float("nan")
+    with HostReads() as mode:
+        mode.taint(bad, *_mlp().parameters())
+        out = ProbePlan(["invariance", "lie_derivative"], ["0", "2"]).model_values(_mlp(), bad)
+    for name in ("invariance_distance", "invariance_cka", "equivariance_error",
+                 "lie_derivative"):
+        assert np.isnan(out.values[name].values).all(), name
+    for reason in ("invariance distance: the representations are not finite",
+                   "linear CKA: the representations are not finite",
+                   "equivariance error: the representations are not finite",
+                   "Lie derivative: values are not finite"):
+        assert reason in out.notes, (reason, out.notes)
