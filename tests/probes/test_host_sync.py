@@ -413,15 +413,15 @@ def test_lie_derivative_probe_reads_once_in_a_monitor_step():
     mean-square convention of Gruver et al. 2023, Eq. 4): one read.  (Before: 5 — a
     finiteness check and a ``float`` per layer, a no-op ``.to``.)  Values by hand: with
     ``∂g = Re F⁻¹[−2πik F x]`` the derivative of the translation at 0, the Lie derivative of
-    ``h = W₀x + b₀`` is ``∂g W₀ᵀ`` and of ``W₂ relu(h) + b₂`` is ``(1[h > 0] ⊙ ∂g W₀ᵀ) W₂ᵀ``."""
+    ``h = W₀x + b₀`` is ``∂g W₀ᵀ`` and of ``W₂ relu(h) + b₂`` is ``(1[h > 0] ⊙ ∂g W₀ᵀ) W₂ᵀ``.
+    (The first forward-mode evaluation in a process imports ``torch._dynamo``: ~3 s once.)"""
     model = _mlp()
     x = torch.randn(200, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     reads, monitor = _monitor_step_reads(model, x, ["lie_derivative"])
     assert reads == [FETCH], reads
     ds = monitor.to_dataset().sel(step=1, generator="translate")
-    xn = x.numpy()
     k = np.fft.fftfreq(16)
-    dg = np.real(np.fft.ifft(np.fft.fft(xn, axis=-1) * (-2j * np.pi * k), axis=-1))
+    dg = np.real(np.fft.ifft(np.fft.fft(x.numpy(), axis=-1) * (-2j * np.pi * k), axis=-1))
     w0, w2 = model[0].weight.detach().numpy(), model[2].weight.detach().numpy()
     lie0 = dg @ w0.T
     lie2 = ((_features(model, x)["0"] > 0) * lie0) @ w2.T
@@ -465,3 +465,43 @@ def test_model_probes_share_one_read_and_keep_their_nan_warnings():
                    "equivariance error: the representations are not finite",
                    "Lie derivative: values are not finite"):
         assert reason in out.notes, (reason, out.notes)
+
+
+def test_a_reference_probe_may_leave_only_its_state_pending():
+    """A reference probe answering ``(values, Pending state)`` (not one Pending for both): the
+    plan brings the state in its one fetch, for feature and for model probes alike, and files
+    the finished state (here the mean feature vector, checked against numpy)."""
+    from probes._pending import Pending
+    from probes.registry import Probe
+
+    def mean_state(z: torch.Tensor) -> Pending:
+        return Pending({"mean": z.double().mean(0)}, lambda host: host["mean"].copy())
+
+    def drift(state, reference):
+        ref = reference.get("previous")
+        return {"toy_drift": np.nan if ref is None else float(np.abs(state - ref).sum())}
+
+    feature_probe = Probe("toy_feature_state", "features", {"toy_drift": ("drift", "1")},
+                          source="test", fn=lambda z: ({}, mean_state(z)),
+                          reference=("previous",), compare=drift)
+    model_probe = Probe("toy_model_state", "model", {"toy_drift": ("drift", "1")},
+                        source="test", reference=("previous",), compare=drift,
+                        fn=lambda model, x, targets=None: ({}, mean_state(model(x))))
+    model = _mlp()
+    x = torch.randn(30, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    feats = _features(model, x)
+    plan = ProbePlan([feature_probe], ["0", "2"])
+    with HostReads() as mode:
+        mode.taint(x, *model.parameters())
+        with torch.no_grad():
+            h = model[0](x)
+            device_feats = {"0": h, "2": model[2](torch.relu(h))}
+        out = plan.layer_values(plan.accumulate(device_feats))
+        out_model = ProbePlan([model_probe]).model_values(model, x)
+    assert mode.reads == [FETCH, FETCH], mode.reads
+    for layer in ("0", "2"):
+        assert np.allclose(out.states[("toy_feature_state", layer)], feats[layer].mean(0),
+                           rtol=1e-13, atol=0)
+    with torch.no_grad():
+        want = model(x).numpy().mean(0)
+    assert np.allclose(out_model.states[("toy_model_state", None)], want, rtol=1e-13, atol=0)
