@@ -45,7 +45,13 @@ Scores, from representations ``f(x)`` and ``f(g·x)`` of the same ``n`` inputs:
 averaging (Puny, Atzmon, Ben-Hamu, Misra, Grover, Smith & Lipman, "Frame averaging for
 invariant and equivariant network design", ICLR 2022, Eq. 1 with the frame = the whole group).
 
-Representations are compared in float64 on the input's device.
+Representations are compared in float64 on the input's device.  Every score — and the decision
+whether it is NaN, and why — is computed there too: the registered probes answer with a
+:class:`probes._pending.Pending`, so that :meth:`probes.evaluation.ProbePlan.model_values`
+reads the device once per evaluation for all of them (issue #16); the public functions read
+their pending at once.  What may still wait inside: torch checks the ``info`` of
+``torch.linalg.lstsq`` (the equivariance fit) on the host, a C++ wait on CUDA once per
+transform and layer, as for an eigensolve (unmeasured: no GPU in this project's tests).
 """
 
 from __future__ import annotations
