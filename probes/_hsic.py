@@ -85,9 +85,9 @@ def gram_rbf(x: ArrayLike, bandwidth: float = DEFAULT_BANDWIDTH) -> torch.Tensor
     z = features64(x, "x")
     sq = squared_distances(z)
     sigma2 = bandwidth**2 * median_sq_distance(z, sq)
-    if not sigma2 > 0:  # all points coincide (or nearly all): every kernel entry is 1
-        return torch.ones_like(sq)
-    return torch.exp(-sq / (2.0 * sigma2))
+    # all points coincide (or nearly all), σ² = 0: every kernel entry is 1 — decided on the
+    # features' device (an ``if`` here would make the host wait for it)
+    return torch.where(sigma2 > 0, torch.exp(-sq / (2.0 * sigma2)), torch.ones_like(sq))
 
 
 def kernel(x: ArrayLike, kind: str = "linear", bandwidth: float = DEFAULT_BANDWIDTH):

@@ -10,8 +10,12 @@ A :class:`Pending` keeps what a probe computed as device tensors, together with 
 on the device too, whether a value is NaN and which warning says why.  :func:`fetch` moves the
 tensors of many pendings (every layer, every probe of an evaluation) to the host in **one**
 device-to-host copy per device; :func:`finish_all` then runs the ``finish`` functions in order.
-The streaming accumulators of :mod:`probes.spectral` and :mod:`probes.collapse` answer with
-pendings, and :meth:`probes.evaluation.ProbePlan.layer_values` resolves all of them at once.
+The streaming accumulators of :mod:`probes.spectral` and :mod:`probes.collapse`, weight spectra
+(:mod:`probes.weights`), the CKA reference states (:mod:`probes.similarity`) and the invariance
+and Lie-derivative scores (:mod:`probes.invariance`) answer with pendings;
+:class:`probes.evaluation.ProbePlan` resolves all of one evaluation's at once (``layer_values``,
+``parameter_values``, ``model_values``).  The NTK probe copies its kernel to the host once (its
+state lives there) and computes its summaries there.
 
 What still synchronises inside an evaluation, and why: an eigensolve on CUDA (torch checks
 LAPACK's ``info`` on the host after ``torch.linalg.eigvalsh``), or the copy of a small matrix
@@ -29,7 +33,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DeviceFlag", "Pending", "fetch", "finish_all", "first_failure", "flag", "scalar"]
+__all__ = ["DeviceFlag", "Pending", "fetch", "finish_all", "first_failure", "flag", "gather",
+           "scalar"]
 
 Flag = torch.Tensor | bool
 """A condition: a 0-d boolean tensor on the device, or a Python bool known on the host."""
@@ -152,24 +157,45 @@ def fetch(pendings: Iterable[Pending]) -> list[dict[str, np.ndarray]]:
     the single buffer is copied to the host and split again.  Returns, per pending, the dict
     its ``finish`` expects."""
     pendings = list(pendings)
-    by_device: dict[torch.device, list[tuple[int, str, torch.Tensor]]] = {}
+    by_device: dict[torch.device, dict[int, torch.Tensor]] = {}  # tensors by identity
+    wanted: list[tuple[int, str, torch.device, int]] = []
     for i, p in enumerate(pendings):
         for name, t in p.tensors.items():
             t = torch.as_tensor(t)
-            by_device.setdefault(t.device, []).append((i, name, t))
+            by_device.setdefault(t.device, {}).setdefault(id(t), t)
+            wanted.append((i, name, t.device, id(t)))
     out: list[dict[str, np.ndarray]] = [{} for _ in pendings]
-    for items in by_device.values():
-        flat = [t.detach().reshape(-1).to(torch.float64) for _, _, t in items]
+    arrays: dict[tuple[torch.device, int], np.ndarray] = {}
+    for device, tensors in by_device.items():
+        # a tensor that several pendings read (two reference probes' state of one layer) is
+        # copied once
+        flat = [t.detach().reshape(-1).to(torch.float64) for t in tensors.values()]
         buffer = torch.cat(flat) if len(flat) > 1 else flat[0]
         # the one device → host copy (and wait) of this device; a copy on the CPU too, so that
         # later in-place updates of an accumulator cannot change what was fetched
         host = np.array(buffer.to("cpu").numpy(), copy=True)
         start = 0
-        for (i, name, t), f in zip(items, flat, strict=True):
+        for (key, t), f in zip(tensors.items(), flat, strict=True):
             size = f.numel()
-            out[i][name] = host[start:start + size].reshape(tuple(t.shape))
+            arrays[device, key] = host[start:start + size].reshape(tuple(t.shape))
             start += size
+    for i, name, device, key in wanted:
+        out[i][name] = arrays[device, key]
     return out
+
+
+def gather(parts: Sequence[Pending], build: Callable[[list], Any]) -> Pending:
+    """One :class:`Pending` of several: its tensors are theirs (keys prefixed by position);
+    ``finish`` finishes each in order (their warnings in that order) and returns
+    ``build([results])``."""
+    parts = list(parts)
+    tensors = {f"{i}:{k}": t for i, p in enumerate(parts) for k, t in p.tensors.items()}
+
+    def finish(host: dict[str, np.ndarray]) -> Any:
+        return build([p.finish({k: host[f"{i}:{k}"] for k in p.tensors})
+                      for i, p in enumerate(parts)])
+
+    return Pending(tensors, finish)
 
 
 def finish_all(pendings: Sequence[Pending]) -> list[Any]:

@@ -67,7 +67,7 @@ import xarray as xr
 from torch import nn
 
 from probes._arrays import STAT_DTYPE, ArrayLike, as_features
-from probes._pending import Pending, scalar
+from probes._pending import Pending, gather, scalar
 from probes.capture import capture, resolve_layers
 from probes.similarity import _linear_cka_pending, _nonfinite, _on, _pair
 
@@ -231,19 +231,6 @@ def _pair64(fx: ArrayLike, fgx: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"f_x and f_gx must have the same shape (the same inputs before and "
                          f"after the transformation); got {tuple(a.shape)} and {tuple(b.shape)}")
     return a, _on(b, a.device)
-
-
-def _gather(parts: Sequence[Pending], build: Callable[[list], object]) -> Pending:
-    """One :class:`~probes._pending.Pending` of several: its tensors are theirs (keys
-    prefixed by position); ``finish`` finishes each in order (their warnings in that order)
-    and returns ``build([results])``."""
-    tensors = {f"{i}:{k}": t for i, p in enumerate(parts) for k, t in p.tensors.items()}
-
-    def finish(host: dict[str, np.ndarray]) -> object:
-        return build([p.finish({k: host[f"{i}:{k}"] for k in p.tensors})
-                      for i, p in enumerate(parts)])
-
-    return Pending(tensors, finish)
 
 
 def _mean_pair_distance(z: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -470,7 +457,7 @@ def _invariance_scores(
         return _invariance_dataset(table, dim, coord, layer_names, n_inputs, reduce,
                                    equivariance, fit_fraction, ridge)
 
-    return _gather(parts, build)
+    return gather(parts, build)
 
 
 def _invariance_dataset(table: np.ndarray, dim: str, coord: np.ndarray, layer_names: list,
@@ -632,7 +619,7 @@ def _lie_derivative_scores(
         return _lie_dataset(np.asarray(values, dtype=float).reshape(len(names), len(layer_names)),
                             names, layer_names, convention)
 
-    return _gather(parts, build)
+    return gather(parts, build)
 
 
 def _lie_dataset(values: np.ndarray, names: list, layer_names: list, convention: str

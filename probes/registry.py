@@ -44,9 +44,11 @@ A probe (:class:`Probe`) declares
     ``compare(state, reference, **kw)`` returns the comparisons, where ``reference`` is
     ``{kind: state of that evaluation, or None}`` (``None``: no such evaluation yet — the first
     step has no previous one; the first evaluation's ``"first"`` is its own state).  The
-    caller keeps the states — in memory in the Monitor, on disk beside the parts in
-    ``analyze`` (so a resumed analysis sees the same references, and the states of a series
-    can be computed in parallel before the comparisons).
+    answer may be one :class:`probes._pending.Pending` for both, or ``(values, state)`` with
+    either part pending (the CKA probes' states are): it comes in the plan's one fetch, for
+    feature and model probes alike.  The caller keeps the states — in memory in the Monitor,
+    on disk beside the parts in ``analyze`` (so a resumed analysis sees the same references,
+    and the states of a series can be computed in parallel before the comparisons).
 ``factory``
     Only for stateful ``model`` probes written before this contract (``factory()`` returns the
     callable; kept per run): usable in the Monitor; ``analyze`` refuses them because their state

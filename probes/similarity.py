@@ -58,8 +58,6 @@ from probes._hsic import (
     hsic_unbiased,
     hsic_unbiased_stats,
     kernel,
-    median_sq_distance,
-    squared_distances,
 )
 from probes._pending import Pending, first_failure
 
@@ -640,18 +638,9 @@ def _cka_state(features: ArrayLike, kernel: str = "linear", debiased: bool = Fal
 
 
 def _kernel_of(z: torch.Tensor, kind: str, bandwidth: float) -> torch.Tensor:
-    """The kernel :func:`cka_matrix` uses for ``kind`` (linear: ``ZZᵀ``, uncentred).
-
-    The RBF kernel is :func:`probes._hsic.gram_rbf`'s, with its "all points coincide" case
-    (``σ² = 0``: every entry 1) decided on the device rather than by an ``if`` on the host."""
-    if kind != "rbf":
-        return kernel(z, kind, bandwidth)
-    if not bandwidth > 0:
-        raise ValueError(f"bandwidth must be a positive fraction of the median distance; "
-                         f"got {bandwidth}")
-    sq = squared_distances(z)
-    sigma2 = bandwidth**2 * median_sq_distance(z, sq)
-    return torch.where(sigma2 > 0, torch.exp(-sq / (2.0 * sigma2)), torch.ones_like(sq))
+    """The kernel :func:`cka_matrix` uses for ``kind`` (linear: ``ZZᵀ``, uncentred; RBF:
+    :func:`probes._hsic.gram_rbf`, whose σ² = 0 case is decided on the device)."""
+    return kernel(z, kind, bandwidth)
 
 
 def _state_kernel(state: Mapping[str, np.ndarray]) -> torch.Tensor:

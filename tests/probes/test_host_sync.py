@@ -505,3 +505,42 @@ def test_a_reference_probe_may_leave_only_its_state_pending():
     with torch.no_grad():
         want = model(x).numpy().mean(0)
     assert np.allclose(out_model.states[("toy_model_state", None)], want, rtol=1e-13, atol=0)
+
+
+def test_fetch_copies_a_shared_tensor_once_and_gather_keeps_order():
+    """Two pendings reading the same tensor (two reference probes' state of one layer) get it
+    from one copy; ``gather`` finishes its parts in order, their warnings in that order."""
+    import warnings
+
+    from probes._pending import Pending, fetch, gather
+
+    t, u = torch.arange(6.0).reshape(2, 3), torch.tensor([7.0])
+    copied = []
+    real_cat = torch.cat
+
+    def counting_cat(parts, *args, **kwargs):
+        copied.append(sum(p.numel() for p in parts))
+        return real_cat(parts, *args, **kwargs)
+
+    first, second = Pending({"a": t, "u": u}, dict), Pending({"b": t}, dict)
+    torch.cat = counting_cat
+    try:
+        host = fetch([first, second])
+    finally:
+        torch.cat = real_cat
+    assert copied == [7]  # t (6) and u (1), not t twice
+    np.testing.assert_array_equal(host[0]["a"], t.numpy())
+    np.testing.assert_array_equal(host[1]["b"], t.numpy())
+    assert host[0]["u"].tolist() == [7.0]
+
+    def part(i):
+        def finish(h):
+            warnings.warn(f"part {i}", RuntimeWarning, stacklevel=1)
+            return float(h["x"].sum())
+        return Pending({"x": torch.full((2,), float(i))}, finish)
+
+    both = gather([part(1), part(2)], lambda results: results)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert both.result() == [2.0, 4.0]
+    assert [str(w.message) for w in caught] == ["part 1", "part 2"]
