@@ -34,14 +34,26 @@ def _timed(fn: Callable[[], object], device: str, repeats: int = 3,
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = fn()
+        out = _resolved(fn())
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return out, statistics.median(times)
 
 
+def _resolved(x: object) -> object:
+    """A probe's answer with its pending device values read (inside the timed region)."""
+    from probes._pending import Pending
+
+    if isinstance(x, Pending):
+        return x.result()
+    if isinstance(x, tuple) and any(isinstance(v, Pending) for v in x):
+        return tuple(_resolved(v) for v in x)
+    return x
+
+
 def _as_array(x: object) -> np.ndarray:
+    x = _resolved(x)
     if isinstance(x, dict):  # several named results: all of them, in key order
         parts = [_as_array(x[k]).ravel() for k in sorted(x)]
         return np.concatenate(parts) if parts else np.empty(0)
