@@ -217,10 +217,21 @@ class Probe:
         return replace(self, kwargs={**self.kwargs, **kwargs})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Call the one-shot function (``probe(features)``, ``probe(features, labels)`` …)."""
+        """Call the one-shot function (``probe(features)``, ``probe(features, labels)`` …);
+        an answer left on the device (a :class:`probes._pending.Pending`, alone or in a
+        ``(values, state)`` pair) is read at once, so a direct call always returns values.
+        :class:`probes.evaluation.ProbePlan` calls ``fn`` itself and reads every probe's
+        pending values together."""
         if self.fn is None:
             raise TypeError(f"probe {self.name!r} has no one-shot function")
-        return self.fn(*args, **{**self.kwargs, **kwargs})
+        from probes._pending import Pending  # torch: not at this module's import
+
+        result = self.fn(*args, **{**self.kwargs, **kwargs})
+        if isinstance(result, Pending):
+            return result.result()
+        if isinstance(result, tuple) and any(isinstance(r, Pending) for r in result):
+            return tuple(r.result() if isinstance(r, Pending) else r for r in result)
+        return result
 
     def __repr__(self) -> str:
         return f"Probe({self.name!r}, consumes={self.consumes!r}, " \

@@ -291,3 +291,22 @@ def test_monitor_kernel_velocity_uses_the_time_between_model_evaluations():
     assert ds["ntk_distance_previous"].values[1] > 0
     assert_rel(ds["ntk_velocity"].values[1], ds["ntk_distance_previous"].values[1] / 2.0,
                1e-12, "velocity = distance / (0.5 × 4)")
+
+
+def test_a_direct_call_of_a_probe_answering_on_the_device_returns_values():
+    """Calling a registered probe reads what it left on the device (a Pending, alone or in
+    its (values, state) pair); ProbePlan calls ``fn`` and reads every probe's values at once.
+    The CKA reference probe's state is the float64 features (hand check)."""
+    import numpy as np
+    import torch
+
+    from probes._pending import Pending
+    from probes.registry import get_probe
+
+    x = torch.randn(12, 5)
+    probe = get_probe("cka_first")
+    assert isinstance(probe.fn(x), Pending)
+    values, state = probe(x)
+    assert values == {}
+    (kept,) = state.values()
+    np.testing.assert_array_equal(kept, x.double().numpy())
