@@ -43,13 +43,9 @@ def _timed(fn: Callable[[], object], device: str, repeats: int = 3,
 
 def _resolved(x: object) -> object:
     """A probe's answer with its pending device values read (inside the timed region)."""
-    from probes._pending import Pending
+    from probes._pending import read_answer
 
-    if isinstance(x, Pending):
-        return x.result()
-    if isinstance(x, tuple) and any(isinstance(v, Pending) for v in x):
-        return tuple(_resolved(v) for v in x)
-    return x
+    return read_answer(x)
 
 
 def _as_array(x: object) -> np.ndarray:

@@ -26,15 +26,15 @@ same-shaped matrices (:func:`probes._solve.batched_eigvalsh`), not once per laye
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-__all__ = ["DeviceFlag", "Pending", "fetch", "finish_all", "first_failure", "flag", "gather",
-           "scalar"]
+__all__ = ["DeviceFlag", "Pending", "answer_pendings", "fetch", "finish_all", "first_failure",
+           "flag", "gather", "read_answer", "resolve_answer", "scalar"]
 
 Flag = torch.Tensor | bool
 """A condition: a 0-d boolean tensor on the device, or a Python bool known on the host."""
@@ -196,6 +196,32 @@ def gather(parts: Sequence[Pending], build: Callable[[list], Any]) -> Pending:
                       for i, p in enumerate(parts)])
 
     return Pending(tensors, finish)
+
+
+def answer_pendings(answer: Any) -> list[Pending]:
+    """The pending parts of a probe's answer: the answer itself, or the pending members of a
+    ``(values, state)`` pair (a reference probe may leave its values, its state or both on
+    the device)."""
+    if isinstance(answer, Pending):
+        return [answer]
+    if isinstance(answer, tuple):
+        return [r for r in answer if isinstance(r, Pending)]
+    return []
+
+
+def resolve_answer(answer: Any, hosts: Iterator[dict[str, np.ndarray]]) -> Any:
+    """``answer`` with each of its :func:`answer_pendings` finished on its fetched host
+    values, taken from ``hosts`` in the same order."""
+    if isinstance(answer, Pending):
+        return answer.finish(next(hosts))
+    if isinstance(answer, tuple) and any(isinstance(r, Pending) for r in answer):
+        return tuple(r.finish(next(hosts)) if isinstance(r, Pending) else r for r in answer)
+    return answer
+
+
+def read_answer(answer: Any) -> Any:
+    """``answer`` with its pending parts read now (one copy per device)."""
+    return resolve_answer(answer, iter(fetch(answer_pendings(answer))))
 
 
 def finish_all(pendings: Sequence[Pending]) -> list[Any]:

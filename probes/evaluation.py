@@ -22,14 +22,14 @@ forward pass and the model probes; its worker computes the feature probes):
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from probes._pending import Pending, fetch
+from probes._pending import answer_pendings, fetch, resolve_answer
 from probes.registry import ACCUMULATORS, Probe, get_probe
 
 __all__ = ["Measurement", "ProbePlan", "ReferenceBook", "evaluate"]
@@ -117,27 +117,6 @@ def _takes_layers(fn: Callable[..., Any]) -> bool:
     """Whether a model probe's function has a ``layers`` parameter (it then receives the
     plan's layers unless the probe binds its own)."""
     return _takes(fn, "layers")
-
-
-def _pendings(result: Any) -> list[Pending]:
-    """The :class:`~probes._pending.Pending` parts of a probe's answer: the answer itself, or
-    the pending members of a ``(values, state)`` pair (a reference probe may leave its values,
-    its state or both on the device)."""
-    if isinstance(result, Pending):
-        return [result]
-    if isinstance(result, tuple):
-        return [r for r in result if isinstance(r, Pending)]
-    return []
-
-
-def _resolve(result: Any, hosts: Iterator[dict[str, np.ndarray]]) -> Any:
-    """``result`` with each of its :func:`_pendings` finished on its fetched host values
-    (taken from ``hosts`` in the same order)."""
-    if isinstance(result, Pending):
-        return result.finish(next(hosts))
-    if isinstance(result, tuple) and any(isinstance(r, Pending) for r in result):
-        return tuple(r.finish(next(hosts)) if isinstance(r, Pending) else r for r in result)
-    return result
 
 
 def _split_state(probe: Probe, result: Any) -> tuple[Any, Any]:
@@ -375,12 +354,13 @@ class ProbePlan:
                 early: Mapping[str, list[str]], notes: _Notes) -> None:
         """Read every pending result in one copy per device, finish and file them by layer
         (with the warnings raised while each layer was computed)."""
-        pending = [p for layer in self.layers for _, r in computed[layer] for p in _pendings(r)]
+        pending = [p for layer in self.layers for _, r in computed[layer]
+                   for p in answer_pendings(r)]
         hosts = iter(fetch(pending))
         for layer in self.layers:
             first = len(notes.caught)
             for probe, result in computed[layer]:
-                _file(out, probe, layer, _resolve(result, hosts))
+                _file(out, probe, layer, resolve_answer(result, hosts))
             notes.per_layer(out, layer, first, early[layer])
 
     def model_instances(self) -> dict[str, Callable[..., Any]]:
@@ -415,9 +395,9 @@ class ProbePlan:
                         kwargs["layers"] = list(self.layers)  # the plan's layers by default
                     result = probe.fn(model, inputs, targets, **kwargs)
                 computed.append((probe, result))
-            hosts = iter(fetch([p for _, r in computed for p in _pendings(r)]))  # 2. one read
+            hosts = iter(fetch([p for _, r in computed for p in answer_pendings(r)]))  # 2. one read
             for probe, result in computed:  # 3. on the host
-                result, kept = _split_state(probe, _resolve(result, hosts))
+                result, kept = _split_state(probe, resolve_answer(result, hosts))
                 out.values.update(_normalise(probe, result))
                 if probe.reference:
                     out.states[(probe.name, None)] = kept

@@ -224,14 +224,9 @@ class Probe:
         pending values together."""
         if self.fn is None:
             raise TypeError(f"probe {self.name!r} has no one-shot function")
-        from probes._pending import Pending  # torch: not at this module's import
+        from probes._pending import read_answer  # torch: not at this module's import
 
-        result = self.fn(*args, **{**self.kwargs, **kwargs})
-        if isinstance(result, Pending):
-            return result.result()
-        if isinstance(result, tuple) and any(isinstance(r, Pending) for r in result):
-            return tuple(r.result() if isinstance(r, Pending) else r for r in result)
-        return result
+        return read_answer(self.fn(*args, **{**self.kwargs, **kwargs}))
 
     def __repr__(self) -> str:
         return f"Probe({self.name!r}, consumes={self.consumes!r}, " \
