@@ -31,10 +31,9 @@ Every value is computed in float64 on the input's device.  The CKA reference pro
 (``cka_first`` / ``cka_previous`` / ``cka_final``) answer with a :class:`probes._pending.Pending`
 state, which :meth:`probes.evaluation.ProbePlan.layer_values` brings to the host with every
 other probe's numbers in one copy (issue #16); the comparisons run on those host states.
-Bad input: different numbers of
-samples raise ``ValueError``; the unbiased estimator with ``n < 4`` raises ``ValueError``; a
-constant (zero-variance) representation or non-finite values give NaN with a
-``RuntimeWarning``.
+Bad input: different numbers of samples raise ``ValueError``; the unbiased estimator with
+``n < 4`` raises ``ValueError``; a constant (zero-variance) representation or non-finite values
+give NaN with a ``RuntimeWarning``.
 """
 
 from __future__ import annotations
