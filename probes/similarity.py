@@ -58,7 +58,7 @@ from probes._hsic import (
     hsic_unbiased_stats,
     kernel,
 )
-from probes._pending import Pending, first_failure
+from probes._pending import DeviceFlag, Pending, first_failure
 
 __all__ = [
     "DEFAULT_BANDWIDTH",
@@ -272,7 +272,7 @@ def _as_layers(features: Mapping[str, ArrayLike] | Sequence[ArrayLike], what: st
         raise ValueError(f"every layer of {what} must hold the same samples; numbers of rows: "
                          f"{ns}")
     device = next(iter(out.values())).device
-    return {name: f.to(device) for name, f in out.items()}
+    return {name: _on(f, device) for name, f in out.items()}
 
 
 def _kernels(layers: dict[str, torch.Tensor], kind: str, bandwidth: float, debiased: bool):
@@ -410,7 +410,7 @@ class MinibatchCKA:
         self.n = 0
         self.names_x: list[str] | None = None
         self.names_y: list[str] | None = None
-        self.nonfinite = False
+        self._nonfinite = DeviceFlag()  # a NaN or Inf was seen (on the device: no host wait)
         self._xy: torch.Tensor | None = None
         self._xx: torch.Tensor | None = None
         self._yy: torch.Tensor | None = None
@@ -436,10 +436,10 @@ class MinibatchCKA:
             raise ValueError(f"layers changed between batches: {self.names_x} / "
                              f"{self.names_y} before, {list(la)} / {list(lb)} now")
         device = next(iter(la.values())).device
-        lb = {k: v.to(device) for k, v in lb.items()}
-        if not all(all_finite(z) for z in (*la.values(), *lb.values())):
-            self.nonfinite = True
-            return self
+        lb = {k: _on(v, device) for k, v in lb.items()}
+        # a non-finite batch is flagged on the device, not skipped after a host wait: its NaN
+        # reaches the sums, and compute() answers NaN with a warning
+        self._nonfinite.mark(_nonfinite(*la.values(), *(lb.values() if ys is not None else ())))
         ka = _kernels(la, self.kernel, self.bandwidth, self.unbiased)
         kb = ka if ys is None else _kernels(lb, self.kernel, self.bandwidth, self.unbiased)
         xy, xx, yy = _hsic_matrices(ka, kb, self.unbiased)
@@ -467,8 +467,13 @@ class MinibatchCKA:
             self._yy = self._yy + other._yy.to(dev)
         self.batches += other.batches
         self.n += other.n
-        self.nonfinite = self.nonfinite or other.nonfinite
+        self._nonfinite.mark(other._nonfinite)
         return self
+
+    @property
+    def nonfinite(self) -> bool:
+        """Whether a NaN or Inf was seen (reading it waits for the device)."""
+        return bool(self._nonfinite)
 
     def hsic(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean HSIC over batches: ``(xy, xx, yy)`` (float64 tensors)."""
@@ -478,12 +483,18 @@ class MinibatchCKA:
         return self._xy / k, self._xx / k, self._yy / k
 
     def compute(self) -> np.ndarray:
-        """The ``layers × layers2`` minibatch CKA matrix (float64 numpy)."""
-        if self.nonfinite:
-            shape = (len(self.names_x or []), len(self.names_y or []))
+        """The ``layers × layers2`` minibatch CKA matrix (float64 numpy); the sums and the
+        non-finite flag come to the host in one copy."""
+        xy, xx, yy = self.hsic()
+        nx, ny = xy.shape
+        flag = self._nonfinite.tensor(xy.device).to(xy.dtype).reshape(1)
+        host = torch.cat([flag, xy.reshape(-1), xx, yy]).cpu()
+        if host[0] != 0:
             warn_nan("minibatch CKA: some features were not finite")
-            return np.full(shape, np.nan)
-        return _normalise(*self.hsic(), "minibatch " + _method_name(self.kernel, self.unbiased))
+            return np.full((nx, ny), np.nan)
+        cut = 1 + nx * ny
+        return _normalise(host[1:cut].reshape(nx, ny), host[cut:cut + nx], host[cut + nx:],
+                          "minibatch " + _method_name(self.kernel, self.unbiased))
 
     def to_dataset(self) -> xr.Dataset:
         """:meth:`compute` as a Dataset, ``cka`` over ``(layer, layer2)``."""

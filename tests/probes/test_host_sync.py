@@ -544,3 +544,36 @@ def test_fetch_copies_a_shared_tensor_once_and_gather_keeps_order():
         warnings.simplefilter("always")
         assert both.result() == [2.0, 4.0]
     assert [str(w.message) for w in caught] == ["part 1", "part 2"]
+
+
+def test_streaming_minibatch_cka_reads_once_at_compute():
+    """Minibatch CKA (Nguyen et al. 2021, Eq. 3): no read while batches stream in (a non-finite
+    batch is flagged on the device), one read in compute(); the matrix equals the hand formula
+    from per-batch unbiased HSICs, and a NaN batch gives NaN with a warning."""
+    from probes._hsic import hsic_unbiased
+    from probes.similarity import MinibatchCKA
+
+    gen = torch.Generator().manual_seed(7)
+    batches = [{"a": torch.randn(16, 5, generator=gen, dtype=torch.float64),
+                "b": torch.randn(16, 9, generator=gen, dtype=torch.float64)} for _ in range(3)]
+    acc = MinibatchCKA()
+    with HostReads() as mode:
+        for x in batches:
+            mode.taint(*x.values())
+            acc.update(x)
+        assert mode.reads == [], mode.reads
+        got = acc.compute()
+    assert len(mode.reads) == 1, mode.reads
+
+    def mean_hsic(u, v):
+        return np.mean([float(hsic_unbiased(x[u] @ x[u].T, x[v] @ x[v].T)) for x in batches])
+
+    for i, u in enumerate("ab"):
+        for j, v in enumerate("ab"):
+            want = mean_hsic(u, v) / np.sqrt(mean_hsic(u, u) * mean_hsic(v, v))
+            assert got[i, j] == pytest.approx(want, rel=1e-12)
+    bad = {k: t.clone() for k, t in batches[0].items()}
+    bad["b"][3, 1] = float("nan")
+    acc.update(bad)
+    with pytest.warns(RuntimeWarning, match="not finite"):
+        assert np.isnan(acc.compute()).all()
