@@ -49,9 +49,10 @@ Representations are compared in float64 on the input's device.  Every score — 
 whether it is NaN, and why — is computed there too: the registered probes answer with a
 :class:`probes._pending.Pending`, so that :meth:`probes.evaluation.ProbePlan.model_values`
 reads the device once per evaluation for all of them (issue #16); the public functions read
-their pending at once.  What may still wait inside: torch checks the ``info`` of
-``torch.linalg.lstsq`` (the equivariance fit) on the host, a C++ wait on CUDA once per
-transform and layer, as for an eigensolve (unmeasured: no GPU in this project's tests).
+their pending at once.  The equivariance fit's ridge system is solved by
+``torch.linalg.solve_ex`` without its host check (``torch.linalg.lstsq`` checks LAPACK's
+``info`` on the host on CUDA); only ``ridge=0`` keeps ``lstsq`` and that wait (unmeasured: no
+GPU in this project's tests).
 """
 
 from __future__ import annotations
@@ -301,6 +302,20 @@ def _finite_or_zero(t: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
+def _ridge_solve(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``gram⁻¹ rhs`` for the ridge system ``gram = XᵀX + λI`` (or ``XXᵀ + λI``).
+
+    With ``ridge > 0`` the system is positive definite unless ``X = 0`` (then ``λ = 0`` and
+    ``gram = 0``), so an LU solve without a host check serves (``torch.linalg.lstsq`` on CUDA
+    checks LAPACK's ``info`` on the host, a wait per transform and layer); where it reports
+    ``gram = 0`` singular, the answer is the least-squares one, ``0``.  ``ridge = 0``: least
+    squares (``gram`` may be singular)."""
+    if ridge > 0:
+        sol, info = torch.linalg.solve_ex(gram, rhs, check_errors=False)
+        return torch.where(info != 0, torch.zeros((), dtype=sol.dtype, device=sol.device), sol)
+    return torch.linalg.lstsq(gram, rhs).solution
+
+
 def _equivariance_error(a: torch.Tensor, b: torch.Tensor, fit_fraction: float = 0.5,
                         ridge: float = 1e-3, seed: int = 0) -> Pending:
     """:func:`equivariance_error` of float64 ``a``, ``b`` computed on the device (the ridge
@@ -324,12 +339,12 @@ def _equivariance_error(a: torch.Tensor, b: torch.Tensor, fit_fraction: float = 
         gram = xa.T @ xa
         lam = ridge * torch.diagonal(gram).sum() / d
         gram.diagonal().add_(lam)
-        m = torch.linalg.lstsq(_finite_or_zero(gram), _finite_or_zero(xa.T @ xb)).solution
+        m = _ridge_solve(_finite_or_zero(gram), _finite_or_zero(xa.T @ xb), ridge)
     else:  # dual, same M: Xᵀ (XXᵀ + λI)⁻¹ Y, an n_fit × n_fit system
         gram = xa @ xa.T
         lam = ridge * torch.diagonal(gram).sum() / d
         gram.diagonal().add_(lam)
-        m = xa.T @ torch.linalg.lstsq(_finite_or_zero(gram), _finite_or_zero(xb)).solution
+        m = xa.T @ _ridge_solve(_finite_or_zero(gram), _finite_or_zero(xb), ridge)
     pred = (a[test] - ma) @ m + mb
     resid = (b[test] - pred).square().sum()
     total = (b[test] - b[test].mean(0)).square().sum()

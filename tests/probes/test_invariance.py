@@ -237,3 +237,18 @@ def test_equivariance_error_equals_numpy_ridge_reference(d):
     pred = (fx[test] - fx[fit].mean(0)) @ m + fgx[fit].mean(0)
     ref = ((fgx[test] - pred) ** 2).sum() / ((fgx[test] - fgx[test].mean(0)) ** 2).sum()
     assert inv.equivariance_error(fx, fgx, ridge=0.1) == pytest.approx(ref, rel=1e-9)
+
+
+@pytest.mark.parametrize("d", [5, 60])
+def test_equivariance_error_of_a_constant_representation_is_the_least_squares_answer(d):
+    """f(x) constant: XᵀX = 0 and λ = 0, so the ridge system is singular; the LU solve (no
+    host check) must answer the least-squares M = 0, i.e. e = Σ‖f(gx) − mean_fit‖² /
+    Σ‖f(gx) − mean_test‖² over the test split (hand formula), not NaN or a pivot's garbage."""
+    rng = np.random.default_rng(4)
+    fx = np.ones((40, d))
+    fgx = rng.standard_normal((40, d))
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(0)).numpy()
+    fit, test = perm[:20], perm[20:]
+    ref = (((fgx[test] - fgx[fit].mean(0)) ** 2).sum()
+           / ((fgx[test] - fgx[test].mean(0)) ** 2).sum())
+    assert inv.equivariance_error(fx, fgx, ridge=0.1) == pytest.approx(ref, rel=1e-12)
