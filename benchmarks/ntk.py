@@ -19,10 +19,12 @@ Timings are the best of interleaved repeats after warm-up calls (neural-tangents
 compilation; traindyn: after the first call has planned and verified its structured
 derivatives, which later calls on the same model reuse), on whatever the machine is doing at
 the time: on a shared machine they are noisy, so the script prints ratios measured in the same
-run, and process CPU times beside wall times.  traindyn's ``auto`` and fastest explicit method
-are timed before and after neural-tangents' run (best of both, at most 60 calls), and
-neural-tangents takes the best of at most 60 calls, so both minima come from the same stretch
-of the machine's load.  With ``--threads 1`` both sides run one thread
+run, and process CPU times beside wall times.  neural-tangents runs ``--nt-rounds`` times (3),
+each run followed by a pass of traindyn's ``auto`` and fastest explicit method (at most 60
+calls each side per round); the ratio to neural-tangents compares the best of those paired
+passes with neural-tangents' best over its runs, so both minima come from the same stretches
+of the machine's load (one stretch against another moved a millisecond ratio by ±30 % on the
+2-core VM).  With ``--threads 1`` both sides run one thread
 (torch's threads; XLA's through ``XLA_FLAGS``; on Linux both pinned to the same core), the fair
 setting on a loaded machine, where torch's spinning worker threads lose most of their time.
 The last lines are a table of every shape: traindyn's best explicit method, ``auto`` and its
@@ -207,8 +209,26 @@ def run_nt(nt_python: str, model, x, kind, output, repeats, skip) -> dict | None
         return res
 
 
+def merge_nt(rounds: list[dict]) -> dict | None:
+    """neural-tangents' results over several rounds: per method the best time and CPU time of
+    all rounds, the median of the rounds' medians, the first round's kernel."""
+    if not rounds:
+        return None
+    merged = []
+    for i, first in enumerate(rounds[0]["results"]):
+        runs = [r["results"][i] for r in rounds if "error" not in r["results"][i]]
+        if not runs:
+            merged.append(first)
+            continue
+        merged.append({**runs[0], "best": min(r["best"] for r in runs),
+                       "cpu": min(r["cpu"] for r in runs),
+                       "seconds": float(np.median([r["seconds"] for r in runs])),
+                       "rounds": len(runs)})
+    return {"results": merged, "versions": rounds[0]["versions"]}
+
+
 def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip,
-               device: torch.device = CPU) -> dict:
+               device: torch.device = CPU, nt_rounds: int = 3) -> dict:
     print(f"\n== {name}: n = {x.shape[0]}, output = {output!r}, device {device}")
     model.eval()
     if device.type != "cpu":  # neural-tangents reads CPU copies; timings use the device ones
@@ -219,18 +239,28 @@ def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip,
     with torch.no_grad():
         times = timeit_interleaved(fns, repeats, device, cpu)
     res = None
+    paired = [float("inf"), float("inf")]  # auto's best wall / CPU time in the paired passes
     if nt_python:
-        res = run_nt(nt_python, model, x, kind_of(model), output, repeats, nt_skip)
-        # time auto and the fastest explicit method again, after neural-tangents' run: the
-        # two sides' minima then come from the same stretch of the machine's load (the
-        # neural-tangents side takes at most 60 calls in ~2 s, as these two passes do)
+        # neural-tangents' runs alternate with passes of traindyn's auto and fastest explicit
+        # method (nt, traindyn, nt, traindyn, ...): each side's minimum then comes from
+        # ``nt_rounds`` stretches of the machine's load, the same number for both (on this VM
+        # one stretch against another moves a millisecond ratio by up to ±30 %); the ratio to
+        # neural-tangents uses only these paired passes (each takes at most 60 calls in ~2 s)
         fast = min((m for m in methods if m != "auto"), key=times.get)
-        cpu2: dict = {}
-        with torch.no_grad():
-            again = timeit_interleaved({m: fns[m] for m in ("auto", fast)}, repeats, device,
-                                       cpu2)
-        for m, t in again.items():
-            times[m], cpu[m] = min(times[m], t), min(cpu[m], cpu2[m])
+        rounds = []
+        for _ in range(nt_rounds):
+            one = run_nt(nt_python, model, x, kind_of(model), output, repeats, nt_skip)
+            if one is None:
+                break
+            rounds.append(one)
+            cpu2: dict = {}
+            with torch.no_grad():
+                again = timeit_interleaved({m: fns[m] for m in ("auto", fast)}, repeats,
+                                           device, cpu2)
+            paired = [min(paired[0], again["auto"]), min(paired[1], cpu2["auto"])]
+            for m, t in again.items():
+                times[m], cpu[m] = min(times[m], t), min(cpu[m], cpu2[m])
+        res = merge_nt(rounds)
     kernels = {m: fn() for m, fn in fns.items()}
     chosen = auto_method(model, x, output=output)
     for m in methods:
@@ -259,25 +289,28 @@ def bench_case(name, model, x, output, repeats, methods, nt_python, nt_skip,
                 e = float((K - ours).abs().max() / K.abs().max())
                 nt_best[r["method"]] = (r["best"], r["cpu"])
                 print(f"  nt {r['method']:<11s} {r['best']:9.4f} s (median {r['seconds']:.4f}, "
-                      f"CPU time {r['cpu']:.4f} s)  traindyn auto / nt = "
-                      f"{times['auto'] / r['best']:.3f}, by CPU time "
-                      f"{cpu['auto'] / r['cpu']:.3f}   (kernels differ by {e:.1e})")
+                      f"CPU time {r['cpu']:.4f} s; {r.get('rounds', 1)} rounds)  traindyn "
+                      f"auto (paired passes {paired[0]:.4f} s) / nt = "
+                      f"{paired[0] / r['best']:.3f}, by CPU time "
+                      f"{paired[1] / r['cpu']:.3f}   (kernels differ by {e:.1e})")
             if nt_best:
                 row["nt_m"] = min(nt_best, key=lambda m: nt_best[m][0])
                 row["nt"], row["nt_cpu"] = nt_best[row["nt_m"]]
+                row["auto_paired"], row["auto_paired_cpu"] = paired
     return row
 
 
 def summary(rows: list[dict]) -> None:
     """One table of every shape: best explicit, auto, neural-tangents' best, ratios."""
-    print("\nwall s [CPU s]; ratios as wall; CPU time (CPU time is steadier on a loaded machine)")
+    print("\nwall s [CPU s]; ratios as wall; CPU time (CPU time is steadier on a loaded machine); "
+          "auto / nt best: auto's best in the passes paired with neural-tangents' runs")
     print("| shape | n | output | traindyn best explicit | auto (chose) | auto / best "
           "| neural-tangents best | auto / nt best |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         nt = ((f"{r['nt']:.4f} [{r['nt_cpu']:.4f}] ({r['nt_m']})",
-               f"{r['auto'] / r['nt']:.2f}; {r['auto_cpu'] / r['nt_cpu']:.2f}") if "nt" in r
-              else ("not measured", "–"))
+               f"{r['auto_paired'] / r['nt']:.2f}; {r['auto_paired_cpu'] / r['nt_cpu']:.2f}")
+              if "nt" in r else ("not measured", "–"))
         print(f"| {r['name']} | {r['n']} | {r['output']} | {r['best']:.4f} [{r['best_cpu']:.4f}]"
               f" ({r['best_m']}) | {r['auto']:.4f} [{r['auto_cpu']:.4f}] ({r['chosen']}) "
               f"| {r['auto'] / r['best']:.2f}; {r['auto_cpu'] / r['best_cpu']:.2f} | {nt[0]} "
@@ -394,6 +427,8 @@ def _rss_gib() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="least rounds per method")
+    ap.add_argument("--nt-rounds", type=int, default=3,
+                    help="neural-tangents runs, each followed by a traindyn pass (default 3)")
     ap.add_argument("--no-nt", action="store_true")
     ap.add_argument("--nt-python", default=os.environ.get("NT_PYTHON", "/tmp/nt-env/bin/python"))
     ap.add_argument("--peak", type=int, default=0, help="only measure peak memory at this n")
@@ -428,7 +463,8 @@ def main() -> None:
     todo = cases(args.quick)
     if args.only:
         todo = [todo[int(i)] for i in args.only.split(",")]
-    rows = [bench_case(name, model, x, output, args.repeats, methods, nt_python, skip, device)
+    rows = [bench_case(name, model, x, output, args.repeats, methods, nt_python, skip, device,
+                       args.nt_rounds)
             for name, model, x, output, methods, skip in todo]
     summary(rows)
     print("\npeak memory (fresh process):")
