@@ -73,8 +73,23 @@ def as_features(x: ArrayLike, name: str = "features") -> torch.Tensor:
 
 
 def all_finite(t: torch.Tensor) -> bool:
-    """True when every entry of ``t`` is finite."""
+    """True when every entry of ``t`` is finite (a host read: :func:`nonfinite_flag` keeps the
+    answer on the device)."""
     return bool(torch.isfinite(t).all())
+
+
+def nonfinite_flag(*tensors: torch.Tensor) -> torch.Tensor:
+    """A 0-d boolean tensor on the tensors' device: some entry of ``tensors`` is NaN or
+    infinite (not read: no host wait)."""
+    finite = torch.isfinite(tensors[0]).all()
+    for t in tensors[1:]:
+        finite = finite & torch.isfinite(t).all()
+    return ~finite
+
+
+def on_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``, without a ``.to`` call when it is there already."""
+    return t if t.device == device else t.to(device)
 
 
 def check_finite(t: torch.Tensor, name: str, what: str = "") -> bool:

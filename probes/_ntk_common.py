@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from probes._arrays import ArrayLike, as_tensor
+from probes._arrays import ArrayLike, as_tensor, on_device
 from probes.capture import _first_tensor
 
 ParamSpec = str | Iterable[str] | Iterable[nn.Parameter] | None
@@ -93,9 +93,7 @@ def device_dtype(chosen: dict[str, nn.Parameter]) -> tuple[torch.device, torch.d
 
 
 def prepare_input(x: ArrayLike, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    t = as_tensor(x)
-    if t.device != device:
-        t = t.to(device)
+    t = on_device(as_tensor(x), device)
     if t.is_floating_point() and t.dtype != dtype:
         t = t.to(dtype)
     if t.ndim < 1 or t.shape[0] == 0:

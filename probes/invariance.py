@@ -67,10 +67,10 @@ import torch
 import xarray as xr
 from torch import nn
 
-from probes._arrays import STAT_DTYPE, ArrayLike, as_features
+from probes._arrays import STAT_DTYPE, ArrayLike, as_features, nonfinite_flag, on_device
 from probes._pending import Pending, gather, scalar
 from probes.capture import capture, resolve_layers
-from probes.similarity import _linear_cka_pending, _nonfinite, _on, _pair
+from probes.similarity import _linear_cka_pending, _pair
 
 __all__ = [
     "DEFAULT_GENERATORS",
@@ -203,7 +203,7 @@ def permute(x: torch.Tensor, perm: Sequence[int] | torch.Tensor, dim: int = -1) 
     if sorted(p.tolist()) != list(range(x.shape[dim])):
         raise ValueError(f"perm must be a permutation of range({x.shape[dim]}); got "
                          f"{p.tolist()[:10]}…")
-    return torch.index_select(x, dim, _on(p, x.device))
+    return torch.index_select(x, dim, on_device(p, x.device))
 
 
 def add_noise(x: torch.Tensor, sigma: float | torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -231,7 +231,7 @@ def _pair64(fx: ArrayLike, fgx: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     if a.shape != b.shape:
         raise ValueError(f"f_x and f_gx must have the same shape (the same inputs before and "
                          f"after the transformation); got {tuple(a.shape)} and {tuple(b.shape)}")
-    return a, _on(b, a.device)
+    return a, on_device(b, a.device)
 
 
 def _mean_pair_distance(z: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
@@ -275,7 +275,7 @@ def _invariance_distance(a: torch.Tensor, b: torch.Tensor,
         raise ValueError(f"invariance_distance needs n >= 2 inputs; got {a.shape[0]}")
     spread = _mean_pair_distance(a) if spread is None else spread
     return scalar(torch.linalg.norm(b - a, dim=1).mean() / spread, [
-        (_nonfinite(a, b), "invariance distance: the representations are not finite"),
+        (nonfinite_flag(a, b), "invariance distance: the representations are not finite"),
         (~(spread > 0), "invariance distance: the representation is constant over inputs")])
 
 
@@ -329,8 +329,8 @@ def _equivariance_error(a: torch.Tensor, b: torch.Tensor, fit_fraction: float = 
     n_fit = int(round(fit_fraction * n))
     if n_fit < 2 or n - n_fit < 2:
         raise ValueError(f"equivariance_error needs >= 2 inputs in each split; n = {n}")
-    bad = _nonfinite(a, b)
-    perm = _on(torch.randperm(n, generator=torch.Generator().manual_seed(seed)), a.device)
+    bad = nonfinite_flag(a, b)
+    perm = on_device(torch.randperm(n, generator=torch.Generator().manual_seed(seed)), a.device)
     fit, test = perm[:n_fit], perm[n_fit:]
     ma, mb = a[fit].mean(0), b[fit].mean(0)
     xa, xb = a[fit] - ma, b[fit] - mb
@@ -439,7 +439,7 @@ def _invariance_scores(
     device = _model_device(model)
     xt = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
     if device is not None:
-        xt = _on(xt, device)
+        xt = on_device(xt, device)
     if isinstance(transforms, tuple):
         g, thetas = transforms
         names = list(thetas)
@@ -543,7 +543,7 @@ def lie_derivative(
     device = _model_device(model)
     xt = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x.detach()
     if device is not None:
-        xt = _on(xt, device)
+        xt = on_device(xt, device)
     names = ["output"] if layers is None else list(resolve_layers(model, layers))
     modules = {} if layers is None else resolve_layers(model, layers)
     dtype = xt.dtype if xt.is_floating_point() else torch.float32
@@ -603,7 +603,7 @@ def _lie_derivative_error(t: torch.Tensor, convention: str = "mean_square") -> P
     else:
         raise ValueError(f"convention must be 'mean_square', 'mean_abs' or 'rms_norm'; "
                          f"got {convention!r}")
-    return scalar(value, [(_nonfinite(t), "Lie derivative: values are not finite")])
+    return scalar(value, [(nonfinite_flag(t), "Lie derivative: values are not finite")])
 
 
 def lie_derivative_scores(

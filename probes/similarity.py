@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from probes._arrays import ArrayLike, all_finite, warn_nan
+from probes._arrays import ArrayLike, all_finite, nonfinite_flag, on_device, warn_nan
 from probes._hsic import (
     DEFAULT_BANDWIDTH,
     KernelStats,
@@ -91,20 +91,7 @@ def _pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"x and y must hold the same samples: x has n = {a.shape[0]} rows, "
                          f"y has n = {b.shape[0]}")
-    return a, _on(b, a.device)
-
-
-def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device`` (no ``.to`` call when it is there already)."""
-    return t if t.device == device else t.to(device)
-
-
-def _nonfinite(*tensors: torch.Tensor) -> torch.Tensor:
-    """A 0-d device flag: some entry of ``tensors`` is NaN or infinite."""
-    finite = torch.isfinite(tensors[0]).all()
-    for t in tensors[1:]:
-        finite = finite & torch.isfinite(t).all()
-    return ~finite
+    return a, on_device(b, a.device)
 
 
 def _ratio_pending(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, what: str,
@@ -150,14 +137,14 @@ def cka(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:  # noqa: E
     with ``debiased=True``, the unbiased HSIC of Song et al. (JMLR 2012, Eq. 5).
     """
     kk = features64(k, "k")
-    ll = _on(features64(l, "l"), kk.device)
+    ll = on_device(features64(l, "l"), kk.device)
     if kk.shape[0] != kk.shape[1] or ll.shape != kk.shape:
         raise ValueError(f"k and l must be square kernels of the same size; got "
                          f"{tuple(kk.shape)} and {tuple(ll.shape)}")
     _check_n(kk.shape[0], debiased)
     hsic = hsic_unbiased if debiased else hsic_biased
     return _ratio_pending(hsic(kk, ll), hsic(kk, kk), hsic(ll, ll), "CKA",
-                          [(_nonfinite(kk, ll), "CKA: the kernels are not finite")]).result()
+                          [(nonfinite_flag(kk, ll), "CKA: the kernels are not finite")]).result()
 
 
 def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
@@ -193,7 +180,7 @@ def _linear_cka_pending(a: torch.Tensor, b: torch.Tensor, debiased: bool = False
     device, as a :class:`~probes._pending.Pending` (its checks are device flags too)."""
     _check_n(a.shape[0], debiased)
     what = "debiased linear CKA" if debiased else "linear CKA"
-    checks = [(_nonfinite(a, b), "linear CKA: the representations are not finite")]
+    checks = [(nonfinite_flag(a, b), "linear CKA: the representations are not finite")]
     if debiased:
         ka, kb = a @ a.T, b @ b.T
         return _ratio_pending(hsic_unbiased(ka, kb), hsic_unbiased(ka, ka),
@@ -272,7 +259,7 @@ def _as_layers(features: Mapping[str, ArrayLike] | Sequence[ArrayLike], what: st
         raise ValueError(f"every layer of {what} must hold the same samples; numbers of rows: "
                          f"{ns}")
     device = next(iter(out.values())).device
-    return {name: _on(f, device) for name, f in out.items()}
+    return {name: on_device(f, device) for name, f in out.items()}
 
 
 def _kernels(layers: dict[str, torch.Tensor], kind: str, bandwidth: float, debiased: bool):
@@ -436,10 +423,10 @@ class MinibatchCKA:
             raise ValueError(f"layers changed between batches: {self.names_x} / "
                              f"{self.names_y} before, {list(la)} / {list(lb)} now")
         device = next(iter(la.values())).device
-        lb = {k: _on(v, device) for k, v in lb.items()}
+        lb = {k: on_device(v, device) for k, v in lb.items()}
         # a non-finite batch is flagged on the device, not skipped after a host wait: its NaN
         # reaches the sums, and compute() answers NaN with a warning
-        self._nonfinite.mark(_nonfinite(*la.values(), *(lb.values() if ys is not None else ())))
+        self._nonfinite.mark(nonfinite_flag(*la.values(), *(lb.values() if ys is not None else ())))
         ka = _kernels(la, self.kernel, self.bandwidth, self.unbiased)
         kb = ka if ys is None else _kernels(lb, self.kernel, self.bandwidth, self.unbiased)
         xy, xx, yy = _hsic_matrices(ka, kb, self.unbiased)
