@@ -65,17 +65,17 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dynamics import records  # noqa: E402
-from dynamics._dask import local_client  # noqa: E402
-from dynamics.analyze import analyze  # noqa: E402
-from dynamics.checkpoints import resolve_factory  # noqa: E402
-from dynamics.probe_inputs import load_probe_inputs  # noqa: E402
-from probes.spectral import SpectrumAccumulator  # noqa: E402
+from traindyn.dynamics import records  # noqa: E402
+from traindyn.dynamics._dask import local_client  # noqa: E402
+from traindyn.dynamics.analyze import analyze  # noqa: E402
+from traindyn.dynamics.checkpoints import resolve_factory  # noqa: E402
+from traindyn.dynamics.probe_inputs import load_probe_inputs  # noqa: E402
+from traindyn.probes.spectral import SpectrumAccumulator  # noqa: E402
 
 
 def make_tiny_lm(**config):
     """Factory used by the benchmark (and its dask workers): a TinyLM of the given config."""
-    from dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig
+    from traindyn.dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig
 
     return TinyLM(TinyLMConfig(**config))
 
@@ -172,8 +172,8 @@ from pathlib import Path
 sys.path[:0] = {paths!r}
 import torch
 torch.set_num_threads({threads})
-from dynamics import records
-from dynamics.analyze import analyze
+from traindyn.dynamics import records
+from traindyn.dynamics.analyze import analyze
 common = json.loads({common!r})
 folder = Path({folder!r})
 analyze(sorted(folder.glob("*.safetensors"))[:1], **common)  # builds model and inputs
@@ -364,7 +364,7 @@ def _report_breakdown(b: dict, analyzed: _clock) -> str:
 
 def probe_families(n: int, width: int = 256) -> list[tuple[str, float, float]]:
     """Seconds per checkpoint of analyze with each probe family added, and the baseline's."""
-    from probes.registry import get_probe
+    from traindyn.probes.registry import get_probe
 
     here = f"{Path(__file__).resolve()}:make_mlp"
     factory = resolve_factory(here)

@@ -24,9 +24,8 @@ import warnings
 import numpy as np
 import torch
 from _timing import best_of  # noqa: E402 - benchmarks/_timing.py
-
-from dynamics.recipes.two_layer import train_two_layer, two_layer_task
-from theory.dmft import dmft_two_layer
+from traindyn.dynamics.recipes.two_layer import train_two_layer, two_layer_task
+from traindyn.theory.dmft import dmft_two_layer
 
 
 def _jax_gpu() -> bool:

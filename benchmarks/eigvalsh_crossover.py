@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from probes import _solve  # noqa: E402
+from traindyn.probes import _solve  # noqa: E402
 
 
 def _median_seconds(fn, repeats: int = 5, clock=time.perf_counter) -> float:
@@ -83,11 +83,11 @@ def crossover_table(sizes: tuple[int, ...], cuda: bool) -> None:
         dev = torch.device("cuda")
         start = time.perf_counter()
         cross = _solve.crossover(dev)
-        print(f"probes._solve crossover on {dev}: d < {cross} goes to the CPU "
+        print(f"traindyn.probes._solve crossover on {dev}: d < {cross} goes to the CPU "
               f"(measured in {time.perf_counter() - start:.2f} s; "
               f"{_solve.CROSSOVER_ENV}={os.environ.get(_solve.CROSSOVER_ENV, 'unset')})")
     else:
-        print("probes._solve crossover: CPU only, nothing moves (GPU figures unmeasured)")
+        print("traindyn.probes._solve crossover: CPU only, nothing moves (GPU figures unmeasured)")
 
 
 def batching_table(layers: int, sizes: tuple[int, ...], device: torch.device,

@@ -43,7 +43,7 @@ def _timed(fn: Callable[[], object], device: str, repeats: int = 3,
 
 def _resolved(x: object) -> object:
     """A probe's answer with its pending device values read (inside the timed region)."""
-    from probes._pending import read_answer
+    from traindyn.probes._pending import read_answer
 
     return read_answer(x)
 
@@ -68,7 +68,7 @@ def _as_array(x: object) -> np.ndarray:
 
 def feature_checks(n: int = 8192, d: int = 1024) -> dict[str, Callable[[str], object]]:
     """Checks over an ``n × d`` float32 feature matrix with a power-law spectrum."""
-    import probes
+    from traindyn import probes
 
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(n, d, generator=gen) * torch.arange(1, d + 1).float().pow(-0.6)
@@ -90,7 +90,7 @@ def feature_checks(n: int = 8192, d: int = 1024) -> dict[str, Callable[[str], ob
 
 def model_checks(n: int = 256) -> dict[str, Callable[[str], object]]:
     """Whole-model probes: empirical NTK (structured and Jacobian) and kernel alignment."""
-    import probes
+    from traindyn import probes
 
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
@@ -162,7 +162,7 @@ def theory_checks(big: bool | None = None) -> dict[str, Callable[[str], object]]
     """Theory functions.  Each takes ``dev``: ``"cpu"`` runs the numpy reference,
     ``"cuda"`` the same call with ``backend="jax"`` on jax's GPU (``"jax-cpu"``: on jax's
     CPU).  Rows in :data:`HOST_ONLY` ignore ``dev``."""
-    import theory
+    from traindyn import theory
 
     t = np.geomspace(0.01, 1e3, 200)
     eigs = np.arange(1, 10_001, dtype=float) ** -1.5
@@ -253,8 +253,8 @@ def dmft_row() -> tuple[float, float | None, float | None]:
     """``theory.dmft.dmft_two_layer`` (P = 40, 16384 fields, 200 steps, γ₀ = 1) on jax's CPU
     and on its GPU: (cpu s, gpu s or None, max relative difference of the loss curves or
     None).  No GPU: the device half is unmeasured (None)."""
-    from dynamics.recipes.two_layer import two_layer_task
-    from theory.dmft import dmft_two_layer
+    from traindyn.dynamics.recipes.two_layer import two_layer_task
+    from traindyn.theory.dmft import dmft_two_layer
 
     x, y, xt, yt = two_layer_task(40, 40, 10, "he2", 0)
     t = np.linspace(0, 10, 21)
@@ -300,8 +300,7 @@ def monitor_parity(device: str, n: int = 2048, width: int = 256) -> tuple[float,
     round-off or that the gap be explained — a first number at the level of the second is the
     forward pass, not the mode."""
     from torch import nn
-
-    from dynamics.monitor import Monitor
+    from traindyn.dynamics.monitor import Monitor
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
@@ -340,8 +339,7 @@ def host_syncs(device: str = "cuda", width: int = 256) -> tuple[int, list[str]]:
     import warnings
 
     from torch import nn
-
-    from dynamics.monitor import Monitor
+    from traindyn.dynamics.monitor import Monitor
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),

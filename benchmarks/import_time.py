@@ -29,9 +29,9 @@ CASES = [
     # (label, code run with -c, baseline label)
     ("bare interpreter", "pass", None),
     ("import torch", "import torch", "bare interpreter"),
-    ("import probes", "import probes", "import torch"),
-    ("import theory", "import theory", "bare interpreter"),
-    ("import dynamics", "import dynamics", "bare interpreter"),
+    ("import traindyn.probes", "import traindyn.probes", "import torch"),
+    ("import traindyn.theory", "import traindyn.theory", "bare interpreter"),
+    ("import traindyn.dynamics", "import traindyn.dynamics", "bare interpreter"),
     ("traindyn --help", None, "bare interpreter"),
 ]
 TARGET_HELP_SECONDS = 0.5
@@ -39,7 +39,7 @@ TARGET_HELP_SECONDS = 0.5
 
 def _command(code: str | None) -> list[str]:
     if code is None:
-        return [sys.executable, "-m", "dynamics.cli", "--help"]
+        return [sys.executable, "-m", "traindyn.dynamics.cli", "--help"]
     return [sys.executable, "-c", code]
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from probes.invariance import (  # noqa: E402
+from traindyn.probes.invariance import (  # noqa: E402
     GroupAveraged,
     cyclic_shift,
     invariance_scores,

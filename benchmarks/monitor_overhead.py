@@ -47,11 +47,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-
-from dynamics import records
-from dynamics.monitor import Monitor
-from dynamics.recipes.digits import DigitsMLP, load_digits_split
-from dynamics.schedules import evaluation_steps, log_spaced
+from traindyn.dynamics import records
+from traindyn.dynamics.monitor import Monitor
+from traindyn.dynamics.recipes.digits import DigitsMLP, load_digits_split
+from traindyn.dynamics.schedules import evaluation_steps, log_spaced
 
 PROBES = ("rankme", "alpha_req", "neural_collapse")
 
@@ -133,10 +132,10 @@ FLOOR_FORWARD = "forward pass with hooks"
 
 def breakdown(monitor: Monitor, store: Path) -> dict[str, float]:
     """Seconds of each part of one evaluation (median of 5; probes summed over layers)."""
-    from probes import capture
-    from probes._solve import batched_eigvalsh
-    from probes.collapse import neural_collapse
-    from probes.spectral import SpectralMetrics, SpectrumAccumulator
+    from traindyn.probes import capture
+    from traindyn.probes._solve import batched_eigvalsh
+    from traindyn.probes.collapse import neural_collapse
+    from traindyn.probes.spectral import SpectralMetrics, SpectrumAccumulator
 
     model, x = monitor.model, monitor.probe_data
     parts: dict[str, list[float]] = {}

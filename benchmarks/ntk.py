@@ -55,8 +55,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from probes._ntk_engines import auto_method  # noqa: E402
-from probes.ntk import empirical_ntk  # noqa: E402
+from traindyn.probes._ntk_engines import auto_method  # noqa: E402
+from traindyn.probes.ntk import empirical_ntk  # noqa: E402
 
 METHODS = ("auto", "structured", "ntk_vp", "jacobian")
 CPU = torch.device("cpu")
@@ -378,7 +378,7 @@ def conv_routes(repeats: int, device: torch.device) -> None:
     """The two routes of a cut convolution's transposed product (``probes._ntk_structured.
     _conv_input_grad``: GEMM + scatter, or one transposed convolution) and ``auto`` (timed
     once per geometry), on the benchmark CNN and on stride-1 CNNs, full kernel, interleaved."""
-    from probes import _ntk_structured as st
+    from traindyn.probes import _ntk_structured as st
 
     print("\n== transposed product of cut convolutions (env "
           f"{st.CONV_INPUT_GRAD_ENV}), full kernel, device {device}")

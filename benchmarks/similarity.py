@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from probes.similarity import MinibatchCKA, cka_matrix  # noqa: E402
+from traindyn.probes.similarity import MinibatchCKA, cka_matrix  # noqa: E402
 
 
 def batch_features(start: int, rows: int, d: int, layers: int, device: torch.device

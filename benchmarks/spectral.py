@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from probes.spectral import SpectralMetrics, alpha_req, rankme  # noqa: E402
+from traindyn.probes.spectral import SpectralMetrics, alpha_req, rankme  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -153,8 +153,8 @@ def plan_layers(x: torch.Tensor, layers: int, device: torch.device, repeats: int
     against per-layer solves (``prepare`` switched off), interleaved; values must be equal."""
     from dataclasses import replace
 
-    from probes import registry
-    from probes.evaluation import ProbePlan
+    from traindyn.probes import registry
+    from traindyn.probes.evaluation import ProbePlan
 
     names = ["rankme", "rankme_covariance", "alpha_req", "participation_ratio", "stable_rank",
              "effective_rank"]

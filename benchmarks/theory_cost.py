@@ -15,10 +15,9 @@ import argparse
 
 import numpy as np
 from _timing import best_of  # noqa: E402 - benchmarks/_timing.py
-
-from dynamics.recipes.kernel_regression import simulate_krr, simulate_rf
-from theory.kernels import krr_learning_curve, power_law_spectrum
-from theory.random_features import optimal_ridge, rf_learning_curve
+from traindyn.dynamics.recipes.kernel_regression import simulate_krr, simulate_rf
+from traindyn.theory.kernels import krr_learning_curve, power_law_spectrum
+from traindyn.theory.random_features import optimal_ridge, rf_learning_curve
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ import time
 import numpy as np
 from _timing import best_of  # noqa: E402 - benchmarks/_timing.py
 
-import theory
+from traindyn import theory
 
 
 def _max_rel(a, b, floor: float = 1e-200) -> float:

@@ -10,7 +10,7 @@ module               what
 ``probe_inputs``     named and file-based probe inputs for checkpoint analysis
 ``analyze``          a checkpoint series → one Dataset (resumable; dask fan-out)
 ``sweep``            recipe × parameter grid × seeds on dask.distributed (``dynamics.sweep``
-                     is the function; the module is ``sys.modules["dynamics.sweep"]``)
+                     is the function; the module is ``sys.modules["traindyn.dynamics.sweep"]``)
 ``local_client``     a dask ``LocalCluster`` client set up for torch work (``dynamics._dask``)
 ``recipes``          reproducible experiments paired with theory modules
 ``plot``             theory lines through measured points
@@ -30,7 +30,7 @@ import types
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
-    from dynamics import (
+    from traindyn.dynamics import (
         analyze,
         checkpoints,
         plot,
@@ -39,10 +39,10 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         records,
         schedules,
     )
-    from dynamics._dask import local_client
-    from dynamics.monitor import Monitor, load_stream
-    from dynamics.records import load, save
-    from dynamics.sweep import sweep
+    from traindyn.dynamics._dask import local_client
+    from traindyn.dynamics.monitor import Monitor, load_stream
+    from traindyn.dynamics.records import load, save
+    from traindyn.dynamics.sweep import sweep
 
 __all__ = [
     "Monitor",
@@ -61,12 +61,12 @@ __all__ = [
 ]
 
 _ATTRIBUTES = {
-    "Monitor": ("dynamics.monitor", "Monitor"),
-    "load_stream": ("dynamics.monitor", "load_stream"),
-    "local_client": ("dynamics._dask", "local_client"),
-    "load": ("dynamics.records", "load"),
-    "save": ("dynamics.records", "save"),
-    "sweep": ("dynamics.sweep", "sweep"),
+    "Monitor": ("traindyn.dynamics.monitor", "Monitor"),
+    "load_stream": ("traindyn.dynamics.monitor", "load_stream"),
+    "local_client": ("traindyn.dynamics._dask", "local_client"),
+    "load": ("traindyn.dynamics.records", "load"),
+    "save": ("traindyn.dynamics.records", "save"),
+    "sweep": ("traindyn.dynamics.sweep", "sweep"),
 }
 """Names that are objects inside a submodule; every other public name is a submodule."""
 

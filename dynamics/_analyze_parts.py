@@ -58,7 +58,7 @@ def source_hash(factory: Any) -> str:
         return ""
     try:
         if isinstance(factory, str):
-            from dynamics.checkpoints import resolve_factory
+            from traindyn.dynamics.checkpoints import resolve_factory
 
             factory = resolve_factory(factory)
         file = inspect.getsourcefile(factory)

@@ -16,9 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
-
-from dynamics import records
-from probes.evaluation import Measurement, ProbePlan, ReferenceBook
+from traindyn.dynamics import records
+from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook
 
 __all__ = ["Evaluator", "to_numpy"]
 

@@ -30,11 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
-
-from dynamics._evaluator import Evaluator, to_numpy
-from dynamics.storage import COMPLETE_ATTR, ZarrStream, dimension_names
-from probes.evaluation import Measurement
-from probes.registry import Probe
+from traindyn.dynamics._evaluator import Evaluator, to_numpy
+from traindyn.dynamics.storage import COMPLETE_ATTR, ZarrStream, dimension_names
+from traindyn.probes.evaluation import Measurement
+from traindyn.probes.registry import Probe
 
 __all__ = ["COMPLETE_ATTR", "WORKER_NAME", "Done", "Evaluator", "Failed", "ProcessWorker",
            "Ready", "Task", "WorkerError", "ZarrStream", "check_picklable", "dimension_names",
@@ -109,10 +108,9 @@ def _worker_main(tasks: Connection, results: Connection, evaluator: Evaluator,
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the training side closes us
     torch.set_num_threads(1)
+    import traindyn.probes.collapse  # noqa: F401 - imported now, not during the first evaluation
+    import traindyn.probes.spectral  # noqa: F401
     import zarr  # noqa: F401
-
-    import probes.collapse  # noqa: F401 - imported now, not during the first evaluation
-    import probes.spectral  # noqa: F401
 
     try:
         results.send(Ready(os.getpid()))

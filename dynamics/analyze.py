@@ -2,8 +2,8 @@
 
 ::
 
-    ds = analyze("runs/lm/ckpt", model="dynamics.recipes.tiny_lm:TinyLM", inputs="stdlib-text",
-                 tokenizer="bytes", probes=["rankme", "alpha_req"], layers=["blocks.*"],
+    ds = analyze("runs/lm/ckpt", model="traindyn.dynamics.recipes.tiny_lm:TinyLM",
+                 inputs="stdlib-text", tokenizer="bytes", probes=["rankme", "alpha_req"], layers=["blocks.*"],
                  reduce="last", output="runs/lm/geometry.nc", workers=2)
 
 For each checkpoint (in step order) the weights are loaded safely
@@ -79,11 +79,10 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
-
-from dynamics import _analyze_parts as parts_io
-from dynamics import records
-from dynamics._dask import local_client
-from dynamics.checkpoints import (
+from traindyn.dynamics import _analyze_parts as parts_io
+from traindyn.dynamics import records
+from traindyn.dynamics._dask import local_client
+from traindyn.dynamics.checkpoints import (
     Checkpoint,
     CheckpointError,
     find_checkpoints,
@@ -91,10 +90,15 @@ from dynamics.checkpoints import (
     load_into,
     resolve_factory,
 )
-from dynamics.probe_inputs import ProbeInputs, attach_labels, load_labels, load_probe_inputs
-from probes.capture import REDUCTIONS, capture, module_names, resolve_layers
-from probes.evaluation import Measurement, ProbePlan
-from probes.registry import Probe, get_probe
+from traindyn.dynamics.probe_inputs import (
+    ProbeInputs,
+    attach_labels,
+    load_labels,
+    load_probe_inputs,
+)
+from traindyn.probes.capture import REDUCTIONS, capture, module_names, resolve_layers
+from traindyn.probes.evaluation import Measurement, ProbePlan
+from traindyn.probes.registry import Probe, get_probe
 
 __all__ = [
     "DEFAULT_PROBES",
@@ -550,14 +554,14 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
 def summary_figures(ds: xr.Dataset, folder: str | os.PathLike, stem: str = "analyze"
                     ) -> list[Path]:
     """One PNG per ``(step, layer)`` variable (:func:`dynamics.plot.checkpoint_series_figures`)."""
-    from dynamics.plot import checkpoint_series_figures
+    from traindyn.dynamics.plot import checkpoint_series_figures
 
     return checkpoint_series_figures(ds, folder, stem)
 
 
 def summary_table(ds: xr.Dataset, max_rows: int = 40) -> str:
     """The text table of a checkpoint series (:func:`dynamics.cli_analyze.summary_table`)."""
-    from dynamics.cli_analyze import summary_table as table
+    from traindyn.dynamics.cli_analyze import summary_table as table
 
     return table(ds, max_rows)
 

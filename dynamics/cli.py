@@ -15,8 +15,8 @@ __all__ = ["build_parser", "main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dynamics import records
-    from dynamics.demo import DemoConfig, run_demo, summary
+    from traindyn.dynamics import records
+    from traindyn.dynamics.demo import DemoConfig, run_demo, summary
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     paths = run_demo(args.out, cfg, progress=not args.no_progress, threads=args.threads)
@@ -26,9 +26,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_theory_linear(args: argparse.Namespace) -> int:
     import numpy as np
+    from traindyn.dynamics import records
 
-    import theory
-    from dynamics import records
+    from traindyn import theory
 
     times = np.geomspace(args.t_min, args.t_max, args.points)
     ds = theory.advani_saxe(times, np.asarray(args.load_ratio), noise_var=args.noise_var,
@@ -43,8 +43,8 @@ def _cmd_theory_linear(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from importlib import metadata
 
-    from dynamics.records import provenance
-    from probes.registry import CONSUMES, all_probes
+    from traindyn.dynamics.records import provenance
+    from traindyn.probes.registry import CONSUMES, all_probes
 
     try:
         version = metadata.version("traindyn")
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--out", help="save to this .nc or .zarr path instead of printing")
     lin.set_defaults(func=_cmd_theory_linear)
 
-    from dynamics import cli_analyze
+    from traindyn.dynamics import cli_analyze
 
     cli_analyze.add_parser(sub)
 

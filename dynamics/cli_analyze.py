@@ -197,8 +197,8 @@ def _import(module: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``traindyn analyze``: returns 0, or 1 when any checkpoint failed."""
-    from dynamics._threads import apply_threads
-    from dynamics.analyze import analyze
+    from traindyn.dynamics._threads import apply_threads
+    from traindyn.dynamics.analyze import analyze
 
     sources = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
     # this process's torch threads: the cores free now (TRAINDYN_THREADS overrides); dask

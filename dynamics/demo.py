@@ -23,12 +23,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
+from traindyn.dynamics import plot, records
+from traindyn.dynamics._threads import apply_threads
+from traindyn.dynamics.recipes import simulate_linear_teacher, train_digits_mlp
+from traindyn.dynamics.schedules import log_steps
 
-import theory
-from dynamics import plot, records
-from dynamics._threads import apply_threads
-from dynamics.recipes import simulate_linear_teacher, train_digits_mlp
-from dynamics.schedules import log_steps
+from traindyn import theory
 
 __all__ = ["DemoConfig", "linear_sem", "run_demo", "summary"]
 

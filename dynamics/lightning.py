@@ -34,11 +34,11 @@ except ImportError:  # pragma: no cover - the standalone package
     try:
         from pytorch_lightning import Callback
     except ImportError as error:
-        raise ImportError("dynamics.lightning needs PyTorch Lightning: pip install lightning") \
-            from error
+        raise ImportError("traindyn.dynamics.lightning needs PyTorch Lightning: "
+                          "pip install lightning") from error
 
-from dynamics.monitor import Monitor
-from dynamics.schedules import Schedule
+from traindyn.dynamics.monitor import Monitor
+from traindyn.dynamics.schedules import Schedule
 
 __all__ = ["MonitorCallback"]
 

@@ -149,21 +149,26 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-
-from dynamics import records
-from dynamics._evaluator import Evaluator, to_numpy
-from dynamics._monitor_worker import (
+from traindyn.dynamics import records
+from traindyn.dynamics._evaluator import Evaluator, to_numpy
+from traindyn.dynamics._monitor_worker import (
     WORKER_NAME,
     Done,
     ProcessWorker,
     WorkerError,
     check_picklable,
 )
-from dynamics.schedules import Schedule, log_spaced
-from dynamics.storage import COMPLETE_ATTR, ZarrStream, check_store, load_stream, save_netcdf
-from probes.capture import capture
-from probes.evaluation import Measurement, ProbePlan, ReferenceBook
-from probes.registry import Probe
+from traindyn.dynamics.schedules import Schedule, log_spaced
+from traindyn.dynamics.storage import (
+    COMPLETE_ATTR,
+    ZarrStream,
+    check_store,
+    load_stream,
+    save_netcdf,
+)
+from traindyn.probes.capture import capture
+from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook
+from traindyn.probes.registry import Probe
 
 __all__ = ["COMPLETE_ATTR", "Monitor", "load_stream", "preserved_state"]
 

@@ -191,7 +191,7 @@ def __getattr__(name: str) -> Any:
     """The file functions, now in :mod:`dynamics.storage`, under their old names here
     (``records.save`` …); imported on first use, so this module needs no file code."""
     if name in _STORAGE:
-        from dynamics import storage
+        from traindyn.dynamics import storage
 
         return getattr(storage, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

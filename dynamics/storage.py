@@ -36,8 +36,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-
-from dynamics import records
+from traindyn.dynamics import records
 
 __all__ = [
     "COMPLETE_ATTR",

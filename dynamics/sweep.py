@@ -31,9 +31,8 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-
-from dynamics import records
-from dynamics._dask import local_client
+from traindyn.dynamics import records
+from traindyn.dynamics._dask import local_client
 
 __all__ = ["sweep"]
 

@@ -137,10 +137,10 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         try:  # a submodule: probes.spectral, probes.ntk …
-            return importlib.import_module(f"probes.{name}")
+            return importlib.import_module(f"traindyn.probes.{name}")
         except ModuleNotFoundError:
             raise AttributeError(f"module 'probes' has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"probes.{module}"), name)
+    value = getattr(importlib.import_module(f"traindyn.probes.{module}"), name)
     globals()[name] = value
     return value
 
@@ -156,7 +156,7 @@ class _Package(types.ModuleType):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if (isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name
-                and value.__name__ == f"probes.{name}"):
+                and value.__name__ == f"traindyn.probes.{name}"):
             value = getattr(value, name)
         super().__setattr__(name, value)
 

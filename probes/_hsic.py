@@ -21,8 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from probes._arrays import STAT_DTYPE, ArrayLike, as_features
+from traindyn.probes._arrays import STAT_DTYPE, ArrayLike, as_features
 
 DEFAULT_BANDWIDTH = 0.5
 """RBF bandwidth σ as a fraction of the median pairwise distance (Kornblith et al. use 0.2–0.8)."""

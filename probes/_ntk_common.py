@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-
-from probes._arrays import ArrayLike, as_tensor, on_device
-from probes.capture import _first_tensor
+from traindyn.probes._arrays import ArrayLike, as_tensor, on_device
+from traindyn.probes.capture import _first_tensor
 
 ParamSpec = str | Iterable[str] | Iterable[nn.Parameter] | None
 

@@ -17,10 +17,9 @@ import math
 
 import torch
 from torch import nn
-
-from probes import _ntk_cost as cost
-from probes import _ntk_structured as st
-from probes._ntk_common import MathMode, available_bytes, outputs
+from traindyn.probes import _ntk_cost as cost
+from traindyn.probes import _ntk_structured as st
+from traindyn.probes._ntk_common import MathMode, available_bytes, outputs
 
 SYM_PANELS = 512
 """From this many samples, a symmetric kernel is computed in three row panels, upper blocks only
@@ -197,7 +196,7 @@ def _k_outputs(model, x) -> int:
 
 def auto_method(model, x1, x2=None, *, output: str = "trace", params=None) -> str:
     """The method ``empirical_ntk(..., method="auto")`` would run on these inputs (no kernel)."""
-    from probes._ntk_common import (
+    from traindyn.probes._ntk_common import (
         device_dtype,
         prepare_input,
         requires_grad,

@@ -46,8 +46,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from probes._ntk_common import MathMode, outputs
+from traindyn.probes._ntk_common import MathMode, outputs
 
 _LINEAR = F.linear
 _CONV = {F.conv1d: 1, F.conv2d: 2}

@@ -43,8 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
-
-from probes._arrays import (
+from traindyn.probes._arrays import (
     STAT_DTYPE,
     ArrayLike,
     all_finite,
@@ -52,8 +51,8 @@ from probes._arrays import (
     as_tensor,
     check_labels,
 )
-from probes._pending import DeviceFlag, Pending
-from probes._solve import lapack_single_thread, solve_device
+from traindyn.probes._pending import DeviceFlag, Pending
+from traindyn.probes._solve import lapack_single_thread, solve_device
 
 __all__ = ["GLOBAL_MEANS", "NC_VARIABLES", "CollapseAccumulator", "neural_collapse"]
 
@@ -618,7 +617,13 @@ def _collapse_one_shot(features: ArrayLike, labels: ArrayLike, **kwargs) -> xr.D
 
 def register_probes() -> None:
     """Register ``neural_collapse`` and its ``"class_stats"`` accumulator (idempotent)."""
-    from probes.registry import Accumulator, Probe, Variable, register, register_accumulator
+    from traindyn.probes.registry import (
+        Accumulator,
+        Probe,
+        Variable,
+        register,
+        register_accumulator,
+    )
 
     register_accumulator(Accumulator("class_stats", CollapseAccumulator, needs_labels=True))
     register(Probe("neural_collapse", "labelled_features",

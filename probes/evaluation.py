@@ -28,9 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from probes._pending import answer_pendings, fetch, resolve_answer
-from probes.registry import ACCUMULATORS, Probe, get_probe
+from traindyn.probes._pending import answer_pendings, fetch, resolve_answer
+from traindyn.probes.registry import ACCUMULATORS, Probe, get_probe
 
 __all__ = ["Measurement", "ProbePlan", "ReferenceBook", "evaluate"]
 
@@ -505,7 +504,7 @@ def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
     time : float, optional
         This evaluation's time (learning rate × step), for rates (kernel velocity).
     """
-    from probes.capture import capture
+    from traindyn.probes.capture import capture
 
     batches = list(batches)
     labels = list(labels) if labels is not None else [None] * len(batches)

@@ -43,8 +43,7 @@ import numpy as np
 import torch
 import xarray as xr
 from scipy import optimize, special, stats
-
-from probes._arrays import STAT_DTYPE, ArrayLike, as_tensor, require_finite
+from traindyn.probes._arrays import STAT_DTYPE, ArrayLike, as_tensor, require_finite
 
 __all__ = [
     "MLPHypothesis",

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-
-from probes._arrays import STAT_DTYPE, ArrayLike, as_tensor
-from probes.capture import resolve_layers
-from probes.registry import register_model_probe
+from traindyn.probes._arrays import STAT_DTYPE, ArrayLike, as_tensor
+from traindyn.probes.capture import resolve_layers
+from traindyn.probes.registry import register_model_probe
 
 __all__ = [
     "attention_logit_stats",

@@ -66,11 +66,10 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-
-from probes._arrays import STAT_DTYPE, ArrayLike, as_features, nonfinite_flag, on_device
-from probes._pending import Pending, gather, scalar
-from probes.capture import capture, resolve_layers
-from probes.similarity import _linear_cka_pending, _pair
+from traindyn.probes._arrays import STAT_DTYPE, ArrayLike, as_features, nonfinite_flag, on_device
+from traindyn.probes._pending import Pending, gather, scalar
+from traindyn.probes.capture import capture, resolve_layers
+from traindyn.probes.similarity import _linear_cka_pending, _pair
 
 __all__ = [
     "DEFAULT_GENERATORS",
@@ -822,7 +821,7 @@ def register_probes() -> None:
     themselves (``probe_kwargs={"invariance": {"layers": [...], "transforms": [...]}}``);
     give them the same ``layers`` as the monitor or analysis so the ``layer`` dims agree.
     """
-    from probes.registry import Probe, Variable, register
+    from traindyn.probes.registry import Probe, Variable, register
 
     dims = ("transform", "layer")
     register(Probe(

@@ -30,8 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
-
-from probes._arrays import (
+from traindyn.probes._arrays import (
     STAT_DTYPE,
     ArrayLike,
     all_finite,

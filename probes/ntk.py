@@ -36,10 +36,9 @@ from typing import Literal
 
 import torch
 from torch import nn
-
-from probes import _ntk_engines as _eng
-from probes._arrays import ArrayLike
-from probes._ntk_common import (
+from traindyn.probes import _ntk_engines as _eng
+from traindyn.probes._arrays import ArrayLike
+from traindyn.probes._ntk_common import (
     ParamSpec,
     batch_coupled_modules,
     device_dtype,
@@ -47,8 +46,8 @@ from probes._ntk_common import (
     requires_grad,
     select_parameters,
 )
-from probes.capture import capture
-from probes.ntk_probe import NTK_PROBE_VARIABLES, NTKProbe
+from traindyn.probes.capture import capture
+from traindyn.probes.ntk_probe import NTK_PROBE_VARIABLES, NTKProbe
 
 __all__ = [
     "METHODS",

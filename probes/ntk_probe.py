@@ -33,11 +33,10 @@ import warnings
 import numpy as np
 import torch
 from torch import nn
-
-from probes import kernels as _k
-from probes._arrays import ArrayLike, as_tensor
-from probes._ntk_common import ParamSpec
-from probes.registry import Probe, register
+from traindyn.probes import kernels as _k
+from traindyn.probes._arrays import ArrayLike, as_tensor
+from traindyn.probes._ntk_common import ParamSpec
+from traindyn.probes.registry import Probe, register
 
 __all__ = ["NTK_PROBE_VARIABLES", "NTKProbe", "ntk_compare", "ntk_values"]
 
@@ -92,7 +91,10 @@ def ntk_values(model: nn.Module, inputs: ArrayLike, targets: ArrayLike, *,
     2007), ``tr(K)/n`` — and the state to keep: the float64 output-traced kernel on the first
     ``max_samples`` inputs and its centred alignment, for :func:`ntk_compare`.
     """
-    from probes.ntk import _unchecked_ntk, _warn_nonfinite  # probes.ntk imports this module
+    from traindyn.probes.ntk import (  # probes.ntk imports this module
+        _unchecked_ntk,
+        _warn_nonfinite,
+    )
 
     if targets is None:
         raise ValueError("the ntk probe needs targets (labels or regression targets)")

@@ -34,8 +34,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-
-from probes._arrays import ArrayLike
+from traindyn.probes._arrays import ArrayLike
 
 __all__ = ["PHASES", "geometric_phases", "phase_segments", "smoothed_log_derivatives"]
 

@@ -59,7 +59,7 @@ How to add a probe
 ::
 
     import torch
-    from probes.registry import Probe, Variable, register
+    from traindyn.probes.registry import Probe, Variable, register
 
     def mean_norm(features):                 # plain math: arrays in, a number out
         return float(torch.as_tensor(features).double().norm(dim=1).mean())
@@ -109,13 +109,13 @@ REFERENCES = ("first", "previous", "final")
 """Which other evaluation a reference-based probe compares with."""
 
 PROVIDERS: list[str] = [
-    "probes.spectral",
-    "probes.collapse",
-    "probes.weights",
-    "probes.ntk",
-    "probes.instability",
-    "probes.similarity",
-    "probes.invariance",
+    "traindyn.probes.spectral",
+    "traindyn.probes.collapse",
+    "traindyn.probes.weights",
+    "traindyn.probes.ntk",
+    "traindyn.probes.instability",
+    "traindyn.probes.similarity",
+    "traindyn.probes.invariance",
 ]
 """Modules that register built-in probes; imported (once) when a name is first not found.
 A module that does not exist (yet) is skipped."""
@@ -224,7 +224,7 @@ class Probe:
         pending values together."""
         if self.fn is None:
             raise TypeError(f"probe {self.name!r} has no one-shot function")
-        from probes._pending import read_answer  # torch: not at this module's import
+        from traindyn.probes._pending import read_answer  # torch: not at this module's import
 
         return read_answer(self.fn(*args, **{**self.kwargs, **kwargs}))
 

@@ -44,9 +44,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import xarray as xr
-
-from probes._arrays import ArrayLike, all_finite, nonfinite_flag, on_device, warn_nan
-from probes._hsic import (
+from traindyn.probes._arrays import ArrayLike, all_finite, nonfinite_flag, on_device, warn_nan
+from traindyn.probes._hsic import (
     DEFAULT_BANDWIDTH,
     KernelStats,
     features64,
@@ -58,7 +57,7 @@ from probes._hsic import (
     hsic_unbiased_stats,
     kernel,
 )
-from probes._pending import DeviceFlag, Pending, first_failure
+from traindyn.probes._pending import DeviceFlag, Pending, first_failure
 
 __all__ = [
     "DEFAULT_BANDWIDTH",
@@ -675,7 +674,7 @@ def register_probes() -> None:
     (``dynamics.analyze``); the Monitor runs ``cka_first`` and ``cka_previous``."""
     from functools import partial
 
-    from probes.registry import Probe, Variable, register
+    from traindyn.probes.registry import Probe, Variable, register
 
     for kind in REFERENCES:
         register(Probe(

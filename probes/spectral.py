@@ -31,10 +31,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-
-from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor, warn_nan
-from probes._pending import DeviceFlag, Pending, finish_all, first_failure, scalar
-from probes._solve import batched_eigvalsh, eigvalsh, lapack_single_thread
+from traindyn.probes._arrays import (
+    STAT_DTYPE,
+    ArrayLike,
+    all_finite,
+    as_features,
+    as_tensor,
+    warn_nan,
+)
+from traindyn.probes._pending import DeviceFlag, Pending, finish_all, first_failure, scalar
+from traindyn.probes._solve import batched_eigvalsh, eigvalsh, lapack_single_thread
 
 Checks = list[tuple[torch.Tensor | bool, str]]
 """``(condition, reason)`` pairs: the first that holds makes a metric NaN with that warning."""
@@ -942,7 +948,13 @@ _PROBES = (
 def register_probes() -> None:
     """Register the spectral probes and their shared ``"spectrum"`` accumulator in
     :mod:`probes.registry` (idempotent; done when this module is imported)."""
-    from probes.registry import Accumulator, Probe, Variable, register, register_accumulator
+    from traindyn.probes.registry import (
+        Accumulator,
+        Probe,
+        Variable,
+        register,
+        register_accumulator,
+    )
 
     register_accumulator(Accumulator("spectrum", SpectrumAccumulator, _CachedSpectra,
                                      prepare=prepare_spectra))

@@ -38,10 +38,9 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-
-from probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor
-from probes._pending import Pending, finish_all
-from probes._solve import lapack_single_thread, solve_device
+from traindyn.probes._arrays import STAT_DTYPE, ArrayLike, all_finite, as_features, as_tensor
+from traindyn.probes._pending import Pending, finish_all
+from traindyn.probes._solve import lapack_single_thread, solve_device
 
 __all__ = [
     "TailFit",
@@ -331,7 +330,7 @@ def layer_weight_spectrum(weight: ArrayLike, min_tail: int = 10) -> Pending:
 
 def register_probes() -> None:
     """Register the ``weight_spectra`` parameter probe (idempotent)."""
-    from probes.registry import Probe, Variable, register
+    from traindyn.probes.registry import Probe, Variable, register
 
     register(Probe("weight_spectra", "parameters",
                    {k: Variable(v["long_name"], v["units"]) for k, v in PROBE_VARIABLES.items()},

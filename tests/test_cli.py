@@ -5,9 +5,8 @@ import sys
 
 import numpy as np
 import pytest
-
-from dynamics import records
-from dynamics.cli import build_parser, main
+from traindyn.dynamics import records
+from traindyn.dynamics.cli import build_parser, main
 
 
 def test_help_explains_every_subcommand(capsys):
@@ -23,8 +22,8 @@ def test_help_explains_every_subcommand(capsys):
 
 
 def test_console_script_runs():
-    out = subprocess.run([sys.executable, "-m", "dynamics.cli", "info"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "traindyn.dynamics.cli", "info"],
+                         capture_output=True, text=True, check=True).stdout
     assert "rankme" in out and "alpha_req" in out
 
 

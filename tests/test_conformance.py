@@ -8,11 +8,8 @@ size and its output validated, and a theory and a measurement of the same quanti
 import numpy as np
 import pytest
 import xarray as xr
-
-import probes
-import theory
-from dynamics import records
-from dynamics.recipes import (
+from traindyn.dynamics import records
+from traindyn.dynamics.recipes import (
     TinyLMConfig,
     simulate_krr,
     simulate_linear_teacher,
@@ -21,6 +18,8 @@ from dynamics.recipes import (
     train_digits_mlp,
     train_tiny_lm,
 )
+
+from traindyn import probes, theory
 
 _EIGS = np.arange(1, 201, dtype=float) ** -1.5
 _RNG = np.random.default_rng(0)
@@ -82,14 +81,14 @@ def _small_model():
 def _invariance():
     from functools import partial
 
-    from probes.invariance import cyclic_shift, invariance_scores
+    from traindyn.probes.invariance import cyclic_shift, invariance_scores
 
     return invariance_scores(_small_model(), _FEATS.astype(np.float32),
                              (partial(cyclic_shift), [1, 2]), layers=["1"], dim="shift")
 
 
 def _lie():
-    from probes.invariance import lie_derivative_scores, translate
+    from traindyn.probes.invariance import lie_derivative_scores, translate
 
     return lie_derivative_scores(_small_model(), _FEATS.astype(np.float32),
                                  {"translate": translate}, layers=["1", "2"])
@@ -115,7 +114,7 @@ def test_theory_and_measurement_share_names_and_coordinates():
 
 
 def _dmft_and_two_layer():
-    from dynamics.recipes.two_layer import train_two_layer, two_layer_task
+    from traindyn.dynamics.recipes.two_layer import train_two_layer, two_layer_task
 
     x, y, xt, yt = two_layer_task(6, 4, 3, "tanh", 0)
     measured = train_two_layer(x, y, 1.0, xt, yt, widths=(16,), seeds=(0,), steps=4,
@@ -126,7 +125,7 @@ def _dmft_and_two_layer():
 
 
 def _grokking():
-    from dynamics.recipes.grokking import train_grokking
+    from traindyn.dynamics.recipes.grokking import train_grokking
 
     return train_grokking(alpha=(1.0,), n_train=8, n_test=8, dim=3, width=6, steps=3,
                           n_evals=2, ntk_samples=4)

@@ -25,17 +25,17 @@ def test_control_the_check_sees_a_heavy_import():
 
 
 def test_import_theory_does_not_import_torch():
-    assert "torch" not in _loaded_after("import theory")
+    assert "torch" not in _loaded_after("import traindyn.theory")
 
 
 def test_import_probes_does_not_import_sympy():
-    assert "sympy" not in _loaded_after("import probes")
+    assert "sympy" not in _loaded_after("import traindyn.probes")
 
 
 def test_import_dynamics_is_lazy():
-    assert _loaded_after("import dynamics") == set()
+    assert _loaded_after("import traindyn.dynamics") == set()
     # first use imports what a name needs (every name: test_every_public_name_…)
-    assert _loaded_after("import dynamics; dynamics.records") == {"xarray"}
+    assert _loaded_after("from traindyn import dynamics; dynamics.records") == {"xarray"}
 
 
 def test_traindyn_help_imports_none_of_the_heavy_packages():
@@ -55,16 +55,16 @@ def test_traindyn_help_imports_none_of_the_heavy_packages():
 def test_every_public_name_of_dynamics_resolves(name):
     import types
 
-    import dynamics
+    from traindyn import dynamics
 
     assert name in dynamics.__all__
     value = getattr(dynamics, name)
     if name == "sweep":  # the function, even once its module has been imported
-        import dynamics.sweep  # noqa: F401
+        import traindyn.dynamics.sweep  # noqa: F401
 
         assert callable(dynamics.sweep) and not isinstance(dynamics.sweep, types.ModuleType)
     elif name in ("analyze", "records", "schedules", "checkpoints", "probe_inputs", "plot",
                   "recipes"):
-        assert isinstance(value, types.ModuleType) and value.__name__ == f"dynamics.{name}"
+        assert isinstance(value, types.ModuleType) and value.__name__ == f"traindyn.dynamics.{name}"
     else:
         assert callable(value)

@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from traindyn.dynamics import records
 
-from dynamics import records
 from tests.helpers import run_notebook
 
 pytest.importorskip("nbclient")

@@ -11,7 +11,7 @@ from tests.helpers import run_notebook
 def test_invariance_notebook_runs(tmp_path):
     pytest.importorskip("nbclient")
     run_notebook("invariance_digits.ipynb", tmp_path)
-    from dynamics import records
+    from traindyn.dynamics import records
 
     ds = records.load(tmp_path / "invariance_digits.nc")
     records.validate(ds)

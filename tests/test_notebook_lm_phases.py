@@ -13,10 +13,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from traindyn.dynamics import records
+from traindyn.dynamics.probe_inputs import stdlib_sentences
+from traindyn.dynamics.schedules import log_steps
 
-from dynamics import records
-from dynamics.probe_inputs import stdlib_sentences
-from dynamics.schedules import log_steps
 from tests.helpers import assert_rel, run_notebook
 
 pytest.importorskip("nbclient")
@@ -29,8 +29,8 @@ def _rankme(z: np.ndarray, eps: float = 1e-7) -> float:
 
 
 def test_lm_phases_notebook_runs_and_its_numbers_are_right(tmp_path):
-    from dynamics.recipes.tiny_lm import load_tiny_lm
-    from probes.phases import PHASES, geometric_phases
+    from traindyn.dynamics.recipes.tiny_lm import load_tiny_lm
+    from traindyn.probes.phases import PHASES, geometric_phases
 
     run_notebook("lm_geometry_phases.ipynb", tmp_path)
     assert (tmp_path / "lm_geometry_phases.png").stat().st_size > 0

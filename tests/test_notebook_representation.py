@@ -10,7 +10,7 @@ from tests.helpers import run_notebook
 def test_representation_geometry_notebook_runs(tmp_path):
     pytest.importorskip("nbclient")
     run_notebook("representation_geometry_digits.ipynb", tmp_path)
-    from dynamics import records
+    from traindyn.dynamics import records
 
     ds = records.load(tmp_path / "representation_geometry_digits.nc")
     records.validate(ds)

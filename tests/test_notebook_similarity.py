@@ -12,7 +12,7 @@ def test_representation_similarity_notebook_runs(tmp_path):
     pytest.importorskip("nbclient")
     pytest.importorskip("seaborn")
     run_notebook("representation_similarity.ipynb", tmp_path)
-    from dynamics import records
+    from traindyn.dynamics import records
 
     ds = records.load(tmp_path / "representation_similarity.nc")
     records.validate(ds)

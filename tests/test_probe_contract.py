@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from traindyn.dynamics.monitor import Monitor
+from traindyn.probes.evaluation import ProbePlan, ReferenceBook, evaluate
+from traindyn.probes.registry import PROBES, Probe, Variable, get_probe, register
 
-import probes
-from dynamics.monitor import Monitor
-from probes.evaluation import ProbePlan, ReferenceBook, evaluate
-from probes.registry import PROBES, Probe, Variable, get_probe, register
 from tests.helpers import ROOT, assert_rel, child_env
+from traindyn import probes
 
 LAYERS = ["net.0", "net.2"]   # the two Linear layers: features and a weight each
 
@@ -91,8 +91,8 @@ def _data(n: int = 90):
 
 def _direct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
     """Every variable by direct calls of the plain functions, layer by layer."""
-    from probes.spectral import alpha_req_fit
-    from probes.weights import weight_spectrum
+    from traindyn.probes.spectral import alpha_req_fit
+    from traindyn.probes.weights import weight_spectrum
 
     net = model.net
     with torch.no_grad():
@@ -208,8 +208,8 @@ def test_undeclared_variables_are_refused(user_probes):
 def test_user_probe_runs_in_a_sweep_on_worker_processes(tmp_path):
     """A Probe object travels by value to a dask worker process that never imported it."""
     pytest.importorskip("distributed")
-    from dynamics import local_client, sweep
-    from dynamics.recipes import train_digits_mlp
+    from traindyn.dynamics import local_client, sweep
+    from traindyn.dynamics.recipes import train_digits_mlp
 
     with local_client(1) as client:
         ds = sweep(train_digits_mlp, {"learning_rate": [0.05]}, seeds=[0],
@@ -223,18 +223,19 @@ def test_user_probe_runs_in_a_sweep_on_worker_processes(tmp_path):
 
 
 def test_registry_imports_no_probe_module_and_probes_import_is_light():
-    code = ("import sys; import probes.registry as r; "
-            "bad = [m for m in ('probes.spectral', 'probes.ntk', 'torch', 'sympy') "
+    code = ("import sys; import traindyn.probes.registry as r; "
+            "bad = [m for m in ('traindyn.probes.spectral', 'traindyn.probes.ntk', 'torch', "
+            "'sympy') "
             "if m in sys.modules]; assert not bad, bad; "
-            "import probes; assert 'sympy' not in sys.modules; "
+            "import traindyn.probes; assert 'sympy' not in sys.modules; "
             "p = r.get_probe('rankme'); assert p.accumulator == 'spectrum'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=child_env())
 
 
 def test_every_builtin_probe_declares_what_records_knows():
     """Where a probe and the records vocabulary both name a variable, they agree on units."""
-    from dynamics import records
-    from probes.registry import all_probes
+    from traindyn.dynamics import records
+    from traindyn.probes.registry import all_probes
 
     for probe in all_probes().values():
         for name, var in probe.variables.items():
@@ -244,12 +245,12 @@ def test_every_builtin_probe_declares_what_records_knows():
 
 
 def test_importing_a_submodule_keeps_the_export_of_the_same_name():
-    """Regression: ``import probes.inductive_bias`` used to replace the function
-    ``probes.inductive_bias`` by the module (seen in the conformance test)."""
-    code = ("import types, probes.inductive_bias, probes.capture, probes; "
+    """``import traindyn.probes.inductive_bias`` keeps ``probes.inductive_bias`` the function."""
+    code = ("import types, traindyn.probes.inductive_bias, traindyn.probes.capture; "
+            "from traindyn import probes; "
             "assert not isinstance(probes.inductive_bias, types.ModuleType); "
             "assert not isinstance(probes.capture, types.ModuleType); "
-            "from probes.inductive_bias import kernel_hypothesis_errors")
+            "from traindyn.probes.inductive_bias import kernel_hypothesis_errors")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=child_env())
 
 
@@ -299,9 +300,8 @@ def test_a_direct_call_of_a_probe_answering_on_the_device_returns_values():
     The CKA reference probe's state is the float64 features (hand check)."""
     import numpy as np
     import torch
-
-    from probes._pending import Pending
-    from probes.registry import get_probe
+    from traindyn.probes._pending import Pending
+    from traindyn.probes.registry import get_probe
 
     x = torch.randn(12, 5)
     probe = get_probe("cka_first")

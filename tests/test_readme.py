@@ -25,8 +25,7 @@ def _stand_ins() -> dict:
     a learning rate, a loss value, and a measured linear-teacher Dataset."""
     import torch
     from torch import nn
-
-    from dynamics.recipes import simulate_linear_teacher
+    from traindyn.dynamics.recipes import simulate_linear_teacher
 
     class Model(nn.Module):
         def __init__(self) -> None:
@@ -74,7 +73,7 @@ def _check_results(ns: dict, folder: Path) -> None:
     """What the snippets promise, where they made it: not only that they ran."""
     import numpy as np
 
-    import dynamics
+    from traindyn import dynamics
 
     checked = 0
     if "mon" in ns and (folder / "run.zarr").exists():
@@ -96,8 +95,7 @@ def _check_results(ns: dict, folder: Path) -> None:
     if "mean_norm" in ns and "mon" in ns:
         # the user-registered probe, recorded by the Monitor, equals its formula by hand
         import torch
-
-        from probes.registry import PROBES
+        from traindyn.probes.registry import PROBES
 
         model, x = ns["model"], ns["x_probe"]
         with torch.no_grad():

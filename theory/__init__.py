@@ -72,7 +72,7 @@ _SUBMODULES = ("deep_linear", "dmft", "kernels", "linear", "neural_collapse",
                "random_features", "scaling", "spectra")
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
-    from theory.deep_linear import (
+    from traindyn.theory.deep_linear import (
         half_rise_time,
         mode_strength,
         saxe_dynamics,
@@ -80,43 +80,48 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         time_to_strength,
         two_layer_solution,
     )
-    from theory.dmft import DMFTConvergenceWarning, dmft_two_layer, initial_kernels
-    from theory.kernels import Spectrum, krr_learning_curve, power_law_spectrum, solve_kappa
-    from theory.linear import (
+    from traindyn.theory.dmft import DMFTConvergenceWarning, dmft_two_layer, initial_kernels
+    from traindyn.theory.kernels import (
+        Spectrum,
+        krr_learning_curve,
+        power_law_spectrum,
+        solve_kappa,
+    )
+    from traindyn.theory.linear import (
         advani_saxe,
         advani_saxe_asymptote,
         marchenko_pastur_density,
         marchenko_pastur_quadrature,
     )
-    from theory.neural_collapse import (
+    from traindyn.theory.neural_collapse import (
         balanced_collapse,
         collapse_metrics,
         imbalanced_collapse,
         minority_collapse_threshold,
         simplex_etf,
     )
-    from theory.random_features import (
+    from traindyn.theory.random_features import (
         optimal_ridge,
         power_law_optimal_fitting_ratio,
         rf_errors,
         rf_learning_curve,
     )
-    from theory.scaling import fit_power_law, predicted_exponents, scaling_regimes
-    from theory.spectra import empirical_spectrum, spectrum_from_gram
+    from traindyn.theory.scaling import fit_power_law, predicted_exponents, scaling_regimes
+    from traindyn.theory.spectra import empirical_spectrum, spectrum_from_gram
 
 
 def __getattr__(name: str) -> Any:
     """Import the submodule that defines ``name`` on first access (PEP 562)."""
     module = _EXPORTS.get(name)
     if module is not None:
-        value = getattr(importlib.import_module(f"theory.{module}"), name)
+        value = getattr(importlib.import_module(f"traindyn.theory.{module}"), name)
         globals()[name] = value  # later look-ups skip this function
         return value
     if name in _SUBMODULES:
         try:
-            return importlib.import_module(f"theory.{name}")
+            return importlib.import_module(f"traindyn.theory.{name}")
         except ModuleNotFoundError as err:
-            if err.name != f"theory.{name}":
+            if err.name != f"traindyn.theory.{name}":
                 raise
     raise AttributeError(f"module 'theory' has no attribute {name!r}")
 

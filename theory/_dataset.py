@@ -24,12 +24,12 @@ def time_axis(time: Any) -> tuple[np.ndarray, tuple[str, ...], dict[str, Any]]:
     """
     if isinstance(time, xr.DataArray):
         coords = {name: c for name, c in time.coords.items()}
-        from theory._validate import float_array
+        from traindyn.theory._validate import float_array
 
         values = float_array(time.values, "time")
         coords["time"] = (time.dims, values)
         return values, tuple(time.dims), coords
-    from theory._validate import float_array
+    from traindyn.theory._validate import float_array
 
     values = np.atleast_1d(float_array(time, "time"))
     if values.ndim != 1:
@@ -52,7 +52,7 @@ def params_json(params: dict[str, Any]) -> str:
 
 def theory_attrs(source: str, params: dict[str, Any], **extra: str) -> dict[str, str]:
     """Dataset attributes of a theory prediction."""
-    from theory import __version__
+    from traindyn.theory import __version__
 
     return {
         "kind": "theory",

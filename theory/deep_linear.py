@@ -36,9 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import xarray as xr
-
-from theory._dataset import theory_attrs, time_axis
-from theory._validate import (
+from traindyn.theory._dataset import theory_attrs, time_axis
+from traindyn.theory._validate import (
     count,
     finite_array,
     finite_scalar,
@@ -80,7 +79,7 @@ def __getattr__(name: str) -> Any:
     """The module's sympy symbols (``from theory.deep_linear import s, t, u``), made lazily."""
     if name in _SYMBOL_NAMES:
         return _symbols()[1 + _SYMBOL_NAMES.index(name)]
-    raise AttributeError(f"module 'theory.deep_linear' has no attribute {name!r}")
+    raise AttributeError(f"module 'traindyn.theory.deep_linear' has no attribute {name!r}")
 
 
 def _check_depth(depth: int) -> int:

@@ -59,8 +59,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-
-from theory._dataset import theory_attrs, time_axis
+from traindyn.theory._dataset import theory_attrs, time_axis
 
 __all__ = ["ACTIVATIONS", "DMFTConvergenceWarning", "dmft_two_layer", "initial_kernels"]
 
@@ -368,8 +367,7 @@ def dmft_two_layer(
     """
     import jax
     import jax.numpy as jnp
-
-    from theory import _validate as check
+    from traindyn.theory import _validate as check
 
     gamma0 = check.real_scalar(gamma0, "gamma0")
     n_samples = check.count(n_samples, "n_samples", 2)

@@ -40,10 +40,15 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-
-from theory import _backend
-from theory._dataset import theory_attrs
-from theory._validate import count, finite_scalar, float_array, nonnegative_scalar, real_scalar
+from traindyn.theory import _backend
+from traindyn.theory._dataset import theory_attrs
+from traindyn.theory._validate import (
+    count,
+    finite_scalar,
+    float_array,
+    nonnegative_scalar,
+    real_scalar,
+)
 
 __all__ = [
     "Spectrum",

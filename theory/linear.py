@@ -25,10 +25,15 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-
-from theory import _backend
-from theory._dataset import theory_attrs, time_axis
-from theory._validate import count, float_array, nonnegative_scalar, positive_scalar, real_scalar
+from traindyn.theory import _backend
+from traindyn.theory._dataset import theory_attrs, time_axis
+from traindyn.theory._validate import (
+    count,
+    float_array,
+    nonnegative_scalar,
+    positive_scalar,
+    real_scalar,
+)
 
 __all__ = [
     "advani_saxe",

@@ -46,9 +46,14 @@ from collections.abc import Sequence
 import numpy as np
 import xarray as xr
 from scipy import optimize
-
-from theory._dataset import theory_attrs
-from theory._validate import count, finite_array, finite_scalar, float_array, positive_scalar
+from traindyn.theory._dataset import theory_attrs
+from traindyn.theory._validate import (
+    count,
+    finite_array,
+    finite_scalar,
+    float_array,
+    positive_scalar,
+)
 
 __all__ = [
     "NC_VARIABLES",

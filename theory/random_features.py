@@ -37,11 +37,10 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-
-from theory import _backend
-from theory._dataset import theory_attrs
-from theory._validate import count, float_array, nonnegative_scalar, positive_scalar
-from theory.kernels import (
+from traindyn.theory import _backend
+from traindyn.theory._dataset import theory_attrs
+from traindyn.theory._validate import count, float_array, nonnegative_scalar, positive_scalar
+from traindyn.theory.kernels import (
     _ATTRS,
     Spectrum,
     _as_spectrum,

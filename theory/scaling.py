@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from scipy import stats
-
-from theory import _backend
-from theory._dataset import theory_attrs
-from theory._validate import (
+from traindyn.theory import _backend
+from traindyn.theory._dataset import theory_attrs
+from traindyn.theory._validate import (
     count,
     finite_scalar,
     float_array,
@@ -38,8 +37,8 @@ from theory._validate import (
     positive_scalar,
     real_scalar,
 )
-from theory.kernels import _as_spectrum, _coord
-from theory.random_features import rf_errors
+from traindyn.theory.kernels import _as_spectrum, _coord
+from traindyn.theory.random_features import rf_errors
 
 __all__ = ["fit_power_law", "predicted_exponents", "scaling_regimes"]
 

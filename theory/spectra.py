@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
-
-from theory._dataset import theory_attrs
-from theory._validate import float_array
-from theory.kernels import Spectrum
+from traindyn.theory._dataset import theory_attrs
+from traindyn.theory._validate import float_array
+from traindyn.theory.kernels import Spectrum
 
 __all__ = ["empirical_spectrum", "spectrum_from_gram"]
 

@@ -16,24 +16,24 @@ recipe                pairs with
 ====================  ============================================================
 """
 
-from dynamics.recipes.collapse_training import (
+from traindyn.dynamics.recipes.collapse_training import (
     collapse_digits,
     train_deep_linear_collapse,
     train_mlp_collapse,
 )
-from dynamics.recipes.deep_linear import svd_task, train_deep_linear
-from dynamics.recipes.digits import DigitsMLP, load_digits_split, train_digits_mlp
-from dynamics.recipes.grokking import train_grokking
-from dynamics.recipes.kernel_regression import (
+from traindyn.dynamics.recipes.deep_linear import svd_task, train_deep_linear
+from traindyn.dynamics.recipes.digits import DigitsMLP, load_digits_split, train_digits_mlp
+from traindyn.dynamics.recipes.grokking import train_grokking
+from traindyn.dynamics.recipes.kernel_regression import (
     digits_kernel,
     simulate_digits_krr,
     simulate_krr,
     simulate_rf,
     simulate_rf_infinite_data,
 )
-from dynamics.recipes.linear_teacher import simulate_linear_teacher
-from dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig, load_corpus, train_tiny_lm
-from dynamics.recipes.two_layer import train_two_layer, two_layer_task
+from traindyn.dynamics.recipes.linear_teacher import simulate_linear_teacher
+from traindyn.dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig, load_corpus, train_tiny_lm
+from traindyn.dynamics.recipes.two_layer import train_two_layer, two_layer_task
 
 __all__ = [
     "train_grokking",

@@ -22,11 +22,10 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
-
-from dynamics import records
-from dynamics.recipes.digits import load_digits_split
-from dynamics.schedules import log_steps
-from probes.collapse import NC_VARIABLES, neural_collapse
+from traindyn.dynamics import records
+from traindyn.dynamics.recipes.digits import load_digits_split
+from traindyn.dynamics.schedules import log_steps
+from traindyn.probes.collapse import NC_VARIABLES, neural_collapse
 
 __all__ = ["collapse_digits", "train_deep_linear_collapse", "train_mlp_collapse"]
 

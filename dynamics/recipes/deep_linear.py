@@ -14,8 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
-
-from dynamics import records
+from traindyn.dynamics import records
 
 __all__ = ["svd_task", "train_deep_linear"]
 

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-
-from dynamics.monitor import Monitor
-from dynamics.schedules import Schedule, log_spaced
+from traindyn.dynamics.monitor import Monitor
+from traindyn.dynamics.schedules import Schedule, log_spaced
 
 __all__ = ["DigitsMLP", "load_digits_split", "train_digits_mlp"]
 

@@ -34,10 +34,9 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-
-from dynamics import records
-from dynamics.monitor import Monitor
-from dynamics.schedules import at_steps, log_steps
+from traindyn.dynamics import records
+from traindyn.dynamics.monitor import Monitor
+from traindyn.dynamics.schedules import at_steps, log_steps
 
 __all__ = ["GrokkingNet", "GROKKING_VARIABLES", "grokking_task", "population_test_loss",
            "train_grokking"]

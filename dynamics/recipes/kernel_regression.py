@@ -35,8 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import xarray as xr
-
-from dynamics import records
+from traindyn.dynamics import records
 
 __all__ = [
     "digits_kernel",

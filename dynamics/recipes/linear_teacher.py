@@ -26,8 +26,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
-
-from dynamics import records
+from traindyn.dynamics import records
 
 __all__ = ["simulate_linear_teacher"]
 

@@ -36,8 +36,7 @@ import torch
 import xarray as xr
 from torch import nn
 from torch.nn import functional as F
-
-from dynamics import records
+from traindyn.dynamics import records
 
 __all__ = [
     "CausalSelfAttention",
@@ -359,8 +358,8 @@ def train_tiny_lm(
         ``(step, layer)``: ``max_attention_logit`` per attention module.  If the loss becomes
         non-finite, training stops, later entries are NaN and attr ``diverged`` is 1.
     """
-    from dynamics.schedules import log_steps
-    from probes.instability import attention_logit_stats
+    from traindyn.dynamics.schedules import log_steps
+    from traindyn.probes.instability import attention_logit_stats
 
     if model is not None:
         config = model.config

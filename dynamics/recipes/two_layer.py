@@ -28,9 +28,8 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-
-from dynamics import records
-from probes.kernels import centered_alignment, kernel_alignment
+from traindyn.dynamics import records
+from traindyn.probes.kernels import centered_alignment, kernel_alignment
 
 __all__ = ["TwoLayerNet", "train_two_layer", "two_layer_task"]
 

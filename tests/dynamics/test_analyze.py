@@ -13,17 +13,17 @@ import pytest
 import torch
 import xarray as xr
 from safetensors.torch import save_file
-
-from dynamics import records
-from dynamics.analyze import TIMING_VARIABLES, analyze, match_layers, summary_table
-from dynamics.cli_analyze import main as cli_main
-from dynamics.probe_inputs import (
+from traindyn.dynamics import records
+from traindyn.dynamics.analyze import TIMING_VARIABLES, analyze, match_layers, summary_table
+from traindyn.dynamics.cli_analyze import main as cli_main
+from traindyn.dynamics.probe_inputs import (
     byte_tokenize,
     digits_inputs,
     load_probe_inputs,
     stdlib_sentences,
 )
-from probes.registry import FEATURE_PROBES, FeatureProbe
+from traindyn.probes.registry import FEATURE_PROBES, FeatureProbe
+
 from tests.helpers import assert_rel, child_env, start_and_kill
 
 FACTORY = '''
@@ -99,7 +99,7 @@ def factory(tmp_path_factory) -> str:
 
 
 def _load_factory(spec: str):
-    from dynamics.checkpoints import resolve_factory
+    from traindyn.dynamics.checkpoints import resolve_factory
 
     return resolve_factory(spec)
 
@@ -279,7 +279,7 @@ def test_usage_errors_exit_2_with_a_message(series, factory, capsys):
 
 
 def test_rerun_skips_finished_and_recomputes_changed(series, factory, tmp_path, monkeypatch):
-    import dynamics.analyze as mod
+    import traindyn.dynamics.analyze as mod
 
     folder = _copy_series(series, tmp_path / "resume")
     output = tmp_path / "out.nc"
@@ -309,7 +309,7 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(series, factory, tmp_p
         torch.save(_trained_state(extra, step), folder / f"step{step}.pt")
     output = tmp_path / "killed.nc"
     parts = tmp_path / "killed.nc.parts"
-    cmd = [sys.executable, "-m", "dynamics.cli_analyze", str(folder), "--model", factory,
+    cmd = [sys.executable, "-m", "traindyn.dynamics.cli_analyze", str(folder), "--model", factory,
            "--layers", ",".join(LAYERS), "--batch-size", "500", "--output", str(output),
            "--no-progress", "--no-figures"]
     start_and_kill(cmd, parts, 2, child_env(TRAINDYN_TEST_DELAY="0.1", OMP_NUM_THREADS="1"))

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from traindyn.dynamics import analyze as analyze_module
+from traindyn.dynamics import records, storage
+from traindyn.dynamics.analyze import analyze
+from traindyn.dynamics.probe_inputs import byte_tokenize, load_probe_inputs, stdlib_sentences
 
-from dynamics import analyze as analyze_module
-from dynamics import records, storage
-from dynamics.analyze import analyze
-from dynamics.probe_inputs import byte_tokenize, load_probe_inputs, stdlib_sentences
 from tests.helpers import ROOT, assert_rel
 
 CAUSAL = """
@@ -231,7 +231,7 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 import numpy as np
 import xarray as xr
-from dynamics import records, storage
+from traindyn.dynamics import records, storage
 if {fallback}:
     storage._exchange = lambda a, b: False
 out = Path({out!r})

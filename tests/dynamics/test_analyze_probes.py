@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from traindyn.dynamics.analyze import TIMING_VARIABLES, OutputError, analyze
+from traindyn.dynamics.cli_analyze import main as cli_main
+from traindyn.dynamics.probe_inputs import digits_inputs, digits_labels
+from traindyn.probes.registry import PROBES, register
 
-from dynamics.analyze import TIMING_VARIABLES, OutputError, analyze
-from dynamics.cli_analyze import main as cli_main
-from dynamics.probe_inputs import digits_inputs, digits_labels
-from probes.registry import PROBES, register
 from tests.dynamics.test_analyze import (
     FACTORY,
     _copy_series,
@@ -37,7 +37,7 @@ NTK_SAMPLES = 48
 PROBE_KWARGS = {"ntk": {"max_samples": NTK_SAMPLES}}
 
 USER_MODULE = '''
-from probes.registry import register
+from traindyn.probes.registry import register
 from tests.test_probe_contract import WEIGHT_MOTION
 
 register(WEIGHT_MOTION)
@@ -95,8 +95,9 @@ def _centered_alignment(K: np.ndarray, y: np.ndarray) -> float:
 
 def test_labelled_parameter_and_reference_probes_match_direct_calls(series, factory,
                                                                     user_probe):
-    import probes
-    from probes.weights import weight_spectrum
+    from traindyn.probes.weights import weight_spectrum
+
+    from traindyn import probes
 
     ds = _run(series, factory, learning_rate=0.1)
     make = _load_factory(factory)
@@ -168,7 +169,7 @@ def test_sigkill_then_restart_gives_the_identical_dataset_with_references(series
     module.write_text(USER_MODULE)
     output = tmp_path / "killed.nc"
     parts = tmp_path / "killed.nc.parts"
-    cmd = [sys.executable, "-m", "dynamics.cli_analyze", str(folder), "--model", factory,
+    cmd = [sys.executable, "-m", "traindyn.dynamics.cli_analyze", str(folder), "--model", factory,
            "--layers", ",".join(LINEAR), "--batch-size", "500", "--labels", "digits",
            "--probes", ",".join(PROBE_SET), "--probe-kwargs", json.dumps(PROBE_KWARGS),
            "--import", str(module), "--output", str(output),
@@ -226,7 +227,7 @@ def test_resume_reuses_only_what_is_unchanged_and_says_so(series, factory, tmp_p
 
 def test_output_problems_are_found_before_any_checkpoint(series, factory, tmp_path, capsys,
                                                          monkeypatch):
-    import dynamics.analyze as mod
+    import traindyn.dynamics.analyze as mod
 
     calls = []
     monkeypatch.setattr(mod, "analyze_checkpoint", lambda *a, **k: calls.append(1))
@@ -271,9 +272,8 @@ def test_series_figures_say_what_they_show(tmp_path, monkeypatch):
     """One checkpoint: drawn over the layers, not a one-point step axis; an all-NaN layer is
     named in the title and left out of the legend."""
     from matplotlib.figure import Figure
-
-    from dynamics import records as rec
-    from dynamics.plot import checkpoint_series_figures
+    from traindyn.dynamics import records as rec
+    from traindyn.dynamics.plot import checkpoint_series_figures
 
     seen = []
 

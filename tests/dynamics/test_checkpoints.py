@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
-
-from dynamics.checkpoints import (
+from traindyn.dynamics.checkpoints import (
     Checkpoint,
     CheckpointError,
     UnsafeCheckpointError,

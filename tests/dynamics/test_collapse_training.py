@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
-
-from dynamics import records
-from dynamics.recipes.collapse_training import (
+from traindyn.dynamics import records
+from traindyn.dynamics.recipes.collapse_training import (
     collapse_digits,
     train_deep_linear_collapse,
     train_mlp_collapse,
 )
-from theory.neural_collapse import NC_VARIABLES, imbalanced_collapse
+from traindyn.theory.neural_collapse import NC_VARIABLES, imbalanced_collapse
 
 MINORITY = (5, 6, 7, 8, 9)
 

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-
-from dynamics._dask import MALLOC_VARIABLE, local_client
-from dynamics.analyze import TIMING_VARIABLES, analyze
-from dynamics.probe_inputs import digits_inputs
+from traindyn.dynamics._dask import MALLOC_VARIABLE, local_client
+from traindyn.dynamics.analyze import TIMING_VARIABLES, analyze
+from traindyn.dynamics.probe_inputs import digits_inputs
 
 distributed = pytest.importorskip("distributed")
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from dynamics import records
-from dynamics.recipes.deep_linear import svd_task, train_deep_linear
-from theory.deep_linear import half_rise_time, initial_strength_through, mode_strength
+from traindyn.dynamics import records
+from traindyn.dynamics.recipes.deep_linear import svd_task, train_deep_linear
+from traindyn.theory.deep_linear import half_rise_time, initial_strength_through, mode_strength
 
 
 def _crossing(time, values, level):

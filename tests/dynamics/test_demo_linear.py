@@ -6,8 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-
-from dynamics.demo import DemoConfig, _linear, linear_sem
+from traindyn.dynamics.demo import DemoConfig, _linear, linear_sem
 
 
 def _late_z(cfg: DemoConfig) -> tuple[np.ndarray, np.ndarray]:

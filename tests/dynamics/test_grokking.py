@@ -6,9 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from dynamics import records
-from dynamics.recipes.grokking import (
+from traindyn.dynamics import records
+from traindyn.dynamics.recipes.grokking import (
     GrokkingNet,
     grokking_task,
     population_test_loss,

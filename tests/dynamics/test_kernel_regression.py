@@ -6,19 +6,18 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-
-from dynamics import records
-from dynamics.recipes.kernel_regression import (
+from traindyn.dynamics import records
+from traindyn.dynamics.recipes.kernel_regression import (
     _ridge_solutions,
     digits_kernel,
     simulate_digits_krr,
     simulate_krr,
     simulate_rf,
 )
-from theory.kernels import krr_learning_curve, power_law_spectrum
-from theory.random_features import rf_learning_curve
-from theory.scaling import fit_power_law, predicted_exponents
-from theory.spectra import spectrum_from_gram
+from traindyn.theory.kernels import krr_learning_curve, power_law_spectrum
+from traindyn.theory.random_features import rf_learning_curve
+from traindyn.theory.scaling import fit_power_law, predicted_exponents
+from traindyn.theory.spectra import spectrum_from_gram
 
 SPEC = power_law_spectrum(500, a=1.5, b=1.5)
 NOISE = 0.1

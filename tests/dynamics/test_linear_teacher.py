@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from dynamics.recipes import simulate_linear_teacher
+from traindyn.dynamics.recipes import simulate_linear_teacher
 
 
 @pytest.mark.parametrize("alpha", [0.5, 1.0, 2.0])

@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from traindyn.dynamics import records
+from traindyn.dynamics.cli_analyze import main as cli_main
+from traindyn.dynamics.probe_inputs import stdlib_sentences
 
-from dynamics import records
-from dynamics.cli_analyze import main as cli_main
-from dynamics.probe_inputs import stdlib_sentences
 from tests.helpers import assert_rel
 
 N_SENTENCES, MAX_LENGTH, BATCH = 256, 24, 64

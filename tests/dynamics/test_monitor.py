@@ -15,15 +15,15 @@ import time
 import numpy as np
 import pytest
 import torch
+import traindyn.dynamics.monitor as monitor_module
 import xarray as xr
 import zarr
 from torch import nn
+from traindyn.dynamics import records
+from traindyn.dynamics.monitor import COMPLETE_ATTR, Monitor, load_stream
+from traindyn.dynamics.schedules import at_steps, linear
+from traindyn.probes.registry import FeatureProbe, ModelProbe
 
-import dynamics.monitor as monitor_module
-from dynamics import records
-from dynamics.monitor import COMPLETE_ATTR, Monitor, load_stream
-from dynamics.schedules import at_steps, linear
-from probes.registry import FeatureProbe, ModelProbe
 from tests.helpers import ROOT, child_env
 
 
@@ -166,8 +166,8 @@ def test_zarr_stream_and_netcdf_hold_what_was_measured(tmp_path):
 
 
 def test_model_probe_arrays_share_the_layer_dimension_with_feature_probes(tmp_path):
-    from dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig
-    from probes.instability import attention_logit_stats
+    from traindyn.dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig
+    from traindyn.probes.instability import attention_logit_stats
 
     model = TinyLM(TinyLMConfig(context=8, d_model=16, n_layers=2, n_heads=2))
     tokens = torch.randint(0, 256, (6, 8))
@@ -206,8 +206,8 @@ def test_a_half_written_evaluation_is_dropped_on_load(tmp_path):
 CHILD = textwrap.dedent("""
     import sys, torch
     from torch import nn
-    from dynamics.monitor import Monitor
-    from dynamics.schedules import linear
+    from traindyn.dynamics.monitor import Monitor
+    from traindyn.dynamics.schedules import linear
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
@@ -359,7 +359,7 @@ def _fit_lightning(callbacks: list) -> dict:
 @pytest.mark.parametrize("background", [False, "process"])
 def test_lightning_callback_records_without_disturbing_the_run(tmp_path, background):
     pytest.importorskip("lightning")
-    from dynamics.lightning import MonitorCallback
+    from traindyn.dynamics.lightning import MonitorCallback
 
     plain, _ = _fit_lightning([])
     x_probe, y_probe = torch.randn(40, 6), torch.randint(0, 3, (40,))
@@ -446,7 +446,7 @@ def test_background_worker_runs_on_one_thread_and_leaves_the_training_threads_al
     """Regression: the worker's single-thread setting must not change the training thread's
     intra-op thread count (torch's count is per thread; the old LAPACK guard was believed to
     be process-wide, which made background mode oversubscribe or slow training)."""
-    from probes.registry import FeatureProbe
+    from traindyn.probes.registry import FeatureProbe
 
     seen = []
 
@@ -474,7 +474,7 @@ def test_background_worker_runs_on_one_thread_and_leaves_the_training_threads_al
 
 
 def test_the_shared_spectral_accumulator_equals_the_one_shot_functions():
-    from probes.spectral import alpha_req, rankme, rankme_covariance
+    from traindyn.probes.spectral import alpha_req, rankme, rankme_covariance
 
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(20, 150), nn.Tanh())
@@ -494,7 +494,7 @@ def test_the_shared_spectral_accumulator_equals_the_one_shot_functions():
 def test_an_error_in_the_worker_is_raised_on_the_training_thread():
     from concurrent.futures import wait
 
-    from probes.registry import FeatureProbe
+    from traindyn.probes.registry import FeatureProbe
 
     calls = []
 
@@ -634,8 +634,8 @@ def test_a_dead_worker_process_gives_a_clear_error_not_a_hang():
 KILLED_WHILE_PENDING = textwrap.dedent("""
     import os, signal, sys, time, torch
     from torch import nn
-    from dynamics.monitor import Monitor
-    from dynamics.schedules import linear
+    from traindyn.dynamics.monitor import Monitor
+    from traindyn.dynamics.schedules import linear
     from tests.dynamics.test_monitor import SLOW
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
     monitor = Monitor(model, probes=[SLOW], layers=["1"], schedule=linear(1),
@@ -693,7 +693,7 @@ def test_thread_mode_parameter_probes_see_the_weights_of_their_step(monkeypatch)
     """Thread mode computes the parameter probes in the worker, from a snapshot of the weights
     taken at step(): training that changes the weights before the worker runs (held back here
     by 0.3 s) does not change what is recorded.  Reference: the spectral norm by numpy SVD."""
-    from dynamics._evaluator import Evaluator
+    from traindyn.dynamics._evaluator import Evaluator
 
     original = Evaluator.parameter_measurement
 
@@ -731,7 +731,7 @@ def test_parameter_reference_probes_get_the_same_times_in_every_mode():
     """A parameter probe comparing with the first evaluation at time = learning rate × step:
     thread mode (parameter probes in the worker) records what synchronous mode records, and
     both equal the rate worked by hand from the weights at those steps."""
-    from probes.registry import Probe, Variable
+    from traindyn.probes.registry import Probe, Variable
 
     probe = Probe("norm_rate", "parameters", {"norm_rate": Variable("weight-norm rate")},
                   "test", fn=_weight_norm_state, reference=("first",),

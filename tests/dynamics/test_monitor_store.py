@@ -13,9 +13,9 @@ import pytest
 import torch
 import xarray as xr
 from torch import nn
+from traindyn.dynamics.monitor import Monitor
+from traindyn.dynamics.schedules import linear
 
-from dynamics.monitor import Monitor
-from dynamics.schedules import linear
 from tests.helpers import ROOT, child_env
 
 
@@ -106,8 +106,8 @@ def test_resume_refuses_a_run_that_records_something_else(tmp_path):
 SCRIPT = textwrap.dedent("""
     import sys, torch
     from torch import nn
-    from dynamics.monitor import Monitor
-    from dynamics.schedules import linear
+    from traindyn.dynamics.monitor import Monitor
+    from traindyn.dynamics.schedules import linear
 
     def main():
         model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())

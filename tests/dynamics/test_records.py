@@ -5,8 +5,7 @@ import json
 import numpy as np
 import pytest
 import xarray as xr
-
-from dynamics import records
+from traindyn.dynamics import records
 
 
 def _measured(steps=(0, 10, 100), lr=0.1, seed=None) -> xr.Dataset:

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from dynamics.monitor import Monitor
-from dynamics.schedules import (
+from traindyn.dynamics.monitor import Monitor
+from traindyn.dynamics.schedules import (
     any_of,
     at_steps,
     evaluation_steps,

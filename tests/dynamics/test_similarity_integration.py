@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from traindyn.dynamics.analyze import analyze
+from traindyn.dynamics.monitor import Monitor
+from traindyn.probes import invariance as inv
+from traindyn.probes import similarity as sim
+from traindyn.probes.capture import capture
 
-from dynamics.analyze import analyze
-from dynamics.monitor import Monitor
-from probes import invariance as inv
-from probes import similarity as sim
-from probes.capture import capture
 from tests.helpers import assert_rel
 
 LAYERS = ["net.1", "net.3"]
@@ -117,7 +117,7 @@ def test_analyze_checkpoint_series_equals_direct_checkpoint_cka(tmp_path):
                  n_samples=80, batch_size=80, progress=False,
                  probes=["cka_first", "cka_previous", "cka_final", "invariance"],
                  probe_kwargs={"invariance": INV_KW, "cka_final": {"debiased": True}})
-    from dynamics.probe_inputs import load_probe_inputs
+    from traindyn.dynamics.probe_inputs import load_probe_inputs
 
     x = torch.cat([b.inputs for b in load_probe_inputs("digits", n_samples=80,
                                                        batch_size=80).batches])

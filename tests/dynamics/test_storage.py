@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from traindyn.dynamics import records, storage
+from traindyn.dynamics.storage import COMPLETE_ATTR, ZarrStream
 
-from dynamics import records, storage
-from dynamics.storage import COMPLETE_ATTR, ZarrStream
 from tests.helpers import ROOT, child_env
 
 
@@ -43,10 +43,11 @@ def check_complete(ds: xr.Dataset, steps) -> None:
 
 
 def test_old_import_paths_name_the_storage_functions():
-    import dynamics
-    import dynamics._monitor_worker as worker
-    import dynamics.monitor as monitor
-    from dynamics._evaluator import Evaluator
+    import traindyn.dynamics._monitor_worker as worker
+    import traindyn.dynamics.monitor as monitor
+    from traindyn.dynamics._evaluator import Evaluator
+
+    from traindyn import dynamics
 
     for name in ("save", "load", "save_netcdf", "save_zarr", "append_zarr", "recover_zarr"):
         assert getattr(records, name) is getattr(storage, name)
@@ -203,7 +204,7 @@ def test_files_get_the_permissions_of_a_plain_open(tmp_path):
 APPENDER = textwrap.dedent("""
     import sys
     import numpy as np, xarray as xr
-    from dynamics.storage import ZarrStream
+    from traindyn.dynamics.storage import ZarrStream
     names = [f"v{i}" for i in range(12)]
     stream = ZarrStream(sys.argv[1])
     for step in range(100000):

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-
-from dynamics import records
-from dynamics.sweep import sweep
+from traindyn.dynamics import records
+from traindyn.dynamics.sweep import sweep
 
 distributed = pytest.importorskip("dask.distributed")
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from dynamics._threads import ENV_VAR, apply_threads, busy_cores, choose_threads
+from traindyn.dynamics._threads import ENV_VAR, apply_threads, busy_cores, choose_threads
 
 
 @pytest.mark.parametrize(("cores", "busy", "processes", "expected"), [

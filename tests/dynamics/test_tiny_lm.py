@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from dynamics import records
-from dynamics.recipes.tiny_lm import (
+from traindyn.dynamics import records
+from traindyn.dynamics.recipes.tiny_lm import (
     TinyLM,
     TinyLMConfig,
     _batch,
@@ -158,8 +157,8 @@ def test_a_diverging_run_stops_and_is_flagged(corpus):
 
 
 def test_a_given_model_is_trained_and_a_monitor_sees_every_step(corpus):
-    from dynamics.monitor import Monitor
-    from dynamics.schedules import linear
+    from traindyn.dynamics.monitor import Monitor
+    from traindyn.dynamics.schedules import linear
 
     torch.manual_seed(5)
     model = TinyLM(SMALL)

@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from dynamics import records
-from dynamics.recipes.two_layer import TwoLayerNet, train_two_layer, two_layer_task
-from probes.ntk import empirical_ntk
+from traindyn.dynamics import records
+from traindyn.dynamics.recipes.two_layer import TwoLayerNet, train_two_layer, two_layer_task
+from traindyn.probes.ntk import empirical_ntk
 
 
 @pytest.mark.parametrize("activation", ["tanh", "relu", "poly"])

@@ -37,19 +37,19 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
+from traindyn.probes import collapse as NC
+from traindyn.probes import instability as INS
+from traindyn.probes import kernels as KER
+from traindyn.probes import phases as PH
+from traindyn.probes import spectral as S
+from traindyn.probes import weights as WS
 
-import probes
-from probes import collapse as NC
-from probes import instability as INS
-from probes import kernels as KER
-from probes import phases as PH
-from probes import spectral as S
-from probes import weights as WS
 from tests.probes.test_collapse import reference as ref_collapse
 from tests.probes.test_spectral import ref_erank, ref_pr, ref_rankme, ref_stable_rank
+from traindyn import probes
 
-CAP = importlib.import_module("probes.capture")  # `probes.capture` is the function
-IB = importlib.import_module("probes.inductive_bias")  # likewise
+CAP = importlib.import_module("traindyn.probes.capture")  # `probes.capture` is the function
+IB = importlib.import_module("traindyn.probes.inductive_bias")  # likewise
 
 EXAMPLES = 12
 SLOW_EXAMPLES = 300
@@ -1133,7 +1133,7 @@ def ntk_spec(draw):
 
 
 def ntk_cases(p) -> list[Case]:
-    from probes import ntk as NTK
+    from traindyn.probes import ntk as NTK
 
     torch.manual_seed(p["seed"] % 1000)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
@@ -1231,7 +1231,7 @@ PLAN_REFERENCES: dict[str, tuple[Callable, tuple[str, ...]]] = {
 
 def _plan_run(probe: str, x, y, kwargs=None):
     """One layer through ProbePlan; the probes' warnings (kept as notes) are re-emitted."""
-    from probes.evaluation import ProbePlan
+    from traindyn.probes.evaluation import ProbePlan
 
     plan = ProbePlan([probe], ["layer"], probe_kwargs=kwargs)
     m = plan.layer_values(plan.accumulate({"layer": x}, y))
@@ -1274,7 +1274,7 @@ def plan_cases(p) -> list[Case]:
         model[0].weight.copy_(torch.as_tensor(np.resize(x, (max(n, 1), d))))
 
     def parameter_run():
-        from probes.evaluation import ProbePlan
+        from traindyn.probes.evaluation import ProbePlan
 
         plan = ProbePlan(["weight_spectra"], ["0"])
         m = plan.parameter_values(model)
@@ -1297,7 +1297,7 @@ def plan_cases(p) -> list[Case]:
     lin = nn.Linear(d, 3).double()
 
     def model_run(probe, net, inputs):
-        from probes.evaluation import ProbePlan
+        from traindyn.probes.evaluation import ProbePlan
 
         plan = ProbePlan([probe])
         m = plan.model_values(net, inputs, None, plan.model_instances())

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from traindyn.probes.capture import capture, reduce_tokens, stream_features
+from traindyn.probes.collapse import CollapseAccumulator, neural_collapse
+from traindyn.probes.spectral import SpectralMetrics, alpha_req, rankme
 
-from probes.capture import capture, reduce_tokens, stream_features
-from probes.collapse import CollapseAccumulator, neural_collapse
-from probes.spectral import SpectralMetrics, alpha_req, rankme
 from tests.helpers import assert_rel
 
 
@@ -139,7 +139,7 @@ def test_sink_keeps_nothing_in_the_capture():
 def test_layer_globs_are_dotted_with_an_fnmatch_fallback():
     """One rule for capture, Monitor and analyze: ``*`` stays within a dotted part, ``**``
     crosses parts, and a pattern that matches nothing that way falls back to fnmatch."""
-    from probes.capture import resolve_layers
+    from traindyn.probes.capture import resolve_layers
 
     model = nn.Sequential()
     model.add_module("blocks", nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.ReLU()),

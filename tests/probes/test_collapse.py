@@ -10,8 +10,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from traindyn.probes.collapse import CollapseAccumulator, neural_collapse
 
-from probes.collapse import CollapseAccumulator, neural_collapse
 from tests.helpers import assert_rel
 
 

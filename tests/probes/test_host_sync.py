@@ -23,9 +23,8 @@ import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-
-from probes.evaluation import ProbePlan, evaluate
-from probes.spectral import SpectralMetrics, rankme
+from traindyn.probes.evaluation import ProbePlan, evaluate
+from traindyn.probes.spectral import SpectralMetrics, rankme
 
 READS = {"__float__", "__int__", "__bool__", "__index__", "item", "tolist", "numpy", "cpu",
          "unique", "unique_consecutive", "nonzero", "argwhere", "bincount", "masked_select",
@@ -64,9 +63,10 @@ def _caller() -> tuple[str, str] | None:
     found = None
     while frame is not None:
         module = frame.f_globals.get("__name__", "")
-        if module == "probes._solve":
+        if module == "traindyn.probes._solve":
             return None
-        if found is None and module.split(".")[0] in ("probes", "dynamics"):
+        if found is None and module.split(".")[:2] in (["traindyn", "probes"],
+                                                       ["traindyn", "dynamics"]):
             found = (module, frame.f_code.co_name)
         frame = frame.f_back
     return found or ("test", "?")
@@ -154,7 +154,7 @@ def test_an_evaluation_reads_the_device_once(model):
     with HostReads() as mode:
         mode.taint(*batches)
         out = evaluate(plan, model, batches, labels=labels)
-    assert mode.reads == [("probes._pending", "fetch", "to")], mode.reads
+    assert mode.reads == [("traindyn.probes._pending", "fetch", "to")], mode.reads
     # the values are the probes' own (read the ordinary way, outside the recorder)
     feats = {}
     hooks = [model[int(k)].register_forward_hook(
@@ -181,7 +181,7 @@ def test_nan_checks_are_read_with_the_values():
     with HostReads() as mode:
         mode.taint(*feats.values())
         out = plan.layer_values(plan.accumulate(feats, labels))
-    assert mode.reads == [("probes._pending", "fetch", "to")], mode.reads
+    assert mode.reads == [("traindyn.probes._pending", "fetch", "to")], mode.reads
     assert np.isnan(out.layer_values["rankme"]["bad"])
     assert np.isnan(out.layer_values["nc1"]["bad"])
     assert np.isfinite(out.layer_values["rankme"]["ok"])
@@ -199,7 +199,7 @@ def test_streaming_metrics_read_once():
         for b in batches:
             metrics.update(b)
         values = metrics.compute()
-    assert mode.reads == [("probes._pending", "fetch", "to")], mode.reads
+    assert mode.reads == [("traindyn.probes._pending", "fetch", "to")], mode.reads
     assert values["rankme"] == pytest.approx(rankme(torch.cat(batches)), rel=1e-12)
 
 
@@ -209,8 +209,8 @@ def test_parameter_probes_read_once(model):
     with HostReads() as mode:
         mode.taint(*model.parameters())
         out = plan.parameter_values(model)
-    assert mode.reads == [("probes._pending", "fetch", "to")], mode.reads
-    from probes.weights import weight_spectrum
+    assert mode.reads == [("traindyn.probes._pending", "fetch", "to")], mode.reads
+    from traindyn.probes.weights import weight_spectrum
 
     for layer in plan.layers:
         want = weight_spectrum(model[int(layer)].weight.detach())
@@ -223,8 +223,8 @@ def test_the_ntk_probe_reads_its_kernel_once(model):
     """The NTK model probe (structured derivatives, an output layer recognised from the
     recording): the kernel comes to the host in one copy, every summary is computed there.
     The first call also verifies its plan (reads once per model and input shape)."""
-    from probes import kernels
-    from probes.ntk import empirical_ntk
+    from traindyn.probes import kernels
+    from traindyn.probes.ntk import empirical_ntk
 
     plan = ProbePlan(["ntk"], [])
     x, y = torch.randn(30, 16, dtype=torch.float64), torch.arange(30) % 10
@@ -232,7 +232,7 @@ def test_the_ntk_probe_reads_its_kernel_once(model):
     with HostReads() as mode:
         mode.taint(x, *model.parameters())
         out = plan.model_values(model, x, y)
-    assert mode.reads == [("probes.ntk_probe", "ntk_values", "to")], mode.reads
+    assert mode.reads == [("traindyn.probes.ntk_probe", "ntk_values", "to")], mode.reads
     K = empirical_ntk(model, x, method="jacobian")
     assert out.values["ntk_alignment"] == pytest.approx(kernels.kernel_alignment(K, y), rel=1e-9)
     assert out.values["ntk_trace_mean"] == pytest.approx(float(K.diagonal().mean()), rel=1e-9)
@@ -241,7 +241,7 @@ def test_the_ntk_probe_reads_its_kernel_once(model):
 def test_a_monitor_evaluation_reads_once_per_probe_family():
     """The Monitor (synchronous mode) adds no read of its own: one for the feature probes,
     one for the parameter probes."""
-    from dynamics.monitor import Monitor
+    from traindyn.dynamics.monitor import Monitor
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
@@ -255,7 +255,7 @@ def test_a_monitor_evaluation_reads_once_per_probe_family():
     with HostReads() as mode:
         mode.taint(x, *model.parameters())
         monitor.step(1)
-    assert mode.reads == [("probes._pending", "fetch", "to")] * 2, mode.reads
+    assert mode.reads == [("traindyn.probes._pending", "fetch", "to")] * 2, mode.reads
     ds = monitor.to_dataset()
     assert np.isfinite(ds["rankme"].sel(step=1)).all()
     assert ds["rankme"].sel(step=1, layer="0") == pytest.approx(
@@ -266,7 +266,7 @@ def test_a_probe_reading_the_view_never_sees_the_zeroed_matrix():
     """Non-finite features are solved as a zero matrix (no host wait to skip them); a
     third-party probe reading the shared view's spectra directly still gets NaN, not the zero
     matrix's finite spectrum (never silently wrong)."""
-    from probes.spectral import SpectrumAccumulator, _CachedSpectra
+    from traindyn.probes.spectral import SpectrumAccumulator, _CachedSpectra
 
     x = torch.randn(50, 8, dtype=torch.float64)
     x[3, 2] = float("inf")
@@ -283,7 +283,7 @@ def test_a_probe_reading_the_view_never_sees_the_zeroed_matrix():
 
 
 # ----------------------------------------------------------------- reference and model probes
-FETCH = ("probes._pending", "fetch", "to")
+FETCH = ("traindyn.probes._pending", "fetch", "to")
 
 
 def _mlp(width: int = 64) -> torch.nn.Sequential:
@@ -309,7 +309,7 @@ def _linear_cka_by_hand(a: np.ndarray, b: np.ndarray) -> float:
 def _monitor_step_reads(model, x, probes, steps=2, between=None):
     """Run a synchronous Monitor for ``steps`` evaluations (``between()`` after each but the
     last) and return (the host reads of the last one, the monitor)."""
-    from dynamics.monitor import Monitor
+    from traindyn.dynamics.monitor import Monitor
 
     monitor = Monitor(model, probe_data=x, probe_targets=torch.arange(len(x)) % 10,
                       layers=["0", "2"], probes=probes, schedule=lambda step: True)
@@ -383,8 +383,7 @@ def test_invariance_probe_reads_once_in_a_monitor_step():
     Speicher et al.'s distance and linear CKA by hand, the equivariance error of the one-shot
     function, all on features of plainly transformed inputs."""
     from scipy.spatial.distance import pdist
-
-    from probes.invariance import equivariance_error
+    from traindyn.probes.invariance import equivariance_error
 
     model = _mlp()
     x = torch.randn(200, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
@@ -471,8 +470,8 @@ def test_a_reference_probe_may_leave_only_its_state_pending():
     """A reference probe answering ``(values, Pending state)`` (not one Pending for both): the
     plan brings the state in its one fetch, for feature and for model probes alike, and files
     the finished state (here the mean feature vector, checked against numpy)."""
-    from probes._pending import Pending
-    from probes.registry import Probe
+    from traindyn.probes._pending import Pending
+    from traindyn.probes.registry import Probe
 
     def mean_state(z: torch.Tensor) -> Pending:
         return Pending({"mean": z.double().mean(0)}, lambda host: host["mean"].copy())
@@ -512,7 +511,7 @@ def test_fetch_copies_a_shared_tensor_once_and_gather_keeps_order():
     from one copy; ``gather`` finishes its parts in order, their warnings in that order."""
     import warnings
 
-    from probes._pending import Pending, fetch, gather
+    from traindyn.probes._pending import Pending, fetch, gather
 
     t, u = torch.arange(6.0).reshape(2, 3), torch.tensor([7.0])
     copied = []
@@ -550,8 +549,8 @@ def test_streaming_minibatch_cka_reads_once_at_compute():
     """Minibatch CKA (Nguyen et al. 2021, Eq. 3): no read while batches stream in (a non-finite
     batch is flagged on the device), one read in compute(); the matrix equals the hand formula
     from per-batch unbiased HSICs, and a NaN batch gives NaN with a warning."""
-    from probes._hsic import hsic_unbiased
-    from probes.similarity import MinibatchCKA
+    from traindyn.probes._hsic import hsic_unbiased
+    from traindyn.probes.similarity import MinibatchCKA
 
     gen = torch.Generator().manual_seed(7)
     batches = [{"a": torch.randn(16, 5, generator=gen, dtype=torch.float64),

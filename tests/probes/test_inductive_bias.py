@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import special, stats
-
-from probes.inductive_bias import (
+from traindyn.probes.inductive_bias import (
     MLPHypothesis,
     fit_ncx2,
     gp_posterior_errors,

@@ -8,15 +8,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from probes.instability import (
+from traindyn.probes.instability import (
     attention_logit_stats,
     find_attention_modules,
     log_partition,
     lr_sensitivity,
     max_attention_logit,
 )
-from probes.registry import get_model_probe
+from traindyn.probes.registry import get_model_probe
 
 
 def brute_max_logit(q: np.ndarray, k: np.ndarray, causal: bool) -> float:

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from probes import invariance as inv
+from traindyn.probes import invariance as inv
 
 N = 16
 F64 = torch.float64

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from probes.kernels import (
+from traindyn.probes.kernels import (
     center_kernel,
     centered_alignment,
     cumulative_power,
@@ -17,6 +16,7 @@ from probes.kernels import (
     relative_kernel_change,
     targets_matrix,
 )
+
 from tests.helpers import assert_rel
 
 

@@ -19,9 +19,8 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from probes.kernels import relative_kernel_change
-from probes.ntk import empirical_ntk
+from traindyn.probes.kernels import relative_kernel_change
+from traindyn.probes.ntk import empirical_ntk
 
 
 class TwoLayer(nn.Module):

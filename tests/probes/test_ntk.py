@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from probes import _ntk_structured as st
-from probes.ntk import (
+from traindyn.probes import _ntk_structured as st
+from traindyn.probes.ntk import (
     NTKProbe,
     batch_coupled_modules,
     conjugate_kernel,
     empirical_ntk,
     select_parameters,
 )
-from probes.registry import get_model_probe
+from traindyn.probes.registry import get_model_probe
+
 from tests.helpers import assert_rel
 
 METHODS = ["structured", "jacobian", "ntk_vp", "auto"]
@@ -254,7 +254,7 @@ def test_ntk_contract_probe_through_evaluate_and_resumed_from_saved_states():
     """The registered "ntk" probe under the one contract: probes.evaluation.evaluate with a
     ReferenceBook over three checkpoints gives the brute-force numbers; restarting after the
     second from its saved (numpy) states gives the identical third evaluation."""
-    from probes.evaluation import ProbePlan, ReferenceBook, evaluate
+    from traindyn.probes.evaluation import ProbePlan, ReferenceBook, evaluate
 
     spec = get_model_probe("ntk")
     assert spec.consumes == "model" and spec.reference == ("first", "previous")
@@ -297,7 +297,7 @@ def test_ntk_contract_probe_through_evaluate_and_resumed_from_saved_states():
 
 
 def test_structured_plan_covers_linear_and_conv_weights_and_falls_back_for_the_rest():
-    from probes._ntk_structured import plan_structured as _plan_structured
+    from traindyn.probes._ntk_structured import plan_structured as _plan_structured
 
     def plan_of(name):
         model, shape = models()[name]
@@ -391,7 +391,7 @@ def test_transformer_ntk_equals_brute_force_for_every_method(name):
         assert rel_err(K, ref) < 1e-9, f"{name}/{method}: {rel_err(K, ref):.2e}"
     # structured derivatives cover every parameter: projections inside attention and the norms
     chosen = select_parameters(model)
-    from probes._ntk_structured import plan_structured
+    from traindyn.probes._ntk_structured import plan_structured
 
     plan, _ = plan_structured(model, x, chosen, True, 3)
     assert sorted(plan.fallback) == [], plan.fallback
@@ -401,7 +401,7 @@ def test_transformer_ntk_equals_brute_force_for_every_method(name):
 
 def test_math_attention_equals_torch_multi_head_attention():
     """``mha_math`` against torch's own ``F.multi_head_attention_forward`` (option by option)."""
-    from probes._ntk_common import mha_math
+    from traindyn.probes._ntk_common import mha_math
 
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(8, 2).double()
@@ -483,7 +483,7 @@ class ScaledHead(nn.Module):
 def test_symmetric_row_strips_equal_brute_force(monkeypatch, name, strips):
     """Upper row strips, mirrored below the diagonal (forced on small models; by default
     only blocks of ≥ 10⁸ multiply-adds use them) vs the float64 brute-force Jacobian kernel."""
-    from probes import _ntk_structured as st
+    from traindyn.probes import _ntk_structured as st
 
     monkeypatch.setattr(st, "_panels", lambda work: strips)
     model, shape = models()[name]
@@ -503,9 +503,9 @@ def test_unit_signal_output_layer_is_detected_exactly():
     """A model returning its last Linear's output keeps that layer as activations only (its
     signal Gram is δ_ab); a scaled output (signals 2·δ) must not be taken for one; both
     kernels equal the float64 brute-force Jacobian kernel."""
-    from probes import _ntk_structured as st
-    from probes._ntk_common import requires_grad
-    from probes._ntk_engines import jacobian_rows
+    from traindyn.probes import _ntk_structured as st
+    from traindyn.probes._ntk_common import requires_grad
+    from traindyn.probes._ntk_engines import jacobian_rows
 
     torch.manual_seed(1)
     x = torch.randn(6, 5, dtype=torch.float64)
@@ -525,7 +525,7 @@ def test_unit_signal_output_layer_is_detected_exactly():
 def test_nonfinite_check_is_not_fooled_by_an_overflowing_sum():
     """The one-reduction check: finite entries whose float32 sum overflows raise no warning;
     an infinite entry is counted."""
-    from probes.ntk import _warn_nonfinite
+    from traindyn.probes.ntk import _warn_nonfinite
 
     K = torch.full((3, 3), 3e38, dtype=torch.float32)  # sum = inf, every entry finite
     assert not torch.isfinite(K.sum())
@@ -575,7 +575,7 @@ def test_cut_convolutions_give_the_uncut_signals_and_the_brute_force_kernel(name
     transposed product done for all outputs at once, by either route): the signals equal those
     of the plain batched backward, and the kernels of the first call (uncut, verified) and of
     later calls (cached plan, cut recordings) equal the float64 brute-force Jacobian kernel."""
-    from probes._ntk_common import requires_grad
+    from traindyn.probes._ntk_common import requires_grad
 
     monkeypatch.setenv(st.CONV_INPUT_GRAD_ENV, route)
     torch.manual_seed(2)
@@ -604,8 +604,8 @@ def test_cached_plan_structures_every_convolution(name):
     """Plans are verified on recordings with parameter gradients, so every convolution weight
     is structured (none falls back to the Jacobian), also when the only convolution reads the
     input, which cut recordings compute detached."""
-    from probes import _ntk_structured as st
-    from probes._ntk_common import requires_grad
+    from traindyn.probes import _ntk_structured as st
+    from traindyn.probes._ntk_common import requires_grad
 
     model, shape = models()[name]
     model = model.double()
@@ -683,8 +683,8 @@ def test_returned_output_layer_is_recognised_from_the_recording(monkeypatch):
     returns its last Linear's output is recognised from the recording; a scaled output or an
     in-place-modified model (recorded with copies) is not, and takes the general path — every
     kernel equals the float64 brute-force Jacobian kernel."""
-    from probes._ntk_common import requires_grad
-    from probes._ntk_engines import jacobian_rows
+    from traindyn.probes._ntk_common import requires_grad
+    from traindyn.probes._ntk_engines import jacobian_rows
 
     monkeypatch.setattr(st, "_unit_signals", lambda g: False)
     torch.manual_seed(5)

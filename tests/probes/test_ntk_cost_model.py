@@ -8,12 +8,12 @@ import math
 
 import pytest
 import torch
+from traindyn.probes import _ntk_cost as cost
+from traindyn.probes import _ntk_structured as st
+from traindyn.probes._ntk_common import requires_grad, select_parameters
+from traindyn.probes._ntk_engines import auto_method
 
 from benchmarks.ntk import cases
-from probes import _ntk_cost as cost
-from probes import _ntk_structured as st
-from probes._ntk_common import requires_grad, select_parameters
-from probes._ntk_engines import auto_method
 
 # shape name -> (choice on the CPU, choice on CUDA).  CPU column: the fastest explicit method
 # measured by benchmarks/ntk.py on the 2-core VM (CPU time, one thread; on the transformer block

@@ -9,9 +9,9 @@ from torch import nn
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
+from traindyn.probes.ntk import empirical_ntk  # noqa: E402
+from traindyn.probes.ntk_jax import empirical_ntk_jax  # noqa: E402
 
-from probes.ntk import empirical_ntk  # noqa: E402
-from probes.ntk_jax import empirical_ntk_jax  # noqa: E402
 from tests.helpers import assert_rel  # noqa: E402
 
 

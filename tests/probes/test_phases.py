@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from probes.phases import PHASES, geometric_phases, phase_segments, smoothed_log_derivatives
+from traindyn.probes.phases import (
+    PHASES,
+    geometric_phases,
+    phase_segments,
+    smoothed_log_derivatives,
+)
 
 STEPS = np.concatenate([[0], np.unique(np.rint(np.geomspace(1, 10_000, 80)))])
 X = np.log1p(STEPS)

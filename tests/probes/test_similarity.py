@@ -7,8 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
-from probes import similarity as sim
+from traindyn.probes import similarity as sim
 
 RNG = np.random.default_rng(0)
 

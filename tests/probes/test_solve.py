@@ -9,11 +9,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from traindyn.probes import _solve
+from traindyn.probes import collapse as NC
+from traindyn.probes import spectral as S
+from traindyn.probes.evaluation import ProbePlan
 
-from probes import _solve
-from probes import collapse as NC
-from probes import spectral as S
-from probes.evaluation import ProbePlan
 from tests.probes.test_collapse import reference as ref_collapse
 from tests.probes.test_spectral import ref_rankme, ref_rankme_cov
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from traindyn.probes import spectral as S
 
-from probes import spectral as S
 from tests.helpers import assert_rel
 
 EPS = 1e-7
@@ -288,7 +288,7 @@ def test_clear_errors_for_malformed_input(rng):
 
 
 def test_new_probes_are_registered_by_name(rng):
-    from probes.registry import get_feature_probe
+    from traindyn.probes.registry import get_feature_probe
 
     S.register_probes()
     z = decaying(rng, 100, 20)

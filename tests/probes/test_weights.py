@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-
-from probes.weights import (
+from traindyn.probes.weights import (
     esd,
     marchenko_pastur_scale,
     power_law_tail_fit,
     weight_spectra,
     weight_spectrum,
 )
+
 from tests.helpers import assert_rel
 
 
@@ -67,8 +67,7 @@ def test_cauchy_like_entries_give_the_universality_exponent(rng):
 def test_mp_median_matches_direct_integration_of_the_density():
     from scipy.integrate import quad
     from scipy.optimize import brentq
-
-    from probes.weights import _mp_median
+    from traindyn.probes.weights import _mp_median
 
     for gamma in (0.1, 0.5, 1.0):
         lo, hi = (1 - np.sqrt(gamma)) ** 2, (1 + np.sqrt(gamma)) ** 2

@@ -16,9 +16,10 @@ import pytest
 
 jax = pytest.importorskip("jax")
 
-import theory  # noqa: E402
-from theory import _backend  # noqa: E402
-from theory.kernels import Spectrum, power_law_spectrum, solve_kappa  # noqa: E402
+from traindyn.theory import _backend  # noqa: E402
+from traindyn.theory.kernels import Spectrum, power_law_spectrum, solve_kappa  # noqa: E402
+
+from traindyn import theory  # noqa: E402
 
 TOL = 1e-10
 
@@ -158,11 +159,11 @@ def test_spectrum_object_is_reused_on_device(spec):
 
 def test_import_theory_is_light():
     """``import theory`` loads neither torch nor sympy; every public name still resolves."""
-    code = ("import sys, theory\n"
+    code = ("import sys\nfrom traindyn import theory\n"
             "assert 'torch' not in sys.modules, 'torch'\n"
             "assert 'sympy' not in sys.modules, 'sympy'\n"
-            "from theory import krr_learning_curve, rf_learning_curve, advani_saxe\n"
-            "from theory import saxe_dynamics, strength_equation\n"
+            "from traindyn.theory import krr_learning_curve, rf_learning_curve, advani_saxe\n"
+            "from traindyn.theory import saxe_dynamics, strength_equation\n"
             "assert 'sympy' not in sys.modules, 'sympy after naming deep_linear functions'\n"
             "assert set(theory.__all__) <= set(dir(theory))\n"
             "from theory.deep_linear import s\n"

@@ -35,7 +35,7 @@ import xarray as xr
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import theory
+from traindyn import theory
 
 PROFILE = os.environ.get("THEORY_HYPOTHESIS_PROFILE", "default")
 EXAMPLES = {"default": 6, "slow": 200}.get(PROFILE, 6)

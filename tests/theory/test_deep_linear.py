@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import sympy as sp
 from scipy.integrate import solve_ivp
-
-from theory.deep_linear import (
+from traindyn.theory.deep_linear import (
     half_rise_time,
     initial_strength_through,
     mode_strength,

@@ -15,8 +15,8 @@ from scipy.linalg import expm
 
 pytest.importorskip("jax")
 
-from dynamics.recipes.two_layer import train_two_layer, two_layer_task  # noqa: E402
-from theory.dmft import DMFTConvergenceWarning, dmft_two_layer, initial_kernels  # noqa: E402
+from traindyn.dynamics.recipes.two_layer import train_two_layer, two_layer_task  # noqa: E402
+from traindyn.theory.dmft import DMFTConvergenceWarning, dmft_two_layer, initial_kernels  # noqa: E402
 
 
 def _task(p=12, q=8, d=6, target="he2", seed=0):

@@ -7,10 +7,10 @@ import warnings
 import numpy as np
 import pytest
 from scipy.optimize import brentq
+from traindyn.dynamics import records
+from traindyn.theory.kernels import Spectrum, krr_learning_curve, power_law_spectrum, solve_kappa
 
-from dynamics import records
 from tests.helpers import assert_rel
-from theory.kernels import Spectrum, krr_learning_curve, power_law_spectrum, solve_kappa
 
 
 def _kappa_brentq(lam, m, n, ridge):

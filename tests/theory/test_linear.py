@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import xarray as xr
+from traindyn.dynamics.recipes import simulate_linear_teacher
+from traindyn.dynamics.schedules import log_steps
 
-import theory
-from dynamics.recipes import simulate_linear_teacher
-from dynamics.schedules import log_steps
 from tests.helpers import assert_rel
+from traindyn import theory
 
 
 @pytest.mark.parametrize("alpha", [0.3, 0.5, 1.0, 2.0, 4.0])

@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-
-from probes.collapse import neural_collapse
-from theory.neural_collapse import (
+from traindyn.probes.collapse import neural_collapse
+from traindyn.theory.neural_collapse import (
     NC_VARIABLES,
     balanced_collapse,
     class_strengths,

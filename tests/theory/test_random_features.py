@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from dynamics import records
-from tests.helpers import assert_rel
-from theory.kernels import krr_learning_curve, power_law_spectrum
-from theory.random_features import (
+from traindyn.dynamics import records
+from traindyn.theory.kernels import krr_learning_curve, power_law_spectrum
+from traindyn.theory.random_features import (
     optimal_ridge,
     power_law_optimal_fitting_ratio,
     rf_errors,
     rf_learning_curve,
 )
+
+from tests.helpers import assert_rel
 
 SPEC = power_law_spectrum(3000, a=1.5, b=1.5)
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from dynamics import records
-from theory.kernels import power_law_spectrum
-from theory.scaling import fit_power_law, predicted_exponents, scaling_regimes
+from traindyn.dynamics import records
+from traindyn.theory.kernels import power_law_spectrum
+from traindyn.theory.scaling import fit_power_law, predicted_exponents, scaling_regimes
 
 
 def test_predicted_exponents_generic_teacher_and_general_task():

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from traindyn.dynamics import records
+from traindyn.theory.spectra import empirical_spectrum, spectrum_from_gram
 
-from dynamics import records
 from tests.helpers import assert_rel
-from theory.spectra import empirical_spectrum, spectrum_from_gram
 
 
 def _planted(rng, P=60):
