@@ -251,7 +251,7 @@ def power_law_spectrum(
     return Spectrum(lam, v2)
 
 
-def _broadcast(**arrays: np.ndarray) -> list[np.ndarray]:
+def broadcast_grid(**arrays: np.ndarray) -> list[np.ndarray]:
     """``np.broadcast_arrays`` whose error names the arguments."""
     try:
         return np.broadcast_arrays(*arrays.values())
@@ -260,14 +260,14 @@ def _broadcast(**arrays: np.ndarray) -> list[np.ndarray]:
         raise ValueError(f"{', '.join(arrays)} do not broadcast together: {shapes}") from None
 
 
-def _check_spectrum(spectrum: Any) -> Spectrum:
+def check_spectrum(spectrum: Any) -> Spectrum:
     if not isinstance(spectrum, Spectrum):
         raise TypeError(f"spectrum must be a theory.kernels.Spectrum (e.g. Spectrum(eigenvalues, "
                         f"target_power) or power_law_spectrum(...)); got {type(spectrum).__name__}")
     return spectrum
 
 
-def _as_spectrum(eigenvalues: Any, target_power: Any, multiplicity: Any) -> Spectrum:
+def as_spectrum(eigenvalues: Any, target_power: Any, multiplicity: Any) -> Spectrum:
     if isinstance(eigenvalues, Spectrum):
         if target_power is not None or multiplicity is not None:
             raise ValueError("pass either a Spectrum or arrays, not both (eigenvalues is a "
@@ -338,12 +338,12 @@ def solve_kappa(
     one ``lax.while_loop`` (:mod:`theory._backend`); the default ``backend=None`` is numpy on
     the host.
     """
-    spectrum = _check_spectrum(spectrum)
+    spectrum = check_spectrum(spectrum)
     dev = _backend.resolve(backend, device)
     tol = real_scalar(tol, "tol")
     if not np.isfinite(tol) or not 0 < tol < 1:
         raise ValueError(f"tol must be in (0, 1); got {tol}")
-    n, ridge = _broadcast(n=float_array(n, "n"), ridge=float_array(ridge, "ridge"))
+    n, ridge = broadcast_grid(n=float_array(n, "n"), ridge=float_array(ridge, "ridge"))
     shape = n.shape
     n, ridge = n.ravel().copy(), ridge.ravel().copy()
     if np.any(~np.isfinite(n)) or np.any(n <= 0):
@@ -418,7 +418,7 @@ def krr_errors(spectrum: Spectrum, n: np.ndarray, ridge: np.ndarray, noise_var: 
                 excess_test_error=excess, learnability_sum=z)
 
 
-_ATTRS = {
+CURVE_ATTRS = {
     "kappa": {"long_name": "effective regularisation κ", "units": "1"},
     "gamma": {"long_name": "effective regularisation γ of the random-feature kernel",
               "units": "1"},
@@ -433,7 +433,7 @@ _ATTRS = {
 }
 
 
-def _coord(name: str, values: np.ndarray, long_name: str) -> tuple:
+def grid_coord(name: str, values: np.ndarray, long_name: str) -> tuple:
     return (name, values, {"long_name": long_name, "units": "1"})
 
 
@@ -493,7 +493,7 @@ def krr_learning_curve(
         ``learnability`` over (``n``, ``ridge``, ``mode``), with an ``eigenvalue`` coordinate on
         ``mode``.  Scalar ``n`` or ``ridge`` give no dimension.
     """
-    spec = _as_spectrum(eigenvalues, target_power, multiplicity)
+    spec = as_spectrum(eigenvalues, target_power, multiplicity)
     dev = _backend.resolve(backend, device)
     noise_var = nonnegative_scalar(noise_var, "noise_var")
     n_modes_out = count(n_modes_out, "n_modes_out")
@@ -511,15 +511,15 @@ def krr_learning_curve(
     if np.any(np.isinf(out["test_error"])):
         warnings.warn("test error diverges (ridgeless regression with n equal to the number of "
                       "modes): returned as inf", RuntimeWarning, stacklevel=2)
-    data = {k: (("n", "ridge"), v.reshape(shape), _ATTRS[k]) for k, v in out.items()}
+    data = {k: (("n", "ridge"), v.reshape(shape), CURVE_ATTRS[k]) for k, v in out.items()}
     data["learnability"] = (("n", "ridge", "mode"), L.reshape(*shape, n_out),
-                            _ATTRS["learnability"])
+                            CURVE_ATTRS["learnability"])
     ds = xr.Dataset(
         data,
         coords={
-            "n": _coord("n", n_arr, "number of training samples"),
-            "ridge": _coord("ridge", r_arr, "ridge regularisation δ"),
-            "mode": _coord("mode", np.arange(n_out), "kernel eigenmode index (descending λ)"),
+            "n": grid_coord("n", n_arr, "number of training samples"),
+            "ridge": grid_coord("ridge", r_arr, "ridge regularisation δ"),
+            "mode": grid_coord("mode", np.arange(n_out), "kernel eigenmode index (descending λ)"),
             "eigenvalue": ("mode", spec.eigenvalues[:n_out],
                            {"long_name": "kernel eigenvalue λ_i", "units": "1"}),
         },

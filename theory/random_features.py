@@ -41,12 +41,12 @@ from traindyn.theory import _backend
 from traindyn.theory._dataset import theory_attrs
 from traindyn.theory._validate import count, float_array, nonnegative_scalar, positive_scalar
 from traindyn.theory.kernels import (
-    _ATTRS,
+    CURVE_ATTRS,
     Spectrum,
-    _as_spectrum,
-    _broadcast,
-    _check_spectrum,
-    _coord,
+    as_spectrum,
+    broadcast_grid,
+    check_spectrum,
+    grid_coord,
     krr_errors,
     root_decreasing,
     solve_kappa,
@@ -121,10 +121,10 @@ def rf_errors(
     of dispatches per call, none per iteration), as in
     :func:`theory.kernels.krr_learning_curve`.
     """
-    spectrum = _check_spectrum(spectrum)
+    spectrum = check_spectrum(spectrum)
     dev = _backend.resolve(backend, device)
     noise_var = nonnegative_scalar(noise_var, "noise_var")
-    n, nf, ridge = _broadcast(n=float_array(n, "n"), n_features=float_array(n_features,
+    n, nf, ridge = broadcast_grid(n=float_array(n, "n"), n_features=float_array(n_features,
                                                                             "n_features"),
                               ridge=float_array(ridge, "ridge"))
     shape = n.shape
@@ -192,7 +192,7 @@ def rf_errors(
 
 
 def _grid_dataset(values: dict, coords: dict, dims: tuple, attrs: dict) -> xr.Dataset:
-    return xr.Dataset({k: (dims, v, _ATTRS.get(k, {"long_name": k.replace("_", " "),
+    return xr.Dataset({k: (dims, v, CURVE_ATTRS.get(k, {"long_name": k.replace("_", " "),
                                                      "units": "1"}))
                        for k, v in values.items()}, coords=coords, attrs=attrs)
 
@@ -239,7 +239,7 @@ def rf_learning_curve(
         ``overfitting_coefficient``, ``learnability_sum`` over (``n``, ``n_features``, ``ridge``)
         and ``learnability`` over those and ``mode``; scalar arguments give no dimension.
     """
-    spec = _as_spectrum(eigenvalues, target_power, multiplicity)
+    spec = as_spectrum(eigenvalues, target_power, multiplicity)
     dev = _backend.resolve(backend, device)
     noise_var = nonnegative_scalar(noise_var, "noise_var")
     n_modes_out = count(n_modes_out, "n_modes_out")
@@ -255,9 +255,9 @@ def rf_learning_curve(
         warnings.warn("test error diverges (zero ridge at n = n_features, or n equal to the "
                       "number of modes): returned as inf", RuntimeWarning, stacklevel=2)
     coords = {
-        "n": _coord("n", axes[0], "number of training samples"),
-        "n_features": _coord("n_features", axes[1], "number of random features"),
-        "ridge": _coord("ridge", axes[2], "ridge regularisation δ"),
+        "n": grid_coord("n", axes[0], "number of training samples"),
+        "n_features": grid_coord("n_features", axes[1], "number of random features"),
+        "ridge": grid_coord("ridge", axes[2], "ridge regularisation δ"),
     }
     ds = _grid_dataset(out, coords, ("n", "n_features", "ridge"),
                        theory_attrs(SOURCE, dict(noise_var=noise_var,
@@ -265,9 +265,9 @@ def rf_learning_curve(
                                     noise="test_error includes the label-noise variance σ²"))
     k = min(int(n_modes_out), spec.eigenvalues.size)
     L = spec.learnabilities(out["gamma"].ravel())[:, :k].reshape(*grid[0].shape, k)
-    ds["learnability"] = (("n", "n_features", "ridge", "mode"), L, _ATTRS["learnability"])
+    ds["learnability"] = (("n", "n_features", "ridge", "mode"), L, CURVE_ATTRS["learnability"])
     ds = ds.assign_coords(
-        mode=_coord("mode", np.arange(k), "kernel eigenmode index (descending λ)"),
+        mode=grid_coord("mode", np.arange(k), "kernel eigenmode index (descending λ)"),
         eigenvalue=("mode", spec.eigenvalues[:k], {"long_name": "kernel eigenvalue λ_i",
                                                    "units": "1"}))
     squeeze = [d for d, v in (("n", n), ("n_features", n_features), ("ridge", ridge))
@@ -303,7 +303,7 @@ def optimal_ridge(
         ``optimal_ridge``, ``test_error``, ``train_error``, ``excess_test_error`` and
         ``fitting_ratio`` (``train_error / test_error``) over (``n``, ``n_features``).
     """
-    spec = _as_spectrum(eigenvalues, target_power, multiplicity)
+    spec = as_spectrum(eigenvalues, target_power, multiplicity)
     dev = _backend.resolve(backend, device)
     jx = dict(backend="jax" if dev is not None else None, device=dev)
     noise_var = nonnegative_scalar(noise_var, "noise_var")
@@ -362,8 +362,8 @@ def optimal_ridge(
         "train_error": res["train_error"].reshape(shape),
         "fitting_ratio": ratio_ft.reshape(shape),
     }
-    coords = {"n": _coord("n", n_arr, "number of training samples"),
-              "n_features": _coord("n_features", nf_arr, "number of random features")}
+    coords = {"n": grid_coord("n", n_arr, "number of training samples"),
+              "n_features": grid_coord("n_features", nf_arr, "number of random features")}
     ds = _grid_dataset(values, coords, ("n", "n_features"),
                        theory_attrs(SOURCE, dict(noise_var=noise_var, tol=tol),
                                     noise="test_error includes the label-noise variance σ²"))

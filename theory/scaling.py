@@ -37,7 +37,7 @@ from traindyn.theory._validate import (
     positive_scalar,
     real_scalar,
 )
-from traindyn.theory.kernels import _as_spectrum, _coord
+from traindyn.theory.kernels import as_spectrum, grid_coord
 from traindyn.theory.random_features import rf_errors
 
 __all__ = ["fit_power_law", "predicted_exponents", "scaling_regimes"]
@@ -95,7 +95,7 @@ def scaling_regimes(
         variance-limited ones, and well below the number of modes for the resolution-limited
         ones (a truncated spectrum stops improving there).
     """
-    spec = _as_spectrum(eigenvalues, target_power, multiplicity)
+    spec = as_spectrum(eigenvalues, target_power, multiplicity)
     dev = _backend.resolve(backend, device)
     n_arr = np.atleast_1d(float_array(n, "n"))
     f_arr = np.atleast_1d(float_array(n_features, "n_features"))
@@ -133,8 +133,8 @@ def scaling_regimes(
     ds = xr.Dataset(
         {k: (d, v, {"long_name": long[k], "units": "1", "regime": k}) for k, (d, v) in
          data.items()},
-        coords={"n": _coord("n", n_arr, "number of training samples"),
-                "n_features": _coord("n_features", f_arr, "number of random features")},
+        coords={"n": grid_coord("n", n_arr, "number of training samples"),
+                "n_features": grid_coord("n_features", f_arr, "number of random features")},
         attrs=theory_attrs(SOURCE, dict(n_fixed=n_fixed, n_features_fixed=n_features_fixed,
                                         ridge=ridge, noise_var=noise_var)),
     )
