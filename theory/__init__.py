@@ -14,6 +14,7 @@ module               what
 ``deep_linear``      Saxe, McClelland & Ganguli (2014) mode dynamics, derived with sympy
 ``neural_collapse``  simplex ETF and imbalanced (Dang et al. 2023) collapse geometry
 ``dmft``             two-layer DMFT solver, lazy → rich (Bordelon & Pehlevan 2022; jax)
+``kernel_flow``      training under a fixed (measured) kernel: GD / flow, MSE / cross-entropy
 ===================  ==========================================================================
 
 The kernel, random-feature, scaling and Advani–Saxe predictions also run on a jax device
@@ -66,9 +67,11 @@ _EXPORTS: dict[str, str] = {
     "dmft_two_layer": "dmft",
     "initial_kernels": "dmft",
     "DMFTConvergenceWarning": "dmft",
+    "kernel_flow": "kernel_flow",
+    "kernel_flow_limit": "kernel_flow",
 }
 
-_SUBMODULES = ("deep_linear", "dmft", "kernels", "linear", "neural_collapse",
+_SUBMODULES = ("deep_linear", "dmft", "kernel_flow", "kernels", "linear", "neural_collapse",
                "random_features", "scaling", "spectra")
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
@@ -81,6 +84,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         two_layer_solution,
     )
     from traindyn.theory.dmft import DMFTConvergenceWarning, dmft_two_layer, initial_kernels
+    from traindyn.theory.kernel_flow import kernel_flow, kernel_flow_limit
     from traindyn.theory.kernels import (
         Spectrum,
         krr_learning_curve,
@@ -144,6 +148,8 @@ __all__ = [
     "fit_power_law",
     "half_rise_time",
     "imbalanced_collapse",
+    "kernel_flow",
+    "kernel_flow_limit",
     "krr_learning_curve",
     "marchenko_pastur_density",
     "marchenko_pastur_quadrature",

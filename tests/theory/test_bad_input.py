@@ -322,6 +322,20 @@ FUNCTIONS: dict[str, Fn] = {
     "spectrum_from_gram": Fn(theory.spectrum_from_gram, dict(gram=GRAM, targets=TARGETS),
                              dict(gram=Arg("matrix", match="rows"),
                                   targets=Arg("array", match="rows"))),
+    "kernel_flow": Fn(theory.kernel_flow,
+                      dict(kernel_train=GRAM, targets_train=TARGETS, steps=np.array([0.0, 3.0]),
+                           learning_rate=1.0, normalization=6.0, diag_reg=0.1, start_step=0),
+                      dict(kernel_train=Arg("matrix", match="rows"),
+                           targets_train=Arg("array", match="rows"),
+                           steps=Arg("array", "nonneg", dim="step"),
+                           learning_rate=Arg("scalar", "pos"),
+                           normalization=Arg("scalar", "pos", optional=True),
+                           diag_reg=Arg("scalar", "nonneg"), start_step=Arg("count"))),
+    "kernel_flow_limit": Fn(theory.kernel_flow_limit,
+                            dict(kernel_train=GRAM, targets_train=TARGETS, diag_reg=0.1),
+                            dict(kernel_train=Arg("matrix", match="rows"),
+                                 targets_train=Arg("array", match="rows"),
+                                 diag_reg=Arg("scalar", "nonneg"))),
 }
 # legal values that the generic kinds would call bad
 FUNCTIONS["saxe_dynamics"].skip.add(("initial_strength", "length-2 array"))  # one per mode
