@@ -69,10 +69,12 @@ _EXPORTS: dict[str, str] = {
     "DMFTConvergenceWarning": "dmft",
     "kernel_flow": "kernel_flow",
     "kernel_flow_limit": "kernel_flow",
+    "lazy_grokking": "grokking",
+    "polynomial_network_kernel": "grokking",
 }
 
-_SUBMODULES = ("deep_linear", "dmft", "kernel_flow", "kernels", "linear", "neural_collapse",
-               "random_features", "scaling", "spectra")
+_SUBMODULES = ("deep_linear", "dmft", "grokking", "kernel_flow", "kernels", "linear",
+               "neural_collapse", "random_features", "scaling", "spectra")
 
 if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
     from traindyn.theory.deep_linear import (
@@ -84,6 +86,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         two_layer_solution,
     )
     from traindyn.theory.dmft import DMFTConvergenceWarning, dmft_two_layer, initial_kernels
+    from traindyn.theory.grokking import lazy_grokking, polynomial_network_kernel
     from traindyn.theory.kernel_flow import kernel_flow, kernel_flow_limit
     from traindyn.theory.kernels import (
         Spectrum,
@@ -151,11 +154,13 @@ __all__ = [
     "kernel_flow",
     "kernel_flow_limit",
     "krr_learning_curve",
+    "lazy_grokking",
     "marchenko_pastur_density",
     "marchenko_pastur_quadrature",
     "minority_collapse_threshold",
     "mode_strength",
     "optimal_ridge",
+    "polynomial_network_kernel",
     "power_law_optimal_fitting_ratio",
     "power_law_spectrum",
     "predicted_exponents",
