@@ -64,6 +64,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from traindyn.dynamics.report import write_report
+
+    try:
+        path = write_report(args.run, args.output, theory=args.theory, title=args.title)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"traindyn report: error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="traindyn",
@@ -110,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     from traindyn.dynamics import cli_analyze
 
     cli_analyze.add_parser(sub)
+
+    report = sub.add_parser(
+        "report", help="one self-contained HTML page of a run (opens offline)",
+        description="Write an HTML report of a run: the run overview figure, a per-layer "
+                    "table of the last evaluation, every NaN reason, and the provenance. "
+                    "Figures are embedded; the page needs no network access.")
+    report.add_argument("run", help="a .nc result or a monitor's .zarr store (also while it "
+                                    "is being written)")
+    report.add_argument("--output", "-o", help="the HTML file (default: RUN with .html)")
+    report.add_argument("--theory", help="a theory Dataset (.nc) drawn beside the run")
+    report.add_argument("--title", help="page title (default: the run's source attribute)")
+    report.set_defaults(func=_cmd_report)
 
     info = sub.add_parser("info", help="versions and the available probes",
                           description="Print package versions and the registered probes.")
