@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 from traindyn.theory._dataset import theory_attrs
-from traindyn.theory._validate import float_array, positive_scalar
+from traindyn.theory._validate import finite_array, finite_scalar, float_array, positive_scalar
 from traindyn.theory.kernel_flow import kernel_flow
 
 __all__ = ["polynomial_network_kernel", "lazy_grokking"]
@@ -50,6 +50,8 @@ def _inputs(x: Any, name: str) -> np.ndarray:
     arr = float_array(x, name)
     if arr.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, dim); got shape {arr.shape}")
+    if 0 in arr.shape:
+        raise ValueError(f"{name} is empty: shape {arr.shape}")
     if not np.all(np.isfinite(arr)):
         raise ValueError(f"{name} has non-finite values")
     return arr
@@ -80,9 +82,7 @@ def polynomial_network_kernel(x1: Any, x2: Any = None, epsilon: float = 0.02,
     b = a if x2 is None else _inputs(x2, "x2")
     if b.shape[1] != a.shape[1]:
         raise ValueError(f"x1 and x2 have different dims: {a.shape[1]} and {b.shape[1]}")
-    eps = float(epsilon)
-    if not np.isfinite(eps):
-        raise ValueError("epsilon must be finite")
+    eps = finite_scalar(epsilon, "epsilon")
     var = 1.0 / a.shape[1] if weight_var is None else positive_scalar(weight_var, "weight_var")
     dot = a @ b.T
     return dot * (1.0 + eps**2 * var * dot)
@@ -145,22 +145,23 @@ def lazy_grokking(
         ``dynamics.recipes.train_grokking``, so ``xr.align`` needs no glue.
     """
     x = _inputs(x_train, "x_train")
-    y = float_array(y_train, "y_train").reshape(-1)
+    y = finite_array(y_train, "y_train").reshape(-1)
     if y.shape[0] != x.shape[0]:
-        raise ValueError(f"y_train has {y.shape[0]} values for {x.shape[0]} inputs")
+        raise ValueError(f"y_train has {y.shape[0]} values for {x.shape[0]} rows of x_train")
     var = 1.0 / x.shape[1] if weight_var is None else positive_scalar(weight_var, "weight_var")
+    epsilon = finite_scalar(epsilon, "epsilon")
     k = polynomial_network_kernel(x, epsilon=epsilon, weight_var=var)
     test = {}
     if x_test is not None:
         xt = _inputs(x_test, "x_test")
         test = dict(kernel_test_train=polynomial_network_kernel(xt, x, epsilon, var),
-                    targets_test=None if y_test is None else float_array(y_test, "y_test"))
+                    targets_test=None if y_test is None else finite_array(y_test, "y_test"))
     flow = kernel_flow(k, y, steps, learning_rate, loss="mse", dynamics=dynamics,
                        normalization=float(x.shape[0]), **test)
     keep = [v for v in ("train_loss", "test_loss") if v in flow]
     ds = flow[keep]
     if beta is not None:
-        b = float_array(beta, "beta").reshape(-1)
+        b = finite_array(beta, "beta").reshape(-1)
         if b.shape[0] != x.shape[1]:
             raise ValueError(f"beta has {b.shape[0]} entries for inputs of dim {x.shape[1]}")
         # kernel coefficients a_t from the training predictions f_t(X) = K a_t (pseudo-inverse:

@@ -336,6 +336,18 @@ FUNCTIONS: dict[str, Fn] = {
                             dict(kernel_train=Arg("matrix", match="rows"),
                                  targets_train=Arg("array", match="rows"),
                                  diag_reg=Arg("scalar", "nonneg"))),
+    "polynomial_network_kernel": Fn(theory.polynomial_network_kernel,
+                                    dict(x1=np.random.default_rng(1).normal(size=(6, 3)),
+                                         epsilon=0.3),
+                                    dict(x1=Arg("matrix"), epsilon=Arg("scalar"))),
+    "lazy_grokking": Fn(theory.lazy_grokking,
+                        dict(x_train=np.random.default_rng(1).normal(size=(6, 3)),
+                             y_train=TARGETS, steps=np.array([0.0, 3.0]), learning_rate=0.5,
+                             epsilon=0.3),
+                        dict(x_train=Arg("matrix", match="rows"),
+                             y_train=Arg("array", match="rows"),
+                             steps=Arg("array", "nonneg", dim="step"),
+                             learning_rate=Arg("scalar", "pos"), epsilon=Arg("scalar"))),
 }
 # legal values that the generic kinds would call bad
 FUNCTIONS["saxe_dynamics"].skip.add(("initial_strength", "length-2 array"))  # one per mode
