@@ -71,8 +71,8 @@ _ATTRIBUTES = {
 }
 """Names that are objects inside a submodule; every other public name is a submodule."""
 
-_SUBMODULES = ("analyze", "checkpoints", "cli", "cli_analyze", "demo", "lightning", "monitor",
-               "plot", "predict", "probe_inputs", "recipes", "records", "schedules")
+_SUBMODULES = ("analyze", "checkpoints", "cli", "cli_analyze", "cli_predict", "demo", "lightning",
+               "monitor", "plot", "predict", "probe_inputs", "recipes", "records", "schedules")
 
 
 def __getattr__(name: str) -> Any:

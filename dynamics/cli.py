@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_analyze.add_parser(sub)
 
+    from traindyn.dynamics import cli_predict
+
+    cli_predict.add_parser(sub)
+
     info = sub.add_parser("info", help="versions and the available probes",
                           description="Print package versions and the registered probes.")
     info.set_defaults(func=_cmd_info)

@@ -196,3 +196,46 @@ def test_lazy_rich_gap_is_larger_for_a_rich_run(tmp_path):
     in_memory = lazy_rich_gap(models, xtr, ytr, 1 / scale**2, delta=20, loss="mse")
     assert list(from_disk.step.values) == [0, 20]           # s with s + 20 recorded
     xr.testing.assert_allclose(from_disk, in_memory)
+
+
+def test_cli_predict_from_a_checkpoint_and_the_gap(tmp_path, capsys):
+    """``traindyn predict`` on a folder of digits-MLP checkpoints equals the library call."""
+    from traindyn.dynamics.cli import main
+    from traindyn.dynamics.recipes.digits import DigitsMLP, load_digits_split
+
+    (tmp_path / "factory.py").write_text(
+        "import torch\nfrom traindyn.dynamics.recipes.digits import DigitsMLP\n"
+        "def make_model(width=16):\n    torch.manual_seed(0)\n"
+        "    return DigitsMLP((width,))\n")
+    torch.manual_seed(0)
+    model = DigitsMLP((16,))
+    xtr, ytr, xte, yte = load_digits_split()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for s in range(11):
+        if s % 5 == 0:
+            torch.save(model.state_dict(), folder / f"step{s}.pt")
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xtr[:30]), ytr[:30]).backward()
+        opt.step()
+    out = tmp_path / "pred.nc"
+    code = main(["predict", str(folder), "--model", f"{tmp_path / 'factory.py'}:make_model",
+                 "--from-step", "5", "--learning-rate", "0.1", "--n-train", "30",
+                 "--n-test", "20", "--to", "10", "--points", "3", "--output", str(out)])
+    assert code == 0, capsys.readouterr().err
+    from traindyn.dynamics import records
+
+    saved = records.load(out)
+    ref = predict_from_checkpoint(folder / "step5.pt",
+                                  lambda: DigitsMLP((16,)).double(), xtr[:30], ytr[:30],
+                                  [5, 8, 10], 0.1, x_test=xte[:20], y_test=yte[:20])
+    np.testing.assert_allclose(saved.test_loss.values, ref.test_loss.values, rtol=1e-10)
+    assert "train_loss" in capsys.readouterr().out
+    gap = tmp_path / "gap.nc"
+    assert main(["predict", str(folder), "--model", f"{tmp_path / 'factory.py'}:make_model",
+                 "--learning-rate", "0.1", "--n-train", "30", "--n-test", "0", "--gap",
+                 "--output", str(gap)]) == 0
+    assert list(records.load(gap).step.values) == [0, 5]
+    assert main(["predict", str(folder), "--model", f"{tmp_path / 'factory.py'}:make_model",
+                 "--from-step", "3", "--learning-rate", "0.1"]) == 2
