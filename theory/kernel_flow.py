@@ -272,10 +272,10 @@ def _mse_path(p: _Problem, elapsed: np.ndarray, rate: float, dynamics: str, eta:
             f"learning rate is 2c/λ_max = {2 * p.c / lam.max():.4g}")
     P = U.T @ p.state(p.Y - p.F0)                            # (N, kk)
     H = _mse_coefficients(lam, elapsed, rate, dynamics, cut)  # (T, N)
-    train = np.einsum("ij,tj,jk->tik", U, H * lam0, P)
+    train = U @ ((H * lam0)[:, :, None] * P)                 # (T, N, kk): U diag(λ₀h) Uᵀ r
     test = None
     if p.Kt is not None:
-        test = np.einsum("ij,tj,jk->tik", p.Kt @ U, H, P)
+        test = p.Kt @ (U @ (H[:, :, None] * P))              # Θ(x, X) β_s
     return train, test
 
 
@@ -321,8 +321,8 @@ def _ce_path(p: _Problem, elapsed: np.ndarray, rate: float, dynamics: str, rtol:
                 raise RuntimeError(f"solve_ivp failed to integrate the cross-entropy flow: "
                                    f"{sol.message}")
             betas[order] = sol.y.T.reshape(-1, N, kk)
-    train = np.einsum("ij,tjk->tik", p.M, betas)
-    test = np.einsum("ij,tjk->tik", p.Kt, betas) if p.Kt is not None else None
+    train = p.M @ betas
+    test = p.Kt @ betas if p.Kt is not None else None
     return train, test
 
 
