@@ -7,11 +7,14 @@ Run: ``python benchmarks/kernel_flow.py [--smoke] [--threads N]``.
    at 20 steps), against ``dynamics.predict.predict_from_model`` from step 0 to the same steps:
    the empirical NTK (full ``(n, n, 10, 10)`` kernel and test–train kernel) plus
    ``theory.kernel_flow``.  Ratio = training time / prediction time, for cross-entropy (GD
-   iterated in function space) and for the squared loss (one eigendecomposition).
+   iterated in function space: ``(nk)²`` work per step) and for the squared loss (one
+   ``(nk)³`` eigendecomposition), with the full kernel and with the kernel averaged over
+   outputs (``kernel="mean"``: ``k²`` less memory, ``k³`` less eigendecomposition).
 2. How ``theory.kernel_flow`` alone grows with ``n`` and with ``k`` (doubling each; exponent =
    log₂ of the time ratio), squared loss and cross-entropy, shared vs full kernel.
-Machine, torch threads and load average are printed first; times are best of 3 (2 for the
-training run); on a shared machine read ratios as orders of magnitude.
+Machine, torch threads and load average are printed first and last; times are best of 2
+(training) and of 3 (``--smoke``) or 1 (prediction at full size); on a shared machine read
+ratios as orders of magnitude.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def _load() -> str:
         return f"{os.getloadavg()[0]:.2f}"
 
 
-def same_run(n: int, width: int, steps: int, lr: float) -> None:
+def same_run(n: int, width: int, steps: int, lr: float, repeat: int) -> None:
     xtr, ytr, xte, yte = load_digits_split()
     xtr, ytr, xte, yte = xtr[:n], ytr[:n], xte[:n], yte[:n]
     record = np.unique(np.linspace(0, steps, 20).round().astype(int))
@@ -67,17 +70,20 @@ def same_run(n: int, width: int, steps: int, lr: float) -> None:
 
         t_train, measured = best_of(train, 2)
 
-        def predict(model0=model0, loss=loss, targets=targets, tt=tt):
-            return predict_from_model(model0, xtr, targets if loss == "mse" else ytr, record,
-                                      lr, x_test=xte, y_test=tt if loss == "mse" else yte,
-                                      loss=loss)
+        for kernel in ("full", "mean"):
+            def predict(model0=model0, loss=loss, targets=targets, tt=tt, kernel=kernel):
+                return predict_from_model(model0, xtr, targets if loss == "mse" else ytr,
+                                          record, lr, x_test=xte,
+                                          y_test=tt if loss == "mse" else yte, loss=loss,
+                                          kernel=kernel)
 
-        t_pred, pred = best_of(predict, 3)
-        t_ntk, t_solve = pred.attrs["ntk_seconds"], pred.attrs["solve_seconds"]
-        gap = float(np.abs(measured[:, 0] - pred.train_loss.values).max() / measured[0, 0])
-        print(f"   {loss:13s} train {t_train:7.3f} s | predict {t_pred:7.3f} s (NTK "
-              f"{t_ntk:.3f} s, kernel_flow {t_solve:.3f} s) | train/predict "
-              f"{t_train / t_pred:6.2f} | max |train loss gap| {gap:.1%} of the initial loss")
+            t_pred, pred = best_of(predict, repeat)
+            t_ntk, t_solve = pred.attrs["ntk_seconds"], pred.attrs["solve_seconds"]
+            gap = float(np.abs(measured[:, 0] - pred.train_loss.values).max() / measured[0, 0])
+            print(f"   {loss:13s} {kernel:4s} kernel: train {t_train:7.3f} s | predict "
+                  f"{t_pred:7.3f} s (NTK {t_ntk:.3f} s, kernel_flow {t_solve:.3f} s) | "
+                  f"train/predict {t_train / t_pred:6.2f} | max |train loss gap| {gap:.1%} of "
+                  "the initial loss")
 
 
 def scaling(ns: list[int], ks: list[int], steps: int) -> None:
@@ -125,7 +131,7 @@ def main() -> None:
     n, width, steps = (32, 32, 20) if args.smoke else (256, 256, 1000)
     print(f"\n1. same run: digits MLP 64-{width}-10, n = {n} train / {n} test, {steps} "
           f"full-batch GD steps, lr 0.1, losses at 20 steps")
-    same_run(n, width, steps, 0.1)
+    same_run(n, width, steps, 0.1, 3 if args.smoke else 1)
     ns, ks, s = ([16, 32], [2, 4], 20) if args.smoke else ([64, 128, 256], [2, 4, 8], 1000)
     print(f"\n2. theory.kernel_flow cost, 20 output steps up to s = {s} "
           "(squared loss: one eigh; cross-entropy: s GD steps)")

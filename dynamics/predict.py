@@ -15,6 +15,19 @@ checkpoint folder) and compares the prediction at ``s + Δ`` with what the netwo
 there: a measure, over training, of how far the run leaves its kernel regime (0 in the lazy
 limit; of the order of the change itself when features move).
 
+::
+
+    # inside a training loop, at a Monitor evaluation (or any step s)
+    with monitor:
+        for step in range(steps + 1):
+            if step == s:
+                predicted = predict_from_model(model, x_train, y_train, later_steps, lr,
+                                               step=step, x_test=x_test, y_test=y_test)
+            ...                                   # the user's own training step
+            monitor.step(step, train_loss=loss)
+    measured = monitor.to_dataset()
+    dynamics.plot.compare(predicted, measured, "train_loss")     # same step / time axes
+
 Conventions.  The prediction is for full-batch training on ``x_train`` with a loss reduced by the
 mean, as PyTorch's ``F.mse_loss`` / ``F.cross_entropy`` do by default (``normalization``: ``c =
 n·k/2`` for the squared loss, ``c = n`` for cross-entropy; pass another ``c`` for other

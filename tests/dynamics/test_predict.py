@@ -126,6 +126,10 @@ def test_prediction_aligns_with_measurement_and_leaves_the_model_untouched():
     records.validate(pred)
     a, b = xr.align(pred, measured)
     assert list(a.step.values) == [30, 40, 60]
+    from traindyn.dynamics import plot
+
+    ax = plot.compare(pred, measured, "train_loss")       # one call, shared time axis
+    assert len(ax.lines) >= 1
     np.testing.assert_array_equal(a.time.values, b.time.values)
     # the prediction starts at the model's own outputs and loss
     np.testing.assert_allclose(pred.f_train.sel(step=30).values, model_outputs(model, xtr),
