@@ -137,6 +137,24 @@ def _eigh_psd(mat: np.ndarray, name: str, tol: float) -> tuple[np.ndarray, np.nd
     return np.maximum(lam, 0.0), U
 
 
+def _check_psd(mat: np.ndarray, name: str, tol: float) -> None:
+    """Refuse a kernel with an eigenvalue below ``−tol·λ_max`` without an eigendecomposition:
+    ``λ_max`` by 30 power iterations (a lower bound), then a Cholesky factorisation of
+    ``mat + tol·λ_max·I`` (a third of ``eigh``'s work); only a failure pays for ``eigvalsh``."""
+    v = np.random.default_rng(0).standard_normal(mat.shape[0])
+    top = 0.0
+    for _ in range(30):
+        w = mat @ v
+        top = float(np.linalg.norm(w))
+        if top == 0.0:
+            return
+        v = w / top
+    try:
+        np.linalg.cholesky(mat + tol * top * np.eye(mat.shape[0]))
+    except np.linalg.LinAlgError:
+        _eigh_psd(mat, name, tol)
+
+
 def _outputs(value: Any, name: str, rows: int, k: int | None) -> np.ndarray:
     arr = _finite(value, name)
     if arr.ndim == 1:
@@ -297,6 +315,7 @@ def _ce_path(p: _Problem, elapsed: np.ndarray, rate: float, dynamics: str, rtol:
         F = p.outputs(F0s + p.M @ B, p.n)
         return p.state(_softmax(F)) - Ys + p.delta * B
 
+    _check_psd(p.M, "kernel_train", p.tol)
     betas = np.empty((elapsed.size, N, kk))
     B = np.zeros((N, kk))
     if dynamics == "gd":
