@@ -263,7 +263,18 @@ def _series(models: Any, model: Any, strict: bool
         return [c.step for c in found], load()
     items = models.items() if isinstance(models, Mapping) else models
     pairs = sorted(((int(s), m) for s, m in items), key=lambda sm: sm[0])
-    return [s for s, _ in pairs], iter(pairs)
+    if any(isinstance(m, Mapping) for _, m in pairs) and model is None:
+        raise TypeError("state dicts need model= (a module or a factory) to load them into")
+
+    def build() -> Iterable[tuple[int, nn.Module]]:
+        for s, m in pairs:
+            if isinstance(m, Mapping):  # a state dict, e.g. {k: v.clone()} saved during training
+                net = model if isinstance(model, nn.Module) else model()
+                net.load_state_dict(m)
+                m = net
+            yield s, m
+
+    return [s for s, _ in pairs], build()
 
 
 _GAP_ATTRS = {
@@ -310,9 +321,10 @@ def lazy_rich_gap(
 
     Parameters
     ----------
-    models : mapping step → module, sequence of (step, module), or checkpoint path(s)
-        The run at its recorded steps.  A folder (or list) of checkpoints is read one at a time
-        into ``model`` (a module or a factory), so one network is in memory at once.
+    models : mapping step → module or state dict, sequence of (step, …) pairs, or checkpoint path(s)
+        The run at its recorded steps.  State dicts and checkpoints (a folder or list, read
+        safely) are loaded one at a time into ``model`` (a module or a factory), so one network
+        is in memory at once.
     delta : int, optional
         ``Δ`` in steps; default: to the next recorded step (then ``Δ`` varies with ``s``, and is
         recorded as ``delta_steps``).

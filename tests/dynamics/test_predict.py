@@ -200,6 +200,10 @@ def test_lazy_rich_gap_is_larger_for_a_rich_run(tmp_path):
     in_memory = lazy_rich_gap(models, xtr, ytr, 1 / scale**2, delta=20, loss="mse")
     assert list(from_disk.step.values) == [0, 20]           # s with s + 20 recorded
     xr.testing.assert_allclose(from_disk, in_memory)
+    states = {s: m.state_dict() for s, m in models.items()}
+    from_states = lazy_rich_gap(states, xtr, ytr, 1 / scale**2, delta=20, loss="mse",
+                                model=TwoLayer(4, 128, 2, scale=scale, seed=5))
+    xr.testing.assert_allclose(from_states, in_memory)
 
 
 def test_cli_predict_from_a_checkpoint_and_the_gap(tmp_path, capsys):
