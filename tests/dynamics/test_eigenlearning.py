@@ -10,6 +10,7 @@ Measured at this size (pool P = 400 digits, width 256, 200 full-batch steps, see
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import xarray as xr
 from traindyn.dynamics.recipes.eigenlearning import digits_eigenlearning
 
@@ -32,3 +33,16 @@ def test_eigenlearning_from_the_measured_ntk_predicts_the_networks_learning_curv
     a, b = xr.align(measured, predicted)
     assert a.sizes == b.sizes
     assert np.all(measured.train_error < measured.test_error)
+
+
+@pytest.mark.slow
+def test_eigenlearning_on_all_digits():
+    """All 1797 digits, width 512, 1000 steps: measured (seed 0) network 0.0597, 0.0413,
+    0.0300, 0.0204, 0.0139 at n = 25 … 400; eigenlearning 0.0604, 0.0448, 0.0304, 0.0206,
+    0.0149 (within 9 %)."""
+    measured, predicted = digits_eigenlearning(n=(25, 50, 100, 200, 400), seeds=(0,),
+                                               widths=(512,), steps=1000)
+    net = measured.test_error.isel(seed=0).values
+    np.testing.assert_allclose(predicted.test_error.values, net, rtol=0.12)
+    np.testing.assert_allclose(predicted.linearised_test_error.isel(seed=0).values, net,
+                               rtol=0.05)
