@@ -9,6 +9,7 @@ module               what
 ``checkpoints``      find, order, hash and safely load checkpoints
 ``probe_inputs``     named and file-based probe inputs for checkpoint analysis
 ``analyze``          a checkpoint series → one Dataset (resumable; dask fan-out)
+``predict``          a network's linearised prediction from its measured NTK; lazy→rich gap
 ``sweep``            recipe × parameter grid × seeds on dask.distributed (``dynamics.sweep``
                      is the function; the module is ``sys.modules["traindyn.dynamics.sweep"]``)
 ``local_client``     a dask ``LocalCluster`` client set up for torch work (``dynamics._dask``)
@@ -70,8 +71,8 @@ _ATTRIBUTES = {
 }
 """Names that are objects inside a submodule; every other public name is a submodule."""
 
-_SUBMODULES = ("analyze", "checkpoints", "cli", "cli_analyze", "demo", "lightning", "monitor",
-               "plot", "probe_inputs", "recipes", "records", "schedules")
+_SUBMODULES = ("analyze", "checkpoints", "cli", "cli_analyze", "cli_predict", "demo", "lightning",
+               "monitor", "plot", "predict", "probe_inputs", "recipes", "records", "schedules")
 
 
 def __getattr__(name: str) -> Any:

@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--title", help="page title (default: the run's source attribute)")
     report.set_defaults(func=_cmd_report)
 
+    from traindyn.dynamics import cli_predict
+
+    cli_predict.add_parser(sub)
+
     info = sub.add_parser("info", help="versions and the available probes",
                           description="Print package versions and the registered probes.")
     info.set_defaults(func=_cmd_info)

@@ -68,6 +68,11 @@ PRODUCERS = {
     "theory.dmft_two_layer": lambda: _dmft_and_two_layer()[0],
     "recipes.train_two_layer": lambda: _dmft_and_two_layer()[1],
     "recipes.train_grokking": lambda: _grokking(),
+    "theory.kernel_flow": lambda: theory.kernel_flow(
+        _K[0], _LABELS[:12], [0, 5], 1e-3, kernel_test_train=_K[1][:4], targets_test=_LABELS[:4],
+        loss="cross_entropy", f0_train=np.zeros((12, 3))),
+    "theory.kernel_flow_limit": lambda: theory.kernel_flow_limit(
+        _K[0], _RNG.standard_normal(12), kernel_test_train=_K[1][:4]),
 }
 
 

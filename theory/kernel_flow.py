@@ -137,6 +137,24 @@ def _eigh_psd(mat: np.ndarray, name: str, tol: float) -> tuple[np.ndarray, np.nd
     return np.maximum(lam, 0.0), U
 
 
+def _check_psd(mat: np.ndarray, name: str, tol: float) -> None:
+    """Refuse a kernel with an eigenvalue below ``−tol·λ_max`` without an eigendecomposition:
+    ``λ_max`` by 30 power iterations (a lower bound), then a Cholesky factorisation of
+    ``mat + tol·λ_max·I`` (a third of ``eigh``'s work); only a failure pays for ``eigvalsh``."""
+    v = np.random.default_rng(0).standard_normal(mat.shape[0])
+    top = 0.0
+    for _ in range(30):
+        w = mat @ v
+        top = float(np.linalg.norm(w))
+        if top == 0.0:
+            return
+        v = w / top
+    try:
+        np.linalg.cholesky(mat + tol * top * np.eye(mat.shape[0]))
+    except np.linalg.LinAlgError:
+        _eigh_psd(mat, name, tol)
+
+
 def _outputs(value: Any, name: str, rows: int, k: int | None) -> np.ndarray:
     arr = _finite(value, name)
     if arr.ndim == 1:
@@ -272,10 +290,10 @@ def _mse_path(p: _Problem, elapsed: np.ndarray, rate: float, dynamics: str, eta:
             f"learning rate is 2c/λ_max = {2 * p.c / lam.max():.4g}")
     P = U.T @ p.state(p.Y - p.F0)                            # (N, kk)
     H = _mse_coefficients(lam, elapsed, rate, dynamics, cut)  # (T, N)
-    train = np.einsum("ij,tj,jk->tik", U, H * lam0, P)
+    train = U @ ((H * lam0)[:, :, None] * P)                 # (T, N, kk): U diag(λ₀h) Uᵀ r
     test = None
     if p.Kt is not None:
-        test = np.einsum("ij,tj,jk->tik", p.Kt @ U, H, P)
+        test = p.Kt @ (U @ (H[:, :, None] * P))              # Θ(x, X) β_s
     return train, test
 
 
@@ -297,6 +315,7 @@ def _ce_path(p: _Problem, elapsed: np.ndarray, rate: float, dynamics: str, rtol:
         F = p.outputs(F0s + p.M @ B, p.n)
         return p.state(_softmax(F)) - Ys + p.delta * B
 
+    _check_psd(p.M, "kernel_train", p.tol)
     betas = np.empty((elapsed.size, N, kk))
     B = np.zeros((N, kk))
     if dynamics == "gd":
@@ -321,8 +340,8 @@ def _ce_path(p: _Problem, elapsed: np.ndarray, rate: float, dynamics: str, rtol:
                 raise RuntimeError(f"solve_ivp failed to integrate the cross-entropy flow: "
                                    f"{sol.message}")
             betas[order] = sol.y.T.reshape(-1, N, kk)
-    train = np.einsum("ij,tjk->tik", p.M, betas)
-    test = np.einsum("ij,tjk->tik", p.Kt, betas) if p.Kt is not None else None
+    train = p.M @ betas
+    test = p.Kt @ betas if p.Kt is not None else None
     return train, test
 
 

@@ -13,6 +13,7 @@ recipe                pairs with
 ``tiny_lm``           instability proxies and checkpoint-series geometry
 ``two_layer``         ``theory.dmft`` (mean-field two-layer network, Bordelon & Pehlevan 2022)
 ``grokking``          lazy → rich grokking (Kumar, Bordelon, Gershman & Pehlevan 2024)
+``eigenlearning``     ``theory.krr_learning_curve`` from a network's measured NTK on digits
 ====================  ============================================================
 """
 
@@ -23,6 +24,7 @@ from traindyn.dynamics.recipes.collapse_training import (
 )
 from traindyn.dynamics.recipes.deep_linear import svd_task, train_deep_linear
 from traindyn.dynamics.recipes.digits import DigitsMLP, load_digits_split, train_digits_mlp
+from traindyn.dynamics.recipes.eigenlearning import digits_eigenlearning
 from traindyn.dynamics.recipes.grokking import train_grokking
 from traindyn.dynamics.recipes.kernel_regression import (
     digits_kernel,
@@ -43,6 +45,7 @@ __all__ = [
     "TinyLM",
     "TinyLMConfig",
     "collapse_digits",
+    "digits_eigenlearning",
     "digits_kernel",
     "load_corpus",
     "load_digits_split",

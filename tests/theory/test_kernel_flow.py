@@ -266,3 +266,43 @@ def test_bad_inputs_are_refused(rng):
         theory.kernel_flow_limit(K, np.array([0, 1, 0, 1, 1]), loss="cross_entropy")
     with pytest.raises(ValueError, match="targets_train"):
         theory.kernel_flow(K, np.array([0, 1, 0.5, 1, 1]), [1], 0.1, loss="cross_entropy")
+
+
+def test_bad_outputs_targets_and_test_kernels_are_refused(rng):
+    n, m, k = 5, 3, 2
+    psi, K = linear_model(rng, n, m, k, P=20)
+    Y = rng.standard_normal((n, k))
+    with pytest.raises(ValueError, match="f0_train"):
+        theory.kernel_flow(K[:n, :n], Y, [1], 0.1, f0_train=np.full((n, k), np.nan))
+    with pytest.raises(ValueError, match="f0_train"):
+        theory.kernel_flow(K[:n, :n], Y, [1], 0.1, f0_train=np.zeros((n, k + 1)))
+    with pytest.raises(ValueError, match="targets_train"):
+        theory.kernel_flow(K[:n, :n], np.where(Y > 0, np.inf, Y), [1], 0.1)
+    with pytest.raises(ValueError, match="kernel_test_train"):   # shared layout for a full K
+        theory.kernel_flow(K[:n, :n], Y, [1], 0.1, kernel_test_train=K[n:, :n, 0, 0])
+    with pytest.raises(ValueError, match="targets_test"):
+        theory.kernel_flow(K[:n, :n], Y, [1], 0.1, kernel_test_train=K[n:, :n],
+                           targets_test=np.zeros((m + 1, k)))
+    with pytest.raises(ValueError, match="kernel_test_train"):
+        theory.kernel_flow(K[:n, :n], Y, [1], 0.1, targets_test=np.zeros((m, k)))
+    with pytest.raises(ValueError, match="loss"):
+        theory.kernel_flow(K[:n, :n], Y, [1], 0.1, loss="hinge")
+    with pytest.raises(ValueError, match="dynamics"):
+        theory.kernel_flow(K[:n, :n], Y, [1], 0.1, dynamics="adam")
+    with pytest.raises(ValueError, match="targets_train"):          # label beyond k outputs
+        theory.kernel_flow(K[:n, :n], np.array([0, 1, 2, 0, 1]), [1], 0.1, loss="cross_entropy")
+
+
+def test_cross_entropy_refuses_a_kernel_that_is_not_psd(rng):
+    n = 6
+    A = rng.standard_normal((n, n))
+    K = A @ A.T
+    lam, U = np.linalg.eigh(K)
+    bad = K - (lam[0] + 1e-3 * lam[-1]) * np.outer(U[:, 0], U[:, 0])   # λ_min = −1e-3 λ_max
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        theory.kernel_flow(bad, labels, [3], 0.1, loss="cross_entropy")
+    # round-off of the same size as kernel_tol's allowance is accepted
+    ok = K - (lam[0] + 1e-7 * lam[-1]) * np.outer(U[:, 0], U[:, 0])
+    assert np.isfinite(theory.kernel_flow(ok, labels, [3], 0.1,
+                                          loss="cross_entropy").train_loss).all()
