@@ -92,6 +92,17 @@ def _check_results(ns: dict, folder: Path) -> None:
             else pred.test_error.isel(step=0)
         np.testing.assert_allclose(at_zero.values, 1.25, rtol=1e-6)
         checked += 1
+    if "prediction" in ns:
+        # the prediction starts at the model's own cross-entropy and falls under the kernel
+        import torch
+
+        model, x, labels = ns["model"], ns["x_probe"], ns["labels"]
+        with torch.no_grad():
+            start = torch.nn.functional.cross_entropy(model(x[:48]).double(), labels[:48])
+        loss = ns["prediction"].train_loss.values
+        np.testing.assert_allclose(loss[0], float(start), rtol=1e-6)
+        assert np.all(np.diff(loss) < 0), loss
+        checked += 1
     if "mean_norm" in ns and "mon" in ns:
         # the user-registered probe, recorded by the Monitor, equals its formula by hand
         import torch
