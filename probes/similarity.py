@@ -719,14 +719,17 @@ def _cka_state(features: ArrayLike, kernel: str = "linear", debiased: bool = Fal
     Answers with a :class:`~probes._pending.Pending` finishing to ``({}, state)``, so that
     :meth:`probes.evaluation.ProbePlan.layer_values` brings the states of every layer (and
     every CKA probe) to the host in its one copy."""
-    # centred at unit scale (CKA depends on neither shift nor scale): the state of a layer at
-    # 1e200 is as usable as one at 1, and a constant layer's state is zero (or rounding-level
-    # at the scale of its own size), which the comparison recognises as constant again
-    z, constant, _ = unit_centred(features64(features, "features"))
-    z = torch.where(constant, torch.zeros_like(z), z)
+    z = features64(features, "features")
     n, d = z.shape
-    key, value = (("features", z) if kernel == "linear" and d <= n
-                  else ("kernel", _kernel_of(z, kernel, bandwidth)))
+    if kernel == "linear" and d <= n:
+        key, value = "features", z  # as given: the comparison brings it to unit scale itself
+    else:
+        # the kernel of the centred features at unit scale (CKA depends on neither shift nor
+        # scale), so that a layer at 1e200 gives a finite kernel; a constant layer gives the
+        # zero kernel (all ones for RBF), which the comparison recognises as constant again
+        zc, constant, _ = unit_centred(z)
+        zc = torch.where(constant, torch.zeros_like(zc), zc)
+        key, value = "kernel", _kernel_of(zc, kernel, bandwidth)
     # a copy of its own (not a view of the evaluation's shared host buffer, which a reference
     # state would otherwise keep alive)
     return Pending({key: value}, lambda host: ({}, {key: host[key].copy()}))
