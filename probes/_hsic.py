@@ -91,7 +91,7 @@ def unit_centred(z: torch.Tensor, factors: tuple[torch.Tensor, ...] | None = Non
     zc : tensor
         ``(z − 1μᵀ)/‖z − 1μᵀ‖_F`` (without ``factors``; ``z`` itself is first scaled by a power
         of two so that its largest entry lies in ``[0.5, 1)``).  A constant ``z`` gives the
-        centred residue unscaled (all zero or rounding-level).
+        centred residue at the power-of-two scale only (all zero or rounding-level).
     constant : 0-d bool tensor
         ``‖z − 1μᵀ‖_F ≤ 8 ε (1 + log₂ n) ‖z‖_F``: the rows differ by no more than the rounding
         error of centring them, judged against ``z``'s own size (not against another
@@ -105,10 +105,12 @@ def unit_centred(z: torch.Tensor, factors: tuple[torch.Tensor, ...] | None = Non
         zs = z * p1 * p2
         zc = _centre_rows(zs)
         nc = torch.linalg.vector_norm(zc)
-        inv = torch.where(nc > 0, 1.0 / nc, torch.ones_like(nc))
+        constant = nc <= constant_tolerance(n) * torch.linalg.vector_norm(zs)
+        # a constant z keeps the power-of-two scale: 1/‖rounding residue‖ would be a
+        # meaningless (huge) scale for the later batches of a streaming accumulator
+        inv = torch.where((nc > 0) & ~constant, 1.0 / nc, torch.ones_like(nc))
         inv = torch.where(torch.isfinite(inv), inv, torch.ones_like(inv))
         factors = (p1, p2, inv)
-        constant = nc <= constant_tolerance(n) * torch.linalg.vector_norm(zs)
         return zc * inv, constant, factors
     zs = z
     for f in factors:

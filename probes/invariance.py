@@ -367,7 +367,8 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     flag is what it was and every buffer holds its values from before, bit for bit (copied
     back in place, so references to the buffers stay valid)."""
     flags = [(m, m.training) for m in model.modules()]
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    # inference tensors cannot be written outside inference mode, so they cannot change here
+    saved = [(b, b.detach().clone()) for b in model.buffers() if not b.is_inference()]
     model.eval()
     try:
         yield model
