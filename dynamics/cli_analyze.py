@@ -108,6 +108,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                            "they register your own probes (probes.registry.register)")
     what.add_argument("--probe-kwargs", type=_json, default={}, metavar="JSON",
                       help='per-probe arguments, e.g. \'{"alpha_req": {"fit_range": [11, 100]}}\'')
+    what.add_argument("--classifier", metavar="MODULE",
+                      help="module name of the classifier (last linear layer), so that "
+                           "neural_collapse also gives NC3, NC4 and the classifier variants "
+                           "(sets probe_kwargs neural_collapse.classifier)")
     what.add_argument("--layers", type=_csv, required=True,
                       help="comma-separated module names or glob patterns, e.g. 'blocks.*'")
     what.add_argument("--reduce", choices=["flatten", "mean", "last", "cls", "none"],
@@ -207,6 +211,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         for module in args.imports:
             _import(module)
+        if args.classifier:
+            if "neural_collapse" not in args.probes:
+                raise ValueError("--classifier is for the neural_collapse probe; add it to "
+                                 "--probes")
+            args.probe_kwargs = {**args.probe_kwargs, "neural_collapse": {
+                **args.probe_kwargs.get("neural_collapse", {}), "classifier": args.classifier}}
         ds = analyze(
             sources, model=args.model, model_kwargs=args.model_kwargs, hf_class=args.hf_class,
             inputs=args.inputs, n_samples=args.n_samples, batch_size=args.batch_size,

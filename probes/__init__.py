@@ -61,7 +61,7 @@ _EXPORTS: dict[str, str] = {
     "ntk_effective_rank": "kernels",
     "relative_kernel_change": "kernels",
     # probes.ntk
-    "NTKProbe": "ntk",
+    "NTKProbe": "ntk_probe",
     "batch_coupled_modules": "ntk",
     "conjugate_kernel": "ntk",
     "empirical_ntk": "ntk",

@@ -11,6 +11,16 @@ centring matrix, ``K̃`` the kernel with its diagonal set to zero.
             + \frac{\mathbf 1^\top\tilde K\mathbf 1\,\mathbf 1^\top\tilde L\mathbf 1}{(n-1)(n-2)}
             - \frac{2}{n-2}\,\mathbf 1^\top\tilde K\tilde L\mathbf 1\Big]
 
+Scale.  Every CKA and Procrustes quantity is invariant to scaling each representation, and the
+centred ones to shifting it, while their float64 products are not: features at ``10³⁸`` overflow
+``‖K‖²``, features at ``10⁻¹⁵⁰`` underflow it, and a layer ``10⁴`` times larger than another makes
+the smaller one's HSIC look like rounding noise.  :func:`unit_centred` therefore brings each
+representation to a common scale before any product (column-centred, unit Frobenius norm, a
+power-of-two prescaling so that the centring itself cannot overflow), and decides whether it is
+constant against *its own* size.  Centring before the unbiased estimator changes nothing
+mathematically (it is invariant to shifts of the features) but removes the cancellation of a
+large constant offset.
+
 Everything an HSIC needs from one kernel is kept in a :class:`KernelStats` (the zero-diagonal
 kernel, its row sums and total), so a layer × layer matrix of HSICs is one matrix product of
 flattened kernels: ``tr(K̃_a L̃_b) = vec(K̃_a) · vec(L̃_b)``.
@@ -33,6 +43,97 @@ def features64(x: ArrayLike, name: str) -> torch.Tensor:
     if t.is_complex():
         raise TypeError(f"{name}: complex features are not supported")
     return t.to(STAT_DTYPE)
+
+
+EPS64 = float(torch.finfo(torch.float64).eps)
+
+
+def constant_tolerance(n: int) -> float:
+    """Relative size below which centred features count as constant: ``8 ε (1 + log₂ n)``, a
+    bound on the rounding error of centring ``n`` rows in float64 (ε the unit roundoff)."""
+    import math
+
+    return 8.0 * EPS64 * (1.0 + math.log2(max(n, 1)))
+
+
+def pow2_factors(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two powers of two whose product ``2⁻ᵉ`` brings ``max |z|`` into ``[0.5, 1)`` (``e`` from
+    ``frexp``), split in two so that neither overflows for subnormal inputs; ``(1, 1)`` for an
+    all-zero or non-finite ``z``.  Multiplying by them is exact (decided on the device)."""
+    m = z.abs().amax()
+    _, e = torch.frexp(m)
+    e = torch.where(torch.isfinite(m) & (m > 0), e, torch.zeros_like(e)).to(z.dtype)
+    e1 = torch.floor(e / 2)
+    return torch.exp2(-e1), torch.exp2(-(e - e1))
+
+
+def _centre_rows(z: torch.Tensor) -> torch.Tensor:
+    """Column-centred ``z``, the mean subtracted twice (the second pass removes the rounding
+    error of the first, which matters for a large offset)."""
+    zc = z - z.mean(0)
+    return zc - zc.mean(0)
+
+
+def unit_centred(z: torch.Tensor, factors: tuple[torch.Tensor, ...] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Column-centred ``z`` at a common scale, whether it is constant, and the scale used.
+
+    Parameters
+    ----------
+    z : (n, d) float64 tensor
+    factors : tuple of 0-d tensors, optional
+        Multiply by these instead of choosing the scale from ``z`` (a streaming accumulator
+        keeps the scale of a layer's first batch, so that the HSICs it averages share one
+        scale).
+
+    Returns
+    -------
+    zc : tensor
+        ``(z − 1μᵀ)/‖z − 1μᵀ‖_F`` (without ``factors``; ``z`` itself is first scaled by a power
+        of two so that its largest entry lies in ``[0.5, 1)``).  A constant ``z`` gives the
+        centred residue at the power-of-two scale only (all zero or rounding-level).
+    constant : 0-d bool tensor
+        ``‖z − 1μᵀ‖_F ≤ 8 ε (1 + log₂ n) ‖z‖_F``: the rows differ by no more than the rounding
+        error of centring them, judged against ``z``'s own size (not against another
+        representation's).  False for non-finite ``z`` (that is reported separately).
+    factors : tuple of 0-d tensors
+        The multipliers applied, in order.
+    """
+    n = z.shape[0]
+    if factors is None:
+        p1, p2 = pow2_factors(z)
+        zs = z * p1 * p2
+        zc = _centre_rows(zs)
+        nc = torch.linalg.vector_norm(zc)
+        constant = nc <= constant_tolerance(n) * torch.linalg.vector_norm(zs)
+        # a constant z keeps the power-of-two scale: 1/‖rounding residue‖ would be a
+        # meaningless (huge) scale for the later batches of a streaming accumulator
+        inv = torch.where((nc > 0) & ~constant, 1.0 / nc, torch.ones_like(nc))
+        inv = torch.where(torch.isfinite(inv), inv, torch.ones_like(inv))
+        factors = (p1, p2, inv)
+        return zc * inv, constant, factors
+    zs = z
+    for f in factors:
+        zs = zs * f
+    zc = _centre_rows(zs)
+    constant = (torch.linalg.vector_norm(zc)
+                <= constant_tolerance(n) * torch.linalg.vector_norm(zs))
+    return zc, constant, factors
+
+
+def unit_centred_kernel(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``HKH/‖HKH‖_F`` for an ``n × n`` kernel (power-of-two prescaled, so that nothing
+    overflows), and whether ``HKH`` vanishes against ``‖K‖_F`` (a kernel of constant
+    features).  Both HSIC estimators are unchanged by ``K → HKH`` (the biased one by its
+    definition, the unbiased one because it is invariant to shifts of the features)."""
+    p1, p2 = pow2_factors(k)
+    ks = k * p1 * p2
+    kc = center(center(ks))
+    nc = torch.linalg.vector_norm(kc)
+    constant = nc <= constant_tolerance(k.shape[0]) * torch.linalg.vector_norm(ks)
+    inv = torch.where(nc > 0, 1.0 / nc, torch.ones_like(nc))
+    inv = torch.where(torch.isfinite(inv), inv, torch.ones_like(inv))
+    return kc * inv, constant
 
 
 def gram_linear(x: ArrayLike) -> torch.Tensor:
@@ -82,6 +183,10 @@ def gram_rbf(x: ArrayLike, bandwidth: float = DEFAULT_BANDWIDTH) -> torch.Tensor
         raise ValueError(f"bandwidth must be a positive fraction of the median distance; "
                          f"got {bandwidth}")
     z = features64(x, "x")
+    p1, p2 = pow2_factors(z)
+    # the kernel is unchanged by shifting or scaling z (σ follows the median distance): centre
+    # and prescale so that the distances from the Gram matrix neither cancel nor overflow
+    z = _centre_rows(z * p1 * p2)
     sq = squared_distances(z)
     sigma2 = bandwidth**2 * median_sq_distance(z, sq)
     # all points coincide (or nearly all), σ² = 0: every kernel entry is 1 — decided on the

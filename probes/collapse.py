@@ -30,14 +30,30 @@ Streaming: :class:`CollapseAccumulator` keeps class counts, class means and the 
 within-class scatter (``d × d``) in float64, merged batch by batch with Chan, Golub & LeVeque's
 pairwise update (1979), so the result does not depend on batching and memory does not grow
 with ``N``.  :func:`neural_collapse` is the accumulator fed once.
+
+**The classifier in the Monitor and in** ``analyze``.  NC3, NC4 and the ``_classifier``
+variants need the last layer's weights (and NC4 the network's predictions), which the
+per-layer feature statistics do not see.  Name the classifier module —
+``probe_kwargs={"neural_collapse": {"classifier": "fc"}}`` or ``traindyn analyze --classifier
+fc`` — and the probe runs as a model probe (:func:`collapse_with_classifier`): one forward pass
+over the probe batch captures each layer and the classifier's output; NC4 compares each
+layer's nearest class mean with the network's prediction (``argmax`` of the classifier's
+output), and NC3 and the classifier variants compare the classifier's rows with the class
+means of every layer whose width matches the classifier's input (NaN with a warning for the
+others).  Without ``classifier`` those five variables are NaN, and the probe says so.
+
+**Labels** must be integer class indices, except in :func:`neural_collapse` without a
+classifier or logits, which also accepts string (or other non-integer) class names and maps
+them to ``0 … C−1`` in sorted order (the names are recorded in ``parameters["classes"]``):
+with a classifier, a name cannot say which row of the weight is its class.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -53,8 +69,16 @@ from traindyn.probes._arrays import (
 )
 from traindyn.probes._pending import DeviceFlag, Pending
 from traindyn.probes._solve import lapack_single_thread, solve_device
+from traindyn.probes.registry import (
+    Accumulator,
+    Probe,
+    Variable,
+    register,
+    register_accumulator,
+)
 
-__all__ = ["GLOBAL_MEANS", "NC_VARIABLES", "CollapseAccumulator", "neural_collapse"]
+__all__ = ["GLOBAL_MEANS", "NC_VARIABLES", "CLASSIFIER_VARIABLES", "CollapseAccumulator",
+           "collapse_with_classifier", "neural_collapse"]
 
 GLOBAL_MEANS: tuple[str, ...] = ("class_means", "samples")
 
@@ -85,6 +109,10 @@ NC_VARIABLES: dict[str, dict[str, str]] = {
              "units": "1"},
 }
 """Variables of :func:`neural_collapse` with their attributes (all scalars)."""
+
+CLASSIFIER_VARIABLES = ("nc2_equinorm_classifier", "nc2_equiangle_classifier",
+                        "nc2_coherence_classifier", "nc3", "nc4")
+"""The variables that need the classifier (weights, or the network's predictions)."""
 
 
 def _warn(msg: str) -> None:
@@ -323,8 +351,34 @@ class CollapseAccumulator:
                                 self._nonfinite.tensor(self._means.device), finish)
 
 
+def _is_named(labels: ArrayLike) -> bool:
+    """Whether ``labels`` are class names (strings, bytes or other objects), not numbers."""
+    if isinstance(labels, torch.Tensor):
+        return False
+    if isinstance(labels, (list, tuple)):
+        return any(isinstance(v, (str, bytes)) for v in labels)
+    kind = getattr(getattr(labels, "dtype", None), "kind", None)
+    return kind in ("U", "S", "O")
+
+
+def _names_to_indices(labels: ArrayLike) -> tuple[np.ndarray, list]:
+    """Class names → indices ``0 … C−1`` in sorted order, and the sorted names."""
+    arr = np.asarray(labels, dtype=object).reshape(-1)
+    try:
+        names = sorted(set(arr.tolist()))
+    except TypeError as err:
+        raise TypeError(f"labels mix types that cannot be sorted ({err}); give integer class "
+                        "indices") from None
+    index = {v: i for i, v in enumerate(names)}
+    return np.array([index[v] for v in arr.tolist()], dtype=np.int64), names
+
+
 def _as_labels(labels: ArrayLike, n: int) -> torch.Tensor:
     """Validated labels on the host (copied there once if they live on an accelerator)."""
+    if _is_named(labels):
+        raise TypeError("labels are class names (strings or objects), not integer class "
+                        "indices: map them to 0 … C−1 first (neural_collapse() does that "
+                        "itself when no classifier or logits are given)")
     y = as_tensor(labels)
     if y.device.type != "cpu":
         y = y.cpu()
@@ -571,10 +625,13 @@ def neural_collapse(
     ----------
     features : array (N, d)
         Penultimate-layer features (torch, numpy or jax; computed in float64 on their device).
-    labels : integer array (N,)
+    labels : integer array (N,), or class names
         Class labels ``>= 0`` (a negative label, e.g. PyTorch's ``ignore_index = -100``, is a
         ``ValueError``: drop those samples first); with ``weight`` or ``logits`` they index
-        rows of ``weight`` / columns of ``logits`` (``ValueError`` otherwise).
+        rows of ``weight`` / columns of ``logits`` (``ValueError`` otherwise).  Without
+        ``weight`` and ``logits``, class names (strings, or any sortable non-numeric values)
+        are accepted and mapped to ``0 … C−1`` in sorted order; with them, names are a
+        ``TypeError`` (a name does not say which row of the classifier is its class).
     weight : array (K, d), optional
         Last-layer classifier; enables the ``_classifier`` NC2 metrics, NC3 and (with ``bias``)
         NC4.  NaN without it.
@@ -597,17 +654,188 @@ def neural_collapse(
     """
     if global_mean not in GLOBAL_MEANS:
         raise ValueError(f"unknown global_mean {global_mean!r}; choose one of {GLOBAL_MEANS}")
+    names = None
+    if _is_named(labels):
+        if weight is not None or logits is not None:
+            raise TypeError("labels are class names (strings or objects); with weight or "
+                            "logits they must be integer indices of the classifier's rows / "
+                            "the logits' columns: map them to integers first")
+        labels, names = _names_to_indices(labels)
     acc = CollapseAccumulator().update(features, labels)
     if (logits is not None or weight is not None) and not acc.nonfinite:
         acc.update_predictions(features, logits=logits, weight=weight, bias=bias)
-    return acc.compute(weight=weight, bias=bias, global_mean=global_mean)
+    ds = acc.compute(weight=weight, bias=bias, global_mean=global_mean)
+    if names is not None:
+        params = json.loads(ds.attrs["parameters"])
+        params["classes"] = [str(v) for v in names]
+        ds.attrs["parameters"] = json.dumps(params, sort_keys=True)
+    return ds
+
+
+# --------------------------------------------------------------------------- with a classifier
+def _weighted_modules(model: torch.nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules()
+            if name and isinstance(getattr(m, "weight", None), torch.Tensor)
+            and m.weight.ndim == 2]
+
+
+def _classifier_module(model: torch.nn.Module, classifier: str) -> torch.nn.Module:
+    modules = dict(model.named_modules())
+    module = modules.get(classifier)
+    weight = getattr(module, "weight", None)
+    if module is None or not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        what = "not found" if module is None else (
+            f"is a {type(module).__name__} without a 2-D weight")
+        raise ValueError(f"classifier {classifier!r} {what}; modules with a weight matrix "
+                         f"(classes × features): {_weighted_modules(model)}")
+    return module
+
+
+def collapse_with_classifier(model: torch.nn.Module, inputs: Any, targets: ArrayLike,
+                             layers: Sequence[str], classifier: str,
+                             global_mean: str = "class_means", reduce: str = "flatten"
+                             ) -> xr.Dataset:
+    """Neural collapse of each of ``layers`` with the model's own classifier: every variable
+    of :func:`neural_collapse` over ``layer`` (the ``neural_collapse`` probe with
+    ``classifier=``; see the module docstring).
+
+    Parameters
+    ----------
+    model : nn.Module
+        Run once on ``inputs`` under ``torch.no_grad`` in its current mode (the Monitor and
+        ``analyze`` put model probes in eval mode).
+    inputs : tensor or mapping
+        The probe batch (a mapping goes as keyword arguments).
+    targets : integer array (N,)
+        Class labels: indices of the classifier's rows.
+    layers : sequence of str
+        The layers whose features are measured (module names).
+    classifier : str
+        Module name of the last linear layer (``weight`` of shape classes × features, optional
+        ``bias``); its output on ``inputs`` is the network's prediction for NC4.
+    global_mean : {"class_means", "samples"}
+    reduce : str
+        Token reduction of captured outputs (:mod:`probes.capture`); give the one the
+        evaluation uses so that NC1 matches the streamed features.
+
+    Returns
+    -------
+    xarray.Dataset
+        The variables of :data:`NC_VARIABLES` over ``layer``.  NC4 uses ``argmax`` of the
+        classifier's output (of ``h Wᵀ + b`` where that output is not ``(N, classes)``, e.g.
+        for a token model, and the layer's width is the classifier's input width); NC3 and the
+        ``_classifier`` variants are NaN, with a warning, for a layer whose width differs from
+        the classifier's input width.
+    """
+    return _collapse_with_classifier(model, inputs, targets, layers, classifier, global_mean,
+                                     reduce).result()
+
+
+def _collapse_with_classifier(model: torch.nn.Module, inputs: Any, targets: ArrayLike,
+                              layers: Sequence[str] | None = None, classifier: str = "",
+                              global_mean: str = "class_means", reduce: str = "flatten"
+                              ) -> Pending:
+    """:func:`collapse_with_classifier` as a :class:`~probes._pending.Pending` (the probe:
+    one read for every layer, with the evaluation's other model probes)."""
+    from traindyn.probes._pending import gather
+    from traindyn.probes.capture import capture
+
+    if global_mean not in GLOBAL_MEANS:
+        raise ValueError(f"unknown global_mean {global_mean!r}; choose one of {GLOBAL_MEANS}")
+    if targets is None:
+        raise ValueError("neural_collapse needs the class labels of the probe data "
+                         "(probe_targets= in the Monitor, --labels in analyze)")
+    layers = [layers] if isinstance(layers, str) else list(layers or [])
+    if not layers:
+        raise ValueError("neural_collapse with classifier= needs the layers to measure "
+                         "(layers= of the Monitor or analyze)")
+    module = _classifier_module(model, classifier)
+    with torch.no_grad():
+        w = module.weight.detach().to(STAT_DTYPE)
+        b = getattr(module, "bias", None)
+        b = b.detach().to(STAT_DTYPE) if isinstance(b, torch.Tensor) else None
+        names = list(dict.fromkeys([*layers, classifier]))
+        with capture(model, names, reduce=reduce) as cap:
+            if isinstance(inputs, Mapping):
+                model(**inputs)
+            else:
+                model(inputs)
+        feats = {name: cap[name] for name in names}
+    n_classes = w.shape[0]
+    first = as_features(feats[layers[0]], f"features of {layers[0]!r}")
+    y = check_labels(_as_labels(targets, first.shape[0]), first.shape[0], "labels",
+                     n_classes=n_classes)
+    out = as_features(feats[classifier], f"output of {classifier!r}").to(STAT_DTYPE)
+    parts = []
+    for layer in layers:
+        z = as_features(feats[layer], f"features of {layer!r}").to(STAT_DTYPE)
+        acc = CollapseAccumulator().update(z, y)
+        matches = z.shape[1] == w.shape[1]
+        if not matches:
+            _warn(f"neural collapse: the classifier {classifier!r} takes {w.shape[1]} "
+                  f"features; layer {layer!r} has {z.shape[1]}: its NC3 and classifier "
+                  "metrics are NaN (they compare the classifier's rows with this layer's class "
+                  "means)")
+        if out.shape == (z.shape[0], n_classes):
+            logits = out
+        elif matches:
+            logits = z.to(w.device) @ w.T + (0 if b is None else b)
+        else:
+            logits = None
+        parts.append(_with_nc4(acc, z, logits, w if matches else None, global_mean, layer,
+                               classifier))
+
+    def build(results: list[xr.Dataset]) -> xr.Dataset:
+        ds = xr.concat(results, dim="layer", combine_attrs="drop_conflicts")
+        ds = ds.assign_coords(layer=("layer", np.array(layers, dtype=object)))
+        params = json.loads(results[0].attrs["parameters"])
+        for key in ("class_counts", "classes", "n_features", "n_classes", "n_samples"):
+            params.pop(key, None)
+        params.update(classifier=classifier, reduce=reduce, n_samples=int(y.numel()),
+                      n_classes=int(n_classes))
+        ds.attrs.update(source=SOURCE, kind="probe", parameters=json.dumps(params,
+                                                                           sort_keys=True))
+        return ds
+
+    return gather(parts, build)
+
+
+def _with_nc4(acc: CollapseAccumulator, z: torch.Tensor, logits: torch.Tensor | None,
+              weight: torch.Tensor | None, global_mean: str, layer: str, classifier: str
+              ) -> Pending:
+    """``acc.pending(weight)`` with NC4 computed on the device: the fraction of samples whose
+    nearest class mean (of this layer) differs from ``argmax`` of ``logits``."""
+    base = acc.pending(weight=weight, global_mean=global_mean)
+    if logits is None:
+        _warn(f"neural collapse: the output of {classifier!r} is not (samples × classes) and "
+              f"layer {layer!r} is not its input: NC4 is NaN")
+        return base
+    lg = logits.to(z.device)
+    tensors = dict(base.tensors)
+    tensors["nc4_logits_nonfinite"] = ~torch.isfinite(lg).all()
+    # the nearest class mean of each sample of this layer (final means) vs the network's
+    tensors["nc4_value"] = (acc.ncc_predict(z) != lg.argmax(1)).to(STAT_DTYPE).mean()
+
+    def finish(host: dict[str, np.ndarray]) -> xr.Dataset:
+        ds = base.finish({k: host[k] for k in base.tensors})
+        if bool(host["nonfinite"]):
+            return ds
+        if bool(host["nc4_logits_nonfinite"]):
+            _warn(f"neural collapse: the output of {classifier!r} has non-finite entries; NC4 "
+                  "is NaN")
+            return ds
+        ds["nc4"] = ds["nc4"].copy(data=np.float64(host["nc4_value"]))
+        return ds
+
+    return Pending(tensors, finish)
 
 
 # --------------------------------------------------------------------------- registry
 def _read_collapse(acc: CollapseAccumulator, global_mean: str = "class_means") -> Pending:
-    """``from_accumulator`` of the ``neural_collapse`` probe: NC1–NC3 and CDNV from the shared
-    class statistics (no classifier here: its ``_classifier`` variants, NC3 and NC4 are NaN),
-    pending until the evaluation's values are read."""
+    """``from_accumulator`` of the ``neural_collapse`` probe: NC1, NC2 and CDNV from the shared
+    class statistics, pending until the evaluation's values are read.  Without the classifier
+    (``classifier=`` turns the probe into :func:`collapse_with_classifier`) NC3, NC4 and the
+    ``_classifier`` variants are NaN; their declared ``long_name`` says so."""
     return acc.pending(global_mean=global_mean)
 
 
@@ -615,21 +843,42 @@ def _collapse_one_shot(features: ArrayLike, labels: ArrayLike, **kwargs) -> xr.D
     return neural_collapse(features, labels, **kwargs)
 
 
+_WITHOUT_CLASSIFIER = (" (NaN without the classifier: name its module with probe_kwargs "
+                       "{'neural_collapse': {'classifier': ...}} or traindyn analyze "
+                       "--classifier)")
+
+
+@dataclass(frozen=True, eq=False)
+class CollapseProbe(Probe):
+    """The ``neural_collapse`` declaration: a labelled-features probe over the shared class
+    statistics, which becomes a model probe (:func:`collapse_with_classifier`, the same
+    variables over ``layer``) when ``classifier=`` names the classifier module."""
+
+    def with_kwargs(self, **kwargs: Any) -> Probe:
+        merged = {**self.kwargs, **kwargs}
+        classifier = merged.pop("classifier", None)
+        if classifier is None:
+            return replace(self, kwargs=merged)
+        unknown = sorted(set(merged) - {"global_mean", "reduce"})
+        if unknown:
+            raise TypeError(f"neural_collapse with classifier= takes global_mean and reduce; "
+                            f"got {unknown}")
+        return Probe(self.name, "model",
+                     {k: Variable(v["long_name"], v["units"], ("layer",))
+                      for k, v in NC_VARIABLES.items()},
+                     self.source, fn=_collapse_with_classifier,
+                     kwargs={**merged, "classifier": str(classifier)})
+
+
 def register_probes() -> None:
     """Register ``neural_collapse`` and its ``"class_stats"`` accumulator (idempotent)."""
-    from traindyn.probes.registry import (
-        Accumulator,
-        Probe,
-        Variable,
-        register,
-        register_accumulator,
-    )
-
     register_accumulator(Accumulator("class_stats", CollapseAccumulator, needs_labels=True))
-    register(Probe("neural_collapse", "labelled_features",
-                   {k: Variable(v["long_name"], v["units"]) for k, v in NC_VARIABLES.items()},
-                   SOURCE, fn=_collapse_one_shot, accumulator="class_stats",
-                   from_accumulator=_read_collapse))
+    register(CollapseProbe(
+        "neural_collapse", "labelled_features",
+        {k: Variable(v["long_name"] + (_WITHOUT_CLASSIFIER if k in CLASSIFIER_VARIABLES else ""),
+                     v["units"]) for k, v in NC_VARIABLES.items()},
+        SOURCE, fn=_collapse_one_shot, accumulator="class_stats",
+        from_accumulator=_read_collapse))
 
 
 register_probes()

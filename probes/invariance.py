@@ -45,10 +45,15 @@ Scores, from representations ``f(x)`` and ``f(g·x)`` of the same ``n`` inputs:
 averaging (Puny, Atzmon, Ben-Hamu, Misra, Grover, Smith & Lipman, "Frame averaging for
 invariant and equivariant network design", ICLR 2022, Eq. 1 with the frame = the whole group).
 
+Model mode.  Every function here that runs the model runs it in **eval mode** — a score of
+invariance must not measure Dropout's noise (an identity transform would score about 0.7 through
+``Dropout(0.5)``), and a probe must not move BatchNorm's running statistics — and restores each
+module's ``training`` flag and every buffer (bit for bit) afterwards (:func:`eval_mode`).
+
 Representations are compared in float64 on the input's device.  Every score — and the decision
 whether it is NaN, and why — is computed there too: the registered probes answer with a
 :class:`probes._pending.Pending`, so that :meth:`probes.evaluation.ProbePlan.model_values`
-reads the device once per evaluation for all of them (issue #16); the public functions read
+reads the device once per evaluation for all of them; the public functions read
 their pending at once.  The equivariance fit's ridge system is solved by
 ``torch.linalg.solve_ex`` without its host check (``torch.linalg.lstsq`` checks LAPACK's
 ``info`` on the host on CUDA); only ``ridge=0`` keeps ``lstsq`` and that wait (unmeasured: no
@@ -59,7 +64,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -81,6 +88,7 @@ __all__ = [
     "cyclic_shift",
     "cyclic_shift_group",
     "equivariance_error",
+    "eval_mode",
     "flip",
     "flip_group",
     "invariance_distance",
@@ -353,6 +361,25 @@ def _equivariance_error(a: torch.Tensor, b: torch.Tensor, fit_fraction: float = 
 
 
 # --------------------------------------------------------------------------- model helpers
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode inside the block; afterwards every module's ``training``
+    flag is what it was and every buffer holds its values from before, bit for bit (copied
+    back in place, so references to the buffers stay valid)."""
+    flags = [(m, m.training) for m in model.modules()]
+    # inference tensors cannot be written outside inference mode, so they cannot change here
+    saved = [(b, b.detach().clone()) for b in model.buffers() if not b.is_inference()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in flags:
+            m.training = training
+        with torch.no_grad():
+            for b, value in saved:  # unconditionally: comparing first would wait for the device
+                b.copy_(value)
+
+
 def _model_device(model: nn.Module) -> torch.device | None:
     for t in (*model.parameters(), *model.buffers()):
         return t.device
@@ -362,7 +389,8 @@ def _model_device(model: nn.Module) -> torch.device | None:
 def layer_features(model: nn.Module, x: torch.Tensor, layers: str | Sequence[str] | None,
                    reduce: str = "flatten") -> dict[str, torch.Tensor]:
     """``{layer: (n, d)}`` outputs of ``layers`` for inputs ``x`` (``None``: the model's
-    output, named ``"output"``), under ``torch.no_grad`` in the model's current mode."""
+    output, named ``"output"``), under ``torch.no_grad`` in the model's current mode (the
+    scores below call it inside :func:`eval_mode`)."""
     with torch.no_grad():
         if layers is None:
             return {"output": model(x).reshape(x.shape[0], -1)}
@@ -414,7 +442,8 @@ def invariance_scores(
     -------
     xarray.Dataset
         ``invariance_distance``, ``invariance_cka`` and (optionally) ``equivariance_error``
-        over ``(dim, layer)``.
+        over ``(dim, layer)``.  The model runs in eval mode; its mode and buffers are restored
+        (:func:`eval_mode`).
     """
     return _invariance_scores(model, x, transforms, layers, dim, reduce, equivariance,
                               fit_fraction, ridge).result()
@@ -434,7 +463,7 @@ def _invariance_scores(
 ) -> Pending:
     """:func:`invariance_scores` computed on the device: a :class:`~probes._pending.Pending`
     whose ``finish`` decides each NaN (with its warning) and builds the Dataset, so that an
-    evaluation reads the device once for every transform, layer and score (issue #16)."""
+    evaluation reads the device once for every transform, layer and score."""
     device = _model_device(model)
     xt = torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
     if device is not None:
@@ -450,13 +479,15 @@ def _invariance_scores(
         coord = np.array(names, dtype=object)
     if not funcs:
         raise ValueError("transforms is empty: give at least one transformation")
-    clean = {k: v.to(STAT_DTYPE) for k, v in layer_features(model, xt, layers, reduce).items()}
+    with eval_mode(model):
+        clean = {k: v.to(STAT_DTYPE)
+                 for k, v in layer_features(model, xt, layers, reduce).items()}
+        moved_all = [layer_features(model, fn(xt), layers, reduce) for fn in funcs]
     layer_names = list(clean)
     spreads = {k: _mean_pair_distance(v) for k, v in clean.items()}  # NaN ones are flagged
     shape = (len(funcs), len(layer_names))
     parts: list[Pending] = []  # per (transform, layer): distance, CKA[, equivariance]
-    for fn in funcs:
-        moved = layer_features(model, fn(xt), layers, reduce)
+    for moved in moved_all:
         for name in layer_names:
             a, b = _pair64(clean[name], moved[name])
             parts.append(_invariance_distance(a, b, spreads[name]))
@@ -536,6 +567,11 @@ def lie_derivative(
     -------
     dict
         ``{layer: (n, d_layer) float64 tensor}`` of Lie derivatives, flattened per sample.
+        The model runs in eval mode, its mode and buffers restored (:func:`eval_mode`).
+        A layer that no tangent reaches — its output was computed outside forward-mode AD
+        (``detach()``, a round trip through numpy, ``torch.no_grad`` inside the model, an
+        integer op), or ``g`` itself carries no tangent — gets NaN with a ``RuntimeWarning``:
+        its derivative is unknown, not zero.
     """
     import torch.autograd.forward_ad as fwad
 
@@ -554,13 +590,17 @@ def lie_derivative(
             outputs[name] = output if isinstance(output, torch.Tensor) else output[0]
         return fn
 
+    missing: list[str] = []
     try:
         for name, mod in modules.items():
             handles.append(mod.register_forward_hook(hook(name)))
-        with fwad.dual_level():
+        with eval_mode(model), fwad.dual_level():
             theta = fwad.make_dual(torch.tensor(theta0, dtype=dtype, device=xt.device),
                                    torch.tensor(1.0, dtype=dtype, device=xt.device))
-            out = model(g(xt, theta))
+            moved = g(xt, theta)
+            input_tangent = (isinstance(moved, torch.Tensor)
+                             and fwad.unpack_dual(moved).tangent is not None)
+            out = model(moved)
             if layers is None:
                 outputs["output"] = out
             result = {}
@@ -569,13 +609,24 @@ def lie_derivative(
                 act = rho_out.get(name) if isinstance(rho_out, Mapping) else rho_out
                 if act is not None:
                     y = act(y, theta)
-                tangent = fwad.unpack_dual(y).tangent
-                if tangent is None:  # the layer does not depend on θ at all
-                    tangent = torch.zeros_like(fwad.unpack_dual(y).primal)
+                primal, tangent = fwad.unpack_dual(y)
+                if tangent is None:  # no tangent reached the layer: its derivative is unknown
+                    missing.append(name)
+                    tangent = torch.full_like(primal, float("nan"))
                 result[name] = tangent.detach().reshape(xt.shape[0], -1).to(STAT_DTYPE)
     finally:
         for h in handles:
             h.remove()
+    if missing:
+        why = ("the transformed input g(x, θ) carries no tangent: g does not depend on θ "
+               "through torch operations (numpy, detach(), or constant in θ)"
+               if not input_tangent else
+               "their outputs were computed outside forward-mode AD (detach(), a round trip "
+               "through numpy, torch.no_grad inside the model, an integer op) or do not "
+               "depend on the input")
+        warnings.warn(f"Lie derivative: no tangent reached layers {missing}, so their Lie "
+                      f"derivative is unknown (not zero) and is NaN: {why}", RuntimeWarning,
+                      stacklevel=2)
     return result
 
 
@@ -619,7 +670,7 @@ def _lie_derivative_scores(
     layers: str | Sequence[str] | None = None, convention: str = "mean_square",
 ) -> Pending:
     """:func:`lie_derivative_scores` computed on the device: a
-    :class:`~probes._pending.Pending` whose ``finish`` builds the Dataset (issue #16)."""
+    :class:`~probes._pending.Pending` whose ``finish`` builds the Dataset."""
     names = list(generators)
     parts: list[Pending] = []
     layer_names: list[str] = []

@@ -26,41 +26,39 @@ Memory: ``chunk_size`` samples per block (default: chosen from free memory).  Pe
 kernel itself, the per-sample factors (``n·k·width`` per layer for ``"structured"``), and one
 block's intermediates.
 
-The model probe (``get_model_probe("ntk")``, :class:`NTKProbe`) is in :mod:`probes.ntk_probe`.
+The model probe (``get_probe("ntk")``, and the stateful :class:`probes.ntk_probe.NTKProbe`) is
+in :mod:`probes.ntk_probe`; both it and this module build on :mod:`probes._ntk_kernel`.
+
+Bad input: an input the model cannot run on (wrong width, integer or boolean values for a
+floating-point model, a 1-D batch of scalars) is a ``ValueError`` naming its shape and dtype and
+what the model's first layer takes.
 """
 
 from __future__ import annotations
 
-import warnings
-from typing import Literal
-
 import torch
 from torch import nn
-from traindyn.probes import _ntk_engines as _eng
+from traindyn.probes import ntk_probe  # noqa: F401 - registers the "ntk" probe (see below)
 from traindyn.probes._arrays import ArrayLike
 from traindyn.probes._ntk_common import (
     ParamSpec,
     batch_coupled_modules,
-    device_dtype,
     prepare_input,
-    requires_grad,
     select_parameters,
 )
+from traindyn.probes._ntk_kernel import METHODS, Output, ntk_kernel, warn_nonfinite
 from traindyn.probes.capture import capture
-from traindyn.probes.ntk_probe import NTK_PROBE_VARIABLES, NTKProbe
+
+# The "ntk" model probe lives in probes.ntk_probe, which builds on probes._ntk_kernel, not on this
+# module (one direction of import); the registry imports this module to find "ntk".
 
 __all__ = [
     "METHODS",
-    "NTK_PROBE_VARIABLES",
-    "NTKProbe",
     "batch_coupled_modules",
     "conjugate_kernel",
     "empirical_ntk",
     "select_parameters",
 ]
-
-METHODS = ("auto", "jacobian", "ntk_vp", "structured")
-Output = Literal["trace", "mean", "full"]
 
 
 def empirical_ntk(
@@ -99,62 +97,9 @@ def empirical_ntk(
     -------
     torch.Tensor on the model's device, in the parameters' dtype.
     """
-    K = _unchecked_ntk(model, x1, x2, output=output, method=method, params=params,
-                       chunk_size=chunk_size, per_sample=per_sample)
-    return _warn_nonfinite(K, "empirical_ntk")
-
-
-def _unchecked_ntk(model: nn.Module, x1: ArrayLike, x2: ArrayLike | None = None, *,
-                   output: Output = "trace", method: str = "auto", params: ParamSpec = None,
-                   chunk_size: int | None = None, per_sample: bool = True) -> torch.Tensor:
-    """:func:`empirical_ntk` without its check for non-finite entries, which reads the kernel
-    on the host: for callers that copy the kernel to the host anyway and check it there with
-    :func:`_warn_nonfinite` (the NTK probe), so that a kernel on a GPU is read once."""
-    if output not in ("trace", "mean", "full"):
-        raise ValueError(f"output must be 'trace', 'mean' or 'full'; got {output!r}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer; got {chunk_size}")
-    chosen = select_parameters(model, params)
-    device, dtype = device_dtype(chosen)
-    x1 = prepare_input(x1, device, dtype)
-    same = x2 is None
-    x2 = x1 if same else prepare_input(x2, device, dtype)
-    coupled = batch_coupled_modules(model)
-    with torch.enable_grad(), requires_grad(chosen.values()):
-        if coupled:
-            if per_sample:
-                raise ValueError(
-                    f"modules {coupled} use batch statistics (BatchNorm in train mode), so "
-                    "samples interact and the per-sample NTK is undefined. Call model.eval() to "
-                    "use running statistics, or pass per_sample=False for the NTK of the batch "
-                    "map X -> f(X).")
-            if not same:
-                raise ValueError("per_sample=False computes the kernel of one batch: pass x2=None")
-            return _eng.finish(_eng.batch_ntk(model, x1, chosen), output).detach()
-        if not per_sample:
-            raise ValueError("per_sample=False is only for batch-coupled models (BatchNorm in "
-                             "train mode); this model has none")
-        K = _eng.per_sample_ntk(model, x1, x2, same, chosen, output, method, chunk_size)
-    return K.detach()
-
-
-def _warn_nonfinite(K: torch.Tensor, where: str) -> torch.Tensor:
-    """Warn (never silently) when a kernel has NaN or infinite entries.
-
-    A NaN or infinite entry makes the sum NaN or infinite, so a finite sum (one reduction)
-    clears the kernel; only a non-finite sum (a bad entry, or an overflowing sum of finite
-    entries) pays for the entry-wise count.
-    """
-    if K.numel() == 0 or bool(torch.isfinite(K.sum())):
-        return K
-    bad = ~torch.isfinite(K)
-    if bool(bad.any()):
-        warnings.warn(f"{where}: {int(bad.sum())} of {K.numel()} kernel entries are NaN or "
-                      "infinite (non-finite samples in x1/x2, or non-finite weights)",
-                      RuntimeWarning, stacklevel=3)
-    return K
+    K = ntk_kernel(model, x1, x2, output=output, method=method, params=params,
+                   chunk_size=chunk_size, per_sample=per_sample)
+    return warn_nonfinite(K, "empirical_ntk")
 
 
 def conjugate_kernel(
@@ -189,4 +134,4 @@ def conjugate_kernel(
     phi1 = feats[0]
     phi2 = feats[1] if len(feats) > 1 else phi1
     K = phi1 @ phi2.T
-    return _warn_nonfinite(K / phi1.shape[1] if normalize else K, "conjugate_kernel")
+    return warn_nonfinite(K / phi1.shape[1] if normalize else K, "conjugate_kernel")

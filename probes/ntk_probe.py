@@ -36,6 +36,7 @@ from torch import nn
 from traindyn.probes import kernels as _k
 from traindyn.probes._arrays import ArrayLike, as_tensor
 from traindyn.probes._ntk_common import ParamSpec
+from traindyn.probes._ntk_kernel import ntk_kernel, warn_nonfinite
 from traindyn.probes.registry import Probe, register
 
 __all__ = ["NTK_PROBE_VARIABLES", "NTKProbe", "ntk_compare", "ntk_values"]
@@ -91,20 +92,15 @@ def ntk_values(model: nn.Module, inputs: ArrayLike, targets: ArrayLike, *,
     2007), ``tr(K)/n`` — and the state to keep: the float64 output-traced kernel on the first
     ``max_samples`` inputs and its centred alignment, for :func:`ntk_compare`.
     """
-    from traindyn.probes.ntk import (  # probes.ntk imports this module
-        _unchecked_ntk,
-        _warn_nonfinite,
-    )
-
     if targets is None:
         raise ValueError("the ntk probe needs targets (labels or regression targets)")
     x = inputs[:max_samples]
     y = as_tensor(targets[:max_samples]).cpu()
     # the kernel comes to the host once (its state is kept there); every summary is computed
     # there, so a kernel on a GPU is read by one copy
-    K = _unchecked_ntk(model, x, output="trace", method=method, params=params,
-                       chunk_size=chunk_size).to("cpu", torch.float64)
-    _warn_nonfinite(K, "empirical_ntk")
+    K = ntk_kernel(model, x, output="trace", method=method, params=params,
+                   chunk_size=chunk_size).to("cpu", torch.float64)
+    warn_nonfinite(K, "empirical_ntk")
     Y = _k.targets_matrix(y, K.shape[0])
     values = {
         "ntk_alignment": _k.kernel_alignment(K, Y),

@@ -10,9 +10,10 @@ Conventions (see ``/work/shared/REFERENCES.md``, "Representation similarity"):
 ``linear_cka(X, Y, debiased=True)`` (= :func:`debiased_cka`)
     the same ratio of *unbiased* HSICs (Song et al. 2012, Eq. 5; used for CKA by Nguyen,
     Raghu & Kornblith, ICLR 2021, Eq. 3, and shown by Davari et al., ICLR 2023, to remove the
-    inflation of biased CKA at small ``n`` / large width).  No centring is applied: the
-    unbiased estimator is invariant to constant shifts of the features by itself.  Needs
-    ``n ≥ 4``; may be slightly negative for independent features.
+    inflation of biased CKA at small ``n`` / large width).  The features are centred first: the
+    unbiased estimator is invariant to constant shifts mathematically, but not numerically (a
+    large offset cancels in its three terms).  Needs ``n ≥ 4``; may be slightly negative for
+    independent features.
 ``rbf_cka(X, Y, bandwidth)``
     CKA with RBF kernels, ``σ = bandwidth × median pairwise distance`` (pairs ``i < j``;
     Kornblith et al. 2019, Sec. 3), biased by default, ``debiased=True`` for the unbiased HSIC.
@@ -27,13 +28,19 @@ Conventions (see ``/work/shared/REFERENCES.md``, "Representation similarity"):
     batch split equals the full-data unbiased HSIC ratio's numerator and denominators (each is
     an unbiased U-statistic), not the full-data CKA itself.
 
-Every value is computed in float64 on the input's device.  The CKA reference probes
+Every value is computed in float64 on the input's device, after each representation is
+brought to a common scale (:func:`probes._hsic.unit_centred`: centred, unit Frobenius norm), so
+that ``CKA(c·X, Y) = CKA(X, Y)`` holds in floating point too — for layers of very different
+scales (raw pixels beside logits) and for features whose products would overflow or underflow
+float64.  The CKA reference probes
 (``cka_first`` / ``cka_previous`` / ``cka_final``) answer with a :class:`probes._pending.Pending`
 state, which :meth:`probes.evaluation.ProbePlan.layer_values` brings to the host with every
-other probe's numbers in one copy (issue #16); the comparisons run on those host states.
+other probe's numbers in one copy; the comparisons run on those host states.
 Bad input: different numbers of samples raise ``ValueError``; the unbiased estimator with
 ``n < 4`` raises ``ValueError``; a constant (zero-variance) representation or non-finite values
-give NaN with a ``RuntimeWarning``.
+give NaN with a ``RuntimeWarning``.  A representation is *constant* when its centred rows are
+at the rounding level of its own size (``‖X − 1μᵀ‖_F ≤ 8ε(1 + log₂ n)‖X‖_F``), whatever the
+other representation's scale.
 """
 
 from __future__ import annotations
@@ -56,6 +63,8 @@ from traindyn.probes._hsic import (
     hsic_unbiased,
     hsic_unbiased_stats,
     kernel,
+    unit_centred,
+    unit_centred_kernel,
 )
 from traindyn.probes._pending import DeviceFlag, Pending, first_failure
 
@@ -93,23 +102,34 @@ def _pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     return a, on_device(b, a.device)
 
 
+def _constant_checks(what: str, cx: torch.Tensor, cy: torch.Tensor
+                     ) -> list[tuple[torch.Tensor, str]]:
+    return [(cx, f"{what}: a representation is constant (x: its rows are equal up to "
+                 "rounding), so CKA is undefined"),
+            (cy, f"{what}: a representation is constant (y: its rows are equal up to "
+                 "rounding), so CKA is undefined")]
+
+
 def _ratio_pending(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, what: str,
                    checks: Sequence[tuple[torch.Tensor | bool, str]] = ()) -> Pending:
     """``xy / √(xx·yy)`` computed on the device, as a :class:`~probes._pending.Pending`: NaN +
-    warning when one of ``checks`` holds (in order), then for non-finite HSICs, then for a
-    non-positive denominator (``xx`` or ``yy`` at most ``10⁻¹²`` × the largest of the three)."""
+    warning when one of ``checks`` holds (in order: non-finite input, a constant
+    representation), then for non-finite HSICs, then for a non-positive ``xx`` or ``yy`` (the
+    unbiased HSIC of a representation with itself can be ``≤ 0`` for tiny or degenerate
+    samples).  The HSICs are those of representations brought to unit scale, so ``xx`` and
+    ``yy`` are compared with zero, not with each other."""
     values = torch.stack([xy, xx, yy])
-    tiny = 1e-12 * values.abs().max().clamp(min=1e-300)
     flags, failure = first_failure([
         *checks, (~torch.isfinite(values).all(), f"{what}: the representations are not finite")])
-    tensors = {**flags, "xx": xx, "yy": yy, "value": xy / torch.sqrt(xx * yy),
-               "constant": ~((xx > tiny) & (yy > tiny))}
+    tensors = {**flags, "xx": xx, "yy": yy,
+               "value": xy / torch.sqrt(xx.clamp(min=0) * yy.clamp(min=0)),
+               "nonpositive": ~((xx > 0) & (yy > 0))}
 
     def finish(h: dict[str, np.ndarray]) -> float:
         reason = failure(h)
-        if reason is None and bool(h["constant"]):
-            reason = (f"{what}: a representation is constant (its HSIC with itself is "
-                      f"{min(float(h['xx']), float(h['yy'])):.3g}, not positive), so CKA is "
+        if reason is None and bool(h["nonpositive"]):
+            reason = (f"{what}: the HSIC of a representation with itself is "
+                      f"{min(float(h['xx']), float(h['yy'])):.3g}, not positive, so CKA is "
                       "undefined")
         if reason is not None:
             warnings.warn(reason, RuntimeWarning, stacklevel=2)
@@ -141,9 +161,18 @@ def cka(k: ArrayLike, l: ArrayLike, debiased: bool = False) -> float:  # noqa: E
         raise ValueError(f"k and l must be square kernels of the same size; got "
                          f"{tuple(kk.shape)} and {tuple(ll.shape)}")
     _check_n(kk.shape[0], debiased)
+    return _kernel_cka_pending(kk, ll, debiased).result()
+
+
+def _kernel_cka_pending(kk: torch.Tensor, ll: torch.Tensor, debiased: bool) -> Pending:
+    """:func:`cka` of two float64 kernels on one device, as a pending: each kernel is centred
+    (``HKH``, which neither HSIC estimator sees) and scaled to unit Frobenius norm first."""
+    checks = [(nonfinite_flag(kk, ll), "CKA: the kernels are not finite")]
+    kk, cx = unit_centred_kernel(kk)
+    ll, cy = unit_centred_kernel(ll)
     hsic = hsic_unbiased if debiased else hsic_biased
     return _ratio_pending(hsic(kk, ll), hsic(kk, kk), hsic(ll, ll), "CKA",
-                          [(nonfinite_flag(kk, ll), "CKA: the kernels are not finite")]).result()
+                          [*checks, *_constant_checks("CKA", cx, cy)])
 
 
 def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
@@ -180,11 +209,13 @@ def _linear_cka_pending(a: torch.Tensor, b: torch.Tensor, debiased: bool = False
     _check_n(a.shape[0], debiased)
     what = "debiased linear CKA" if debiased else "linear CKA"
     checks = [(nonfinite_flag(a, b), "linear CKA: the representations are not finite")]
+    ac, cx, _ = unit_centred(a)
+    bc, cy, _ = unit_centred(b)
+    checks += _constant_checks(what, cx, cy)
     if debiased:
-        ka, kb = a @ a.T, b @ b.T
+        ka, kb = ac @ ac.T, bc @ bc.T
         return _ratio_pending(hsic_unbiased(ka, kb), hsic_unbiased(ka, ka),
                               hsic_unbiased(kb, kb), what, checks)
-    ac, bc = a - a.mean(0), b - b.mean(0)
     n, p, q = a.shape[0], a.shape[1], b.shape[1]
     if p * q + p * p + q * q <= 3 * n * n:  # feature space (Eq. 5): cheaper when p, q < n
         xy = (bc.T @ ac).square().sum()
@@ -212,13 +243,12 @@ def rbf_cka(x: ArrayLike, y: ArrayLike, bandwidth: float = DEFAULT_BANDWIDTH,
     _check_n(a.shape[0], debiased)
     if not (all_finite(a) and all_finite(b)):
         return warn_nan("RBF CKA: the representations are not finite")
-    if _constant(a) or _constant(b):
-        return warn_nan("RBF CKA: a representation is constant, so CKA is undefined")
+    a, ca, _ = unit_centred(a)
+    b, cb, _ = unit_centred(b)
+    if bool(ca) or bool(cb):
+        return warn_nan("RBF CKA: a representation is constant (its rows are equal up to "
+                        "rounding), so CKA is undefined")
     return cka(gram_rbf(a, bandwidth), gram_rbf(b, bandwidth), debiased)
-
-
-def _constant(z: torch.Tensor) -> bool:
-    return bool((z == z[:1]).all())
 
 
 def procrustes_distance(x: ArrayLike, y: ArrayLike) -> float:
@@ -232,11 +262,14 @@ def procrustes_distance(x: ArrayLike, y: ArrayLike) -> float:
     a, b = _pair(x, y)
     if not (all_finite(a) and all_finite(b)):
         return warn_nan("Procrustes distance: the representations are not finite")
-    ac, bc = a - a.mean(0), b - b.mean(0)
-    na, nb = torch.linalg.norm(ac), torch.linalg.norm(bc)
-    if not (float(na) > 0 and float(nb) > 0):
-        return warn_nan("Procrustes distance: a representation is constant")
-    nuclear = torch.linalg.svdvals((ac / na).T @ (bc / nb)).sum()
+    # centred and scaled to unit Frobenius norm without forming ‖X‖² (which overflows float64
+    # for entries beyond about 1e154)
+    ac, ca, _ = unit_centred(a)
+    bc, cb, _ = unit_centred(b)
+    if bool(ca) or bool(cb):
+        return warn_nan("Procrustes distance: a representation is constant (its rows are "
+                        "equal up to rounding)")
+    nuclear = torch.linalg.svdvals(ac.T @ bc).sum()
     return float((2.0 - 2.0 * nuclear).clamp(min=0.0))
 
 
@@ -261,13 +294,18 @@ def _as_layers(features: Mapping[str, ArrayLike] | Sequence[ArrayLike], what: st
     return {name: on_device(f, device) for name, f in out.items()}
 
 
-def _kernels(layers: dict[str, torch.Tensor], kind: str, bandwidth: float, debiased: bool):
-    grams = []
-    for z in layers.values():
-        if kind == "linear" and not debiased:
-            z = z - z.mean(0)
-        grams.append(kernel(z, kind, bandwidth))
-    return grams
+def _kernels(layers: dict[str, torch.Tensor], kind: str, bandwidth: float,
+             factors: list[tuple[torch.Tensor, ...]] | None = None):
+    """The kernels of ``layers`` after :func:`probes._hsic.unit_centred` (each layer centred
+    and at unit scale, or at the given per-layer ``factors``), one 0-d "constant" flag per
+    layer (stacked), and the factors used."""
+    grams, flags, used = [], [], []
+    for i, z in enumerate(layers.values()):
+        zc, constant, f = unit_centred(z, None if factors is None else factors[i])
+        grams.append(kernel(zc, kind, bandwidth))
+        flags.append(constant)
+        used.append(f)
+    return grams, torch.stack(flags), used
 
 
 def _hsic_matrices(ka, kb, debiased: bool):
@@ -285,11 +323,15 @@ def _hsic_matrices(ka, kb, debiased: bool):
     return xy, xx, yy
 
 
-def _normalise(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, what: str) -> np.ndarray:
-    """Elementwise CKA ``xy / √(xx ⊗ yy)``; NaN (with one warning) where undefined."""
-    xy, xx, yy = (t.detach().cpu().double() for t in (xy, xx, yy))
-    bad_x = ~(torch.isfinite(xx) & (xx > 1e-12 * xx.abs().max().clamp(min=1e-300)))
-    bad_y = ~(torch.isfinite(yy) & (yy > 1e-12 * yy.abs().max().clamp(min=1e-300)))
+def _normalise(xy: torch.Tensor, xx: torch.Tensor, yy: torch.Tensor, what: str,
+               const_x: torch.Tensor, const_y: torch.Tensor) -> np.ndarray:
+    """Elementwise CKA ``xy / √(xx ⊗ yy)``; NaN (with one warning) where undefined: a layer
+    that is constant (``const_x`` / ``const_y``, judged against its own scale) or whose HSIC
+    with itself is not finite or not positive."""
+    xy, xx, yy, const_x, const_y = (t.detach().cpu().double()
+                                    for t in (xy, xx, yy, const_x, const_y))
+    bad_x = ~(torch.isfinite(xx) & (xx > 0)) | (const_x != 0)
+    bad_y = ~(torch.isfinite(yy) & (yy > 0)) | (const_y != 0)
     out = xy / torch.sqrt(torch.outer(xx.clamp(min=1e-300), yy.clamp(min=1e-300)))
     bad = bad_x[:, None] | bad_y[None, :] | ~torch.isfinite(xy)
     if bool(bad.any()):
@@ -337,9 +379,10 @@ def cka_matrix(
     _check_n(n, debiased)
     device = next(iter(xa.values())).device
     xb = {k: v.to(device) for k, v in xb.items()}
-    ka = _kernels(xa, kernel, bandwidth, debiased)
-    kb = ka if other is None else _kernels(xb, kernel, bandwidth, debiased)
-    values = _normalise(*_hsic_matrices(ka, kb, debiased), _method_name(kernel, debiased))
+    ka, ca, _ = _kernels(xa, kernel, bandwidth)
+    kb, cb, _ = (ka, ca, None) if other is None else _kernels(xb, kernel, bandwidth)
+    values = _normalise(*_hsic_matrices(ka, kb, debiased), _method_name(kernel, debiased),
+                        ca, cb)
     return _matrix_dataset(values, list(xa), list(xb), kernel, debiased, bandwidth, n)
 
 
@@ -400,6 +443,12 @@ class MinibatchCKA:
         self._xy: torch.Tensor | None = None
         self._xx: torch.Tensor | None = None
         self._yy: torch.Tensor | None = None
+        # per layer: the scale of its first batch (every later batch of the layer is brought to
+        # it, so the averaged HSICs share one scale), and whether some batch was not constant
+        self._factors_x: list[tuple[torch.Tensor, ...]] | None = None
+        self._factors_y: list[tuple[torch.Tensor, ...]] | None = None
+        self._varied_x: torch.Tensor | None = None
+        self._varied_y: torch.Tensor | None = None
         self.cross = False
 
     def update(self, xs: Mapping[str, ArrayLike] | Sequence[ArrayLike],
@@ -426,13 +475,18 @@ class MinibatchCKA:
         # a non-finite batch is flagged on the device, not skipped after a host wait: its NaN
         # reaches the sums, and compute() answers NaN with a warning
         self._nonfinite.mark(nonfinite_flag(*la.values(), *(lb.values() if ys is not None else ())))
-        ka = _kernels(la, self.kernel, self.bandwidth, self.unbiased)
-        kb = ka if ys is None else _kernels(lb, self.kernel, self.bandwidth, self.unbiased)
+        ka, ca, self._factors_x = _kernels(la, self.kernel, self.bandwidth, self._factors_x)
+        if ys is None:
+            kb, cb = ka, ca
+        else:
+            kb, cb, self._factors_y = _kernels(lb, self.kernel, self.bandwidth, self._factors_y)
         xy, xx, yy = _hsic_matrices(ka, kb, self.unbiased)
         if self._xy is None:
             self._xy, self._xx, self._yy = xy, xx, yy
+            self._varied_x, self._varied_y = ~ca, ~cb
         else:
             self._xy, self._xx, self._yy = self._xy + xy, self._xx + xx, self._yy + yy
+            self._varied_x, self._varied_y = self._varied_x | ~ca, self._varied_y | ~cb
         self.batches += 1
         self.n += b
         return self
@@ -444,13 +498,23 @@ class MinibatchCKA:
         if self.batches == 0:
             self.names_x, self.names_y, self.cross = other.names_x, other.names_y, other.cross
             self._xy, self._xx, self._yy = (t.clone() for t in (other._xy, other._xx, other._yy))
+            self._factors_x, self._factors_y = other._factors_x, other._factors_y
+            self._varied_x, self._varied_y = other._varied_x.clone(), other._varied_y.clone()
         else:
-            if (other.names_x, other.names_y) != (self.names_x, self.names_y):
+            if ((other.names_x, other.names_y, other.cross)
+                    != (self.names_x, self.names_y, self.cross)):
                 raise ValueError("cannot merge minibatch CKA over different layers")
             dev = self._xy.device
-            self._xy = self._xy + other._xy.to(dev)
-            self._xx = self._xx + other._xx.to(dev)
-            self._yy = self._yy + other._yy.to(dev)
+            # other's sums are at the scale of its own first batches: bring them to ours (a
+            # linear kernel scales as s², an HSIC of two as s_x² s_y²; RBF kernels do not scale)
+            rx = _scale_ratio(self._factors_x, other._factors_x, self.kernel, dev)
+            ry = rx if not self.cross else _scale_ratio(self._factors_y, other._factors_y,
+                                                         self.kernel, dev)
+            self._xy = self._xy + other._xy.to(dev) * torch.outer(rx, ry)
+            self._xx = self._xx + other._xx.to(dev) * rx.square()
+            self._yy = self._yy + other._yy.to(dev) * ry.square()
+            self._varied_x = self._varied_x | other._varied_x.to(dev)
+            self._varied_y = self._varied_y | other._varied_y.to(dev)
         self.batches += other.batches
         self.n += other.n
         self._nonfinite.mark(other._nonfinite)
@@ -462,31 +526,60 @@ class MinibatchCKA:
         return bool(self._nonfinite)
 
     def hsic(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean HSIC over batches: ``(xy, xx, yy)`` (float64 tensors)."""
+        """Mean HSIC over batches: ``(xy, xx, yy)`` (float64 tensors), in the units of the
+        features given (the sums are kept at each layer's first-batch scale; this undoes it,
+        and overflows only where the HSIC itself is beyond float64)."""
         if self.batches == 0:
             raise ValueError("no minibatch was accumulated: call update() first")
         k = self.batches
-        return self._xy / k, self._xx / k, self._yy / k
+        dev = self._xy.device
+        ones = [tuple(torch.ones((), dtype=torch.float64) for _ in f) for f in self._factors_x]
+        ux = _scale_ratio(ones, self._factors_x, self.kernel, dev)
+        uy = ux if not self.cross else _scale_ratio(
+            [tuple(torch.ones((), dtype=torch.float64) for _ in f) for f in self._factors_y],
+            self._factors_y, self.kernel, dev)
+        return (self._xy * torch.outer(ux, uy) / k, self._xx * ux.square() / k,
+                self._yy * uy.square() / k)
 
     def compute(self) -> np.ndarray:
         """The ``layers × layers2`` minibatch CKA matrix (float64 numpy); the sums and the
         non-finite flag come to the host in one copy."""
-        xy, xx, yy = self.hsic()
+        if self.batches == 0:
+            raise ValueError("no minibatch was accumulated: call update() first")
+        xy, xx, yy = self._xy, self._xx, self._yy  # at unit scale: the ratio needs no unscaling
         nx, ny = xy.shape
         flag = self._nonfinite.tensor(xy.device).to(xy.dtype).reshape(1)
-        host = torch.cat([flag, xy.reshape(-1), xx, yy]).cpu()
+        host = torch.cat([flag, xy.reshape(-1), xx, yy, ~self._varied_x, ~self._varied_y]).cpu()
         if host[0] != 0:
             warn_nan("minibatch CKA: some features were not finite")
             return np.full((nx, ny), np.nan)
         cut = 1 + nx * ny
-        return _normalise(host[1:cut].reshape(nx, ny), host[cut:cut + nx], host[cut + nx:],
-                          "minibatch " + _method_name(self.kernel, self.unbiased))
+        parts = torch.split(host[cut:], [nx, ny, nx, ny])
+        return _normalise(host[1:cut].reshape(nx, ny), parts[0], parts[1],
+                          "minibatch " + _method_name(self.kernel, self.unbiased),
+                          parts[2], parts[3])
 
     def to_dataset(self) -> xr.Dataset:
         """:meth:`compute` as a Dataset, ``cka`` over ``(layer, layer2)``."""
         return _matrix_dataset(self.compute(), self.names_x, self.names_y, self.kernel,
                                self.unbiased, self.bandwidth, self.n,
                                {"minibatch": True, "batches": self.batches})
+
+
+def _scale_ratio(mine: list[tuple[torch.Tensor, ...]], theirs: list[tuple[torch.Tensor, ...]],
+                 kind: str, device: torch.device) -> torch.Tensor:
+    """Per layer, the factor ``(s_mine / s_theirs)²`` that brings a linear kernel at scale
+    ``s_theirs`` to ``s_mine`` (the scales as products of factors, divided factor by factor so
+    that no product overflows); ones for RBF kernels, which do not depend on the scale."""
+    if kind != "linear":
+        return torch.ones(len(mine), dtype=torch.float64, device=device)
+    out = []
+    for a, b in zip(mine, theirs, strict=True):
+        r = torch.ones((), dtype=torch.float64, device=device)
+        for fa, fb in zip(a, b, strict=True):
+            r = r * (fa.to(device) / fb.to(device))
+        out.append(r.square())
+    return torch.stack(out)
 
 
 def minibatch_cka(
@@ -578,14 +671,15 @@ def checkpoint_cka(
             raise ValueError(f"checkpoint {s} has a different number of samples than the "
                              f"first ({n})")
         layer_feats = {k: v.to(device) for k, v in by_step[s].items()}
-        kernels[s] = _kernels(layer_feats, kernel, bandwidth, debiased)
+        kernels[s] = _kernels(layer_feats, kernel, bandwidth)
     what = _method_name(kernel, debiased)
     t = len(steps)
     if reference is None:
         out = np.empty((t, t, len(layers)))
         for j in range(len(layers)):
-            col = [kernels[s][j] for s in steps]
-            out[:, :, j] = _normalise(*_hsic_matrices(col, col, debiased), what)
+            col = [kernels[s][0][j] for s in steps]
+            const = torch.stack([kernels[s][1][j] for s in steps])
+            out[:, :, j] = _normalise(*_hsic_matrices(col, col, debiased), what, const, const)
         dims, name = ("step", "checkpoint2", "layer"), "cka"
     else:
         out = np.empty((t, len(layers)))
@@ -596,8 +690,9 @@ def checkpoint_cka(
                 if ref is None:
                     out[i, j] = np.nan
                     continue
-                xy, xx, yy = _hsic_matrices([kernels[s][j]], [kernels[ref][j]], debiased)
-                out[i, j] = _normalise(xy, xx, yy, what)[0, 0]
+                xy, xx, yy = _hsic_matrices([kernels[s][0][j]], [kernels[ref][0][j]], debiased)
+                out[i, j] = _normalise(xy, xx, yy, what, kernels[s][1][j:j + 1],
+                                       kernels[ref][1][j:j + 1])[0, 0]
         dims, name = ("step", "layer"), f"cka_{reference}"
     steps_arr = np.asarray(steps, dtype=np.int64)
     coords = {**_step_coords(steps_arr, learning_rate),
@@ -623,11 +718,18 @@ def _cka_state(features: ArrayLike, kernel: str = "linear", debiased: bool = Fal
 
     Answers with a :class:`~probes._pending.Pending` finishing to ``({}, state)``, so that
     :meth:`probes.evaluation.ProbePlan.layer_values` brings the states of every layer (and
-    every CKA probe) to the host in its one copy (issue #16)."""
+    every CKA probe) to the host in its one copy."""
     z = features64(features, "features")
     n, d = z.shape
-    key, value = (("features", z) if kernel == "linear" and d <= n
-                  else ("kernel", _kernel_of(z, kernel, bandwidth)))
+    if kernel == "linear" and d <= n:
+        key, value = "features", z  # as given: the comparison brings it to unit scale itself
+    else:
+        # the kernel of the centred features at unit scale (CKA depends on neither shift nor
+        # scale), so that a layer at 1e200 gives a finite kernel; a constant layer gives the
+        # zero kernel (all ones for RBF), which the comparison recognises as constant again
+        zc, constant, _ = unit_centred(z)
+        zc = torch.where(constant, torch.zeros_like(zc), zc)
+        key, value = "kernel", _kernel_of(zc, kernel, bandwidth)
     # a copy of its own (not a view of the evaluation's shared host buffer, which a reference
     # state would otherwise keep alive)
     return Pending({key: value}, lambda host: ({}, {key: host[key].copy()}))

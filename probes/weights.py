@@ -259,7 +259,7 @@ def _summaries(s: np.ndarray, finite: bool, m: int, n: int, min_tail: int
 
 
 def _named_weights(
-    model: nn.Module | Mapping[str, ArrayLike], layers: Iterable[str] | None
+    model: nn.Module | Mapping[str, ArrayLike], layers: str | Iterable[str] | None
 ) -> dict[str, ArrayLike]:
     if isinstance(model, nn.Module):
         items = {name: p.detach() for name, p in model.named_parameters() if p.ndim >= 2}
@@ -267,13 +267,46 @@ def _named_weights(
         items = {name: w for name, w in model.items() if as_tensor(w).ndim >= 2}
     if layers is None:
         return items
+    if isinstance(layers, str):
+        layers = [layers]
     chosen = {}
     for name in layers:
         key = name if name in items else f"{name}.weight"
         if key not in items:
-            raise KeyError(f"weight {name!r} not found; available: {', '.join(items)}")
+            raise ValueError(_no_weight_message(model, name, items))
         chosen[key] = items[key]
+    if not chosen:
+        raise ValueError(f"layers is empty; layers with a weight matrix: "
+                         f"{_layer_list(items)}")
     return chosen
+
+
+def _layer_list(items: Mapping[str, ArrayLike]) -> str:
+    names = [k[: -len(".weight")] if k.endswith(".weight") else k for k in items]
+    return ", ".join(names) if names else "none"
+
+
+def _no_weight_message(model: nn.Module | Mapping[str, ArrayLike], name: str,
+                       items: Mapping[str, ArrayLike]) -> str:
+    """Why ``name`` has no weight matrix, and which layers do."""
+    available = f"layers with a weight matrix: {_layer_list(items)}"
+    if isinstance(model, nn.Module):
+        module = dict(model.named_modules()).get(name)
+        if module is not None:
+            kind = type(module).__name__
+            own = getattr(module, "weight", None)
+            if isinstance(own, torch.Tensor):
+                return (f"layer {name!r} ({kind}) has a {own.ndim}-D weight: a spectrum needs "
+                        f"a matrix; {available}")
+            inner = [k for k in items if k.startswith(f"{name}.")]
+            if inner:
+                return (f"layer {name!r} ({kind}) has no weight of its own; its sub-modules "
+                        f"with a weight matrix: {_layer_list(dict.fromkeys(inner))} — name "
+                        "one of them")
+            return f"layer {name!r} ({kind}) has no weight matrix; {available}"
+    elif name in model or f"{name}.weight" in model:
+        return f"{name!r} is not a matrix (fewer than 2 dimensions); {available}"
+    return f"layer {name!r} not found; {available}"
 
 
 def weight_spectra(
@@ -287,8 +320,10 @@ def weight_spectra(
     ----------
     model : nn.Module or mapping name → array
         A model (its parameters are read, not modified) or a state dict.
-    layers : iterable of str, optional
+    layers : str or iterable of str, optional
         Parameter names (``"net.0.weight"``, or the module name ``"net.0"``); default all.
+        A layer without a weight matrix (an activation, a container, a norm layer's 1-D
+        weight) is a ``ValueError`` naming it and listing the layers that have one.
     min_tail : int
         Smallest tail (and number of outliers) for the heavy-tail exponent.
 

@@ -153,9 +153,10 @@ def advani_saxe(
 
     Parameters
     ----------
-    time : array-like or xarray.DataArray
+    time : float, array-like or xarray.DataArray
         Training times ``t = η × step``.  A DataArray (e.g. ``measured.time``, along ``step``)
-        puts the prediction on the measured coordinates.
+        puts the prediction on the measured coordinates.  A scalar gives a scalar prediction:
+        no ``time`` dimension, ``time`` a 0-d coordinate (as ``ds.sel(time=t)`` would).
     load_ratio : float or array
         ``α = P/N``.  An array adds a ``load_ratio`` dimension.
     noise_var, teacher_var, init_var : float
@@ -173,7 +174,8 @@ def advani_saxe(
     -------
     xarray.Dataset
         ``test_error`` and ``train_error`` (mean squared errors) over ``time`` (or the dims of
-        the ``time`` DataArray) and ``load_ratio``.
+        the ``time`` DataArray; none for a scalar time) and ``load_ratio`` (none for a scalar
+        load ratio).
     """
     dev = _backend.resolve(backend, device)
     t, tdims, tcoords = time_axis(time)
@@ -207,7 +209,7 @@ def advani_saxe(
         train = np.stack([r[1] for r in results])
     dims = ("load_ratio", *tdims)
     coords = {**tcoords, "load_ratio": ("load_ratio", ratios)}
-    shape = (len(ratios), *np.shape(np.asarray(time)))
+    shape = (len(ratios), *np.shape(t))
     ds = xr.Dataset(
         {
             "test_error": (dims, test.reshape(shape),
@@ -227,6 +229,8 @@ def advani_saxe(
     ds["load_ratio"].attrs.update(long_name="load ratio α = P/N", units="1")
     if np.ndim(load_ratio) == 0:
         ds = ds.squeeze("load_ratio")
+    if not isinstance(time, xr.DataArray) and np.ndim(time) == 0:
+        ds = ds.isel(time=0)  # a scalar time: a 0-d ``time`` coordinate, no dimension
     return ds
 
 

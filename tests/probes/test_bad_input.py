@@ -1134,6 +1134,7 @@ def ntk_spec(draw):
 
 def ntk_cases(p) -> list[Case]:
     from traindyn.probes import ntk as NTK
+    from traindyn.probes.ntk_probe import NTKProbe
 
     torch.manual_seed(p["seed"] % 1000)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
@@ -1185,7 +1186,7 @@ def ntk_cases(p) -> list[Case]:
         Case("conjugate_kernel", lambda: NTK.conjugate_kernel(model, x, layer="0"),
              _undefined_if(kernel_x, lambda _: ref_ck()), ("x1", "x"),
              atol=1e-12),
-        Case("NTKProbe", lambda: NTK.NTKProbe()(model, x, y),
+        Case("NTKProbe", lambda: NTKProbe()(model, x, y),
              (lambda r, w: "ok" if w or all(np.isfinite(v) for k, v in r.items()
                                             if k != "ntk_distance_previous") else
               "nan-no-warning")

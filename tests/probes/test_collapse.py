@@ -214,3 +214,167 @@ def test_half_precision_features_are_upcast_exactly(rng):
     ds = neural_collapse(h16, torch.from_numpy(y), weight=W, bias=b)
     ref = reference(h16.double().numpy(), y, W, b)
     assert_rel(float(ds.nc1), ref["nc1"], 1e-9, "nc1")
+
+
+# ----------------------------------------------------------------- the classifier in the probe
+CLASSIFIER_VARS = ("nc2_equinorm_classifier", "nc2_equiangle_classifier",
+                   "nc2_coherence_classifier", "nc3", "nc4")
+
+
+def _coherence_classifier(W, classes):
+    Wc = W[classes]
+    wn = np.linalg.norm(Wc, axis=1)
+    C = len(classes)
+    cos = [Wc[i] @ Wc[j] / (wn[i] * wn[j]) for i in range(C) for j in range(i + 1, C)]
+    return np.mean(np.abs(np.array(cos) + 1 / (C - 1)))
+
+
+def _classifier_net(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 12),
+                               torch.nn.Tanh(), torch.nn.Linear(12, 4)).double()
+
+
+def _check_against_reference(ds, net, x, y, layer_slices):
+    """Every NC variable of each layer equals the float64 brute force (Papyan et al. 2020) on
+    features from a plain forward pass, with the classifier's weight and bias."""
+    W = net[4].weight.detach().numpy()
+    b = net[4].bias.detach().numpy()
+    with torch.no_grad():
+        logits = net(x).numpy()
+    for layer, upto in layer_slices.items():
+        with torch.no_grad():
+            h = net[:upto](x).numpy()
+        width_ok = h.shape[1] == W.shape[1]
+        ref = reference(h, y, W if width_ok else None, b if width_ok else None)
+        classes = np.unique(y)
+        mu = np.stack([h[y == c].mean(0) for c in classes])
+        ncc = classes[np.argmin(((h[:, None, :] - mu[None]) ** 2).sum(-1), 1)]
+        ref["nc4"] = np.mean(ncc != logits.argmax(1))  # the network's own prediction
+        if width_ok:
+            ref["nc2_coherence_classifier"] = _coherence_classifier(W, classes)
+        got = ds.sel(layer=layer)
+        for name, value in ref.items():
+            assert_rel(float(got[name].values.reshape(-1)[-1]), value, 1e-9, f"{layer} {name}")
+        if not width_ok:
+            assert np.isnan(float(got["nc3"].values.reshape(-1)[-1]))
+
+
+def _labels(n: int = 90) -> torch.Tensor:
+    return torch.arange(n) % 4
+
+
+@pytest.mark.parametrize("background", [False, "thread"])
+def test_monitor_with_classifier_gives_nc3_nc4_and_classifier_variants(background):
+    """Without a way to name the classifier, the Monitor left NC3, NC4 and the three
+    classifier variants NaN.  With probe_kwargs {"neural_collapse": {"classifier": "4"}} all
+    ten variables equal the float64 reference; layer "1" (16 wide, the classifier takes 12)
+    gets NC4 and NaN, with a warning, for the metrics comparing its means with the rows."""
+    from traindyn.dynamics.monitor import Monitor
+    from traindyn.dynamics.schedules import linear
+    from traindyn.probes.collapse import collapse_with_classifier
+
+    net = _classifier_net()
+    x = torch.randn(90, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    y = _labels()
+    with Monitor(net, probes=["rankme", "neural_collapse"], layers=["1", "3"],
+                 schedule=linear(1), probe_data=x, probe_targets=y, background=background,
+                 probe_kwargs={"neural_collapse": {"classifier": "4"}}) as monitor:
+        for step in range(2):
+            monitor.step(step)
+    ds = monitor.to_dataset()
+    assert ds["nc3"].dims == ("step", "layer")
+    _check_against_reference(ds, net, x, y.numpy(), {"1": 2, "3": 4})
+    with pytest.warns(RuntimeWarning, match="takes 12 features; layer '1' has 16"):
+        direct = collapse_with_classifier(net, x, y, ["1", "3"], "4")
+    _check_against_reference(direct, net, x, y.numpy(), {"1": 2, "3": 4})
+
+
+def test_analyze_cli_with_classifier_gives_nc3_nc4(tmp_path):
+    """``traindyn analyze --classifier net.4``: NC3, NC4 and the classifier variants of the
+    checkpoint equal the float64 reference (before: always NaN)."""
+    import xarray as xr
+    from traindyn.dynamics.cli_analyze import main
+
+    factory = tmp_path / "factory.py"
+    factory.write_text(
+        "import torch\n\n"
+        "class Net(torch.nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        torch.manual_seed(0)\n"
+        "        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(),\n"
+        "                                       torch.nn.Linear(16, 12), torch.nn.Tanh(),\n"
+        "                                       torch.nn.Linear(12, 4))\n\n"
+        "    def forward(self, x):\n"
+        "        return self.net(x)\n\n"
+        "def make():\n"
+        "    return Net()\n")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("nc_factory", factory)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    net = module.make()
+    (tmp_path / "ckpts").mkdir()
+    torch.save(net.state_dict(), tmp_path / "ckpts" / "step10.pt")
+    x = torch.randn(90, 6, generator=torch.Generator().manual_seed(2))
+    y = _labels()
+    np.save(tmp_path / "x.npy", x.numpy())
+    np.save(tmp_path / "y.npy", y.numpy())
+    out = tmp_path / "out.nc"
+    code = main([str(tmp_path / "ckpts"), "--model", f"{factory}:make", "--layers", "net.3",
+                 "--inputs", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--probes", "neural_collapse", "--classifier", "net.4", "--dtype", "float64",
+                 "--output", str(out), "--no-progress", "--no-figures"])
+    assert code == 0
+    ds = xr.load_dataset(out)
+    _check_against_reference(ds, net.net.double(), x.double(), y.numpy(), {"net.3": 4})
+
+
+def test_without_classifier_the_classifier_variables_are_nan_and_say_why():
+    """The streamed probe cannot see the classifier: its five classifier variables are NaN
+    and their declared long_name says how to get them (the others match the reference)."""
+    from traindyn.probes.evaluation import ProbePlan
+
+    h = np.random.default_rng(3).normal(size=(40, 5))
+    plan = ProbePlan(["neural_collapse"], ["a"])
+    out = plan.layer_values(plan.accumulate({"a": h}, np.arange(40) % 3))
+    values = out.per_layer(["a"])
+    assert all(np.isnan(values[v][0]) for v in CLASSIFIER_VARS)
+    assert_rel(values["nc1"][0], reference(h, np.arange(40) % 3)["nc1"], 1e-9, "nc1")
+    declared = plan.variables()
+    for name in CLASSIFIER_VARS:
+        assert "--classifier" in declared[name][1]["long_name"], name
+    assert "classifier" not in declared["nc1"][1]["long_name"]
+
+
+def test_a_classifier_that_is_not_there_is_a_clear_error():
+    from traindyn.dynamics.monitor import Monitor
+
+    net = _classifier_net()
+    with pytest.raises(ValueError, match=r"classifier 'fc' not found; modules with a weight "
+                                         r"matrix .*\['0', '2', '4'\]"):
+        with Monitor(net, probes=["neural_collapse"], layers=["3"],
+                     probe_data=torch.randn(8, 6, dtype=torch.float64),
+                     probe_targets=_labels(8),
+                     probe_kwargs={"neural_collapse": {"classifier": "fc"}}) as monitor:
+            monitor.step(0)
+
+
+def test_string_labels_are_mapped_to_sorted_indices_or_refused_with_a_classifier(rng):
+    """Class names (a raw torch error before): without a classifier they are mapped to
+    0 … C−1 in sorted order — the same numbers as those integer labels, names recorded;
+    with a weight they are a TypeError (a name does not say which row is its class)."""
+    h, y, W, _ = blobs(rng)
+    names = np.array(["cat", "dog", "eel", "fox"])[y]
+    ds = neural_collapse(h, names)
+    ref = reference(h, y)
+    for name, value in ref.items():
+        assert_rel(float(ds[name]), value, 1e-9, name)
+    assert json.loads(ds.attrs["parameters"])["classes"] == ["cat", "dog", "eel", "fox"]
+    assert float(neural_collapse(h, list(names)).nc1) == float(ds.nc1)
+    with pytest.raises(TypeError, match="class names"):
+        neural_collapse(h, names, weight=W)
+    with pytest.raises(TypeError, match="class names"):
+        CollapseAccumulator().update(h, names)

@@ -251,3 +251,121 @@ def test_equivariance_error_of_a_constant_representation_is_the_least_squares_an
     ref = (((fgx[test] - fgx[fit].mean(0)) ** 2).sum()
            / ((fgx[test] - fgx[test].mean(0)) ** 2).sum())
     assert inv.equivariance_error(fx, fgx, ridge=0.1) == pytest.approx(ref, rel=1e-12)
+
+
+# ----------------------------------------------------------------- model mode and tangents
+def _train_mode_net(seed: int = 0) -> nn.Module:
+    """Linear → BatchNorm → ReLU → Dropout(0.5) → Linear, left in train mode, with one
+    submodule deliberately in eval mode (the restored flags must be per module)."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(Flat(), nn.Linear(N, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5),
+                        nn.Linear(32, 3)).double()
+    net.train()
+    net[3].eval()
+    return net
+
+
+def _state(net: nn.Module) -> tuple[dict, list]:
+    return ({k: v.clone() for k, v in net.state_dict().items()},
+            [m.training for m in net.modules()])
+
+
+def _assert_same_state(net: nn.Module, before: tuple[dict, list]) -> None:
+    values, flags = before
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, values[k]), k  # running stats and counters bit for bit
+    assert [m.training for m in net.modules()] == flags
+
+
+def test_invariance_scores_run_in_eval_mode_and_restore_the_model():
+    """Through Dropout in train mode an identity transform scored ~0.7 and each call moved
+    BatchNorm's running statistics.  Now: identity → distance exactly 0, CKA 1, equivariance
+    error 0; a real transform's distance equals the Speicher et al. formula on the outputs of
+    a plain eval-mode forward pass of a copy; state and per-module flags restored."""
+    import copy
+
+    net = _train_mode_net()
+    x = torch.randn(40, 1, N, dtype=F64, generator=torch.Generator().manual_seed(1))
+    before = _state(net)
+    ds = inv.invariance_scores(net, x, {"identity": lambda z: z,
+                                        "noise": partial(inv.add_noise, sigma=0.3)},
+                               layers=["5"])
+    _assert_same_state(net, before)
+    assert float(ds.invariance_distance.sel(transform="identity")[0]) == 0.0
+    assert float(ds.invariance_cka.sel(transform="identity")[0]) == pytest.approx(1.0, abs=1e-14)
+    # the identity map fitted by ridge (λ = 1e-3): only the shrinkage is left
+    assert 0 <= float(ds.equivariance_error.sel(transform="identity")[0]) < 1e-4
+    ref = copy.deepcopy(net).eval()
+    with torch.no_grad():
+        fx = ref(x).numpy()
+        fgx = ref(inv.add_noise(x, 0.3)).numpy()
+    num = np.linalg.norm(fgx - fx, axis=1).mean()
+    den = np.linalg.norm(fx[:, None] - fx[None], axis=-1).sum() / (40 * 39)
+    assert float(ds.invariance_distance.sel(transform="noise")[0]) == pytest.approx(
+        num / den, rel=1e-12)
+
+
+def test_lie_derivative_runs_in_eval_mode_and_restores_the_model():
+    """The Lie derivative of a train-mode model equals the one of its eval-mode copy (itself
+    checked against a central finite difference of eval-mode outputs), and the model's
+    running statistics and flags are unchanged afterwards."""
+    import copy
+
+    net = _train_mode_net(2)
+    x = torch.randn(24, 1, N, dtype=F64, generator=torch.Generator().manual_seed(3))
+    before = _state(net)
+    lie = inv.lie_derivative(net, x, inv.translate, layers=["2", "5"])
+    _assert_same_state(net, before)
+    ref = copy.deepcopy(net).eval()
+    h = 1e-6
+    for name in ("2", "5"):
+        plus = inv.layer_features(ref, inv.translate(x, h), [name])[name]
+        minus = inv.layer_features(ref, inv.translate(x, -h), [name])[name]
+        torch.testing.assert_close(lie[name], (plus - minus) / (2 * h), atol=1e-6, rtol=1e-6)
+    scores = inv.lie_derivative_scores(net, x, {"translate": inv.translate}, layers=["5"])
+    _assert_same_state(net, before)
+    assert float(scores.lie_derivative[0, 0]) == pytest.approx(
+        float(lie["5"].square().mean()), rel=1e-12)
+
+
+class _Detached(nn.Module):
+    """``b(tanh(a(x)).detach())``: forward-mode AD cannot see through the detach."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.a, self.b = nn.Linear(N, 8).double(), nn.Linear(8, 3).double()
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.reshape(x.shape[0], -1))).detach())
+
+
+def test_a_layer_no_tangent_reaches_is_nan_with_a_warning_not_zero():
+    """Through ``detach()`` the Lie derivative used to read exactly 0 ("perfectly
+    equivariant"; the true value, by finite differences, is far from 0).  Now that layer is
+    NaN with a warning naming it; the layer before the detach keeps its value (central
+    difference reference).  A transformation written in numpy carries no tangent at all:
+    every layer NaN, and the warning says why."""
+    model = _Detached()
+    x = torch.randn(12, 1, N, dtype=F64, generator=torch.Generator().manual_seed(5))
+    with pytest.warns(RuntimeWarning, match=r"no tangent reached layers \['b'\]"):
+        lie = inv.lie_derivative(model, x, inv.translate, layers=["a", "b"])
+    assert torch.isnan(lie["b"]).all()
+    h = 1e-6
+    fd = {n: (inv.layer_features(model, inv.translate(x, h), [n])[n]
+              - inv.layer_features(model, inv.translate(x, -h), [n])[n]) / (2 * h)
+          for n in ("a", "b")}
+    torch.testing.assert_close(lie["a"], fd["a"], atol=1e-6, rtol=1e-6)
+    assert float(fd["b"].square().mean()) > 1e-3  # the true derivative is not zero
+
+    def numpy_shift(z, t):
+        return torch.as_tensor(np.roll(z.detach().numpy(), 1, -1) * float(t) + z.detach().numpy())
+
+    with pytest.warns(RuntimeWarning, match="carries no tangent"):
+        lie = inv.lie_derivative(model, x, numpy_shift, layers=["a", "b"])
+    assert all(torch.isnan(v).all() for v in lie.values())
+    with pytest.warns(RuntimeWarning, match="no tangent reached"):
+        ds = inv.lie_derivative_scores(model, x, {"translate": inv.translate}, layers=["a", "b"])
+    assert np.isnan(float(ds.lie_derivative.sel(layer="b")[0]))
+    assert float(ds.lie_derivative.sel(layer="a")[0]) == pytest.approx(
+        float(fd["a"].square().mean()), rel=1e-6)

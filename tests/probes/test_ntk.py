@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from traindyn.probes import _ntk_structured as st
 from traindyn.probes.ntk import (
-    NTKProbe,
     batch_coupled_modules,
     conjugate_kernel,
     empirical_ntk,
     select_parameters,
 )
+from traindyn.probes.ntk_probe import NTKProbe
 from traindyn.probes.registry import get_model_probe
 
 from tests.helpers import assert_rel
@@ -525,7 +525,7 @@ def test_unit_signal_output_layer_is_detected_exactly():
 def test_nonfinite_check_is_not_fooled_by_an_overflowing_sum():
     """The one-reduction check: finite entries whose float32 sum overflows raise no warning;
     an infinite entry is counted."""
-    from traindyn.probes.ntk import _warn_nonfinite
+    from traindyn.probes._ntk_kernel import warn_nonfinite as _warn_nonfinite
 
     K = torch.full((3, 3), 3e38, dtype=torch.float32)  # sum = inf, every entry finite
     assert not torch.isfinite(K.sum())
@@ -699,3 +699,74 @@ def test_returned_output_layer_is_recognised_from_the_recording(monkeypatch):
         assert len(F.unit) == unit, type(model).__name__
         ref = brute_ntk(model, x)
         assert rel_err(empirical_ntk(model, x, output="full", method="structured"), ref) < 1e-12
+
+
+# ----------------------------------------------------------------- inputs the model cannot take
+@pytest.mark.parametrize("case", ["int", "bool", "1-D", "width", "x2 width"])
+def test_inputs_the_model_cannot_take_are_a_clear_value_error(case):
+    """Integer, boolean, 1-D or wrong-width inputs used to fail deep inside torch ("mat1 and mat2
+    must have the same dtype"); now a ValueError names the input's shape and dtype and what the
+    first layer takes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(6, 5)
+    args = {"int": (torch.randint(0, 3, (6, 5)),), "bool": (torch.ones(6, 5, dtype=torch.bool),),
+            "1-D": (torch.randn(5),), "width": (torch.randn(6, 4),),
+            "x2 width": (x, torch.randn(3, 7))}[case]
+    name = "x2" if case == "x2 width" else "x1"
+    want = {"int": r"dtype torch\.int64: .*Linear\(in_features=5.* torch\.float32 inputs of "
+                   r"shape \(n, …, 5\) \(convert x1 to floating point",
+            "bool": r"x1 has dtype torch\.bool; its first layer Linear",
+            "1-D": r"shape \(5,\).*x1 is 1-D: a batch of 5 scalars; one sample of 5 features "
+                   r"is x1\[None\]",
+            "width": r"x1 of shape \(6, 4\) .*shape \(n, …, 5\)",
+            "x2 width": r"x2 of shape \(3, 7\)"}[case]
+    with pytest.raises(ValueError, match=want) as err:
+        empirical_ntk(model, *args)
+    assert name in str(err.value)
+
+
+def test_integer_token_ids_still_work_for_an_embedding_model():
+    """The check runs the model on one sample; integer ids into an Embedding are fine, and the
+    kernel equals the float64 brute-force Jacobian contraction."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 2)).double()
+    ids = torch.randint(0, 10, (5, 3))
+    K = empirical_ntk(model, ids)
+    rows = []
+    for i in range(5):
+        out = model(ids[i:i + 1])[0]
+        grads = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(out[a], list(
+            model.parameters()), retain_graph=True, allow_unused=False)]) for a in range(2)]
+        rows.append(torch.stack(grads))
+    J = torch.stack(rows)  # (n, k, P)
+    ref = torch.einsum("iap,jap->ij", J, J)
+    torch.testing.assert_close(K, ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"token ids in 0\.\.9"):
+        empirical_ntk(model, torch.full((2, 3), 12))
+
+
+def test_ntk_and_its_probe_import_in_one_direction_only():
+    """probes.ntk imports probes.ntk_probe (which registers the "ntk" probe); neither
+    probes.ntk_probe nor the private NTK modules import probes.ntk, at any level."""
+    import ast
+    from pathlib import Path
+
+    import traindyn.probes as pkg
+
+    root = Path(pkg.__file__).parent
+
+    def imported(path: Path) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+                names.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                names.update(a.name for a in node.names)
+        return names
+
+    for path in [root / "ntk_probe.py", *root.glob("_ntk_*.py")]:
+        assert "traindyn.probes.ntk" not in imported(path), path.name
+    assert "traindyn.probes.ntk_probe" in imported(root / "ntk.py")
+    assert get_model_probe("ntk") is not None

@@ -243,3 +243,127 @@ def test_minibatch_cka_dataset_and_layer_matrix():
     full = sim.cka_matrix(feats, debiased=True)
     np.testing.assert_allclose(ds.cka.values, full.cka.values, rtol=1e-12)
     assert ds.cka.dims == ("layer", "layer2")
+
+
+# ----------------------------------------------------------------- scale and offset
+def ref_hsic_unbiased(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
+    """Song et al. (2012), Eq. 5, in float64 numpy (zero-diagonal kernels)."""
+    n = len(k)
+    k, l = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))  # noqa: E741
+    one = np.ones(n)
+    return (np.trace(k @ l) + (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (one @ k @ l @ one)) / (n * (n - 3))
+
+
+def ref_debiased_cka(x: np.ndarray, y: np.ndarray) -> float:
+    k, l = x @ x.T, y @ y.T  # noqa: E741
+    return ref_hsic_unbiased(k, l) / np.sqrt(ref_hsic_unbiased(k, k) * ref_hsic_unbiased(l, l))
+
+
+def _pair_xy(n: int = 40) -> tuple[np.ndarray, np.ndarray]:
+    x = RNG.standard_normal((n, 7))
+    return x, np.tanh(x @ RNG.standard_normal((7, 5))) + 0.3 * RNG.standard_normal((n, 5))
+
+
+SCALES = [1e-150, 1e-40, 1e-4, 1e4, 1e38, 1e150]
+
+
+@pytest.mark.parametrize("c", SCALES)
+def test_cka_is_scale_invariant_in_floating_point(c):
+    """CKA(c·X, Y) = CKA(X, Y) to 1e-12 for c from 1e-150 to 1e150: the references are the
+    float64 formulas (Kornblith et al. 2019, Eq. 5; Song et al. 2012, Eq. 5) on the unscaled
+    X, where nothing overflows.  (A layer 1e4 times larger than another used to be called
+    constant, features at 1e38 gave 0.)"""
+    x, y = _pair_xy()
+    assert sim.linear_cka(c * x, y) == pytest.approx(ref_linear_cka(x, y), rel=1e-12)
+    assert sim.linear_cka(c * x, c * y) == pytest.approx(ref_linear_cka(x, y), rel=1e-12)
+    assert sim.debiased_cka(c * x, y) == pytest.approx(ref_debiased_cka(x, y), rel=1e-12)
+    assert sim.rbf_cka(c * x, y) == pytest.approx(
+        ref_biased_cka(ref_rbf(x, 0.5), ref_rbf(y, 0.5)), rel=1e-12)
+    assert sim.cka(c * (x @ x.T), y @ y.T) == pytest.approx(ref_linear_cka(x, y), rel=1e-12)
+
+
+@pytest.mark.parametrize("debiased", [False, True])
+def test_layers_of_very_different_scales_in_one_matrix(debiased):
+    """Raw pixels (~1e2) beside logits (~1e-2) and a layer at 1e200: every entry of the
+    layer × layer matrix, of checkpoint CKA and of minibatch CKA equals the float64 formula
+    on the unscaled features; none is reported constant."""
+    x, y = _pair_xy(48)
+    z = RNG.standard_normal((48, 3))
+    feats = {"pixels": 1e2 * x, "logits": 1e-2 * y, "huge": 1e200 * z}
+    unscaled = [x, y, z]
+    ref = ref_debiased_cka if debiased else ref_linear_cka
+    want = np.array([[ref(a, b) for b in unscaled] for a in unscaled])
+    np.testing.assert_allclose(sim.cka_matrix(feats, debiased=debiased).cka.values, want,
+                               rtol=1e-12)
+    ds = sim.checkpoint_cka({0: {"l": 1e-3 * x}, 5: {"l": 1e3 * y}}, reference="first",
+                            debiased=debiased)
+    assert float(ds.cka_first.sel(step=5)[0]) == pytest.approx(ref(x, y), rel=1e-12)
+    if debiased:
+        mb = sim.minibatch_cka(feats, batch_size=48).cka.values
+        np.testing.assert_allclose(mb, want, rtol=1e-12)
+
+
+def test_minibatch_merge_of_accumulators_that_started_at_different_scales():
+    """Each accumulator keeps its layers at the scale of its first batch; merging brings the
+    other's sums to this one's: equal to one sequential pass, and hsic() in the input's units
+    equals the mean of per-batch float64 unbiased HSICs (Nguyen et al. 2021, Eq. 3)."""
+    x, y = _pair_xy(48)
+    scale = [1.0, 1.0, 1e5, 1e5]  # the second accumulator's first batch is 1e5 times larger
+    seq, a, b = sim.MinibatchCKA(), sim.MinibatchCKA(), sim.MinibatchCKA()
+    for j, i in enumerate(range(0, 48, 12)):
+        batch = [scale[j] * x[i:i + 12], y[i:i + 12]]
+        seq.update(batch)
+        (a if i < 24 else b).update(batch)
+    np.testing.assert_allclose(a.merge(b).compute(), seq.compute(), rtol=1e-12)
+    mean_xy = np.mean([ref_hsic_unbiased(scale[j] ** 2 * x[i:i + 12] @ x[i:i + 12].T,
+                                         y[i:i + 12] @ y[i:i + 12].T)
+                       for j, i in enumerate(range(0, 48, 12))])
+    assert float(seq.hsic()[0][0, 1]) == pytest.approx(mean_xy, rel=1e-12)
+
+
+def test_debiased_cka_with_a_large_offset_keeps_its_accuracy():
+    """The unbiased HSIC is invariant to shifting the features; centring before it keeps that
+    true in floating point (offset 3e3 used to cost 16 %; pixels at 255 a few per cent)."""
+    x, y = _pair_xy(60)
+    want = ref_debiased_cka(x - x.mean(0), y - y.mean(0))
+    for offset in (255.0, 3e3, 1e6):
+        assert sim.debiased_cka(x + offset, y) == pytest.approx(want, rel=1e-10)
+        assert sim.rbf_cka(x + offset, y - offset, debiased=True) == pytest.approx(
+            sim.rbf_cka(x, y, debiased=True), rel=1e-10)
+
+
+def test_procrustes_distance_at_extreme_scales():
+    """2 − 2‖X̂ᵀŶ‖_* (Ding et al. 2021) for features whose squares overflow or underflow:
+    0 for X against itself, and the scipy reference on the unscaled features otherwise."""
+    from scipy.linalg import orthogonal_procrustes
+
+    x, y = _pair_xy()
+    y = y[:, :5]
+    xc, yc = x[:, :5] - x[:, :5].mean(0), y - y.mean(0)
+    xc, yc = xc / np.linalg.norm(xc), yc / np.linalg.norm(yc)
+    r, _ = orthogonal_procrustes(yc, xc)
+    expected = np.linalg.norm(xc - yc @ r) ** 2
+    for c in (1e-160, 1e160, 1e300):
+        assert sim.procrustes_distance(c * x, c * x) == pytest.approx(0.0, abs=1e-12)
+        assert sim.procrustes_distance(c * x[:, :5], y) == pytest.approx(expected, rel=1e-12)
+
+
+def test_constant_is_judged_against_the_representations_own_scale():
+    """A representation whose rows are equal (1/3, not a float: its mean has a rounding
+    error) is constant at any scale, beside a non-constant one of any scale; one whose rows
+    differ by 1e-9 of its size is not, even beside a layer 1e12 times larger."""
+    x, _ = _pair_xy(20)
+    for c in (1e-200, 1.0, 1e200):
+        const = np.full((20, 4), c / 3.0)
+        for fn in (sim.linear_cka, sim.debiased_cka, sim.rbf_cka, sim.procrustes_distance):
+            with pytest.warns(RuntimeWarning, match="constant"):
+                assert np.isnan(fn(1e6 * x, const))
+    small = 1.0 + 1e-9 * x[:, :3]
+    want = ref_linear_cka(small - 1.0, x)
+    assert sim.linear_cka(small, 1e12 * x) == pytest.approx(want, rel=1e-6)
+    with pytest.warns(RuntimeWarning, match="undefined"):
+        m = sim.cka_matrix({"small": 1e-12 * x, "big": 1e12 * x,
+                            "const": np.full((20, 2), 7.1)}).cka.values
+    np.testing.assert_allclose(m[:2, :2], 1.0, rtol=1e-12)
+    assert np.isnan(m[2]).all() and np.isnan(m[:, 2]).all()

@@ -97,8 +97,35 @@ def test_weight_spectra_of_a_model_covers_every_matrix():
         assert {"long_name", "units"} <= set(ds[var].attrs)
     one = weight_spectra(model, layers=["2"])
     assert list(one.layer.values) == ["2.weight"]
-    with pytest.raises(KeyError, match="available"):
+    with pytest.raises(ValueError, match="layer 'nope' not found; layers with a weight matrix: "
+                                         "0, 2, 4"):
         weight_spectra(model, layers=["nope"])
+
+
+def test_a_layer_without_a_weight_matrix_is_refused_naming_it_and_the_layers_that_have_one():
+    """An activation, a container, a norm layer's 1-D weight: each a ValueError that names the
+    layer, says why and lists the layers with a weight matrix (or, for a container, its own);
+    a single name as a string is one layer (not its characters).  The values of a valid
+    layer: numpy's 2-norm."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Sequential(nn.Linear(7, 6),
+                                                                    nn.LayerNorm(6)),
+                          nn.Linear(6, 2))
+    with pytest.raises(ValueError, match=r"layer '1' \(ReLU\) has no weight matrix; layers "
+                                         r"with a weight matrix: 0, 2\.0, 3"):
+        weight_spectra(model, layers=["1"])
+    with pytest.raises(ValueError, match=r"layer '2' \(Sequential\) has no weight of its own; "
+                                         r"its sub-modules with a weight matrix: 2\.0"):
+        weight_spectra(model, layers="2")
+    with pytest.raises(ValueError, match=r"layer '2\.1' \(LayerNorm\) has a 1-D weight"):
+        weight_spectra(model, layers=["2.1"])
+    with pytest.raises(ValueError, match="layers is empty; layers with a weight matrix: 0, "):
+        weight_spectra(model, layers=[])
+    with pytest.raises(ValueError, match="'b' is not a matrix"):
+        weight_spectra({"a.weight": np.ones((3, 4)), "b": np.ones(3)}, layers=["b"])
+    ds = weight_spectra(model, layers="3")
+    assert float(ds.spectral_norm[0]) == pytest.approx(
+        np.linalg.norm(model[3].weight.detach().double().numpy(), 2), rel=1e-10)
 
 
 def test_bad_weights():

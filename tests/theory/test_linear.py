@@ -93,3 +93,34 @@ def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="non-negative"):
         theory.advani_saxe([-1.0], 2.0)
     assert np.isinf(theory.advani_saxe_asymptote(1.0).test_error)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 2.0])
+def test_a_scalar_time_gives_a_scalar_prediction(alpha):
+    """advani_saxe(3.0, α) used to crash inside xarray.  A scalar time gives 0-d variables with
+    a 0-d ``time`` coordinate; the value is the test error of Advani & Saxe (2017) integrated
+    with scipy.integrate.quad over the Marchenko–Pastur density (plus the frozen atom), and
+    equals the same time taken from an array."""
+    from scipy.integrate import quad
+
+    t, noise, teacher = 3.0, 0.25, 1.0
+    ds = theory.advani_saxe(t, alpha, noise_var=noise, teacher_var=teacher)
+    assert ds.test_error.dims == () and float(ds.time) == t
+
+    lo, hi = (1 - np.sqrt(alpha)) ** 2, (1 + np.sqrt(alpha)) ** 2
+
+    def rho(lam):  # MP density of the non-zero eigenvalues, mass min(1, α)
+        return np.sqrt((hi - lam) * (lam - lo)) / (2 * np.pi * lam)
+
+    def integrand(lam):
+        d = np.exp(-lam * t)
+        return rho(lam) * (teacher * d**2 + noise / lam * (1 - d) ** 2)
+
+    want = noise + max(1 - alpha, 0) * teacher + quad(integrand, lo, hi, epsabs=1e-13,
+                                                       epsrel=1e-12)[0]
+    assert float(ds.test_error) == pytest.approx(want, rel=1e-8)
+    from_array = theory.advani_saxe([0.0, t], alpha, noise_var=noise, teacher_var=teacher)
+    assert float(from_array.test_error.sel(time=t)) == float(ds.test_error)
+    gd = theory.advani_saxe(t, alpha, learning_rate=0.01)
+    assert gd.train_error.dims == () and float(gd.train_error) == float(
+        theory.advani_saxe([t], alpha, learning_rate=0.01).train_error[0])
