@@ -13,13 +13,14 @@
 
 Three kinds of probe (``probes=`` takes names or objects, mixed):
 
-* *feature probes* (``probes.registry.FEATURE_PROBES``: ``rankme``, ``alpha_req`` …) map the
-  captured ``(n, d)`` features of each layer to a number; they give ``(step, layer)``
-  variables.  A feature probe whose function takes ``labels`` receives ``probe_targets``;
-  ``"neural_collapse"`` (``probes.collapse``) gives its NC variables per layer this way.
-* *model probes* (``probes.registry.MODEL_PROBES``) are stateful callables
-  ``probe(model, inputs, targets) -> {variable: value}`` made once per monitor; a value is a
-  number (a ``(step,)`` variable) or an ``xarray.DataArray`` with its own dims.
+* *feature probes* (``consumes="features"`` in ``probes.registry``: ``rankme``,
+  ``alpha_req`` …) map the captured ``(n, d)`` features of each layer to a number; they give
+  ``(step, layer)`` variables.  A labelled probe (``consumes="labelled_features"``) receives
+  ``probe_targets``; ``"neural_collapse"`` (``probes.collapse``) gives its NC variables per
+  layer this way.
+* *model probes* (``consumes="model"``) are callables
+  ``probe(model, inputs, targets) -> {variable: value}``; a value is a number (a ``(step,)``
+  variable) or an ``xarray.DataArray`` with its own dims.
 * scalars passed to :meth:`Monitor.step` (losses, accuracies) give ``(step,)`` variables.
 
 **The training run is not disturbed.**  An evaluation runs in eval mode under
@@ -274,9 +275,10 @@ class Monitor:
     Parameters
     ----------
     model : nn.Module
-    probes : sequence of str, FeatureProbe or ModelProbe
-        Feature-probe names (``"rankme"``, ``"alpha_req"``, ``"neural_collapse"`` …),
-        model-probe names (``probes.registry.MODEL_PROBES``) or probe objects.
+    probes : sequence of str or Probe
+        Registered probe names (``"rankme"``, ``"alpha_req"``, ``"neural_collapse"``,
+        ``"ntk"`` …; ``probes.registry.all_probes()``) or :class:`~probes.registry.Probe`
+        objects.
     layers : sequence of str
         Module names or glob patterns for the feature probes (unknown names raise
         ``KeyError`` listing the modules).
@@ -578,6 +580,7 @@ class Monitor:
         """One evaluation as a Dataset with a length-1 ``step`` dimension (not recorded).
 
         Always synchronous (whatever ``background`` is)."""
+        self._eval.check_scalars(scalars)
         with preserved_state(self.model):
             with torch.no_grad():
                 features = self._feature_measurement(step)
@@ -675,6 +678,7 @@ class Monitor:
         In background mode the feature probes and the store are handed to the worker (thread
         or process), finished results are collected without waiting, and an error of an
         earlier background evaluation is raised here."""
+        self._eval.check_scalars(scalars)
         if self._pending:
             self._raise_finished_errors()
         if self._worker is not None and self._worker.pending:

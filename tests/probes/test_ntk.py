@@ -16,7 +16,7 @@ from traindyn.probes.ntk import (
     empirical_ntk,
     select_parameters,
 )
-from traindyn.probes.registry import get_model_probe
+from traindyn.probes.registry import get_probe
 
 from tests.helpers import assert_rel
 
@@ -236,7 +236,7 @@ def test_ntk_model_probe_tracks_alignment_and_motion():
     with torch.no_grad():  # the monitor calls probes under no_grad
         r0 = probe(model, x, y)
     # the stateful NTKProbe knows no times: every contract variable but the velocity
-    assert set(r0) == set(get_model_probe("ntk").variables) - {"ntk_velocity"}
+    assert set(r0) == set(get_probe("ntk").variables) - {"ntk_velocity"}
     assert r0["ntk_relative_change"] == 0 and np.isnan(r0["ntk_distance_previous"])
     K0 = torch.einsum("ijaa->ij", brute_ntk(model, x))
     assert_rel(r0["ntk_alignment"], _expected(K0, K0, None, y)[0], 1e-8, "alignment")
@@ -256,7 +256,7 @@ def test_ntk_contract_probe_through_evaluate_and_resumed_from_saved_states():
     second from its saved (numpy) states gives the identical third evaluation."""
     from traindyn.probes.evaluation import ProbePlan, ReferenceBook, evaluate
 
-    spec = get_model_probe("ntk")
+    spec = get_probe("ntk")
     assert spec.consumes == "model" and spec.reference == ("first", "previous")
     model, x, y = _probe_setup()
     plan = ProbePlan(["ntk"], [])
