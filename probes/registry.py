@@ -95,6 +95,7 @@ modules (``probes.spectral``, ``probes.collapse``, ``probes.weights``, ``probes.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 from collections.abc import Callable, Mapping
@@ -255,8 +256,13 @@ ACCUMULATORS: dict[str, Accumulator] = {}
 def _same(a: Probe, b: Probe) -> bool:
     """Whether two probes are the same declaration (every field equal, functions identical):
     registering it again (a provider's ``register_probes()`` called twice) changes nothing."""
-    return all(getattr(a, f.name) is getattr(b, f.name) or getattr(a, f.name) == getattr(
-        b, f.name) for f in fields(Probe))
+    return all(_equal(getattr(a, f.name), getattr(b, f.name)) for f in fields(Probe))
+
+
+def _equal(x: Any, y: Any) -> bool:
+    if isinstance(x, functools.partial) and isinstance(y, functools.partial):
+        return (x.func is y.func and x.args == y.args and x.keywords == y.keywords)
+    return x is y or x == y
 
 
 def _collisions(probe: Probe) -> tuple[bool, dict[str, list[str]]]:
