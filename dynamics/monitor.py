@@ -520,15 +520,16 @@ class Monitor:
         data = self.probe_data
         return [data] if isinstance(data, torch.Tensor) else list(data)
 
-    def _capture(self, clone: bool = True) -> dict[str, torch.Tensor]:
-        """Features of every layer on the probe batch (call inside preserved state, no_grad);
-        detached copies (if ``clone``), so later training cannot change them."""
+    def _capture(self) -> dict[str, torch.Tensor]:
+        """Features of every layer on the probe batch (call inside preserved state, no_grad):
+        detached values that share no memory with the model's outputs (``probes.capture``
+        copies what would alias them), so neither in-place operations later in the forward
+        pass nor later training can change them."""
         self.model.eval()
         with capture(self.model, self.layers, reduce=self.reduce) as cap:
             for batch in self._batches():
                 self.model(batch)
-        return {name: f.detach().clone() if clone else f.detach()
-                for name, f in cap.activations().items()}
+        return cap.activations()
 
     def _probe_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of every scalar feature probe, from captured
@@ -706,8 +707,7 @@ class Monitor:
                 raise RuntimeError("the monitor is closed: its worker process has exited")
             with preserved_state(self.model):
                 with torch.no_grad():
-                    # process mode copies once, below (to the CPU)
-                    feats = (self._capture(clone=not process)
+                    feats = (self._capture()
                              if self.plan.has_layer_probes and features_due else None)
                     arrays = (None if feats is None or not process
                               else {k: to_numpy(v) for k, v in feats.items()})

@@ -491,6 +491,46 @@ def test_ntk_through_the_monitor_and_analyze_equals_brute_force_jacobians(name, 
             expected[1]["ntk_distance_previous"])
 
 
+def test_log_partition_through_the_monitor_and_analyze_equals_numpy_logsumexp(tmp_path):
+    """The output-logit probe (Wortsman et al. 2023, Sec. 3.2) on the MLP with Dropout, in eval
+    mode: mean over the batch of log Σ_v exp(y_v), by numpy in float64, and its drift from the
+    first step."""
+    from traindyn.dynamics.analyze import analyze
+
+    s = series("mlp")
+    logits = []
+    for t in range(len(STEPS)):
+        with torch.no_grad():
+            y = s.model(t).eval()(s.x).numpy()
+        top = y.max(1, keepdims=True)
+        logits.append(float((top[:, 0] + np.log(np.exp(y - top).sum(1))).mean()))
+    expected = {"mean_log_z": np.array(logits),
+                "log_z_drift": np.array(logits) - logits[0]}
+    model = s.model(0)
+    monitor = Monitor(model, probes=["log_partition"], layers=[], probe_data=s.x,
+                      schedule=lambda step: True)
+    with monitor:
+        for t, step in enumerate(STEPS):
+            model.load_state_dict(s.states[t])
+            monitor.step(step)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for t, step in enumerate(STEPS):
+        torch.save(s.states[t], folder / f"step{step}.pt")
+    torch.save(s.x, tmp_path / "x.pt")
+    ds_a = analyze(folder, model="tests._zoo:mlp", layers=["0"], inputs=str(tmp_path / "x.pt"),
+                   probes=["log_partition"], dtype="float64", batch_size=len(s.x),
+                   progress=False)
+    for path, ds in (("monitor-sync", monitor.to_dataset()), ("analyze", ds_a)):
+        worst = 0.0
+        for var, want in expected.items():
+            got = ds[var].values
+            scale = np.abs(want).max()
+            assert np.all(np.abs(got - want) <= 1e-12 * scale), (path, var, got, want)
+            worst = max(worst, float((np.abs(got - want) / scale).max()))
+        REPORT[("mlp", "log_partition", path)] = worst
+
+
 # ---------------------------------------------------------------- structure
 def test_the_shared_relu_of_resnet_blocks_is_refused_by_name_and_calls_last_is_the_block():
     s = series("resnet18")
