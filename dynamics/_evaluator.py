@@ -10,6 +10,7 @@ Used by :mod:`dynamics.monitor`; not public.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 import xarray as xr
 from traindyn.dynamics import records
 from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook
+from traindyn.probes.registry import RESERVED
 
 __all__ = ["Evaluator", "to_numpy"]
 
@@ -75,6 +77,18 @@ class Evaluator:
         self.__dict__.update(state)
         if isinstance(self.labels, np.ndarray):
             self.labels = torch.from_numpy(self.labels)
+
+    def check_scalars(self, scalars: Mapping[str, Any]) -> None:
+        """Refuse scalars named like a probe's variable or a coordinate (``ValueError``): the
+        Dataset would hold one of the two values under that name."""
+        taken = [name for name in scalars if name in self.plan.variables() or name in RESERVED]
+        if taken:
+            owners = {v: p.name for p in self.plan.probes for v in p.variables}
+            what = ", ".join(f"{n!r} (a variable of probe {owners[n]!r})" if n in owners
+                             else f"{n!r} (a coordinate)" for n in taken)
+            raise ValueError(f"scalars {what} would overwrite what the monitor records under "
+                             "that name; pass them under another name (e.g. "
+                             f"{taken[0] + '_user'}=...)")
 
     def feature_measurement(self, feats: Mapping[str, Any], step: int | None = None
                             ) -> Measurement:
@@ -174,11 +188,26 @@ class Evaluator:
             data_vars[name] = ("step", [float(value)], records.variable_attrs(name))
         if self.seed is not None:
             coords["seed"] = self.seed
+        self._surface(step, measurement)
         ds = xr.Dataset(data_vars, coords=coords)
         if arrays:
             ds = xr.merge([ds, *arrays], join="outer", combine_attrs="override")
         ds.attrs = self.attrs()
         return ds
+
+    def _surface(self, step: int, measurement: Measurement) -> None:
+        """Re-raise the probes' warnings of an evaluation as ``RuntimeWarning`` (each text once
+        per monitor), so a NaN's reason is not lost: a Monitor's Dataset has no notes."""
+        seen = self.__dict__.setdefault("_surfaced", set())
+        filed = {t for notes in measurement.layer_notes.values() for t in notes}
+        texts = [*(t for t in measurement.notes if t not in filed),
+                 *(f"layer {layer!r}: {t}" for layer, notes in measurement.layer_notes.items()
+                   for t in notes)]
+        for text in dict.fromkeys(texts):
+            if text not in seen:
+                seen.add(text)
+                warnings.warn(f"traindyn Monitor, step {step}: {text}", RuntimeWarning,
+                              stacklevel=3)
 
     def evaluate(self, step: int, feats: Mapping[str, Any] | None, extra: Measurement,
                  scalars: Mapping[str, float], weights: Mapping[str, Any] | None = None

@@ -786,8 +786,9 @@ def analyze(
         objects
         Default ``rankme``, ``rankme_covariance``, ``alpha_req`` (which adds ``alpha_req_r2``).
         Feature, labelled, parameter (``weight_spectra``), model (``ntk`` …) and reference
-        probes all run; stateful model probes written before the probe contract (a
-        ``factory``) cannot be resumed and fail the checkpoint with that reason.
+        probes all run (``attention_logits`` and ``log_partition`` included); a model probe
+        that keeps private state (a ``factory``) cannot be resumed and fails the checkpoint
+        with that reason.
     probe_kwargs : {probe: {argument: value}}
         e.g. ``{"alpha_req": {"fit_range": (11, 100)}}``.
     layers : module names or dotted glob patterns (:func:`match_layers`)

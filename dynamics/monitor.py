@@ -13,13 +13,14 @@
 
 Three kinds of probe (``probes=`` takes names or objects, mixed):
 
-* *feature probes* (``probes.registry.FEATURE_PROBES``: ``rankme``, ``alpha_req`` …) map the
-  captured ``(n, d)`` features of each layer to a number; they give ``(step, layer)``
-  variables.  A feature probe whose function takes ``labels`` receives ``probe_targets``;
-  ``"neural_collapse"`` (``probes.collapse``) gives its NC variables per layer this way.
-* *model probes* (``probes.registry.MODEL_PROBES``) are stateful callables
-  ``probe(model, inputs, targets) -> {variable: value}`` made once per monitor; a value is a
-  number (a ``(step,)`` variable) or an ``xarray.DataArray`` with its own dims.
+* *feature probes* (``consumes="features"`` in ``probes.registry``: ``rankme``,
+  ``alpha_req`` …) map the captured ``(n, d)`` features of each layer to a number; they give
+  ``(step, layer)`` variables.  A labelled probe (``consumes="labelled_features"``) receives
+  ``probe_targets``; ``"neural_collapse"`` (``probes.collapse``) gives its NC variables per
+  layer this way.
+* *model probes* (``consumes="model"``) are callables
+  ``probe(model, inputs, targets) -> {variable: value}``; a value is a number (a ``(step,)``
+  variable) or an ``xarray.DataArray`` with its own dims.
 * scalars passed to :meth:`Monitor.step` (losses, accuracies) give ``(step,)`` variables.
 
 **The training run is not disturbed.**  An evaluation runs in eval mode under
@@ -274,9 +275,10 @@ class Monitor:
     Parameters
     ----------
     model : nn.Module
-    probes : sequence of str, FeatureProbe or ModelProbe
-        Feature-probe names (``"rankme"``, ``"alpha_req"``, ``"neural_collapse"`` …),
-        model-probe names (``probes.registry.MODEL_PROBES``) or probe objects.
+    probes : sequence of str or Probe
+        Registered probe names (``"rankme"``, ``"alpha_req"``, ``"neural_collapse"``,
+        ``"ntk"`` …; ``probes.registry.all_probes()``) or :class:`~probes.registry.Probe`
+        objects.
     layers : sequence of str
         Module names or glob patterns for the feature probes (unknown names raise
         ``KeyError`` listing the modules).
@@ -518,15 +520,16 @@ class Monitor:
         data = self.probe_data
         return [data] if isinstance(data, torch.Tensor) else list(data)
 
-    def _capture(self, clone: bool = True) -> dict[str, torch.Tensor]:
-        """Features of every layer on the probe batch (call inside preserved state, no_grad);
-        detached copies (if ``clone``), so later training cannot change them."""
+    def _capture(self) -> dict[str, torch.Tensor]:
+        """Features of every layer on the probe batch (call inside preserved state, no_grad):
+        detached values that share no memory with the model's outputs (``probes.capture``
+        copies what would alias them), so neither in-place operations later in the forward
+        pass nor later training can change them."""
         self.model.eval()
         with capture(self.model, self.layers, reduce=self.reduce) as cap:
             for batch in self._batches():
                 self.model(batch)
-        return {name: f.detach().clone() if clone else f.detach()
-                for name, f in cap.activations().items()}
+        return cap.activations()
 
     def _probe_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of every scalar feature probe, from captured
@@ -578,6 +581,7 @@ class Monitor:
         """One evaluation as a Dataset with a length-1 ``step`` dimension (not recorded).
 
         Always synchronous (whatever ``background`` is)."""
+        self._eval.check_scalars(scalars)
         with preserved_state(self.model):
             with torch.no_grad():
                 features = self._feature_measurement(step)
@@ -675,6 +679,7 @@ class Monitor:
         In background mode the feature probes and the store are handed to the worker (thread
         or process), finished results are collected without waiting, and an error of an
         earlier background evaluation is raised here."""
+        self._eval.check_scalars(scalars)
         if self._pending:
             self._raise_finished_errors()
         if self._worker is not None and self._worker.pending:
@@ -702,8 +707,7 @@ class Monitor:
                 raise RuntimeError("the monitor is closed: its worker process has exited")
             with preserved_state(self.model):
                 with torch.no_grad():
-                    # process mode copies once, below (to the CPU)
-                    feats = (self._capture(clone=not process)
+                    feats = (self._capture()
                              if self.plan.has_layer_probes and features_due else None)
                     arrays = (None if feats is None or not process
                               else {k: to_numpy(v) for k, v in feats.items()})

@@ -32,6 +32,7 @@ from typing import Any
 
 _EXPORTS: dict[str, str] = {
     # probes.capture
+    "CALLS": "capture",
     "REDUCTIONS": "capture",
     "capture": "capture",
     "module_names": "capture",
@@ -68,13 +69,6 @@ _EXPORTS: dict[str, str] = {
     # probes.phases
     "geometric_phases": "phases",
     "phase_segments": "phases",
-    # probes.registry
-    "FEATURE_PROBES": "registry",
-    "MODEL_PROBES": "registry",
-    "get_feature_probe": "registry",
-    "get_model_probe": "registry",
-    "register_feature_probe": "registry",
-    "register_model_probe": "registry",
     # probes.spectral
     "AlphaReQ": "spectral",
     "EffectiveRank": "spectral",
@@ -122,6 +116,7 @@ _EXPORTS: dict[str, str] = {
     "Accumulator": "registry",
     "PROBES": "registry",
     "get_probe": "registry",
+    "all_probes": "registry",
     "register": "registry",
     "register_accumulator": "registry",
     "ProbePlan": "evaluation",

@@ -16,6 +16,20 @@ Token reduction rules (``reduce=``), for outputs of shape ``(batch, tokens, feat
                replacement from a seeded generator, so token-level statistics stay affordable
 ``"none"``     keep the output as it is
 
+Captured features are values, never views: a recorded tensor that still shares memory with
+the module's output (a ``detach()``, a ``"flatten"``/``"cls"``/``"last"`` view) is cloned in
+the hook, so an in-place operation later in the same forward pass (``nn.ReLU(inplace=True)``
+after a ``Linear`` or ``BatchNorm``, as in VGG and torchvision's ResNet) cannot rewrite what
+was captured.  Reductions that already make a new tensor (``"mean"``, ``"tokens"``, a dtype or
+device change) are not copied again.
+
+A module called more than once in one forward pass (a shared activation such as the single
+``self.relu`` of torchvision's ``BasicBlock``, or weight sharing) has several outputs per
+input.  ``calls=`` says which one a layer records (``"once"``, the default, refuses with a
+``RuntimeError`` naming the module and its number of calls; ``"first"`` or ``"last"`` keep that
+call's output).  A forward pass is one call of the model given to :class:`capture`; calls of a
+sub-module made outside it are each their own pass.
+
 Streaming: with ``sink=`` nothing is stored; each reduced batch is handed over as it arrives
 and freed.  :func:`stream_features` runs a data loader through the model and feeds one
 accumulator per layer (anything with ``update(batch)``, e.g.
@@ -35,8 +49,11 @@ from torch import nn
 
 Reduce = Literal["flatten", "mean", "last", "cls", "tokens", "none"]
 REDUCTIONS: tuple[str, ...] = ("flatten", "mean", "last", "cls", "tokens", "none")
+Calls = Literal["once", "first", "last"]
+CALLS: tuple[str, ...] = ("once", "first", "last")
 
 __all__ = [
+    "CALLS",
     "REDUCTIONS",
     "capture",
     "default_forward",
@@ -230,6 +247,14 @@ class capture:  # noqa: N801 - used as a function-like context manager
         With ``reduce="tokens"``: keep at most this many positions per sequence.
     seed : int
         Seed of the position subsampling (a private generator; the global RNG is untouched).
+    calls : {"once", "first", "last"}
+        What a layer called more than once in one forward pass of ``model`` records:
+        ``"once"`` (default) raises ``RuntimeError`` naming the module and the number of calls;
+        ``"first"`` / ``"last"`` keep that call's output (with ``"last"`` a layer's batch is
+        recorded, or handed to ``sink``, when the model's forward pass returns).
+
+    Captured tensors never share memory with a module's output (module docstring), so
+    in-place operations later in the forward pass leave them as they were.
 
     Set ``cap.attention_mask`` before a forward pass to reduce under a padding mask
     (:meth:`run` does it from ``batch["attention_mask"]``).
@@ -253,7 +278,10 @@ class capture:  # noqa: N801 - used as a function-like context manager
         dtype: torch.dtype | None = None,
         positions: int | None = None,
         seed: int = 0,
+        calls: Calls = "once",
     ) -> None:
+        if calls not in CALLS:
+            raise ValueError(f"unknown calls rule {calls!r}; choose one of {CALLS}")
         if reduce not in REDUCTIONS:
             raise ValueError(f"unknown reduce rule {reduce!r}; choose one of {REDUCTIONS}")
         if positions is not None and (reduce != "tokens" or positions < 1):
@@ -270,27 +298,69 @@ class capture:  # noqa: N801 - used as a function-like context manager
         self.attention_mask: torch.Tensor | None = None
         self._batches: dict[str, list[torch.Tensor]] = {name: [] for name in self.modules}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.calls = calls
+        self._depth = 0                       # > 0 inside a forward pass of the model
+        self._count: dict[str, int] = {}      # calls of each layer in the current pass
+        self._last: dict[str, torch.Tensor] = {}  # calls="last": the latest call's batch
 
     @property
     def layers(self) -> list[str]:
         """Resolved layer names, in model order."""
         return list(self.modules)
 
+    def _emit(self, name: str, x: torch.Tensor) -> None:
+        if self.sink is not None:
+            self.sink(name, x)
+        else:
+            self._batches[name].append(x)
+
     def _hook(self, name: str) -> Callable:
         def hook(module: nn.Module, inputs: object, output: object) -> None:
-            x = reduce_tokens(_first_tensor(output).detach(), self.reduce, self.attention_mask,
-                              self.positions, self.generator)
+            if self._depth > 0:
+                count = self._count[name] = self._count.get(name, 0) + 1
+                if count > 1 and self.calls == "once":
+                    raise RuntimeError(
+                        f"layer {name!r} ({type(module).__name__}) was called {count} times in "
+                        f"one forward pass of {type(self.model).__name__} (a module used twice, "
+                        "e.g. a shared activation or weight sharing), so its outputs are not "
+                        "one feature vector per input; capture another module (the block "
+                        "around it) or choose a call with calls='first' or calls='last'")
+                if count > 1 and self.calls == "first":
+                    return
+            out = _first_tensor(output).detach()
+            x = reduce_tokens(out, self.reduce, self.attention_mask, self.positions,
+                              self.generator)
             if self.device is not None or self.dtype is not None:
                 x = x.to(device=self.device, dtype=self.dtype)
-            if self.sink is not None:
-                self.sink(name, x)
+            if _shares_memory(x, out):
+                x = x.clone()  # a value: later in-place ops on the output must not reach it
+            if self._depth > 0 and self.calls == "last":
+                self._last[name] = x
             else:
-                self._batches[name].append(x)
+                self._emit(name, x)
 
         return hook
 
+    def _pass_starts(self, module: nn.Module, inputs: object) -> None:
+        if self._depth == 0:
+            self._count.clear()
+            self._last.clear()
+        self._depth += 1
+
+    def _pass_ends(self, module: nn.Module, inputs: object, output: object) -> None:
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            last, self._last = self._last, {}
+            for name in self.modules:  # model order
+                if name in last:
+                    self._emit(name, last[name])
+
     def __enter__(self) -> capture:
         try:
+            self._depth = 0
+            self._handles.append(self.model.register_forward_pre_hook(self._pass_starts))
+            self._handles.append(self.model.register_forward_hook(self._pass_ends,
+                                                                  always_call=True))
             for name, module in self.modules.items():
                 self._handles.append(module.register_forward_hook(self._hook(name)))
         except BaseException:
@@ -361,6 +431,14 @@ class capture:  # noqa: N801 - used as a function-like context manager
         return {name: self[name] for name, b in self._batches.items() if b}
 
 
+def _shares_memory(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether ``x`` lies in the storage of ``out`` (is it or a view of it)."""
+    try:
+        return x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # storage-less tensors (e.g. some subclasses)
+        return True
+
+
 def _model_device(model: nn.Module) -> torch.device | None:
     for tensor in (*model.parameters(), *model.buffers()):
         return tensor.device
@@ -412,6 +490,7 @@ def stream_features(
     seed: int = 0,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     max_batches: int | None = None,
+    calls: Calls = "once",
 ) -> dict[str, Any]:
     """Feed one accumulator per layer with every batch of ``loader``; nothing is stored.
 
@@ -430,6 +509,8 @@ def stream_features(
         Per-sequence labels need a per-sequence reduction (not ``"tokens"``).
     forward : callable ``(model, batch)``, optional
     max_batches : int, optional
+    calls : {"once", "first", "last"}
+        For a module called more than once per forward pass (:class:`capture`).
 
     Returns
     -------
@@ -459,6 +540,6 @@ def stream_features(
         pending.clear()
 
     with capture(model, layer_names, reduce=reduce, sink=sink, positions=positions,
-                 seed=seed) as cap:
+                 seed=seed, calls=calls) as cap:
         cap.run(loader, forward=forward, max_batches=max_batches, on_batch=on_batch)
     return accs

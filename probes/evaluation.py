@@ -126,13 +126,83 @@ def _split_state(probe: Probe, result: Any) -> tuple[Any, Any]:
     return result, None
 
 
-def _file(out: Measurement, probe: Probe, layer: str, result: Any) -> None:
-    """Record one per-layer probe's result (its values, and its state if it keeps one)."""
+def _file(out: Measurement, probe: Probe, layer: str, result: Any) -> dict[str, Any]:
+    """Record one per-layer probe's result (its values, and its state if it keeps one);
+    returns the values."""
     result, kept = _split_state(probe, result)
-    for name, value in _normalise(probe, result).items():
+    values = _normalise(probe, result)
+    for name, value in values.items():
         out.layer_values.setdefault(name, {})[layer] = value
     if probe.reference:
         out.states[(probe.name, layer)] = kept
+    return values
+
+
+def _nan_variables(values: Mapping[str, Any]) -> list[str]:
+    """The variables of ``values`` with a NaN (anywhere in an array value)."""
+    out = []
+    for name, value in values.items():
+        data = getattr(value, "values", value)
+        try:
+            if np.isnan(np.asarray(data, dtype=float)).any():
+                out.append(name)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _note_silent_nan(probe: Probe, values: Mapping[str, Any], warned: bool,
+                     layer: str | None = None) -> None:
+    """Warn (into the evaluation's notes) when ``probe`` returned NaN without a warning of its
+    own, naming the probe, the variables and the layer."""
+    if warned:
+        return
+    nan = _nan_variables(values)
+    if nan:
+        where = f" on layer {layer!r}" if layer is not None else ""
+        warnings.warn(f"probe {probe.name!r} returned NaN for {nan}{where} without a warning "
+                      "saying why", RuntimeWarning, stacklevel=3)
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a probe's input (a tensor, or a mapping / sequence of them)."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        return [t for v in value.values() for t in _tensors(v)]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+class _ReadOnly:
+    """Check that a probe left its inputs as they were: the version counter of every tensor
+    handed to it (a tensor and its views share one) is read before and after the call; an
+    in-place write raises ``RuntimeError`` naming the probe (and the layer), before the next
+    probe reads the corrupted input."""
+
+    def __init__(self, probe: Probe, layer: str | None, *inputs: Any) -> None:
+        self.probe, self.layer = probe, layer
+        self.tensors = [t for value in inputs for t in _tensors(value)]
+
+    def __enter__(self) -> None:
+        self.versions = [t._version for t in self.tensors]
+
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is not None:
+            return
+        if any(t._version != v for t, v in zip(self.tensors, self.versions, strict=True)):
+            where = f" of layer {self.layer!r}" if self.layer is not None else ""
+            raise RuntimeError(
+                f"probe {self.probe.name!r} modified its input{where} in place; the features, "
+                "labels, weights, model inputs and parameters a probe receives are shared "
+                "with the other probes (and the model): copy before writing (x = x.clone())")
+
+
+def _as_torch(features: Any) -> Any:
+    """A numpy feature matrix as a tensor over the same memory (so an in-place write by a
+    probe is seen by its version counter); anything else as it is."""
+    return torch.from_numpy(features) if isinstance(features, np.ndarray) else features
 
 
 class _Notes:
@@ -199,6 +269,14 @@ class ProbePlan:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"probes {dup} are listed twice")
+        owner: dict[str, str] = {}
+        for probe in resolved:
+            for var in probe.variables:
+                if var in owner:
+                    raise ValueError(f"probes {owner[var]!r} and {probe.name!r} both declare "
+                                     f"the variable {var!r}: one of them would overwrite the "
+                                     "other's values; evaluate them separately or rename one")
+                owner[var] = probe.name
         self.probes = resolved
         self.layers = list(layers)
         self.feature_probes = [p for p in resolved if p.consumes in ("features",
@@ -274,7 +352,8 @@ class ProbePlan:
         and warnings included, filed under their layer."""
         out = Measurement()
         notes = _Notes()
-        computed: dict[str, list[tuple[Probe, Any]]] = {layer: [] for layer in self.layers}
+        computed: dict[str, list[tuple[Probe, Any, bool]]] = {layer: [] for layer in
+                                                               self.layers}
         early: dict[str, list[str]] = {}
         with notes:
             views_by_layer = {
@@ -290,18 +369,20 @@ class ProbePlan:
                 raw = labels = None
                 first = len(notes.caught)
                 for probe in self.feature_probes:
+                    before = len(notes.caught)
                     if probe.accumulator is not None:
                         result = probe.from_accumulator(views[probe.accumulator],
                                                         **probe.kwargs)
                     else:
                         if raw is None:
-                            raw = st.raw[0] if len(st.raw) == 1 else torch.cat(
+                            raw = _as_torch(st.raw[0]) if len(st.raw) == 1 else torch.cat(
                                 [torch.as_tensor(r) for r in st.raw])
                             labels = (None if not st.labels else st.labels[0]
                                       if len(st.labels) == 1 else torch.cat(st.labels))
                         args = (raw, labels) if probe.needs_labels else (raw,)
-                        result = probe.fn(*args, **probe.kwargs)
-                    computed[layer].append((probe, result))
+                        with _ReadOnly(probe, layer, *args):
+                            result = probe.fn(*args, **probe.kwargs)
+                    computed[layer].append((probe, result, len(notes.caught) > before))
                 early[layer] = notes.texts_since(first)
             self._finish(out, computed, early, notes)  # one read, then the host
         out.notes = notes.texts()
@@ -332,7 +413,8 @@ class ProbePlan:
             return out
         weights = model if isinstance(model, Mapping) else self.weights(model)
         notes = _Notes()
-        computed: dict[str, list[tuple[Probe, Any]]] = {layer: [] for layer in self.layers}
+        computed: dict[str, list[tuple[Probe, Any, bool]]] = {layer: [] for layer in
+                                                               self.layers}
         early: dict[str, list[str]] = {}
         with notes, torch.no_grad():
             for layer in self.layers:  # on the device (pending answers are read below)
@@ -343,23 +425,30 @@ class ProbePlan:
                                   "are NaN", RuntimeWarning, stacklevel=2)
                 else:
                     for probe in self.parameter_probes:
-                        computed[layer].append((probe, probe.fn(weight, **probe.kwargs)))
+                        before = len(notes.caught)
+                        with _ReadOnly(probe, layer, weight):
+                            result = probe.fn(weight, **probe.kwargs)
+                        computed[layer].append((probe, result, len(notes.caught) > before))
                 early[layer] = notes.texts_since(first)
             self._finish(out, computed, early, notes)
         out.notes = notes.texts()
         return out
 
-    def _finish(self, out: Measurement, computed: Mapping[str, list[tuple[Probe, Any]]],
+    def _finish(self, out: Measurement,
+                computed: Mapping[str, list[tuple[Probe, Any, bool]]],
                 early: Mapping[str, list[str]], notes: _Notes) -> None:
         """Read every pending result in one copy per device, finish and file them by layer
-        (with the warnings raised while each layer was computed)."""
-        pending = [p for layer in self.layers for _, r in computed[layer]
+        (with the warnings raised while each layer was computed; a probe that returned NaN
+        without a warning of its own gets a note naming it)."""
+        pending = [p for layer in self.layers for _, r, _ in computed[layer]
                    for p in answer_pendings(r)]
         hosts = iter(fetch(pending))
         for layer in self.layers:
             first = len(notes.caught)
-            for probe, result in computed[layer]:
-                _file(out, probe, layer, resolve_answer(result, hosts))
+            for probe, result, warned in computed[layer]:
+                before = len(notes.caught)
+                values = _file(out, probe, layer, resolve_answer(result, hosts))
+                _note_silent_nan(probe, values, warned or len(notes.caught) > before, layer)
             notes.per_layer(out, layer, first, early[layer])
 
     def model_instances(self) -> dict[str, Callable[..., Any]]:
@@ -379,25 +468,33 @@ class ProbePlan:
         out = Measurement()
         instances = instances or {}
         notes = _Notes()
+        parameters = list(model.parameters())
         with notes:
-            computed: list[tuple[Probe, Any]] = []
+            computed: list[tuple[Probe, Any, bool]] = []
             for probe in self.model_probes:  # 1. on the device
-                if probe.factory is not None:
-                    fn = instances.get(probe.name)
-                    if fn is None:
-                        raise ValueError(f"model probe {probe.name!r} is stateful (factory): "
-                                         "pass its instance (ProbePlan.model_instances())")
-                    result = fn(model, inputs, targets)
-                else:
-                    kwargs = dict(probe.kwargs)
-                    if "layers" not in kwargs and _takes_layers(probe.fn):
-                        kwargs["layers"] = list(self.layers)  # the plan's layers by default
-                    result = probe.fn(model, inputs, targets, **kwargs)
-                computed.append((probe, result))
-            hosts = iter(fetch([p for _, r in computed for p in answer_pendings(r)]))  # 2. one read
-            for probe, result in computed:  # 3. on the host
+                before = len(notes.caught)
+                with _ReadOnly(probe, None, inputs, targets, parameters):
+                    if probe.factory is not None:
+                        fn = instances.get(probe.name)
+                        if fn is None:
+                            raise ValueError(f"model probe {probe.name!r} is stateful "
+                                             "(factory): pass its instance "
+                                             "(ProbePlan.model_instances())")
+                        result = fn(model, inputs, targets)
+                    else:
+                        kwargs = dict(probe.kwargs)
+                        if "layers" not in kwargs and _takes_layers(probe.fn):
+                            kwargs["layers"] = list(self.layers)  # the plan's layers
+                        result = probe.fn(model, inputs, targets, **kwargs)
+                computed.append((probe, result, len(notes.caught) > before))
+            hosts = iter(fetch([p for _, r, _ in computed
+                                for p in answer_pendings(r)]))  # 2. one read
+            for probe, result, warned in computed:  # 3. on the host
+                before = len(notes.caught)
                 result, kept = _split_state(probe, resolve_answer(result, hosts))
-                out.values.update(_normalise(probe, result))
+                values = _normalise(probe, result)
+                out.values.update(values)
+                _note_silent_nan(probe, values, warned or len(notes.caught) > before)
                 if probe.reference:
                     out.states[(probe.name, None)] = kept
         out.notes = notes.texts()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,12 +33,15 @@ import xarray as xr
 from torch import nn
 from traindyn.probes._arrays import STAT_DTYPE, ArrayLike, as_tensor
 from traindyn.probes.capture import resolve_layers
-from traindyn.probes.registry import register_model_probe
+from traindyn.probes.registry import Probe, Variable, register
 
 __all__ = [
     "attention_logit_stats",
+    "attention_logits_probe",
     "find_attention_modules",
     "log_partition",
+    "log_partition_drift",
+    "log_partition_probe",
     "lr_sensitivity",
     "max_attention_logit",
 ]
@@ -165,7 +168,8 @@ def attention_logit_stats(
     n_heads: int | None = None,
     causal: bool = True,
 ) -> dict[str, Any]:
-    """Run ``model(inputs)`` once and return the maximum attention logit of each module.
+    """Run ``model(inputs)`` (``model(**inputs)`` for a mapping) once and return the maximum
+    attention logit of each module.
 
     Hooks are put on ``{module}.{q_name}`` and ``{module}.{k_name}`` of every attention module
     (default: :func:`find_attention_modules`), removed afterwards; their outputs are the queries
@@ -202,7 +206,7 @@ def attention_logit_stats(
                     raise KeyError(f"module {name!r} has no sub-module {part!r}")
                 handles.append(sub.register_forward_hook(hook((name, part))))
         with torch.no_grad():
-            output = model(inputs)
+            output = _call(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -212,36 +216,60 @@ def attention_logit_stats(
     return {"max_attention_logit": maxima, "layers": names, "output": output}
 
 
-def _attention_probe():
-    def probe(model: nn.Module, inputs: Any, targets: Any = None) -> dict[str, xr.DataArray]:
-        stats = attention_logit_stats(model, inputs)
-        return {"max_attention_logit": xr.DataArray(
-            stats["max_attention_logit"], dims=("layer",),
-            coords={"layer": np.array(stats["layers"], dtype=object)})}
-    return probe
+def _call(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a mapping (a tokenizer's output), else ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
 
-def _log_z_probe():
-    state: dict[str, float] = {}
+def attention_logits_probe(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any = None,
+    attention_modules: str | Sequence[str] | None = None,
+    q_name: str = "q_out",
+    k_name: str = "k_out",
+    n_heads: int | None = None,
+    causal: bool = True,
+) -> dict[str, xr.DataArray]:
+    """The ``attention_logits`` model probe: :func:`attention_logit_stats` as a variable
+    ``max_attention_logit`` over the dim ``attention_module`` (the modules' names, which need
+    not be the evaluation's layers).  Wortsman et al. (2023), Sec. 3.1."""
+    stats = attention_logit_stats(model, inputs, attention_modules, q_name, k_name, n_heads,
+                                  causal)
+    names = np.array(stats["layers"], dtype=object)
+    return {"max_attention_logit": xr.DataArray(
+        stats["max_attention_logit"], dims=("attention_module",),
+        coords={"attention_module": names})}
 
-    def probe(model: nn.Module, inputs: Any, targets: Any = None) -> dict[str, float]:
-        with torch.no_grad():
-            out = model(inputs)
-        logits = out if isinstance(out, torch.Tensor) else out.logits
-        mean = float(log_partition(logits).mean().item())
-        state.setdefault("initial", mean)
-        return {"mean_log_z": mean, "log_z_drift": mean - state["initial"]}
-    return probe
+
+def log_partition_probe(model: nn.Module, inputs: Any, targets: Any = None
+                        ) -> tuple[dict[str, float], np.ndarray]:
+    """The ``log_partition`` model probe's values and state: the mean over the probe batch of
+    ``log Z`` of the model's output logits (Wortsman et al. 2023, Sec. 3.2), kept as the
+    state that :func:`log_partition_drift` compares with the first evaluation's."""
+    with torch.no_grad():
+        out = _call(model, inputs)
+    logits = out if isinstance(out, torch.Tensor) else out.logits
+    mean = float(log_partition(logits).mean().item())
+    return {"mean_log_z": mean}, np.array(mean)
 
 
-register_model_probe(
-    "attention_logits", _attention_probe,
-    {"max_attention_logit": ("maximum attention logit |q·k|/√d_head", "1")},
-    SOURCE + ", Sec. 3.1",
-)
-register_model_probe(
-    "log_partition", _log_z_probe,
-    {"mean_log_z": ("mean log partition function of output logits", "nat"),
-     "log_z_drift": ("change of mean log Z since the first evaluation", "nat")},
-    SOURCE + ", Sec. 3.2",
-)
+def log_partition_drift(state: np.ndarray, reference: Mapping[str, Any]) -> dict[str, float]:
+    """``log_z_drift``: this evaluation's mean ``log Z`` minus the first evaluation's."""
+    first = reference.get("first")
+    return {"log_z_drift": float("nan") if first is None else float(state) - float(first)}
+
+
+register(Probe(
+    "attention_logits", "model",
+    {"max_attention_logit": Variable("maximum attention logit |q·k|/√d_head", "1",
+                                     ("attention_module",))},
+    SOURCE + ", Sec. 3.1", fn=attention_logits_probe,
+))
+register(Probe(
+    "log_partition", "model",
+    {"mean_log_z": Variable("mean log partition function of output logits", "nat"),
+     "log_z_drift": Variable("change of mean log Z since the first evaluation", "nat")},
+    SOURCE + ", Sec. 3.2", fn=log_partition_probe, reference=("first",),
+    compare=log_partition_drift,
+))

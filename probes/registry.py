@@ -50,9 +50,28 @@ A probe (:class:`Probe`) declares
     on disk beside the parts in ``analyze`` (so a resumed analysis sees the same references,
     and the states of a series can be computed in parallel before the comparisons).
 ``factory``
-    Only for stateful ``model`` probes written before this contract (``factory()`` returns the
-    callable; kept per run): usable in the Monitor; ``analyze`` refuses them because their state
-    cannot be resumed.
+    For a ``model`` probe that keeps private state between calls: ``factory()`` returns the
+    callable, made once per Monitor.  ``analyze`` refuses such a probe (its state cannot be
+    resumed from disk): declare ``reference=`` and ``compare`` instead, which every consumer
+    runs.
+
+Names are unique
+----------------
+A probe name, and every variable name, belongs to one registered probe: :func:`register`
+refuses a probe whose name is taken or which declares a variable another registered probe
+declares, unless ``replace=True`` (which then removes the probes it collides with), so the
+meaning of ``"rankme"`` never depends on import order.  Variables may not be named like the
+coordinates of a record (:data:`RESERVED`).  Registering the same declaration again (every
+field equal, the same functions) is a no-op.
+
+What a probe receives is read-only
+----------------------------------
+The features, labels, weights and model inputs handed to a probe are shared with the next
+probe (and a layer's weight is the model's own).  A probe must not modify them in place:
+:class:`probes.evaluation.ProbePlan` hands numpy arrays over as read-only views and checks the
+version counter of every tensor after each probe, raising ``RuntimeError`` naming the probe
+and the layer when one was written.  A probe that returns NaN without a warning of its own
+gets a note naming it and the layer.
 
 How to add a probe
 ------------------
@@ -76,30 +95,26 @@ modules (``probes.spectral``, ``probes.collapse``, ``probes.weights``, ``probes.
 
 from __future__ import annotations
 
+import functools
 import importlib
-from collections.abc import Callable, Iterator, Mapping, MutableMapping
-from dataclasses import dataclass, field, replace
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
     "ACCUMULATORS",
     "CONSUMES",
-    "FEATURE_PROBES",
-    "MODEL_PROBES",
     "PROBES",
     "REFERENCES",
+    "RESERVED",
     "Accumulator",
-    "FeatureProbe",
-    "ModelProbe",
     "Probe",
     "Variable",
-    "get_feature_probe",
-    "get_model_probe",
+    "all_probes",
     "get_probe",
     "register",
     "register_accumulator",
-    "register_feature_probe",
-    "register_model_probe",
 ]
 
 CONSUMES = ("features", "labelled_features", "parameters", "model")
@@ -107,6 +122,9 @@ CONSUMES = ("features", "labelled_features", "parameters", "model")
 
 REFERENCES = ("first", "previous", "final")
 """Which other evaluation a reference-based probe compares with."""
+
+RESERVED = ("step", "time", "layer", "seed")
+"""Coordinate names of a record: no probe variable (and no Monitor scalar) may take them."""
 
 PROVIDERS: list[str] = [
     "traindyn.probes.spectral",
@@ -182,6 +200,10 @@ class Probe:
                              "together")
         if not self.variables:
             raise ValueError(f"probe {self.name!r} declares no variables")
+        reserved = sorted(set(self.variables) & set(RESERVED))
+        if reserved:
+            raise ValueError(f"probe {self.name!r} declares variables {reserved}, which are "
+                             f"coordinate names of a record ({RESERVED}); rename them")
         object.__setattr__(self, "variables", {
             k: v if isinstance(v, Variable) else Variable(*v) for k, v in self.variables.items()})
         object.__setattr__(self, "reference", tuple(self.reference))
@@ -201,15 +223,6 @@ class Probe:
     def streams(self) -> bool:
         """Whether it can be computed batch by batch, never holding all features."""
         return self.accumulator is not None
-
-    # backward-compatible names of the earlier registry
-    @property
-    def long_name(self) -> str:
-        return next(iter(self.variables.values())).long_name
-
-    @property
-    def units(self) -> str:
-        return next(iter(self.variables.values())).units
 
     def with_kwargs(self, **kwargs: Any) -> Probe:
         """The same probe with parameters bound (``get_probe("alpha_req").with_kwargs(
@@ -240,13 +253,73 @@ ACCUMULATORS: dict[str, Accumulator] = {}
 """Shared streaming statistics by name."""
 
 
-def register(probe: Probe) -> Probe:
-    """Add (or replace) a probe and return it."""
+def _same(a: Probe, b: Probe) -> bool:
+    """Whether two probes are the same declaration (every field equal, functions identical):
+    registering it again (a provider's ``register_probes()`` called twice) changes nothing."""
+    return all(_equal(getattr(a, f.name), getattr(b, f.name)) for f in fields(Probe))
+
+
+def _equal(x: Any, y: Any) -> bool:
+    if isinstance(x, functools.partial) and isinstance(y, functools.partial):
+        return (x.func is y.func and x.args == y.args and x.keywords == y.keywords)
+    return x is y or x == y
+
+
+def _collisions(probe: Probe) -> tuple[bool, dict[str, list[str]]]:
+    """Whether ``probe.name`` is taken by another probe, and ``{other probe: [variables it
+    shares with probe]}``."""
+    taken = probe.name in PROBES and not _same(PROBES[probe.name], probe)
+    shared: dict[str, list[str]] = {}
+    for other in PROBES.values():
+        if other.name == probe.name:
+            continue
+        common = [v for v in probe.variables if v in other.variables]
+        if common:
+            shared[other.name] = common
+    return taken, shared
+
+
+def _builtin_caller() -> bool:
+    """Whether :func:`register`'s caller is a module of traindyn's probes (a provider being
+    imported: loading the other providers from there could import it circularly)."""
+    frame = sys._getframe(2)
+    return str(frame.f_globals.get("__name__", "")).startswith("traindyn.probes.")
+
+
+def register(probe: Probe, replace: bool = False) -> Probe:
+    """Add a probe and return it.
+
+    Parameters
+    ----------
+    probe : Probe
+    replace : bool
+        Replace a registered probe of the same name, and remove every registered probe that
+        declares one of this probe's variables.  Without it, either collision raises
+        ``ValueError`` naming the probe and the variables.  Registering the same declaration
+        again is a no-op.
+
+    The built-in probes are loaded first, so a user's probe is checked against them whatever
+    the import order.
+    """
     if not isinstance(probe, Probe):
         raise TypeError(f"register takes a Probe; got {type(probe).__name__}")
     if probe.accumulator is not None and probe.accumulator not in ACCUMULATORS:
         raise KeyError(f"probe {probe.name!r} names accumulator {probe.accumulator!r}, which "
                        "is not registered (register_accumulator first)")
+    if not _loading and not _builtin_caller():
+        _load_providers()
+    taken, shared = _collisions(probe)
+    if (taken or shared) and not replace:
+        why = []
+        if taken:
+            why.append(f"the name {probe.name!r} is already registered "
+                       f"({PROBES[probe.name]!r})")
+        why += [f"probe {other!r} already declares {names}" for other, names in shared.items()]
+        raise ValueError(f"cannot register probe {probe.name!r}: {'; '.join(why)}. A variable "
+                         "belongs to one probe; rename yours, or pass replace=True to replace "
+                         "the registered one(s)")
+    for other in shared:
+        PROBES.pop(other, None)
     PROBES[probe.name] = probe
     return probe
 
@@ -258,19 +331,23 @@ def register_accumulator(accumulator: Accumulator) -> Accumulator:
 
 
 _loaded = False
+_loading = False
 
 
 def _load_providers() -> None:
-    global _loaded
+    global _loaded, _loading
     if _loaded:
         return
-    _loaded = True
-    for module in PROVIDERS:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name != module:
-                raise
+    _loaded = _loading = True
+    try:
+        for module in PROVIDERS:
+            try:
+                importlib.import_module(module)
+            except ModuleNotFoundError as err:
+                if err.name != module:
+                    raise
+    finally:
+        _loading = False
 
 
 def get_probe(name: str | Probe) -> Probe:
@@ -292,78 +369,3 @@ def all_probes() -> dict[str, Probe]:
     """Every probe, built-in providers loaded."""
     _load_providers()
     return dict(PROBES)
-
-
-# --- the earlier two-kind registry, as views over the one registry --------------------------
-class _KindView(MutableMapping):
-    """``FEATURE_PROBES`` / ``MODEL_PROBES``: the registered probes of some kinds."""
-
-    def __init__(self, kinds: tuple[str, ...]) -> None:
-        self.kinds = kinds
-
-    def _items(self) -> dict[str, Probe]:
-        _load_providers()
-        return {k: p for k, p in PROBES.items() if p.consumes in self.kinds}
-
-    def __getitem__(self, key: str) -> Probe:
-        return self._items()[key]
-
-    def __setitem__(self, key: str, probe: Probe) -> None:
-        PROBES[key] = probe
-
-    def __delitem__(self, key: str) -> None:
-        if key not in self._items():
-            raise KeyError(key)
-        del PROBES[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._items())
-
-    def __len__(self) -> int:
-        return len(self._items())
-
-
-FEATURE_PROBES: MutableMapping[str, Probe] = _KindView(
-    ("features", "labelled_features", "parameters"))
-MODEL_PROBES: MutableMapping[str, Probe] = _KindView(("model",))
-
-
-def FeatureProbe(name: str, fn: Callable[..., Any], long_name: str, units: str,  # noqa: N802
-                 source: str) -> Probe:
-    """A single-valued ``features`` probe (the earlier registry's constructor)."""
-    return Probe(name, "features", {name: Variable(long_name, units)}, source, fn=fn)
-
-
-def ModelProbe(name: str, factory: Callable[[], Callable[..., Any]],  # noqa: N802
-               variables: Mapping[str, tuple[str, str]], source: str) -> Probe:
-    """A stateful ``model`` probe made by ``factory()`` (the earlier registry's constructor)."""
-    return Probe(name, "model", {k: Variable(*v) for k, v in variables.items()}, source,
-                 factory=factory)
-
-
-def register_feature_probe(name: str, fn: Callable[..., Any], long_name: str, units: str,
-                           source: str) -> Probe:
-    """Register a single-valued ``features`` probe."""
-    return register(FeatureProbe(name, fn, long_name, units, source))
-
-
-def register_model_probe(name: str, factory: Callable[[], Callable[..., Any]],
-                         variables: Mapping[str, tuple[str, str]], source: str) -> Probe:
-    """Register a stateful ``model`` probe."""
-    return register(ModelProbe(name, factory, variables, source))
-
-
-def get_feature_probe(name: str) -> Probe:
-    """A registered per-layer probe by name (``KeyError`` listing the known ones)."""
-    probe = get_probe(name)
-    if not probe.per_layer:
-        raise KeyError(f"{name!r} is a model probe, not a per-layer probe")
-    return probe
-
-
-def get_model_probe(name: str) -> Probe:
-    """A registered model probe by name (``KeyError`` listing the known ones)."""
-    probe = get_probe(name)
-    if probe.per_layer:
-        raise KeyError(f"{name!r} is a per-layer probe, not a model probe")
-    return probe

@@ -35,9 +35,19 @@ def _user_folder(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the sources (setuptools writes build/ beside them)."""
+    import shutil
+
+    src = tmp_path_factory.mktemp("source")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
+    for folder in ("traindyn", "theory", "probes", "dynamics"):
+        shutil.copytree(ROOT / folder, src / folder,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out), str(ROOT)], check=True, capture_output=True,
+                    "-q", "-w", str(out), str(src)], check=True, capture_output=True,
                    timeout=300)
     (path,) = out.glob("traindyn-*.whl")
     return path

@@ -310,3 +310,105 @@ def test_a_direct_call_of_a_probe_answering_on_the_device_returns_values():
     assert values == {}
     (kept,) = state.values()
     np.testing.assert_array_equal(kept, x.double().numpy())
+
+
+# ---------------------------------------------------------------- names, inputs, NaN
+def test_a_taken_name_or_variable_is_refused_unless_replace(user_probes):
+    impostor = Probe("rankme", "features", {"rankme": Variable("not RankMe")}, "t",
+                     fn=mean_abs)
+    with pytest.raises(ValueError, match=r"'rankme' is already registered.*replace=True"):
+        register(impostor)
+    thief = Probe("my_rank_test", "features", {"rankme": Variable("x")}, "t", fn=mean_abs)
+    with pytest.raises(ValueError, match=r"probe 'rankme' already declares \['rankme'\]"):
+        register(thief)
+    x = torch.randn(40, 6, dtype=torch.float64)
+    assert get_probe("rankme")(x) == pytest.approx(probes.rankme(x), rel=1e-12)
+    with pytest.raises(ValueError, match="coordinate names"):
+        Probe("steps_test", "features", {"step": Variable("x")}, "t", fn=mean_abs)
+    register(MEAN_ABS)  # the same object again: a no-op
+    # two unregistered probes declaring one variable cannot share a plan either
+    twin = Probe("twin_test", "features", {"mean_abs_test": Variable("x")}, "t", fn=mean_abs)
+    with pytest.raises(ValueError, match="both declare the variable 'mean_abs_test'"):
+        ProbePlan([MEAN_ABS, twin], ["a"])
+    # replace=True replaces, and removes the probe whose variable it takes
+    saved = dict(PROBES)
+    try:
+        register(Probe("mean_abs_test", "features", {"mean_abs_test": Variable("y")}, "t2",
+                       fn=mean_abs), replace=True)
+        assert get_probe("mean_abs_test").source == "t2"
+        register(twin, replace=True)
+        assert "mean_abs_test" not in PROBES and PROBES["twin_test"] is twin
+    finally:
+        PROBES.clear()
+        PROBES.update(saved)
+
+
+def _zeroing(features):
+    """A careless probe: edits its input in place."""
+    features[:] = 0.0
+    return 0.0
+
+
+def test_a_probe_that_writes_its_input_is_named_before_the_next_probe_reads_it():
+    careless = Probe("zeroing_test", "features", {"zeroing_test": Variable("x")}, "t",
+                     fn=_zeroing)
+    x = torch.randn(30, 12)
+    model = _mlp()
+    plan = ProbePlan([careless, MEAN_ABS], ["net.0"])
+    with pytest.raises(RuntimeError, match=r"probe 'zeroing_test' modified its input of "
+                                           r"layer 'net.0' in place"):
+        evaluate(plan, model, [x])
+    # numpy features (the worker process's) are guarded the same way
+    feats = {"net.0": model.net[0](x).detach().numpy().copy()}
+    with pytest.raises(RuntimeError, match="'zeroing_test' modified its input"):
+        plan.layer_values(plan.accumulate(feats))
+    # a probe that copies first is fine, and the next probe reads the untouched features
+    polite = Probe("zeroing_test", "features", {"zeroing_test": Variable("x")}, "t",
+                   fn=lambda f: _zeroing(f.clone()))
+    out = evaluate(ProbePlan([polite, MEAN_ABS], ["net.0"]), model, [x])
+    with torch.no_grad():
+        assert_rel(out.layer_values["mean_abs_test"]["net.0"], mean_abs(model.net[0](x)),
+                   1e-12, "mean |h| after a polite probe")
+    # a parameter probe writing the layer's weight would change the model itself
+    scaling = Probe("scaling_test", "parameters", {"scaling_test": Variable("x")}, "t",
+                    fn=lambda w: float(w.mul_(2.0).sum()))
+    with pytest.raises(RuntimeError, match="'scaling_test' modified its input"):
+        ProbePlan([scaling], ["net.0"]).parameter_values(model)
+
+
+def test_monitor_scalars_named_like_a_probe_variable_are_refused(user_probes):
+    x, _ = _data()
+    monitor = Monitor(_mlp(), probes=["rankme", "mean_abs_test"], layers=LAYERS, probe_data=x,
+                      schedule=lambda s: True)
+    with pytest.raises(ValueError, match=r"'rankme' \(a variable of probe 'rankme'\)"):
+        monitor.step(0, rankme=3.0)
+    with pytest.raises(ValueError, match="'layer' \\(a coordinate\\)"):
+        monitor.step(0, layer=1.0)
+    monitor.step(0, train_loss=1.0)   # other names are recorded as before
+    ds = monitor.to_dataset()
+    with torch.no_grad():
+        h0 = _mlp().net[0](x)
+    assert_rel(ds["rankme"].sel(layer="net.0").item(), probes.rankme(h0), 1e-9, "rankme")
+    assert ds["train_loss"].item() == 1.0
+
+
+def _silent_nan(features):
+    return float("nan")
+
+
+def test_a_probe_returning_nan_without_a_reason_gets_a_note_naming_it_and_the_layer():
+    silent = Probe("silent_nan_test", "features", {"silent_nan_test": Variable("x")}, "t",
+                   fn=_silent_nan)
+    x = torch.randn(30, 12)
+    out = evaluate(ProbePlan([silent, "rankme"], LAYERS), _mlp(), [x])
+    for layer in LAYERS:
+        assert np.isnan(out.layer_values["silent_nan_test"][layer])
+        assert any("probe 'silent_nan_test' returned NaN" in n and repr(layer) in n
+                   for n in out.layer_notes[layer]), out.layer_notes
+    assert not any("'rankme'" in n for n in out.notes)
+    # the Monitor, whose Dataset has no notes, raises it as a warning
+    monitor = Monitor(_mlp(), probes=[silent], layers=["net.0"], probe_data=x,
+                      schedule=lambda s: True)
+    with pytest.warns(RuntimeWarning, match=r"step 0: layer 'net.0': probe 'silent_nan_test' "
+                                            "returned NaN"):
+        monitor.step(0)

@@ -22,7 +22,7 @@ from traindyn.dynamics.probe_inputs import (
     load_probe_inputs,
     stdlib_sentences,
 )
-from traindyn.probes.registry import FEATURE_PROBES, FeatureProbe
+from traindyn.probes.registry import PROBES, Probe, Variable
 
 from tests.helpers import assert_rel, child_env, start_and_kill
 
@@ -183,9 +183,10 @@ def test_probe_kwargs_and_registered_probes_reach_the_computation(series, factor
         f = torch.as_tensor(features, dtype=torch.float64)
         return float(scale * (f**2).sum(1).mean())
 
-    monkeypatch.setitem(FEATURE_PROBES, "mean_square_test",
-                        FeatureProbe("mean_square_test", mean_square, "mean squared norm", "1",
-                                     "a test probe"))
+    monkeypatch.setitem(PROBES, "mean_square_test",
+                        Probe("mean_square_test", "features",
+                              {"mean_square_test": Variable("mean squared norm")},
+                              "a test probe", fn=mean_square))
     ds = _run(series, factory, probes=["mean_square_test", "alpha_req"],
               probe_kwargs={"mean_square_test": {"scale": 2.0},
                             "alpha_req": {"fit_range": (3, 40)}})

@@ -22,7 +22,7 @@ from torch import nn
 from traindyn.dynamics import records
 from traindyn.dynamics.monitor import COMPLETE_ATTR, Monitor, load_stream
 from traindyn.dynamics.schedules import at_steps, linear
-from traindyn.probes.registry import FeatureProbe, ModelProbe
+from traindyn.probes.registry import Probe, Variable
 
 from tests.helpers import ROOT, child_env
 
@@ -41,6 +41,11 @@ def brute_rankme(z: np.ndarray, eps: float = 1e-7) -> float:
     s = np.linalg.svd(np.asarray(z, np.float64), compute_uv=False)
     p = s / s.sum() + eps
     return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def feature_probe(name: str, fn, long_name: str, units: str, source: str) -> Probe:
+    """A one-variable ``features`` probe."""
+    return Probe(name, "features", {name: Variable(long_name, units)}, source, fn=fn)
 
 
 def make_net() -> nn.Module:
@@ -62,8 +67,8 @@ def disturbing_probe_factory():
     return probe
 
 
-DISTURBING = ModelProbe("disturbing", disturbing_probe_factory,
-                        {"probe_loss": ("loss seen by the probe", "nat")}, "test")
+DISTURBING = Probe("disturbing", "model", {"probe_loss": Variable("loss seen by the probe", "nat")},
+                   "test", factory=disturbing_probe_factory)
 
 
 def train(with_monitor: bool, steps: int = 12) -> tuple[dict, Monitor | None]:
@@ -165,7 +170,7 @@ def test_zarr_stream_and_netcdf_hold_what_was_measured(tmp_path):
     assert zarr.open_group(str(tmp_path / "run.zarr")).attrs[COMPLETE_ATTR] == 4
 
 
-def test_model_probe_arrays_share_the_layer_dimension_with_feature_probes(tmp_path):
+def test_attention_logits_are_recorded_over_their_modules_beside_layer_probes(tmp_path):
     from traindyn.dynamics.recipes.tiny_lm import TinyLM, TinyLMConfig
     from traindyn.probes.instability import attention_logit_stats
 
@@ -177,13 +182,13 @@ def test_model_probe_arrays_share_the_layer_dimension_with_feature_probes(tmp_pa
     monitor.step(0)
     monitor.step(1)
     ds = monitor.to_dataset()
-    assert set(ds["layer"].values) == {"blocks.1", "blocks.0.attn", "blocks.1.attn"}
+    assert list(ds["layer"].values) == ["blocks.1"]
+    assert ds["max_attention_logit"].dims == ("step", "attention_module")
+    assert list(ds["attention_module"].values) == ["blocks.0.attn", "blocks.1.attn"]
     direct = attention_logit_stats(model.eval(), tokens)["max_attention_logit"]
-    np.testing.assert_allclose(
-        ds["max_attention_logit"].sel(step=1, layer=["blocks.0.attn", "blocks.1.attn"]), direct)
-    assert np.isnan(ds["rankme"].sel(step=0, layer="blocks.0.attn"))
+    np.testing.assert_allclose(ds["max_attention_logit"].sel(step=1), direct)
     stream = load_stream(tmp_path / "lm.zarr")
-    np.testing.assert_array_equal(stream["max_attention_logit"].sel(layer=ds["layer"].values),
+    np.testing.assert_array_equal(stream["max_attention_logit"].values,
                                   ds["max_attention_logit"].values)
 
 
@@ -446,8 +451,6 @@ def test_background_worker_runs_on_one_thread_and_leaves_the_training_threads_al
     """Regression: the worker's single-thread setting must not change the training thread's
     intra-op thread count (torch's count is per thread; the old LAPACK guard was believed to
     be process-wide, which made background mode oversubscribe or slow training)."""
-    from traindyn.probes.registry import FeatureProbe
-
     seen = []
 
     def threads_seen(features):
@@ -458,7 +461,7 @@ def test_background_worker_runs_on_one_thread_and_leaves_the_training_threads_al
     torch.set_num_threads(2)
     try:
         model = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
-        monitor = Monitor(model, probes=[FeatureProbe("width", threads_seen, "width", "1", "-")],
+        monitor = Monitor(model, probes=[feature_probe("width", threads_seen, "width", "1", "-")],
                           layers=["1"], schedule=linear(1), probe_data=torch.randn(10, 4),
                           background=True)
         with monitor:
@@ -494,8 +497,6 @@ def test_the_shared_spectral_accumulator_equals_the_one_shot_functions():
 def test_an_error_in_the_worker_is_raised_on_the_training_thread():
     from concurrent.futures import wait
 
-    from traindyn.probes.registry import FeatureProbe
-
     calls = []
 
     def fragile(features):
@@ -505,7 +506,7 @@ def test_an_error_in_the_worker_is_raised_on_the_training_thread():
         return 1.0
 
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
-    monitor = Monitor(model, probes=[FeatureProbe("fragile", fragile, "f", "1", "test")],
+    monitor = Monitor(model, probes=[feature_probe("fragile", fragile, "f", "1", "test")],
                       layers=["1"], schedule=linear(1), probe_data=torch.randn(8, 3),
                       background=True)
     assert monitor.step(0)
@@ -560,8 +561,8 @@ def fails_when_large(features):
     return float(features.abs().max())
 
 
-SLOW = FeatureProbe("width", slow_width, "layer width", "1", "test")
-FRAGILE = FeatureProbe("max_abs", fails_when_large, "largest feature", "1", "test")
+SLOW = feature_probe("width", slow_width, "layer width", "1", "test")
+FRAGILE = feature_probe("max_abs", fails_when_large, "largest feature", "1", "test")
 
 
 def test_an_error_in_the_worker_process_is_raised_on_the_training_side():
@@ -596,7 +597,7 @@ def test_an_error_in_the_worker_process_is_raised_on_the_training_side():
 
 def test_an_unpicklable_probe_is_refused_for_process_mode():
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
-    local = FeatureProbe("local_width", lambda f: float(f.shape[1]), "width", "1", "test")
+    local = feature_probe("local_width", lambda f: float(f.shape[1]), "width", "1", "test")
     with pytest.raises(ValueError, match=r"'local_width'.*module level.*background='thread'"):
         Monitor(model, probes=["rankme", local], layers=["1"], probe_data=torch.randn(5, 3),
                 background="process")

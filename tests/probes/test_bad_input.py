@@ -1358,10 +1358,9 @@ OTHER_HELPERS_MODULES = {"similarity", "invariance"}
 
 NOT_PROBE_FUNCTIONS = {
     # constants, declarations and the evaluation machinery (exercised through ProbePlan below)
-    "REDUCTIONS", "PowerLawFit", "FEATURE_PROBES", "MODEL_PROBES", "PROBES", "Probe",
-    "Variable", "Accumulator", "get_feature_probe", "get_model_probe", "get_probe",
-    "register", "register_accumulator", "register_feature_probe", "register_model_probe",
-    "ProbePlan", "Measurement", "evaluate",
+    "CALLS", "REDUCTIONS", "PowerLawFit", "PROBES", "Probe", "Variable", "Accumulator",
+    "get_probe", "all_probes", "register", "register_accumulator", "ProbePlan", "Measurement",
+    "evaluate",
 }
 
 

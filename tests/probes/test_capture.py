@@ -155,3 +155,116 @@ def test_layer_globs_are_dotted_with_an_fnmatch_fallback():
     assert list(resolve_layers(model, ["head", "blocks.[!0]"])) == ["blocks.1", "head"]
     with pytest.raises(KeyError, match="available: blocks, blocks.0"):
         resolve_layers(model, "tail.*")
+
+
+# ---------------------------------------------------------------- features by value
+def _inplace_mlp() -> nn.Module:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(inplace=True), nn.Linear(24, 5))
+
+
+def _float64_output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """The reference: module ``name``'s output cloned in float64 inside its own hook."""
+    seen = []
+    handle = dict(model.named_modules())[name].register_forward_hook(
+        lambda m, i, o: seen.append(o.detach().clone().double()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+@pytest.mark.parametrize("reduce", ["flatten", "none"])
+def test_capture_keeps_a_value_that_a_later_inplace_relu_cannot_rewrite(reduce):
+    model, x = _inplace_mlp(), torch.randn(64, 10)
+    ref = _float64_output(model, "0", x)
+    assert (ref < 0).any()       # the Linear output has negative entries the ReLU would zero
+    with capture(model, ["0"], reduce=reduce) as cap, torch.no_grad():
+        model(x)
+    torch.testing.assert_close(cap["0"].double(), ref)
+    # streamed through a sink that keeps the batch, too
+    kept = []
+    with capture(model, ["0"], sink=lambda n, t: kept.append(t)), torch.no_grad():
+        model(x)
+    torch.testing.assert_close(kept[0].double(), ref)
+
+
+def test_rankme_of_inplace_followed_layer_matches_a_plain_forward_pass_in_the_monitor():
+    from traindyn.dynamics.monitor import Monitor
+
+    model, x = _inplace_mlp(), torch.randn(64, 10)
+    ref = float(rankme(_float64_output(model, "0", x)))
+    relu_ref = float(rankme(_float64_output(model, "1", x)))
+    assert abs(ref - relu_ref) > 1.0   # the two layers differ: the check can tell them apart
+    monitor = Monitor(model, probes=["rankme"], layers=["0", "1"], probe_data=x,
+                      schedule=lambda s: True)
+    with monitor:
+        monitor.step(0)
+    got = monitor.to_dataset()["rankme"].sel(layer="0").item()
+    assert_rel(got, ref, 1e-10, "Monitor RankMe of the Linear before an in-place ReLU")
+
+
+def test_no_reduction_leaves_a_captured_tensor_in_the_output_storage():
+    model = nn.Sequential(nn.Linear(6, 6))
+    x = torch.randn(4, 3, 6)
+    outputs = []
+    model[0].register_forward_hook(lambda m, i, o: outputs.append(o))
+    for reduce in ("flatten", "cls", "last", "mean", "none"):
+        with capture(model, ["0"], reduce=reduce) as cap, torch.no_grad():
+            model(x)
+        out = outputs[-1]
+        assert cap["0"].untyped_storage().data_ptr() != out.untyped_storage().data_ptr(), reduce
+
+
+# ---------------------------------------------------------------- a module called twice
+class SharedReLUBlock(nn.Module):
+    """torchvision's BasicBlock pattern: one ``self.relu`` used twice."""
+
+    def __init__(self, d: int = 12) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.fc1(x))
+        return self.relu(self.fc2(out) + x)
+
+
+def test_a_module_called_twice_is_refused_by_name_with_its_count():
+    torch.manual_seed(0)
+    model, x = SharedReLUBlock(), torch.randn(64, 12)
+    with pytest.raises(RuntimeError, match=r"layer 'relu' \(ReLU\) was called 2 times"):
+        with capture(model, ["relu"]), torch.no_grad():
+            model(x)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    # the Monitor surfaces the same refusal instead of stacking 128 rows for 64 inputs
+    from traindyn.dynamics.monitor import Monitor
+
+    monitor = Monitor(model, probes=["rankme"], layers=["relu"], probe_data=x,
+                      schedule=lambda s: True)
+    with pytest.raises(RuntimeError, match="called 2 times"):
+        monitor.step(0)
+
+
+def test_calls_first_and_last_record_that_call_only():
+    torch.manual_seed(0)
+    model, x = SharedReLUBlock(), torch.randn(64, 12)
+    with torch.no_grad():
+        first = torch.relu(model.fc1(x)).double()
+        last = torch.relu(model.fc2(first.float()) + x).double()
+    for calls, ref in [("first", first), ("last", last)]:
+        with capture(model, ["relu", "fc2"], calls=calls) as cap, torch.no_grad():
+            model(x)
+            model(x)   # two passes: one batch per pass
+        assert cap["relu"].shape == (128, 12)
+        torch.testing.assert_close(cap["relu"].double(), torch.cat([ref, ref]))
+        assert_rel(rankme(cap["relu"][:64]), rankme(ref), 1e-10, calls)
+    # a sub-module called outside a pass of the model is its own pass
+    with capture(model, ["relu"]) as cap, torch.no_grad():
+        model.relu(x.clone())
+        model.relu(x.clone())
+    assert cap["relu"].shape == (128, 12)
+    with pytest.raises(ValueError, match="unknown calls"):
+        capture(model, ["relu"], calls="each")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from traindyn.probes.evaluation import ProbePlan, ReferenceBook, evaluate
 from traindyn.probes.instability import (
     attention_logit_stats,
     find_attention_modules,
@@ -15,7 +16,7 @@ from traindyn.probes.instability import (
     lr_sensitivity,
     max_attention_logit,
 )
-from traindyn.probes.registry import get_model_probe
+from traindyn.probes.registry import get_probe
 
 
 def brute_max_logit(q: np.ndarray, k: np.ndarray, causal: bool) -> float:
@@ -128,15 +129,105 @@ def test_lr_sensitivity_of_an_all_diverged_sweep_is_nan_with_a_warning():
         lr_sensitivity([], 5.0)
 
 
-def test_log_partition_model_probe_reports_drift_from_its_first_call():
+def test_log_partition_probe_reports_drift_from_the_first_evaluation():
+    """The registered probe through the one evaluation path, with a reference book: log Z of
+    logits shifted by +2 grows by exactly 2 (log Σ e^{y+2} = 2 + log Σ e^y)."""
     torch.manual_seed(0)
     model = nn.Linear(4, 6)
-    probe = get_model_probe("log_partition").factory()
     x = torch.randn(10, 4)
-    first = probe(model, x, None)
-    assert first["log_z_drift"] == 0.0
+    plan = ProbePlan(["log_partition"])
+    book = ReferenceBook(plan)
+    first = evaluate(plan, model, [x], references=book, time=0.0).values
     with torch.no_grad():
-        model.bias += 2.0  # every logit +2 → log Z + 2 exactly
-    second = probe(model, x, None)
-    assert abs(second["log_z_drift"] - 2.0) < 1e-6
-    assert abs(second["mean_log_z"] - first["mean_log_z"] - 2.0) < 1e-6
+        ref0 = float(torch.logsumexp(model(x).double(), -1).mean())
+        model.bias += 2.0
+    second = evaluate(plan, model, [x], references=book, time=1.0).values
+    assert abs(first["mean_log_z"] - ref0) < 1e-5 and first["log_z_drift"] == 0.0
+    assert abs(second["log_z_drift"] - 2.0) < 1e-5
+    assert abs(second["mean_log_z"] - ref0 - 2.0) < 1e-5
+    assert get_probe("log_partition").reference == ("first",)
+    assert get_probe("log_partition").factory is None
+
+
+ANALYZE_FACTORY = """
+import torch
+from torch import nn
+
+
+class Attention(nn.Module):
+    def __init__(self, d=8):
+        super().__init__()
+        self.q = nn.Linear(d, d, bias=False)
+        self.k = nn.Linear(d, d, bias=False)
+        self.q_out, self.k_out = nn.Identity(), nn.Identity()
+
+    def forward(self, x):
+        return torch.tanh(self.q_out(self.q(x)) + self.k_out(self.k(x)))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([Attention(), Attention()])
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        h = x.reshape(x.shape[0], 8, 8)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(h.mean(1))
+
+
+def make():
+    torch.manual_seed(0)
+    return Net()
+"""
+
+
+def test_analyze_runs_the_instability_probes_on_a_checkpoint_folder(tmp_path):
+    """``analyze`` accepts both instability probes; references: the maximum logit by loops
+    over (batch, head, i, j) from q, k recomputed with float64 weights, and log Z by
+    numpy's float64 log-sum-exp of the outputs."""
+    from traindyn.dynamics.analyze import analyze
+    from traindyn.dynamics.checkpoints import resolve_factory
+    from traindyn.dynamics.probe_inputs import digits_inputs
+
+    factory = tmp_path / "attn_factory.py"
+    factory.write_text(ANALYZE_FACTORY)
+    make = resolve_factory(f"{factory}:make")
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    states = {}
+    for step in (0, 10):
+        model = make()
+        with torch.no_grad():
+            for i, p in enumerate(model.parameters()):
+                p.mul_(1.0 + 0.1 * step * (i + 1) / 10)
+        states[step] = model
+        torch.save(model.state_dict(), folder / f"step{step}.pt")
+    ds = analyze(folder, model=f"{factory}:make", layers=["blocks.0", "blocks.1"],
+                 inputs="digits", n_samples=6, batch_size=6,
+                 probes=["rankme", "attention_logits", "log_partition"],
+                 probe_kwargs={"attention_logits": {"n_heads": 2}}, progress=False)
+    assert list(ds["status"].values) == ["ok", "ok"], ds["reason"].values
+    x = digits_inputs()[:6].double()
+    log_z = []
+    for i, step in enumerate((0, 10)):
+        model = states[step].double()
+        h = x.reshape(6, 8, 8)
+        expected = []
+        for block in model.blocks:
+            hq, hk = h @ block.q.weight.detach().T, h @ block.k.weight.detach().T
+            q = hq.numpy().reshape(6, 8, 2, 4).transpose(0, 2, 1, 3)
+            k = hk.numpy().reshape(6, 8, 2, 4).transpose(0, 2, 1, 3)
+            expected.append(brute_max_logit(q, k, causal=True))
+            h = torch.tanh(hq + hk)
+        got = ds["max_attention_logit"].isel(step=i).values
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+        logits = model.head(h.mean(1)).detach().numpy()
+        top = logits.max(-1, keepdims=True)
+        log_z.append(float((top[:, 0] + np.log(np.exp(logits - top).sum(-1))).mean()))
+        assert abs(ds["mean_log_z"].values[i] - log_z[-1]) < 1e-5 * max(1, abs(log_z[-1]))
+    assert list(ds["attention_module"].values) == ["blocks.0", "blocks.1"]
+    assert ds["log_z_drift"].values[0] == 0.0
+    assert abs(ds["log_z_drift"].values[1] - (log_z[1] - log_z[0])) < 1e-5

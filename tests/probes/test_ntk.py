@@ -16,7 +16,7 @@ from traindyn.probes.ntk import (
     select_parameters,
 )
 from traindyn.probes.ntk_probe import NTKProbe
-from traindyn.probes.registry import get_model_probe
+from traindyn.probes.registry import get_probe
 
 from tests.helpers import assert_rel
 
@@ -236,7 +236,7 @@ def test_ntk_model_probe_tracks_alignment_and_motion():
     with torch.no_grad():  # the monitor calls probes under no_grad
         r0 = probe(model, x, y)
     # the stateful NTKProbe knows no times: every contract variable but the velocity
-    assert set(r0) == set(get_model_probe("ntk").variables) - {"ntk_velocity"}
+    assert set(r0) == set(get_probe("ntk").variables) - {"ntk_velocity"}
     assert r0["ntk_relative_change"] == 0 and np.isnan(r0["ntk_distance_previous"])
     K0 = torch.einsum("ijaa->ij", brute_ntk(model, x))
     assert_rel(r0["ntk_alignment"], _expected(K0, K0, None, y)[0], 1e-8, "alignment")
@@ -256,7 +256,7 @@ def test_ntk_contract_probe_through_evaluate_and_resumed_from_saved_states():
     second from its saved (numpy) states gives the identical third evaluation."""
     from traindyn.probes.evaluation import ProbePlan, ReferenceBook, evaluate
 
-    spec = get_model_probe("ntk")
+    spec = get_probe("ntk")
     assert spec.consumes == "model" and spec.reference == ("first", "previous")
     model, x, y = _probe_setup()
     plan = ProbePlan(["ntk"], [])
@@ -769,4 +769,4 @@ def test_ntk_and_its_probe_import_in_one_direction_only():
     for path in [root / "ntk_probe.py", *root.glob("_ntk_*.py")]:
         assert "traindyn.probes.ntk" not in imported(path), path.name
     assert "traindyn.probes.ntk_probe" in imported(root / "ntk.py")
-    assert get_model_probe("ntk") is not None
+    assert get_probe("ntk") is not None

@@ -288,9 +288,9 @@ def test_clear_errors_for_malformed_input(rng):
 
 
 def test_new_probes_are_registered_by_name(rng):
-    from traindyn.probes.registry import get_feature_probe
+    from traindyn.probes.registry import get_probe
 
     S.register_probes()
     z = decaying(rng, 100, 20)
-    assert get_feature_probe("participation_ratio")(z) == pytest.approx(ref_pr(z), rel=1e-9)
-    assert get_feature_probe("stable_rank")(z) == pytest.approx(ref_stable_rank(z), rel=1e-9)
+    assert get_probe("participation_ratio")(z) == pytest.approx(ref_pr(z), rel=1e-9)
+    assert get_probe("stable_rank")(z) == pytest.approx(ref_stable_rank(z), rel=1e-9)
