@@ -143,7 +143,7 @@ def test_malicious_zip_pickle_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_malicious_legacy_pickle_is_refused_and_the_payload_is_live(tmp_path):
+def test_malicious_pre_zip_pickle_is_refused_and_the_payload_is_live(tmp_path):
     marker = tmp_path / "created_by_payload.txt"
     path = tmp_path / "ckpt_000010.pth"
     with open(path, "wb") as handle:
