@@ -66,13 +66,14 @@ def custom_code(folder: str | os.PathLike) -> dict[str, str]:
     return found
 
 
-def refuse_custom_code(folder: Path, what: str = "model") -> None:
-    """Raise :class:`~traindyn.dynamics.checkpoints.UnsafeCheckpointError` for a folder that
-    declares code of its own (:func:`custom_code`)."""
+def refuse_custom_code(folder: Path, what: str = "model",
+                       error: type[Exception] = UnsafeCheckpointError) -> None:
+    """Raise ``error`` (default :class:`~traindyn.dynamics.checkpoints.UnsafeCheckpointError`)
+    for a folder that declares code of its own (:func:`custom_code`)."""
     entries = custom_code(folder)
     if entries:
         shown = "; ".join(f"{k} -> {v}" for k, v in list(entries.items())[:4])
-        raise UnsafeCheckpointError(
+        raise error(
             f"refused to load the {what} of {folder.name}: its auto_map names Python code of "
             f"its own ({shown}). traindyn never runs code from a checkpoint "
             f"(trust_remote_code=False); build the model with code you have reviewed (a model "

@@ -583,9 +583,18 @@ def test_hf_folder_with_auto_map_is_refused_and_its_code_never_runs(tmp_path, mo
     with pytest.raises(UnsafeCheckpointError, match=r"auto_map.*evil\.EvilModel.*never runs"):
         load_hf_model(folder)
     assert not marker.exists()
-    with pytest.raises(ValueError, match="trust_remote_code"):     # transformers' own refusal
+    with pytest.raises(ValueError, match=r"tokenizer of checkpoint-5.*AutoTokenizer -> "
+                                         r"evil\.EvilTokenizer.*never runs"):
         load_tokenizer(folder)
     assert not marker.exists()
+    # without traindyn's own check, transformers is still told trust_remote_code=False
+    monkeypatch.setattr("traindyn.dynamics.checkpoints.hf_folder.custom_code", lambda f: {})
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_tokenizer(folder)
+    with pytest.raises(CheckpointError, match="contains custom code which must be executed"):
+        load_hf_model(folder)
+    assert not marker.exists()
+    monkeypatch.undo()
     # traindyn analyze with "y" on stdin (transformers' prompt would read it): the checkpoint
     # fails with the reason, and the folder's code never runs
     import io
