@@ -686,6 +686,19 @@ def test_analyze_prefix_chooses_the_ema_weights(tmp_path):
             expected = probes.rankme(layer.double()(x))
         assert_close = abs(float(ds["rankme"].values[0, 0]) - expected) <= 1e-5 * expected
         assert assert_close, (prefix, float(ds["rankme"].values[0, 0]), expected)
+    # the command line: --prefix chooses, without it the checkpoint fails with the reason
+    import xarray as xr
+    from traindyn.dynamics.cli import main
+
+    argv = ["analyze", str(tmp_path / "run"), "--model", "tests.dynamics.test_checkpoints:make_net",
+            "--inputs", str(tmp_path / "x.pt"), "--probes", "rankme", "--layers", "0",
+            "--no-progress", "-o"]
+    assert main([*argv, str(tmp_path / "none.nc")]) == 1
+    assert main([*argv, str(tmp_path / "ema.nc"), "--prefix", "ema"]) == 0
+    with xr.open_dataset(tmp_path / "ema.nc") as ds:
+        with torch.no_grad():
+            expected = probes.rankme(module.ema[0].double()(x))
+        assert abs(float(ds["rankme"].values[0, 0]) - expected) <= 1e-5 * expected
 
 
 # -------------------------------------------------------------------------- dtype kinds
@@ -733,6 +746,16 @@ def test_every_format_is_a_registered_reader_and_a_new_one_needs_one_module(tmp_
     assert {"torch", "safetensors", "hf", "weights_dir", "lightning", "hub_cache"} <= set(READERS)
     for name, reader in READERS.items():
         assert reader.name == name and reader.description
+    # every public module of the package is a format, found without being listed anywhere
+    import pkgutil
+
+    from traindyn.dynamics import checkpoints
+
+    modules = {m.name for m in pkgutil.iter_modules(checkpoints.__path__)
+               if not m.name.startswith("_") and m.name != "base"}
+    assert modules == {type(r).__module__.rsplit(".", 1)[-1] for r in READERS.values()
+                       if type(r).__module__.startswith("traindyn.")}
+    assert len(modules) == 6
     with pytest.raises(KeyError, match="unknown checkpoint format 'npz'.*safetensors"):
         get_reader("npz")
     import numpy as np
