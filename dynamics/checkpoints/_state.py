@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from traindyn.dynamics.checkpoints.base import CheckpointError, UnsafeCheckpointError
+from traindyn.dynamics.checkpoints._errors import CheckpointError, UnsafeCheckpointError
 
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model", "module", "weights", "params")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from traindyn.dynamics.checkpoints._errors import CheckpointError, UnsafeCheckpointError
+
 if TYPE_CHECKING:  # pragma: no cover - annotations only
     import torch
     from torch import nn
@@ -69,14 +71,6 @@ steps, or ``"default"`` (step 0 for a lone checkpoint with no step anywhere)."""
 
 _STEP_PATTERN = re.compile(
     r"(?:global[_-]?step|step|checkpoint|ckpt|iteration|iter)[_=-]?(\d+)", re.IGNORECASE)
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be analysed; the message is the reason recorded in the Dataset."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint that would run code when loaded; it was refused and nothing was executed."""
 
 
 def parse_step(name: str) -> int | None:
