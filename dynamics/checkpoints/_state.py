@@ -73,9 +73,27 @@ def is_lightning(obj: Any) -> bool:
             and ("global_step" in obj or "pytorch-lightning_version" in obj))
 
 
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor)
+                                                          for v in obj.values())
+
+
 def extract_state_dict(obj: Any, path: Path) -> TensorDict:
-    """The state dict in a loaded PyTorch object (top level or under ``state_dict`` …)."""
+    """The state dict in a loaded PyTorch object (top level or under ``state_dict`` …).
+
+    A training-loop checkpoint holding several state dicts side by side (``{"model": …,
+    "ema": …, "optimizer": …}``, ``{"student": …, "teacher": …}``) gives them all, each key
+    prefixed by its entry's name (``model.0.weight``, ``ema.0.weight``) and marked as
+    attributes, so that loading picks the one matching the model or asks which one.
+    """
     lightning = is_lightning(obj)
+    if isinstance(obj, Mapping) and not lightning:
+        several = {k: v for k, v in obj.items() if isinstance(k, str) and _is_state_dict(v)}
+        if len(several) > 1:
+            out = TensorDict({f"{k}.{name}": t for k, sd in several.items()
+                              for name, t in sd.items()})
+            out.attributes = True
+            return out
     for _ in range(3):
         if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor)
                                                     for v in obj.values()):
@@ -287,19 +305,23 @@ def attribute_prefix(keys: Iterable[str], model_keys: set[str], label: str) -> s
     """The training-wrapper attribute (``model.``, ``net.`` …) whose keys match the model.
 
     A Lightning ``state_dict`` holds every attribute of the LightningModule; the target model
-    is usually one of them.  The prefix whose stripped keys overlap most with the model's is
-    chosen (``""`` when the keys already match, e.g. the model *is* the LightningModule).  Two
+    is usually one of them (possibly wrapped once more: ``ema.module.``).  The prefix whose
+    stripped keys overlap most with the model's is chosen (``""`` when the keys already match,
+    e.g. the model *is* the LightningModule).  Two
     or more attributes that fit the model equally well (``model.`` and ``ema.``, ``student.``
     and ``teacher.``) are a :class:`CheckpointError` naming them: the caller chooses with
     ``prefix=``.
     """
     keys = list(keys)
     overlaps = {"": len(set(keys) & model_keys)}
-    for prefix in sorted({k.split(".", 1)[0] + "." for k in keys if "." in k}):
-        overlaps[prefix] = len({k[len(prefix):] for k in keys if k.startswith(prefix)}
-                               & model_keys)
+    tops = sorted({k.split(".", 1)[0] + "." for k in keys if "." in k})
+    # an attribute may wrap the model once more (an EMA's ``ema.module.``, ``_orig_mod.``)
+    for prefix in tops + [top + w for top in tops for w in _WRAPPER_PREFIXES]:
+        stripped = {k[len(prefix):] for k in keys if k.startswith(prefix)}
+        if stripped:
+            overlaps[prefix] = len(stripped & model_keys)
     best_overlap = max(overlaps.values())
-    best = [p for p, n in overlaps.items() if n == best_overlap]
+    best = sorted(p for p, n in overlaps.items() if n == best_overlap)
     if best_overlap and len(best) > 1:
         named = " and ".join(repr(p) for p in best)
         raise CheckpointError(

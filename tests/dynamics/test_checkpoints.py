@@ -787,3 +787,42 @@ def test_every_format_is_a_registered_reader_and_a_new_one_needs_one_module(tmp_
             register_reader(type("Other", (NpzReader,), {}))
     finally:
         READERS.pop("npz_test")
+
+
+def test_a_training_loop_dict_with_model_and_ema_needs_a_prefix(tmp_path):
+    torch.manual_seed(21)
+    model, ema = make_net(), make_net()
+    torch.save({"step": 5, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}, tmp_path / "step5.pt")
+    with pytest.raises(CheckpointError, match=r"under each of 'ema\.' and 'model\.'"):
+        load_into(make_net(), tmp_path / "step5.pt")
+    x = torch.randn(4, 4)
+    for name, source in (("ema", ema), ("model", model)):
+        target = make_net()
+        load_into(target, tmp_path / "step5.pt", prefix=name)
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    # one state dict beside other entries is read as before: no prefix needed
+    torch.save({"step": 5, "model": model.state_dict(), "lr": 0.1}, tmp_path / "step6.pt")
+    target = make_net()
+    assert load_into(target, tmp_path / "step6.pt") == hash_state_dict(model.state_dict())
+
+
+def test_an_ema_wrapped_once_more_is_seen_beside_the_model(tmp_path):
+    class _WithEma(nn.Module):                   # timm-style ModelEmaV2: ema.module.<weights>
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(31)
+            self.model = make_net()
+            self.ema = nn.Module()
+            torch.manual_seed(32)
+            self.ema.module = make_net()
+
+    module = _WithEma()
+    path = tmp_path / "epoch=0-step=3.ckpt"
+    _lightning_ckpt(path, module, 3)
+    with pytest.raises(CheckpointError, match=r"'ema\.module\.' and 'model\.'"):
+        load_into(make_net(), path)
+    target = make_net()
+    load_into(target, path, prefix="ema.module")
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(target(x), module.ema.module(x), rtol=0, atol=0)
