@@ -123,6 +123,15 @@ def _broken(name: str) -> Probe:
     raise KeyError(name)
 
 
+@pytest.fixture()
+def _no_test_accumulator():
+    yield
+    from traindyn.probes.registry import ACCUMULATORS
+
+    ACCUMULATORS.pop("rows_test", None)
+
+
+@pytest.mark.usefixtures("_no_test_accumulator")
 @pytest.mark.parametrize(("broken", "check", "words"), [
     ("nan_swallowed", "nan_input", "expected NaN"),
     ("wrong_variables", "variables", "undeclared variables ['mean_norm_typo']"),
