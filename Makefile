@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.traindyn-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow lint bench clean
+.PHONY: setup demo test test-slow lint bench docs clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.py
 	$(PYTHON) scripts/bootstrap.py --venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# the API reference from the docstrings (pdoc), into docs/api/; any pdoc warning fails it
+docs: $(STAMP)
+	$(BIN)/python docs/build_api.py docs/api
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

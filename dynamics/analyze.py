@@ -165,6 +165,7 @@ class AnalyzeSpec:
     strict: bool = True
     seed: int = 0
     labels: str | None = None
+    prefix: str | None = None
     progress: bool = True  # transformers' own loading bars; changes no number
 
     def params(self) -> dict[str, Any]:
@@ -238,7 +239,7 @@ def _inputs(spec: AnalyzeSpec) -> ProbeInputs:
 
 
 def _load(checkpoint: Checkpoint, spec: AnalyzeSpec) -> tuple[torch.nn.Module, str]:
-    if checkpoint.format == "hf":
+    if checkpoint.reader.builds_model:
         model, digest = load_hf_model(checkpoint.path, spec.hf_class, strict=spec.strict,
                                       progress=spec.progress)
         return model.to(device=_device(spec.device), dtype=_DTYPES[spec.dtype]).eval(), digest
@@ -249,7 +250,7 @@ def _load(checkpoint: Checkpoint, spec: AnalyzeSpec) -> tuple[torch.nn.Module, s
         model = _cached("model", _model_key(spec), lambda: _build_model(spec))
     else:  # keys the checkpoint lacks must start from the same initialisation every time
         model = _build_model(spec)
-    return model, load_into(model, checkpoint, strict=spec.strict)
+    return model, load_into(model, checkpoint, strict=spec.strict, prefix=spec.prefix)
 
 
 class _single_threaded:  # noqa: N801
@@ -620,6 +621,7 @@ def _make_spec(series: list[Checkpoint], *, model: Any, model_kwargs: Any, hf_cl
                inputs: Any, n_samples: int | None, batch_size: int, tokenizer: Any,
                max_length: int, probes: Sequence[str], probe_kwargs: Any, layers: Any,
                reduce: str | None, device: str, dtype: str, strict: bool, seed: int,
+               prefix: str | None = None,
                labels: Any, progress: bool) -> AnalyzeSpec:
     """Check the arguments (unknown probes, reduce, dtype, device, labels) and normalise
     paths; everything that can be wrong without running a checkpoint fails here."""
@@ -663,11 +665,12 @@ def _make_spec(series: list[Checkpoint], *, model: Any, model_kwargs: Any, hf_cl
         probes=tuple(get_probe(p) for p in probes),  # by value: dask workers need no import
         probe_kwargs={k: dict(v) for k, v in (probe_kwargs or {}).items()},
         layers=tuple(layers or ()), reduce=reduce, device=device, dtype=dtype, strict=strict,
-        seed=seed, labels=None if labels is None else str(labels), progress=progress)
+        seed=seed, labels=None if labels is None else str(labels), progress=progress,
+        prefix=prefix)
 
 
 def _check_model_and_layers(series: list[Checkpoint], spec: AnalyzeSpec) -> None:
-    if any(c.format != "hf" for c in series):
+    if any(not c.reader.builds_model for c in series):
         if spec.model is None:
             raise ValueError("state-dict checkpoints need a model factory: "
                              "model='package.module:function' or 'file.py:function'")
@@ -755,6 +758,7 @@ def analyze(
     device: str = "cpu",
     dtype: str = "float32",
     strict: bool = True,
+    prefix: str | None = None,
     steps: Sequence[int] | None = None,
     force_steps: bool = False,
     labels: str | os.PathLike | None = None,
@@ -803,6 +807,10 @@ def analyze(
         that device.
     strict : bool
         Unexpected keys (state dicts) or weights the checkpoint lacks fail the checkpoint.
+    prefix : str, optional
+        Load the model from the tensors under this attribute of a training wrapper
+        (``"ema."`` of a Lightning checkpoint holding ``model.*`` and ``ema.*``; see
+        :func:`~traindyn.dynamics.checkpoints.load_into`).
     steps, force_steps : explicit steps, paired with the checkpoint paths in argument order;
         a step that contradicts the number in a name is an error unless ``force_steps``.
     labels : "digits", a file, or None
@@ -858,7 +866,8 @@ def analyze(
                       inputs=inputs, n_samples=n_samples, batch_size=batch_size,
                       tokenizer=tokenizer, max_length=max_length, probes=probes,
                       probe_kwargs=probe_kwargs, layers=layers, reduce=reduce, device=device,
-                      dtype=dtype, strict=strict, seed=seed, labels=labels, progress=progress)
+                      dtype=dtype, strict=strict, seed=seed, labels=labels, progress=progress,
+                      prefix=prefix)
     probe_inputs = _inputs(spec)  # errors in the inputs surface here, before any work
     if spec.reduce == "flatten":
         _check_flatten(probe_inputs)

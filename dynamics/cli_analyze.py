@@ -86,6 +86,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="transformers class for Hugging Face folders (default AutoModel)")
     src.add_argument("--no-strict", dest="strict", action="store_false",
                      help="accept checkpoints with extra keys or (HF) missing weights")
+    src.add_argument("--prefix", help="load the model from the tensors under this attribute "
+                     "of a training wrapper (a Lightning .ckpt with model.* and ema.*: ema.)")
     inp = p.add_argument_group("probe inputs")
     inp.add_argument("--inputs", default="digits",
                      help="digits | stdlib-text | a .npz/.npy/.pt tensor file | a text file "
@@ -222,7 +224,8 @@ def run(args: argparse.Namespace) -> int:
             inputs=args.inputs, n_samples=args.n_samples, batch_size=args.batch_size,
             tokenizer=args.tokenizer, max_length=args.max_length, probes=args.probes,
             probe_kwargs=args.probe_kwargs, layers=args.layers, reduce=args.reduce,
-            device=args.device, dtype=args.dtype, strict=args.strict, steps=args.steps,
+            device=args.device, dtype=args.dtype, strict=args.strict, prefix=args.prefix,
+            steps=args.steps,
             force_steps=args.force_steps, labels=args.labels,
             learning_rate=args.learning_rate, output=args.output, workers=args.workers,
             scheduler=args.scheduler, threads=args.threads, progress=args.progress,

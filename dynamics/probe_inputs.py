@@ -215,7 +215,11 @@ def load_tokenizer(spec: Any) -> Callable[[Sequence[str], int], Batch]:
         folder = Path(spec)
         if not folder.is_dir():
             raise FileNotFoundError(f"tokenizer {spec!r} is neither 'bytes' nor a local folder")
-        spec = AutoTokenizer.from_pretrained(str(folder.resolve()), local_files_only=True)
+        from traindyn.dynamics.checkpoints.hf_folder import refuse_custom_code
+
+        refuse_custom_code(folder, "tokenizer", error=ValueError)  # never the folder's code
+        spec = AutoTokenizer.from_pretrained(str(folder.resolve()), local_files_only=True,
+                                             trust_remote_code=False)
     tokenizer = spec
 
     def encode(texts: Sequence[str], max_length: int) -> Batch:

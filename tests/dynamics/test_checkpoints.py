@@ -143,7 +143,7 @@ def test_malicious_zip_pickle_is_refused_and_nothing_runs(tmp_path):
     assert not marker.exists()
 
 
-def test_malicious_legacy_pickle_is_refused_and_the_payload_is_live(tmp_path):
+def test_malicious_pre_zip_pickle_is_refused_and_the_payload_is_live(tmp_path):
     marker = tmp_path / "created_by_payload.txt"
     path = tmp_path / "ckpt_000010.pth"
     with open(path, "wb") as handle:
@@ -543,3 +543,286 @@ def test_hub_cache_folder_is_a_revision_series(tmp_path):
         find_checkpoints(cache, steps=[143001, 5, 1000, 143000])
     series = find_checkpoints(cache, steps=[143001, None, None, None])
     assert [(c.step, c.step_source) for c in series][-1] == (143001, "explicit")
+
+
+# -------------------------------------------------------------------------- no code from a folder
+
+
+def _folder_with_code(root, marker, *, tokenizer=False):
+    """A Hugging Face folder whose config.json maps AutoConfig / AutoModel (and, with
+    ``tokenizer``, AutoTokenizer) to ``evil.py`` of the folder; importing ``evil`` creates
+    ``marker``."""
+    folder = root / "checkpoint-5"
+    folder.mkdir(parents=True)
+    (folder / "evil.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizer\n"
+        "class EvilConfig(PretrainedConfig):\n    model_type = 'evilnet'\n"
+        "class EvilModel(PreTrainedModel):\n    config_class = EvilConfig\n"
+        "class EvilTokenizer(PreTrainedTokenizer):\n    pass\n")
+    auto_map = {"AutoConfig": "evil.EvilConfig", "AutoModel": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "evilnet",
+                                                    "auto_map": auto_map}))
+    if tokenizer:
+        (folder / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "EvilTokenizer",
+             "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}))
+    save_file({"w": torch.zeros(2)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_hf_folder_with_auto_map_is_refused_and_its_code_never_runs(tmp_path, monkeypatch,
+                                                                     capsys):
+    pytest.importorskip("transformers")
+    from traindyn.dynamics.probe_inputs import load_tokenizer
+
+    from tests.helpers import child_env
+
+    marker = tmp_path / "code_ran.txt"
+    folder = _folder_with_code(tmp_path / "run", marker, tokenizer=True)
+    with pytest.raises(UnsafeCheckpointError, match=r"auto_map.*evil\.EvilModel.*never runs"):
+        load_hf_model(folder)
+    assert not marker.exists()
+    with pytest.raises(ValueError, match=r"tokenizer of checkpoint-5.*AutoTokenizer -> "
+                                         r"evil\.EvilTokenizer.*never runs"):
+        load_tokenizer(folder)
+    assert not marker.exists()
+    # without traindyn's own check, transformers is still told trust_remote_code=False
+    monkeypatch.setattr("traindyn.dynamics.checkpoints.hf_folder.custom_code", lambda f: {})
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        load_tokenizer(folder)
+    with pytest.raises(CheckpointError, match="contains custom code which must be executed"):
+        load_hf_model(folder)
+    assert not marker.exists()
+    monkeypatch.undo()
+    # traindyn analyze with "y" on stdin (transformers' prompt would read it): the checkpoint
+    # fails with the reason, and the folder's code never runs
+    import io
+
+    import xarray as xr
+    from traindyn.dynamics.cli import main
+
+    ids = tmp_path / "ids.pt"
+    torch.save({"input_ids": torch.ones(4, 3, dtype=torch.int64)}, ids)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 50))
+    code = main(["analyze", str(folder.parent), "--inputs", str(ids), "--layers", "encoder",
+                 "--probes", "rankme", "--no-progress", "-o", str(tmp_path / "out.nc")])
+    assert code != 0 and not marker.exists()
+    assert "1 checkpoint(s) failed" in capsys.readouterr().err
+    with xr.open_dataset(tmp_path / "out.nc") as ds:
+        assert str(ds["status"].values[0]) == "failed"
+        assert "auto_map" in str(ds["reason"].values[0])
+        assert "never runs code" in str(ds["reason"].values[0])
+    # control: transformers left at its default trust_remote_code (which asks on stdin) does
+    # run the folder's code when "y" is typed, so the assertions above are not vacuous
+    control = ("import transformers\ntry:\n    transformers.AutoConfig.from_pretrained("
+               f"{str(folder)!r}, local_files_only=True)\nexcept Exception:\n    pass\n")
+    subprocess.run([sys.executable, "-c", control], env=child_env(HF_HOME=str(tmp_path / "hf")),
+                   input="y\n" * 5, capture_output=True, text=True, timeout=300)
+    assert marker.exists()
+
+
+# -------------------------------------------------------------------------- ambiguous wrappers
+
+
+class _EmaModule(nn.Module):
+    """A LightningModule stand-in with two copies of the network: ``model`` and ``ema``."""
+
+    def __init__(self, first: str = "model", second: str = "ema") -> None:
+        super().__init__()
+        torch.manual_seed(11)
+        self.add_module(first, make_net())
+        torch.manual_seed(12)
+        self.add_module(second, make_net())
+
+
+@pytest.mark.parametrize(("first", "second"), [("model", "ema"), ("student", "teacher")])
+def test_lightning_ckpt_with_two_copies_needs_a_prefix(tmp_path, first, second):
+    module = _EmaModule(first, second)
+    path = tmp_path / "epoch=0-step=10.ckpt"
+    _lightning_ckpt(path, module, 10)
+    (ckpt,) = find_checkpoints(path)
+    assert ckpt.format == "lightning"
+    net = make_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    names = sorted([first, second])
+    with pytest.raises(CheckpointError, match=rf"'{names[0]}\.' and '{names[1]}\.'.*prefix="
+                                              rf".*--prefix"):
+        load_into(net, ckpt)
+    for key, value in net.state_dict().items():           # nothing was copied
+        assert torch.equal(value, before[key])
+    x = torch.randn(5, 4)
+    for name in (first, second):
+        for spelled in (name, name + "."):                   # "ema" and "ema." alike
+            target = make_net()
+            digest = load_into(target, ckpt, prefix=spelled)
+            torch.testing.assert_close(target(x), getattr(module, name)(x), rtol=0, atol=0)
+            assert digest == hash_state_dict({f"{name}.{k}": v for k, v in
+                                              getattr(module, name).state_dict().items()})
+    with pytest.raises(CheckpointError, match="no tensor under prefix 'nope.'.*"
+                                              + rf"{names[0]}\."):
+        load_into(make_net(), ckpt, prefix="nope")
+
+
+def test_analyze_prefix_chooses_the_ema_weights(tmp_path):
+    from traindyn.dynamics.analyze import analyze
+
+    module = _EmaModule()
+    (tmp_path / "run").mkdir()
+    _lightning_ckpt(tmp_path / "run" / "epoch=0-step=10.ckpt", module, 10)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    torch.save(x.float(), tmp_path / "x.pt")
+    common = dict(model="tests.dynamics.test_checkpoints:make_net", inputs=tmp_path / "x.pt",
+                  probes=["rankme"], layers=["0"], progress=False)
+    failed = analyze(tmp_path / "run", **common)
+    assert str(failed["status"].values[0]) == "failed"
+    assert "'ema.' and 'model.'" in str(failed["reason"].values[0])
+    from traindyn import probes
+
+    for prefix in ("ema.", "model."):
+        ds = analyze(tmp_path / "run", prefix=prefix, **common)
+        layer = getattr(module, prefix[:-1])[0]
+        with torch.no_grad():
+            expected = probes.rankme(layer.double()(x))
+        assert_close = abs(float(ds["rankme"].values[0, 0]) - expected) <= 1e-5 * expected
+        assert assert_close, (prefix, float(ds["rankme"].values[0, 0]), expected)
+    # the command line: --prefix chooses, without it the checkpoint fails with the reason
+    import xarray as xr
+    from traindyn.dynamics.cli import main
+
+    argv = ["analyze", str(tmp_path / "run"), "--model", "tests.dynamics.test_checkpoints:make_net",
+            "--inputs", str(tmp_path / "x.pt"), "--probes", "rankme", "--layers", "0",
+            "--no-progress", "-o"]
+    assert main([*argv, str(tmp_path / "none.nc")]) == 1
+    assert main([*argv, str(tmp_path / "ema.nc"), "--prefix", "ema"]) == 0
+    with xr.open_dataset(tmp_path / "ema.nc") as ds:
+        with torch.no_grad():
+            expected = probes.rankme(module.ema[0].double()(x))
+        assert abs(float(ds["rankme"].values[0, 0]) - expected) <= 1e-5 * expected
+
+
+# -------------------------------------------------------------------------- dtype kinds
+
+
+@pytest.mark.parametrize("fmt", ["pt", "safetensors"])
+def test_an_integer_tensor_is_not_cast_into_a_float_weight(tmp_path, fmt):
+    state = make_net().state_dict()
+    bad = {**state, "0.weight": torch.arange(32, dtype=torch.int64).reshape(8, 4)}
+    path = tmp_path / f"step1.{fmt}"
+    if fmt == "pt":
+        torch.save(bad, path)
+    else:
+        save_file(bad, str(path))
+    net = make_net()
+    before = net[0].weight.detach().clone()
+    with pytest.raises(CheckpointError, match=r"dtype mismatch in step1\.\w+: 0\.weight is "
+                                              r"(int64|I64) \(int\).*float32 \(float\)"):
+        load_into(net, path)
+    assert torch.equal(net[0].weight, before)
+    # bool into float and float into an integer buffer are refused alike; a float64 weight
+    # into a float32 model (same kind) loads, with the value rounded as torch copies it
+    bn = nn.BatchNorm1d(3)
+    bn_state = {**bn.state_dict(), "num_batches_tracked": torch.tensor(2.0)}
+    torch.save(bn_state, tmp_path / "bn.pt")
+    with pytest.raises(CheckpointError, match=r"num_batches_tracked is float32 \(float\).*"
+                                              r"int64 \(int\)"):
+        load_into(nn.BatchNorm1d(3), tmp_path / "bn.pt")
+    torch.save({**state, "2.bias": torch.ones(3, dtype=torch.bool)}, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match=r"2\.bias is bool \(bool\)"):
+        load_into(make_net(), tmp_path / "b.pt")
+    wide = {k: v.double() * 1.25 for k, v in state.items()}
+    torch.save(wide, tmp_path / "wide.pt")
+    net = make_net()
+    load_into(net, tmp_path / "wide.pt")
+    assert torch.equal(net[0].weight, wide["0.weight"].float())
+
+
+# -------------------------------------------------------------------------- the readers
+
+
+def test_every_format_is_a_registered_reader_and_a_new_one_needs_one_module(tmp_path):
+    from traindyn.dynamics.checkpoints import READERS, CheckpointReader, get_reader, register_reader
+
+    assert {"torch", "safetensors", "hf", "weights_dir", "lightning", "hub_cache"} <= set(READERS)
+    for name, reader in READERS.items():
+        assert reader.name == name and reader.description
+    # every public module of the package is a format, found without being listed anywhere
+    import pkgutil
+
+    from traindyn.dynamics import checkpoints
+
+    modules = {m.name for m in pkgutil.iter_modules(checkpoints.__path__)
+               if not m.name.startswith("_") and m.name != "base"}
+    assert modules == {type(r).__module__.rsplit(".", 1)[-1] for r in READERS.values()
+                       if type(r).__module__.startswith("traindyn.")}
+    assert len(modules) == 6
+    with pytest.raises(KeyError, match="unknown checkpoint format 'npz'.*safetensors"):
+        get_reader("npz")
+    import numpy as np
+
+    class NpzReader(CheckpointReader):
+        name = "npz_test"
+        description = "numpy .npz archive"
+
+        def can_open(self, path):
+            return path.is_file() and path.suffix == ".npz"
+
+        def read(self, path):
+            with np.load(path, allow_pickle=False) as data:
+                return {k: torch.from_numpy(data[k]) for k in data.files}
+
+    register_reader(NpzReader)
+    try:
+        torch.manual_seed(4)
+        source = make_net()
+        np.savez(tmp_path / "step30.npz", **{k: v.numpy() for k, v in
+                                           source.state_dict().items()})
+        (ckpt,) = find_checkpoints(tmp_path)
+        assert (ckpt.step, ckpt.format, ckpt.step_source) == (30, "npz_test", "name")
+        target = make_net()
+        assert load_into(target, ckpt) == hash_state_dict(source.state_dict())
+        x = torch.randn(3, 4)
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="already registered"):
+            register_reader(type("Other", (NpzReader,), {}))
+    finally:
+        READERS.pop("npz_test")
+
+
+def test_a_training_loop_dict_with_model_and_ema_needs_a_prefix(tmp_path):
+    torch.manual_seed(21)
+    model, ema = make_net(), make_net()
+    torch.save({"step": 5, "model": model.state_dict(), "ema": ema.state_dict(),
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}, tmp_path / "step5.pt")
+    with pytest.raises(CheckpointError, match=r"under each of 'ema\.' and 'model\.'"):
+        load_into(make_net(), tmp_path / "step5.pt")
+    x = torch.randn(4, 4)
+    for name, source in (("ema", ema), ("model", model)):
+        target = make_net()
+        load_into(target, tmp_path / "step5.pt", prefix=name)
+        torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+    # one state dict beside other entries is read as before: no prefix needed
+    torch.save({"step": 5, "model": model.state_dict(), "lr": 0.1}, tmp_path / "step6.pt")
+    target = make_net()
+    assert load_into(target, tmp_path / "step6.pt") == hash_state_dict(model.state_dict())
+
+
+def test_an_ema_wrapped_once_more_is_seen_beside_the_model(tmp_path):
+    class _WithEma(nn.Module):                   # timm-style ModelEmaV2: ema.module.<weights>
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(31)
+            self.model = make_net()
+            self.ema = nn.Module()
+            torch.manual_seed(32)
+            self.ema.module = make_net()
+
+    module = _WithEma()
+    path = tmp_path / "epoch=0-step=3.ckpt"
+    _lightning_ckpt(path, module, 3)
+    with pytest.raises(CheckpointError, match=r"'ema\.module\.' and 'model\.'"):
+        load_into(make_net(), path)
+    target = make_net()
+    load_into(target, path, prefix="ema.module")
+    x = torch.randn(4, 4)
+    torch.testing.assert_close(target(x), module.ema.module(x), rtol=0, atol=0)
