@@ -757,22 +757,50 @@ def _linear_one_shot(features: ArrayLike, labels: ArrayLike, **kw: Any) -> dict[
     return linear_probe(features, labels, **kw)
 
 
+class _SplitReader:
+    """``from_accumulator`` of a ``linear_probe`` with its own split: registers the split's
+    accumulator where it is made *and* where it is unpickled (a Monitor's worker process, a
+    dask worker), so the probe object travels by value."""
+
+    def __init__(self, held_out: float, seed: int, max_train_rows: int) -> None:
+        self.held_out, self.seed, self.max_train_rows = float(held_out), int(seed), \
+            int(max_train_rows)
+        self._register()
+
+    @property
+    def name(self) -> str:
+        return f"readout_{self.held_out}_{self.seed}_{self.max_train_rows}"
+
+    def _register(self) -> None:
+        from functools import partial
+
+        from traindyn.probes.registry import Accumulator, register_accumulator
+
+        register_accumulator(Accumulator(self.name, partial(
+            ReadoutAccumulator, self.held_out, self.seed, self.max_train_rows),
+            needs_labels=True))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._register()
+
+    def __call__(self, acc: ReadoutAccumulator, **kwargs: Any) -> dict[str, float]:
+        return _read_linear(acc, **kwargs)
+
+
 def linear_probe_with_split(held_out: float = 0.25, seed: int = 0, max_train_rows: int = 4096,
                             **kwargs: Any):
     """The ``linear_probe`` probe streaming with another split: registers an accumulator
     ``readout_<held_out>_<seed>_<max_train_rows>`` and returns a
-    :class:`~probes.registry.Probe` to list in a Monitor, ``analyze`` or a sweep."""
-    from functools import partial
+    :class:`~probes.registry.Probe` to list in a Monitor (any mode), ``analyze`` or a sweep;
+    ``kwargs`` (``ridge``, ``ridges``, ``criterion``) are bound to it."""
+    from traindyn.probes.registry import Probe, Variable
 
-    from traindyn.probes.registry import Accumulator, Probe, Variable, register_accumulator
-
-    name = f"readout_{float(held_out)}_{int(seed)}_{int(max_train_rows)}"
-    register_accumulator(Accumulator(name, partial(ReadoutAccumulator, held_out, seed,
-                                                   max_train_rows), needs_labels=True))
+    reader = _SplitReader(held_out, seed, max_train_rows)
     kw = dict(held_out=held_out, seed=seed, max_train_rows=max_train_rows, **kwargs)
     return Probe("linear_probe", "labelled_features",
                  {k: Variable(*v) for k, v in LINEAR_VARIABLES.items()}, SOURCE,
-                 fn=_linear_one_shot, accumulator=name, from_accumulator=_read_linear,
+                 fn=_linear_one_shot, accumulator=reader.name, from_accumulator=reader,
                  kwargs=kw)
 
 

@@ -359,6 +359,17 @@ def test_another_split_streams_through_its_own_accumulator():
     direct = R.linear_probe(x, y, held_out=0.5, seed=4)
     for k, v in direct.items():
         assert_rel(out.layer_values[k]["a"], v, 1e-12, k)
+    # it travels by value: unpickled where its accumulator was never registered
+    import pickle
+
+    from traindyn.probes.registry import ACCUMULATORS
+
+    ACCUMULATORS.pop(probe.accumulator)
+    clone = pickle.loads(pickle.dumps(probe))
+    assert clone.accumulator in ACCUMULATORS
+    plan = ProbePlan([clone], ["a"])
+    again = plan.layer_values(plan.accumulate({"a": x}, y))
+    assert again.layer_values == out.layer_values
     with pytest.raises(ValueError, match="linear_probe_with_split"):
         ProbePlan(["linear_probe"], ["a"], {"linear_probe": {"held_out": 0.5}}).layer_values(
             ProbePlan(["linear_probe"], ["a"]).accumulate({"a": x}, y))
