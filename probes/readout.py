@@ -58,6 +58,7 @@ import numpy as np
 import torch
 import xarray as xr
 from traindyn.probes._arrays import STAT_DTYPE, ArrayLike, as_features, as_tensor, check_labels
+from traindyn.probes._pending import DeviceFlag
 from traindyn.probes.spectral import DEFAULT_EPS, SpectrumAccumulator, rankme
 
 __all__ = [
@@ -195,14 +196,15 @@ class ReadoutAccumulator:
         self.train = SpectrumAccumulator()
         self.d: int | None = None
         self._shift: torch.Tensor | None = None
-        self._sums: dict[int, torch.Tensor] = {}
-        self._counts: dict[int, int] = {}
+        self._index: dict[int, int] = {}  # label → row of _sums
+        self._sums: torch.Tensor | None = None  # (classes, d): Σ_{i∈c} (x_i − shift)
+        self._counts: dict[int, int] = {}  # on the host, where the labels are
         self._held_x: list[torch.Tensor] = []
         self._held_y: list[torch.Tensor] = []
         self._train_x: list[torch.Tensor] = []
         self._train_y: list[torch.Tensor] = []
         self._kept = 0
-        self._nonfinite = False
+        self._nonfinite = DeviceFlag()
 
     def update(self, features: ArrayLike, labels: ArrayLike) -> ReadoutAccumulator:
         """Add a batch: ``(b, d)`` features (trailing axes flattened) and ``(b,)`` integer
@@ -214,8 +216,7 @@ class ReadoutAccumulator:
         elif x.shape[1] != self.d:
             raise ValueError(f"batch has {x.shape[1]} features; earlier batches had {self.d}")
         x = x.to(STAT_DTYPE)
-        if not bool(torch.isfinite(x).all()):
-            self._nonfinite = True
+        self._nonfinite.mark(~torch.isfinite(x).all())  # read once, at compute
         b = x.shape[0]
         held = torch.from_numpy(held_out_mask(np.arange(self.n_seen, self.n_seen + b),
                                               self.held_out, self.seed))
@@ -230,11 +231,23 @@ class ReadoutAccumulator:
         self.train.update(xt)
         if self._shift is None:
             self._shift = xt.mean(0)
-        for c in torch.unique(yt).tolist():
-            rows = xt[(yt == c).to(xt.device)]
-            s = (rows - self._shift).sum(0)
-            self._sums[c] = self._sums[c] + s if c in self._sums else s
-            self._counts[c] = self._counts.get(c, 0) + rows.shape[0]
+        uniq, inv = torch.unique(yt, return_inverse=True)
+        values = [int(u) for u in uniq.tolist()]
+        for v in values:
+            if v not in self._index:
+                self._index[v] = len(self._index)
+                self._counts[v] = 0
+        rows = torch.tensor([self._index[v] for v in values])
+        sums = torch.zeros(len(values), self.d, dtype=STAT_DTYPE, device=x.device)
+        sums.index_add_(0, inv.to(x.device), xt - self._shift)
+        grow = len(self._index) - (0 if self._sums is None else self._sums.shape[0])
+        if grow > 0:
+            pad = torch.zeros(grow, self.d, dtype=STAT_DTYPE, device=x.device)
+            self._sums = pad if self._sums is None else torch.cat([self._sums, pad])
+        self._sums.index_add_(0, rows.to(x.device), sums)
+        for v, count in zip(values, torch.bincount(inv, minlength=len(values)).tolist(),
+                            strict=True):
+            self._counts[v] += int(count)
         room = self.max_train_rows - self._kept
         if room > 0:
             self._train_x.append(xt[:room])
@@ -261,7 +274,7 @@ class ReadoutAccumulator:
         """``(reason, None)`` when no readout can be fitted, else ``(None, statistics)``."""
         if self.n_seen == 0:
             raise ValueError("no samples were accumulated: call update(features, labels) first")
-        if self._nonfinite:
+        if bool(self._nonfinite):
             return "features are not finite (NaN or Inf): the readout is NaN", None
         n = self.n_train
         if n < 2:
@@ -278,7 +291,8 @@ class ReadoutAccumulator:
         counts = torch.tensor([self._counts[c] for c in classes], dtype=STAT_DTYPE,
                               device=mean.device)
         # X_cᵀY_c[:, c] = Σ_{i∈c} x_i − n_c x̄ = Σ_{i∈c}(x_i − shift) − n_c (x̄ − shift)
-        sums = torch.stack([self._sums[c] for c in classes], 1)
+        order = torch.tensor([self._index[c] for c in classes], device=mean.device)
+        sums = self._sums[order].T
         xty = sums - (mean - self._shift)[:, None] * counts[None, :]
         ybar = counts / n
         yty = float((counts - counts * counts / n).sum())  # tr(Y_cᵀY_c)
