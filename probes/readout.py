@@ -698,8 +698,8 @@ def uniformity(z: ArrayLike, t: float = 2.0, chunk: int = 1024) -> float:
 def _alignment_uniformity_probe(model: torch.nn.Module, inputs: ArrayLike, targets: object = None,
                                 layers: Sequence[str] | None = None,
                                 transform: str = "noise:0.1", pairs: Any = None,
-                                reduce: str = "flatten", alpha: float = 2.0, t: float = 2.0
-                                ) -> xr.Dataset:
+                                reduce: str = "flatten", alpha: float = 2.0, t: float = 2.0,
+                                normalisation: str = "") -> xr.Dataset:
     """The ``alignment_uniformity`` model probe: per layer, alignment of ``(f(x), f(g·x))``
     with ``g`` a transform of :func:`probes.invariance.parse_transform` (or ``pairs``, the
     inputs of the second views, given by the user) and uniformity of ``f(x)``."""
@@ -756,7 +756,8 @@ LINEAR_VARIABLES = {
 
 def _read_linear(acc: ReadoutAccumulator, held_out: float = 0.25, seed: int = 0,
                  ridge: float | None = None, ridges: Sequence[float] = DEFAULT_RIDGES,
-                 criterion: str = "gcv", max_train_rows: int = 4096) -> dict[str, float]:
+                 criterion: str = "gcv", max_train_rows: int = 4096, split: str = ""
+                 ) -> dict[str, float]:
     if (float(held_out), int(seed), int(max_train_rows)) != (acc.held_out, acc.seed,
                                                              acc.max_train_rows):
         raise ValueError(
@@ -767,7 +768,8 @@ def _read_linear(acc: ReadoutAccumulator, held_out: float = 0.25, seed: int = 0,
     return acc.compute(ridge, ridges, criterion)
 
 
-def _linear_one_shot(features: ArrayLike, labels: ArrayLike, **kw: Any) -> dict[str, float]:
+def _linear_one_shot(features: ArrayLike, labels: ArrayLike, split: str = "",
+                     **kw: Any) -> dict[str, float]:
     return linear_probe(features, labels, **kw)
 
 
@@ -811,7 +813,8 @@ def linear_probe_with_split(held_out: float = 0.25, seed: int = 0, max_train_row
     from traindyn.probes.registry import Probe, Variable
 
     reader = _SplitReader(held_out, seed, max_train_rows)
-    kw = dict(held_out=held_out, seed=seed, max_train_rows=max_train_rows, **kwargs)
+    kw = dict(held_out=held_out, seed=seed, max_train_rows=max_train_rows,
+              split="by sample index, splitmix64 hash", **kwargs)
     return Probe("linear_probe", "labelled_features",
                  {k: Variable(*v) for k, v in LINEAR_VARIABLES.items()}, SOURCE,
                  fn=_linear_one_shot, accumulator=reader.name, from_accumulator=reader,
@@ -829,9 +832,12 @@ def register_probes() -> None:
     )
 
     register_accumulator(Accumulator("readout", ReadoutAccumulator, needs_labels=True))
+    # the defaults are bound, so that every Dataset states them (attribute ``parameters``)
     register(Probe("linear_probe", "labelled_features",
                    {k: Variable(*v) for k, v in LINEAR_VARIABLES.items()}, SOURCE,
-                   fn=_linear_one_shot, accumulator="readout", from_accumulator=_read_linear))
+                   fn=_linear_one_shot, accumulator="readout", from_accumulator=_read_linear,
+                   kwargs={"held_out": 0.25, "seed": 0, "criterion": "gcv",
+                           "split": "by sample index, splitmix64 hash"}))
     register(Probe(
         "logistic_probe", "labelled_features",
         {"logistic_probe_accuracy": Variable("held-out accuracy of the logistic readout"),
@@ -840,12 +846,13 @@ def register_probes() -> None:
          "logistic_probe_train_accuracy": Variable(
              "training-split accuracy of the logistic readout")},
         "Alain & Bengio (2017); multinomial logistic regression, L-BFGS (Liu & Nocedal 1989)",
-        fn=logistic_probe))
+        fn=logistic_probe, kwargs={"held_out": 0.25, "seed": 0, "l2": 1e-3}))
     register(Probe(
         "knn_accuracy", "labelled_features",
         {"knn_accuracy": Variable("held-out k-NN accuracy (majority vote, k=20 cosine by "
                                   "default)")},
-        "Wu, Xiong, Yu, Lin (CVPR 2018); Caron et al. (ICCV 2021, DINO)", fn=knn_accuracy))
+        "Wu, Xiong, Yu, Lin (CVPR 2018); Caron et al. (ICCV 2021, DINO)", fn=knn_accuracy,
+        kwargs={"k": 20, "metric": "cosine", "split": "held_out", "held_out": 0.25, "seed": 0}))
     register(Probe(
         "class_rankme", "labelled_features",
         {"class_rankme": Variable("RankMe within each class", "1", ("class",)),
@@ -858,7 +865,9 @@ def register_probes() -> None:
          "uniformity": Variable("uniformity, log mean exp(-2||f(x)-f(y)||^2) over distinct "
                                 "pairs, l2-normalised features", "1", ("layer",))},
         "Wang & Isola (ICML 2020), Eqs. 4-5 (alpha=2, t=2)",
-        fn=_alignment_uniformity_probe))
+        fn=_alignment_uniformity_probe,
+        kwargs={"transform": "noise:0.1", "alpha": 2.0, "t": 2.0,
+                "normalisation": "l2 per sample, before both losses"}))
 
 
 register_probes()

@@ -9,6 +9,7 @@ direct calls of the plain functions for the Monitor (three modes) and ``analyze`
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
 
@@ -282,7 +283,7 @@ class Net(nn.Module):
 
 PROBE_SET = ["linear_probe", "logistic_probe", "knn_accuracy", "class_rankme",
              "alignment_uniformity"]
-KWARGS = {"knn_accuracy": {"k": 5}, "alignment_uniformity": {"layers": LAYERS}}
+KWARGS = {"knn_accuracy": {"k": 5}}  # alignment_uniformity gets the Monitor's layers
 
 
 def _direct(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, np.ndarray]:
@@ -328,6 +329,9 @@ def test_monitor_modes_equal_direct_calls(mode):
     after = _direct(model, x, y)
     assert ds["linear_probe_ridge"].attrs["units"] == "feature_units^2"
     assert ds["class_rankme"].dims == ("step", "layer", "class")
+    bound = json.loads(ds.attrs["parameters"])["probe_kwargs"]
+    assert bound["linear_probe"]["held_out"] == 0.25 and bound["knn_accuracy"]["k"] == 5
+    assert bound["alignment_uniformity"]["normalisation"].startswith("l2")
     for step, direct in enumerate((before, after)):
         for name, expected in direct.items():
             assert_rel(ds[name].values[step], expected, 1e-10, f"{mode} step {step} {name}")
