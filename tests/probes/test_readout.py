@@ -409,3 +409,15 @@ def test_analyze_equals_direct_calls(tmp_path):
             for k, v in direct.items():
                 assert_rel(ds[k].values[i, j], v, 1e-10, f"step {step} layer {j} {k}")
             assert_rel(ds["knn_accuracy"].values[i, j], R.knn_accuracy(h, y, k=10), 1e-10, "knn")
+
+
+@pytest.mark.slow
+def test_benchmark_runs_at_smoke_size():
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, child_env
+
+    out = subprocess.run([sys.executable, "benchmarks/readout.py", "--smoke"], cwd=ROOT,
+                         env=child_env(), capture_output=True, text=True, check=True).stdout
+    assert "rankme + alpha_req (baseline)" in out and "load after" in out
