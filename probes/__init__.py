@@ -107,6 +107,15 @@ _EXPORTS: dict[str, str] = {
     "invariance_scores": "invariance",
     "lie_derivative": "invariance",
     "lie_derivative_scores": "invariance",
+    # probes.readout
+    "ReadoutAccumulator": "readout",
+    "alignment": "readout",
+    "class_rankme": "readout",
+    "fit_logistic": "readout",
+    "knn_accuracy": "readout",
+    "linear_probe": "readout",
+    "logistic_probe": "readout",
+    "uniformity": "readout",
     # probes.weights
     "weight_spectra": "weights",
     "weight_spectrum": "weights",

@@ -134,6 +134,7 @@ PROVIDERS: list[str] = [
     "traindyn.probes.instability",
     "traindyn.probes.similarity",
     "traindyn.probes.invariance",
+    "traindyn.probes.readout",
 ]
 """Modules that register built-in probes; imported (once) when a name is first not found.
 A module that does not exist (yet) is skipped."""

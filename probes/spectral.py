@@ -217,6 +217,18 @@ class SpectrumAccumulator:
             return self._m2
         return self._m2 + self.n * torch.outer(self._mean, self._mean)
 
+    def moments(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """``(n, z̄, M₂)``: the sample count, the float64 mean and the centred ``d × d`` scatter
+        ``Σ_i (z_i − z̄)(z_i − z̄)ᵀ`` (formed from the kept rows while ``n < d``) — the
+        statistics a closed-form readout (:mod:`probes.readout`) solves with."""
+        self._check_n()
+        if self._rows is not None:
+            z = torch.cat(self._rows).to(STAT_DTYPE)
+            mean = z.mean(0)
+            zc = z - mean
+            return self.n, mean, zc.T @ zc
+        return self.n, self._mean, self._m2
+
     def masked_matrix(self, centered: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(matrix, nonfinite, overflow)`` without waiting for the device.
 

@@ -1353,8 +1353,9 @@ FAMILIES: dict[str, tuple[Any, Callable[[dict], list[Case]]]] = {
 }
 NTK_FAMILY = (ntk_spec(), ntk_cases)
 
-OTHER_HELPERS_MODULES = {"similarity", "invariance"}
-"""Public functions of these modules are another campaign's (issue #15, similarity helper)."""
+OTHER_HELPERS_MODULES = {"similarity", "invariance", "readout"}
+"""Public functions of these modules have their bad-input cases in their own test files
+(tests/probes/test_similarity.py, test_invariance.py, test_readout.py)."""
 
 NOT_PROBE_FUNCTIONS = {
     # constants, declarations and the evaluation machinery (exercised through ProbePlan below)
