@@ -3,8 +3,8 @@
 ::
 
     ds = analyze("runs/lm/ckpt", model="traindyn.dynamics.recipes.tiny_lm:TinyLM",
-                 inputs="stdlib-text", tokenizer="bytes", probes=["rankme", "alpha_req"], layers=["blocks.*"],
-                 reduce="last", output="runs/lm/geometry.nc", workers=2)
+                 inputs="stdlib-text", tokenizer="bytes", probes=["rankme", "alpha_req"],
+                 layers=["blocks.*"], reduce="last", output="runs/lm/geometry.nc", workers=2)
 
 For each checkpoint (in step order) the weights are loaded safely
 (:mod:`dynamics.checkpoints`), the fixed probe inputs (:mod:`dynamics.probe_inputs`) run
@@ -80,7 +80,7 @@ import numpy as np
 import torch
 import xarray as xr
 from traindyn.dynamics import _analyze_parts as parts_io
-from traindyn.dynamics import records
+from traindyn.dynamics import records, storage
 from traindyn.dynamics._dask import local_client
 from traindyn.dynamics.checkpoints import (
     Checkpoint,
@@ -560,10 +560,46 @@ def summary_figures(ds: xr.Dataset, folder: str | os.PathLike, stem: str = "anal
 
 
 def summary_table(ds: xr.Dataset, max_rows: int = 40) -> str:
-    """The text table of a checkpoint series (:func:`dynamics.cli_analyze.summary_table`)."""
-    from traindyn.dynamics.cli_analyze import summary_table as table
-
-    return table(ds, max_rows)
+    """A short text table of a checkpoint series: per step the status, hash prefix, duplicate
+    flag, time and each probe at the last analysed layer; a NaN shows its reason (the layer's
+    probe warning) and a failed row the checkpoint's reason."""
+    probes = [n for n, v in ds.data_vars.items() if v.dims == ("step", "layer")
+              and n != "alpha_req_r2" and v.dtype.kind in "fiu"]
+    last = str(ds["layer"].values[-1]) if ds.sizes.get("layer", 0) else "-"
+    header = ["step", "status", "hash", "dup", "time/s"] + probes
+    rows, reasons = [], {}
+    notes = ds["layer_notes"] if "layer_notes" in ds else None
+    for i, step in enumerate(ds["step"].values):
+        status = str(ds["status"].values[i])
+        dup = int(ds["duplicate_of"].values[i])
+        row = [str(int(step)), status, str(ds["checkpoint_hash"].values[i])[:10] or "-",
+               f"={dup}" if dup >= 0 else ("yes" if ds["duplicate"].values[i] else ""),
+               f"{float(ds['total_seconds'].values[i]):.2f}"]
+        if status == "ok":
+            for p in probes:
+                value = float(ds[p].values[i, -1])
+                if value != value:  # NaN: say why
+                    why = str(notes.values[i, -1]) if notes is not None else ""
+                    key = reasons.setdefault(why or "no reason recorded", f"[{len(reasons) + 1}]")
+                    row.append(f"nan{key}")
+                else:
+                    row.append(f"{value:.4g}")
+        else:
+            row += [str(ds["reason"].values[i])[:60]]
+        rows.append(row)
+    if len(rows) > max_rows:
+        rows = rows[: max_rows // 2] + [["…"] * len(header)] + rows[-max_rows // 2:]
+    widths = [max([len(h)] + [len(r[k]) for r in rows if k < len(r)]) for k, h in
+              enumerate(header)]
+    lines = [f"probes at layer {last}; {ds.attrs.get('n_failed', 0)} failed, "
+             f"{ds.attrs.get('n_duplicates', 0)} with duplicate weights"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        lines.append("  ".join(c.ljust(widths[k]) if k < len(widths) else c
+                               for k, c in enumerate(r)))
+    for why, key in reasons.items():
+        lines.append(f"{key} NaN at layer {last}: {why[:200]}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -732,9 +768,9 @@ def _reuse_line(n_reused: int, n_total: int, why: list[str]) -> str:
 
 def _save(ds: xr.Dataset, output: Path) -> None:
     if output.suffix == ".zarr":
-        records.save_zarr(ds, output)
+        storage.save_zarr(ds, output)
     else:
-        records.save(ds, output)
+        storage.save(ds, output)
 
 
 def analyze(
@@ -864,7 +900,7 @@ def analyze(
     _check_model_and_layers(series, spec)
 
     if output is not None and output.suffix == ".zarr":
-        records.recover_zarr(output)  # a store a killed run was replacing: back, temporaries gone
+        storage.recover_zarr(output)  # a store a killed run was replacing: back, temporaries gone
     parts = output.with_name(output.name + ".parts") if output is not None else None
     keys_by_step = _checkpoint_keys(series, _content_keys(spec)) if parts is not None else {}
     results, pending, why = _resume(series, parts, keys_by_step, retry_failed)

@@ -15,18 +15,18 @@ __all__ = ["build_parser", "main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from traindyn.dynamics import records
+    from traindyn.dynamics import storage
     from traindyn.dynamics.demo import DemoConfig, run_demo, summary
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     paths = run_demo(args.out, cfg, progress=not args.no_progress, threads=args.threads)
-    print(summary(paths, records.load(paths["digits"])))
+    print(summary(paths, storage.load(paths["digits"])))
     return 0
 
 
 def _cmd_theory_linear(args: argparse.Namespace) -> int:
     import numpy as np
-    from traindyn.dynamics import records
+    from traindyn.dynamics import storage
 
     from traindyn import theory
 
@@ -34,7 +34,7 @@ def _cmd_theory_linear(args: argparse.Namespace) -> int:
     ds = theory.advani_saxe(times, np.asarray(args.load_ratio), noise_var=args.noise_var,
                             teacher_var=args.teacher_var, init_var=args.init_var)
     if args.out:
-        print(f"wrote {records.save(ds, args.out)}")
+        print(f"wrote {storage.save(ds, args.out)}")
     else:
         print(ds.to_dataframe().to_string(float_format=lambda v: f"{v:.5g}"))
     return 0

@@ -70,9 +70,9 @@ def _normal_mode(path: str | os.PathLike) -> None:
 
 def _prepare(ds: xr.Dataset) -> xr.Dataset:
     ds = ds.copy()
-    ds.attrs = records._plain_attrs({**records.provenance(), **ds.attrs})
+    ds.attrs = records.plain_attrs({**records.provenance(), **ds.attrs})
     for name in ds.variables:
-        ds[name].attrs = records._plain_attrs(ds[name].attrs)
+        ds[name].attrs = records.plain_attrs(ds[name].attrs)
     return ds
 
 

@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 import pytest
-from traindyn.dynamics import records
+from traindyn.dynamics import storage
 from traindyn.dynamics.cli import build_parser, main
 
 
@@ -31,7 +31,7 @@ def test_theory_linear_writes_a_dataset(tmp_path):
     path = tmp_path / "as.nc"
     assert main(["theory", "linear", "--load-ratio", "2", "--t-max", "1e4", "--points", "5",
                  "--out", str(path)]) == 0
-    ds = records.load(path)
+    ds = storage.load(path)
     # at t = 1e4 the test error has reached σ²α/(α−1) = 0.25·2 = 0.5 (hand formula)
     np.testing.assert_allclose(ds.test_error.isel(time=-1).values, 0.5, rtol=1e-6)
 
@@ -45,14 +45,14 @@ def test_quick_demo_writes_results_and_figures(tmp_path, capsys):
                  "linear_teacher.png"):
         assert (tmp_path / name).exists(), name
         assert name in printed
-    digits = records.load(tmp_path / "digits.nc")
+    digits = storage.load(tmp_path / "digits.nc")
     assert digits.sizes["seed"] == 2 and set(digits.layer.values) == {"net.1", "net.3"}
     # the MLP learned: chance is 0.1
     assert float(digits.test_accuracy.isel(step=-1).mean()) > 0.8
     # RankMe is bounded by the layer width and at least 1
     assert np.all((digits.rankme >= 1) & (digits.rankme <= 128))
-    theory_ds = records.load(tmp_path / "linear_theory.nc")
-    measured = records.load(tmp_path / "linear_teacher.nc")
+    theory_ds = storage.load(tmp_path / "linear_theory.nc")
+    measured = storage.load(tmp_path / "linear_teacher.nc")
     np.testing.assert_array_equal(theory_ds.step.values, measured.step.values)
 
 

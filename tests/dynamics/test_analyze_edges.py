@@ -18,7 +18,7 @@ import pytest
 import torch
 import xarray as xr
 from traindyn.dynamics import analyze as analyze_module
-from traindyn.dynamics import records, storage
+from traindyn.dynamics import storage
 from traindyn.dynamics.analyze import analyze
 from traindyn.dynamics.probe_inputs import byte_tokenize, load_probe_inputs, stdlib_sentences
 
@@ -113,7 +113,7 @@ def _ds(k: float) -> xr.Dataset:
 
 
 def _value(path: Path) -> float:
-    return float(records.load(path)["v"].values[0])
+    return float(storage.load(path)["v"].values[0])
 
 
 def _leftovers(path: Path) -> list[str]:
@@ -122,8 +122,8 @@ def _leftovers(path: Path) -> list[str]:
 
 def test_replacing_a_store_leaves_only_the_new_one(tmp_path):
     out = tmp_path / "r.zarr"
-    records.save_zarr(_ds(1), out)
-    records.save_zarr(_ds(2), out)
+    storage.save_zarr(_ds(1), out)
+    storage.save_zarr(_ds(2), out)
     assert _value(out) == 2.0
     assert _leftovers(out) == []
 
@@ -131,7 +131,7 @@ def test_replacing_a_store_leaves_only_the_new_one(tmp_path):
 def test_a_crash_while_writing_keeps_the_old_store_and_the_next_run_tidies(tmp_path,
                                                                            monkeypatch):
     out = tmp_path / "r.zarr"
-    records.save_zarr(_ds(1), out)
+    storage.save_zarr(_ds(1), out)
     real = storage._write_zarr
 
     def dies_half_way(ds, path):
@@ -141,18 +141,18 @@ def test_a_crash_while_writing_keeps_the_old_store_and_the_next_run_tidies(tmp_p
 
     monkeypatch.setattr(storage, "_write_zarr", dies_half_way)
     with pytest.raises(Crash):
-        records.save_zarr(_ds(2), out)
+        storage.save_zarr(_ds(2), out)
     assert _value(out) == 1.0
     assert len(_leftovers(out)) == 1
     monkeypatch.setattr(storage, "_write_zarr", real)
-    records.save_zarr(_ds(3), out)
+    storage.save_zarr(_ds(3), out)
     assert _value(out) == 3.0
     assert _leftovers(out) == []
 
 
 def test_a_crash_after_the_exchange_has_the_new_store_in_place(tmp_path, monkeypatch):
     out = tmp_path / "r.zarr"
-    records.save_zarr(_ds(1), out)
+    storage.save_zarr(_ds(1), out)
     real = shutil.rmtree
 
     def dies_on_deleting(path, *args, **kwargs):
@@ -165,17 +165,17 @@ def test_a_crash_after_the_exchange_has_the_new_store_in_place(tmp_path, monkeyp
 
     monkeypatch.setattr(shutil, "rmtree", dies_on_deleting)
     with pytest.raises(Crash):
-        records.save_zarr(_ds(2), out)
+        storage.save_zarr(_ds(2), out)
     monkeypatch.setattr(shutil, "rmtree", real)
     assert _value(out) == 2.0
     assert len(_leftovers(out)) == 1  # the old store, swapped out, not yet deleted
-    records.recover_zarr(out)
+    storage.recover_zarr(out)
     assert _value(out) == 2.0 and _leftovers(out) == []
 
 
 def test_two_rename_fallback_crash_between_renames_is_repaired(tmp_path, monkeypatch):
     out = tmp_path / "r.zarr"
-    records.save_zarr(_ds(1), out)
+    storage.save_zarr(_ds(1), out)
     monkeypatch.setattr(storage, "_exchange", lambda a, b: False)
     real, calls = os.rename, []
 
@@ -187,12 +187,12 @@ def test_two_rename_fallback_crash_between_renames_is_repaired(tmp_path, monkeyp
 
     monkeypatch.setattr(os, "rename", second_rename_dies)
     with pytest.raises(Crash):
-        records.save_zarr(_ds(2), out)
+        storage.save_zarr(_ds(2), out)
     monkeypatch.setattr(os, "rename", real)
     assert not out.exists()  # the window the fallback cannot close …
-    records.recover_zarr(out)  # … which the next run repairs: the old complete store is back
+    storage.recover_zarr(out)  # … which the next run repairs: the old complete store is back
     assert _value(out) == 1.0 and _leftovers(out) == []
-    records.save_zarr(_ds(2), out)  # and the fallback, uninterrupted, replaces it
+    storage.save_zarr(_ds(2), out)  # and the fallback, uninterrupted, replaces it
     assert _value(out) == 2.0 and _leftovers(out) == []
 
 
@@ -221,7 +221,7 @@ def test_analyze_tidies_leftovers_of_dead_runs_and_keeps_a_live_ones(tmp_path, c
     live.mkdir()
     second = analyze([checkpoint], **kw)
     assert _leftovers(out) == [live.name]
-    np.testing.assert_array_equal(records.load(out)["rankme"].values, first["rankme"].values)
+    np.testing.assert_array_equal(storage.load(out)["rankme"].values, first["rankme"].values)
     np.testing.assert_array_equal(second["rankme"].values, first["rankme"].values)
 
 
@@ -231,12 +231,12 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 import numpy as np
 import xarray as xr
-from traindyn.dynamics import records, storage
+from traindyn.dynamics import storage
 if {fallback}:
     storage._exchange = lambda a, b: False
 out = Path({out!r})
 for i in range(10 ** 6):
-    records.save_zarr(xr.Dataset({{"v": ("x", np.full(50, float(i % 2)))}}), out)
+    storage.save_zarr(xr.Dataset({{"v": ("x", np.full(50, float(i % 2)))}}), out)
     print(i, flush=True)
 """
 
@@ -255,8 +255,8 @@ def test_sigkill_while_replacing_leaves_a_complete_store(tmp_path, fallback):
     finally:
         writer.send_signal(signal.SIGKILL)
         writer.wait()
-    records.recover_zarr(out)
-    values = records.load(out)["v"].values
+    storage.recover_zarr(out)
+    values = storage.load(out)["v"].values
     assert values.shape == (50,) and values[0] in (0.0, 1.0)
     assert (values == values[0]).all()
     assert _leftovers(out) == []
