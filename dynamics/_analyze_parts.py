@@ -26,8 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from traindyn.dynamics.storage import check_replaceable
 
 PART_VERSION = 2
+
+OUTPUT_KIND = "analyze"
+"""The :data:`dynamics.storage.OUTPUT_ATTR` of an ``analyze`` output: a re-run may replace
+(and resume into) only a file or store carrying it."""
 
 
 class OutputError(ValueError):
@@ -167,11 +172,18 @@ def read_part(parts: Path, step: int, keys: Mapping[str, str]
     return record["result"], states, ""
 
 
-def check_output(output: Path) -> None:
+def check_output(output: Path, overwrite: bool = False) -> None:
     """Raise :class:`OutputError` if ``output`` (a ``.nc`` file or ``.zarr`` store) and its
-    ``.parts`` folder cannot be written — before any checkpoint is computed."""
+    ``.parts`` folder cannot be written — before any checkpoint is computed — or if something
+    other than an earlier ``analyze`` output is there and ``overwrite`` is not given
+    (:func:`dynamics.storage.check_replaceable`: a user's folder, a Monitor's recording …)."""
     if output.suffix not in (".nc", ".zarr"):
         raise OutputError(f"output {output} must end in .nc (NetCDF) or .zarr (Zarr store)")
+    if not overwrite:
+        try:
+            check_replaceable(output, OUTPUT_KIND)
+        except FileExistsError as err:
+            raise OutputError(str(err)) from None
     if output.suffix == ".nc" and output.is_dir():
         raise OutputError(f"output {output} is an existing directory, not a file")
     if output.suffix == ".zarr" and output.exists() and not output.is_dir():

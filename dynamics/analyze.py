@@ -66,12 +66,13 @@ Reliability:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -766,11 +767,21 @@ def _reuse_line(n_reused: int, n_total: int, why: list[str]) -> str:
             f"computing {recomputed}" + (f": {detail}" if detail else ""))
 
 
-def _save(ds: xr.Dataset, output: Path) -> None:
-    if output.suffix == ".zarr":
-        storage.save_zarr(ds, output)
-    else:
-        storage.save(ds, output)
+def _save(ds: xr.Dataset, output: Path, overwrite: bool) -> None:
+    storage.save(ds, output, kind=parts_io.OUTPUT_KIND, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def _locked(output: Path | None) -> Iterator[None]:
+    """Hold the output's lock (:func:`dynamics.storage.output_lock`) while it is written."""
+    held = contextlib.ExitStack()
+    if output is not None:
+        try:
+            held.enter_context(storage.output_lock(output, "traindyn analyze"))
+        except storage.OutputLockedError as err:
+            raise OutputError(str(err)) from None
+    with held:
+        yield
 
 
 def analyze(
@@ -803,6 +814,7 @@ def analyze(
     progress: bool = True,
     figures: bool | str | os.PathLike = False,
     seed: int = 0,
+    overwrite: bool = False,
 ) -> xr.Dataset:
     """Analyse every checkpoint of a run and return one Dataset over ``(step × layer)``.
 
@@ -847,7 +859,10 @@ def analyze(
     output : path ending in ``.nc`` or ``.zarr``
         Save the Dataset there; per-checkpoint results go to ``<output>.parts/`` as they
         finish, and a re-run resumes from them (module docstring).  Checked before any work:
-        an unwritable path raises :class:`OutputError`.
+        an unwritable path raises :class:`OutputError`, and so does a path holding anything
+        but an earlier ``analyze`` output (a user's folder, a Monitor's recording, another
+        program's file: never replaced unless ``overwrite``) or an output another process is
+        writing (a lock, :func:`dynamics.storage.output_lock`).
     workers, scheduler : dask fan-out (module docstring).  ``workers=N`` (N > 1) starts a
         ``LocalCluster`` of N single-threaded processes for this call; ``scheduler`` is the
         address of a running cluster, whose workers should be started without dask's
@@ -865,6 +880,8 @@ def analyze(
         either way).
     figures : bool or folder
         Write one summary PNG per probe (next to ``output``, or into the given folder).
+    overwrite : bool
+        Replace whatever is at ``output``, even what ``analyze`` did not write.
 
     Returns
     -------
@@ -881,7 +898,7 @@ def analyze(
         raise ValueError(f"n_samples must be >= 1 (or None for all), got {n_samples}")
     output = Path(output) if output is not None else None
     if output is not None:
-        parts_io.check_output(output)
+        parts_io.check_output(output, overwrite)
     if isinstance(checkpoints, Sequence) and checkpoints and isinstance(checkpoints[0],
                                                                         Checkpoint):
         series = list(checkpoints)
@@ -899,54 +916,56 @@ def analyze(
         _check_flatten(probe_inputs)
     _check_model_and_layers(series, spec)
 
-    if output is not None and output.suffix == ".zarr":
-        storage.recover_zarr(output)  # a store a killed run was replacing: back, temporaries gone
-    parts = output.with_name(output.name + ".parts") if output is not None else None
-    keys_by_step = _checkpoint_keys(series, _content_keys(spec)) if parts is not None else {}
-    results, pending, why = _resume(series, parts, keys_by_step, retry_failed)
-    if parts is not None and (results or any(not w.endswith("not analysed yet") for w in why)):
-        print(_reuse_line(len(results), len(series), why), file=sys.stderr, flush=True)
+    with _locked(output):  # one writer per output; the second is refused
+        if output is not None and output.suffix == ".zarr":
+            storage.recover_zarr(output)  # a store a killed run was replacing: back, its
+            # temporaries gone
+        parts = output.with_name(output.name + ".parts") if output is not None else None
+        keys_by_step = _checkpoint_keys(series, _content_keys(spec)) if parts is not None else {}
+        results, pending, why = _resume(series, parts, keys_by_step, retry_failed)
+        if parts is not None and (results or any(not w.endswith("not analysed yet") for w in why)):
+            print(_reuse_line(len(results), len(series), why), file=sys.stderr, flush=True)
 
-    bar = tqdm(total=len(series), initial=len(results), desc="traindyn analyze", unit="ckpt",
-               disable=not progress, file=sys.stderr)
+        bar = tqdm(total=len(series), initial=len(results), desc="traindyn analyze", unit="ckpt",
+                   disable=not progress, file=sys.stderr)
 
-    def on_result(result: dict) -> None:
-        results[result["step"]] = result
-        if parts is not None:
-            stored = {k: v for k, v in result.items() if k != "states"}
-            parts_io.write_part(parts, result["step"], keys_by_step[result["step"]], stored,
-                                result["states"])
-        bar.set_postfix_str(f"step {result['step']} {result['status']} "
-                            f"{result['seconds']['total']:.2f}s")
-        bar.update(1)
-        if progress:
-            bar.write(_describe(result))
+        def on_result(result: dict) -> None:
+            results[result["step"]] = result
+            if parts is not None:
+                stored = {k: v for k, v in result.items() if k != "states"}
+                parts_io.write_part(parts, result["step"], keys_by_step[result["step"]], stored,
+                                    result["states"])
+            bar.set_postfix_str(f"step {result['step']} {result['status']} "
+                                f"{result['seconds']['total']:.2f}s")
+            bar.update(1)
+            if progress:
+                bar.write(_describe(result))
 
-    try:
-        if pending and (workers > 1 or scheduler):
-            _run_dask(pending, spec, workers, scheduler,
-                      threads or torch.get_num_threads(), on_result)
-        else:
-            for checkpoint in pending:
-                on_result(analyze_checkpoint(checkpoint, spec))
-    finally:
-        bar.close()
+        try:
+            if pending and (workers > 1 or scheduler):
+                _run_dask(pending, spec, workers, scheduler,
+                          threads or torch.get_num_threads(), on_result)
+            else:
+                for checkpoint in pending:
+                    on_result(analyze_checkpoint(checkpoint, spec))
+        finally:
+            bar.close()
 
-    _compare_references(list(results.values()), spec.plan, learning_rate)
-    params = spec.params()
-    params.update(checkpoints=str(checkpoints) if isinstance(checkpoints, (str, os.PathLike))
-                  else [str(c.path if isinstance(c, Checkpoint) else c) for c in checkpoints],
-                  steps=[c.step for c in series], learning_rate=learning_rate)
-    attrs = {
-        "source": "traindyn analyze: probes of a checkpoint series",
-        "parameters": records.params_attr(params),
-        "probe_inputs": probe_inputs.description,
-        "n_samples": probe_inputs.n_samples,
-        "python": sys.version.split()[0],
-    }
-    ds = _assemble(list(results.values()), spec, attrs, learning_rate)
-    if output is not None:
-        _save(ds, output)
+        _compare_references(list(results.values()), spec.plan, learning_rate)
+        params = spec.params()
+        params.update(checkpoints=str(checkpoints) if isinstance(checkpoints, (str, os.PathLike))
+                      else [str(c.path if isinstance(c, Checkpoint) else c) for c in checkpoints],
+                      steps=[c.step for c in series], learning_rate=learning_rate)
+        attrs = {
+            "source": "traindyn analyze: probes of a checkpoint series",
+            "parameters": records.params_attr(params),
+            "probe_inputs": probe_inputs.description,
+            "n_samples": probe_inputs.n_samples,
+            "python": sys.version.split()[0],
+        }
+        ds = _assemble(list(results.values()), spec, attrs, learning_rate)
+        if output is not None:
+            _save(ds, output, overwrite)
     if figures:
         folder = Path(figures) if not isinstance(figures, bool) else (
             output.parent if output is not None else Path.cwd())

@@ -31,7 +31,9 @@ examples:
 
 checkpoints are read safely: torch.load(weights_only=True), safetensors lazily; a pickle that
 would run code is refused. Re-running with the same --output resumes: finished checkpoints are
-skipped. Exit code 1 when any checkpoint failed (reasons in the table and the Dataset).
+skipped. An --output holding anything traindyn analyze did not write (your files, a Monitor's
+recording) is never replaced without --overwrite, and one output has one writer at a time.
+Exit code 1 when any checkpoint failed (reasons in the table and the Dataset).
 """
 
 
@@ -119,6 +121,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="gives the coordinate time = learning rate × step")
     out = p.add_argument_group("output and scale")
     out.add_argument("--output", "-o", help="result file, .nc or .zarr (resumable)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace what is at --output even if traindyn analyze did not "
+                          "write it (a folder or file of yours, a Monitor's recording)")
     out.add_argument("--workers", type=int, default=0,
                      help="fan out over a dask LocalCluster with this many processes")
     out.add_argument("--scheduler", metavar="ADDRESS",
@@ -172,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
             force_steps=args.force_steps, labels=args.labels,
             learning_rate=args.learning_rate, output=args.output, workers=args.workers,
             scheduler=args.scheduler, threads=args.threads, progress=args.progress,
-            figures=bool(args.figures and args.output))
+            figures=bool(args.figures and args.output), overwrite=args.overwrite)
     except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError,
             AttributeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

@@ -162,6 +162,7 @@ from traindyn.dynamics.schedules import Schedule, log_spaced
 from traindyn.dynamics.storage import (
     COMPLETE_ATTR,
     ZarrStream,
+    check_replaceable,
     check_store,
     load_stream,
     save_netcdf,
@@ -171,6 +172,10 @@ from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook
 from traindyn.probes.registry import Probe
 
 __all__ = ["COMPLETE_ATTR", "Monitor", "load_stream", "preserved_state"]
+
+OUTPUT_KIND = "monitor"
+"""The :data:`dynamics.storage.OUTPUT_ATTR` of a monitor's NetCDF file: a monitor replaces only
+a file of this kind (or any with ``overwrite=True``)."""
 
 class preserved_state:  # noqa: N801 - a context manager used like a function
     """Restore a model's modes, buffers, gradients and all random states on exit.
@@ -303,7 +308,7 @@ class Monitor:
         is given; a path that is not a Zarr store is never replaced.
     overwrite : bool
         Replace an existing ``store`` (atomically, when the first new evaluation is written:
-        until then the old recording is intact).
+        until then the old recording is intact), and whatever is at ``netcdf``.
     resume : bool
         Append to an existing ``store`` (a restarted run): its layers must include this
         monitor's (checked here) and the first new evaluation must record the same variables
@@ -311,7 +316,8 @@ class Monitor:
         are skipped, with one warning.  :meth:`to_dataset` holds this run's evaluations; the
         store holds all (:func:`load_stream`).
     netcdf : path, optional
-        NetCDF file written by :meth:`close` (the end of a ``with`` block).
+        NetCDF file written by :meth:`close` (the end of a ``with`` block).  A file there that
+        a monitor did not write raises ``FileExistsError`` here unless ``overwrite``.
     background : {False, True, "thread", "process"}
         Where the feature probes and the store writes run (see the module docstring):
         ``False`` on the training thread (synchronous); ``True`` or ``"thread"`` on a worker
@@ -385,6 +391,9 @@ class Monitor:
         self.source = source
         self.store = Path(store) if store is not None else None
         self.netcdf = Path(netcdf) if netcdf is not None else None
+        self._overwrite = bool(overwrite)
+        if self.netcdf is not None:   # refused now, not when the run ends
+            check_replaceable(self.netcdf, OUTPUT_KIND, overwrite)
         self._resume_after: int | None = None   # resume=True: the last step in the store
         self._skip_warned = False
         store_mode = "new"
@@ -467,7 +476,7 @@ class Monitor:
                 worker, self._worker = self._worker, None
                 worker.close()
         if self.netcdf is not None and self._evaluations:
-            self.save(self.netcdf)
+            self.save(self.netcdf, overwrite=self._overwrite)
 
     def flush(self) -> None:
         """Wait for every pending background evaluation; re-raise the first error of one."""
@@ -763,7 +772,8 @@ class Monitor:
             ds.attrs["monitor_seconds_background"] = self.seconds_background
         return ds
 
-    def save(self, path: str | Path) -> Path:
-        """Write everything recorded so far to NetCDF (atomically; see
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write everything recorded so far to NetCDF (atomically; a file there that a monitor
+        did not write is replaced only with ``overwrite=True``; see
         :func:`dynamics.storage.save_netcdf`)."""
-        return save_netcdf(self.to_dataset(), path)
+        return save_netcdf(self.to_dataset(), path, kind=OUTPUT_KIND, overwrite=overwrite)

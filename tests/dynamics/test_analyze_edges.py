@@ -134,8 +134,8 @@ def test_a_crash_while_writing_keeps_the_old_store_and_the_next_run_tidies(tmp_p
     storage.save_zarr(_ds(1), out)
     real = storage._write_zarr
 
-    def dies_half_way(ds, path):
-        real(ds, path)
+    def dies_half_way(ds, path, *args):
+        real(ds, path, *args)
         shutil.rmtree(next(p for p in Path(path).iterdir() if p.is_dir()))  # half written
         raise Crash
 
@@ -260,3 +260,139 @@ def test_sigkill_while_replacing_leaves_a_complete_store(tmp_path, fallback):
     assert values.shape == (50,) and values[0] in (0.0, 1.0)
     assert (values == values[0]).all()
     assert _leftovers(out) == []
+
+
+# ----------------------------------------------------------------------------- whose output
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def _kw(causal, out: Path, **extra) -> dict:
+    model, _, _ = causal
+    return dict(model=model, layers=["mix"], reduce="last", probes=["rankme"],
+                inputs="stdlib-text", tokenizer="bytes", n_samples=20, max_length=16,
+                progress=False, output=out, **extra)
+
+
+@pytest.mark.parametrize("name", ["X.zarr", "X.nc"])
+def test_analyze_never_replaces_a_users_files_without_overwrite(tmp_path, causal, capsys,
+                                                                name):
+    from traindyn.dynamics.cli_analyze import main as cli_main
+
+    _, checkpoint, _ = causal
+    users = tmp_path / "mine"
+    out = users / name
+    if name.endswith(".zarr"):
+        (out / "raw").mkdir(parents=True)
+        (out / "raw" / "scan.bin").write_bytes(bytes(range(256)))
+        (out / "README.txt").write_text("six months of data")
+    else:
+        users.mkdir()
+        out.write_text("a NetCDF-looking name, not traindyn's")
+    before = _files(users)
+    with pytest.raises(analyze_module.OutputError, match=r"did not write.*--overwrite"):
+        analyze([checkpoint], **_kw(causal, out))
+    code = cli_main([str(checkpoint), "--model", _kw(causal, out)["model"], "--layers", "mix",
+                     "--reduce", "last", "--probes", "rankme", "--inputs", "stdlib-text",
+                     "--tokenizer", "bytes", "--n-samples", "20", "--max-length", "16",
+                     "--output", str(out), "--no-progress", "--no-figures"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(out) in err and "--overwrite" in err, err
+    assert _files(users) == before                 # every byte intact, no .parts folder
+    ds = analyze([checkpoint], **_kw(causal, out, overwrite=True))
+    assert storage.output_kind(out) == "analyze"
+    np.testing.assert_array_equal(storage.load(out)["rankme"].values, ds["rankme"].values)
+
+
+def test_analyze_refuses_a_monitors_recording_and_another_commands_output(tmp_path, causal):
+    from torch import nn
+    from traindyn.dynamics.monitor import Monitor
+
+    _, checkpoint, _ = causal
+    recording = tmp_path / "run.zarr"
+    with Monitor(nn.Sequential(nn.Linear(3, 4), nn.ReLU()), probes=["rankme"], layers=["1"],
+                 schedule=lambda s: True, probe_data=torch.randn(8, 3),
+                 store=recording) as monitor:
+        for step in range(3):
+            monitor.step(step, train_loss=float(step))
+    before = _files(recording)
+    with pytest.raises(analyze_module.OutputError, match="a Monitor's recording"):
+        analyze([checkpoint], **_kw(causal, recording))
+    assert _files(recording) == before
+    np.testing.assert_array_equal(storage.load_stream(recording)["train_loss"].values,
+                                  [0.0, 1.0, 2.0])
+    theory = tmp_path / "theory.zarr"
+    storage.save(xr.Dataset({"v": ("x", [1.0])}), theory, kind="theory")
+    with pytest.raises(analyze_module.OutputError, match="traindyn theory"):
+        analyze([checkpoint], **_kw(causal, theory))
+
+
+def test_analyze_resumes_and_replaces_its_own_output(tmp_path, causal, capsys):
+    _, checkpoint, _ = causal
+    out = tmp_path / "geometry.zarr"
+    first = analyze([checkpoint], **_kw(causal, out))
+    capsys.readouterr()
+    again = analyze([checkpoint], **_kw(causal, out))
+    assert "reusing 1 of 1" in capsys.readouterr().err
+    np.testing.assert_array_equal(again["rankme"].values, first["rankme"].values)
+    np.testing.assert_array_equal(storage.load(out)["rankme"].values, first["rankme"].values)
+    assert storage.output_kind(out) == "analyze"
+
+
+def test_recover_zarr_touches_only_its_own_dead_temporaries(tmp_path):
+    out = tmp_path / "X.zarr"
+    storage.save_zarr(_ds(1), out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    foreign = [".X.zarr.foo.tmp", f".X.zarr.new-{dead.pid}x.tmp", ".X.zarr.old-.tmp",
+               f".X.zarr.backup.new-{dead.pid}.tmp"]     # the last: another output's
+    for name in foreign:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text(name)
+    a_file = tmp_path / f".X.zarr.old-{dead.pid}.tmp"
+    a_file.write_text("a file, not a store folder")
+    ours = tmp_path / f".X.zarr.new-{dead.pid}.tmp"
+    storage.save_zarr(_ds(2), ours)                     # what a killed run was writing
+    storage.recover_zarr(out)
+    for name in foreign:
+        assert (tmp_path / name / "keep.txt").read_text() == name
+    assert a_file.read_text() == "a file, not a store folder"
+    assert not ours.exists()                            # a dead run's own temporary: tidied
+    assert _value(out) == 1.0
+
+
+LOCK_HOLDER = """
+import sys, time
+sys.path.insert(0, {root!r})
+from traindyn.dynamics import storage
+with storage.output_lock({out!r}, "a test holding the lock"):
+    print("locked", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_second_writer_of_one_output_is_refused_and_a_dead_ones_lock_is_not_stale(
+        tmp_path, causal):
+    _, checkpoint, _ = causal
+    out = tmp_path / "shared.nc"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(LOCK_HOLDER.format(root=str(ROOT),
+                                                                  out=str(out)))],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(analyze_module.OutputError,
+                           match=rf"being written by another process \(a test holding the "
+                                 rf"lock, pid {holder.pid} on "):
+            analyze([checkpoint], **_kw(causal, out))
+        assert not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)       # dies holding the lock: the system frees it
+        holder.wait()
+        holder.stdout.close()
+    ds = analyze([checkpoint], **_kw(causal, out))
+    np.testing.assert_array_equal(storage.load(out)["rankme"].values, ds["rankme"].values)
+    assert not list(tmp_path.glob(".shared.nc.lock"))   # released

@@ -103,6 +103,21 @@ def test_resume_refuses_a_run_that_records_something_else(tmp_path):
     xr.testing.assert_identical(stored(store), before)
 
 
+def test_netcdf_never_replaces_a_file_no_monitor_wrote(tmp_path):
+    from traindyn.dynamics import storage
+
+    users = tmp_path / "results.nc"
+    users.write_text("my results")
+    with pytest.raises(FileExistsError, match=r"results.nc holds a file that traindyn did not "
+                                              r"write.*overwrite"):
+        run(None, range(2), netcdf=users)          # refused before training starts
+    assert users.read_text() == "my results"
+    run(None, range(2), netcdf=users, overwrite=True)
+    np.testing.assert_array_equal(storage.load(users)["train_loss"].values, [0.0, 1.0])
+    run(None, range(3), netcdf=users)            # a monitor's own file: replaced
+    np.testing.assert_array_equal(storage.load(users)["train_loss"].values, [0.0, 1.0, 2.0])
+
+
 SCRIPT = textwrap.dedent("""
     import sys, torch
     from torch import nn
