@@ -138,8 +138,10 @@ import ast
 import multiprocessing
 import random
 import sys
+import threading
 import time as _time
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -267,6 +269,42 @@ def _unguarded_message(script: str | None = None, in_worker: bool = False) -> st
             "`if __name__ == \"__main__\":`, so the worker would run the training again. Put "
             "the training code under `if __name__ == \"__main__\":` (or use "
             "background='thread').")
+
+
+_OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
+"""Monitors not yet closed, drained and closed at interpreter exit (:func:`_close_at_exit`)."""
+_EXIT_HOOK: list[bool] = []
+
+
+def _close_at_exit() -> None:
+    """Close every monitor the program left open: wait for its pending evaluations (they are
+    stored), stop its worker and write its ``netcdf=`` file.
+
+    Registered with ``threading``'s exit hooks, which run when the main thread ends and before
+    ``concurrent.futures`` and zarr's I/O threads shut down (a plain ``atexit`` hook runs after
+    them, too late for a worker thread's store writes); an error is printed, not raised."""
+    for monitor in list(_OPEN):
+        try:
+            monitor.close()
+        except Exception as exc:  # noqa: BLE001 - at exit: report every monitor's problem
+            print(f"traindyn Monitor: closing at interpreter exit failed: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _keep_until_exit(monitor: Monitor) -> None:
+    """Track ``monitor`` (weakly) so that :func:`_close_at_exit` closes it if it is left open."""
+    _OPEN.add(monitor)
+    if not _EXIT_HOOK:
+        register = getattr(threading, "_register_atexit", None)  # CPython >= 3.9
+        try:
+            if register is None:
+                raise RuntimeError
+            register(_close_at_exit)
+        except RuntimeError:  # no such hook, or the interpreter is already shutting down
+            import atexit
+
+            atexit.register(_close_at_exit)
+        _EXIT_HOOK.append(True)
 
 
 _MODES = {False: "sync", None: "sync", "sync": "sync", "synchronous": "sync",
@@ -423,6 +461,8 @@ class Monitor:
         self._worker: ProcessWorker | None = None
         self._eval = Evaluator(self.plan, _concat(probe_targets), learning_rate, seed, source,
                                reduce)
+        self._closed = False
+        _keep_until_exit(self)
         if mode == "process":  # start now: the worker's imports overlap early training
             self._worker = ProcessWorker(self._eval, self.store, store_mode)
             script = _unguarded_main()
@@ -465,7 +505,14 @@ class Monitor:
 
     def close(self) -> None:
         """Wait for pending background work, stop the worker (thread or process), and write
-        the NetCDF file if ``netcdf=`` was given (the Zarr store is already complete)."""
+        the NetCDF file if ``netcdf=`` was given (the Zarr store is already complete).
+
+        A monitor left open (no ``with``, no ``close``) is closed when it is garbage-collected
+        or at interpreter exit, whichever comes first: its pending evaluations are stored
+        (a thread-mode monitor is not collected while any is pending), its ``netcdf=`` file
+        written."""
+        self._closed = True
+        _OPEN.discard(self)
         try:
             self.flush()
         finally:
@@ -477,6 +524,15 @@ class Monitor:
                 worker.close()
         if self.netcdf is not None and self._evaluations:
             self.save(self.netcdf, overwrite=self._overwrite)
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):  # closed, or its construction failed
+            return
+        try:
+            self.close()
+        except Exception as exc:  # noqa: BLE001 - a finaliser cannot raise
+            print(f"traindyn Monitor: closing a monitor left open failed: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
 
     def flush(self) -> None:
         """Wait for every pending background evaluation; re-raise the first error of one."""
