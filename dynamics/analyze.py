@@ -33,9 +33,11 @@ Reliability:
 * With an ``output`` path, each checkpoint's result is written atomically (temporary file, then
   ``os.replace``) to ``<output>.parts/`` as soon as it finishes.  A re-run reuses a result only
   when what determines its numbers is unchanged — the parameters, the checkpoint's *content*,
-  the probe-input and label files' content, and the model factory's source file
-  (:mod:`dynamics._analyze_parts`) — and always says on one line what it reuses and what it
-  recomputes and why.  A run killed at any point (SIGKILL included) and restarted gives the
+  the probe-input and label files' content, the source of the model factory and of every
+  module it imports from the user's files, the source of the probes and of the ``imports``,
+  traindyn's version and its own modules on the analysis path (:mod:`dynamics._analyze_parts`)
+  — and always says on one line what it reuses and what it recomputes and why (the changed
+  modules by name).  A run killed at any point (SIGKILL included) and restarted gives the
   same Dataset as an uninterrupted run.  The output path is checked before any checkpoint is
   computed (:class:`~dynamics._analyze_parts.OutputError`).
   Only the timing variables (:data:`TIMING_VARIABLES`) differ between runs.  The final NetCDF
@@ -220,8 +222,24 @@ def _build_model(spec: AnalyzeSpec) -> torch.nn.Module:
 
 def _model_key(spec: AnalyzeSpec) -> str:
     return repr((spec.params()["model"], dict(spec.model_kwargs), spec.device, spec.dtype,
-                 id(spec.model) if not isinstance(spec.model, str) else 0,
-                 parts_io.source_hash(spec.model)))
+                 id(spec.model) if not isinstance(spec.model, str) else 0, _model_code(spec)))
+
+
+def _users(path: Path) -> bool:
+    """Code whose source keys a result: the user's files and traindyn's own."""
+    return parts_io.is_user_file(path) or parts_io.is_traindyn_file(path)
+
+
+def _model_code(spec: AnalyzeSpec) -> str:
+    """The source of the model factory's module and of every module it imports from the
+    user's files (:func:`dynamics._analyze_parts.code_hashes`); ``"{}"`` without a factory."""
+    factory = None
+    if spec.model is not None:
+        try:
+            factory = parts_io.module_of(resolve_factory(spec.model))
+        except (ImportError, OSError, AttributeError, TypeError, ValueError):
+            factory = None
+    return parts_io.code_hashes(parts_io.code_files([factory] if factory else [], _users))
 
 
 def _inputs(spec: AnalyzeSpec) -> ProbeInputs:
@@ -717,11 +735,77 @@ def _check_model_and_layers(series: list[Checkpoint], spec: AnalyzeSpec) -> None
         raise ValueError("choose layers (names or glob patterns), e.g. 'encoder.layer.*'")
 
 
-def _content_keys(spec: AnalyzeSpec) -> dict[str, str]:
+_LOADED: dict[Path, str] = {}
+"""The ``.py`` files :func:`_import_modules` executed, with their content hash then."""
+
+
+def _import_modules(imports: Sequence[str]) -> list[tuple[str | None, Path | None]]:
+    """Import each module (``package.module``) or ``.py`` file (they register the user's
+    probes); a file already imported runs again only if its content changed since.  Returns
+    them as ``(module name, file)`` for the resume key."""
+    import importlib
+    import importlib.util
+
+    out: list[tuple[str | None, Path | None]] = []
+    for module in imports:
+        if not str(module).endswith(".py"):
+            importlib.import_module(module)
+            out.append((module, None))
+            continue
+        path = Path(module).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--import {module}: no such file")
+        loaded = sys.modules.get(path.stem)
+        digest = parts_io.content_hash([path])
+        if (loaded is None or Path(getattr(loaded, "__file__", "") or "").resolve() != path
+                or _LOADED.get(path, digest) != digest):
+            _LOADED[path] = digest
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = loaded
+            spec.loader.exec_module(loaded)
+        out.append((path.stem, path))
+    return out
+
+
+def _probe_modules(probes: Sequence[Probe]) -> list[tuple[str | None, Path]]:
+    """The modules defining the functions of every probe (and of the accumulators they
+    share)."""
+    from traindyn.probes.registry import ACCUMULATORS
+
+    objects: list[Any] = []
+    for probe in probes:
+        objects += [getattr(probe, f.name) for f in fields(probe)]
+        if probe.accumulator in ACCUMULATORS:
+            accumulator = ACCUMULATORS[probe.accumulator]
+            objects += [getattr(accumulator, f.name) for f in fields(accumulator)]
+    found = (parts_io.module_of(o) for o in objects if callable(o))
+    return list(dict.fromkeys(m for m in found if m is not None))
+
+
+def _code_keys(spec: AnalyzeSpec, imported: Sequence[tuple[str | None, Path | None]]
+               ) -> dict[str, str]:
+    """The resume keys of code: traindyn's version and the modules the analysis runs through,
+    the model factory's and probes' modules with what they import from the user's files."""
+    import traindyn
+
+    probes = _probe_modules([p for p in spec.probes if isinstance(p, Probe)])
+    ours = [m for m in probes if parts_io.is_traindyn_file(m[1])]
+    theirs = [m for m in probes if not parts_io.is_traindyn_file(m[1])]
+    return {
+        "traindyn version": str(traindyn.__version__),
+        "traindyn code": parts_io.code_hashes(parts_io.code_files(
+            [(__name__, Path(__file__)), *ours], parts_io.is_traindyn_file)),
+        "probe code": parts_io.code_hashes(parts_io.code_files([*theirs, *imported], _users)),
+        "model code": _model_code(spec),
+    }
+
+
+def _content_keys(spec: AnalyzeSpec, imported: Sequence[tuple[str | None, Path | None]] = ()
+                  ) -> dict[str, str]:
     """What a stored result is reused for, beside the checkpoint's own content."""
-    return {"parameters": spec.key(), "model code": parts_io.source_hash(spec.model),
-            "probe inputs": parts_io.input_hash(spec.inputs),
-            "labels": parts_io.input_hash(spec.labels)}
+    return {"parameters": spec.key(), "probe inputs": parts_io.input_hash(spec.inputs),
+            "labels": parts_io.input_hash(spec.labels), **_code_keys(spec, imported)}
 
 
 def _checkpoint_keys(series: list[Checkpoint], keys: Mapping[str, str]
@@ -763,7 +847,8 @@ def _reuse_line(n_reused: int, n_total: int, why: list[str]) -> str:
     detail = "; ".join(f"{reason} (step{'s' if len(s) > 1 else ''} {', '.join(s[:6])}"
                        f"{' …' if len(s) > 6 else ''})" for reason, s in reasons.items())
     return (f"traindyn analyze: resuming: reusing {n_reused} of {n_total} checkpoints "
-            f"(same parameters, checkpoint contents, probe inputs, labels and model code); "
+            f"(same parameters, checkpoint contents, probe inputs, labels, model code, "
+            f"probe code and traindyn); "
             f"computing {recomputed}" + (f": {detail}" if detail else ""))
 
 
@@ -815,6 +900,7 @@ def analyze(
     figures: bool | str | os.PathLike = False,
     seed: int = 0,
     overwrite: bool = False,
+    imports: Sequence[str] = (),
 ) -> xr.Dataset:
     """Analyse every checkpoint of a run and return one Dataset over ``(step × layer)``.
 
@@ -882,6 +968,9 @@ def analyze(
         Write one summary PNG per probe (next to ``output``, or into the given folder).
     overwrite : bool
         Replace whatever is at ``output``, even what ``analyze`` did not write.
+    imports : module names (``package.module``) or ``.py`` files
+        Imported first, unless already imported (they register the user's own probes); their
+        source, and what they import from the user's files, keys the resume.
 
     Returns
     -------
@@ -899,6 +988,7 @@ def analyze(
     output = Path(output) if output is not None else None
     if output is not None:
         parts_io.check_output(output, overwrite)
+    imported = _import_modules(imports)
     if isinstance(checkpoints, Sequence) and checkpoints and isinstance(checkpoints[0],
                                                                         Checkpoint):
         series = list(checkpoints)
@@ -921,7 +1011,8 @@ def analyze(
             storage.recover_zarr(output)  # a store a killed run was replacing: back, its
             # temporaries gone
         parts = output.with_name(output.name + ".parts") if output is not None else None
-        keys_by_step = _checkpoint_keys(series, _content_keys(spec)) if parts is not None else {}
+        keys_by_step = (_checkpoint_keys(series, _content_keys(spec, imported))
+                        if parts is not None else {})
         results, pending, why = _resume(series, parts, keys_by_step, retry_failed)
         if parts is not None and (results or any(not w.endswith("not analysed yet") for w in why)):
             print(_reuse_line(len(results), len(series), why), file=sys.stderr, flush=True)

@@ -139,23 +139,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def _import(module: str) -> None:
-    """Import a module by name or a ``.py`` file by path (it registers user probes)."""
-    import importlib
-    import importlib.util
-
-    if module.endswith(".py"):
-        path = Path(module).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"--import {module}: no such file")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = mod
-        spec.loader.exec_module(mod)
-    else:
-        importlib.import_module(module)
-
-
 def run(args: argparse.Namespace) -> int:
     """Handler of ``traindyn analyze``: returns 0, or 1 when any checkpoint failed."""
     from traindyn.dynamics._threads import apply_threads
@@ -166,8 +149,6 @@ def run(args: argparse.Namespace) -> int:
     # workers use the same count unless --threads says otherwise, so results equal serial ones
     apply_threads(None, processes=max(1, args.workers))
     try:
-        for module in args.imports:
-            _import(module)
         ds = analyze(
             sources, model=args.model, model_kwargs=args.model_kwargs, hf_class=args.hf_class,
             inputs=args.inputs, n_samples=args.n_samples, batch_size=args.batch_size,
@@ -177,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
             force_steps=args.force_steps, labels=args.labels,
             learning_rate=args.learning_rate, output=args.output, workers=args.workers,
             scheduler=args.scheduler, threads=args.threads, progress=args.progress,
-            figures=bool(args.figures and args.output), overwrite=args.overwrite)
+            figures=bool(args.figures and args.output), overwrite=args.overwrite,
+            imports=args.imports)
     except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError,
             AttributeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

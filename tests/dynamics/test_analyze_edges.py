@@ -396,3 +396,140 @@ def test_a_second_writer_of_one_output_is_refused_and_a_dead_ones_lock_is_not_st
     ds = analyze([checkpoint], **_kw(causal, out))
     np.testing.assert_array_equal(storage.load(out)["rankme"].values, ds["rankme"].values)
     assert not list(tmp_path.glob(".shared.nc.lock"))   # released
+
+
+# ------------------------------------------------------------------ what a result is keyed on
+
+BLOCKS = """
+import torch
+from torch import nn
+
+SCALE = {scale}
+
+
+class Squash(nn.Module):
+    def forward(self, x):
+        return torch.tanh(SCALE * x)
+"""
+
+MODELS = """
+from torch import nn
+
+from .blocks import Squash
+
+
+def make_model():
+    return nn.Sequential(nn.Linear(64, 24), Squash())
+"""
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch):
+    """A user's package ``stalelab`` (a factory in ``models.py`` importing ``blocks.py``) and
+    one checkpoint of it; ``forget()`` drops the package from ``sys.modules`` as a new process
+    would start without it."""
+    package = tmp_path / "src" / "stalelab"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "models.py").write_text(MODELS)
+    (package / "blocks.py").write_text(BLOCKS.format(scale=1.0))
+    monkeypatch.syspath_prepend(str(package.parent))
+
+    def forget():
+        for name in [n for n in sys.modules if n.split(".")[0] == "stalelab"]:
+            del sys.modules[name]
+
+    forget()
+    from stalelab.models import make_model
+
+    torch.manual_seed(0)
+    torch.save(make_model().state_dict(), tmp_path / "step7.pt")
+    yield package, tmp_path / "step7.pt", forget
+    forget()
+
+
+def _lab_kw(output=None, **extra):
+    return dict(model="stalelab.models:make_model", layers=["1"], probes=["rankme"],
+                n_samples=200, progress=False, output=output, **extra)
+
+
+def _squashed_rankme(checkpoint: Path, scale: float) -> float:
+    """RankMe of ``tanh(scale · (x Wᵀ + b))`` on the probe inputs, in float64 from the weights."""
+    state = torch.load(checkpoint, weights_only=True)
+    x = torch.cat([b.inputs for b in load_probe_inputs("digits", n_samples=200).batches])
+    w, bias = state["0.weight"].double(), state["0.bias"].double()
+    return _rankme(torch.tanh(scale * (x.double() @ w.T + bias)).numpy())
+
+
+def test_a_module_the_factory_imports_changes_and_the_result_is_recomputed(lab, tmp_path,
+                                                                           capfd):
+    package, checkpoint, forget = lab
+    out = tmp_path / "lab.nc"
+    before = float(analyze([checkpoint], **_lab_kw(out))["rankme"].item())
+    (package / "blocks.py").write_text(BLOCKS.format(scale=6.0))   # saturates the tanh
+    forget()                                                       # as a new process would
+    capfd.readouterr()
+    after = float(analyze([checkpoint], **_lab_kw(out))["rankme"].item())
+    err = capfd.readouterr().err
+    assert_rel(before, _squashed_rankme(checkpoint, 1.0), 1e-6, "RankMe with SCALE 1")
+    assert_rel(after, _squashed_rankme(checkpoint, 6.0), 1e-6, "RankMe with SCALE 6")
+    assert abs(after - before) > 0.05 * before                     # the premise
+    assert "reusing 0 of 1" in err and "model code (stalelab.blocks)" in err, err
+    analyze([checkpoint], **_lab_kw(out))                          # unchanged: reused
+    assert "reusing 1 of 1" in capfd.readouterr().err
+
+
+PROBE_FILE = """
+import torch
+from traindyn.probes.registry import Probe, Variable, register
+
+
+def scaled_norm(features):
+    return float(torch.linalg.norm(features.double())) * {factor}
+
+
+register(Probe("stale_scaled_norm", "features",
+               {{"stale_scaled_norm": Variable("norm of the features × a factor")}},
+               "a test", fn=scaled_norm))
+"""
+
+
+def test_an_imported_probe_file_changes_and_the_result_is_recomputed(causal, tmp_path,
+                                                                     capfd):
+    from traindyn.dynamics.cli_analyze import main as cli_main
+    from traindyn.probes.registry import PROBES
+
+    model, checkpoint, _ = causal
+    probe_file = tmp_path / "stale_probe.py"
+    out = tmp_path / "probe.nc"
+    args = [str(checkpoint), "--model", model, "--layers", "mix", "--reduce", "last",
+            "--probes", "stale_scaled_norm", "--inputs", "stdlib-text", "--tokenizer", "bytes",
+            "--n-samples", "20", "--max-length", "16", "--import", str(probe_file),
+            "--output", str(out), "--no-progress", "--no-figures"]
+    try:
+        values = []
+        for factor in (1.0, 1000.0):
+            probe_file.write_text(PROBE_FILE.format(factor=factor))
+            capfd.readouterr()
+            assert cli_main(args) == 0
+            values.append(float(storage.load(out)["stale_scaled_norm"].item()))
+        err = capfd.readouterr().err
+    finally:
+        PROBES.pop("stale_scaled_norm", None)
+        sys.modules.pop("stale_probe", None)
+    assert values[1] == pytest.approx(1000.0 * values[0], rel=1e-12)
+    assert "reusing 0 of 1" in err and "probe code (stale_probe)" in err, err
+
+
+def test_another_traindyn_version_recomputes(causal, tmp_path, capfd, monkeypatch):
+    import traindyn
+
+    _, checkpoint, _ = causal
+    out = tmp_path / "v.nc"
+    first = analyze([checkpoint], **_kw(causal, out))
+    monkeypatch.setattr(traindyn, "__version__", "99.0")
+    capfd.readouterr()
+    again = analyze([checkpoint], **_kw(causal, out))
+    err = capfd.readouterr().err
+    assert "reusing 0 of 1" in err and "traindyn version (" in err and "→ 99.0)" in err, err
+    np.testing.assert_array_equal(again["rankme"].values, first["rankme"].values)
