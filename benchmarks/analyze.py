@@ -65,7 +65,7 @@ from safetensors.torch import load_file, save_file
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from traindyn.dynamics import records  # noqa: E402
+from traindyn.dynamics import storage  # noqa: E402
 from traindyn.dynamics._dask import local_client  # noqa: E402
 from traindyn.dynamics.analyze import analyze  # noqa: E402
 from traindyn.dynamics.checkpoints import resolve_factory  # noqa: E402
@@ -172,7 +172,7 @@ from pathlib import Path
 sys.path[:0] = {paths!r}
 import torch
 torch.set_num_threads({threads})
-from traindyn.dynamics import records
+from traindyn.dynamics import storage
 from traindyn.dynamics.analyze import analyze
 common = json.loads({common!r})
 folder = Path({folder!r})
@@ -180,7 +180,7 @@ analyze(sorted(folder.glob("*.safetensors"))[:1], **common)  # builds model and 
 start = time.perf_counter()
 ds = analyze(folder, **common)
 print((time.perf_counter() - start) / {n})
-records.save(ds, {out!r})
+storage.save(ds, {out!r})
 """
 
 
@@ -195,7 +195,7 @@ def _serial_in_fresh_process(folder: Path, common: dict, n: int, threads: int):
                         out=str(out))
     wall = float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                                 text=True).stdout.split()[-1])
-    return wall, records.load(out)
+    return wall, storage.load(out)
 
 
 def _workers(folder: Path, common: dict, n: int, threads: int, serial_wall: float,

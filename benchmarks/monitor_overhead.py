@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from traindyn.dynamics import records
+from traindyn.dynamics import storage
 from traindyn.dynamics.monitor import Monitor
 from traindyn.dynamics.recipes.digits import DigitsMLP, load_digits_split
 from traindyn.dynamics.schedules import evaluation_steps, log_spaced
@@ -172,7 +172,7 @@ def breakdown(monitor: Monitor, store: Path) -> dict[str, float]:
                 f, monitor.probe_targets))
         timed("whole evaluation (t_eval)", lambda: monitor.evaluate(0, train_loss=1.0))
         ds = monitor.evaluate(10**6, train_loss=1.0)
-        timed("first Zarr append (xarray to_zarr)", lambda d=ds: records.append_zarr(d, store))
+        timed("first Zarr append (xarray to_zarr)", lambda d=ds: storage.append_zarr(d, store))
         model.train()
     per_layer = {"rankme + alpha_req (one shared accumulator)", "neural_collapse"}
     return {k: float(np.median(v)) * (len(monitor.layers) if k in per_layer else 1)

@@ -3,7 +3,8 @@
 ===================  ==========================================================================
 module               what
 ===================  ==========================================================================
-``records``          the data model: dims, coords, attrs, validation, NetCDF / Zarr I/O
+``records``          the data model: dims, coords, attrs, validation
+``storage``          NetCDF / Zarr files: atomic saves, the monitor's stream, ``load``
 ``schedules``        ``step -> bool`` evaluation schedules
 ``monitor``          probes on a schedule inside a training loop (``lightning``: its callback)
 ``checkpoints``      find, order, hash and safely load checkpoints
@@ -39,10 +40,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
         recipes,
         records,
         schedules,
+        storage,
     )
     from traindyn.dynamics._dask import local_client
     from traindyn.dynamics.monitor import Monitor, load_stream
-    from traindyn.dynamics.records import load, save
+    from traindyn.dynamics.storage import load, save
     from traindyn.dynamics.sweep import sweep
 
 __all__ = [
@@ -58,6 +60,7 @@ __all__ = [
     "records",
     "save",
     "schedules",
+    "storage",
     "sweep",
 ]
 
@@ -65,14 +68,15 @@ _ATTRIBUTES = {
     "Monitor": ("traindyn.dynamics.monitor", "Monitor"),
     "load_stream": ("traindyn.dynamics.monitor", "load_stream"),
     "local_client": ("traindyn.dynamics._dask", "local_client"),
-    "load": ("traindyn.dynamics.records", "load"),
-    "save": ("traindyn.dynamics.records", "save"),
+    "load": ("traindyn.dynamics.storage", "load"),
+    "save": ("traindyn.dynamics.storage", "save"),
     "sweep": ("traindyn.dynamics.sweep", "sweep"),
 }
 """Names that are objects inside a submodule; every other public name is a submodule."""
 
 _SUBMODULES = ("analyze", "checkpoints", "cli", "cli_analyze", "cli_predict", "demo", "lightning",
-               "monitor", "plot", "predict", "probe_inputs", "recipes", "records", "schedules")
+               "monitor", "plot", "predict", "probe_inputs", "recipes", "records", "schedules",
+               "storage")
 
 
 def __getattr__(name: str) -> Any:

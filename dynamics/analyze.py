@@ -3,8 +3,8 @@
 ::
 
     ds = analyze("runs/lm/ckpt", model="traindyn.dynamics.recipes.tiny_lm:TinyLM",
-                 inputs="stdlib-text", tokenizer="bytes", probes=["rankme", "alpha_req"], layers=["blocks.*"],
-                 reduce="last", output="runs/lm/geometry.nc", workers=2)
+                 inputs="stdlib-text", tokenizer="bytes", probes=["rankme", "alpha_req"],
+                 layers=["blocks.*"], reduce="last", output="runs/lm/geometry.nc", workers=2)
 
 For each checkpoint (in step order) the weights are loaded safely
 (:mod:`dynamics.checkpoints`), the fixed probe inputs (:mod:`dynamics.probe_inputs`) run
@@ -33,9 +33,11 @@ Reliability:
 * With an ``output`` path, each checkpoint's result is written atomically (temporary file, then
   ``os.replace``) to ``<output>.parts/`` as soon as it finishes.  A re-run reuses a result only
   when what determines its numbers is unchanged — the parameters, the checkpoint's *content*,
-  the probe-input and label files' content, and the model factory's source file
-  (:mod:`dynamics._analyze_parts`) — and always says on one line what it reuses and what it
-  recomputes and why.  A run killed at any point (SIGKILL included) and restarted gives the
+  the probe-input and label files' content, the source of the model factory and of every
+  module it imports from the user's files, the source of the probes and of the ``imports``,
+  traindyn's version and its own modules on the analysis path (:mod:`dynamics._analyze_parts`)
+  — and always says on one line what it reuses and what it recomputes and why (the changed
+  modules by name).  A run killed at any point (SIGKILL included) and restarted gives the
   same Dataset as an uninterrupted run.  The output path is checked before any checkpoint is
   computed (:class:`~dynamics._analyze_parts.OutputError`).
   Only the timing variables (:data:`TIMING_VARIABLES`) differ between runs.  The final NetCDF
@@ -66,12 +68,13 @@ Reliability:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -80,7 +83,7 @@ import numpy as np
 import torch
 import xarray as xr
 from traindyn.dynamics import _analyze_parts as parts_io
-from traindyn.dynamics import records
+from traindyn.dynamics import records, storage
 from traindyn.dynamics._dask import local_client
 from traindyn.dynamics.checkpoints import (
     Checkpoint,
@@ -220,8 +223,24 @@ def _build_model(spec: AnalyzeSpec) -> torch.nn.Module:
 
 def _model_key(spec: AnalyzeSpec) -> str:
     return repr((spec.params()["model"], dict(spec.model_kwargs), spec.device, spec.dtype,
-                 id(spec.model) if not isinstance(spec.model, str) else 0,
-                 parts_io.source_hash(spec.model)))
+                 id(spec.model) if not isinstance(spec.model, str) else 0, _model_code(spec)))
+
+
+def _users(path: Path) -> bool:
+    """Code whose source keys a result: the user's files and traindyn's own."""
+    return parts_io.is_user_file(path) or parts_io.is_traindyn_file(path)
+
+
+def _model_code(spec: AnalyzeSpec) -> str:
+    """The source of the model factory's module and of every module it imports from the
+    user's files (:func:`dynamics._analyze_parts.code_hashes`); ``"{}"`` without a factory."""
+    factory = None
+    if spec.model is not None:
+        try:
+            factory = parts_io.module_of(resolve_factory(spec.model))
+        except (ImportError, OSError, AttributeError, TypeError, ValueError):
+            factory = None
+    return parts_io.code_hashes(parts_io.code_files([factory] if factory else [], _users))
 
 
 def _inputs(spec: AnalyzeSpec) -> ProbeInputs:
@@ -561,10 +580,46 @@ def summary_figures(ds: xr.Dataset, folder: str | os.PathLike, stem: str = "anal
 
 
 def summary_table(ds: xr.Dataset, max_rows: int = 40) -> str:
-    """The text table of a checkpoint series (:func:`dynamics.cli_analyze.summary_table`)."""
-    from traindyn.dynamics.cli_analyze import summary_table as table
-
-    return table(ds, max_rows)
+    """A short text table of a checkpoint series: per step the status, hash prefix, duplicate
+    flag, time and each probe at the last analysed layer; a NaN shows its reason (the layer's
+    probe warning) and a failed row the checkpoint's reason."""
+    probes = [n for n, v in ds.data_vars.items() if v.dims == ("step", "layer")
+              and n != "alpha_req_r2" and v.dtype.kind in "fiu"]
+    last = str(ds["layer"].values[-1]) if ds.sizes.get("layer", 0) else "-"
+    header = ["step", "status", "hash", "dup", "time/s"] + probes
+    rows, reasons = [], {}
+    notes = ds["layer_notes"] if "layer_notes" in ds else None
+    for i, step in enumerate(ds["step"].values):
+        status = str(ds["status"].values[i])
+        dup = int(ds["duplicate_of"].values[i])
+        row = [str(int(step)), status, str(ds["checkpoint_hash"].values[i])[:10] or "-",
+               f"={dup}" if dup >= 0 else ("yes" if ds["duplicate"].values[i] else ""),
+               f"{float(ds['total_seconds'].values[i]):.2f}"]
+        if status == "ok":
+            for p in probes:
+                value = float(ds[p].values[i, -1])
+                if value != value:  # NaN: say why
+                    why = str(notes.values[i, -1]) if notes is not None else ""
+                    key = reasons.setdefault(why or "no reason recorded", f"[{len(reasons) + 1}]")
+                    row.append(f"nan{key}")
+                else:
+                    row.append(f"{value:.4g}")
+        else:
+            row += [str(ds["reason"].values[i])[:60]]
+        rows.append(row)
+    if len(rows) > max_rows:
+        rows = rows[: max_rows // 2] + [["…"] * len(header)] + rows[-max_rows // 2:]
+    widths = [max([len(h)] + [len(r[k]) for r in rows if k < len(r)]) for k, h in
+              enumerate(header)]
+    lines = [f"probes at layer {last}; {ds.attrs.get('n_failed', 0)} failed, "
+             f"{ds.attrs.get('n_duplicates', 0)} with duplicate weights"]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
+    for r in rows:
+        lines.append("  ".join(c.ljust(widths[k]) if k < len(widths) else c
+                               for k, c in enumerate(r)))
+    for why, key in reasons.items():
+        lines.append(f"{key} NaN at layer {last}: {why[:200]}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -683,11 +738,77 @@ def _check_model_and_layers(series: list[Checkpoint], spec: AnalyzeSpec) -> None
         raise ValueError("choose layers (names or glob patterns), e.g. 'encoder.layer.*'")
 
 
-def _content_keys(spec: AnalyzeSpec) -> dict[str, str]:
+_LOADED: dict[Path, str] = {}
+"""The ``.py`` files :func:`_import_modules` executed, with their content hash then."""
+
+
+def _import_modules(imports: Sequence[str]) -> list[tuple[str | None, Path | None]]:
+    """Import each module (``package.module``) or ``.py`` file (they register the user's
+    probes); a file already imported runs again only if its content changed since.  Returns
+    them as ``(module name, file)`` for the resume key."""
+    import importlib
+    import importlib.util
+
+    out: list[tuple[str | None, Path | None]] = []
+    for module in imports:
+        if not str(module).endswith(".py"):
+            importlib.import_module(module)
+            out.append((module, None))
+            continue
+        path = Path(module).resolve()
+        if not path.is_file():
+            raise FileNotFoundError(f"--import {module}: no such file")
+        loaded = sys.modules.get(path.stem)
+        digest = parts_io.content_hash([path])
+        if (loaded is None or Path(getattr(loaded, "__file__", "") or "").resolve() != path
+                or _LOADED.get(path, digest) != digest):
+            _LOADED[path] = digest
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = loaded
+            spec.loader.exec_module(loaded)
+        out.append((path.stem, path))
+    return out
+
+
+def _probe_modules(probes: Sequence[Probe]) -> list[tuple[str | None, Path]]:
+    """The modules defining the functions of every probe (and of the accumulators they
+    share)."""
+    from traindyn.probes.registry import ACCUMULATORS
+
+    objects: list[Any] = []
+    for probe in probes:
+        objects += [getattr(probe, f.name) for f in fields(probe)]
+        if probe.accumulator in ACCUMULATORS:
+            accumulator = ACCUMULATORS[probe.accumulator]
+            objects += [getattr(accumulator, f.name) for f in fields(accumulator)]
+    found = (parts_io.module_of(o) for o in objects if callable(o))
+    return list(dict.fromkeys(m for m in found if m is not None))
+
+
+def _code_keys(spec: AnalyzeSpec, imported: Sequence[tuple[str | None, Path | None]]
+               ) -> dict[str, str]:
+    """The resume keys of code: traindyn's version and the modules the analysis runs through,
+    the model factory's and probes' modules with what they import from the user's files."""
+    import traindyn
+
+    probes = _probe_modules([p for p in spec.probes if isinstance(p, Probe)])
+    ours = [m for m in probes if parts_io.is_traindyn_file(m[1])]
+    theirs = [m for m in probes if not parts_io.is_traindyn_file(m[1])]
+    return {
+        "traindyn version": str(traindyn.__version__),
+        "traindyn code": parts_io.code_hashes(parts_io.code_files(
+            [(__name__, Path(__file__)), *ours], parts_io.is_traindyn_file)),
+        "probe code": parts_io.code_hashes(parts_io.code_files([*theirs, *imported], _users)),
+        "model code": _model_code(spec),
+    }
+
+
+def _content_keys(spec: AnalyzeSpec, imported: Sequence[tuple[str | None, Path | None]] = ()
+                  ) -> dict[str, str]:
     """What a stored result is reused for, beside the checkpoint's own content."""
-    return {"parameters": spec.key(), "model code": parts_io.source_hash(spec.model),
-            "probe inputs": parts_io.input_hash(spec.inputs),
-            "labels": parts_io.input_hash(spec.labels)}
+    return {"parameters": spec.key(), "probe inputs": parts_io.input_hash(spec.inputs),
+            "labels": parts_io.input_hash(spec.labels), **_code_keys(spec, imported)}
 
 
 def _checkpoint_keys(series: list[Checkpoint], keys: Mapping[str, str]
@@ -729,15 +850,26 @@ def _reuse_line(n_reused: int, n_total: int, why: list[str]) -> str:
     detail = "; ".join(f"{reason} (step{'s' if len(s) > 1 else ''} {', '.join(s[:6])}"
                        f"{' …' if len(s) > 6 else ''})" for reason, s in reasons.items())
     return (f"traindyn analyze: resuming: reusing {n_reused} of {n_total} checkpoints "
-            f"(same parameters, checkpoint contents, probe inputs, labels and model code); "
+            f"(same parameters, checkpoint contents, probe inputs, labels, model code, "
+            f"probe code and traindyn); "
             f"computing {recomputed}" + (f": {detail}" if detail else ""))
 
 
-def _save(ds: xr.Dataset, output: Path) -> None:
-    if output.suffix == ".zarr":
-        records.save_zarr(ds, output)
-    else:
-        records.save(ds, output)
+def _save(ds: xr.Dataset, output: Path, overwrite: bool) -> None:
+    storage.save(ds, output, kind=parts_io.OUTPUT_KIND, overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def _locked(output: Path | None) -> Iterator[None]:
+    """Hold the output's lock (:func:`dynamics.storage.output_lock`) while it is written."""
+    held = contextlib.ExitStack()
+    if output is not None:
+        try:
+            held.enter_context(storage.output_lock(output, "traindyn analyze"))
+        except storage.OutputLockedError as err:
+            raise OutputError(str(err)) from None
+    with held:
+        yield
 
 
 def analyze(
@@ -771,6 +903,8 @@ def analyze(
     progress: bool = True,
     figures: bool | str | os.PathLike = False,
     seed: int = 0,
+    overwrite: bool = False,
+    imports: Sequence[str] = (),
 ) -> xr.Dataset:
     """Analyse every checkpoint of a run and return one Dataset over ``(step × layer)``.
 
@@ -820,7 +954,10 @@ def analyze(
     output : path ending in ``.nc`` or ``.zarr``
         Save the Dataset there; per-checkpoint results go to ``<output>.parts/`` as they
         finish, and a re-run resumes from them (module docstring).  Checked before any work:
-        an unwritable path raises :class:`OutputError`.
+        an unwritable path raises :class:`OutputError`, and so does a path holding anything
+        but an earlier ``analyze`` output (a user's folder, a Monitor's recording, another
+        program's file: never replaced unless ``overwrite``) or an output another process is
+        writing (a lock, :func:`dynamics.storage.output_lock`).
     workers, scheduler : dask fan-out (module docstring).  ``workers=N`` (N > 1) starts a
         ``LocalCluster`` of N single-threaded processes for this call; ``scheduler`` is the
         address of a running cluster, whose workers should be started without dask's
@@ -838,6 +975,11 @@ def analyze(
         either way).
     figures : bool or folder
         Write one summary PNG per probe (next to ``output``, or into the given folder).
+    overwrite : bool
+        Replace whatever is at ``output``, even what ``analyze`` did not write.
+    imports : module names (``package.module``) or ``.py`` files
+        Imported first, unless already imported (they register the user's own probes); their
+        source, and what they import from the user's files, keys the resume.
 
     Returns
     -------
@@ -854,7 +996,8 @@ def analyze(
         raise ValueError(f"n_samples must be >= 1 (or None for all), got {n_samples}")
     output = Path(output) if output is not None else None
     if output is not None:
-        parts_io.check_output(output)
+        parts_io.check_output(output, overwrite)
+    imported = _import_modules(imports)
     if isinstance(checkpoints, Sequence) and checkpoints and isinstance(checkpoints[0],
                                                                         Checkpoint):
         series = list(checkpoints)
@@ -873,54 +1016,57 @@ def analyze(
         _check_flatten(probe_inputs)
     _check_model_and_layers(series, spec)
 
-    if output is not None and output.suffix == ".zarr":
-        records.recover_zarr(output)  # a store a killed run was replacing: back, temporaries gone
-    parts = output.with_name(output.name + ".parts") if output is not None else None
-    keys_by_step = _checkpoint_keys(series, _content_keys(spec)) if parts is not None else {}
-    results, pending, why = _resume(series, parts, keys_by_step, retry_failed)
-    if parts is not None and (results or any(not w.endswith("not analysed yet") for w in why)):
-        print(_reuse_line(len(results), len(series), why), file=sys.stderr, flush=True)
+    with _locked(output):  # one writer per output; the second is refused
+        if output is not None and output.suffix == ".zarr":
+            storage.recover_zarr(output)  # a store a killed run was replacing: back, its
+            # temporaries gone
+        parts = output.with_name(output.name + ".parts") if output is not None else None
+        keys_by_step = (_checkpoint_keys(series, _content_keys(spec, imported))
+                        if parts is not None else {})
+        results, pending, why = _resume(series, parts, keys_by_step, retry_failed)
+        if parts is not None and (results or any(not w.endswith("not analysed yet") for w in why)):
+            print(_reuse_line(len(results), len(series), why), file=sys.stderr, flush=True)
 
-    bar = tqdm(total=len(series), initial=len(results), desc="traindyn analyze", unit="ckpt",
-               disable=not progress, file=sys.stderr)
+        bar = tqdm(total=len(series), initial=len(results), desc="traindyn analyze", unit="ckpt",
+                   disable=not progress, file=sys.stderr)
 
-    def on_result(result: dict) -> None:
-        results[result["step"]] = result
-        if parts is not None:
-            stored = {k: v for k, v in result.items() if k != "states"}
-            parts_io.write_part(parts, result["step"], keys_by_step[result["step"]], stored,
-                                result["states"])
-        bar.set_postfix_str(f"step {result['step']} {result['status']} "
-                            f"{result['seconds']['total']:.2f}s")
-        bar.update(1)
-        if progress:
-            bar.write(_describe(result))
+        def on_result(result: dict) -> None:
+            results[result["step"]] = result
+            if parts is not None:
+                stored = {k: v for k, v in result.items() if k != "states"}
+                parts_io.write_part(parts, result["step"], keys_by_step[result["step"]], stored,
+                                    result["states"])
+            bar.set_postfix_str(f"step {result['step']} {result['status']} "
+                                f"{result['seconds']['total']:.2f}s")
+            bar.update(1)
+            if progress:
+                bar.write(_describe(result))
 
-    try:
-        if pending and (workers > 1 or scheduler):
-            _run_dask(pending, spec, workers, scheduler,
-                      threads or torch.get_num_threads(), on_result)
-        else:
-            for checkpoint in pending:
-                on_result(analyze_checkpoint(checkpoint, spec))
-    finally:
-        bar.close()
+        try:
+            if pending and (workers > 1 or scheduler):
+                _run_dask(pending, spec, workers, scheduler,
+                          threads or torch.get_num_threads(), on_result)
+            else:
+                for checkpoint in pending:
+                    on_result(analyze_checkpoint(checkpoint, spec))
+        finally:
+            bar.close()
 
-    _compare_references(list(results.values()), spec.plan, learning_rate)
-    params = spec.params()
-    params.update(checkpoints=str(checkpoints) if isinstance(checkpoints, (str, os.PathLike))
-                  else [str(c.path if isinstance(c, Checkpoint) else c) for c in checkpoints],
-                  steps=[c.step for c in series], learning_rate=learning_rate)
-    attrs = {
-        "source": "traindyn analyze: probes of a checkpoint series",
-        "parameters": records.params_attr(params),
-        "probe_inputs": probe_inputs.description,
-        "n_samples": probe_inputs.n_samples,
-        "python": sys.version.split()[0],
-    }
-    ds = _assemble(list(results.values()), spec, attrs, learning_rate)
-    if output is not None:
-        _save(ds, output)
+        _compare_references(list(results.values()), spec.plan, learning_rate)
+        params = spec.params()
+        params.update(checkpoints=str(checkpoints) if isinstance(checkpoints, (str, os.PathLike))
+                      else [str(c.path if isinstance(c, Checkpoint) else c) for c in checkpoints],
+                      steps=[c.step for c in series], learning_rate=learning_rate)
+        attrs = {
+            "source": "traindyn analyze: probes of a checkpoint series",
+            "parameters": records.params_attr(params),
+            "probe_inputs": probe_inputs.description,
+            "n_samples": probe_inputs.n_samples,
+            "python": sys.version.split()[0],
+        }
+        ds = _assemble(list(results.values()), spec, attrs, learning_rate)
+        if output is not None:
+            _save(ds, output, overwrite)
     if figures:
         folder = Path(figures) if not isinstance(figures, bool) else (
             output.parent if output is not None else Path.cwd())

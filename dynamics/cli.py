@@ -10,31 +10,50 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["build_parser", "main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from traindyn.dynamics import records
+    from traindyn.dynamics import storage
     from traindyn.dynamics.demo import DemoConfig, run_demo, summary
 
     cfg = DemoConfig.quick() if args.quick else DemoConfig()
     paths = run_demo(args.out, cfg, progress=not args.no_progress, threads=args.threads)
-    print(summary(paths, records.load(paths["digits"])))
+    print(summary(paths, storage.load(paths["digits"])))
     return 0
 
 
 def _cmd_theory_linear(args: argparse.Namespace) -> int:
+    """``traindyn theory linear``: 0, or 2 with a one-line message for a usage error."""
+    import math
+
     import numpy as np
-    from traindyn.dynamics import records
+    from traindyn.dynamics import storage
 
     from traindyn import theory
 
-    times = np.geomspace(args.t_min, args.t_max, args.points)
-    ds = theory.advani_saxe(times, np.asarray(args.load_ratio), noise_var=args.noise_var,
-                            teacher_var=args.teacher_var, init_var=args.init_var)
+    try:
+        if not (math.isfinite(args.t_min) and math.isfinite(args.t_max)
+                and 0 < args.t_min < args.t_max):
+            raise ValueError(f"need 0 < --t-min < --t-max, both finite; got --t-min "
+                             f"{args.t_min:g} --t-max {args.t_max:g}")
+        if args.points < 1:
+            raise ValueError(f"--points must be at least 1; got {args.points}")
+        if args.out and Path(args.out).suffix not in (".nc", ".zarr"):
+            raise ValueError(f"--out {args.out}: the path must end in .nc (NetCDF) or .zarr "
+                             "(Zarr store)")
+        times = np.geomspace(args.t_min, args.t_max, args.points)
+        ds = theory.advani_saxe(times, np.asarray(args.load_ratio), noise_var=args.noise_var,
+                                teacher_var=args.teacher_var, init_var=args.init_var)
+        if args.out:
+            path = storage.save(ds, args.out, kind="theory", overwrite=args.overwrite)
+    except (ValueError, OSError) as err:
+        print(f"traindyn theory linear: error: {err}", file=sys.stderr)
+        return 2
     if args.out:
-        print(f"wrote {records.save(ds, args.out)}")
+        print(f"wrote {path}")
     else:
         print(ds.to_dataframe().to_string(float_format=lambda v: f"{v:.5g}"))
     return 0
@@ -117,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     lin.add_argument("--t-max", type=float, default=1000.0)
     lin.add_argument("--points", type=int, default=13)
     lin.add_argument("--out", help="save to this .nc or .zarr path instead of printing")
+    lin.add_argument("--overwrite", action="store_true",
+                     help="replace what is at --out even if traindyn theory did not write it "
+                          "(a folder or file of yours, another command's output)")
     lin.set_defaults(func=_cmd_theory_linear)
 
     from traindyn.dynamics import cli_analyze

@@ -12,7 +12,6 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 __all__ = ["add_parser", "main", "run"]
 
@@ -32,7 +31,9 @@ examples:
 
 checkpoints are read safely: torch.load(weights_only=True), safetensors lazily; a pickle that
 would run code is refused. Re-running with the same --output resumes: finished checkpoints are
-skipped. Exit code 1 when any checkpoint failed (reasons in the table and the Dataset).
+skipped. An --output holding anything traindyn analyze did not write (your files, a Monitor's
+recording) is never replaced without --overwrite, and one output has one writer at a time.
+Exit code 1 when any checkpoint failed (reasons in the table and the Dataset).
 """
 
 
@@ -126,6 +127,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                       help="gives the coordinate time = learning rate × step")
     out = p.add_argument_group("output and scale")
     out.add_argument("--output", "-o", help="result file, .nc or .zarr (resumable)")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace what is at --output even if traindyn analyze did not "
+                          "write it (a folder or file of yours, a Monitor's recording)")
     out.add_argument("--workers", type=int, default=0,
                      help="fan out over a dask LocalCluster with this many processes")
     out.add_argument("--scheduler", metavar="ADDRESS",
@@ -141,78 +145,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return p
 
 
-def summary_table(ds: Any, max_rows: int = 40) -> str:
-    """A short text table of a checkpoint series: per step the status, hash prefix, duplicate
-    flag, time and each probe at the last analysed layer; a NaN shows its reason (the layer's
-    probe warning) and a failed row the checkpoint's reason."""
-    probes = [n for n, v in ds.data_vars.items() if v.dims == ("step", "layer")
-              and n != "alpha_req_r2" and v.dtype.kind in "fiu"]
-    last = str(ds["layer"].values[-1]) if ds.sizes.get("layer", 0) else "-"
-    header = ["step", "status", "hash", "dup", "time/s"] + probes
-    rows, reasons = [], {}
-    notes = ds["layer_notes"] if "layer_notes" in ds else None
-    for i, step in enumerate(ds["step"].values):
-        status = str(ds["status"].values[i])
-        dup = int(ds["duplicate_of"].values[i])
-        row = [str(int(step)), status, str(ds["checkpoint_hash"].values[i])[:10] or "-",
-               f"={dup}" if dup >= 0 else ("yes" if ds["duplicate"].values[i] else ""),
-               f"{float(ds['total_seconds'].values[i]):.2f}"]
-        if status == "ok":
-            for p in probes:
-                value = float(ds[p].values[i, -1])
-                if value != value:  # NaN: say why
-                    why = str(notes.values[i, -1]) if notes is not None else ""
-                    key = reasons.setdefault(why or "no reason recorded", f"[{len(reasons) + 1}]")
-                    row.append(f"nan{key}")
-                else:
-                    row.append(f"{value:.4g}")
-        else:
-            row += [str(ds["reason"].values[i])[:60]]
-        rows.append(row)
-    if len(rows) > max_rows:
-        rows = rows[: max_rows // 2] + [["…"] * len(header)] + rows[-max_rows // 2:]
-    widths = [max([len(h)] + [len(r[k]) for r in rows if k < len(r)]) for k, h in
-              enumerate(header)]
-    lines = [f"probes at layer {last}; {ds.attrs.get('n_failed', 0)} failed, "
-             f"{ds.attrs.get('n_duplicates', 0)} with duplicate weights"]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)))
-    for r in rows:
-        lines.append("  ".join(c.ljust(widths[k]) if k < len(widths) else c
-                               for k, c in enumerate(r)))
-    for why, key in reasons.items():
-        lines.append(f"{key} NaN at layer {last}: {why[:200]}")
-    return "\n".join(lines)
-
-
-def _import(module: str) -> None:
-    """Import a module by name or a ``.py`` file by path (it registers user probes)."""
-    import importlib
-    import importlib.util
-
-    if module.endswith(".py"):
-        path = Path(module).resolve()
-        if not path.is_file():
-            raise FileNotFoundError(f"--import {module}: no such file")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = mod
-        spec.loader.exec_module(mod)
-    else:
-        importlib.import_module(module)
-
-
 def run(args: argparse.Namespace) -> int:
     """Handler of ``traindyn analyze``: returns 0, or 1 when any checkpoint failed."""
     from traindyn.dynamics._threads import apply_threads
-    from traindyn.dynamics.analyze import analyze
+    from traindyn.dynamics.analyze import analyze, summary_table
 
     sources = args.checkpoints[0] if len(args.checkpoints) == 1 else args.checkpoints
     # this process's torch threads: the cores free now (TRAINDYN_THREADS overrides); dask
     # workers use the same count unless --threads says otherwise, so results equal serial ones
     apply_threads(None, processes=max(1, args.workers))
     try:
-        for module in args.imports:
-            _import(module)
         if args.classifier:
             if "neural_collapse" not in args.probes:
                 raise ValueError("--classifier is for the neural_collapse probe; add it to "
@@ -229,7 +171,8 @@ def run(args: argparse.Namespace) -> int:
             force_steps=args.force_steps, labels=args.labels,
             learning_rate=args.learning_rate, output=args.output, workers=args.workers,
             scheduler=args.scheduler, threads=args.threads, progress=args.progress,
-            figures=bool(args.figures and args.output))
+            figures=bool(args.figures and args.output), overwrite=args.overwrite,
+            imports=args.imports)
     except (FileNotFoundError, ValueError, KeyError, TypeError, ImportError,
             AttributeError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

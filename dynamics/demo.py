@@ -23,7 +23,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 from tqdm.auto import tqdm
-from traindyn.dynamics import plot, records
+from traindyn.dynamics import plot, storage
 from traindyn.dynamics._threads import apply_threads
 from traindyn.dynamics.recipes import simulate_linear_teacher, train_digits_mlp
 from traindyn.dynamics.schedules import log_steps
@@ -188,9 +188,9 @@ def _run(out: Path, cfg: DemoConfig, progress: bool) -> dict[str, Path]:
         measured, predicted = _linear(cfg)
         bar.update(1)
     paths = {
-        "digits": records.save_netcdf(digits, out / "digits.nc"),
-        "linear_teacher": records.save_netcdf(measured, out / "linear_teacher.nc"),
-        "linear_theory": records.save_netcdf(predicted, out / "linear_theory.nc"),
+        "digits": storage.save_netcdf(digits, out / "digits.nc"),
+        "linear_teacher": storage.save_netcdf(measured, out / "linear_teacher.nc"),
+        "linear_theory": storage.save_netcdf(predicted, out / "linear_theory.nc"),
     }
     for fig_path in _figures(out, digits, measured, predicted, cfg):
         paths[f"{fig_path.stem}.png"] = fig_path

@@ -139,8 +139,10 @@ import ast
 import multiprocessing
 import random
 import sys
+import threading
 import time as _time
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -163,6 +165,7 @@ from traindyn.dynamics.schedules import Schedule, log_spaced
 from traindyn.dynamics.storage import (
     COMPLETE_ATTR,
     ZarrStream,
+    check_replaceable,
     check_store,
     load_stream,
     save_netcdf,
@@ -172,6 +175,10 @@ from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook
 from traindyn.probes.registry import Probe
 
 __all__ = ["COMPLETE_ATTR", "Monitor", "load_stream", "preserved_state"]
+
+OUTPUT_KIND = "monitor"
+"""The :data:`dynamics.storage.OUTPUT_ATTR` of a monitor's NetCDF file: a monitor replaces only
+a file of this kind (or any with ``overwrite=True``)."""
 
 class preserved_state:  # noqa: N801 - a context manager used like a function
     """Restore a model's modes, buffers, gradients and all random states on exit.
@@ -265,6 +272,42 @@ def _unguarded_message(script: str | None = None, in_worker: bool = False) -> st
             "background='thread').")
 
 
+_OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
+"""Monitors not yet closed, drained and closed at interpreter exit (:func:`_close_at_exit`)."""
+_EXIT_HOOK: list[bool] = []
+
+
+def _close_at_exit() -> None:
+    """Close every monitor the program left open: wait for its pending evaluations (they are
+    stored), stop its worker and write its ``netcdf=`` file.
+
+    Registered with ``threading``'s exit hooks, which run when the main thread ends and before
+    ``concurrent.futures`` and zarr's I/O threads shut down (a plain ``atexit`` hook runs after
+    them, too late for a worker thread's store writes); an error is printed, not raised."""
+    for monitor in list(_OPEN):
+        try:
+            monitor.close()
+        except Exception as exc:  # noqa: BLE001 - at exit: report every monitor's problem
+            print(f"traindyn Monitor: closing at interpreter exit failed: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def _keep_until_exit(monitor: Monitor) -> None:
+    """Track ``monitor`` (weakly) so that :func:`_close_at_exit` closes it if it is left open."""
+    _OPEN.add(monitor)
+    if not _EXIT_HOOK:
+        register = getattr(threading, "_register_atexit", None)  # CPython >= 3.9
+        try:
+            if register is None:
+                raise RuntimeError
+            register(_close_at_exit)
+        except RuntimeError:  # no such hook, or the interpreter is already shutting down
+            import atexit
+
+            atexit.register(_close_at_exit)
+        _EXIT_HOOK.append(True)
+
+
 _MODES = {False: "sync", None: "sync", "sync": "sync", "synchronous": "sync",
           True: "thread", "thread": "thread", "process": "process"}
 
@@ -305,7 +348,7 @@ class Monitor:
         is given; a path that is not a Zarr store is never replaced.
     overwrite : bool
         Replace an existing ``store`` (atomically, when the first new evaluation is written:
-        until then the old recording is intact).
+        until then the old recording is intact), and whatever is at ``netcdf``.
     resume : bool
         Append to an existing ``store`` (a restarted run): its layers must include this
         monitor's (checked here) and the first new evaluation must record the same variables
@@ -313,7 +356,8 @@ class Monitor:
         are skipped, with one warning.  :meth:`to_dataset` holds this run's evaluations; the
         store holds all (:func:`load_stream`).
     netcdf : path, optional
-        NetCDF file written by :meth:`close` (the end of a ``with`` block).
+        NetCDF file written by :meth:`close` (the end of a ``with`` block).  A file there that
+        a monitor did not write raises ``FileExistsError`` here unless ``overwrite``.
     background : {False, True, "thread", "process"}
         Where the feature probes and the store writes run (see the module docstring):
         ``False`` on the training thread (synchronous); ``True`` or ``"thread"`` on a worker
@@ -387,6 +431,9 @@ class Monitor:
         self.source = source
         self.store = Path(store) if store is not None else None
         self.netcdf = Path(netcdf) if netcdf is not None else None
+        self._overwrite = bool(overwrite)
+        if self.netcdf is not None:   # refused now, not when the run ends
+            check_replaceable(self.netcdf, OUTPUT_KIND, overwrite)
         self._resume_after: int | None = None   # resume=True: the last step in the store
         self._skip_warned = False
         store_mode = "new"
@@ -416,6 +463,8 @@ class Monitor:
         self._worker: ProcessWorker | None = None
         self._eval = Evaluator(self.plan, _concat(probe_targets), learning_rate, seed, source,
                                reduce)
+        self._closed = False
+        _keep_until_exit(self)
         if mode == "process":  # start now: the worker's imports overlap early training
             self._worker = ProcessWorker(self._eval, self.store, store_mode)
             script = _unguarded_main()
@@ -458,7 +507,14 @@ class Monitor:
 
     def close(self) -> None:
         """Wait for pending background work, stop the worker (thread or process), and write
-        the NetCDF file if ``netcdf=`` was given (the Zarr store is already complete)."""
+        the NetCDF file if ``netcdf=`` was given (the Zarr store is already complete).
+
+        A monitor left open (no ``with``, no ``close``) is closed when it is garbage-collected
+        or at interpreter exit, whichever comes first: its pending evaluations are stored
+        (a thread-mode monitor is not collected while any is pending), its ``netcdf=`` file
+        written."""
+        self._closed = True
+        _OPEN.discard(self)
         try:
             self.flush()
         finally:
@@ -469,7 +525,16 @@ class Monitor:
                 worker, self._worker = self._worker, None
                 worker.close()
         if self.netcdf is not None and self._evaluations:
-            self.save(self.netcdf)
+            self.save(self.netcdf, overwrite=self._overwrite)
+
+    def __del__(self) -> None:
+        if getattr(self, "_closed", True):  # closed, or its construction failed
+            return
+        try:
+            self.close()
+        except Exception as exc:  # noqa: BLE001 - a finaliser cannot raise
+            print(f"traindyn Monitor: closing a monitor left open failed: "
+                  f"{type(exc).__name__}: {exc}", file=sys.stderr)
 
     def flush(self) -> None:
         """Wait for every pending background evaluation; re-raise the first error of one."""
@@ -767,7 +832,8 @@ class Monitor:
             ds.attrs["monitor_seconds_background"] = self.seconds_background
         return ds
 
-    def save(self, path: str | Path) -> Path:
-        """Write everything recorded so far to NetCDF (atomically; see
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write everything recorded so far to NetCDF (atomically; a file there that a monitor
+        did not write is replaced only with ``overwrite=True``; see
         :func:`dynamics.storage.save_netcdf`)."""
-        return save_netcdf(self.to_dataset(), path)
+        return save_netcdf(self.to_dataset(), path, kind=OUTPUT_KIND, overwrite=overwrite)

@@ -11,9 +11,8 @@ Every result is an ``xarray.Dataset``:
 * Dataset attributes with the ``source`` (paper or recipe), ``parameters`` (a JSON string:
   attributes must be plain) and package versions (added by :func:`provenance`).
 
-Files (NetCDF for finished results, Zarr streams during training) are
-:mod:`dynamics.storage`'s; ``records.save``, ``records.load``, ``records.save_netcdf``,
-``records.save_zarr``, ``records.append_zarr`` and ``records.recover_zarr`` still name them.
+Files (NetCDF for finished results, Zarr streams during training) are written and read by
+:mod:`dynamics.storage` (``storage.save``, ``storage.load`` …).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ __all__ = [
     "DIMS",
     "VARIABLES",
     "params_attr",
+    "plain_attrs",
     "provenance",
     "step_coords",
     "validate",
@@ -168,7 +168,10 @@ def validate(ds: xr.Dataset) -> xr.Dataset:
     return ds
 
 
-def _plain_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+def plain_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """Attributes in the plain form NetCDF and Zarr accept: dicts as JSON strings (see
+    :func:`params_attr`), lists of non-numbers as JSON lists, booleans as 0/1, ``None`` as
+    ``"None"``."""
     out = {}
     for key, value in attrs.items():
         if isinstance(value, (dict, list, tuple)) and not (
@@ -183,15 +186,3 @@ def _plain_attrs(attrs: Mapping[str, Any]) -> dict[str, Any]:
             out[key] = value
     return out
 
-
-_STORAGE = ("save", "load", "save_netcdf", "save_zarr", "append_zarr", "recover_zarr")
-
-
-def __getattr__(name: str) -> Any:
-    """The file functions, now in :mod:`dynamics.storage`, under their old names here
-    (``records.save`` …); imported on first use, so this module needs no file code."""
-    if name in _STORAGE:
-        from traindyn.dynamics import storage
-
-        return getattr(storage, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -16,21 +16,31 @@
 * :func:`load_stream` — reads a monitor store; a store written by an older traindyn (no commit)
   whose arrays a kill left with different lengths is cut back to its complete evaluations.
 
+**Nothing traindyn did not write is replaced.**  Every file the save functions write carries
+the attribute :data:`OUTPUT_ATTR` (``traindyn_output``) naming what wrote it (``"analyze"``,
+``"theory"``, ``"monitor"``, ``"result"`` …), and a save replaces only a file or store of its own
+kind (:func:`check_replaceable`): a user's folder, another program's file, a Monitor's
+recording or another command's output raises ``FileExistsError`` unless ``overwrite=True``.
+:func:`output_lock` keeps two processes from writing one output at once.
+
 Files are written with the permissions a plain ``open`` gives (``0o666 & ~umask``), so that
 colleagues on a shared file system can read them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import time as _time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +50,17 @@ from traindyn.dynamics import records
 
 __all__ = [
     "COMPLETE_ATTR",
+    "OUTPUT_ATTR",
+    "OutputLockedError",
     "ZarrStream",
     "append_zarr",
+    "check_replaceable",
     "check_store",
     "dimension_names",
     "load",
     "load_stream",
+    "output_kind",
+    "output_lock",
     "recover_zarr",
     "save",
     "save_netcdf",
@@ -54,6 +69,13 @@ __all__ = [
 
 COMPLETE_ATTR = "monitor_evaluations_complete"
 """Zarr group attribute of a monitor store: the number of evaluations fully written."""
+
+OUTPUT_ATTR = "traindyn_output"
+"""Dataset attribute of every file the save functions write: what wrote it (``"analyze"``,
+``"theory"``, ``"monitor"``, ``"result"`` …).  A save replaces only a file of its own kind."""
+
+DEFAULT_KIND = "result"
+"""The kind of a saved Dataset that names none itself (no :data:`OUTPUT_ATTR` attribute)."""
 
 
 # -- permissions and preparation ---------------------------------------------------------------
@@ -68,36 +90,201 @@ def _normal_mode(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
-def _prepare(ds: xr.Dataset) -> xr.Dataset:
+def _kind(ds: xr.Dataset, kind: str | None) -> str:
+    """The kind a save records: ``kind``, else the Dataset's own, else :data:`DEFAULT_KIND`."""
+    return kind if kind is not None else str(ds.attrs.get(OUTPUT_ATTR, DEFAULT_KIND))
+
+
+def _prepare(ds: xr.Dataset, kind: str | None = None) -> xr.Dataset:
     ds = ds.copy()
-    ds.attrs = records._plain_attrs({**records.provenance(), **ds.attrs})
+    ds.attrs = records.plain_attrs({**records.provenance(), **ds.attrs})
+    if kind is not None:
+        ds.attrs[OUTPUT_ATTR] = kind
     for name in ds.variables:
-        ds[name].attrs = records._plain_attrs(ds[name].attrs)
+        ds[name].attrs = records.plain_attrs(ds[name].attrs)
     return ds
 
 
-def _zarr_ready(ds: xr.Dataset) -> xr.Dataset:
+def _zarr_ready(ds: xr.Dataset, kind: str | None = None) -> xr.Dataset:
     """Prepared for Zarr: fixed-width unicode (no Zarr v3 spec) becomes variable-length."""
-    ds = _prepare(ds)
+    ds = _prepare(ds, kind)
     for name, var in ds.variables.items():
         if var.dtype.kind == "U":
             ds[name] = var.astype(object)
     return ds
 
 
-# -- NetCDF ------------------------------------------------------------------------------------
-def save_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Write ``ds`` to NetCDF-4 with h5netcdf, atomically: a reader sees the old file or the new.
+# -- what is at a path, and who may replace it --------------------------------------------------
+def _zarr_attrs(path: Path) -> dict[str, Any] | None:
+    """The root attributes of the Zarr store ``path`` (format 3 or 2), read as JSON without
+    opening the store; ``None`` when ``path`` is no Zarr store."""
+    try:
+        if (path / "zarr.json").is_file():
+            root = json.loads((path / "zarr.json").read_bytes())
+            attrs = root.get("attributes", {}) if isinstance(root, dict) else None
+        elif (path / ".zgroup").is_file():
+            attrs = (json.loads((path / ".zattrs").read_bytes())
+                     if (path / ".zattrs").is_file() else {})
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    return attrs if isinstance(attrs, dict) else None
 
-    Package versions are added to the attributes; dict attributes become JSON strings.  The
-    file gets the permissions a plain ``open`` gives (``0o666 & ~umask``).
+
+def _netcdf_attr(path: Path, name: str) -> str | None:
+    """The global attribute ``name`` of the NetCDF-4 (HDF5) file ``path``; ``None`` when the
+    file has none or is not HDF5."""
+    try:
+        import h5py
+
+        with h5py.File(path, "r") as handle:
+            value = handle.attrs.get(name)
+    except (OSError, ValueError, ImportError):
+        return None
+    if isinstance(value, np.ndarray) and value.size == 1:
+        value = value.reshape(()).item()
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return None if value is None else str(value)
+
+
+def output_kind(path: str | os.PathLike) -> str | None:
+    """What traindyn wrote at ``path``: the :data:`OUTPUT_ATTR` of its file or Zarr store,
+    ``"monitor"`` for a Monitor's recording, ``None`` for anything else (or nothing)."""
+    path = Path(path)
+    if path.is_dir():
+        attrs = _zarr_attrs(path)
+        if attrs is None:
+            return None
+        if COMPLETE_ATTR in attrs:
+            return "monitor"
+        kind = attrs.get(OUTPUT_ATTR)
+        return None if kind is None else str(kind)
+    if path.is_file():
+        return _netcdf_attr(path, OUTPUT_ATTR)
+    return None
+
+
+_KIND_NAMES = {"monitor": "a Monitor's recording", "analyze": "an output of traindyn analyze",
+               "theory": "an output of traindyn theory"}
+
+
+def _describe(path: Path, kind: str | None) -> str:
+    if kind is not None:
+        return _KIND_NAMES.get(kind, f"a traindyn {kind!r} file")
+    if path.is_dir():
+        entries = sorted(p.name for p in path.iterdir())
+        shown = ", ".join(entries[:5]) + (" …" if len(entries) > 5 else "")
+        what = "a Zarr store" if _zarr_attrs(path) is not None else "a folder"
+        count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+        return f"{what} that traindyn did not write ({count}: {shown})"
+    return "a file that traindyn did not write"
+
+
+def check_replaceable(path: str | os.PathLike, kind: str, overwrite: bool = False) -> None:
+    """Raise ``FileExistsError`` unless a save of ``kind`` may replace what is at ``path``.
+
+    Allowed: nothing there, an empty folder, a file or Zarr store that traindyn wrote as the
+    same ``kind`` (its :data:`OUTPUT_ATTR`), or anything when ``overwrite=True``.  Refused,
+    with a message naming ``path``, what is there and ``overwrite``: a user's files or folder,
+    a file without the attribute, a Monitor's recording, an output of another kind.
     """
     path = Path(path)
+    if overwrite or not os.path.lexists(path):
+        return
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
+        return
+    found = None if path.is_symlink() else output_kind(path)
+    if found == kind:
+        return
+    raise FileExistsError(
+        f"{path} holds {_describe(path, found)}; refusing to replace it with a traindyn "
+        f"{kind!r} output: pass overwrite=True (--overwrite on the command line) to replace "
+        "it, or choose another path")
+
+
+class OutputLockedError(FileExistsError):
+    """Another process is writing the same output (:func:`output_lock`)."""
+
+
+def _lock_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def output_lock(path: str | os.PathLike, command: str = "traindyn") -> Iterator[Path]:
+    """Hold an exclusive lock on the output ``path`` while it is written.
+
+    The lock is ``fcntl.flock`` on the sibling file ``.<name>.lock`` (which records the
+    holder's pid, host, command and start time): the system releases it when the holder
+    exits or dies, so a killed run never leaves a stale lock.  A second writer raises
+    :class:`OutputLockedError` naming the holder.  On a platform without ``fcntl`` nothing is
+    locked.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield _lock_path(Path(path))
+        return
+    path = Path(path)
+    lock = _lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                held = json.loads(os.read(fd, 4096) or b"{}")
+            except (OSError, ValueError):
+                held = {}
+            os.close(fd)
+            since = (_time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(held["started"]))
+                     if isinstance(held.get("started"), (int, float)) else "?")
+            raise OutputLockedError(
+                f"{path} is being written by another process ({held.get('command', '?')}, "
+                f"pid {held.get('pid', '?')} on {held.get('host', '?')}, since {since}); wait "
+                "for it to finish or choose another output") from None
+        try:  # the file we locked is still the one at the path (not unlinked by a releaser)
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                  "started": _time.time()}
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(record).encode())
+        yield lock
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)   # while still locked: a waiting opener retries on the new file
+        os.close(fd)
+
+
+# -- NetCDF ------------------------------------------------------------------------------------
+def save_netcdf(ds: xr.Dataset, path: str | os.PathLike, *, kind: str | None = None,
+                overwrite: bool = False) -> Path:
+    """Write ``ds`` to NetCDF-4 with h5netcdf, atomically: a reader sees the old file or the new.
+
+    Package versions are added to the attributes; dict attributes become JSON strings; the
+    attribute :data:`OUTPUT_ATTR` records ``kind`` (default: the Dataset's own, else
+    ``"result"``).  A file already at ``path`` is replaced only if traindyn wrote it as the
+    same kind, or with ``overwrite=True`` (:func:`check_replaceable`; else
+    ``FileExistsError``).  The file gets the permissions a plain ``open`` gives
+    (``0o666 & ~umask``).
+    """
+    path = Path(path)
+    kind = _kind(ds, kind)
+    check_replaceable(path, kind, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        _prepare(ds).to_netcdf(tmp, engine="h5netcdf", invalid_netcdf=True)
+        _prepare(ds, kind).to_netcdf(tmp, engine="h5netcdf", invalid_netcdf=True)
         _normal_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -107,9 +294,9 @@ def save_netcdf(ds: xr.Dataset, path: str | os.PathLike) -> Path:
 
 
 # -- replacing a Zarr store atomically ---------------------------------------------------------
-def _write_zarr(ds: xr.Dataset, path: Path) -> None:
+def _write_zarr(ds: xr.Dataset, path: Path, kind: str | None = None) -> None:
     """Write ``ds`` to the Zarr store ``path`` in place (replacing one that is there)."""
-    _zarr_ready(ds).to_zarr(path, mode="w", consolidated=False)
+    _zarr_ready(ds, kind).to_zarr(path, mode="w", consolidated=False)
 
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
@@ -188,14 +375,18 @@ def recover_zarr(output: str | os.PathLike) -> None:
 
     ``.<name>.new-<pid>.tmp`` (a store being written, or the old one after the exchange) is
     deleted; ``.<name>.old-<pid>.tmp`` (the old store moved aside by the two-rename fallback)
-    is moved back when ``output`` is missing, deleted otherwise.  Temporaries of a process
-    that is still running are left alone.
+    is moved back when ``output`` is missing, deleted otherwise.  Only folders named exactly
+    so (:func:`_store_temp`) whose process has ended are touched: temporaries of a process
+    that is still running, and anything else beside ``output``, are left alone.
     """
     output = Path(output)
+    pattern = re.compile(rf"\.{re.escape(output.name)}\.(new|old)-(\d+)\.tmp\Z")
     leftovers = []
-    for path in output.parent.glob(f".{output.name}.*.tmp"):
-        match = re.search(r"\.(new|old)-(\d+)\.tmp\Z", path.name)
-        kind, pid = (match.group(1), int(match.group(2))) if match else ("new", -1)
+    for path in output.parent.glob(f".{glob.escape(output.name)}.*.tmp"):
+        match = pattern.match(path.name)
+        if match is None or path.is_symlink() or not path.is_dir():
+            continue
+        kind, pid = match.group(1), int(match.group(2))
         if not _alive(pid):
             try:
                 leftovers.append((path.stat().st_mtime, kind, path))
@@ -235,9 +426,13 @@ def _replace_store(output: Path, write: Callable[[Path], None], fsync: bool = Tr
     return output
 
 
-def save_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
+def save_zarr(ds: xr.Dataset, path: str | os.PathLike, *, kind: str | None = None,
+              overwrite: bool = False) -> Path:
     """Write ``ds`` as the Zarr store ``path`` so that a crash at any moment leaves the old
     complete store or the new complete one (NetCDF's :func:`save_netcdf` is atomic too).
+
+    ``kind`` and ``overwrite`` as in :func:`save_netcdf`: a folder or store at ``path`` is
+    replaced only if traindyn wrote it as the same kind, or with ``overwrite=True``.
 
     The new store is written whole into a sibling temporary folder and flushed to disk, then
     swapped in: with one atomic ``renameat2(RENAME_EXCHANGE)`` where Linux and the filesystem
@@ -247,7 +442,10 @@ def save_zarr(ds: xr.Dataset, path: str | os.PathLike) -> Path:
     ``save_zarr``, and by ``traindyn analyze`` when it starts) moves back.  The replaced
     store is deleted last.
     """
-    return _replace_store(Path(path), lambda new: _write_zarr(ds, new))
+    path = Path(path)
+    kind = _kind(ds, kind)
+    check_replaceable(path, kind, overwrite)
+    return _replace_store(path, lambda new: _write_zarr(ds, new, kind))
 
 
 def append_zarr(ds: xr.Dataset, path: str | os.PathLike, dim: str = "step") -> Path:
@@ -265,10 +463,15 @@ def append_zarr(ds: xr.Dataset, path: str | os.PathLike, dim: str = "step") -> P
     return path
 
 
-def save(ds: xr.Dataset, path: str | os.PathLike) -> Path:
-    """Save by suffix: ``.zarr`` → Zarr, anything else → NetCDF (``.nc``)."""
+def save(ds: xr.Dataset, path: str | os.PathLike, *, kind: str | None = None,
+         overwrite: bool = False) -> Path:
+    """Save by suffix: ``.zarr`` → Zarr, anything else → NetCDF (``.nc``); ``kind`` and
+    ``overwrite`` as in :func:`save_netcdf` (nothing traindyn did not write is replaced
+    without ``overwrite=True``)."""
     path = Path(path)
-    return save_zarr(ds, path) if path.suffix == ".zarr" else save_netcdf(ds, path)
+    if path.suffix == ".zarr":
+        return save_zarr(ds, path, kind=kind, overwrite=overwrite)
+    return save_netcdf(ds, path, kind=kind, overwrite=overwrite)
 
 
 def _consolidated(path: Path) -> bool:

@@ -8,7 +8,7 @@ size and its output validated, and a theory and a measurement of the same quanti
 import numpy as np
 import pytest
 import xarray as xr
-from traindyn.dynamics import records
+from traindyn.dynamics import records, storage
 from traindyn.dynamics.recipes import (
     TinyLMConfig,
     simulate_krr,
@@ -104,7 +104,7 @@ def test_producer_follows_data_model(name, tmp_path):
     ds = PRODUCERS[name]()
     assert isinstance(ds, xr.Dataset)
     records.validate(ds)
-    back = records.load(records.save_netcdf(ds, tmp_path / "r.nc"))  # writable as it is
+    back = storage.load(storage.save_netcdf(ds, tmp_path / "r.nc"))  # writable as it is
     assert set(back.data_vars) == set(ds.data_vars)
 
 

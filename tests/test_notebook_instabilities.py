@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from traindyn.dynamics import records
+from traindyn.dynamics import storage
 
 from tests.helpers import run_notebook
 
@@ -17,7 +17,7 @@ def test_instabilities_notebook_runs_and_its_lr_sensitivity_is_right(tmp_path):
     run_notebook("instabilities.ipynb", tmp_path)
     for name in ("loss_vs_lr.png", "attention_logits.png", "log_z.png"):
         assert (tmp_path / name).stat().st_size > 0
-    ds = records.load(tmp_path / "instability_sweep.nc")
+    ds = storage.load(tmp_path / "instability_sweep.nc")
     printed = json.loads((tmp_path / "lr_sensitivity.json").read_text())
     # recompute E_lr[min(L(lr), L0) − L*] by hand from the saved sweep
     final = ds["val_loss"].isel(step=-1)
@@ -29,5 +29,5 @@ def test_instabilities_notebook_runs_and_its_lr_sensitivity_is_right(tmp_path):
         expected = sum(c - min(capped) for c in capped) / len(capped)
         assert abs(printed[name] - expected) < 1e-12, name
     # the monitored run streamed every scheduled evaluation
-    stream = records.load(tmp_path / "monitor.zarr")
+    stream = storage.load(tmp_path / "monitor.zarr")
     assert stream.sizes["step"] >= 5 and "max_attention_logit" in stream

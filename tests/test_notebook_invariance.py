@@ -11,9 +11,9 @@ from tests.helpers import run_notebook
 def test_invariance_notebook_runs(tmp_path):
     pytest.importorskip("nbclient")
     run_notebook("invariance_digits.ipynb", tmp_path)
-    from traindyn.dynamics import records
+    from traindyn.dynamics import records, storage
 
-    ds = records.load(tmp_path / "invariance_digits.nc")
+    ds = storage.load(tmp_path / "invariance_digits.nc")
     records.validate(ds)
     assert set(ds.invariance_distance.dims) == {"arch", "augmented", "step", "transform", "layer"}
     assert set(ds.transform.values) == {"shift_1px", "rotate_15deg"}

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from traindyn.dynamics import records
+from traindyn.dynamics import storage
 from traindyn.dynamics.probe_inputs import stdlib_sentences
 from traindyn.dynamics.schedules import log_steps
 
@@ -34,7 +34,7 @@ def test_lm_phases_notebook_runs_and_its_numbers_are_right(tmp_path):
 
     run_notebook("lm_geometry_phases.ipynb", tmp_path)
     assert (tmp_path / "lm_geometry_phases.png").stat().st_size > 0
-    geo = records.load(tmp_path / "geometry.nc")
+    geo = storage.load(tmp_path / "geometry.nc")
     assert list(geo["step"].values) == list(log_steps(60, 8))
     assert set(geo["status"].values) == {"ok"}
     assert list(geo["layer"].values) == ["blocks.0", "blocks.1"]

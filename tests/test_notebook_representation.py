@@ -10,9 +10,9 @@ from tests.helpers import run_notebook
 def test_representation_geometry_notebook_runs(tmp_path):
     pytest.importorskip("nbclient")
     run_notebook("representation_geometry_digits.ipynb", tmp_path)
-    from traindyn.dynamics import records
+    from traindyn.dynamics import records, storage
 
-    ds = records.load(tmp_path / "representation_geometry_digits.nc")
+    ds = storage.load(tmp_path / "representation_geometry_digits.nc")
     records.validate(ds)
     assert {"rankme", "rankme_covariance", "alpha_req", "nc1", "nc4"} <= set(ds.data_vars)
     assert ds.sizes["layer"] == 2

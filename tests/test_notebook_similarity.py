@@ -12,9 +12,9 @@ def test_representation_similarity_notebook_runs(tmp_path):
     pytest.importorskip("nbclient")
     pytest.importorskip("seaborn")
     run_notebook("representation_similarity.ipynb", tmp_path)
-    from traindyn.dynamics import records
+    from traindyn.dynamics import records, storage
 
-    ds = records.load(tmp_path / "representation_similarity.nc")
+    ds = storage.load(tmp_path / "representation_similarity.nc")
     records.validate(ds)
     assert ds.cka.dims == ("step", "checkpoint2", "layer")
     np.testing.assert_allclose(np.diagonal(ds.cka.values, axis1=0, axis2=1), 1.0, atol=1e-10)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import xarray as xr
 from safetensors.torch import save_file
-from traindyn.dynamics import records
+from traindyn.dynamics import records, storage
 from traindyn.dynamics.analyze import TIMING_VARIABLES, analyze, match_layers, summary_table
 from traindyn.dynamics.cli_analyze import main as cli_main
 from traindyn.dynamics.probe_inputs import (
@@ -241,7 +241,7 @@ def test_bad_checkpoints_fail_with_reasons_and_the_rest_is_analysed(series, fact
                      "--batch-size", "500", "--output", str(output), "--no-progress"])
     assert code == 1
     assert not marker.exists()
-    ds = records.load(output)
+    ds = storage.load(output)
     status = dict(zip(ds["step"].values.tolist(), ds["status"].values.tolist(), strict=True))
     reason = dict(zip(ds["step"].values.tolist(), ds["reason"].values.tolist(), strict=True))
     assert {s for s, v in status.items() if v == "failed"} == {20, 30, 40, 50, 60}
@@ -318,9 +318,9 @@ def test_sigkill_then_restart_equals_an_uninterrupted_run(series, factory, tmp_p
     assert 2 <= finished < 6 and not output.exists()
     # restart (here in-process, the same code path as the command line)
     _run(folder, factory, output=output)
-    resumed = records.load(output)
+    resumed = storage.load(output)
     _run(folder, factory, output=tmp_path / "clean.nc")
-    uninterrupted = records.load(tmp_path / "clean.nc")
+    uninterrupted = storage.load(tmp_path / "clean.nc")
     assert resumed.sizes["step"] == 6
     xr.testing.assert_identical(_drop_timing(resumed), _drop_timing(uninterrupted))
 
@@ -334,7 +334,7 @@ def test_two_worker_local_cluster_equals_serial(series, factory, clean, tmp_path
     parallel = _run(series, factory, workers=2, output=tmp_path / "parallel.zarr",
                     learning_rate=0.1)
     xr.testing.assert_identical(_drop_timing(serial), _drop_timing(parallel))
-    stored = records.load(tmp_path / "parallel.zarr")
+    stored = storage.load(tmp_path / "parallel.zarr")
     np.testing.assert_array_equal(stored["rankme"].values, serial["rankme"].values)
 
 
@@ -445,3 +445,22 @@ def test_existing_scheduler_address_equals_serial(series, factory, clean):
                                   dashboard_address=None) as cluster:
         remote = _run(series, factory, scheduler=cluster.scheduler_address, learning_rate=0.1)
     xr.testing.assert_identical(_drop_timing(clean), _drop_timing(remote))
+
+
+def test_analyze_needs_nothing_from_its_command_line():
+    """``summary_table`` lives in ``analyze``; the command line imports it from there (one
+    direction: the face over the library)."""
+    import ast
+
+    import traindyn.dynamics.analyze as library
+    import traindyn.dynamics.cli_analyze as face
+
+    imported = set()
+    for node in ast.walk(ast.parse(Path(library.__file__).read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            imported |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+        elif isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+    assert not any(name.startswith("traindyn.dynamics.cli") for name in imported), imported
+    assert library.summary_table.__module__ == library.__name__
+    assert not hasattr(face, "summary_table")

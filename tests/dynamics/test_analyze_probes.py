@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import sys
 from pathlib import Path
@@ -160,7 +161,7 @@ def test_labelled_probes_without_labels_fail_before_any_work(series, factory):
 
 def test_sigkill_then_restart_gives_the_identical_dataset_with_references(series, factory,
                                                                           tmp_path,
-                                                                          user_probe):
+                                                                          user_probe, capfd):
     folder = _copy_series(series, tmp_path / "kill")
     make = _load_factory(factory)
     for step in (2000, 3000):
@@ -177,7 +178,10 @@ def test_sigkill_then_restart_gives_the_identical_dataset_with_references(series
     start_and_kill(cmd, parts, 2, child_env(TRAINDYN_TEST_DELAY="0.15", OMP_NUM_THREADS="1"))
     assert not output.exists()
     assert list(parts.glob("step*.npz")), "reference states are stored beside the parts"
-    resumed = _run(folder, factory, output=output)
+    capfd.readouterr()
+    resumed = _run(folder, factory, output=output, imports=[str(module)])
+    reused = re.search(r"reusing (\d+) of 6 ", capfd.readouterr().err)
+    assert reused and int(reused.group(1)) >= 2      # the parts the killed run finished
     whole = _run(folder, factory)
     drop = list(TIMING_VARIABLES)
     xr.testing.assert_identical(resumed.drop_vars(drop).drop_attrs(),

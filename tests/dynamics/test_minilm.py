@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from traindyn.dynamics import records
+from traindyn.dynamics import storage
 from traindyn.dynamics.cli_analyze import main as cli_main
 from traindyn.dynamics.probe_inputs import stdlib_sentences
 
@@ -64,7 +64,7 @@ def test_minilm_one_checkpoint_series_matches_transformers(model_dir, tmp_path):
                      "--batch-size", str(BATCH), "--reduce", "mean", "--output", str(output),
                      "--no-progress", "--no-figures"])
     assert code == 0
-    ds = records.load(output)
+    ds = storage.load(output)
     assert ds.sizes["step"] == 1 and ds["status"].values[0] == "ok"
     assert list(ds["layer"].values) == [f"encoder.layer.{i}" for i in range(6)]
     assert ds.attrs["n_samples"] == N_SENTENCES

@@ -19,7 +19,7 @@ import traindyn.dynamics.monitor as monitor_module
 import xarray as xr
 import zarr
 from torch import nn
-from traindyn.dynamics import records
+from traindyn.dynamics import records, storage
 from traindyn.dynamics.monitor import COMPLETE_ATTR, Monitor, load_stream
 from traindyn.dynamics.schedules import at_steps, linear
 from traindyn.probes.registry import Probe, Variable
@@ -160,7 +160,7 @@ def test_zarr_stream_and_netcdf_hold_what_was_measured(tmp_path):
                 model[2].bias += 0.5   # mean log Z moves by exactly 0.5 per step
     memory = monitor.to_dataset()
     streamed = load_stream(tmp_path / "run.zarr")
-    on_disk = records.load(tmp_path / "run.nc")
+    on_disk = storage.load(tmp_path / "run.nc")
     for ds in (streamed, on_disk):
         assert list(ds["step"].values) == [0, 2, 4, 6]
         for name in ("rankme", "nc1", "cdnv", "mean_log_z", "train_loss"):
@@ -205,7 +205,7 @@ def test_a_half_written_evaluation_is_dropped_on_load(tmp_path):
         assert list(plain["step"].values) == [0, 1, 2] and plain["rankme"].shape == (3, 1)
     ds = load_stream(tmp_path / "s.zarr")
     assert list(ds["step"].values) == [0, 1, 2] and ds["rankme"].shape == (3, 1)
-    xr.testing.assert_identical(records.load(tmp_path / "s.zarr"), ds)
+    xr.testing.assert_identical(storage.load(tmp_path / "s.zarr"), ds)
 
 
 CHILD = textwrap.dedent("""
@@ -526,7 +526,7 @@ def test_an_error_in_the_worker_is_raised_on_the_training_thread():
 @pytest.mark.filterwarnings("ignore:alpha-ReQ")
 def test_the_direct_zarr_append_writes_what_xarray_append_writes(tmp_path):
     """After the first evaluation the monitor appends to the open Zarr arrays itself; the store
-    must read back identical to one written by ``records.append_zarr`` (xarray's to_zarr)."""
+    must read back identical to one written by ``storage.append_zarr`` (xarray's to_zarr)."""
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU())
     monitor = Monitor(model, probes=["rankme", "neural_collapse"], layers=["1", "3"],
@@ -539,8 +539,8 @@ def test_the_direct_zarr_append_writes_what_xarray_append_writes(tmp_path):
             model[0].weight.mul_(1.1)
     assert monitor._stream.group is not None and monitor._stream.step_arrays  # direct path
     for ds in monitor._evaluations:
-        records.append_zarr(ds, tmp_path / "xarray.zarr")
-    direct, reference = records.load(tmp_path / "direct.zarr"), records.load(
+        storage.append_zarr(ds, tmp_path / "xarray.zarr")
+    direct, reference = storage.load(tmp_path / "direct.zarr"), storage.load(
         tmp_path / "xarray.zarr")
     assert direct.attrs.pop(COMPLETE_ATTR) == 4
     xr.testing.assert_identical(direct, reference)

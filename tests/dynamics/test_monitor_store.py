@@ -103,6 +103,73 @@ def test_resume_refuses_a_run_that_records_something_else(tmp_path):
     xr.testing.assert_identical(stored(store), before)
 
 
+def test_netcdf_never_replaces_a_file_no_monitor_wrote(tmp_path):
+    from traindyn.dynamics import storage
+
+    users = tmp_path / "results.nc"
+    users.write_text("my results")
+    with pytest.raises(FileExistsError, match=r"results.nc holds a file that traindyn did not "
+                                              r"write.*overwrite"):
+        run(None, range(2), netcdf=users)          # refused before training starts
+    assert users.read_text() == "my results"
+    run(None, range(2), netcdf=users, overwrite=True)
+    np.testing.assert_array_equal(storage.load(users)["train_loss"].values, [0.0, 1.0])
+    run(None, range(3), netcdf=users)            # a monitor's own file: replaced
+    np.testing.assert_array_equal(storage.load(users)["train_loss"].values, [0.0, 1.0, 2.0])
+
+
+LEFT_OPEN = textwrap.dedent("""
+    import sys, torch
+    from torch import nn
+    from traindyn.dynamics.monitor import Monitor
+    from traindyn.dynamics.schedules import linear
+
+    def main(folder, background):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, 48), nn.ReLU(), nn.Linear(48, 48), nn.ReLU())
+        x = torch.randn(256, 6)
+        left = Monitor(model, probes=["rankme", "alpha_req"], layers=["1", "3"],
+                       schedule=linear(1), probe_data=x, background=background,
+                       store=folder + "/left.zarr", netcdf=folder + "/left.nc")
+        plain = Monitor(model, probes=["rankme"], layers=["1"], schedule=linear(1),
+                        probe_data=x, netcdf=folder + "/sync.nc")
+        for step in range(18):   # a training loop that ends without close() or `with`
+            with torch.no_grad():
+                model[0].weight.mul_(1.01)
+            left.step(step, train_loss=float(step))
+            plain.step(step, train_loss=float(step))
+        print("loop done", flush=True)
+
+    if __name__ == "__main__":
+        main(sys.argv[1], sys.argv[2])
+""")
+
+
+@pytest.mark.parametrize("background", ["thread", pytest.param("process",
+                                                               marks=pytest.mark.slow)])
+def test_a_monitor_left_open_is_drained_and_closed_at_exit(tmp_path, background):
+    """A script whose loop ends without ``close()`` or ``with``: at interpreter exit every
+    evaluation is in the store, and the ``netcdf=`` files are written."""
+    from traindyn.dynamics import storage
+
+    script = tmp_path / "train.py"
+    script.write_text(LEFT_OPEN)
+    out = subprocess.run([sys.executable, str(script), str(tmp_path), background],
+                         env=child_env(OMP_NUM_THREADS="1"), cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "loop done" in out.stdout, out.stderr
+    assert "closing at interpreter exit failed" not in out.stderr, out.stderr
+    stream = storage.load_stream(tmp_path / "left.zarr")
+    np.testing.assert_array_equal(stream["step"].values, range(18))
+    np.testing.assert_array_equal(stream["train_loss"].values, range(18))
+    netcdf = storage.load(tmp_path / "left.nc")
+    np.testing.assert_array_equal(netcdf["rankme"].values, stream["rankme"].values)
+    assert np.isfinite(stream["rankme"].values).all() and stream.sizes["layer"] == 2
+    sync = storage.load(tmp_path / "sync.nc")   # the same weights, the same layer "1"
+    np.testing.assert_allclose(sync["rankme"].values[:, 0], stream["rankme"].values[:, 0],
+                               rtol=1e-12)
+
+
 SCRIPT = textwrap.dedent("""
     import sys, torch
     from torch import nn

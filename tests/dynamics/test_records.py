@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import xarray as xr
-from traindyn.dynamics import records
+from traindyn.dynamics import records, storage
 
 
 def _measured(steps=(0, 10, 100), lr=0.1, seed=None) -> xr.Dataset:
@@ -41,8 +41,8 @@ def test_validate_names_every_problem():
 
 def test_netcdf_round_trip_keeps_values_coords_and_attrs(tmp_path):
     ds = _measured()
-    path = records.save_netcdf(ds, tmp_path / "out" / "result.nc")
-    back = records.load(path)
+    path = storage.save_netcdf(ds, tmp_path / "out" / "result.nc")
+    back = storage.load(path)
     xr.testing.assert_identical(back.drop_attrs(), ds.drop_attrs())
     assert back.rankme.attrs["units"] == "1"
     assert json.loads(back.attrs["parameters"]) == {"lr": 0.1, "widths": [2, 3]}
@@ -53,13 +53,13 @@ def test_netcdf_round_trip_keeps_values_coords_and_attrs(tmp_path):
 def test_dict_attributes_are_stored_as_json(tmp_path):
     ds = _measured()
     ds.attrs["config"] = {"depth": 3}
-    back = records.load(records.save_netcdf(ds, tmp_path / "r.nc"))
+    back = storage.load(storage.save_netcdf(ds, tmp_path / "r.nc"))
     assert json.loads(back.attrs["config"]) == {"depth": 3}
 
 
 def test_netcdf_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "r.nc"
-    records.save_netcdf(_measured(seed=1), path)
+    storage.save_netcdf(_measured(seed=1), path)
     before = path.read_bytes()
 
     def explode(self, *args, **kwargs):
@@ -67,7 +67,7 @@ def test_netcdf_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(xr.Dataset, "to_netcdf", explode)
     with pytest.raises(RuntimeError, match="disk full"):
-        records.save_netcdf(_measured(seed=2), path)
+        storage.save_netcdf(_measured(seed=2), path)
     assert path.read_bytes() == before  # the old result survives a failed write
     assert [p.name for p in tmp_path.iterdir()] == ["r.nc"]  # no temporary left behind
 
@@ -76,8 +76,8 @@ def test_zarr_append_along_step_equals_concatenation(tmp_path):
     parts = [_measured(steps=(s,), seed=s) for s in (0, 10, 100)]
     store = tmp_path / "live.zarr"
     for part in parts:
-        records.append_zarr(part, store)
-    back = records.load(store)
+        storage.append_zarr(part, store)
+    back = storage.load(store)
     expected = xr.concat(parts, dim="step")
     np.testing.assert_array_equal(back.step.values, [0, 10, 100])
     np.testing.assert_allclose(back.rankme.values, expected.rankme.values)
@@ -87,9 +87,9 @@ def test_zarr_append_along_step_equals_concatenation(tmp_path):
 
 def test_save_and_load_choose_format_by_suffix(tmp_path):
     ds = _measured()
-    z = records.save(ds, tmp_path / "r.zarr")
-    n = records.save(ds, tmp_path / "r.nc")
+    z = storage.save(ds, tmp_path / "r.zarr")
+    n = storage.save(ds, tmp_path / "r.nc")
     assert z.is_dir() and n.is_file()
-    np.testing.assert_allclose(records.load(z).rankme.values, records.load(n).rankme.values)
+    np.testing.assert_allclose(storage.load(z).rankme.values, storage.load(n).rankme.values)
     with pytest.raises(FileNotFoundError):
-        records.load(tmp_path / "missing.nc")
+        storage.load(tmp_path / "missing.nc")
