@@ -811,8 +811,7 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 150,
 def checkpoint_series_figures(ds: xr.Dataset, folder: str | Path, stem: str = "analyze"
                               ) -> list[Path]:
     """One PNG per ``(step, layer)`` variable of a checkpoint series (``traindyn analyze``):
-    the metric over log-step, one line per layer; failed steps dotted; plus
-    ``<stem>_overview.png`` (:func:`run_overview`) when the series has several steps.
+    the metric over log-step, one line per layer; failed steps dotted.
 
     A series of one checkpoint is drawn as one point per layer over the layer axis (a step
     axis with one step means nothing); layers whose values are all NaN are left out of the
@@ -852,8 +851,5 @@ def checkpoint_series_figures(ds: xr.Dataset, folder: str | Path, stem: str = "a
             path = folder / f"{stem}_{name}.png"
             save_figure(ax.figure, path, dpi=110, close=True)
         paths.append(path)
-    if int(ok.sum()) > 1:
-        fig = run_overview(ds)
-        paths.append(save_figure(fig, folder / f"{stem}_overview.png", dpi=90, close=True))
     return paths
 

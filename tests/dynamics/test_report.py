@@ -200,3 +200,18 @@ def test_write_report_of_a_dataset_needs_an_output(tmp_path):
     with pytest.raises(ValueError, match="output="):
         write_report(xr.Dataset(coords={"step": [0]}))
     assert Path(write_report(xr.Dataset(coords={"step": [0]}), tmp_path / "a.html")).is_file()
+
+
+def test_analyze_report_flag_writes_the_page_beside_the_output(analyzed, tmp_path):
+    path, ds = analyzed
+    folder = path.parent
+    output = tmp_path / "again.nc"
+    code = cli_main(["analyze", str(folder / "ckpt"), "--model", f"{folder / 'fac.py'}:make_mlp",
+                     "--layers", "0,2,4", "--probes", "rankme", "--n-samples", "200",
+                     "--output", str(output), "--no-progress", "--no-figures", "--report"])
+    assert code == 1    # the unreadable checkpoint
+    page = (tmp_path / "again.html").read_text()
+    parsed = _parse(page)
+    _self_contained(parsed, page)
+    text = html.unescape("".join(parsed.text))
+    assert f"{float(ds['rankme'].sel(step=100, layer='2')):.5g}" in text
