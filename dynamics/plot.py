@@ -791,13 +791,16 @@ def phase_plot(
 # ------------------------------------------------------------------------------ files
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 150,
                 close: bool | None = None) -> Path:
-    """Write ``fig`` (PNG, SVG or PDF by the suffix) with a tight bounding box.
+    """Write ``fig`` (PNG, SVG or PDF by the suffix) with a tight bounding box (a figure
+    without a layout engine is laid out with ``tight_layout`` first).
 
     ``close``: close the figure after writing; by default only on a non-interactive backend
     (Agg, in scripts), so that in Jupyter the figure still shows inline.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fig.get_layout_engine() is None:   # a figure made elsewhere, without a layout
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.05)
     if close is None:
         import matplotlib
