@@ -97,6 +97,15 @@ def _fmt(value: float) -> str:
     return f"{value:.5g}"
 
 
+def _fmt_pm(mean: float, sem: float | None) -> str:
+    """``mean ± sem`` with the SEM to two significant digits and the mean to the same
+    decimal place (as a measurement is written)."""
+    if sem is None or not math.isfinite(sem) or sem <= 0 or not math.isfinite(mean):
+        return _fmt(mean)
+    decimals = max(0, 1 - math.floor(math.log10(sem)))
+    return f"{mean:.{decimals}f} ± {sem:.{decimals}f}"
+
+
 def _per_layer_vars(ds: xr.Dataset) -> list[str]:
     return [str(n) for n, da in ds.data_vars.items()
             if "layer" in da.dims and "step" in da.dims and da.dtype.kind in "fiub"
@@ -167,8 +176,7 @@ def _layer_table(ds: xr.Dataset, i: int, reasons: _Reasons) -> str:
                 k = reasons.key(_note(ds, i, layer, name))
                 cells.append(f'<td class="nan">NaN <a href="#nan-{k}">[{k}]</a></td>')
             else:
-                text = _fmt(mean) + (f" ± {_fmt(sem)}" if sem is not None else "")
-                cells.append(f"<td>{_esc(text)}</td>")
+                cells.append(f"<td>{_esc(_fmt_pm(mean, sem))}</td>")
         rows.append(f'<tr><td class="name"><code>{_esc(name)}</code></td>'
                     f'<td class="name">{label}</td><td>{_esc(units)}</td>{"".join(cells)}</tr>')
     note = ('<p class="muted">Values: mean ± SEM over seeds (standard error of the mean, '
@@ -189,7 +197,7 @@ def _scalar_table(ds: xr.Dataset, i: int, reasons: _Reasons) -> str:
             k = reasons.key(_note(ds, i, None, name))
             cell = f'<td class="nan">NaN <a href="#nan-{k}">[{k}]</a></td>'
         else:
-            cell = f"<td>{_esc(_fmt(mean) + (f' ± {_fmt(sem)}' if sem is not None else ''))}</td>"
+            cell = f"<td>{_esc(_fmt_pm(mean, sem))}</td>"
         rows.append(f'<tr><td class="name"><code>{_esc(name)}</code></td><td class="name">'
                     f'{_esc(da.attrs.get("long_name", name))}</td>'
                     f'<td>{_esc(da.attrs.get("units", ""))}</td>{cell}</tr>')

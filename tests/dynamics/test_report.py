@@ -190,7 +190,8 @@ def test_report_of_a_seeded_run_gives_mean_and_sem(tmp_path):
     page = build_report(ds)
     last = values[:, -1, 0]
     mean, sem = last.mean(), last.std(ddof=1) / 2.0
-    assert f"{mean:.5g} ± {sem:.5g}" in html.unescape(page)
+    decimals = 1 - int(np.floor(np.log10(sem)))      # the SEM to two significant digits
+    assert f"{mean:.{decimals}f} ± {sem:.{decimals}f}" in html.unescape(page)
     assert "mean ± SEM over seeds" in html.unescape(page)
 
 
