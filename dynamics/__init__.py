@@ -13,7 +13,9 @@ module               what
                      is the function; the module is ``sys.modules["traindyn.dynamics.sweep"]``)
 ``local_client``     a dask ``LocalCluster`` client set up for torch work (``dynamics._dask``)
 ``recipes``          reproducible experiments paired with theory modules
-``plot``             theory lines through measured points
+``plot``             figures: theory lines through measured points, run overview, CKA, spectra
+``report``           one self-contained HTML page of a run (``traindyn report``)
+``tensorboard``      a monitor's scalars as TensorBoard series (``Monitor(tensorboard=DIR)``)
 ``cli``              the ``traindyn`` command line
 ===================  ==========================================================================
 
@@ -71,7 +73,8 @@ _ATTRIBUTES = {
 """Names that are objects inside a submodule; every other public name is a submodule."""
 
 _SUBMODULES = ("analyze", "checkpoints", "cli", "cli_analyze", "demo", "lightning", "monitor",
-               "plot", "probe_inputs", "recipes", "records", "schedules")
+               "plot", "probe_inputs", "recipes", "records", "report", "schedules",
+               "tensorboard")
 
 
 def __getattr__(name: str) -> Any:
