@@ -62,7 +62,7 @@ def _train(background, **options):
     return monitor.to_dataset(), heard
 
 
-@pytest.mark.parametrize("background", [False, "thread"])
+@pytest.mark.parametrize("background", [False, "thread", "process"])
 def test_on_record_hears_every_evaluation(background):
     ds, heard = _train(background)
     assert [int(h["step"].item()) for h in heard] == [0, 2, 4, 6]
