@@ -379,6 +379,10 @@ def _overview_panels(ds: xr.Dataset) -> list[tuple[str, list[str]]]:
     if accuracies:
         panels.append(("accuracies", accuracies))
     panels += [(v, [v]) for v in others]
+    # the spectral-geometry probes first (a Zarr store lists variables alphabetically)
+    first = ("rankme", "alpha_req")
+    layered.sort(key=lambda v: next((i for i, f in enumerate(first) if v.startswith(f)),
+                                    len(first)))
     panels += [(v, [v]) for v in layered]
     return panels
 
