@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.traindyn-installed
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow lint bench docs clean
+.PHONY: setup demo test test-slow lint bench docs notebooks clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.py
 	$(PYTHON) scripts/bootstrap.py --venv $(VENV)
@@ -33,6 +33,11 @@ bench: $(STAMP)
 # the API reference from the docstrings (pdoc), into docs/api/; any pdoc warning fails it
 docs: $(STAMP)
 	$(BIN)/python docs/build_api.py docs/api
+
+# re-execute every notebook at full size and save it with its outputs and code hash
+# (tests/test_notebook_outputs.py checks that committed outputs match the code)
+notebooks: $(STAMP)
+	$(BIN)/python scripts/run_notebooks.py notebooks/*.ipynb
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

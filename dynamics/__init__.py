@@ -15,7 +15,9 @@ module               what
                      is the function; the module is ``sys.modules["traindyn.dynamics.sweep"]``)
 ``local_client``     a dask ``LocalCluster`` client set up for torch work (``dynamics._dask``)
 ``recipes``          reproducible experiments paired with theory modules
-``plot``             theory lines through measured points
+``plot``             figures: theory lines through measured points, run overview, CKA, spectra
+``report``           one self-contained HTML page of a run (``traindyn report``)
+``tensorboard``      a monitor's scalars as TensorBoard series (``Monitor(tensorboard=DIR)``)
 ``cli``              the ``traindyn`` command line
 ===================  ==========================================================================
 
@@ -75,8 +77,8 @@ _ATTRIBUTES = {
 """Names that are objects inside a submodule; every other public name is a submodule."""
 
 _SUBMODULES = ("analyze", "checkpoints", "cli", "cli_analyze", "cli_predict", "demo", "lightning",
-               "monitor", "plot", "predict", "probe_inputs", "recipes", "records", "schedules",
-               "storage")
+               "monitor", "plot", "predict", "probe_inputs", "recipes", "records", "report",
+               "schedules", "storage", "tensorboard")
 
 
 def __getattr__(name: str) -> Any:

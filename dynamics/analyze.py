@@ -573,10 +573,17 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
 
 def summary_figures(ds: xr.Dataset, folder: str | os.PathLike, stem: str = "analyze"
                     ) -> list[Path]:
-    """One PNG per ``(step, layer)`` variable (:func:`dynamics.plot.checkpoint_series_figures`)."""
-    from traindyn.dynamics.plot import checkpoint_series_figures
+    """One PNG per ``(step, layer)`` variable (:func:`dynamics.plot.checkpoint_series_figures`)
+    and, for a series of several analysed checkpoints, ``<stem>_overview.png``
+    (:func:`dynamics.plot.run_overview`)."""
+    from traindyn.dynamics.plot import checkpoint_series_figures, run_overview, save_figure
 
-    return checkpoint_series_figures(ds, folder, stem)
+    paths = checkpoint_series_figures(ds, folder, stem)
+    ok = ds["status"].values == "ok" if "status" in ds else np.ones(ds.sizes["step"], bool)
+    if int(ok.sum()) > 1:
+        paths.append(save_figure(run_overview(ds), Path(folder) / f"{stem}_overview.png",
+                                 dpi=90, close=True))
+    return paths
 
 
 def summary_table(ds: xr.Dataset, max_rows: int = 40) -> str:

@@ -141,6 +141,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="do not write the summary figures")
     out.add_argument("--no-progress", dest="progress", action="store_false",
                      help="hide the progress bar")
+    out.add_argument("--report", nargs="?", const="", metavar="HTML",
+                     help="also write the HTML report of the series (traindyn report) at the "
+                          "end: to HTML, or without a value beside --output (its .html)")
     p.set_defaults(func=run)
     return p
 
@@ -183,6 +186,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {args.output}" + (f" and summary figures in "
                                         f"{Path(args.output).resolve().parent}"
                                         if args.figures else ""))
+    if args.report is not None:
+        from traindyn.dynamics.report import write_report
+
+        html = args.report or (Path(args.output).with_suffix(".html") if args.output
+                               else Path("analyze_report.html"))
+        print(f"wrote {write_report(ds, html)}")
     failed = int(ds.attrs.get("n_failed", 0))
     if failed:
         print(f"{failed} checkpoint(s) failed; see the table above and the 'reason' variable",

@@ -120,7 +120,7 @@ def _figures(out: Path, digits: xr.Dataset, measured: xr.Dataset, predicted: xr.
     axes[2].set_ylabel("cross-entropy [nat]")
     axes[2].legend(fontsize=7, frameon=False)
     fig.suptitle("MLP on scikit-learn digits: hidden-layer geometry over training "
-                 f"(mean ± std over {digits.sizes['seed']} seeds)", fontsize=9)
+                 f"({digits.sizes['seed']} seeds)", fontsize=9)
     paths.append(plot.save_figure(fig, out / "digits_geometry.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -129,7 +129,7 @@ def _figures(out: Path, digits: xr.Dataset, measured: xr.Dataset, predicted: xr.
     dense = theory.advani_saxe(
         np.geomspace(times.min(), times.max(), 200), measured.load_ratio.values,
         noise_var=cfg.noise_var, learning_rate=cfg.linear_learning_rate)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colours = plot.PALETTE   # the colours of plot.compare's theory lines
     n_seeds = measured.sizes["seed"]
     for ax, var in zip(axes, ("test_error", "train_error"), strict=True):
         plot.compare(dense, None, var, x="time", hue="load_ratio", ax=ax)

@@ -5,9 +5,23 @@
     callback = MonitorCallback(probes=["rankme", "alpha_req"], layers=["encoder.2"],
                                schedule=log_spaced(5000, 40), probe_data=x_probe,
                                store="run.zarr")
-    trainer = lightning.Trainer(max_steps=5000, callbacks=[callback])
+    trainer = lightning.Trainer(max_steps=5000, callbacks=[callback],
+                                logger=CSVLogger("logs"))
     trainer.fit(module, loader)
     ds = callback.to_dataset()
+
+The keyword arguments are those of :class:`dynamics.monitor.Monitor` (without ``model``:
+the LightningModule); or pass a ``Monitor`` built on the module yourself,
+``MonitorCallback(Monitor(module, ...))``.
+
+**Values reach the trainer's loggers.**  Each recorded evaluation is sent to every logger of
+the trainer (``trainer.loggers``: TensorBoard, CSV, Weights & Biases …) with
+``logger.log_metrics(values, step=<the evaluation's step>)``, under the names of
+:mod:`dynamics.tensorboard` (``rankme/<layer>``, ``train_loss`` …), and stored in
+``trainer.callback_metrics``, so ``ModelCheckpoint(monitor="rankme/encoder.2")`` or
+``EarlyStopping`` can use them.  In background modes an evaluation is sent when it comes
+back from the worker (at a later batch, still with its own step).  ``log=False`` turns this
+off.
 
 Steps follow ``trainer.global_step`` (optimiser steps taken): the evaluation at step ``s``
 sees the weights after ``s`` updates, as in a plain loop that calls ``monitor.step(s)`` before
@@ -22,8 +36,7 @@ is undisturbed, evaluations stream to Zarr) holds here too.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
+import threading
 from typing import Any
 
 import torch
@@ -38,7 +51,7 @@ except ImportError:  # pragma: no cover - the standalone package
                           "pip install lightning") from error
 
 from traindyn.dynamics.monitor import Monitor
-from traindyn.dynamics.schedules import Schedule
+from traindyn.dynamics.tensorboard import scalar_series
 
 __all__ = ["MonitorCallback"]
 
@@ -62,65 +75,101 @@ def _loss(outputs: Any) -> float | None:
 class MonitorCallback(Callback):
     """Run a :class:`~dynamics.monitor.Monitor` on the LightningModule being trained.
 
-    Parameters are those of :class:`~dynamics.monitor.Monitor` (without ``model``); the
-    learning rate for the ``time`` coordinate is read from the first optimiser when not given.
-    ``background`` chooses the monitor's mode (``False``, ``"thread"`` or ``"process"``; see
-    :mod:`dynamics.monitor`); an existing ``store`` needs ``overwrite=True`` or ``resume=True``
-    (else ``FileExistsError`` in ``setup``, before training starts).
+    Parameters
+    ----------
+    monitor : Monitor, optional
+        A monitor built on the module (or one of its submodules) by the caller; without it,
+        one is built in ``setup`` from ``monitor_kwargs``.
+    log : bool
+        Send each recorded evaluation to the trainer's loggers and ``callback_metrics``
+        (module docstring).
+    **monitor_kwargs
+        Keyword arguments of :class:`~dynamics.monitor.Monitor` (``probes``, ``layers``,
+        ``schedule``, ``probe_data``, ``probe_targets``, ``store``, ``background`` …).  The
+        probe batch and targets are moved to the module's device; the learning rate for the
+        ``time`` coordinate is read from the first optimiser when not given.  An existing
+        ``store`` needs ``overwrite=True`` or ``resume=True`` (else ``FileExistsError`` in
+        ``setup``, before training starts).
     """
 
-    def __init__(
-        self,
-        probes: Sequence[Any] = ("rankme", "alpha_req"),
-        layers: Sequence[str] = (),
-        schedule: Schedule | None = None,
-        probe_data: Any = None,
-        probe_targets: Any = None,
-        learning_rate: float | None = None,
-        reduce: str = "flatten",
-        seed: int | None = None,
-        store: str | Path | None = None,
-        netcdf: str | Path | None = None,
-        background: bool | str = False,
-        overwrite: bool = False,
-        resume: bool = False,
-    ) -> None:
+    def __init__(self, monitor: Monitor | None = None, *, log: bool = True,
+                 **monitor_kwargs: Any) -> None:
         super().__init__()
-        self.kwargs = dict(probes=probes, layers=layers, schedule=schedule, reduce=reduce,
-                           seed=seed, store=store, netcdf=netcdf, background=background,
-                           overwrite=overwrite, resume=resume,
-                           source="traindyn Monitor (Lightning callback)")
-        self.probe_data = probe_data
-        self.probe_targets = probe_targets
-        self.learning_rate = learning_rate
-        self.monitor: Monitor | None = None
+        if monitor is not None and not isinstance(monitor, Monitor):
+            raise TypeError(f"MonitorCallback takes a Monitor or Monitor's keyword arguments "
+                            f"(probes=..., layers=..., ...); got {type(monitor).__name__} as "
+                            "its first argument")
+        if monitor is not None and monitor_kwargs:
+            raise TypeError("MonitorCallback: give a Monitor or keyword arguments for one, "
+                            f"not both (got {sorted(monitor_kwargs)})")
+        if "model" in monitor_kwargs:
+            raise TypeError("MonitorCallback: the model is the LightningModule being trained; "
+                            "do not pass model=")
+        monitor_kwargs.setdefault("source", "traindyn Monitor (Lightning callback)")
+        self.monitor_kwargs = monitor_kwargs
+        self.monitor: Monitor | None = monitor
+        self.log = log
         self._last_step: int | None = None
+        self._lock = threading.Lock()
+        self._unsent: list[Any] = []
+        if monitor is not None and log:
+            monitor.on_record.append(self._received)
 
-    def _step(self, step: int, **scalars: float) -> None:
+    def _received(self, ds: Any) -> None:
+        """A recorded evaluation (called on the thread that records it): kept for the
+        training thread, which sends it to the loggers."""
+        with self._lock:
+            self._unsent.append(ds)
+
+    def _send(self, trainer: Any) -> None:
+        """Send the evaluations recorded since the last call to the trainer's loggers."""
+        with self._lock:
+            unsent, self._unsent = self._unsent, []
+        for ds in unsent:
+            by_step: dict[int, dict[str, float]] = {}
+            for tag, step, value in scalar_series(ds):
+                by_step.setdefault(step, {})[tag] = value
+            for step, metrics in sorted(by_step.items()):
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
+                for tag, value in metrics.items():
+                    trainer.callback_metrics[tag] = torch.tensor(value)
+
+    def _step(self, trainer: Any, step: int, **scalars: float) -> None:
         if step != self._last_step:   # gradient accumulation repeats a global step
             self._last_step = step
             self.monitor.step(step, **scalars)
+        if self.log:
+            self._send(trainer)
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or self.monitor is not None:
             return
         device = pl_module.device
-        self.monitor = Monitor(pl_module, probe_data=_to(self.probe_data, device),
-                               probe_targets=_to(self.probe_targets, device),
-                               learning_rate=self.learning_rate, **self.kwargs)
+        kwargs = dict(self.monitor_kwargs)
+        for key in ("probe_data", "probe_targets"):
+            kwargs[key] = _to(kwargs.get(key), device)
+        self.monitor = Monitor(pl_module, **kwargs)
+        if self.log:
+            self.monitor.on_record.append(self._received)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor.learning_rate is None and trainer.optimizers:
             self.monitor.learning_rate = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self._step(trainer.global_step, train_loss=float("nan"))  # no batch seen yet
+        self._step(trainer, trainer.global_step, train_loss=float("nan"))  # no batch seen yet
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = _loss(outputs)
-        self._step(trainer.global_step, **({} if loss is None else {"train_loss": loss}))
+        self._step(trainer, trainer.global_step,
+                   **({} if loss is None else {"train_loss": loss}))
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self.monitor.close()
+        if self.log:
+            self._send(trainer)
+            for logger in trainer.loggers:
+                logger.save()
 
     def to_dataset(self) -> Any:
         """The monitor's Dataset (see :meth:`dynamics.monitor.Monitor.to_dataset`)."""

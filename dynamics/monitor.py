@@ -143,7 +143,7 @@ import threading
 import time as _time
 import warnings
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -375,6 +375,17 @@ class Monitor:
         which often cost more than the feature probes: they run at the steps where it is
         true, the feature probes where ``schedule`` is.  A step is recorded when either is
         due; the scalar variables of the family not due are NaN there.  Default: ``schedule``.
+    tensorboard : path, optional
+        A TensorBoard log directory: every scalar of each recorded evaluation (per layer:
+        ``rankme/<layer>``; per step: ``train_loss``) is written there as it is recorded
+        (:mod:`dynamics.tensorboard`; needs the ``tensorboard`` package).
+
+    Attributes
+    ----------
+    on_record : list of callables ``Dataset -> None``
+        Called with each evaluation (a one-step Dataset) when it is recorded, in the thread
+        that records it (the training thread, or the worker thread in thread mode).  The
+        ``tensorboard`` writer and the Lightning callback listen here.
     """
 
     def __init__(
@@ -397,6 +408,7 @@ class Monitor:
         overwrite: bool = False,
         resume: bool = False,
         model_schedule: Schedule | None = None,
+        tensorboard: str | Path | None = None,
     ) -> None:
         if multiprocessing.current_process().name == WORKER_NAME:
             raise RuntimeError(_unguarded_message(in_worker=True))
@@ -452,6 +464,13 @@ class Monitor:
                 self._resume_after = max(held["steps"]) if held["steps"] else None
         self._model_instances = self.plan.model_instances()
         self._evaluations: list[xr.Dataset] = []
+        self.on_record: list[Callable[[xr.Dataset], Any]] = []
+        self._tensorboard = None
+        if tensorboard is not None:
+            from traindyn.dynamics.tensorboard import TensorBoardWriter
+
+            self._tensorboard = TensorBoardWriter(tensorboard)
+            self.on_record.append(self._tensorboard)
         self._stream = ZarrStream(self.store, store_mode) if self.store is not None else None
         self.seconds_spent = 0.0
         self.seconds_background = 0.0
@@ -524,6 +543,8 @@ class Monitor:
             if self._worker is not None:
                 worker, self._worker = self._worker, None
                 worker.close()
+            if self._tensorboard is not None:
+                self._tensorboard.close()
         if self.netcdf is not None and self._evaluations:
             self.save(self.netcdf, overwrite=self._overwrite)
 
@@ -570,6 +591,7 @@ class Monitor:
         for reply in replies:
             if isinstance(reply, Done):
                 self._evaluations.append(reply.dataset)
+                self._notify(reply.dataset)
                 self.seconds_background += reply.seconds
                 self._seconds_storing_elsewhere += reply.seconds_storing
             elif error is None:
@@ -685,6 +707,11 @@ class Monitor:
         if self._stream is not None:
             self._stream.append(ds)
         self._evaluations.append(ds)
+        self._notify(ds)
+
+    def _notify(self, ds: xr.Dataset) -> None:
+        for listener in self.on_record:
+            listener(ds)
 
     def _background_job(self, evaluator: Evaluator, step: int,
                         feats: Mapping[str, torch.Tensor] | None, extra: Measurement,

@@ -379,6 +379,10 @@ def _overview_panels(ds: xr.Dataset) -> list[tuple[str, list[str]]]:
     if accuracies:
         panels.append(("accuracies", accuracies))
     panels += [(v, [v]) for v in others]
+    # the spectral-geometry probes first (a Zarr store lists variables alphabetically)
+    first = ("rankme", "alpha_req")
+    layered.sort(key=lambda v: next((i for i, f in enumerate(first) if v.startswith(f)),
+                                    len(first)))
     panels += [(v, [v]) for v in layered]
     return panels
 
@@ -791,13 +795,16 @@ def phase_plot(
 # ------------------------------------------------------------------------------ files
 def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 150,
                 close: bool | None = None) -> Path:
-    """Write ``fig`` (PNG, SVG or PDF by the suffix) with a tight bounding box.
+    """Write ``fig`` (PNG, SVG or PDF by the suffix) with a tight bounding box (a figure
+    without a layout engine is laid out with ``tight_layout`` first).
 
     ``close``: close the figure after writing; by default only on a non-interactive backend
     (Agg, in scripts), so that in Jupyter the figure still shows inline.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fig.get_layout_engine() is None:   # a figure made elsewhere, without a layout
+        fig.tight_layout()
     fig.savefig(path, dpi=dpi, bbox_inches="tight", pad_inches=0.05)
     if close is None:
         import matplotlib
@@ -811,8 +818,7 @@ def save_figure(fig: plt.Figure, path: str | Path, dpi: int = 150,
 def checkpoint_series_figures(ds: xr.Dataset, folder: str | Path, stem: str = "analyze"
                               ) -> list[Path]:
     """One PNG per ``(step, layer)`` variable of a checkpoint series (``traindyn analyze``):
-    the metric over log-step, one line per layer; failed steps dotted; plus
-    ``<stem>_overview.png`` (:func:`run_overview`) when the series has several steps.
+    the metric over log-step, one line per layer; failed steps dotted.
 
     A series of one checkpoint is drawn as one point per layer over the layer axis (a step
     axis with one step means nothing); layers whose values are all NaN are left out of the
@@ -852,8 +858,5 @@ def checkpoint_series_figures(ds: xr.Dataset, folder: str | Path, stem: str = "a
             path = folder / f"{stem}_{name}.png"
             save_figure(ax.figure, path, dpi=110, close=True)
         paths.append(path)
-    if int(ok.sum()) > 1:
-        fig = run_overview(ds)
-        paths.append(save_figure(fig, folder / f"{stem}_overview.png", dpi=90, close=True))
     return paths
 

@@ -37,8 +37,8 @@ __all__ = ["build_report", "load_run", "write_report"]
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:24px auto;
 max-width:1500px;padding:0 16px;color:#1b1b1b;line-height:1.4}
-h1{font-size:1.4em;margin-bottom:.2em}h2{font-size:1.15em;margin-top:1.6em;
-border-bottom:1px solid #ddd;padding-bottom:.2em}
+h1{font-size:1.4em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;
+border-bottom:1px solid #ddd;padding-bottom:.2em}h3{font-size:1em;margin:1.1em 0 .3em}
 table{border-collapse:collapse;font-size:.85em;margin:.5em 0}
 th,td{border:1px solid #ddd;padding:3px 7px;text-align:right;vertical-align:top}
 th{background:#f3f5f7}td.name,th.name{text-align:left}
@@ -49,7 +49,7 @@ dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:.9
 dt{font-weight:600}dd{margin:0;white-space:pre-wrap;word-break:break-word}
 """
 
-_FIGURE_DPI = 80
+_FIGURE_DPI = 100
 
 
 def load_run(path: str | Path) -> xr.Dataset:
@@ -97,6 +97,15 @@ def _fmt(value: float) -> str:
     return f"{value:.5g}"
 
 
+def _fmt_pm(mean: float, sem: float | None) -> str:
+    """``mean ± sem`` with the SEM to two significant digits and the mean to the same
+    decimal place (as a measurement is written)."""
+    if sem is None or not math.isfinite(sem) or sem <= 0 or not math.isfinite(mean):
+        return _fmt(mean)
+    decimals = max(0, 1 - math.floor(math.log10(sem)))
+    return f"{mean:.{decimals}f} ± {sem:.{decimals}f}"
+
+
 def _per_layer_vars(ds: xr.Dataset) -> list[str]:
     return [str(n) for n, da in ds.data_vars.items()
             if "layer" in da.dims and "step" in da.dims and da.dtype.kind in "fiub"
@@ -131,17 +140,19 @@ class _Reasons:
         return self.keys.setdefault(reason, len(self.keys) + 1)
 
 
-def _note(ds: xr.Dataset, i: int, layer: Any | None) -> str:
-    """Why a value at step index ``i`` (and ``layer``) is NaN, from the run's notes."""
+def _note(ds: xr.Dataset, i: int, layer: Any | None, name: str) -> str:
+    """Why ``name`` at step index ``i`` (and ``layer``) is NaN, from the run's notes; without
+    a note, the variable's own definition (some are NaN by definition, e.g. a tail exponent
+    without a tail)."""
     if layer is not None and "layer_notes" in ds:
         text = str(ds["layer_notes"].isel(step=i).sel(layer=layer).values)
         if text:
             return text
-    if "notes" in ds and ds["notes"].dims == ("step",):
-        text = str(ds["notes"].values[i])
-        if text:
-            return text
-    return "no reason recorded in the run (the probe gave NaN without a stored warning)"
+    elif "notes" in ds and ds["notes"].dims == ("step",) and str(ds["notes"].values[i]):
+        return str(ds["notes"].values[i])
+    long_name = ds[name].attrs.get("long_name")
+    return ("no warning was recorded for it" + (f"; the variable is defined as: {long_name}"
+                                                if long_name else ""))
 
 
 def _layer_table(ds: xr.Dataset, i: int, reasons: _Reasons) -> str:
@@ -162,11 +173,10 @@ def _layer_table(ds: xr.Dataset, i: int, reasons: _Reasons) -> str:
             mean, sem, n_seeds = _value(da.sel(layer=layer))
             seeded = seeded or n_seeds > 1
             if math.isnan(mean):
-                k = reasons.key(_note(ds, i, layer))
+                k = reasons.key(_note(ds, i, layer, name))
                 cells.append(f'<td class="nan">NaN <a href="#nan-{k}">[{k}]</a></td>')
             else:
-                text = _fmt(mean) + (f" ± {_fmt(sem)}" if sem is not None else "")
-                cells.append(f"<td>{_esc(text)}</td>")
+                cells.append(f"<td>{_esc(_fmt_pm(mean, sem))}</td>")
         rows.append(f'<tr><td class="name"><code>{_esc(name)}</code></td>'
                     f'<td class="name">{label}</td><td>{_esc(units)}</td>{"".join(cells)}</tr>')
     note = ('<p class="muted">Values: mean ± SEM over seeds (standard error of the mean, '
@@ -184,10 +194,10 @@ def _scalar_table(ds: xr.Dataset, i: int, reasons: _Reasons) -> str:
         da = ds[name].isel(step=i)
         mean, sem, _ = _value(da)
         if math.isnan(mean):
-            k = reasons.key(_note(ds, i, None))
+            k = reasons.key(_note(ds, i, None, name))
             cell = f'<td class="nan">NaN <a href="#nan-{k}">[{k}]</a></td>'
         else:
-            cell = f"<td>{_esc(_fmt(mean) + (f' ± {_fmt(sem)}' if sem is not None else ''))}</td>"
+            cell = f"<td>{_esc(_fmt_pm(mean, sem))}</td>"
         rows.append(f'<tr><td class="name"><code>{_esc(name)}</code></td><td class="name">'
                     f'{_esc(da.attrs.get("long_name", name))}</td>'
                     f'<td>{_esc(da.attrs.get("units", ""))}</td>{cell}</tr>')
@@ -209,16 +219,23 @@ def _all_reasons(ds: xr.Dataset, reasons: _Reasons) -> str:
         for s, text in zip(steps, ds["reason"].values, strict=True):
             if str(text):
                 where.setdefault(f"checkpoint failed: {text}", []).append(str(int(s)))
-    if "notes" in ds and ds["notes"].dims == ("step",):
-        for s, text in zip(steps, ds["notes"].values, strict=True):
-            if str(text):
-                where.setdefault(str(text), []).append(str(int(s)))
-    if "layer_notes" in ds and set(ds["layer_notes"].dims) == {"step", "layer"}:
+    layered = "layer_notes" in ds and set(ds["layer_notes"].dims) == {"step", "layer"}
+    if layered:
         notes = ds["layer_notes"].transpose("step", "layer").values
         for a, s in enumerate(steps):
             for b, layer in enumerate(ds["layer"].values):
                 if str(notes[a, b]):
                     where.setdefault(str(notes[a, b]), []).append(f"{int(s)}/{layer}")
+    if "notes" in ds and ds["notes"].dims == ("step",):
+        for a, (s, text) in enumerate(zip(steps, ds["notes"].values, strict=True)):
+            text = str(text)
+            # a step's notes join its layers' notes: list only what no layer note holds
+            if layered:
+                for note in filter(None, (str(n) for n in notes[a])):
+                    text = text.replace(note, "")
+                text = text.strip("; ")
+            if text:
+                where.setdefault(text, []).append(str(int(s)))
     if where:
         rows = "".join(f'<tr><td class="text">{_esc(text)}</td><td class="text">'
                        f'{_esc(_compact(places))}</td></tr>' for text, places in where.items())
@@ -238,13 +255,18 @@ def _compact(places: Sequence[str], limit: int = 60) -> str:
 def _provenance(ds: xr.Dataset) -> str:
     items = []
     for key, value in ds.attrs.items():
-        text = str(value)
-        if isinstance(value, str) and text[:1] in "{[":
+        text = _esc(value)
+        if isinstance(value, str) and value[:1] == "{":
             try:
-                text = json.dumps(json.loads(text), indent=1, sort_keys=True)
+                parsed = json.loads(value)
             except ValueError:
-                pass
-        items.append(f"<dt>{_esc(key)}</dt><dd>{_esc(text)}</dd>")
+                parsed = None
+            if isinstance(parsed, dict):   # a JSON object (parameters, versions): a table
+                rows = "".join(f'<tr><td class="name">{_esc(k)}</td><td class="text">'
+                               f"{_esc(json.dumps(v))}</td></tr>"
+                               for k, v in sorted(parsed.items()))
+                text = f"<table>{rows}</table>"
+        items.append(f"<dt>{_esc(key)}</dt><dd>{text}</dd>")
     out = f"<h3>Attributes</h3><dl>{''.join(items)}</dl>" if items else ""
     sources: dict[str, list[str]] = {}
     for name, da in ds.data_vars.items():
@@ -261,7 +283,8 @@ def _provenance(ds: xr.Dataset) -> str:
         head = "".join(f'<th class="name">{_esc(n)}</th>' for n in per_step)
         rows = "".join(
             f"<tr><td>{int(s)}</td>" + "".join(
-                f'<td class="name"><code>{_esc(ds[n].values[i])}</code></td>' for n in per_step)
+                f'<td class="name"><code>{_esc(ds[n].values[i]) or "–"}</code></td>'
+                for n in per_step)
             + "</tr>" for i, s in enumerate(ds["step"].values))
         out += f"<h3>Checkpoints</h3><table><tr><th>step</th>{head}</tr>{rows}</table>"
     return out or '<p class="muted">The run carries no provenance attributes.</p>'

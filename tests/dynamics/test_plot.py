@@ -329,3 +329,24 @@ def test_phase_plot_marks_the_detected_phases():
     assert len(texts) == len(drawn)
     assert all(t.split(" (")[0].replace("-", "_") in drawn for t in texts)
     plt.close(ax.figure)
+
+
+def test_spectrum_of_eigenvalues_in_a_dataset():
+    """A Dataset of eigenvalues over (step, layer, mode): the chosen one is drawn, the
+    histogram integrates to 1, and without a ratio no Marchenko-Pastur curve is claimed."""
+    rng = np.random.default_rng(0)
+    lam = np.sort(rng.pareto(2.0, size=(2, 2, 400)) + 1.0, axis=-1)
+    ds = xr.Dataset({"eigenvalue": (("step", "layer", "mode"), lam,
+                                    {"long_name": "feature covariance eigenvalue"})},
+                    coords={"step": [0, 5], "layer": ["a", "b"]})
+    ax = plot.spectrum(ds, layer="a", step=5, bins=30)
+    chosen = lam[1, 0]
+    edges = np.geomspace(chosen.min(), chosen.max() * (1 + 1e-9), 31)
+    heights = np.histogram(chosen, edges)[0] / (chosen.size * np.diff(edges))
+    drawn = ax.patches[0].get_path().vertices[:, 1]
+    assert np.isclose(drawn.max(), heights.max(), rtol=1e-12)
+    assert ax.get_title() == "feature covariance eigenvalue"
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert not any("Marchenko" in t for t in labels)
+    assert any(t.startswith("power-law tail α =") for t in labels)
+    plt.close(ax.figure)

@@ -130,7 +130,7 @@ def test_report_of_an_analyze_run(analyzed, tmp_path):
     for digest in ds["checkpoint_hash"].values:
         assert str(digest) in text
     assert "Garrido" in text                         # rankme's source paper
-    assert '"learning_rate": 0.5' in text            # the parameters, pretty-printed
+    assert re.search(r'<td class="name">learning_rate</td><td class="text">0.5</td>', page)
     assert len(parsed.images) == 1                   # the overview (no phase plot: 3 steps
     # of which alpha-ReQ is finite only at the hidden layers, the last layer is NaN)
 
@@ -190,7 +190,8 @@ def test_report_of_a_seeded_run_gives_mean_and_sem(tmp_path):
     page = build_report(ds)
     last = values[:, -1, 0]
     mean, sem = last.mean(), last.std(ddof=1) / 2.0
-    assert f"{mean:.5g} ± {sem:.5g}" in html.unescape(page)
+    decimals = 1 - int(np.floor(np.log10(sem)))      # the SEM to two significant digits
+    assert f"{mean:.{decimals}f} ± {sem:.{decimals}f}" in html.unescape(page)
     assert "mean ± SEM over seeds" in html.unescape(page)
 
 
@@ -200,3 +201,18 @@ def test_write_report_of_a_dataset_needs_an_output(tmp_path):
     with pytest.raises(ValueError, match="output="):
         write_report(xr.Dataset(coords={"step": [0]}))
     assert Path(write_report(xr.Dataset(coords={"step": [0]}), tmp_path / "a.html")).is_file()
+
+
+def test_analyze_report_flag_writes_the_page_beside_the_output(analyzed, tmp_path):
+    path, ds = analyzed
+    folder = path.parent
+    output = tmp_path / "again.nc"
+    code = cli_main(["analyze", str(folder / "ckpt"), "--model", f"{folder / 'fac.py'}:make_mlp",
+                     "--layers", "0,2,4", "--probes", "rankme", "--n-samples", "200",
+                     "--output", str(output), "--no-progress", "--no-figures", "--report"])
+    assert code == 1    # the unreadable checkpoint
+    page = (tmp_path / "again.html").read_text()
+    parsed = _parse(page)
+    _self_contained(parsed, page)
+    text = html.unescape("".join(parsed.text))
+    assert f"{float(ds['rankme'].sel(step=100, layer='2')):.5g}" in text
