@@ -266,10 +266,10 @@ def _labels(n: int = 90) -> torch.Tensor:
 
 @pytest.mark.parametrize("background", [False, "thread"])
 def test_monitor_with_classifier_gives_nc3_nc4_and_classifier_variants(background):
-    """Without a way to name the classifier, the Monitor left NC3, NC4 and the three
-    classifier variants NaN.  With probe_kwargs {"neural_collapse": {"classifier": "4"}} all
-    ten variables equal the float64 reference; layer "1" (16 wide, the classifier takes 12)
-    gets NC4 and NaN, with a warning, for the metrics comparing its means with the rows."""
+    """With probe_kwargs {"neural_collapse": {"classifier": "4"}} the Monitor gives NC3, NC4
+    and the three classifier variants too: all ten variables equal the float64 reference;
+    layer "1" (16 wide, the classifier takes 12) gets NC4, and NaN with a warning for the
+    metrics comparing its means with the classifier's rows."""
     from traindyn.dynamics.monitor import Monitor
     from traindyn.dynamics.schedules import linear
     from traindyn.probes.collapse import collapse_with_classifier
@@ -292,7 +292,7 @@ def test_monitor_with_classifier_gives_nc3_nc4_and_classifier_variants(backgroun
 
 def test_analyze_cli_with_classifier_gives_nc3_nc4(tmp_path):
     """``traindyn analyze --classifier net.4``: NC3, NC4 and the classifier variants of the
-    checkpoint equal the float64 reference (before: always NaN)."""
+    checkpoint equal the float64 reference."""
     import xarray as xr
     from traindyn.dynamics.cli_analyze import main
 
@@ -363,7 +363,7 @@ def test_a_classifier_that_is_not_there_is_a_clear_error():
 
 
 def test_string_labels_are_mapped_to_sorted_indices_or_refused_with_a_classifier(rng):
-    """Class names (a raw torch error before): without a classifier they are mapped to
+    """Class names: without a classifier they are mapped to
     0 … C−1 in sorted order — the same numbers as those integer labels, names recorded;
     with a weight they are a TypeError (a name does not say which row is its class)."""
     h, y, W, _ = blobs(rng)

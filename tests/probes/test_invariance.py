@@ -278,9 +278,9 @@ def _assert_same_state(net: nn.Module, before: tuple[dict, list]) -> None:
 
 
 def test_invariance_scores_run_in_eval_mode_and_restore_the_model():
-    """Through Dropout in train mode an identity transform scored ~0.7 and each call moved
-    BatchNorm's running statistics.  Now: identity → distance exactly 0, CKA 1, equivariance
-    error 0; a real transform's distance equals the Speicher et al. formula on the outputs of
+    """A model in train mode (Dropout, BatchNorm) is measured in eval mode: the identity
+    transform gives distance exactly 0, CKA 1, equivariance error 0 (Dropout noise would give
+    about 0.7); a real transform's distance equals the Speicher et al. formula on the outputs of
     a plain eval-mode forward pass of a copy; state and per-module flags restored."""
     import copy
 
@@ -341,11 +341,10 @@ class _Detached(nn.Module):
 
 
 def test_a_layer_no_tangent_reaches_is_nan_with_a_warning_not_zero():
-    """Through ``detach()`` the Lie derivative used to read exactly 0 ("perfectly
-    equivariant"; the true value, by finite differences, is far from 0).  Now that layer is
-    NaN with a warning naming it; the layer before the detach keeps its value (central
-    difference reference).  A transformation written in numpy carries no tangent at all:
-    every layer NaN, and the warning says why."""
+    """Through ``detach()`` no tangent reaches a layer, whose true derivative (finite
+    differences) is far from 0: that layer is NaN with a warning naming it, not 0; the layer
+    before the detach keeps its value (central difference reference).  A transformation
+    written in numpy carries no tangent at all: every layer NaN, and the warning says why."""
     model = _Detached()
     x = torch.randn(12, 1, N, dtype=F64, generator=torch.Generator().manual_seed(5))
     with pytest.warns(RuntimeWarning, match=r"no tangent reached layers \['b'\]"):

@@ -704,9 +704,8 @@ def test_returned_output_layer_is_recognised_from_the_recording(monkeypatch):
 # ----------------------------------------------------------------- inputs the model cannot take
 @pytest.mark.parametrize("case", ["int", "bool", "1-D", "width", "x2 width"])
 def test_inputs_the_model_cannot_take_are_a_clear_value_error(case):
-    """Integer, boolean, 1-D or wrong-width inputs used to fail deep inside torch ("mat1 and mat2
-    must have the same dtype"); now a ValueError names the input's shape and dtype and what the
-    first layer takes."""
+    """Integer, boolean, 1-D or wrong-width inputs: a ValueError names the input's shape and
+    dtype and what the first layer takes (not a torch error from inside the Jacobian code)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     x = torch.randn(6, 5)

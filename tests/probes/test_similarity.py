@@ -272,8 +272,7 @@ SCALES = [1e-150, 1e-40, 1e-4, 1e4, 1e38, 1e150]
 def test_cka_is_scale_invariant_in_floating_point(c):
     """CKA(c·X, Y) = CKA(X, Y) to 1e-12 for c from 1e-150 to 1e150: the references are the
     float64 formulas (Kornblith et al. 2019, Eq. 5; Song et al. 2012, Eq. 5) on the unscaled
-    X, where nothing overflows.  (A layer 1e4 times larger than another used to be called
-    constant, features at 1e38 gave 0.)"""
+    X, where nothing overflows."""
     x, y = _pair_xy()
     assert sim.linear_cka(c * x, y) == pytest.approx(ref_linear_cka(x, y), rel=1e-12)
     assert sim.linear_cka(c * x, c * y) == pytest.approx(ref_linear_cka(x, y), rel=1e-12)
@@ -324,7 +323,7 @@ def test_minibatch_merge_of_accumulators_that_started_at_different_scales():
 
 def test_debiased_cka_with_a_large_offset_keeps_its_accuracy():
     """The unbiased HSIC is invariant to shifting the features; centring before it keeps that
-    true in floating point (offset 3e3 used to cost 16 %; pixels at 255 a few per cent)."""
+    true in floating point (without centring, an offset of 3e3 costs about 16 %)."""
     x, y = _pair_xy(60)
     want = ref_debiased_cka(x - x.mean(0), y - y.mean(0))
     for offset in (255.0, 3e3, 1e6):

@@ -97,7 +97,7 @@ def test_bad_arguments_are_refused():
 
 @pytest.mark.parametrize("alpha", [0.5, 2.0])
 def test_a_scalar_time_gives_a_scalar_prediction(alpha):
-    """advani_saxe(3.0, α) used to crash inside xarray.  A scalar time gives 0-d variables with
+    """advani_saxe(3.0, α): a scalar time gives 0-d variables with
     a 0-d ``time`` coordinate; the value is the test error of Advani & Saxe (2017) integrated
     with scipy.integrate.quad over the Marchenko–Pastur density (plus the frozen atom), and
     equals the same time taken from an array."""
