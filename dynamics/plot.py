@@ -289,7 +289,7 @@ def metric_over_steps(
             if half is not None:
                 lo, hi = np.asarray(mean - half, float), np.asarray(mean + half, float)
                 ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, lw=0)
-            _overlay_theory(ax, theory, ds, var, x, cat, c, colour)
+            _overlay_theory(ax, theory, var, x, cat, c, colour)
         for s in _failed_x(ds, x):
             ax.axvline(s, color="0.55", ls=":", lw=1)
         ax.set_xlabel(axis_label(ds[x] if x in ds.coords else None, x))
@@ -333,8 +333,9 @@ def _category_dim(da: xr.DataArray) -> str | None:
     return rest[0] if len(rest) == 1 else None
 
 
-def _overlay_theory(ax: plt.Axes, theory: xr.Dataset | None, ds: xr.Dataset, var: str, x: str,
+def _overlay_theory(ax: plt.Axes, theory: xr.Dataset | None, var: str, x: str,
                     cat: str | None, c: Any, colour: str) -> None:
+    """``theory[var]`` (of category ``c``) as a dashed line, when it lies on ``x`` alone."""
     if theory is None or var not in theory:
         return
     th = theory[var]
