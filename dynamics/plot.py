@@ -32,6 +32,7 @@ a core dependency of traindyn; a notebook that uses it lists it in the ``noteboo
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 from matplotlib import colors as mcolors
+from matplotlib.figure import Figure
 
 __all__ = [
     "BANDS",
@@ -352,6 +354,24 @@ def _overlay_theory(ax: plt.Axes, theory: xr.Dataset | None, var: str, x: str,
 
 
 # ------------------------------------------------------------------------------ overview
+class OverviewFigure(Figure):
+    """A matplotlib ``Figure`` that IPython displays once.
+
+    In Jupyter the inline backend shows every open pyplot figure when a cell ends; a figure
+    that is also the cell's value would be shown a second time.  This figure displays itself
+    as a PNG and leaves pyplot (``plt.close``), so whichever comes first, the cell's value or
+    the end of the cell, shows it and the other finds nothing to show.  It stays a complete
+    figure: ``save_figure`` and ``savefig`` work after that."""
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import Image, display
+
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", bbox_inches="tight")
+        display(Image(buffer.getvalue()))
+        plt.close(self)
+
+
 def _numeric(da: xr.DataArray) -> bool:
     return da.dtype.kind in "fiu" and "step" in da.dims
 
@@ -469,7 +489,7 @@ def run_overview(
     nrows = math.ceil(n / ncols)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.3 * nrows + 0.6),
-                                 layout="constrained", squeeze=False)
+                                 layout="constrained", squeeze=False, FigureClass=OverviewFigure)
         key: dict[str, Any] = {}    # the figure legend: one entry per category and style
         spread = ""
         for ax, (name, names) in zip(axes.flat, panels, strict=False):
