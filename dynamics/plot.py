@@ -47,6 +47,7 @@ from matplotlib.figure import Figure
 
 __all__ = [
     "BANDS",
+    "OverviewFigure",
     "PALETTE",
     "STYLE",
     "axis_label",
