@@ -237,3 +237,26 @@ def test_report_tables_any_category_dimension(tmp_path):
     decimals = 1 - int(np.floor(np.log10(sem / 10.0**exp)))
     assert (f"({mean / 10.0**exp:.{decimals}f} ± {sem / 10.0**exp:.{decimals}f})e{exp:+03d}"
             in page)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(analyzed, tmp_path):
+    """The page, opened offline in a real browser (scripts/report_screenshot.py), renders: a
+    screenshot of the window size with content (not a blank page)."""
+    import importlib.util
+    import shutil
+
+    if not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location(
+        "report_screenshot", Path(__file__).resolve().parents[2] / "scripts"
+        / "report_screenshot.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    page = write_report(analyzed[0], tmp_path / "r.html")
+    png = tool.screenshot(page, tmp_path / "r.png", width=1000, height=1500)
+    image = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert image.shape == (1500, 1000)
+    assert image.std() > 10          # text, tables and the figure, not an empty page
