@@ -32,6 +32,7 @@ a core dependency of traindyn; a notebook that uses it lists it in the ``noteboo
 
 from __future__ import annotations
 
+import io
 import math
 import textwrap
 from collections.abc import Sequence
@@ -42,9 +43,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import xarray as xr
 from matplotlib import colors as mcolors
+from matplotlib.figure import Figure
 
 __all__ = [
     "BANDS",
+    "OverviewFigure",
     "PALETTE",
     "STYLE",
     "axis_label",
@@ -289,7 +292,7 @@ def metric_over_steps(
             if half is not None:
                 lo, hi = np.asarray(mean - half, float), np.asarray(mean + half, float)
                 ax.fill_between(xs, lo, hi, color=colour, alpha=0.2, lw=0)
-            _overlay_theory(ax, theory, ds, var, x, cat, c, colour)
+            _overlay_theory(ax, theory, var, x, cat, c, colour)
         for s in _failed_x(ds, x):
             ax.axvline(s, color="0.55", ls=":", lw=1)
         ax.set_xlabel(axis_label(ds[x] if x in ds.coords else None, x))
@@ -333,8 +336,9 @@ def _category_dim(da: xr.DataArray) -> str | None:
     return rest[0] if len(rest) == 1 else None
 
 
-def _overlay_theory(ax: plt.Axes, theory: xr.Dataset | None, ds: xr.Dataset, var: str, x: str,
+def _overlay_theory(ax: plt.Axes, theory: xr.Dataset | None, var: str, x: str,
                     cat: str | None, c: Any, colour: str) -> None:
+    """``theory[var]`` (of category ``c``) as a dashed line, when it lies on ``x`` alone."""
     if theory is None or var not in theory:
         return
     th = theory[var]
@@ -351,6 +355,24 @@ def _overlay_theory(ax: plt.Axes, theory: xr.Dataset | None, ds: xr.Dataset, var
 
 
 # ------------------------------------------------------------------------------ overview
+class OverviewFigure(Figure):
+    """A matplotlib ``Figure`` that IPython displays once.
+
+    In Jupyter the inline backend shows every open pyplot figure when a cell ends; a figure
+    that is also the cell's value would be shown a second time.  This figure displays itself
+    as a PNG and leaves pyplot (``plt.close``), so whichever comes first, the cell's value or
+    the end of the cell, shows it and the other finds nothing to show.  It stays a complete
+    figure: ``save_figure`` and ``savefig`` work after that."""
+
+    def _ipython_display_(self) -> None:
+        from IPython.display import Image, display
+
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", bbox_inches="tight")
+        display(Image(buffer.getvalue()))
+        plt.close(self)
+
+
 def _numeric(da: xr.DataArray) -> bool:
     return da.dtype.kind in "fiu" and "step" in da.dims
 
@@ -468,7 +490,7 @@ def run_overview(
     nrows = math.ceil(n / ncols)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.3 * nrows + 0.6),
-                                 layout="constrained", squeeze=False)
+                                 layout="constrained", squeeze=False, FigureClass=OverviewFigure)
         key: dict[str, Any] = {}    # the figure legend: one entry per category and style
         spread = ""
         for ax, (name, names) in zip(axes.flat, panels, strict=False):

@@ -103,13 +103,26 @@ def _fmt_pm(mean: float, sem: float | None) -> str:
     if sem is None or not math.isfinite(sem) or sem <= 0 or not math.isfinite(mean):
         return _fmt(mean)
     decimals = max(0, 1 - math.floor(math.log10(sem)))
-    return f"{mean:.{decimals}f} ± {sem:.{decimals}f}"
+    if decimals <= 5:
+        return f"{mean:.{decimals}f} ± {sem:.{decimals}f}"
+    exp = math.floor(math.log10(abs(mean) if mean != 0 else sem))   # tiny values: (m ± s)e±x
+    m, e = mean / 10.0**exp, sem / 10.0**exp
+    decimals = max(0, 1 - math.floor(math.log10(e)))
+    return f"({m:.{decimals}f} ± {e:.{decimals}f})e{exp:+03d}"
 
 
-def _per_layer_vars(ds: xr.Dataset) -> list[str]:
+def _category_vars(ds: xr.Dataset, dim: str) -> list[str]:
+    """Numeric variables over ``step`` and ``dim`` (and perhaps ``seed``)."""
     return [str(n) for n, da in ds.data_vars.items()
-            if "layer" in da.dims and "step" in da.dims and da.dtype.kind in "fiub"
-            and set(da.dims) <= {"step", "layer", "seed"}]
+            if dim in da.dims and "step" in da.dims and da.dtype.kind in "fiub"
+            and set(da.dims) <= {"step", dim, "seed"}]
+
+
+def _category_dims(ds: xr.Dataset) -> list[str]:
+    """``layer`` first, then every other dimension that numeric step variables run over."""
+    dims = {d for da in ds.data_vars.values() if "step" in da.dims and da.dtype.kind in "fiub"
+            for d in da.dims if d not in ("step", "seed")}
+    return sorted(dims, key=lambda d: (d != "layer", d))
 
 
 def _scalar_vars(ds: xr.Dataset) -> list[str]:
@@ -155,12 +168,14 @@ def _note(ds: xr.Dataset, i: int, layer: Any | None, name: str) -> str:
                                                 if long_name else ""))
 
 
-def _layer_table(ds: xr.Dataset, i: int, reasons: _Reasons) -> str:
-    names = _per_layer_vars(ds)
+def _layer_table(ds: xr.Dataset, i: int, reasons: _Reasons, dim: str = "layer") -> str:
+    """One row per variable over ``dim``, one column per entry of ``dim`` (layers)."""
+    names = _category_vars(ds, dim)
     if not names:
-        return '<p class="muted">No per-layer variables.</p>'
-    layers = list(ds["layer"].values)
-    head = "".join(f"<th>{_esc(layer)}</th>" for layer in layers)
+        return f'<p class="muted">No per-{_esc(dim)} variables.</p>'
+    layers = list(ds[dim].values)
+    head = "".join(f"<th>{_esc(layer if dim == 'layer' else f'{dim} = {layer}')}</th>"
+                   for layer in layers)
     rows = []
     seeded = False
     for name in names:
@@ -170,10 +185,10 @@ def _layer_table(ds: xr.Dataset, i: int, reasons: _Reasons) -> str:
         units = attrs.get("units", "")
         cells = []
         for layer in layers:
-            mean, sem, n_seeds = _value(da.sel(layer=layer))
+            mean, sem, n_seeds = _value(da.sel({dim: layer}))
             seeded = seeded or n_seeds > 1
             if math.isnan(mean):
-                k = reasons.key(_note(ds, i, layer, name))
+                k = reasons.key(_note(ds, i, layer if dim == "layer" else None, name))
                 cells.append(f'<td class="nan">NaN <a href="#nan-{k}">[{k}]</a></td>')
             else:
                 cells.append(f"<td>{_esc(_fmt_pm(mean, sem))}</td>")
@@ -343,8 +358,9 @@ def build_report(ds: xr.Dataset, title: str | None = None, theory: xr.Dataset | 
         time = (f", time = learning rate × step = {float(ds['time'].values[i]):.5g}"
                 if "time" in ds.coords else "")
         tables = (f"<h2>Last evaluation: step {step}{_esc(time)}</h2>"
-                  f"<h3>Per layer</h3>{_layer_table(ds, i, reasons)}"
-                  f"<h3>Step scalars</h3>{_scalar_table(ds, i, reasons)}")
+                  + "".join(f"<h3>Per {_esc(dim)}</h3>{_layer_table(ds, i, reasons, dim)}"
+                            for dim in (_category_dims(ds) or ["layer"]))
+                  + f"<h3>Step scalars</h3>{_scalar_table(ds, i, reasons)}")
     made = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -69,7 +69,8 @@ def image_outputs(nb: Any) -> int:
                if cell["cell_type"] == "code" for out in cell.get("outputs", []))
 
 
-_SETUP = ('%config InlineBackend.figure_formats = ["png"]\n'
+_SETUP = ('%matplotlib inline\n'
+          '%config InlineBackend.figure_formats = ["png"]\n'
           '%config InlineBackend.rc = {{"figure.dpi": {dpi}}}\n')
 
 
@@ -89,13 +90,17 @@ def execute(path: str | Path, out_dir: str | Path | None = None, timeout: int = 
     nb = nbformat.read(path, as_version=4)
     out_dir = Path(out_dir) if out_dir is not None else ROOT / "runs" / "notebooks" / path.stem
     out_dir.mkdir(parents=True, exist_ok=True)
-    env = {"MPLBACKEND": "module://matplotlib_inline.backend_inline",  # as in Jupyter
+    env = {"MPLBACKEND": None,   # no backend forced from outside: ipykernel's, as in Jupyter
            "TRAINDYN_NOTEBOOK_OUT": str(out_dir),
            "TRAINDYN_NOTEBOOK_SMALL": "1" if small else "0",
            "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get(
                "PYTHONPATH")])])}
     saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     # the inline backend's figure format and resolution, in a cell that is not saved
     setup = nbformat.v4.new_code_cell(_SETUP.format(dpi=int(dpi)))
     nb.cells.insert(0, setup)

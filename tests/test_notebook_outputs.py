@@ -82,6 +82,7 @@ def executed(tmp_path_factory):
             "                coords={'step': [0, 1, 10], 'layer': ['a', 'b']})"),
         nbformat.v4.new_code_cell("fig = plot.run_overview(ds)"),
         nbformat.v4.new_code_cell("import matplotlib\nprint(matplotlib.get_backend())"),
+        nbformat.v4.new_code_cell("plot.run_overview(ds)"),   # the cell's value: shown once
     ]
     nbformat.write(nb, path)
     tool = _tool()
@@ -96,8 +97,10 @@ def test_executed_notebook_has_inline_png_and_a_fresh_hash(executed):
     tool, path = executed
     nb = nbformat.read(path, as_version=4)
     assert [c.source for c in nb.cells][0] == "# A run"   # the setup cell is not saved
-    assert len(nb.cells) == 4
-    assert tool.image_outputs(nb) == 1
+    assert len(nb.cells) == 5
+    assert tool.image_outputs(nb) == 2                    # one per figure, none twice
+    assert [sum("image/png" in o.get("data", {}) for o in c.outputs)
+            for c in nb.cells[1:]] == [0, 1, 0, 1]
     png = nb.cells[2].outputs[0]["data"]["image/png"]
     import base64
 

@@ -216,3 +216,47 @@ def test_analyze_report_flag_writes_the_page_beside_the_output(analyzed, tmp_pat
     _self_contained(parsed, page)
     text = html.unescape("".join(parsed.text))
     assert f"{float(ds['rankme'].sel(step=100, layer='2')):.5g}" in text
+
+
+def test_report_tables_any_category_dimension(tmp_path):
+    """A recipe run over (load_ratio, seed, step): one table per load ratio column, with mean ±
+    SEM; tiny values in powers of ten; the theory Dataset drawn in the overview."""
+    import xarray as xr
+
+    rng = np.random.default_rng(2)
+    err = 1e-8 * (1 + rng.random((2, 5, 3)))
+    ds = xr.Dataset({"train_error": (("load_ratio", "seed", "step"), err,
+                                     {"long_name": "training error", "units": "1"})},
+                    coords={"load_ratio": [0.5, 2.0], "seed": np.arange(5),
+                            "step": [0, 10, 100]})
+    page = html.unescape(build_report(ds))
+    assert "Per load_ratio" in page and "load_ratio = 2.0" in page
+    last = err[1, :, -1]
+    mean, sem = last.mean(), last.std(ddof=1) / np.sqrt(5)
+    exp = int(np.floor(np.log10(mean)))
+    decimals = 1 - int(np.floor(np.log10(sem / 10.0**exp)))
+    assert (f"({mean / 10.0**exp:.{decimals}f} ± {sem / 10.0**exp:.{decimals}f})e{exp:+03d}"
+            in page)
+
+
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(analyzed, tmp_path):
+    """The page, opened offline in a real browser (scripts/report_screenshot.py), renders: a
+    screenshot of the window size with content (not a blank page)."""
+    import importlib.util
+    import shutil
+
+    if not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location(
+        "report_screenshot", Path(__file__).resolve().parents[2] / "scripts"
+        / "report_screenshot.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    page = write_report(analyzed[0], tmp_path / "r.html")
+    png = tool.screenshot(page, tmp_path / "r.png", width=1000, height=1500)
+    image = np.asarray(Image.open(png).convert("L"), dtype=float)
+    assert image.shape == (1500, 1000)
+    assert image.std() > 10          # text, tables and the figure, not an empty page
