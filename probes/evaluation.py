@@ -151,11 +151,19 @@ def _nan_variables(values: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _third_party(probe: Probe) -> bool:
+    """Whether ``probe``'s functions come from outside traindyn (traindyn's own probes say
+    why their values are NaN themselves, and their tests check it)."""
+    fn = probe.fn or probe.from_accumulator or probe.factory
+    fn = getattr(fn, "func", fn)   # a functools.partial
+    return not str(getattr(fn, "__module__", "") or "").startswith("traindyn.")
+
+
 def _note_silent_nan(probe: Probe, values: Mapping[str, Any], warned: bool,
                      layer: str | None = None) -> None:
-    """Warn (into the evaluation's notes) when ``probe`` returned NaN without a warning of its
-    own, naming the probe, the variables and the layer."""
-    if warned:
+    """Warn (into the evaluation's notes) when a third-party ``probe`` returned NaN without a
+    warning of its own, naming the probe, the variables and the layer."""
+    if warned or not _third_party(probe):
         return
     nan = _nan_variables(values)
     if nan:
@@ -438,8 +446,8 @@ class ProbePlan:
                 computed: Mapping[str, list[tuple[Probe, Any, bool]]],
                 early: Mapping[str, list[str]], notes: _Notes) -> None:
         """Read every pending result in one copy per device, finish and file them by layer
-        (with the warnings raised while each layer was computed; a probe that returned NaN
-        without a warning of its own gets a note naming it)."""
+        (with the warnings raised while each layer was computed; a third-party probe that
+        returned NaN without a warning of its own gets a note naming it)."""
         pending = [p for layer in self.layers for _, r, _ in computed[layer]
                    for p in answer_pendings(r)]
         hosts = iter(fetch(pending))
