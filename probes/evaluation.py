@@ -151,11 +151,19 @@ def _nan_variables(values: Mapping[str, Any]) -> list[str]:
     return out
 
 
+def _third_party(probe: Probe) -> bool:
+    """Whether ``probe``'s functions come from outside traindyn (traindyn's own probes say
+    why their values are NaN themselves, and their tests check it)."""
+    fn = probe.fn or probe.from_accumulator or probe.factory
+    fn = getattr(fn, "func", fn)   # a functools.partial
+    return not str(getattr(fn, "__module__", "") or "").startswith("traindyn.")
+
+
 def _note_silent_nan(probe: Probe, values: Mapping[str, Any], warned: bool,
                      layer: str | None = None) -> None:
-    """Warn (into the evaluation's notes) when ``probe`` returned NaN without a warning of its
-    own, naming the probe, the variables and the layer."""
-    if warned:
+    """Warn (into the evaluation's notes) when a third-party ``probe`` returned NaN without a
+    warning of its own, naming the probe, the variables and the layer."""
+    if warned or not _third_party(probe):
         return
     nan = _nan_variables(values)
     if nan:
@@ -438,8 +446,8 @@ class ProbePlan:
                 computed: Mapping[str, list[tuple[Probe, Any, bool]]],
                 early: Mapping[str, list[str]], notes: _Notes) -> None:
         """Read every pending result in one copy per device, finish and file them by layer
-        (with the warnings raised while each layer was computed; a probe that returned NaN
-        without a warning of its own gets a note naming it)."""
+        (with the warnings raised while each layer was computed; a third-party probe that
+        returned NaN without a warning of its own gets a note naming it)."""
         pending = [p for layer in self.layers for _, r, _ in computed[layer]
                    for p in answer_pendings(r)]
         hosts = iter(fetch(pending))
@@ -578,6 +586,36 @@ def _forward(model: torch.nn.Module, batch: Any) -> None:
         model(batch)
 
 
+def _measure(plan: ProbePlan, model: torch.nn.Module, batches: list[Any], labels: list[Any],
+             masks: list[Any], reduce: str, targets: Any, model_inputs: Any,
+             instances: Mapping[str, Callable[..., Any]] | None) -> Measurement:
+    """The forward pass and every probe of :func:`evaluate` (the model in eval mode)."""
+    from traindyn.probes.capture import capture
+
+    out = Measurement()
+    if plan.has_layer_probes:
+        state = plan.start()
+        current: dict[str, Any] = {}
+
+        def sink(layer: str, x: torch.Tensor) -> None:
+            plan.update(state, layer, x, current.get("labels"))
+
+        with torch.no_grad(), capture(model, plan.layers, reduce=reduce, sink=sink) as cap:
+            for batch, y, mask in zip(batches, labels, masks, strict=True):
+                current["labels"] = y
+                cap.attention_mask = mask
+                _forward(model, batch)
+        out = out | plan.layer_values(state)
+    out = out | plan.parameter_values(model)
+    if plan.model_probes:
+        if model_inputs is None:
+            model_inputs = batches[0] if len(batches) == 1 else (
+                torch.cat(batches) if all(isinstance(b, torch.Tensor) for b in batches)
+                else batches)
+        out = out | plan.model_values(model, model_inputs, targets, instances)
+    return out
+
+
 def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
              labels: Iterable[Any] | None = None, reduce: str = "flatten",
              masks: Iterable[Any] | None = None, targets: Any = None,
@@ -600,34 +638,21 @@ def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
         also updated with this evaluation's states).
     time : float, optional
         This evaluation's time (learning rate × step), for rates (kernel velocity).
-    """
-    from traindyn.probes.capture import capture
 
+    The model is evaluated in eval mode (Dropout off, BatchNorm on its running statistics);
+    every module's train/eval flag is restored afterwards.
+    """
     batches = list(batches)
     labels = list(labels) if labels is not None else [None] * len(batches)
     masks = list(masks) if masks is not None else [None] * len(batches)
-    out = Measurement()
-    model.eval()
-    if plan.has_layer_probes:
-        state = plan.start()
-        current: dict[str, Any] = {}
-
-        def sink(layer: str, x: torch.Tensor) -> None:
-            plan.update(state, layer, x, current.get("labels"))
-
-        with torch.no_grad(), capture(model, plan.layers, reduce=reduce, sink=sink) as cap:
-            for batch, y, mask in zip(batches, labels, masks, strict=True):
-                current["labels"] = y
-                cap.attention_mask = mask
-                _forward(model, batch)
-        out = out | plan.layer_values(state)
-    out = out | plan.parameter_values(model)
-    if plan.model_probes:
-        if model_inputs is None:
-            model_inputs = batches[0] if len(batches) == 1 else (
-                torch.cat(batches) if all(isinstance(b, torch.Tensor) for b in batches)
-                else batches)
-        out = out | plan.model_values(model, model_inputs, targets, instances)
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()   # Dropout off, BatchNorm on its running statistics; restored below
+    try:
+        out = _measure(plan, model, batches, labels, masks, reduce, targets, model_inputs,
+                       instances)
+    finally:
+        for module, mode in modes:
+            module.training = mode
     if plan.references and out.states:
         lookup = references.get if isinstance(references, ReferenceBook) else references
         if lookup is None:

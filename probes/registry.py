@@ -70,8 +70,8 @@ The features, labels, weights and model inputs handed to a probe are shared with
 probe (and a layer's weight is the model's own).  A probe must not modify them in place:
 :class:`probes.evaluation.ProbePlan` hands numpy arrays over as read-only views and checks the
 version counter of every tensor after each probe, raising ``RuntimeError`` naming the probe
-and the layer when one was written.  A probe that returns NaN without a warning of its own
-gets a note naming it and the layer.
+and the layer when one was written.  A probe from outside traindyn that returns NaN without
+a warning of its own gets a note naming it and the layer.
 
 How to add a probe
 ------------------

@@ -412,3 +412,16 @@ def test_a_probe_returning_nan_without_a_reason_gets_a_note_naming_it_and_the_la
     with pytest.warns(RuntimeWarning, match=r"step 0: layer 'net.0': probe 'silent_nan_test' "
                                             "returned NaN"):
         monitor.step(0)
+
+
+def test_evaluate_measures_in_eval_mode_and_restores_the_training_flags():
+    """Reference: the features of a plain forward pass in eval mode, by hand (Dropout off)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 24), nn.Dropout(0.5), nn.Linear(24, 8))
+    x = torch.randn(40, 12)
+    out = evaluate(ProbePlan(["rankme"], ["1"]), model.train(), [x])
+    assert all(m.training for m in model.modules())
+    with torch.no_grad():
+        eval_features = model[0](x)          # Dropout is the identity in eval mode
+    assert_rel(out.layer_values["rankme"]["1"], probes.rankme(eval_features), 1e-9,
+               "evaluate in eval mode")

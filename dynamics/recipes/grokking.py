@@ -88,7 +88,9 @@ class GrokkingNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act(self.linear(x)).mean(-1)
-        init = self.act(x @ self.weight0.T).mean(-1)
+        # φ of the frozen initial network by ``forward``, not a second call of the module
+        # ``act``: a probe on ``act`` sees the trained hidden layer only
+        init = self.act.forward(x @ self.weight0.T).mean(-1)
         return self.alpha * (out - init)
 
     @torch.no_grad()
