@@ -17,6 +17,8 @@ module               what
 ``instability``      attention-logit growth, output-logit divergence, LR sensitivity
 ``similarity``       CKA (linear, RBF, debiased), Procrustes distance, streaming minibatch CKA
 ``invariance``       invariance / equivariance per layer, Lie derivative, group averaging
+``readout``          linear (ridge, logistic) and kNN readouts, alignment / uniformity, per-class
+                     RankMe
 ``capture``          forward hooks: which modules, token reduction, streaming into accumulators
 ``registry``         the probe contract: declarations, registration, lookup
 ``evaluation``       evaluate a set of probes (shared accumulators, references)

@@ -116,7 +116,7 @@ def train_ssl(
     representation: int = 64,
     embedding: int = 32,
     n_evals: int = 8,
-    fit_range: tuple[int, int] = (3, 30),
+    fit_range: tuple[int, int] = (2, 12),
     seed: int = 0,
     checkpoint_dir: str | Path | None = None,
     probes: Sequence[Any] | None = None,
@@ -131,7 +131,9 @@ def train_ssl(
     steps, batch_size, n_evals : int
         Optimiser steps, images per step (two views each), log-spaced evaluations.
     fit_range : (int, int)
-        alpha-ReQ's 0-based fit range (ranks 4..30 by default: the embedding has 32 dims).
+        alpha-ReQ's 0-based fit range: ranks 3..12 by default, because a projector of width
+        16 gives embeddings whose centred covariance has rank at most 16 (the fit needs
+        ``fit_range[1] + 1`` non-zero eigenvalues).
     checkpoint_dir : path, optional
         Where to save ``step<k>.pt`` state dicts at each evaluation (read them back with
         ``traindyn analyze`` or ``torch.load(weights_only=True)``).
