@@ -165,8 +165,10 @@ from traindyn.dynamics.storage import (
     COMPLETE_ATTR,
     ZarrStream,
     check_replaceable,
+    check_resume,
     check_store,
     load_stream,
+    run_settings,
     save_netcdf,
 )
 from traindyn.probes.capture import capture
@@ -461,6 +463,10 @@ class Monitor:
         self._worker: ProcessWorker | None = None
         self._eval = Evaluator(self.plan, _concat(probe_targets), learning_rate, seed, source,
                                reduce)
+        if store_mode == "resume":   # the learning rate, if set later, is checked at the append
+            check_resume(self.store, held["settings"],
+                         run_settings(self._eval.attrs()["parameters"], seed),
+                         ignore=("learning_rate",) if learning_rate is None else ())
         self._closed = False
         _keep_until_exit(self)
         if mode == "process":  # start now: the worker's imports overlap early training
