@@ -37,8 +37,12 @@ metadata (every array's length and the count of complete evaluations) is replace
 complete evaluations: a crash loses at most the evaluation in progress.  An existing store is
 never replaced silently: ``store=`` on a path that exists raises ``FileExistsError`` at
 construction unless ``overwrite=True`` (replace it) or ``resume=True`` (append to it: a
-restarted run) is given.  :meth:`Monitor.save` (or
-``netcdf=``, written when the ``with`` block ends) writes the finished run to NetCDF.
+restarted run, which must have the stored run's seed, learning rate, probes, probe
+settings and layers) is given.  :meth:`Monitor.save` (or ``netcdf=``, written when the
+``with`` block ends) writes the finished run to NetCDF, never over a file no monitor wrote
+unless ``overwrite=True``.  A monitor left open (a loop that ends without ``with`` or
+:meth:`Monitor.close`) is closed when it is garbage-collected or at interpreter exit: its
+pending background evaluations are stored and its ``netcdf=`` file is written.
 
 **Three modes** (``background=``).  In every mode the training thread runs, at a scheduled
 step, the probe forward pass and the model probes (they need the current weights) inside the
