@@ -44,6 +44,12 @@ Reliability:
   file replaces the old one with one ``os.replace``; a Zarr store (a folder) is written whole
   beside the old one and swapped in atomically where Linux allows (``renameat2`` exchange),
   else by two renames that the next run repairs if a crash falls between them.
+* The output is never written over anything ``analyze`` did not write (a user's folder or
+  file, a Monitor's recording, another command's output) unless ``overwrite=True``
+  (``--overwrite``): traindyn's files carry the attribute ``traindyn_output``
+  (:func:`dynamics.storage.check_replaceable`).  One output has one writer at a time: a
+  second ``analyze`` on it fails at once, naming the process that holds it
+  (:func:`dynamics.storage.output_lock`).
 * Identical weights under different steps are flagged (``duplicate``, ``duplicate_of``), from
   a content hash of the tensors.
 * ``workers=N`` fans checkpoints out over a ``dask.distributed`` ``LocalCluster`` (``N``

@@ -38,8 +38,12 @@ metadata (every array's length and the count of complete evaluations) is replace
 complete evaluations: a crash loses at most the evaluation in progress.  An existing store is
 never replaced silently: ``store=`` on a path that exists raises ``FileExistsError`` at
 construction unless ``overwrite=True`` (replace it) or ``resume=True`` (append to it: a
-restarted run) is given.  :meth:`Monitor.save` (or
-``netcdf=``, written when the ``with`` block ends) writes the finished run to NetCDF.
+restarted run, which must have the stored run's seed, learning rate, probes, probe
+settings and layers) is given.  :meth:`Monitor.save` (or ``netcdf=``, written when the
+``with`` block ends) writes the finished run to NetCDF, never over a file no monitor wrote
+unless ``overwrite=True``.  A monitor left open (a loop that ends without ``with`` or
+:meth:`Monitor.close`) is closed when it is garbage-collected or at interpreter exit: its
+pending background evaluations are stored and its ``netcdf=`` file is written.
 
 **Three modes** (``background=``).  In every mode the training thread runs, at a scheduled
 step, the probe forward pass and the model probes (they need the current weights) inside the
@@ -166,8 +170,10 @@ from traindyn.dynamics.storage import (
     COMPLETE_ATTR,
     ZarrStream,
     check_replaceable,
+    check_resume,
     check_store,
     load_stream,
+    run_settings,
     save_netcdf,
 )
 from traindyn.probes.capture import capture
@@ -482,6 +488,10 @@ class Monitor:
         self._worker: ProcessWorker | None = None
         self._eval = Evaluator(self.plan, _concat(probe_targets), learning_rate, seed, source,
                                reduce)
+        if store_mode == "resume":   # the learning rate, if set later, is checked at the append
+            check_resume(self.store, held["settings"],
+                         run_settings(self._eval.attrs()["parameters"], seed),
+                         ignore=("learning_rate",) if learning_rate is None else ())
         self._closed = False
         _keep_until_exit(self)
         if mode == "process":  # start now: the worker's imports overlap early training

@@ -55,6 +55,7 @@ __all__ = [
     "ZarrStream",
     "append_zarr",
     "check_replaceable",
+    "check_resume",
     "check_store",
     "dimension_names",
     "load",
@@ -62,6 +63,8 @@ __all__ = [
     "output_kind",
     "output_lock",
     "recover_zarr",
+    "resume_differences",
+    "run_settings",
     "save",
     "save_netcdf",
     "save_zarr",
@@ -587,12 +590,59 @@ def load_stream(path: str | os.PathLike) -> xr.Dataset:
     return load(path)
 
 
+RESUME_SETTINGS = ("seed", "learning_rate", "probes", "probe_kwargs", "layers", "reduce")
+"""What a run appended to a monitor's store (``resume=True``) must share with the stored one."""
+
+
+def run_settings(parameters: Any, seed: Any) -> dict[str, Any]:
+    """The :data:`RESUME_SETTINGS` of a run from its Dataset's ``parameters`` attribute (a
+    JSON string, as the monitor writes it) and its ``seed`` coordinate (``None``: none);
+    settings the attribute does not name are left out."""
+    try:
+        params = json.loads(parameters) if isinstance(parameters, str) else dict(parameters or {})
+    except (TypeError, ValueError):
+        params = {}
+    out = {k: params[k] for k in RESUME_SETTINGS if k in params and k != "seed"}
+    if seed is not None:
+        seed = np.asarray(seed).reshape(()).item()
+    out["seed"] = seed
+    return out
+
+
+def resume_differences(stored: dict[str, Any], run: dict[str, Any],
+                       ignore: Sequence[str] = ()) -> list[str]:
+    """``"name: the store has …, this run …"`` for each setting of :func:`run_settings` in
+    which a run differs from the stored one (settings either side lacks are not compared,
+    except the seed)."""
+    return [f"{k}: the store has {stored[k]!r}, this run {run[k]!r}"
+            for k in RESUME_SETTINGS
+            if k not in ignore and k in stored and k in run and stored[k] != run[k]]
+
+
+def check_resume(path: str | os.PathLike, stored: dict[str, Any], run: dict[str, Any],
+                 ignore: Sequence[str] = ()) -> None:
+    """Raise ``ValueError`` listing every difference (:func:`resume_differences`) between a
+    run and the one stored at ``path`` that it would be appended to."""
+    differences = resume_differences(stored, run, ignore)
+    if differences:
+        raise ValueError(
+            f"resume=True: the store {str(path)!r} holds another run (" + "; ".join(differences)
+            + "); resume only the same run (seed, learning rate, probes and their settings, "
+            "layers), or pass overwrite=True or another store=")
+
+
+def _stored_seed(group: Any) -> Any:
+    arrays = dict(group.arrays())
+    return np.asarray(arrays["seed"][...]) if "seed" in arrays else None
+
+
 def check_store(path: str | os.PathLike, overwrite: bool = False, resume: bool = False
                 ) -> dict[str, Any] | None:
     """Check, before a run starts, that a monitor may record to the Zarr store ``path``.
 
     Returns ``None`` when nothing is there (a new store), else, with ``resume=True``, what the
-    store holds: ``{"steps": [...], "variables": [...], "layers": [...]}``.  Raises
+    store holds: ``{"steps": [...], "variables": [...], "layers": [...], "settings": {...}}``
+    (``settings``: :func:`run_settings` of the stored run).  Raises
     ``FileExistsError`` when ``path`` exists and neither ``overwrite`` nor ``resume`` is given,
     or when it is not a Zarr store (never replaced), and ``ValueError`` for both options.
     """
@@ -628,7 +678,8 @@ def check_store(path: str | os.PathLike, overwrite: bool = False, resume: bool =
               else [])
     return {"steps": [int(s) for s in steps],
             "variables": sorted(n for n in arrays if n not in coords),
-            "layers": [str(x) for x in layers]}
+            "layers": [str(x) for x in layers],
+            "settings": run_settings(group.attrs.get("parameters"), _stored_seed(group))}
 
 
 class ZarrStream:
@@ -691,6 +742,10 @@ class ZarrStream:
         layers = ([str(x) for x in np.asarray(ds["layer"].values)] if "layer" in ds.coords
                   else [])
         held = [str(x) for x in self._fixed_coords.get("layer", [])]
+        check_resume(self.path,
+                     run_settings(self.group.attrs.get("parameters"), _stored_seed(self.group)),
+                     run_settings(ds.attrs.get("parameters"),
+                                  ds["seed"].values if "seed" in ds.coords else None))
         if names != stored or layers != held:
             raise ValueError(
                 f"resume=True: the store {str(self.path)!r} holds variables "

@@ -98,9 +98,43 @@ def test_resume_refuses_a_run_that_records_something_else(tmp_path):
     before = stored(store)
     with pytest.raises(ValueError, match=r"no layers \['3'\]"):
         run(store, range(4), layers=("1", "3"), resume=True)
-    with pytest.raises(ValueError, match=r"holds variables.*this run records.*alpha_req"):
+    with pytest.raises(ValueError, match=r"holds another run \(probes: the store has "
+                                         r"\['rankme'\], this run \['rankme', 'alpha_req'\]\)"):
         run(store, range(4), probes=("rankme", "alpha_req"), resume=True)
     xr.testing.assert_identical(stored(store), before)
+
+
+@pytest.mark.filterwarnings("ignore:resume=True")
+def test_resume_refuses_another_seed_learning_rate_or_probe_settings(tmp_path):
+    store = tmp_path / "run.zarr"
+    same = dict(seed=3, learning_rate=0.1, probe_kwargs={"rankme": {"eps": 1e-7}})
+    run(store, range(3), **same)
+    before = stored(store)
+    for change, words in (
+            ({"seed": 4}, ["seed: the store has 3, this run 4"]),
+            ({"learning_rate": 0.2}, ["learning_rate: the store has 0.1, this run 0.2"]),
+            ({"probe_kwargs": {"rankme": {"eps": 1e-3}}},
+             ["probe_kwargs: the store has {'rankme': {'eps': 1e-07}}, this run "
+              "{'rankme': {'eps': 0.001}}"]),
+            ({"seed": None, "learning_rate": 0.3, "reduce": "mean"},
+             ["seed: the store has 3, this run None", "learning_rate", "reduce"])):
+        with pytest.raises(ValueError, match="holds another run") as caught:
+            run(store, range(6), resume=True, **{**same, **change})
+        for word in words:
+            assert word in str(caught.value), str(caught.value)
+    # a learning rate set after construction (the Lightning callback reads the optimiser's)
+    # is refused at the first evaluation appended
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU())
+    monitor = Monitor(model, probes=["rankme"], layers=["1"], schedule=linear(1),
+                      probe_data=torch.randn(20, 3), store=store, resume=True,
+                      seed=3, probe_kwargs={"rankme": {"eps": 1e-7}})
+    monitor.learning_rate = 0.5
+    with pytest.raises(ValueError, match="learning_rate: the store has 0.1, this run 0.5"):
+        monitor.step(5, train_loss=5.0)
+    xr.testing.assert_identical(stored(store), before)    # nothing appended
+    run(store, range(6), resume=True, **same)                 # the same run appends
+    np.testing.assert_array_equal(stored(store)["step"].values, range(6))
 
 
 def test_netcdf_never_replaces_a_file_no_monitor_wrote(tmp_path):

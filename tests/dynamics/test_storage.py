@@ -181,7 +181,8 @@ def test_check_store_refuses_what_it_should(tmp_path):
         storage.check_store(path, overwrite=True, resume=True)
     assert storage.check_store(path, overwrite=True) is None
     assert storage.check_store(path, resume=True) == {
-        "steps": [0, 5, 9], "variables": ["rankme", "train_loss"], "layers": ["a", "b"]}
+        "steps": [0, 5, 9], "variables": ["rankme", "train_loss"], "layers": ["a", "b"],
+        "settings": {"seed": None}}
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(FileExistsError, match="not a Zarr store"):
         storage.check_store(tmp_path / "notes.txt", overwrite=True)
