@@ -405,6 +405,7 @@ def _report_families(rows: list[tuple[str, float, float]], n: int, width: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller checkpoints")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     parser.add_argument("--no-workers", action="store_true", help="skip the dask comparison")
     parser.add_argument("--families", action="store_true",
                         help="only the probe-family rows (each family's cost vs load + forward)")
@@ -412,6 +413,8 @@ def main() -> None:
                         help="torch threads here and in each worker (default 1: CPU time is "
                              "then a robust measure, and 2 workers fill 2 cores)")
     args = parser.parse_args()
+    if args.smoke:  # the probe-family rows only, one checkpoint
+        args.quick = args.no_workers = args.families = True
     torch.set_num_threads(args.threads)
     here = f"{Path(__file__).resolve()}"
     lm = dict(vocab_size=256, context=64, d_model=128 if args.quick else 256, n_layers=4,
@@ -422,7 +425,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f} (timings on a shared machine are noisy)",
           flush=True)
     if args.families:
-        n = 2 if args.quick else 4
+        n = 1 if args.smoke else 2 if args.quick else 4
         print(_report_families(probe_families(n), n, 256), flush=True)
         return
     lm_case = run_case(f"tiny LM d_model {lm['d_model']} x{n_lm}, 512 sequences of 64 bytes, "

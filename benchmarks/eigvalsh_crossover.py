@@ -125,16 +125,20 @@ def batching_table(layers: int, sizes: tuple[int, ...], device: torch.device,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     ap.add_argument("--layers", type=int, default=12, help="layers of the batching table")
     args = ap.parse_args()
     cuda = torch.cuda.is_available()
     print(f"torch {torch.__version__}; CPU threads {torch.get_num_threads()}; "
           f"{torch.cuda.get_device_name() if cuda else 'no CUDA (GPU figures unmeasured)'}; "
           f"load average {os.getloadavg()} on {os.cpu_count()} CPUs")
-    sizes = (64, 128, 256) if args.quick else (64, 128, 256, 512, 1024, 2048, 4096)
+    if args.smoke:
+        args.quick, args.layers = True, 2
+    sizes = ((64,) if args.smoke else (64, 128, 256) if args.quick
+             else (64, 128, 256, 512, 1024, 2048, 4096))
     crossover_table(sizes, cuda)
-    bsizes = (16, 64, 256) if args.quick else (16, 64, 256, 512)
-    repeats = 3 if args.quick else 5
+    bsizes = (16,) if args.smoke else (16, 64, 256) if args.quick else (16, 64, 256, 512)
+    repeats = 1 if args.smoke else 3 if args.quick else 5
     batching_table(args.layers, bsizes, torch.device("cpu"), repeats)
     if cuda:
         batching_table(args.layers, bsizes, torch.device("cuda"), repeats)

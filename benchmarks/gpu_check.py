@@ -365,6 +365,7 @@ def host_syncs(device: str = "cuda", width: int = 256) -> tuple[int, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    # --smoke: the same run (without CUDA it only says so and exits 0; with CUDA it is the check)
     if "--jax-cpu" in args:
         # the theory device path on jax's CPU device against numpy: runs anywhere
         print(f"{'check':<36} {'numpy s':>9} {'jax s':>9} {'speed-up':>9} {'rel diff':>10}")

@@ -90,7 +90,10 @@ def _load() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="runs per case; best is kept")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeat = 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     print(f"machine: {cores} usable cores, python {sys.version.split()[0]}; {_load()}")
     print(f"best of {args.repeat} fresh interpreters per case\n")

@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.n, args.channels, args.width, args.repeats = 32, 4, 16, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -281,9 +281,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="1,000 steps, 20 evaluations")
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.evals = 1000, 20
+    if args.smoke:
+        args.steps, args.evals, args.model = 40, 2, ["mlp"]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -434,12 +434,15 @@ def main() -> None:
     ap.add_argument("--peak", type=int, default=0, help="only measure peak memory at this n")
     ap.add_argument("--only", default="", help="comma-separated case indices (default: all)")
     ap.add_argument("--quick", action="store_true", help="skip the slow explicit methods at n=128")
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--conv-routes", action="store_true",
                     help="only time the two routes of cut convolutions' transposed product")
     ap.add_argument("--device", default="cpu",
                     help="torch device of models and inputs (default cpu; e.g. cuda)")
     args = ap.parse_args()
+    if args.smoke:  # the first case, one round, no neural-tangents, no peak-memory child
+        args.quick, args.no_nt, args.repeats, args.only = True, True, 1, args.only or "0"
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: torch sees no CUDA device")
@@ -467,6 +470,8 @@ def main() -> None:
                        args.nt_rounds)
             for name, model, x, output, methods, skip in todo]
     summary(rows)
+    if args.smoke:
+        return
     print("\npeak memory (fresh process):")
     subprocess.run([sys.executable, __file__, "--peak", "4096", "--device", args.device,
                     *(["--threads", str(args.threads)] if args.threads else [])], check=False)

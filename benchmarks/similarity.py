@@ -114,7 +114,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.n, args.d, args.layers, args.batch, args.repeats = 64, 16, 2, 32, 1
     if args.memory_child:
         _memory_child(args)
         return

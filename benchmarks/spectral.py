@@ -204,7 +204,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="also time ProbePlan over this many layers: batched prepare vs "
                          "per-layer solves")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory test")
+    ap.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.n, args.d, args.batch, args.repeats, args.no_memory = 512, 32, 128, 1, True
     if args.memory_child is not None:
         if args.threads:
             torch.set_num_threads(args.threads)

@@ -24,7 +24,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=20)
     parser.add_argument("--modes", type=int, default=2000)
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.seeds, args.modes = 2, 200
     spec = power_law_spectrum(args.modes, a=1.5, b=1.5)
     lam, v2, noise = spec.eigenvalues, spec.target_power, 0.1
     seeds = range(args.seeds)

@@ -46,7 +46,10 @@ def main() -> None:
     parser.add_argument("--ridges", type=int, default=10)
     parser.add_argument("--device", default="cpu", help="jax device: cpu, gpu, ...")
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.modes, args.n, args.ridges, args.repeat = 500, 4, 3, 1
 
     import jax
 

@@ -1,13 +1,13 @@
 """jax passes of the two-layer DMFT solver (:mod:`traindyn.theory.dmft`).
 
 One *pass* integrates every sampled single-site field over the time grid, driven by the current
-error ``Δ_old(t)``, and in the same ``lax.scan`` integrates the new error ``Δ_new`` with the
-kernel just estimated (the prediction ODE runs forward in time like the fields, so the kernel
-at every grid step is consumed as soon as it is made and never stored).  The fields are held as
-``(chunks, chunk, points)`` and processed chunk by chunk inside each time step, so the largest
-temporaries are ``O(chunk × points)``.  Kept states — the kernel at the output times, and the
-fields on the training points at the two-time indices — are written into preallocated buffers
-inside the scan: memory ``O(M·P·two_time)``, independent of the number of steps.
+error ``Δ_old(t)``, and the new error ``Δ_new`` with the kernel it estimates, segment by segment
+(:data:`SEGMENT` steps): the fields over a segment, then the error over the same segment (the
+error ODE runs forward in time like the fields, so only one segment of kernels is ever held).
+The fields are held as ``(chunks, chunk, points)`` and processed chunk by chunk inside each time
+step, so the largest temporaries are ``O(chunk × points)``.  The fields on the training points
+at the two-time indices are written into a preallocated buffer inside the scan: memory
+``O(M·P·two_time)``, independent of the number of steps.
 
 Shapes are padded to buckets (:func:`bucket`) so that a sweep over ``P``, test points, fields or
 time grids reuses a few compiled programs; padded training/test points have ``K^x = 0`` rows and
@@ -78,9 +78,14 @@ def phi_dphi(name: str, epsilon: float):
     raise ValueError(f"activation {name!r} is not supported")
 
 
+SEGMENT = 32
+"""Time steps per segment: the fields are integrated over a segment (kernels kept for its
+steps only, ``SEGMENT × points × P``), then the error over the same segment."""
+
+
 @functools.lru_cache(maxsize=64)
-def passes(activation: str, epsilon: float, factored: bool) -> tuple[Any, Any]:
-    """jit-compiled ``(solve_pass, two_time_kernels)`` for one activation.
+def passes(activation: str, epsilon: float, factored: bool) -> tuple[Any, ...]:
+    """jit-compiled ``(khat, field_segment, error_segment, two_time_kernels)``.
 
     ``factored``: the field drift ``(γ₀/P) (gΔ) K^{xT}`` is applied as ``((gΔ) X_tr) X_allᵀ/D``
     (cheaper when the input dimension ``D`` is below the number of points).
@@ -97,41 +102,39 @@ def passes(activation: str, epsilon: float, factored: bool) -> tuple[Any, Any]:
         dh = (gd @ xs_tr) @ xs_all.T if factored else gd @ kx_tr.T
         return scale * dh, scale * (phi(h_tr) @ delta)
 
-    def solve_pass(h0, a0, deltas, dts, y, k0, kx_tr, xs_tr, xs_all, gamma0, inv_p, inv_m,
-                   kslot, tslot, n_kslots, n_tslots):
-        """One iteration: fields driven by ``deltas`` (Heun), the kernel estimated at every
-        step with the control variate ``K̂(t) − K̂(0) + K₀``, and the new error integrated
-        with it (exponential midpoint).  Returns the new error and test outputs on the grid,
-        the kernels at the grid steps flagged in ``kslot`` and the training-point fields and
-        readouts at the steps flagged in ``tslot``."""
+    def gram(h, a, p):
+        ph = phi(h)
+        g = a[:, None] * dphi(h)
+        return ph.T @ ph[:, :p], g.T @ g[:, :p]
+
+    def khat(h, a, kx_tr, inv_m):
+        """Sampled kernel ``K̂ = (Φ̂ + Ĝ∘K^x)`` between all points and the training points."""
         _traced()
-        p = y.shape[0]
+        p = kx_tr.shape[1]
+        zeros = jnp.zeros(kx_tr.shape, dtype=kx_tr.dtype)
+
+        def body(acc, xs):
+            pk, gk = gram(*xs, p)
+            return (acc[0] + pk, acc[1] + gk), None
+
+        (pk, gk), _ = jax.lax.scan(body, (zeros, zeros), (h, a))
+        return (pk + gk * kx_tr) * inv_m
+
+    def field_segment(h, a, hbuf, abuf, deltas, dts, tslot, khat0, k0, kx_tr, xs_tr, xs_all,
+                      gamma0, inv_p, inv_m):
+        """Heun steps of every field over one segment, driven by ``deltas`` (segment + 1
+        points), chunk by chunk; the kernel ``K̂(t) − K̂(0) + K₀`` after each step, and the
+        training-point fields and readouts written to the two-time slots flagged in
+        ``tslot``."""
+        _traced()
+        p = kx_tr.shape[1]
         scale = gamma0 * inv_p
-
-        def gram(h, a):
-            ph = phi(h)
-            g = a[:, None] * dphi(h)
-            return ph.T @ ph[:, :p], g.T @ g[:, :p]
-
-        zeros = jnp.zeros(k0.shape, dtype=k0.dtype)
-
-        def khat(h, a):
-            def body(acc, xs):
-                pk, gk = gram(*xs)
-                return (acc[0] + pk, acc[1] + gk), None
-
-            (pk, gk), _ = jax.lax.scan(body, (zeros, zeros), (h, a))
-            return (pk + gk * kx_tr) * inv_m
-
-        khat0 = khat(h0, a0)
-        kbuf = jnp.broadcast_to(k0, (n_kslots, *k0.shape))
-        hbuf = jnp.broadcast_to(h0[:, None, :, :p], (h0.shape[0], n_tslots, *h0.shape[1:2], p))
-        abuf = jnp.broadcast_to(a0[:, None, :], (a0.shape[0], n_tslots, a0.shape[1]))
-        f_te0 = jnp.zeros(k0.shape[0] - p, dtype=y.dtype)
+        zeros = jnp.zeros(kx_tr.shape, dtype=kx_tr.dtype)
+        keep = hbuf.shape[0] > 0
 
         def step(carry, xs):
-            h, a, k_prev, delta, f_te, kbuf, hbuf, abuf = carry
-            dt, d0, d1, ks, ts = xs
+            h, a, hbuf, abuf = carry
+            dt, d0, d1, ts = xs
 
             def chunk(acc, hc_ac):
                 hc, ac = hc_ac
@@ -139,12 +142,35 @@ def passes(activation: str, epsilon: float, factored: bool) -> tuple[Any, Any]:
                 dh2, da2 = rhs(hc + dt * dh1, ac + dt * da1, d1, scale, kx_tr, xs_tr, xs_all)
                 hc = hc + 0.5 * dt * (dh1 + dh2)
                 ac = ac + 0.5 * dt * (da1 + da2)
-                pk, gk = gram(hc, ac)
+                pk, gk = gram(hc, ac, p)
                 return (acc[0] + pk, acc[1] + gk), (hc, ac)
 
             (pk, gk), (h, a) = jax.lax.scan(chunk, (zeros, zeros), (h, a))
-            k_new = (pk + gk * kx_tr) * inv_m - khat0 + k0
-            km = 0.5 * (k_prev + k_new)
+            k = (pk + gk * kx_tr) * inv_m - khat0 + k0
+            if keep:  # contiguous in-place slot updates (a no-op write off the kept steps)
+                ti = jnp.maximum(ts, 0)
+                old_h = jax.lax.dynamic_index_in_dim(hbuf, ti, 0, False)
+                hbuf = jax.lax.dynamic_update_index_in_dim(
+                    hbuf, jnp.where(ts >= 0, h[:, :, :p], old_h), ti, 0)
+                old_a = jax.lax.dynamic_index_in_dim(abuf, ti, 0, False)
+                abuf = jax.lax.dynamic_update_index_in_dim(
+                    abuf, jnp.where(ts >= 0, a, old_a), ti, 0)
+            return (h, a, hbuf, abuf), k
+
+        (h, a, hbuf, abuf), ks = jax.lax.scan(
+            step, (h, a, hbuf, abuf), (dts, deltas[:-1], deltas[1:], tslot))
+        return h, a, hbuf, abuf, ks
+
+    def error_segment(k_prev, ks, delta, f_te, dts, inv_p):
+        """``∂_t Δ = −K Δ/P`` over the segment by the exponential midpoint rule (exact for a
+        constant kernel), and ``∂_t f_test = K_te Δ/P``."""
+        _traced()
+        p = delta.shape[0]
+
+        def step(carry, xs):
+            delta, f_te, k0 = carry
+            dt, k1 = xs
+            km = 0.5 * (k0 + k1)
             ktr = 0.5 * (km[:p] + km[:p].T)
             lam, vec = jnp.linalg.eigh(ktr)
             z = -dt * lam * inv_p
@@ -153,36 +179,28 @@ def passes(activation: str, epsilon: float, factored: bool) -> tuple[Any, Any]:
             proj = vec.T @ delta
             delta = vec @ (jnp.exp(z) * proj)
             f_te = f_te + (km[p:] @ (vec @ (dt * phi1 * proj))) * inv_p
-            ki = jnp.maximum(ks, 0)
-            kbuf = kbuf.at[ki].set(jnp.where(ks >= 0, k_new, kbuf[ki]))
-            if n_tslots:
-                ti = jnp.maximum(ts, 0)
-                hbuf = hbuf.at[:, ti].set(jnp.where(ts >= 0, h[:, :, :p], hbuf[:, ti]))
-                abuf = abuf.at[:, ti].set(jnp.where(ts >= 0, a, abuf[:, ti]))
-            return (h, a, k_new, delta, f_te, kbuf, hbuf, abuf), (delta, f_te)
+            return (delta, f_te, k1), (delta, f_te)
 
-        carry = (h0, a0, k0, y, f_te0, kbuf, hbuf, abuf)
-        carry, (ds, fs) = jax.lax.scan(step, carry, (dts, deltas[:-1], deltas[1:], kslot, tslot))
-        new = jnp.concatenate([y[None], ds], axis=0)
-        f_te = jnp.concatenate([f_te0[None], fs], axis=0)
-        return new, f_te, carry[5], carry[6], carry[7]
+        (delta, f_te, _), (ds, fs) = jax.lax.scan(step, (delta, f_te, k_prev), (dts, ks))
+        return delta, f_te, ds, fs
 
     def two_time_kernels(hbuf, abuf, inv_m):
         """``Φ(t, s)`` and ``G(t, s)`` on the training points from the kept states, summed
         chunk by chunk: (slots, slots, P, P) each."""
         _traced()
-        s, p = hbuf.shape[1], hbuf.shape[-1]
+        s, p = hbuf.shape[0], hbuf.shape[-1]
         zeros = jnp.zeros((s, s, p, p), dtype=hbuf.dtype)
 
-        def body(acc, xs):
-            hc, ac = xs                                        # (S, chunk, P), (S, chunk)
+        def body(c, acc):
+            hc = jax.lax.dynamic_index_in_dim(hbuf, c, 1, False)      # (S, chunk, P)
+            ac = jax.lax.dynamic_index_in_dim(abuf, c, 1, False)      # (S, chunk)
             ph = phi(hc)
             g = ac[..., None] * dphi(hc)
             return (acc[0] + jnp.einsum("tmp,smq->tspq", ph, ph),
-                    acc[1] + jnp.einsum("tmp,smq->tspq", g, g)), None
+                    acc[1] + jnp.einsum("tmp,smq->tspq", g, g))
 
-        (pt, gt), _ = jax.lax.scan(body, (zeros, zeros), (hbuf, abuf))
+        pt, gt = jax.lax.fori_loop(0, hbuf.shape[1], body, (zeros, zeros))
         return pt * inv_m, gt * inv_m
 
-    return (jax.jit(solve_pass, static_argnames=("n_kslots", "n_tslots")),
-            jax.jit(two_time_kernels))
+    return (jax.jit(khat), jax.jit(field_segment, donate_argnums=(0, 1, 2, 3)),
+            jax.jit(error_segment), jax.jit(two_time_kernels))

@@ -53,14 +53,16 @@ Backend: the inner loops run in jax (``jit`` + ``lax.scan``) in float64 (inside
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import xarray as xr
 from traindyn.theory._dataset import theory_attrs, time_axis
-from traindyn.theory._dmft_jax import bucket, compilations, enable_cache, passes
+from traindyn.theory._dmft_jax import SEGMENT, bucket, compilations, enable_cache, passes
 
 __all__ = ["ACTIVATIONS", "DMFTConvergenceWarning", "DMFTStepWarning", "compilations",
            "dmft_two_layer", "initial_kernels"]
@@ -291,6 +293,22 @@ def _alignments(k: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, c
 
 
+@contextlib.contextmanager
+def _single_thread_lapack() -> Iterator[None]:
+    """One LAPACK thread for the duration (threadpoolctl, when installed).
+
+    jax's CPU ``eigh`` calls scipy's OpenBLAS LAPACK; on a machine with more runnable threads
+    than cores its worker threads spin, and the ``P × P`` eigendecomposition of every time step
+    took 0.2–0.4 s instead of 5 ms (P = 160, load 11 on 2 cores)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 def _fields(kx: np.ndarray, n_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sampled fields ``u ~ N(0, K^x)`` (through a symmetric square root) and ``a(0) ~ N(0, 1)``
     in antithetic pairs ``(u, a)``, ``(u, −a)`` next to each other (so every even prefix of the
@@ -362,23 +380,20 @@ class _Problem:
                 1.0 / m)
 
     def time(self, grid_idx: np.ndarray):
-        """Padded ``dts`` and the slot of each step's end point in the kept-kernel and
-        two-time buffers, for the sub-grid ``grid[grid_idx]``."""
+        """Padded ``dts`` (a whole number of segments) and the two-time slot of each step's end
+        point, for the sub-grid ``grid[grid_idx]``."""
         g = self.grid[grid_idx]
         steps = g.size - 1
-        n = bucket(max(steps, 1))
+        seg = min(SEGMENT, bucket(max(steps, 1)))
+        n = -(-steps // seg) * seg
         dts = np.zeros(n)
         dts[:steps] = np.diff(g)
-        kslot = np.full(n, -1, dtype=np.int32)
         tslot = np.full(n, -1, dtype=np.int32)
         pos = {int(v): i for i, v in enumerate(grid_idx)}
-        for slot, gi in enumerate(self.keep_k):
-            if int(gi) in pos and pos[int(gi)] > 0:
-                kslot[pos[int(gi)] - 1] = slot
         for slot, gi in enumerate(self.keep_t):
             if int(gi) in pos and pos[int(gi)] > 0:
                 tslot[pos[int(gi)] - 1] = slot
-        return self.put(dts), self.put(kslot), self.put(tslot), n + 1
+        return dts, tslot, seg, n + 1
 
     def static_deltas(self, grid_idx: np.ndarray, n_grid: int):
         """``Δ⁰(t) = e^{−K₀ t/P} y`` on the (padded) sub-grid."""
@@ -525,40 +540,63 @@ def dmft_two_layer(
         chunk_size = 1 << max(6, int(np.log2(max((1 << 21) // n_all, 1))))
     chunk_size += chunk_size % 2  # whole antithetic pairs in every chunk
 
-    solve_pass, two_time_fn = passes(activation, float(epsilon), False)
     residuals: list[float] = []
     n_warm = 0
     ynorm = float(np.linalg.norm(y)) or 1.0
-    with jax.enable_x64(True), jax.default_device(dev):
+    with jax.enable_x64(True), jax.default_device(dev), _single_thread_lapack():
         put = functools.partial(jax.device_put, device=dev)
         pb = _Problem(x, xt, y, kx, k0, u, a0, grid, keep_k, two_idx, chunk_size, put, jnp)
-        solve_pass, two_time_fn = passes(activation, float(epsilon), pb.factored)
+        khat_fn, field_seg, error_seg, two_time_fn = passes(activation, float(epsilon),
+                                                             pb.factored)
         g = put(jnp.asarray(float(gamma0)))
         inv_p = put(jnp.asarray(1.0 / P))
         full = np.arange(grid.size)
-        dts, kslot, tslot, n_grid = pb.time(full)
-        n_k = bucket(keep_k.size)
         n_t = two_idx.size
+        consts = (pb.k0, pb.kx_tr, pb.xs_tr, pb.xs_all, g, inv_p)
 
-        def run(fields, deltas, sub=None):
-            if sub is None:
-                d, ks_, ts_ = dts, kslot, tslot
-            else:
-                d, ks_, ts_, _ = pb.time(sub)
-            h, a, inv_m = fields
-            return solve_pass(h, a, deltas, d, pb.y, pb.k0, pb.kx_tr, pb.xs_tr, pb.xs_all, g,
-                              inv_p, put(jnp.asarray(inv_m)), ks_, ts_, n_kslots=n_k,
-                              n_tslots=n_t)
+        def run(fields, deltas, sub=None, keep=True):
+            """One pass driven by ``deltas``: the new error and test outputs on the grid, the
+            kernels at the grid points ``keep_k`` and the two-time buffers."""
+            dts, tslot, seg, _ = pb.time(full if sub is None else sub)
+            h0, a0_, inv_m = fields
+            inv_m = put(jnp.asarray(inv_m))
+            h = jnp.array(h0)
+            a = jnp.array(a0_)
+            shape_h = (n_t if keep else 0, *h.shape[:2], pb.Pp)
+            hbuf = jnp.array(jnp.broadcast_to(h[None, :, :, :pb.Pp], shape_h))
+            abuf = jnp.array(jnp.broadcast_to(a[None], shape_h[:3]))
+            khat0 = khat_fn(h, a, pb.kx_tr, inv_m)
+            delta, f_te, k_prev = pb.y, jnp.zeros(pb.k0.shape[0] - pb.Pp), pb.k0
+            ds, fs, kept = [delta[None]], [f_te[None]], {0: pb.k0}
+            grid_of = full if sub is None else sub
+            want = {int(i): j for j, i in enumerate(grid_of)} if sub is None else {}
+            for lo in range(0, dts.size, seg):
+                h, a, hbuf, abuf, ks = field_seg(
+                    h, a, hbuf, abuf, deltas[lo:lo + seg + 1], put(dts[lo:lo + seg]),
+                    put(tslot[lo:lo + seg]), khat0, *consts[:4], g, inv_p, inv_m)
+                delta, f_te, dseg, fseg = error_seg(k_prev, ks, delta, f_te,
+                                                    put(dts[lo:lo + seg]), inv_p)
+                k_prev = ks[-1]
+                ds.append(dseg)
+                fs.append(fseg)
+                for gi in keep_k:
+                    j = want.get(int(gi), -1) - lo - 1
+                    if 0 <= j < seg:
+                        kept[int(gi)] = ks[j]
+            new = jnp.concatenate(ds)
+            f_all = jnp.concatenate(fs)
+            kbuf = jnp.stack([kept[int(gi)] for gi in keep_k]) if sub is None else None
+            return new, f_all, kbuf, hbuf, abuf
 
         def residual(new, deltas) -> float:
             return float(jnp.max(jnp.linalg.norm(new - deltas, axis=1))) / ynorm
 
-        deltas = pb.static_deltas(full, n_grid)
+        deltas = pb.static_deltas(full, pb.time(full)[3])
         if warm_start and n_samples >= 16384 and gamma0 > 0:
             small = pb.fields(2 * (n_samples // 16))
             last = np.inf
             for _ in range(int(max_iter)):
-                new = run(small, deltas)[0]
+                new = run(small, deltas, keep=False)[0]
                 r = residual(new, deltas)
                 n_warm += 1
                 deltas = new
@@ -588,10 +626,10 @@ def dmft_two_layer(
         step_error = float("nan")
         if step_tol is not None and grid.size > 2:
             sub = np.unique(np.r_[np.arange(0, grid.size, 2), grid.size - 1])
-            _, _, _, n_sub = pb.time(sub)
+            n_sub = pb.time(sub)[3]
             drive = jnp.concatenate([driving[sub], jnp.broadcast_to(
                 driving[sub[-1]], (n_sub - sub.size, pb.Pp))])
-            coarse = run(fields, drive, sub)[0]
+            coarse = run(fields, drive, sub, keep=False)[0]
             one_pass = float(jnp.max(jnp.linalg.norm(coarse[:sub.size] - new[sub], axis=1))
                              ) / (3 * ynorm)
             # the fixed point moves by the one-pass error amplified by 1/(1 − ρ), ρ the
@@ -608,7 +646,7 @@ def dmft_two_layer(
                 g_two = g_two - g_two[0, 0] + gdot0[:P, :P]
         deltas = np.asarray(new)[:grid.size, :P]
         f_te = np.asarray(f_te)[:grid.size][:, pb.rows[P:] - pb.Pp] if xt is not None else None
-        kbuf = np.asarray(kbuf)[:keep_k.size][:, pb.rows][:, :, :P]
+        kbuf = np.asarray(kbuf)[:, pb.rows][:, :, :P]
     n_compiled = compilations() - traces0
     if not converged:
         warnings.warn(
