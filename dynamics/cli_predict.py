@@ -133,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``traindyn predict``: 0 on success, 2 for a usage error."""
     import numpy as np
     import torch
-    from traindyn.dynamics import checkpoints, records
+    from traindyn.dynamics import checkpoints, storage
     from traindyn.dynamics.predict import lazy_rich_gap, predict_from_model
 
     try:
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
             if start not in steps_found:
                 raise ValueError(f"no checkpoint at step {start}; steps found: {steps_found}")
             ckpt = found[steps_found.index(start)]
-            measured = records.load(args.measured) if args.measured else None
+            measured = storage.load(args.measured) if args.measured else None
             if measured is not None:
                 steps = measured.step.values[measured.step.values >= start]
             else:
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"traindyn predict: error: {message}", file=sys.stderr)
         return 2
     if args.output:
-        print(f"wrote {records.save(ds, args.output)}")
+        print(f"wrote {storage.save(ds, args.output)}")
     return 0
 
 

@@ -395,7 +395,7 @@ def lazy_rich_gap(
 
 def _gap_row(s: int, target: int, pred: xr.Dataset, at_s: tuple, at_target: tuple,
              y_tr: np.ndarray, y_te: np.ndarray | None, loss: str) -> dict[str, float]:
-    from traindyn.theory.kernel_flow import _losses
+    from traindyn.theory.kernel_flow import losses_of
 
     row: dict[str, float] = {"delta_steps": float(target - s)}
     for split, idx, y in (("train", 0, y_tr), ("test", 1, y_te)):
@@ -415,7 +415,7 @@ def _gap_row(s: int, target: int, pred: xr.Dataset, at_s: tuple, at_target: tupl
             row[f"relative_gap_{split}"] = float("nan")
         if f"{split}_loss" in pred and y is not None:
             Y = _loss_targets(y, f_meas.shape[1], loss)
-            measured, _ = _losses(f_meas, Y, loss)
+            measured, _ = losses_of(f_meas, Y, loss)
             predicted = float(pred[f"{split}_loss"].values[0])
             row[f"measured_{split}_loss"] = float(measured)
             row[f"predicted_{split}_loss"] = predicted

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 from traindyn.probes._arrays import ArrayLike, as_tensor, on_device
-from traindyn.probes.capture import _first_tensor
+from traindyn.probes.capture import first_tensor
 
 ParamSpec = str | Iterable[str] | Iterable[nn.Parameter] | None
 
@@ -102,7 +102,7 @@ def prepare_input(x: ArrayLike, device: torch.device, dtype: torch.dtype) -> tor
 
 def outputs(model, x: torch.Tensor) -> torch.Tensor:
     """The model's first tensor output, flattened to ``(n, k)``."""
-    out = _first_tensor(model(x))
+    out = first_tensor(model(x))
     return out.reshape(out.shape[0], -1)
 
 

@@ -147,7 +147,7 @@ def resolve_layers(model: nn.Module, layers: str | Iterable[str]) -> dict[str, n
     return dict(sorted(chosen.items(), key=lambda kv: order[kv[0]]))
 
 
-def _first_tensor(output: object) -> torch.Tensor:
+def first_tensor(output: object) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
@@ -327,7 +327,7 @@ class capture:  # noqa: N801 - used as a function-like context manager
                         "around it) or choose a call with calls='first' or calls='last'")
                 if count > 1 and self.calls == "first":
                     return
-            out = _first_tensor(output).detach()
+            out = first_tensor(output).detach()
             x = reduce_tokens(out, self.reduce, self.attention_mask, self.positions,
                               self.generator)
             if self.device is not None or self.dtype is not None:

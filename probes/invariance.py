@@ -76,7 +76,7 @@ from torch import nn
 from traindyn.probes._arrays import STAT_DTYPE, ArrayLike, as_features, nonfinite_flag, on_device
 from traindyn.probes._pending import Pending, gather, scalar
 from traindyn.probes.capture import capture, resolve_layers
-from traindyn.probes.similarity import _linear_cka_pending, _pair
+from traindyn.probes.similarity import as_pair, linear_cka_pending
 
 __all__ = [
     "DEFAULT_GENERATORS",
@@ -491,7 +491,7 @@ def _invariance_scores(
         for name in layer_names:
             a, b = _pair64(clean[name], moved[name])
             parts.append(_invariance_distance(a, b, spreads[name]))
-            parts.append(_linear_cka_pending(*_pair(clean[name], moved[name])))
+            parts.append(linear_cka_pending(*as_pair(clean[name], moved[name])))
             if equivariance:
                 parts.append(_equivariance_error(a, b, fit_fraction, ridge))
     per_entry = 3 if equivariance else 2

@@ -269,7 +269,8 @@ def _equal(x: Any, y: Any) -> bool:
 def _collisions(probe: Probe) -> tuple[bool, dict[str, list[str]]]:
     """Whether ``probe.name`` is taken by another probe, and ``{other probe: [variables it
     shares with probe]}``."""
-    taken = probe.name in PROBES and not _same(PROBES[probe.name], probe)
+    taken = (probe.name in PROBES and not _same(PROBES[probe.name], probe)
+             and not _same_module(PROBES[probe.name], probe))
     shared: dict[str, list[str]] = {}
     for other in PROBES.values():
         if other.name == probe.name:
@@ -278,6 +279,21 @@ def _collisions(probe: Probe) -> tuple[bool, dict[str, list[str]]]:
         if common:
             shared[other.name] = common
     return taken, shared
+
+
+def _module_of(probe: Probe) -> str | None:
+    """The module that defines a probe's function (its fn, factory or accumulator reader)."""
+    for fn in (probe.fn, probe.factory, probe.from_accumulator):
+        if fn is not None:
+            return getattr(fn, "__module__", None)
+    return None
+
+
+def _same_module(old: Probe, new: Probe) -> bool:
+    """Whether ``new`` comes from the module that declared ``old``: that module was run again
+    (a user's probe file imported anew after an edit), so its declaration replaces its own."""
+    module = _module_of(new)
+    return module is not None and module == _module_of(old)
 
 
 def _builtin_caller() -> bool:
@@ -297,7 +313,8 @@ def register(probe: Probe, replace: bool = False) -> Probe:
         Replace a registered probe of the same name, and remove every registered probe that
         declares one of this probe's variables.  Without it, either collision raises
         ``ValueError`` naming the probe and the variables.  Registering the same declaration
-        again is a no-op.
+        again is a no-op, and a probe declared again by the module that declared it (a probe
+        file imported anew after an edit) replaces its earlier declaration.
 
     The built-in probes are loaded first, so a user's probe is checked against them whatever
     the import order.

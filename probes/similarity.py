@@ -94,7 +94,7 @@ _SOURCE = ("Kornblith, Norouzi, Lee, Hinton (ICML 2019), Eq. 3-5; unbiased HSIC:
            "(JMLR 2012), Eq. 5; minibatch CKA: Nguyen, Raghu, Kornblith (ICLR 2021), Eq. 3")
 
 
-def _pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
+def as_pair(x: ArrayLike, y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
     a, b = features64(x, "x"), features64(y, "y")
     if a.shape[0] != b.shape[0]:
         raise ValueError(f"x and y must hold the same samples: x has n = {a.shape[0]} rows, "
@@ -199,11 +199,11 @@ def linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False) -> float:
         the debiased form can be slightly negative.  NaN with a ``RuntimeWarning`` for a
         constant or non-finite representation.
     """
-    a, b = _pair(x, y)
-    return _linear_cka_pending(a, b, debiased).result()
+    a, b = as_pair(x, y)
+    return linear_cka_pending(a, b, debiased).result()
 
 
-def _linear_cka_pending(a: torch.Tensor, b: torch.Tensor, debiased: bool = False) -> Pending:
+def linear_cka_pending(a: torch.Tensor, b: torch.Tensor, debiased: bool = False) -> Pending:
     """:func:`linear_cka` of float64 ``a``, ``b`` (same rows, same device) computed on the
     device, as a :class:`~probes._pending.Pending` (its checks are device flags too)."""
     _check_n(a.shape[0], debiased)
@@ -239,7 +239,7 @@ def rbf_cka(x: ArrayLike, y: ArrayLike, bandwidth: float = DEFAULT_BANDWIDTH,
     representation separately (:func:`probes._hsic.gram_rbf`).  ``debiased=True`` uses the
     unbiased HSIC (Song et al. 2012, Eq. 5).
     """
-    a, b = _pair(x, y)
+    a, b = as_pair(x, y)
     _check_n(a.shape[0], debiased)
     if not (all_finite(a) and all_finite(b)):
         return warn_nan("RBF CKA: the representations are not finite")
@@ -259,7 +259,7 @@ def procrustes_distance(x: ArrayLike, y: ArrayLike) -> float:
     nuclear norm; equal to ``min_Q ‖X̂ − ŶQ‖_F²`` over orthogonal ``Q`` (with zero columns
     appended to the narrower one).  0 for ``y = xQ·c + b``; at most 2.
     """
-    a, b = _pair(x, y)
+    a, b = as_pair(x, y)
     if not (all_finite(a) and all_finite(b)):
         return warn_nan("Procrustes distance: the representations are not finite")
     # centred and scaled to unit Frobenius norm without forming ‖X‖² (which overflows float64

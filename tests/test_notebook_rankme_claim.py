@@ -15,9 +15,9 @@ from tests.helpers import run_notebook
 def test_rankme_claim_notebook_runs(tmp_path):
     pytest.importorskip("nbclient")
     run_notebook("rankme_claim.ipynb", tmp_path)
-    from traindyn.dynamics import records
+    from traindyn.dynamics import records, storage
 
-    ds = records.load(tmp_path / "rankme_claim.nc")
+    ds = storage.load(tmp_path / "rankme_claim.nc")
     records.validate(ds)
     assert ds["rankme"].dims == ("learning_rate", "projector_width", "temperature", "seed",
                                  "step", "layer")

@@ -348,7 +348,7 @@ def _ce_path(p: _Problem, elapsed: np.ndarray, rate: float, dynamics: str, rtol:
 # --------------------------------------------------------------------------- Dataset
 
 
-def _losses(F: np.ndarray, Y: np.ndarray, loss: str) -> tuple[np.ndarray, np.ndarray | None]:
+def losses_of(F: np.ndarray, Y: np.ndarray, loss: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Loss and accuracy over the leading axes of ``F`` (…, rows, k)."""
     if loss == "mse":
         value = ((F - Y) ** 2).mean(axis=(-2, -1))
@@ -383,7 +383,7 @@ def _variables(p: _Problem, train: np.ndarray, test: np.ndarray | None, lead: tu
             "long_name": f"{split} outputs (logits for cross-entropy) {where}", "units": "1"})
         if Y is None:
             continue
-        value, acc = _losses(F, Y, p.loss)
+        value, acc = losses_of(F, Y, p.loss)
         data[f"{split}_loss"] = (lead, value, {
             "long_name": f"{split} loss {where}: {lname}", "units": units})
         if acc is not None:

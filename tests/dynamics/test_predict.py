@@ -20,7 +20,7 @@ import pytest
 import torch
 import xarray as xr
 from torch import nn
-from traindyn.dynamics import records
+from traindyn.dynamics import records, storage
 from traindyn.dynamics.predict import (
     lazy_rich_gap,
     model_outputs,
@@ -232,9 +232,8 @@ def test_cli_predict_from_a_checkpoint_and_the_gap(tmp_path, capsys):
                  "--from-step", "5", "--learning-rate", "0.1", "--n-train", "30",
                  "--n-test", "20", "--to", "10", "--points", "3", "--output", str(out)])
     assert code == 0, capsys.readouterr().err
-    from traindyn.dynamics import records
 
-    saved = records.load(out)
+    saved = storage.load(out)
     ref = predict_from_checkpoint(folder / "step5.pt",
                                   lambda: DigitsMLP((16,)).double(), xtr[:30], ytr[:30],
                                   [5, 8, 10], 0.1, x_test=xte[:20], y_test=yte[:20])
@@ -244,6 +243,6 @@ def test_cli_predict_from_a_checkpoint_and_the_gap(tmp_path, capsys):
     assert main(["predict", str(folder), "--model", f"{tmp_path / 'factory.py'}:make_model",
                  "--learning-rate", "0.1", "--n-train", "30", "--n-test", "0", "--gap",
                  "--output", str(gap)]) == 0
-    assert list(records.load(gap).step.values) == [0, 5]
+    assert list(storage.load(gap).step.values) == [0, 5]
     assert main(["predict", str(folder), "--model", f"{tmp_path / 'factory.py'}:make_model",
                  "--from-step", "3", "--learning-rate", "0.1"]) == 2

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from traindyn.dynamics import records
+from traindyn.dynamics import storage
 from traindyn.dynamics.cli import main as cli_main
 from traindyn.dynamics.report import build_report, load_run, write_report
 
@@ -175,7 +175,7 @@ def test_report_of_a_live_monitor_store(tmp_path):
     assert f"{float(live['rankme'].sel(step=6, layer='3')):.5g}" in text
     assert "±" not in text
     assert len(parsed.images) == 2     # overview and the phase trajectory (4 steps)
-    final = records.load(store)
+    final = storage.load(store)
     assert list(final["step"].values) == [0, 2, 4, 6, 8]
 
 
