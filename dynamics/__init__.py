@@ -101,8 +101,8 @@ class _Package(types.ModuleType):
     """Keeps ``dynamics.sweep`` the function even after ``import dynamics.sweep``.
 
     Importing a submodule binds it as an attribute of its package; the function ``sweep``
-    shares its module's name, and (as with the former eager ``from dynamics.sweep import
-    sweep``) the package attribute stays the function.
+    shares its module's name, and the package attribute stays the function, as an eager
+    ``from traindyn.dynamics.sweep import sweep`` would leave it.
     """
 
     def __setattr__(self, name: str, value: Any) -> None:

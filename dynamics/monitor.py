@@ -93,8 +93,8 @@ store (tested) through one code path (:class:`dynamics._evaluator.Evaluator` and
   the recorded values), so their SVDs are off the training thread.
   On CUDA the worker thread computes on its own CUDA stream (after an event recorded behind
   the captured features and the weight clones), so its kernels overlap training's instead of
-  queueing behind them on the default stream (written without a GPU at hand: its overlap is
-  unmeasured).
+  queueing behind them on the default stream (the overlap itself is unmeasured: no GPU
+  timing of it exists yet).
 
 **Process mode on a GPU run** computes the feature probes on the CPU from the same float32
 (or bfloat16 → float32) features that synchronous mode uses on the GPU: both accumulate in

@@ -30,7 +30,7 @@ brute-force Jacobian kernel in ``tests/probes/test_ntk.py``):
 * once a plan is verified, convolutions are recorded *cut* (:func:`record`): their outputs are
   autograd leaves and their transposed product runs for all ``k`` outputs at once (one
   transposed convolution, or one GEMM and a scatter, whichever is faster on the geometry:
-  :func:`_conv_input_grad`), where the batched backward (legacy ``vmap``) ran the
+  :func:`_conv_input_grad`), where a batched backward (``vmap`` over outputs) would run the
   convolution's backward once per output.
 """
 

@@ -1,5 +1,5 @@
 """Where and how the probes' symmetric eigensolves run: batched across layers, small ones on the
-CPU when that is faster (issue #16, the GPU-first evaluation path).
+CPU when that is faster (the GPU-first evaluation path).
 
 Every spectral probe ends in ``torch.linalg.eigvalsh`` of a float64 ``d × d`` (or ``n × n``)
 matrix.  Two rules, both exact (they change where a solve runs, never its precision):

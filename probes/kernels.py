@@ -5,7 +5,7 @@ device; Python floats or numpy arrays out).  A kernel is ``(n, n)`` (e.g. the ou
 NTK) or ``(n, n, k, k)`` (the full NTK of ``probes.ntk.empirical_ntk(..., output="full")``),
 which is read as the ``(n·k, n·k)`` matrix ``K[(i,a), (j,b)]`` with targets ``vec(Y)``.
 
-Definitions (see ``shared/REFERENCES.md``):
+Definitions:
 
 * kernel–target alignment (Cristianini et al. 2001; Cortes, Mohri, Rostamizadeh 2012, Eq. 1)
   ``A(K, Y) = ⟨K, YYᵀ⟩_F / (‖K‖_F ‖YYᵀ‖_F)``, which for one target column is

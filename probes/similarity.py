@@ -1,7 +1,7 @@
 r"""Representation similarity: the CKA family and the orthogonal Procrustes distance, one-shot
 and streaming, for pairs of layers, layer × layer, model × model and checkpoint × checkpoint.
 
-Conventions (see ``/work/shared/REFERENCES.md``, "Representation similarity"):
+Conventions:
 
 ``linear_cka(X, Y)``
     Kornblith, Norouzi, Lee & Hinton, ICML 2019, Eq. 5 (feature space) / Eq. 3 + 4 (HSIC form):

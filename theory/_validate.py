@@ -2,7 +2,7 @@
 
 Every public function checks its arguments at the top with these helpers, so that bad input
 gives a ``ValueError`` / ``TypeError`` whose message names the argument, never a finite wrong
-value and never a silent NaN (traindyn's rule, ``/work/shared/STYLE.md``).
+value and never a silent NaN (traindyn's rule).
 """
 
 from __future__ import annotations

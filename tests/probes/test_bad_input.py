@@ -1,6 +1,6 @@
-"""Bad-input campaign over every public probe function (issue #15).
+"""Bad-input campaign over every public probe function.
 
-The rule each case asserts (``shared/STYLE.md``, ``notes/COMMON.md``): a probe given an input
+The rule each case asserts (traindyn's bad-input rule): a probe given an input
 returns **a correct value** (checked against an independent float64 reference written here or
 in the sibling test files), **a clear ``ValueError``/``TypeError`` naming the argument**, or
 **NaN with a warning** — never a finite wrong value, never NaN without a warning, never a raw
@@ -16,7 +16,7 @@ must give the float64 reference's value (to ``RTOL``).
 Profiles: the default suite draws ``EXAMPLES`` examples per family (the whole file runs in well
 under a minute on one thread); ``TRAINDYN_HYPOTHESIS=slow`` (or the ``slow``-marked twin
 tests) draws ``SLOW_EXAMPLES``.  ``python -m tests.probes.test_bad_input`` prints the table of
-outcomes per public function (used for the report of issue #15).
+outcomes per public function.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""No host synchronisation inside a probe evaluation until its values are read (issue #16).
+"""No host synchronisation inside a probe evaluation until its values are read.
 
 On an accelerator, every read of a device tensor's value by Python (``float``, ``bool``,
 ``.item()``, ``.tolist()``, ``.numpy()``, a copy to the CPU, an op with a data-dependent shape)

@@ -1,5 +1,5 @@
 """probes._solve (batched eigensolves, CPU/GPU crossover), the spectrum accumulator's
-``prepare`` and NC1 in class space (issue #16), against float64 references.  No GPU needed:
+``prepare`` and NC1 in class space, against float64 references.  No GPU needed:
 the placement logic is tested with injected timings and a CUDA *device object*."""
 
 from __future__ import annotations
