@@ -6,7 +6,8 @@ rich (γ₀ = 2) output scale and draws each run's own linearisation from step 0
 Measured at the small size (P = 20, widths 100 and 400, two seeds, 60 steps, η = 0.1):
 largest deviation of the loss curves from the step-0 linearisation, relative to the initial
 loss, 5.6e-4 and 3.4e-4 (lazy) against 0.073 and 0.085 (rich); mean lazy→rich gap
-(Δ = 30 steps) 2.0e-3 (lazy) against 0.21–0.22 (rich); DMFT within 0.4 % of the rich networks' seed-mean loss curve.
+(Δ = 30 steps) 2.0e-3 (lazy) against 0.21–0.22 (rich); DMFT within 0.4 % of the rich
+networks' seed-mean loss curve.
 """
 
 from __future__ import annotations
