@@ -655,7 +655,8 @@ def alignment(z1: ArrayLike, z2: ArrayLike, alpha: float = 2.0) -> float:
     features**: ``L_align = (1/n) Σ_i ‖f(x_i) − f(x_i⁺)‖₂^α`` with ``f = z/‖z‖`` and row ``i``
     of ``z1`` and ``z2`` a positive pair (two views of one input).  ``α = 2`` (their default):
     values in ``[0, 4]``, 0 = the two views coincide.  Unnormalised features give numbers
-    that depend on the feature scale and mean nothing (align_uniform issue #10).  It is a
+    that depend on the feature scale and mean nothing (a pitfall reported by users of the
+    authors' code, SsnL/align_uniform).  It is a
     plain mean over pairs: unbiased at any batch size."""
     a, b = _unit(z1, "z1"), _unit(z2, "z2")
     if a is None or b is None:
