@@ -11,9 +11,10 @@ A readout is trained on one split of the probe batch and scored on the other (Al
     spectral probes read), per-class sums of the features (``XᵀY``) and per-class counts.
     ``W = (X_cᵀX_c + λI)⁻¹ X_cᵀY_c``, ``b = ȳ − x̄ᵀW``; a sample is assigned to the class of
     largest output (ties: the smallest label).  The ridge ``λ`` is chosen from a grid by
-    generalized cross-validation (Golub, Heath & Wahba 1979, Eq. 1.4; statistics only) or by
-    exact leave-one-out (Allen's PRESS via the hat-matrix diagonal, Hastie, Tibshirani &
-    Friedman 2009, Eq. 7.52 — needs the training rows), both from *one* eigendecomposition of
+    generalized cross-validation (Golub, Heath & Wahba, Technometrics 1979, their ``V(λ)``;
+    statistics only) or by exact leave-one-out (Allen's PRESS, Technometrics 1974, via the
+    hat-matrix diagonal ``e_i/(1 − h_ii)``, Hastie, Tibshirani & Friedman 2009, Sec. 7.10.1 —
+    needs the training rows), both from *one* eigendecomposition of
     ``X_cᵀX_c``.
 :func:`logistic_probe` (registered ``logistic_probe``)
     Multinomial logistic regression, mean cross-entropy + ``(l2/2)‖W‖²_F`` (intercept not
@@ -39,6 +40,12 @@ another split).
 **Memory** of the streamed ridge readout: ``O(d² + C·d)`` for the statistics, plus the
 held-out rows (needed to score the readout: ``≈ held_out·n·d``) and at most ``max_train_rows``
 training rows (for the training accuracy and the exact leave-one-out choice).
+
+**Cost**: the plan (:class:`probes.evaluation.ProbePlan`) gives each accumulator its own
+state, so in a plan with RankMe or alpha-ReQ the ``"readout"`` accumulator forms the training
+split's scatter beside the ``"spectrum"`` accumulator's scatter of all samples: listing
+``linear_probe`` next to RankMe + alpha-ReQ about doubles their time (``benchmarks/readout.py``).
+:meth:`probes.spectral.SpectrumAccumulator.moments` is the statistic both read.
 
 **Warm start** of the logistic readout: :func:`fit_logistic` takes ``init=(W, b)``; the
 registered probe starts from zero at each evaluation, because the probe plumbing keeps no
@@ -88,7 +95,7 @@ CRITERIA = ("gcv", "loo")
 leave-one-out on the training rows."""
 
 SOURCE = ("Alain & Bengio (2017), Understanding intermediate layers using linear classifier "
-          "probes; ridge choice: Golub, Heath & Wahba (1979) GCV, Eq. 1.4 / PRESS (Allen 1974)")
+          "probes; ridge choice: Golub, Heath & Wahba (1979) GCV / PRESS (Allen 1974)")
 
 
 def _warn(msg: str) -> None:
@@ -391,7 +398,7 @@ class ReadoutAccumulator:
 
 def _gcv_scores(s: torch.Tensor, proj: torch.Tensor, yty: float, n: int,
                 cand: np.ndarray) -> np.ndarray:
-    """GCV(λ) = n·RSS(λ) / (n − df(λ))² (Golub, Heath & Wahba 1979, Eq. 1.4) with
+    """GCV(λ) = n·RSS(λ) / (n − df(λ))² (Golub, Heath & Wahba 1979, ``V(λ)``) with
     ``RSS = tr(Y_cᵀY_c) − Σ_k (s_k+2λ)/(s_k+λ)² ‖(VᵀX_cᵀY_c)_k‖²`` and
     ``df = 1 + Σ_k s_k/(s_k+λ)`` (the intercept counts one); ``inf`` where ``df ≥ n``."""
     b2 = (proj * proj).sum(1)
@@ -648,7 +655,8 @@ def alignment(z1: ArrayLike, z2: ArrayLike, alpha: float = 2.0) -> float:
     features**: ``L_align = (1/n) Σ_i ‖f(x_i) − f(x_i⁺)‖₂^α`` with ``f = z/‖z‖`` and row ``i``
     of ``z1`` and ``z2`` a positive pair (two views of one input).  ``α = 2`` (their default):
     values in ``[0, 4]``, 0 = the two views coincide.  Unnormalised features give numbers
-    that depend on the feature scale and mean nothing (ssnl/align_uniform issue #10).  It is a
+    that depend on the feature scale and mean nothing (a pitfall reported by users of the
+    authors' code, SsnL/align_uniform).  It is a
     plain mean over pairs: unbiased at any batch size."""
     a, b = _unit(z1, "z1"), _unit(z2, "z2")
     if a is None or b is None:
