@@ -73,12 +73,15 @@ def feature_checks(n: int = 8192, d: int = 1024) -> dict[str, Callable[[str], ob
     gen = torch.Generator().manual_seed(0)
     base = torch.randn(n, d, generator=gen) * torch.arange(1, d + 1).float().pow(-0.6)
     checks: dict[str, Callable[[str], object]] = {}
+    labels = torch.arange(n) % 10
     for name, probe in sorted(probes.all_probes().items()):
         if not probe.per_layer:
             continue
-        checks[f"probe {name}"] = lambda dev, p=probe: p(base.to(dev))
+        if probe.consumes == "labelled_features":
+            checks[f"probe {name}"] = lambda dev, p=probe: p(base.to(dev), labels.to(dev))
+        else:
+            checks[f"probe {name}"] = lambda dev, p=probe: p(base.to(dev))
     checks["bare XᵀX (baseline)"] = lambda dev: base.to(dev).T @ base.to(dev)
-    labels = torch.arange(n) % 10
     checks["probe neural_collapse"] = lambda dev: probes.neural_collapse(
         base.to(dev), labels.to(dev))
     weights = {"w": torch.randn(512, 256, generator=gen)}

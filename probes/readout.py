@@ -739,13 +739,20 @@ def class_rankme(features: ArrayLike, labels: ArrayLike, eps: float = DEFAULT_EP
     """RankMe (Garrido et al. 2023, Eq. 1: raw, uncentred singular values) of the features of
     each class, and their mean over classes.
 
-    Returns ``{"class_rankme": DataArray over "class", "class_rankme_mean": float}``; a class
-    with non-finite features gives NaN with a warning."""
+    Returns ``{"class_rankme": DataArray over "class", "class_rankme_mean": float}``.
+    Non-finite features make every value NaN, with a warning (as for every probe: one
+    corrupted sample says the layer's representation is not to be trusted)."""
     x = as_features(features).to(STAT_DTYPE)
     y = _labels_host(labels, x.shape[0])
     classes = sorted(set(y.tolist()))
     if not classes:
         raise ValueError("class_rankme needs at least one sample")
+    if not bool(torch.isfinite(x).all()):
+        warnings.warn("class_rankme: the features hold non-finite values; every class is NaN",
+                      RuntimeWarning, stacklevel=2)
+        arr = xr.DataArray(np.full(len(classes), np.nan), dims=("class",),
+                           coords={"class": np.array(classes)})
+        return {"class_rankme": arr, "class_rankme_mean": float("nan")}
     values = []
     for c in classes:
         values.append(rankme(x[(y == c).to(x.device)], eps))
