@@ -220,3 +220,20 @@ def test_gpu_without_a_gpu_fails_clearly():
     x, y, _, _ = two_layer_task(6, 0, 4, "he2", 0)
     with pytest.raises(ValueError, match="no GPU"):
         dmft_two_layer(x, y, [0.0, 1.0], 0.5, n_samples=16, device="gpu")
+
+
+def test_warm_start_reaches_the_same_fixed_point():
+    """Iterating first on an eighth of the fields (same draws) and then on all of them ends at
+    the fixed point of the full set: equal to the cold start within the iteration tolerance."""
+    x, y, xt, yt = two_layer_task(8, 4, 5, "he2", 4)
+    t = np.linspace(0, 30, 4)
+    kw = dict(n_samples=16384, n_steps=24, two_time=2, tol=1e-9, step_tol=None)
+    warm = dmft_two_layer(x, y, t, 1.5, xt, yt, warm_start=True, **kw)
+    cold = dmft_two_layer(x, y, t, 1.5, xt, yt, warm_start=False, **kw)
+    assert warm.attrs["n_warm_iterations"] >= 1 and cold.attrs["n_warm_iterations"] == 0
+    assert warm.attrs["converged"] == cold.attrs["converged"] == 1
+    assert warm.attrs["n_iterations"] < cold.attrs["n_iterations"], (
+        warm.attrs["n_iterations"], cold.attrs["n_iterations"])
+    for name in ("train_prediction", "test_prediction", "ntk", "phi_kernel"):
+        np.testing.assert_allclose(warm[name].values, cold[name].values, atol=1e-7,
+                                   err_msg=name)
