@@ -212,10 +212,12 @@ def target_sweep(Ps: tuple[int, ...], grids: tuple[int, ...], M: int, device: st
                    device=device)
             seg = min(SEGMENT, bucket(steps))
             buckets.add((bucket(P), seg))
-    print(f"   {len(Ps) * len(grids)} solves in {time.perf_counter() - t0:.1f} s: "
-          f"{compilations() - start} jax programs compiled for {len(buckets)} (P, grid) "
-          "buckets (each bucket: field and error segments, sampled kernel, two-time kernels, "
-          "and the half-step grid of the step-error estimate)")
+    n = compilations() - start
+    print(f"   {len(Ps) * len(grids)} solves in {time.perf_counter() - t0:.1f} s: {n} jax "
+          f"programs compiled for {len(buckets)} (padded P, segment) buckets = "
+          f"{n / len(buckets):.1f} per bucket (one each of: sampled kernel, field segment with "
+          "and without two-time slots, error segment, two-time kernels; plus a field and an "
+          "error segment for the half-step grid when its segment is shorter)")
 
 
 def main() -> None:
