@@ -473,9 +473,10 @@ def dmft_two_layer(
         without a GPU raises a ``ValueError``.
     chunk_size : int, optional
         Fields processed together (default: about 2²¹ / (P + Q), a power of two).  Peak memory
-        is about ``8 B × [M (P+Q) (2 + two_time·P/(P+Q)) + 12 chunk (P+Q) + T (P+Q) P]`` for
-        ``M`` fields and ``T`` output times, independent of the number of time steps; the
-        result does not depend on it beyond round-off.
+        grows like ``8 B × M (P+Q) (4 + 2·two_time)`` for ``M`` fields, plus ``O(chunk (P+Q))``
+        temporaries and one segment of kernels, independent of the number of time steps
+        (measured: 2.9 GB at P = 550, M = 32,768, two_time = 6); the result does not depend on
+        the chunk size beyond round-off.
     warm_start : bool
         With at least 16384 fields, first iterate on the first eighth of them (same draws) and
         start the full iteration from that fixed point (fewer full-size passes).
