@@ -60,7 +60,7 @@ def test_tanh_initial_kernels_match_scipy_quad_at_large_scale(a, b, c):
 
 def test_tanh_diagonal_matches_one_dimensional_quad():
     """Diagonal entries ⟨tanh²(u)⟩, ⟨sech⁴(u)⟩ at variances 1e-4 … 900 against 1-D quad, and the
-    48-node Gauss–Hermite rule is visibly wrong at the large ones (what this replaces)."""
+    48-node Gauss–Hermite rule is visibly wrong at the large ones (the test can tell)."""
     var = np.array([1e-4, 0.5, 9.0, 100.0, 900.0])
     phi0, gdot0, _ = initial_kernels(np.diag(var), "tanh")
     nodes, weights = np.polynomial.hermite_e.hermegauss(48)
