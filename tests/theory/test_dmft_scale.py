@@ -152,7 +152,10 @@ def test_one_pass_and_in_scan_two_time_states_match_numpy(chunk):
     np.testing.assert_allclose(ds.g_kernel.values, g_two, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_chunked_equals_unchunked_at_convergence():
+    """Through the whole iteration (the one-pass test above covers chunks in the default
+    suite)."""
     x, y, xt, yt = two_layer_task(12, 6, 6, "he2", 0)
     t = np.linspace(0, 10, 6)
     kw = dict(n_samples=512, n_steps=40, two_time=3)
@@ -222,6 +225,7 @@ def test_gpu_without_a_gpu_fails_clearly():
         dmft_two_layer(x, y, [0.0, 1.0], 0.5, n_samples=16, device="gpu")
 
 
+@pytest.mark.slow
 def test_warm_start_reaches_the_same_fixed_point():
     """Iterating first on an eighth of the fields (same draws) and then on all of them ends at
     the fixed point of the full set: equal to the cold start within the iteration tolerance."""
