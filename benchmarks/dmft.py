@@ -1,6 +1,6 @@
 """Cost of the two-layer DMFT against training the finite-width networks it describes.
 
-Run: ``python benchmarks/dmft.py [--smoke | --quick] [--device gpu] [--targets]``.
+Run: ``python benchmarks/dmft.py [--smoke | --quick] [--device gpu] [--targets | --scaling]``.
 
 1. Same run, same task (he2 single-index, P = 20, D = 10, t ≤ 10, γ₀ = 1): one DMFT solve
    (``theory.dmft.dmft_two_layer``, jax, 16384 fields) against training the networks that
@@ -9,7 +9,8 @@ Run: ``python benchmarks/dmft.py [--smoke | --quick] [--device gpu] [--targets]`
    is from the DMFT.
 2. How the solve cost grows with P, with the number of time steps and with the number of
    sampled fields (each doubled from a base; a fixed 4 iterations), with the exponent
-   log₂(t(2x)/t(x)); on ``--device gpu`` this is the P-scaling table on CUDA.
+   log₂(t(2x)/t(x)); ``--scaling --device gpu`` is the P-scaling table on CUDA (P = 40 … 320,
+   M = 32,768, 400 steps).
 3. CUDA rows (jax GPU for the DMFT, torch CUDA for the networks): measured only where a GPU is
    present; otherwise printed as "unmeasured".
 4. ``--targets``: (a) peak memory and wall time at P = 550, M = 32,768, 400 steps, two-time
@@ -106,7 +107,8 @@ def compare_networks(sizes: dict, device: str) -> None:
         print("   networks torch CUDA: unmeasured (no CUDA device)")
 
 
-def scaling(base: dict, device: str, factors: tuple[int, ...]) -> None:
+def scaling(base: dict, device: str, factors: tuple[int, ...],
+            keys: tuple[str, ...] = ("P", "n_steps", "M")) -> None:
     print(f"\n2. solve cost scaling (jax {device}; exponent = log2 of the time ratio on "
           f"doubling; 4 iterations each); {_load()}")
 
@@ -124,6 +126,8 @@ def scaling(base: dict, device: str, factors: tuple[int, ...]) -> None:
     t0 = cost(**base)
     print(f"   base P={base['P']}, steps={base['n_steps']}, fields={base['M']}: {t0:.3f} s")
     for key, label in (("P", "P"), ("n_steps", "time steps"), ("M", "sampled fields")):
+        if key not in keys:
+            continue
         for factor in factors:
             t1 = cost(**{**base, key: base[key] * factor})
             print(f"   {label:>15} x{factor}: {t1:8.3f} s  ratio {t1 / t0:5.2f}  exponent "
@@ -208,10 +212,12 @@ def target_sweep(Ps: tuple[int, ...], grids: tuple[int, ...], M: int, device: st
                    device=device)
             seg = min(SEGMENT, bucket(steps))
             buckets.add((bucket(P), seg))
-    print(f"   {len(Ps) * len(grids)} solves in {time.perf_counter() - t0:.1f} s: "
-          f"{compilations() - start} jax programs compiled for {len(buckets)} (P, grid) "
-          "buckets (each bucket: field and error segments, sampled kernel, two-time kernels, "
-          "and the half-step grid of the step-error estimate)")
+    n = compilations() - start
+    print(f"   {len(Ps) * len(grids)} solves in {time.perf_counter() - t0:.1f} s: {n} jax "
+          f"programs compiled for {len(buckets)} (padded P, segment) buckets = "
+          f"{n / len(buckets):.1f} per bucket (one each of: sampled kernel, field segment with "
+          "and without two-time slots, error segment, two-time kernels; plus a field and an "
+          "error segment for the half-step grid when its segment is shorter)")
 
 
 def main() -> None:
@@ -220,6 +226,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
     parser.add_argument("--targets", action="store_true",
                         help="the research-scale targets (section 4; long)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="only the P-scaling table at M = 32768, 400 steps, P = 40 … 320 "
+                             "(for a GPU: --device gpu)")
     parser.add_argument("--ref", default="dd32ac4", help="commit of the reference solver")
     parser.add_argument("--device", default="cpu", help="jax device of the DMFT (cpu, gpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -232,6 +241,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"torch threads {torch.get_num_threads()}; {_load()}")
+    if args.scaling:
+        scaling(dict(P=40, n_steps=400, M=32768), args.device, (2, 4, 8), keys=("P",))
+        return
     if args.smoke:
         compare_networks(dict(fields=256, widths=(50, 100), seeds=range(1), steps=20),
                          args.device)

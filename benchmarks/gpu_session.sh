@@ -18,6 +18,7 @@
 #   d. benchmarks/monitor_overhead.py --device cuda --model cnn   (three modes, 40 evaluations)
 #   t. benchmarks/theory_device.py --device gpu      KRR/RF/scaling grid: jax GPU vs numpy
 #   m. benchmarks/dmft.py --quick                    DMFT solve and networks: GPU vs CPU
+#  m2. benchmarks/dmft.py --scaling --device gpu     DMFT P-scaling table on CUDA (P 40-320)
 #   s. benchmarks/similarity.py --device cuda        streaming vs full-Gram CKA on the GPU
 #   e. benchmarks/analyze.py --quick --no-workers    analyze / (load + forward)
 #   f. the test suite, pytest -n 8, with CUDA visible (the tests themselves need no GPU)
@@ -208,6 +209,8 @@ step "t theory grid jax gpu" "$OUT/bench.log" 30 cuda \
     "$PY" benchmarks/theory_device.py --device gpu
 step "m dmft gpu" "$OUT/bench.log" 40 cuda \
     "$PY" benchmarks/dmft.py --quick
+step "m2 dmft P-scaling jax gpu" "$OUT/bench.log" 60 cuda \
+    "$PY" benchmarks/dmft.py --scaling --device gpu
 step "s similarity cuda" "$OUT/bench.log" 30 cuda \
     "$PY" benchmarks/similarity.py --device cuda
 step "e analyze --quick" "$OUT/analyze.log" 60 ae \

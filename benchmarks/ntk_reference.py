@@ -34,8 +34,12 @@ import time
 
 import jax
 import jax.numpy as jnp
-import neural_tangents as nt
 import numpy as np
+
+try:
+    import neural_tangents as nt
+except ImportError:  # --smoke says so; a real run needs it
+    nt = None
 
 jax.config.update("jax_platform_name", "cpu")
 
@@ -130,6 +134,12 @@ def to_nt(kind: str, named: dict[str, np.ndarray], x: np.ndarray, heads: int):
 
 
 def main() -> None:
+    if "--smoke" in sys.argv[1:]:  # this script is ntk.py's child: check that it can start
+        print(f"ntk_reference: jax {jax.__version__}, neural-tangents "
+              f"{nt.__version__ if nt is not None else 'not installed (ntk.py skips it)'}")
+        return
+    if nt is None:
+        raise SystemExit("ntk_reference.py needs neural-tangents (pip install neural-tangents)")
     case, out = sys.argv[1], sys.argv[2]
     repeats = int(sys.argv[3]) if len(sys.argv) > 3 else 5
     data = np.load(case)

@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="smallest sizes (a smoke run)")
     args = parser.parse_args()
     if args.smoke:
-        args.seeds, args.modes = 2, 200
+        args.seeds, args.modes = 2, 1000
     spec = power_law_spectrum(args.modes, a=1.5, b=1.5)
     lam, v2, noise = spec.eigenvalues, spec.target_power, 0.1
     seeds = range(args.seeds)

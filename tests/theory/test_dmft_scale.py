@@ -60,7 +60,7 @@ def test_tanh_initial_kernels_match_scipy_quad_at_large_scale(a, b, c):
 
 def test_tanh_diagonal_matches_one_dimensional_quad():
     """Diagonal entries ⟨tanh²(u)⟩, ⟨sech⁴(u)⟩ at variances 1e-4 … 900 against 1-D quad, and the
-    48-node Gauss–Hermite rule is visibly wrong at the large ones (what this replaces)."""
+    48-node Gauss–Hermite rule is visibly wrong at the large ones (the test can tell)."""
     var = np.array([1e-4, 0.5, 9.0, 100.0, 900.0])
     phi0, gdot0, _ = initial_kernels(np.diag(var), "tanh")
     nodes, weights = np.polynomial.hermite_e.hermegauss(48)
@@ -152,7 +152,10 @@ def test_one_pass_and_in_scan_two_time_states_match_numpy(chunk):
     np.testing.assert_allclose(ds.g_kernel.values, g_two, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_chunked_equals_unchunked_at_convergence():
+    """Through the whole iteration (the one-pass test above covers chunks in the default
+    suite)."""
     x, y, xt, yt = two_layer_task(12, 6, 6, "he2", 0)
     t = np.linspace(0, 10, 6)
     kw = dict(n_samples=512, n_steps=40, two_time=3)
@@ -220,3 +223,21 @@ def test_gpu_without_a_gpu_fails_clearly():
     x, y, _, _ = two_layer_task(6, 0, 4, "he2", 0)
     with pytest.raises(ValueError, match="no GPU"):
         dmft_two_layer(x, y, [0.0, 1.0], 0.5, n_samples=16, device="gpu")
+
+
+@pytest.mark.slow
+def test_warm_start_reaches_the_same_fixed_point():
+    """Iterating first on an eighth of the fields (same draws) and then on all of them ends at
+    the fixed point of the full set: equal to the cold start within the iteration tolerance."""
+    x, y, xt, yt = two_layer_task(8, 4, 5, "he2", 4)
+    t = np.linspace(0, 30, 4)
+    kw = dict(n_samples=16384, n_steps=24, two_time=2, tol=1e-9, step_tol=None)
+    warm = dmft_two_layer(x, y, t, 1.5, xt, yt, warm_start=True, **kw)
+    cold = dmft_two_layer(x, y, t, 1.5, xt, yt, warm_start=False, **kw)
+    assert warm.attrs["n_warm_iterations"] >= 1 and cold.attrs["n_warm_iterations"] == 0
+    assert warm.attrs["converged"] == cold.attrs["converged"] == 1
+    assert warm.attrs["n_iterations"] < cold.attrs["n_iterations"], (
+        warm.attrs["n_iterations"], cold.attrs["n_iterations"])
+    for name in ("train_prediction", "test_prediction", "ntk", "phi_kernel"):
+        np.testing.assert_allclose(warm[name].values, cold[name].values, atol=1e-7,
+                                   err_msg=name)
