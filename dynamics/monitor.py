@@ -511,6 +511,13 @@ class Monitor:
 
     # -- the evaluation path shared by the three modes -------------------------------------
     @property
+    def probe_targets(self) -> torch.Tensor | Sequence[torch.Tensor] | None:
+        """Deprecated spelling of :attr:`probe_labels`."""
+        warnings.warn("Monitor.probe_targets is deprecated; use Monitor.probe_labels",
+                      DeprecationWarning, stacklevel=2)
+        return self.probe_labels
+
+    @property
     def learning_rate(self) -> float | None:
         """Gives the ``time`` coordinate (settable: the Lightning callback reads it from the
         optimiser after construction; each task to a worker process carries it)."""

@@ -52,6 +52,8 @@ def _monitored(**probe_kwargs) -> xr.Dataset:
             loss.backward()
             monitor.step(step, train_loss=loss.item())
             opt.step()
+    with pytest.warns(DeprecationWarning, match="use Monitor.probe_labels"):
+        assert monitor.probe_targets is monitor.probe_labels
     return monitor.to_dataset()
 
 
