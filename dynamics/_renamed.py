@@ -12,12 +12,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def rename_kwargs(kwargs: dict[str, Any], renamed: Mapping[str, str], where: str,
                   stacklevel: int = 3) -> dict[str, Any]:
-    """Move each old keyword of ``kwargs`` to its new name, warning once per keyword.
+    """Move each deprecated keyword of ``kwargs`` to the one it stands for, with a warning.
 
     Parameters
     ----------
     kwargs : the keyword arguments of a call (changed in place and returned).
-    renamed : ``{old name: new name}``.
+    renamed : ``{deprecated keyword: the keyword it stands for}``.
     where : the callable's name, for the messages.
     stacklevel : passed to :func:`warnings.warn` so the warning points at the caller.
 
