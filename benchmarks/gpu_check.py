@@ -315,7 +315,7 @@ def monitor_parity(device: str, n: int = 2048, width: int = 256) -> tuple[float,
     out = {}
     for key, mode in (("sync", False), ("process", "process"), ("sync again", False)):
         mon = Monitor(model, probes=["rankme", "alpha_req", "neural_collapse"],
-                      layers=["1", "3"], probe_data=x, probe_targets=y,
+                      layers=["1", "3"], probe_data=x, probe_labels=y,
                       schedule=lambda s: True, background=mode)
         with mon:
             mon.step(0)
@@ -352,7 +352,7 @@ def host_syncs(device: str = "cuda", width: int = 256) -> tuple[int, list[str]]:
     x = torch.randn(2048, 64, device=device)
     y = torch.arange(2048, device=device) % 10
     mon = Monitor(model, probes=["rankme", "alpha_req", "neural_collapse", "weight_spectra"],
-                  layers=["1", "3"], probe_data=x, probe_targets=y, schedule=lambda s: True)
+                  layers=["1", "3"], probe_data=x, probe_labels=y, schedule=lambda s: True)
     mon.step(0)  # warm-up: the solve crossover is measured once per process
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")

@@ -99,7 +99,7 @@ def train(workload: str, steps: int, monitor_args: dict | None, device: str,
     x_tr, y_tr, x_te, y_te = (t.to(device) for t in load_digits_split())
     model = WORKLOADS[workload]().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    monitor = (Monitor(model, layers=model.hidden_names, probe_data=x_te, probe_targets=y_te,
+    monitor = (Monitor(model, layers=model.hidden_names, probe_data=x_te, probe_labels=y_te,
                        learning_rate=0.05, **monitor_args) if monitor_args is not None else None)
     if warm:
         monitor._worker.wait_ready()
@@ -169,7 +169,7 @@ def breakdown(monitor: Monitor, store: Path) -> dict[str, float]:
             timed("rankme + alpha_req (one shared accumulator)",
                   lambda f=feats[layer]: spectral(f))
             timed("neural_collapse", lambda f=feats[layer]: neural_collapse(
-                f, monitor.probe_targets))
+                f, monitor.probe_labels))
         timed("whole evaluation (t_eval)", lambda: monitor.evaluate(0, train_loss=1.0))
         ds = monitor.evaluate(10**6, train_loss=1.0)
         timed("first Zarr append (xarray to_zarr)", lambda d=ds: storage.append_zarr(d, store))

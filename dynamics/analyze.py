@@ -3,7 +3,7 @@
 ::
 
     ds = analyze("runs/lm/ckpt", model="traindyn.dynamics.recipes.tiny_lm:TinyLM",
-                 inputs="stdlib-text", tokenizer="bytes", probes=["rankme", "alpha_req"],
+                 probe_data="stdlib-text", tokenizer="bytes", probes=["rankme", "alpha_req"],
                  layers=["blocks.*"], reduce="last", output="runs/lm/geometry.nc", workers=2)
 
 For each checkpoint (in step order) the weights are loaded safely
@@ -16,7 +16,7 @@ same path as the Monitor's:
 * feature probes per layer; those that share an accumulator (RankMe, alpha-ReQ and the
   effective ranks: one streaming float64 second moment; NC1–NC4 and CDNV: one set of class
   statistics) stream the features batch by batch and never store them whole;
-* labelled probes (``neural_collapse`` …) with ``labels=`` (``"digits"`` or a file);
+* labelled probes (``neural_collapse`` …) with ``probe_labels=`` (``"digits"`` or a file);
 * parameter probes per layer (``weight_spectra``: ESD summaries and the guarded heavy-tail α);
 * model probes on the probe batch (``ntk`` and its alignment with the labels …);
 * reference probes (kernel velocity / distance to the previous checkpoint, CKA against the
@@ -91,6 +91,7 @@ import xarray as xr
 from traindyn.dynamics import _analyze_parts as parts_io
 from traindyn.dynamics import records, storage
 from traindyn.dynamics._dask import local_client
+from traindyn.dynamics._renamed import renamed_kwargs
 from traindyn.dynamics.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -698,7 +699,7 @@ def _make_spec(series: list[Checkpoint], *, model: Any, model_kwargs: Any, hf_cl
     plan = ProbePlan(probes, (), probe_kwargs)  # unknown names and kwargs fail now
     if plan.needs_labels and labels is None:
         raise ValueError(f"probes {[p.name for p in plan.feature_probes if p.needs_labels]} "
-                         "need labels of the probe inputs: labels='digits' or a file")
+                         "need labels of the probe inputs: probe_labels='digits' or a file")
     text_inputs = str(inputs) in ("stdlib-text", "text") or (
         Path(inputs).suffix not in (".npz", ".npy", ".pt", ".pth") and str(inputs) != "digits")
     reduce = reduce or ("mean" if text_inputs else "flatten")
@@ -885,41 +886,51 @@ def _locked(output: Path | None) -> Iterator[None]:
         yield
 
 
+@renamed_kwargs(inputs="probe_data", labels="probe_labels")
 def analyze(
     checkpoints: str | os.PathLike | Sequence[str | os.PathLike] | Sequence[Checkpoint],
     *,
+    # what to load: the checkpoints and the network they hold
+    steps: Sequence[int] | None = None,
+    force_steps: bool = False,
     model: str | Callable[..., torch.nn.Module] | None = None,
     model_kwargs: Mapping[str, Any] | None = None,
     hf_class: str = "AutoModel",
-    inputs: str | os.PathLike = "digits",
+    strict: bool = True,
+    prefix: str | None = None,
+    imports: Sequence[str] = (),
+    # what to feed: the probe batch and its labels
+    probe_data: str | os.PathLike = "digits",
+    probe_labels: str | os.PathLike | None = None,
     n_samples: int | None = None,
     batch_size: int = 256,
     tokenizer: Any = None,
     max_length: int = 128,
+    seed: int = 0,
+    # what to measure
     probes: Sequence[str] = DEFAULT_PROBES,
     probe_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
     layers: Sequence[str] | str | None = None,
     reduce: str | None = None,
+    learning_rate: float | None = None,
+    # how to run
     device: str = "cpu",
     dtype: str = "float32",
-    strict: bool = True,
-    prefix: str | None = None,
-    steps: Sequence[int] | None = None,
-    force_steps: bool = False,
-    labels: str | os.PathLike | None = None,
-    learning_rate: float | None = None,
-    output: str | os.PathLike | None = None,
     workers: int = 0,
     scheduler: str | None = None,
     threads: int | None = None,
     retry_failed: bool = True,
     progress: bool = True,
-    figures: bool | str | os.PathLike = False,
-    seed: int = 0,
+    # where to write
+    output: str | os.PathLike | None = None,
     overwrite: bool = False,
-    imports: Sequence[str] = (),
+    figures: bool | str | os.PathLike = False,
 ) -> xr.Dataset:
     """Analyse every checkpoint of a run and return one Dataset over ``(step × layer)``.
+
+    Every option is a keyword, in five groups (as in ``traindyn analyze --help``): what to
+    load, what to feed, what to measure, how to run, where to write.  ``inputs=`` and
+    ``labels=`` are deprecated spellings of ``probe_data=`` and ``probe_labels=``.
 
     Parameters
     ----------
@@ -927,12 +938,38 @@ def analyze(
         A folder of state dicts / safetensors / Hugging Face folders / Trainer
         ``checkpoint-*/`` folders / Lightning ``.ckpt`` files, one Hugging Face folder, or
         explicit paths (see :func:`dynamics.checkpoints.find_checkpoints`).
+
+    **What to load**
+
+    steps, force_steps : explicit steps, paired with the checkpoint paths in argument order;
+        a step that contradicts the number in a name is an error unless ``force_steps``.
     model : "module:function", "file.py:function" or callable
         Factory of the network for state-dict checkpoints, called as ``model(**model_kwargs)``.
         Not needed for Hugging Face folders (``hf_class`` is used, default ``AutoModel``).
-    inputs, n_samples, batch_size, tokenizer, max_length :
-        Probe inputs (:func:`dynamics.probe_inputs.load_probe_inputs`).  For text and Hugging
-        Face checkpoints the tokenizer defaults to the first checkpoint folder's own.
+    strict : bool
+        Unexpected keys (state dicts) or weights the checkpoint lacks fail the checkpoint.
+    prefix : str, optional
+        Load the model from the tensors under this attribute of a training wrapper
+        (``"ema."`` of a Lightning checkpoint holding ``model.*`` and ``ema.*``; see
+        :func:`~traindyn.dynamics.checkpoints.load_into`).
+    imports : module names (``package.module``) or ``.py`` files
+        Imported first, unless already imported (they register the user's own probes); their
+        source, and what they import from the user's files, keys the resume.
+
+    **What to feed**
+
+    probe_data, n_samples, batch_size, tokenizer, max_length :
+        The probe batch (:func:`dynamics.probe_inputs.load_probe_inputs`): ``"digits"``,
+        ``"stdlib-text"``, a tensor file or a text file.  For text and Hugging Face
+        checkpoints the tokenizer defaults to the first checkpoint folder's own.
+    probe_labels : "digits", a file, or None
+        Labels of the probe batch, one integer per sample, for labelled probes
+        (``neural_collapse``) and model probes that compare with the task (NTK alignment).
+    seed : int
+        Seeds torch before each model is built and the sampling of the probe batch.
+
+    **What to measure**
+
     probes : registered probe names (``probes.registry``) or :class:`~probes.registry.Probe`
         objects
         Default ``rankme``, ``rankme_covariance``, ``alpha_req`` (which adds ``alpha_req_r2``).
@@ -949,28 +986,13 @@ def analyze(
         Default ``"mean"`` for text inputs and ``"flatten"`` otherwise.  ``"flatten"`` needs
         inputs of one shape: text tokenised into batches of different lengths raises
         ``ValueError`` before any checkpoint is loaded.
+    learning_rate : gives the coordinate ``time = learning_rate × step``.
+
+    **How to run**
+
     device, dtype : where and in which precision the model runs (``device="auto"``: CUDA if
         available; ``"cuda"`` without CUDA raises ``ValueError``); statistics are float64 on
         that device.
-    strict : bool
-        Unexpected keys (state dicts) or weights the checkpoint lacks fail the checkpoint.
-    prefix : str, optional
-        Load the model from the tensors under this attribute of a training wrapper
-        (``"ema."`` of a Lightning checkpoint holding ``model.*`` and ``ema.*``; see
-        :func:`~traindyn.dynamics.checkpoints.load_into`).
-    steps, force_steps : explicit steps, paired with the checkpoint paths in argument order;
-        a step that contradicts the number in a name is an error unless ``force_steps``.
-    labels : "digits", a file, or None
-        Integer labels of the probe inputs, for labelled probes (``neural_collapse``) and
-        model probes that compare with the task (NTK alignment).
-    learning_rate : gives the coordinate ``time = learning_rate × step``.
-    output : path ending in ``.nc`` or ``.zarr``
-        Save the Dataset there; per-checkpoint results go to ``<output>.parts/`` as they
-        finish, and a re-run resumes from them (module docstring).  Checked before any work:
-        an unwritable path raises :class:`OutputError`, and so does a path holding anything
-        but an earlier ``analyze`` output (a user's folder, a Monitor's recording, another
-        program's file: never replaced unless ``overwrite``) or an output another process is
-        writing (a lock, :func:`dynamics.storage.output_lock`).
     workers, scheduler : dask fan-out (module docstring).  ``workers=N`` (N > 1) starts a
         ``LocalCluster`` of N single-threaded processes for this call; ``scheduler`` is the
         address of a running cluster, whose workers should be started without dask's
@@ -986,13 +1008,20 @@ def analyze(
     progress : bool
         A progress bar and a line per checkpoint (the one-line resume summary is printed
         either way).
-    figures : bool or folder
-        Write one summary PNG per probe (next to ``output``, or into the given folder).
+
+    **Where to write**
+
+    output : path ending in ``.nc`` or ``.zarr``
+        Save the Dataset there; per-checkpoint results go to ``<output>.parts/`` as they
+        finish, and a re-run resumes from them (module docstring).  Checked before any work:
+        an unwritable path raises :class:`OutputError`, and so does a path holding anything
+        but an earlier ``analyze`` output (a user's folder, a Monitor's recording, another
+        program's file: never replaced unless ``overwrite``) or an output another process is
+        writing (a lock, :func:`dynamics.storage.output_lock`).
     overwrite : bool
         Replace whatever is at ``output``, even what ``analyze`` did not write.
-    imports : module names (``package.module``) or ``.py`` files
-        Imported first, unless already imported (they register the user's own probes); their
-        source, and what they import from the user's files, keys the resume.
+    figures : bool or folder
+        Write one summary PNG per probe (next to ``output``, or into the given folder).
 
     Returns
     -------
@@ -1019,10 +1048,11 @@ def analyze(
     else:
         series = find_checkpoints(checkpoints, steps)
     spec = _make_spec(series, model=model, model_kwargs=model_kwargs, hf_class=hf_class,
-                      inputs=inputs, n_samples=n_samples, batch_size=batch_size,
+                      inputs=probe_data, n_samples=n_samples, batch_size=batch_size,
                       tokenizer=tokenizer, max_length=max_length, probes=probes,
                       probe_kwargs=probe_kwargs, layers=layers, reduce=reduce, device=device,
-                      dtype=dtype, strict=strict, seed=seed, labels=labels, progress=progress,
+                      dtype=dtype, strict=strict, seed=seed, labels=probe_labels,
+                      progress=progress,
                       prefix=prefix)
     probe_inputs = _inputs(spec)  # errors in the inputs surface here, before any work
     if spec.reduce == "flatten":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,14 +20,14 @@ _EPILOG = """\
 examples:
   # a folder of state dicts from your run, an MLP factory from your own code
   traindyn analyze runs/mlp/ckpt --model mypkg.models:make_mlp --layers 'net.*' \\
-      --inputs digits --output runs/mlp/geometry.nc --workers 2
+      --probe-data digits --output runs/mlp/geometry.nc --workers 2
 
   # Hugging Face model folders (local only: never the Hub), last-token features
-  traindyn analyze runs/lm/checkpoint-* --layers 'model.layers.*' --inputs stdlib-text \\
+  traindyn analyze runs/lm/checkpoint-* --layers 'model.layers.*' --probe-data stdlib-text \\
       --reduce last --output lm.nc
 
   # a single pretrained model as a one-checkpoint series
-  traindyn analyze path/to/all-MiniLM-L6-v2 --layers 'encoder.layer.*' --inputs stdlib-text \\
+  traindyn analyze path/to/all-MiniLM-L6-v2 --layers 'encoder.layer.*' --probe-data stdlib-text \\
       --n-samples 300 --output minilm.nc
 
 checkpoints are read safely: torch.load(weights_only=True), safetensors lazily; a pickle that
@@ -56,6 +57,24 @@ def _steps(text: str) -> list[int]:
         return [int(part) for part in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"steps must be integers, got {text!r}") from None
+
+
+class _Deprecated(argparse.Action):
+    """An option's deprecated spelling (hidden from ``--help``): stores into the new option's
+    destination and warns with a ``DeprecationWarning`` naming the new spelling."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str, **kwargs) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                         **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", DeprecationWarning)  # shown outside __main__ too
+            warnings.warn(f"traindyn analyze: {option_string} is deprecated; use {self.new}",
+                          DeprecationWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -89,8 +108,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="accept checkpoints with extra keys or (HF) missing weights")
     src.add_argument("--prefix", help="load the model from the tensors under this attribute "
                      "of a training wrapper (a Lightning .ckpt with model.* and ema.*: ema.)")
-    inp = p.add_argument_group("probe inputs")
-    inp.add_argument("--inputs", default="digits",
+    inp = p.add_argument_group("probe batch")
+    inp.add_argument("--probe-data", default="digits", metavar="SOURCE",
                      help="digits | stdlib-text | a .npz/.npy/.pt tensor file | a text file "
                           "(one sample per line) (default: digits)")
     inp.add_argument("--n-samples", type=int, help="number of samples (default: all; text: 512)")
@@ -99,9 +118,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                      help="for text: 'bytes' (UTF-8 byte ids) or a local tokenizer folder "
                           "(default: the Hugging Face checkpoint's own)")
     inp.add_argument("--max-length", type=int, default=128, help="tokens per text sample")
-    inp.add_argument("--labels", metavar="SOURCE",
-                     help="integer labels of the probe inputs, for labelled probes "
+    inp.add_argument("--probe-labels", metavar="SOURCE",
+                     help="integer labels of the probe batch, for labelled probes "
                           "(neural_collapse) and NTK alignment: digits | a .npy/.npz/.pt file")
+    inp.add_argument("--inputs", dest="probe_data", action=_Deprecated, new="--probe-data")
+    inp.add_argument("--labels", dest="probe_labels", action=_Deprecated, new="--probe-labels")
     what = p.add_argument_group("what to measure")
     what.add_argument("--probes", type=_csv, default=["rankme", "rankme_covariance", "alpha_req"],
                       help="comma-separated names from the probe registry "
@@ -166,12 +187,12 @@ def run(args: argparse.Namespace) -> int:
                 **args.probe_kwargs.get("neural_collapse", {}), "classifier": args.classifier}}
         ds = analyze(
             sources, model=args.model, model_kwargs=args.model_kwargs, hf_class=args.hf_class,
-            inputs=args.inputs, n_samples=args.n_samples, batch_size=args.batch_size,
+            probe_data=args.probe_data, n_samples=args.n_samples, batch_size=args.batch_size,
             tokenizer=args.tokenizer, max_length=args.max_length, probes=args.probes,
             probe_kwargs=args.probe_kwargs, layers=args.layers, reduce=args.reduce,
             device=args.device, dtype=args.dtype, strict=args.strict, prefix=args.prefix,
             steps=args.steps,
-            force_steps=args.force_steps, labels=args.labels,
+            force_steps=args.force_steps, probe_labels=args.probe_labels,
             learning_rate=args.learning_rate, output=args.output, workers=args.workers,
             scheduler=args.scheduler, threads=args.threads, progress=args.progress,
             figures=bool(args.figures and args.output), overwrite=args.overwrite,

@@ -50,6 +50,7 @@ except ImportError:  # pragma: no cover - the standalone package
         raise ImportError("traindyn.dynamics.lightning needs PyTorch Lightning: "
                           "pip install lightning") from error
 
+from traindyn.dynamics._renamed import rename_kwargs
 from traindyn.dynamics.monitor import Monitor
 from traindyn.dynamics.tensorboard import scalar_series
 
@@ -85,8 +86,8 @@ class MonitorCallback(Callback):
         (module docstring).
     **monitor_kwargs
         Keyword arguments of :class:`~dynamics.monitor.Monitor` (``probes``, ``layers``,
-        ``schedule``, ``probe_data``, ``probe_targets``, ``store``, ``background`` …).  The
-        probe batch and targets are moved to the module's device; the learning rate for the
+        ``schedule``, ``probe_data``, ``probe_labels``, ``store``, ``background`` …).  The
+        probe batch and its labels are moved to the module's device; the learning rate for the
         ``time`` coordinate is read from the first optimiser when not given.  An existing
         ``store`` needs ``overwrite=True`` or ``resume=True`` (else ``FileExistsError`` in
         ``setup``, before training starts).
@@ -105,6 +106,7 @@ class MonitorCallback(Callback):
         if "model" in monitor_kwargs:
             raise TypeError("MonitorCallback: the model is the LightningModule being trained; "
                             "do not pass model=")
+        rename_kwargs(monitor_kwargs, {"probe_targets": "probe_labels"}, "MonitorCallback")
         monitor_kwargs.setdefault("source", "traindyn Monitor (Lightning callback)")
         self.monitor_kwargs = monitor_kwargs
         self.monitor: Monitor | None = monitor
@@ -147,7 +149,7 @@ class MonitorCallback(Callback):
             return
         device = pl_module.device
         kwargs = dict(self.monitor_kwargs)
-        for key in ("probe_data", "probe_targets"):
+        for key in ("probe_data", "probe_labels"):
             kwargs[key] = _to(kwargs.get(key), device)
         self.monitor = Monitor(pl_module, **kwargs)
         if self.log:

@@ -16,7 +16,7 @@ Three kinds of probe (``probes=`` takes names or objects, mixed):
 * *feature probes* (``consumes="features"`` in ``probes.registry``: ``rankme``,
   ``alpha_req`` …) map the captured ``(n, d)`` features of each layer to a number; they give
   ``(step, layer)`` variables.  A labelled probe (``consumes="labelled_features"``) receives
-  ``probe_targets``; ``"neural_collapse"`` (``probes.collapse``) gives its NC variables per
+  ``probe_labels``; ``"neural_collapse"`` (``probes.collapse``) gives its NC variables per
   layer this way.
 * *model probes* (``consumes="model"``) are callables
   ``probe(model, inputs, targets) -> {variable: value}``; a value is a number (a ``(step,)``
@@ -165,6 +165,7 @@ from traindyn.dynamics._monitor_worker import (
     WorkerError,
     check_picklable,
 )
+from traindyn.dynamics._renamed import renamed_kwargs
 from traindyn.dynamics.schedules import Schedule, log_spaced
 from traindyn.dynamics.storage import (
     COMPLETE_ATTR,
@@ -344,9 +345,11 @@ class Monitor:
         Stored as a scalar ``seed`` coordinate, so runs concatenate along ``seed``.
     source : str
         The Dataset's ``source`` attribute.
-    probe_targets : tensor or sequence of tensors, optional
-        Targets/labels of the probe data: passed to model probes and to feature probes that
-        take ``labels`` (neural collapse).
+    probe_labels : tensor or sequence of tensors, optional
+        Labels of the probe data, one per sample (integer classes, or regression targets for
+        a model probe that takes them): passed to model probes and to feature probes that
+        take ``labels`` (neural collapse, readouts).  ``probe_targets=`` is a deprecated
+        spelling.
     store : path, optional
         Zarr store to which each evaluation is appended and committed as it is measured
         (:class:`dynamics.storage.ZarrStream`).  A store already there raises
@@ -394,6 +397,7 @@ class Monitor:
         ``tensorboard`` writer and the Lightning callback listen here.
     """
 
+    @renamed_kwargs(probe_targets="probe_labels")
     def __init__(
         self,
         model: nn.Module,
@@ -405,7 +409,7 @@ class Monitor:
         reduce: str = "flatten",
         seed: int | None = None,
         source: str = "traindyn Monitor",
-        probe_targets: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        probe_labels: torch.Tensor | Sequence[torch.Tensor] | None = None,
         store: str | Path | None = None,
         netcdf: str | Path | None = None,
         background: bool | str = False,
@@ -434,15 +438,15 @@ class Monitor:
         if (self.plan.has_layer_probes or self.model_probes) and probe_data is None:
             raise ValueError("probe_data is required to evaluate probes")
         needs_labels = [p.name for p in self.probes if p.needs_labels]
-        if needs_labels and self.layers and probe_targets is None:
-            raise ValueError(f"probes {needs_labels} need labels: pass probe_targets=")
+        if needs_labels and self.layers and probe_labels is None:
+            raise ValueError(f"probes {needs_labels} need labels: pass probe_labels=")
         self._references = ReferenceBook(self.plan)  # model and parameter probes' states
         if mode == "process":
             check_picklable(self.probes)
         self.schedule = schedule or log_spaced(10_000, 30)
         self.model_schedule = model_schedule
         self.probe_data = probe_data
-        self.probe_targets = probe_targets
+        self.probe_labels = probe_labels
         self._learning_rate = learning_rate
         self.reduce = reduce
         self.seed = seed
@@ -486,7 +490,7 @@ class Monitor:
         self._executor: ThreadPoolExecutor | None = None
         self._pending: list[Future] = []
         self._worker: ProcessWorker | None = None
-        self._eval = Evaluator(self.plan, _concat(probe_targets), learning_rate, seed, source,
+        self._eval = Evaluator(self.plan, _concat(probe_labels), learning_rate, seed, source,
                                reduce)
         if store_mode == "resume":   # the learning rate, if set later, is checked at the append
             check_resume(self.store, held["settings"],
@@ -506,6 +510,13 @@ class Monitor:
                     raise RuntimeError(_unguarded_message(script=script)) from None
 
     # -- the evaluation path shared by the three modes -------------------------------------
+    @property
+    def probe_targets(self) -> torch.Tensor | Sequence[torch.Tensor] | None:
+        """Deprecated spelling of :attr:`probe_labels`."""
+        warnings.warn("Monitor.probe_targets is deprecated; use Monitor.probe_labels",
+                      DeprecationWarning, stacklevel=2)
+        return self.probe_labels
+
     @property
     def learning_rate(self) -> float | None:
         """Gives the ``time`` coordinate (settable: the Lightning callback reads it from the
@@ -664,7 +675,7 @@ class Monitor:
         plan = self.plan
         out = plan.parameter_values(self.model) if parameters else Measurement()
         if plan.model_probes:
-            inputs, targets = _concat(self.probe_data), _concat(self.probe_targets)
+            inputs, targets = _concat(self.probe_data), _concat(self.probe_labels)
             self.model.eval()
             out = out | plan.model_values(self.model, inputs, targets, self._model_instances)
         if plan.references and out.states:

@@ -99,7 +99,7 @@ def _monitor(probe: Probe, example: Example, mode: str) -> Any:
     model = example.make_model(0)
     later = example.make_model(1).state_dict()
     monitor = Monitor(model, probes=[probe], layers=list(example.layers),
-                      probe_data=example.inputs, probe_targets=example.labels,
+                      probe_data=example.inputs, probe_labels=example.labels,
                       schedule=lambda step: True, background=MODES[mode],
                       probe_kwargs={probe.name: dict(example.probe_kwargs)}
                       if example.probe_kwargs else None)
@@ -119,8 +119,8 @@ def _analyze(probe: Probe, example: Example, folder: Path) -> Any:
         torch.save(example.make_model(seed).state_dict(), run / f"step{seed}.pt")
     torch.save(example.inputs, folder / "inputs.pt")
     np.save(folder / "labels.npy", example.labels.numpy())
-    return analyze(run, model=lambda: example.make_model(0), inputs=folder / "inputs.pt",
-                   labels=folder / "labels.npy", probes=[probe],
+    return analyze(run, model=lambda: example.make_model(0), probe_data=folder / "inputs.pt",
+                   probe_labels=folder / "labels.npy", probes=[probe],
                    probe_kwargs={probe.name: dict(example.probe_kwargs)}
                    if example.probe_kwargs else None,
                    layers=list(example.layers), dtype="float64", progress=False)

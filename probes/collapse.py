@@ -744,7 +744,7 @@ def _collapse_with_classifier(model: torch.nn.Module, inputs: Any, targets: Arra
         raise ValueError(f"unknown global_mean {global_mean!r}; choose one of {GLOBAL_MEANS}")
     if targets is None:
         raise ValueError("neural_collapse needs the class labels of the probe data "
-                         "(probe_targets= in the Monitor, --labels in analyze)")
+                         "(probe_labels= in the Monitor and analyze, --probe-labels in the CLI)")
     layers = [layers] if isinstance(layers, str) else list(layers or [])
     if not layers:
         raise ValueError("neural_collapse with classifier= needs the layers to measure "

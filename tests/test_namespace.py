@@ -140,7 +140,7 @@ def test_import_of_a_user_file_named_probes_py_runs(tmp_path):
     x = torch.randn(40, 64, generator=torch.Generator().manual_seed(1))
     np.save(work / "inputs.npy", x.numpy())
     cmd = [sys.executable, "-m", "traindyn.dynamics.cli_analyze", "ckpt",
-           "--model", "mylab/models.py:make_mlp", "--layers", "0", "--inputs", "inputs.npy",
+           "--model", "mylab/models.py:make_mlp", "--layers", "0", "--probe-data", "inputs.npy",
            "--probes", "mean_norm,rankme", "--import", "mylab/probes.py",
            "--output", "geometry.nc", "--no-progress", "--no-figures"]
     out = subprocess.run(cmd, cwd=work, env=child_env(), capture_output=True, text=True,

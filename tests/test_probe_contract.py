@@ -130,7 +130,7 @@ def test_monitor_modes_equal_direct_calls(user_probes, mode):
     x, y = _data()
     model = _mlp()
     direct0 = _direct(model, x, y)
-    monitor = Monitor(model, probes=PROBE_SET, layers=LAYERS, probe_data=x, probe_targets=y,
+    monitor = Monitor(model, probes=PROBE_SET, layers=LAYERS, probe_data=x, probe_labels=y,
                       schedule=lambda s: True, background=mode,
                       probe_kwargs={"alpha_req": {"fit_range": (2, 8)}})
     w_first = [model.net[0].weight.detach().double().clone(),
@@ -281,7 +281,7 @@ def test_model_and_parameter_probes_on_their_own_schedule(user_probes, mode):
 def test_monitor_kernel_velocity_uses_the_time_between_model_evaluations():
     x, y = _data(40)
     model = _mlp(7)
-    monitor = Monitor(model, probes=["ntk"], probe_data=x, probe_targets=y, learning_rate=0.5,
+    monitor = Monitor(model, probes=["ntk"], probe_data=x, probe_labels=y, learning_rate=0.5,
                       schedule=lambda s: s in (0, 4), probe_kwargs={"ntk": {"max_samples": 16}})
     with monitor:
         monitor.step(0)

@@ -296,7 +296,7 @@ def _monitor_run(s: Series, mode: bool | str, probes: list[Probe]) -> xr.Dataset
     x = s.x["input_ids"] if isinstance(s.x, Mapping) else s.x
     buffers = {k: v.clone() for k, v in model.named_buffers()}
     monitor = Monitor(model, probes=probes, layers=s.layers, probe_data=x,
-                      probe_targets=s.labels, reduce=s.entry.reduce, background=mode,
+                      probe_labels=s.labels, reduce=s.entry.reduce, background=mode,
                       schedule=lambda step: True, learning_rate=1.0)
     with monitor:
         for t, step in enumerate(STEPS):
@@ -399,8 +399,9 @@ def test_analyze_over_a_checkpoint_folder_equals_the_reference(name, tmp_path):
         extra = {"batch_size": len(s.x)}
     labels = tmp_path / "y.pt"
     torch.save(s.labels, labels)
-    ds = analyze(folder, model=f"tests._zoo:{name}", layers=s.layers, inputs=str(inputs),
-                 labels=str(labels), probes=[p.name for p in PER_LAYER], reduce=s.entry.reduce,
+    ds = analyze(folder, model=f"tests._zoo:{name}", layers=s.layers, probe_data=str(inputs),
+                 probe_labels=str(labels), probes=[p.name for p in PER_LAYER],
+                 reduce=s.entry.reduce,
                  dtype="float64", learning_rate=1.0, progress=False, **extra)
     assert list(ds["status"].values) == ["ok"] * len(STEPS), ds["reason"].values
     compare(s, _from_dataset(ds), "analyze")
@@ -457,7 +458,7 @@ def test_ntk_through_the_monitor_and_analyze_equals_brute_force_jacobians(name, 
     expected = [ntk_summary(K, y.numpy(), kernels[0], kernels[t - 1] if t else None)
                 for t, K in enumerate(kernels)]
     model = s.model(0)
-    monitor = Monitor(model, probes=["ntk"], layers=[], probe_data=x, probe_targets=y,
+    monitor = Monitor(model, probes=["ntk"], layers=[], probe_data=x, probe_labels=y,
                       schedule=lambda step: True, learning_rate=1.0,
                       probe_kwargs={"ntk": {"max_samples": n}})
     with monitor:
@@ -471,7 +472,7 @@ def test_ntk_through_the_monitor_and_analyze_equals_brute_force_jacobians(name, 
     torch.save(x, tmp_path / "x.pt")
     torch.save(y, tmp_path / "y.pt")
     ds_a = analyze(folder, model=f"tests._zoo:{name}", layers=s.layers[:1],
-                   inputs=str(tmp_path / "x.pt"), labels=str(tmp_path / "y.pt"),
+                   probe_data=str(tmp_path / "x.pt"), probe_labels=str(tmp_path / "y.pt"),
                    probes=["ntk"], probe_kwargs={"ntk": {"max_samples": n}}, dtype="float64",
                    learning_rate=1.0, batch_size=n, progress=False)
     for path, ds in (("monitor-sync", monitor.to_dataset()), ("analyze", ds_a)):
@@ -518,7 +519,7 @@ def test_log_partition_through_the_monitor_and_analyze_equals_numpy_logsumexp(tm
     for t, step in enumerate(STEPS):
         torch.save(s.states[t], folder / f"step{step}.pt")
     torch.save(s.x, tmp_path / "x.pt")
-    ds_a = analyze(folder, model="tests._zoo:mlp", layers=["0"], inputs=str(tmp_path / "x.pt"),
+    ds_a = analyze(folder, model="tests._zoo:mlp", layers=["0"], probe_data=str(tmp_path / "x.pt"),
                    probes=["log_partition"], dtype="float64", batch_size=len(s.x),
                    progress=False)
     for path, ds in (("monitor-sync", monitor.to_dataset()), ("analyze", ds_a)):

@@ -138,7 +138,7 @@ def _one_run(x, y, xt, yt, beta, width, alpha, epsilon, lr, steps, schedule, see
     step_size = lr * width / alpha**2
     monitor = Monitor(net, probes=["ntk", "rankme"],
                       layers=["act"], schedule=schedule, probe_data=X[:ntk_samples],
-                      probe_targets=Y[:ntk_samples], learning_rate=lr, seed=int(seed),
+                      probe_labels=Y[:ntk_samples], learning_rate=lr, seed=int(seed),
                       source=_SOURCE)
     with monitor:
         for step in range(steps + 1):

@@ -164,7 +164,7 @@ def train_ssl(
               "alignment_uniformity": {"layers": LAYERS}}
     names = {p if isinstance(p, str) else p.name for p in probes}
     monitor = Monitor(
-        model, probes=probes, layers=LAYERS, probe_data=prep(x_te), probe_targets=y_te,
+        model, probes=probes, layers=LAYERS, probe_data=prep(x_te), probe_labels=y_te,
         schedule=log_spaced(steps, n_evals), learning_rate=learning_rate, seed=seed,
         probe_kwargs={k: v for k, v in kwargs.items() if k in names},
         source="traindyn recipe ssl (SimCLR-style NT-Xent on scikit-learn digits)")

@@ -143,7 +143,7 @@ def _copy_series(src: Path, dst: Path) -> Path:
 
 def _run(series_dir, factory, **kw):
     kw.setdefault("progress", False)
-    return analyze(series_dir, model=factory, layers=LAYERS, inputs="digits", batch_size=500,
+    return analyze(series_dir, model=factory, layers=LAYERS, probe_data="digits", batch_size=500,
                    **kw)
 
 
@@ -272,7 +272,8 @@ def test_usage_errors_exit_2_with_a_message(series, factory, capsys):
     with pytest.raises(SystemExit):
         cli_main(["--help"])
     out = capsys.readouterr().out
-    for option in ("--workers", "--scheduler", "--layers", "--inputs", "--reduce", "--steps"):
+    for option in ("--workers", "--scheduler", "--layers", "--probe-data", "--probe-labels",
+                   "--reduce", "--steps"):
         assert option in out
 
 
@@ -429,7 +430,7 @@ def test_byte_text_with_last_token_reduction(tmp_path):
         "        self.embed = nn.Embedding(256, 8)\n        self.mix = nn.Identity()\n\n"
         "    def forward(self, tokens):\n        return self.mix(self.embed(tokens)"
         ".cumsum(1))\n\ndef make_model():\n    return Causal()\n")
-    ds = analyze([tmp_path / "step1.pt"], model=str(file), inputs="stdlib-text", n_samples=40,
+    ds = analyze([tmp_path / "step1.pt"], model=str(file), probe_data="stdlib-text", n_samples=40,
                  tokenizer="bytes", max_length=32, batch_size=16, layers=["mix"],
                  reduce="last", probes=["rankme"], progress=False)
     texts = stdlib_sentences(40)

@@ -72,10 +72,10 @@ def _rankme(z: np.ndarray, eps: float = 1e-7) -> float:
 def test_flatten_of_text_batches_of_unequal_length_fails_before_any_checkpoint(
         causal, monkeypatch):
     model, checkpoint, _ = causal
-    kw = dict(inputs="stdlib-text", tokenizer="bytes", n_samples=40, batch_size=16,
+    kw = dict(probe_data="stdlib-text", tokenizer="bytes", n_samples=40, batch_size=16,
               max_length=200)
-    widths = {b.inputs.shape[1] for b in load_probe_inputs(**{"source": kw["inputs"], **{
-        k: v for k, v in kw.items() if k != "inputs"}}).batches}
+    widths = {b.inputs.shape[1] for b in load_probe_inputs(**{"source": kw["probe_data"], **{
+        k: v for k, v in kw.items() if k != "probe_data"}}).batches}
     assert len(widths) > 1, "the premise: these batches are padded to different lengths"
 
     def never(*args, **kwargs):
@@ -91,7 +91,7 @@ def test_flatten_of_text_of_one_length_equals_a_float64_reference(causal):
     """max_length 8: every sentence reaches it, so every batch is 8 tokens wide."""
     model, checkpoint, state = causal
     ds = analyze([checkpoint], model=model, layers=["mix"], reduce="flatten", probes=["rankme"],
-                 inputs="stdlib-text", tokenizer="bytes", n_samples=60, batch_size=16,
+                 probe_data="stdlib-text", tokenizer="bytes", n_samples=60, batch_size=16,
                  max_length=8, progress=False)
     assert ds["status"].values[0] == "ok", ds["reason"].values[0]
     ids, mask = byte_tokenize(stdlib_sentences(60), 8)
@@ -211,7 +211,7 @@ def test_analyze_tidies_leftovers_of_dead_runs_and_keeps_a_live_ones(tmp_path, c
     model, checkpoint, _ = causal
     out = tmp_path / "geometry.zarr"
     kw = dict(model=model, layers=["mix"], reduce="last", probes=["rankme"],
-              inputs="stdlib-text", tokenizer="bytes", n_samples=20, max_length=16,
+              probe_data="stdlib-text", tokenizer="bytes", n_samples=20, max_length=16,
               progress=False, output=out)
     first = analyze([checkpoint], **kw)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -273,7 +273,7 @@ def _files(folder: Path) -> dict[str, bytes]:
 def _kw(causal, out: Path, **extra) -> dict:
     model, _, _ = causal
     return dict(model=model, layers=["mix"], reduce="last", probes=["rankme"],
-                inputs="stdlib-text", tokenizer="bytes", n_samples=20, max_length=16,
+                probe_data="stdlib-text", tokenizer="bytes", n_samples=20, max_length=16,
                 progress=False, output=out, **extra)
 
 
@@ -296,7 +296,7 @@ def test_analyze_never_replaces_a_users_files_without_overwrite(tmp_path, causal
     with pytest.raises(analyze_module.OutputError, match=r"did not write.*--overwrite"):
         analyze([checkpoint], **_kw(causal, out))
     code = cli_main([str(checkpoint), "--model", _kw(causal, out)["model"], "--layers", "mix",
-                     "--reduce", "last", "--probes", "rankme", "--inputs", "stdlib-text",
+                     "--reduce", "last", "--probes", "rankme", "--probe-data", "stdlib-text",
                      "--tokenizer", "bytes", "--n-samples", "20", "--max-length", "16",
                      "--output", str(out), "--no-progress", "--no-figures"])
     err = capsys.readouterr().err
@@ -503,7 +503,7 @@ def test_an_imported_probe_file_changes_and_the_result_is_recomputed(causal, tmp
     probe_file = tmp_path / "stale_probe.py"
     out = tmp_path / "probe.nc"
     args = [str(checkpoint), "--model", model, "--layers", "mix", "--reduce", "last",
-            "--probes", "stale_scaled_norm", "--inputs", "stdlib-text", "--tokenizer", "bytes",
+            "--probes", "stale_scaled_norm", "--probe-data", "stdlib-text", "--tokenizer", "bytes",
             "--n-samples", "20", "--max-length", "16", "--import", str(probe_file),
             "--output", str(out), "--no-progress", "--no-figures"]
     try:

@@ -70,8 +70,8 @@ def user_probe():
 
 def _run(folder, factory, **kw):
     kw.setdefault("progress", False)
-    return analyze(folder, model=factory, layers=LINEAR, inputs="digits", batch_size=500,
-                   labels="digits", probes=PROBE_SET, probe_kwargs=PROBE_KWARGS, **kw)
+    return analyze(folder, model=factory, layers=LINEAR, probe_data="digits", batch_size=500,
+                   probe_labels="digits", probes=PROBE_SET, probe_kwargs=PROBE_KWARGS, **kw)
 
 
 def _ntk_float64(model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
@@ -171,7 +171,7 @@ def test_sigkill_then_restart_gives_the_identical_dataset_with_references(series
     output = tmp_path / "killed.nc"
     parts = tmp_path / "killed.nc.parts"
     cmd = [sys.executable, "-m", "traindyn.dynamics.cli_analyze", str(folder), "--model", factory,
-           "--layers", ",".join(LINEAR), "--batch-size", "500", "--labels", "digits",
+           "--layers", ",".join(LINEAR), "--batch-size", "500", "--probe-labels", "digits",
            "--probes", ",".join(PROBE_SET), "--probe-kwargs", json.dumps(PROBE_KWARGS),
            "--import", str(module), "--output", str(output),
            "--no-progress", "--no-figures"]
@@ -197,8 +197,8 @@ def test_resume_reuses_only_what_is_unchanged_and_says_so(series, factory, tmp_p
     source = Path(factory.rpartition(":")[0])
     model_file = tmp_path / "model.py"
     model_file.write_text(source.read_text())
-    kw = dict(model=f"{model_file}:make_mlp", layers=LINEAR, inputs=str(inputs),
-              labels=str(labels), probes=["rankme", "neural_collapse"], progress=False,
+    kw = dict(model=f"{model_file}:make_mlp", layers=LINEAR, probe_data=str(inputs),
+              probe_labels=str(labels), probes=["rankme", "neural_collapse"], progress=False,
               output=tmp_path / "out.nc")
     first = analyze(folder, **kw)
     capfd.readouterr()

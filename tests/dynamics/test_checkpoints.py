@@ -605,7 +605,7 @@ def test_hf_folder_with_auto_map_is_refused_and_its_code_never_runs(tmp_path, mo
     ids = tmp_path / "ids.pt"
     torch.save({"input_ids": torch.ones(4, 3, dtype=torch.int64)}, ids)
     monkeypatch.setattr(sys, "stdin", io.StringIO("y\n" * 50))
-    code = main(["analyze", str(folder.parent), "--inputs", str(ids), "--layers", "encoder",
+    code = main(["analyze", str(folder.parent), "--probe-data", str(ids), "--layers", "encoder",
                  "--probes", "rankme", "--no-progress", "-o", str(tmp_path / "out.nc")])
     assert code != 0 and not marker.exists()
     assert "1 checkpoint(s) failed" in capsys.readouterr().err
@@ -672,7 +672,7 @@ def test_analyze_prefix_chooses_the_ema_weights(tmp_path):
     _lightning_ckpt(tmp_path / "run" / "epoch=0-step=10.ckpt", module, 10)
     x = torch.randn(16, 4, dtype=torch.float64)
     torch.save(x.float(), tmp_path / "x.pt")
-    common = dict(model="tests.dynamics.test_checkpoints:make_net", inputs=tmp_path / "x.pt",
+    common = dict(model="tests.dynamics.test_checkpoints:make_net", probe_data=tmp_path / "x.pt",
                   probes=["rankme"], layers=["0"], progress=False)
     failed = analyze(tmp_path / "run", **common)
     assert str(failed["status"].values[0]) == "failed"
@@ -691,7 +691,7 @@ def test_analyze_prefix_chooses_the_ema_weights(tmp_path):
     from traindyn.dynamics.cli import main
 
     argv = ["analyze", str(tmp_path / "run"), "--model", "tests.dynamics.test_checkpoints:make_net",
-            "--inputs", str(tmp_path / "x.pt"), "--probes", "rankme", "--layers", "0",
+            "--probe-data", str(tmp_path / "x.pt"), "--probes", "rankme", "--layers", "0",
             "--no-progress", "-o"]
     assert main([*argv, str(tmp_path / "none.nc")]) == 1
     assert main([*argv, str(tmp_path / "ema.nc"), "--prefix", "ema"]) == 0

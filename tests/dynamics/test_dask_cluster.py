@@ -118,7 +118,7 @@ def test_analysis_on_the_helper_cluster_equals_serial(client, helpers, tmp_path)
     for step in (1, 10, 100):
         torch.manual_seed(step)
         torch.save(make_mlp().state_dict(), tmp_path / f"step{step}.pt")
-    kw = dict(model=make, layers=["1", "3"], inputs="digits", batch_size=600,
+    kw = dict(model=make, layers=["1", "3"], probe_data="digits", batch_size=600,
               probes=["rankme", "rankme_covariance", "alpha_req"], progress=False)
     serial = analyze(tmp_path, **kw)
     remote = analyze(tmp_path, scheduler=client.scheduler.address, **kw)

@@ -59,7 +59,7 @@ def _direct_features(model_dir) -> list[np.ndarray]:
 
 def test_minilm_one_checkpoint_series_matches_transformers(model_dir, tmp_path):
     output = tmp_path / "minilm.nc"
-    code = cli_main([str(model_dir), "--layers", "encoder.layer.*", "--inputs", "stdlib-text",
+    code = cli_main([str(model_dir), "--layers", "encoder.layer.*", "--probe-data", "stdlib-text",
                      "--n-samples", str(N_SENTENCES), "--max-length", str(MAX_LENGTH),
                      "--batch-size", str(BATCH), "--reduce", "mean", "--output", str(output),
                      "--no-progress", "--no-figures"])

@@ -79,7 +79,7 @@ def train(with_monitor: bool, steps: int = 12) -> tuple[dict, Monitor | None]:
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x_probe, y_probe = torch.randn(40, 6), torch.randint(0, 3, (40,))
     monitor = Monitor(model, probes=["rankme", DISTURBING], layers=["2", "5"],
-                      schedule=linear(3), probe_data=x_probe, probe_targets=y_probe,
+                      schedule=linear(3), probe_data=x_probe, probe_labels=y_probe,
                       learning_rate=0.1) if with_monitor else None
     for step in range(steps):
         x = torch.randn(32, 6) + float(np.random.rand()) + random.random()  # noqa: NPY002
@@ -152,7 +152,7 @@ def test_zarr_stream_and_netcdf_hold_what_was_measured(tmp_path):
     model = nn.Sequential(nn.Linear(4, 10), nn.ReLU(), nn.Linear(10, 3))
     x, y = torch.randn(50, 4), torch.randint(0, 3, (50,))
     with Monitor(model, probes=["rankme", "neural_collapse", "log_partition"], layers=["1"],
-                 schedule=linear(2), probe_data=x, probe_targets=y, learning_rate=0.01,
+                 schedule=linear(2), probe_data=x, probe_labels=y, learning_rate=0.01,
                  store=tmp_path / "run.zarr", netcdf=tmp_path / "run.nc") as monitor:
         for step in range(7):
             monitor.step(step, train_loss=step * 0.1)
@@ -302,7 +302,7 @@ def test_bad_arguments_get_clear_errors():
     model = nn.Sequential(nn.Linear(3, 5), nn.ReLU())
     with pytest.raises(ValueError, match="probe_data"):
         Monitor(model, probes=["rankme"], layers=["1"])
-    with pytest.raises(ValueError, match="probe_targets"):
+    with pytest.raises(ValueError, match="probe_labels"):
         Monitor(model, probes=["neural_collapse"], layers=["1"], probe_data=torch.ones(2, 3))
     with pytest.raises(KeyError, match="available"):
         Monitor(model, probes=["no_such_probe"], layers=["1"], probe_data=torch.ones(2, 3))
@@ -369,7 +369,7 @@ def test_lightning_callback_records_without_disturbing_the_run(tmp_path, backgro
     plain, _ = _fit_lightning([])
     x_probe, y_probe = torch.randn(40, 6), torch.randint(0, 3, (40,))
     callback = MonitorCallback(probes=["rankme", DISTURBING], layers=["net.2"],
-                               schedule=linear(3), probe_data=x_probe, probe_targets=y_probe,
+                               schedule=linear(3), probe_data=x_probe, probe_labels=y_probe,
                                store=tmp_path / "pl.zarr", background=background)
     monitored, module = _fit_lightning([callback])
     for name in plain:
@@ -400,7 +400,7 @@ def train_bn(monitor_kwargs: dict | None, steps: int = 14) -> tuple[dict, Monito
     if monitor_kwargs is not None:
         monitor = Monitor(model, probes=["rankme", "alpha_req", "neural_collapse", DISTURBING],
                           layers=["2", "5"], schedule=linear(2), probe_data=x_probe,
-                          probe_targets=y_probe, learning_rate=0.1, seed=3, **monitor_kwargs)
+                          probe_labels=y_probe, learning_rate=0.1, seed=3, **monitor_kwargs)
     for step in range(steps):
         x = torch.randn(32, 6) + float(np.random.rand()) + random.random()  # noqa: NPY002
         y = torch.randint(0, 3, (32,))
@@ -531,7 +531,7 @@ def test_the_direct_zarr_append_writes_what_xarray_append_writes(tmp_path):
     model = nn.Sequential(nn.Linear(6, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU())
     monitor = Monitor(model, probes=["rankme", "neural_collapse"], layers=["1", "3"],
                       schedule=linear(1), probe_data=torch.randn(48, 6),
-                      probe_targets=torch.arange(48) % 4, learning_rate=0.1, seed=2,
+                      probe_labels=torch.arange(48) % 4, learning_rate=0.1, seed=2,
                       store=tmp_path / "direct.zarr")
     for step in range(4):
         monitor.step(step, train_loss=0.25 * step)

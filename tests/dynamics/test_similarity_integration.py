@@ -113,7 +113,7 @@ def test_analyze_checkpoint_series_equals_direct_checkpoint_cka(tmp_path):
             _drift(model, step)
         models[step] = model
         torch.save(model.state_dict(), folder / f"step{step}.pt")
-    ds = analyze(folder, model=f"{factory}:make_mlp", layers=LAYERS, inputs="digits",
+    ds = analyze(folder, model=f"{factory}:make_mlp", layers=LAYERS, probe_data="digits",
                  n_samples=80, batch_size=80, progress=False,
                  probes=["cka_first", "cka_previous", "cka_final", "invariance"],
                  probe_kwargs={"invariance": INV_KW, "cka_final": {"debiased": True}})

@@ -278,7 +278,7 @@ def test_monitor_with_classifier_gives_nc3_nc4_and_classifier_variants(backgroun
     x = torch.randn(90, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = _labels()
     with Monitor(net, probes=["rankme", "neural_collapse"], layers=["1", "3"],
-                 schedule=linear(1), probe_data=x, probe_targets=y, background=background,
+                 schedule=linear(1), probe_data=x, probe_labels=y, background=background,
                  probe_kwargs={"neural_collapse": {"classifier": "4"}}) as monitor:
         for step in range(2):
             monitor.step(step)
@@ -324,7 +324,7 @@ def test_analyze_cli_with_classifier_gives_nc3_nc4(tmp_path):
     np.save(tmp_path / "y.npy", y.numpy())
     out = tmp_path / "out.nc"
     code = main([str(tmp_path / "ckpts"), "--model", f"{factory}:make", "--layers", "net.3",
-                 "--inputs", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--probe-data", str(tmp_path / "x.npy"), "--probe-labels", str(tmp_path / "y.npy"),
                  "--probes", "neural_collapse", "--classifier", "net.4", "--dtype", "float64",
                  "--output", str(out), "--no-progress", "--no-figures"])
     assert code == 0
@@ -357,7 +357,7 @@ def test_a_classifier_that_is_not_there_is_a_clear_error():
                                          r"matrix .*\['0', '2', '4'\]"):
         with Monitor(net, probes=["neural_collapse"], layers=["3"],
                      probe_data=torch.randn(8, 6, dtype=torch.float64),
-                     probe_targets=_labels(8),
+                     probe_labels=_labels(8),
                      probe_kwargs={"neural_collapse": {"classifier": "fc"}}) as monitor:
             monitor.step(0)
 

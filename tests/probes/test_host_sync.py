@@ -247,7 +247,7 @@ def test_a_monitor_evaluation_reads_once_per_probe_family():
     model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
                                 torch.nn.Linear(64, 10))
     x, y = torch.randn(200, 16), torch.arange(200) % 10
-    monitor = Monitor(model, probe_data=x, probe_targets=y, layers=["0", "2"],
+    monitor = Monitor(model, probe_data=x, probe_labels=y, layers=["0", "2"],
                       probes=["rankme", "alpha_req", "neural_collapse", "weight_spectra"],
                       probe_kwargs={"alpha_req": {"fit_range": (1, 8)}},
                       schedule=lambda step: True)
@@ -311,7 +311,7 @@ def _monitor_step_reads(model, x, probes, steps=2, between=None):
     last) and return (the host reads of the last one, the monitor)."""
     from traindyn.dynamics.monitor import Monitor
 
-    monitor = Monitor(model, probe_data=x, probe_targets=torch.arange(len(x)) % 10,
+    monitor = Monitor(model, probe_data=x, probe_labels=torch.arange(len(x)) % 10,
                       layers=["0", "2"], probes=probes, schedule=lambda step: True)
     for step in range(steps - 1):
         monitor.step(step)

@@ -206,7 +206,7 @@ def test_analyze_runs_the_instability_probes_on_a_checkpoint_folder(tmp_path):
         states[step] = model
         torch.save(model.state_dict(), folder / f"step{step}.pt")
     ds = analyze(folder, model=f"{factory}:make", layers=["blocks.0", "blocks.1"],
-                 inputs="digits", n_samples=6, batch_size=6,
+                 probe_data="digits", n_samples=6, batch_size=6,
                  probes=["rankme", "attention_logits", "log_partition"],
                  probe_kwargs={"attention_logits": {"n_heads": 2}}, progress=False)
     assert list(ds["status"].values) == ["ok", "ok"], ds["reason"].values

@@ -321,7 +321,7 @@ def test_monitor_modes_equal_direct_calls(mode):
     before = _direct(model, x, y)
     batches, labels = list(x.split(50)), list(y.split(50))  # streamed in three batches
     monitor = Monitor(model, probes=PROBE_SET, layers=LAYERS, probe_data=batches,
-                      probe_targets=labels, schedule=lambda s: True, background=mode,
+                      probe_labels=labels, schedule=lambda s: True, background=mode,
                       probe_kwargs=KWARGS)
     with monitor:
         monitor.step(0)
@@ -397,8 +397,8 @@ def test_analyze_equals_direct_calls(tmp_path):
     folder.mkdir()
     for step in (0, 100):
         torch.save(_trained_state(make, step), folder / f"step{step}.pt")
-    ds = analyze(folder, model=factory, layers=["net.0", "net.2"], inputs="digits",
-                 batch_size=500, labels="digits", probes=["linear_probe", "knn_accuracy"],
+    ds = analyze(folder, model=factory, layers=["net.0", "net.2"], probe_data="digits",
+                 batch_size=500, probe_labels="digits", probes=["linear_probe", "knn_accuracy"],
                  probe_kwargs={"knn_accuracy": {"k": 10}}, progress=False)
     x, y = digits_inputs(), digits_labels()
     for i, step in enumerate((0, 100)):
