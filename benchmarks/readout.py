@@ -17,7 +17,8 @@ median of per-round ratios, so a load change hits baseline and probe alike):
   ``uniformity`` (one-shot on the whole matrix).
 
 It prints the machine (CPU count, torch threads, device) and ``/proc/loadavg`` before and
-after.  ``--smoke`` runs the smallest size in seconds (for a smoke test).
+after.  ``--smoke`` runs the smallest size in seconds (for a smoke test); ``--ridge-only``
+leaves out the logistic, kNN, class-RankMe and uniformity routes.
 
 Run: ``python benchmarks/readout.py [--device cuda] [--n 8192 --d 512 --classes 10]``.
 """
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--smoke", action="store_true", help="smallest size, one round (seconds)")
+    ap.add_argument("--ridge-only", action="store_true",
+                    help="only the spectral probes and the ridge readout (no logistic, kNN, "
+                         "class RankMe, uniformity)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.n, args.d, args.classes, args.batch, args.repeats = 400, 32, 4, 128, 1
@@ -135,6 +139,8 @@ def main(argv: list[str] | None = None) -> None:
         "class_rankme": lambda: R.class_rankme(x, y),
         "uniformity": lambda: R.uniformity(x),
     }
+    if args.ridge_only:
+        routes = {k: v for k, v in routes.items() if "rankme + " in k or k == "linear_probe"}
     for fn in routes.values():  # warm-up: imports, allocator, BLAS
         fn()
     res = interleaved(routes, device, args.repeats)
