@@ -243,12 +243,13 @@ class ReadoutAccumulator:
         elif x.shape[1] != self.d:
             raise ValueError(f"batch has {x.shape[1]} features; earlier batches had {self.d}")
         x = x.to(STAT_DTYPE)
-        self._nonfinite.mark(~torch.isfinite(x).all())  # read once, at compute
         b = x.shape[0]
         held = torch.from_numpy(held_out_mask(np.arange(self.n_seen, self.n_seen + b),
                                               self.held_out, self.seed))
         self.n_seen += b
         held_d = held.to(x.device)
+        if self.shared is None:  # a shared accumulator checks every row it is fed
+            self._nonfinite.mark(~torch.isfinite(x).all())  # read once, at compute
         if bool(held.any()):
             self._held_x.append(x[held_d])
             self._held_y.append(y[held])
@@ -302,6 +303,8 @@ class ReadoutAccumulator:
         """``(reason, None)`` when no readout can be fitted, else ``(None, statistics)``."""
         if self.n_seen == 0:
             raise ValueError("no samples were accumulated: call update(features, labels) first")
+        if self.shared is not None:
+            self._nonfinite.mark(self.shared._nonfinite)
         if bool(self._nonfinite):
             return "features are not finite (NaN or Inf): the readout is NaN", None
         n = self.n_train

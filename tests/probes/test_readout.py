@@ -187,6 +187,12 @@ def test_plan_hands_the_spectrum_accumulator_to_the_readout():
         assert_rel(a[k]["a"], v, 1e-10, k)
         assert_rel(b[k]["a"], v, 1e-10, k)
     assert_rel(b["rankme"]["a"], rankme(x), 1e-10, "rankme")
+    bad = x.copy()
+    bad[3, 2] = np.nan  # a training row: only the shared accumulator sees it
+    assert not R.held_out_mask(np.arange(4), 0.25, 0)[3]
+    out = with_spectra.layer_values(with_spectra.accumulate({"a": bad}, y))
+    assert math.isnan(out.layer_values["linear_probe_accuracy"]["a"])
+    assert any("not finite" in note for note in out.layer_notes["a"])
 
 
 # ------------------------------------------------------------------------ logistic
