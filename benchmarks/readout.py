@@ -8,12 +8,17 @@ median of per-round ratios, so a load change hits baseline and probe alike):
 * the baseline: RankMe + alpha-ReQ (the ``"spectrum"`` accumulator);
 * ``linear_probe`` alone (its ``"readout"`` accumulator: the training split's float64
   scatter, class sums, held-out rows; one eigendecomposition and the GCV ridge choice);
-* RankMe + alpha-ReQ + ``linear_probe`` in one plan (what the ridge readout adds);
+* RankMe + alpha-ReQ + ``linear_probe`` in one plan (what the ridge readout adds: its
+  ``"readout"`` accumulator shares the ``"spectrum"`` accumulator's float64 moments and forms
+  only the held-out rows' scatter);
+* the same plan with a readout accumulator that does not share (it forms the training split's
+  scatter itself), the cost the sharing saves;
 * ``logistic_probe`` (L-BFGS), ``knn_accuracy`` (k = 20, cosine), ``class_rankme`` and
   ``uniformity`` (one-shot on the whole matrix).
 
 It prints the machine (CPU count, torch threads, device) and ``/proc/loadavg`` before and
-after.  ``--smoke`` runs the smallest size in seconds (for a smoke test).
+after.  ``--smoke`` runs the smallest size in seconds (for a smoke test); ``--ridge-only``
+leaves out the logistic, kNN, class-RankMe and uniformity routes.
 
 Run: ``python benchmarks/readout.py [--device cuda] [--n 8192 --d 512 --classes 10]``.
 """
@@ -59,6 +64,17 @@ def features(n: int, d: int, classes: int, device: torch.device, seed: int = 0
     return x.to(device), y
 
 
+def unshared_linear_probe():
+    """``linear_probe`` reading a ``"readout"``-like accumulator that shares nothing."""
+    import dataclasses
+
+    from traindyn.probes.registry import Accumulator, get_probe, register_accumulator
+
+    register_accumulator(Accumulator("readout_unshared", R.ReadoutAccumulator,
+                                     needs_labels=True))
+    return dataclasses.replace(get_probe("linear_probe"), accumulator="readout_unshared")
+
+
 def streamed(names: list, x: torch.Tensor, y: torch.Tensor, batch: int):
     """One plan over one layer: stream the batches, then the values."""
     plan = ProbePlan(names, ["layer"], {"alpha_req": {"fit_range": (10, min(100, x.shape[1]))}}
@@ -97,6 +113,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--smoke", action="store_true", help="smallest size, one round (seconds)")
+    ap.add_argument("--ridge-only", action="store_true",
+                    help="only the spectral probes and the ridge readout (no logistic, kNN, "
+                         "class RankMe, uniformity)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.n, args.d, args.classes, args.batch, args.repeats = 400, 32, 4, 128, 1
@@ -113,22 +132,28 @@ def main(argv: list[str] | None = None) -> None:
         "linear_probe": streamed(["linear_probe"], x, y, args.batch),
         "rankme + alpha_req + linear_probe": streamed(["rankme", "alpha_req", "linear_probe"],
                                                       x, y, args.batch),
+        "rankme + alpha_req + linear_probe (unshared)": streamed(
+            ["rankme", "alpha_req", unshared_linear_probe()], x, y, args.batch),
         "logistic_probe": lambda: R.logistic_probe(x, y),
         "knn_accuracy (k=20, cosine)": lambda: R.knn_accuracy(x, y, k=20),
         "class_rankme": lambda: R.class_rankme(x, y),
         "uniformity": lambda: R.uniformity(x),
     }
+    if args.ridge_only:
+        routes = {k: v for k, v in routes.items() if "rankme + " in k or k == "linear_probe"}
     for fn in routes.values():  # warm-up: imports, allocator, BLAS
         fn()
     res = interleaved(routes, device, args.repeats)
     print(f"\nn={args.n} d={args.d} C={args.classes} batch={args.batch}, median of "
           f"{args.repeats} interleaved rounds")
-    print(f"{'route':40s} {'wall ms':>10s} {'ratio':>8s}")
+    print(f"{'route':46s} {'wall ms':>10s} {'ratio':>8s}")
     for route, (wall, ratio) in res.items():
-        print(f"{route:40s} {wall * 1e3:10.1f} {ratio:7.2f}×")
+        print(f"{route:46s} {wall * 1e3:10.1f} {ratio:7.2f}×")
     base = res["rankme + alpha_req (baseline)"][0]
     both = res["rankme + alpha_req + linear_probe"][0]
-    print(f"\nthe ridge readout adds {both / base - 1:+.0%} to the spectral probes' time")
+    own = res["rankme + alpha_req + linear_probe (unshared)"][0]
+    print(f"\nthe ridge readout adds {both / base - 1:+.0%} to the spectral probes' time "
+          f"(sharing their moments; {own / base - 1:+.0%} when it forms its own scatter)")
     print(f"load after: {_loadavg()}")
 
 

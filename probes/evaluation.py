@@ -8,7 +8,9 @@ forward pass and the model probes; its worker computes the feature probes):
    ``sink``) feeds each batch of a layer's features (and its labels) into the shared
    accumulators — one per accumulator *name* and layer, so RankMe, alpha-ReQ and the effective
    ranks read one float64 second moment and its eigenvalues are computed once, and NC1–NC4 and
-   CDNV read one set of class statistics;
+   CDNV read one set of class statistics; an accumulator that ``shares`` another (the ridge
+   readout's ``"readout"`` shares ``"spectrum"``) reads that one's state when both are in the
+   plan, and keeps only its extra statistics;
 2. :meth:`ProbePlan.layer_values` → the per-layer probes' values from that state;
    :meth:`ProbePlan.parameter_values` → the ``parameters`` probes' values from the weights;
    :meth:`ProbePlan.model_values` → the ``model`` probes' values;
@@ -321,8 +323,21 @@ class ProbePlan:
     # -- 1. streaming ----------------------------------------------------------------------
     def start(self) -> dict[str, LayerState]:
         """Fresh streaming state for every layer."""
-        return {layer: LayerState({a: ACCUMULATORS[a].factory() for a in self.accumulator_names})
-                for layer in self.layers}
+        return {layer: self._layer_state() for layer in self.layers}
+
+    def _layer_state(self) -> LayerState:
+        """One layer's accumulators; one that ``shares`` another accumulator of the plan
+        receives it (created first) instead of forming the same statistic again."""
+        accs: dict[str, Any] = {}
+        for name in self.accumulator_names:
+            shared = ACCUMULATORS[name].shares
+            if shared is not None and shared in self.accumulator_names:
+                if shared not in accs:
+                    accs[shared] = ACCUMULATORS[shared].factory()
+                accs[name] = ACCUMULATORS[name].factory(shared=accs[shared])
+            elif name not in accs:
+                accs[name] = ACCUMULATORS[name].factory()
+        return LayerState({name: accs[name] for name in self.accumulator_names})
 
     def update(self, state: Mapping[str, LayerState], layer: str, features: Any,
                labels: Any = None) -> None:

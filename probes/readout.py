@@ -41,11 +41,13 @@ another split).
 held-out rows (needed to score the readout: ``≈ held_out·n·d``) and at most ``max_train_rows``
 training rows (for the training accuracy and the exact leave-one-out choice).
 
-**Cost**: the plan (:class:`probes.evaluation.ProbePlan`) gives each accumulator its own
-state, so in a plan with RankMe or alpha-ReQ the ``"readout"`` accumulator forms the training
-split's scatter beside the ``"spectrum"`` accumulator's scatter of all samples: listing
-``linear_probe`` next to RankMe + alpha-ReQ about doubles their time (``benchmarks/readout.py``).
-:meth:`probes.spectral.SpectrumAccumulator.moments` is the statistic both read.
+**Cost**: the ``"readout"`` accumulator ``shares`` the ``"spectrum"`` accumulator
+(:class:`~probes.registry.Accumulator`): in a plan with RankMe, alpha-ReQ or another spectral
+probe, it reads the float64 moments of all samples
+(:meth:`probes.spectral.SpectrumAccumulator.moments`) and removes the held-out rows' share,
+forming only their scatter (``≈ held_out`` of the spectral probes' ``n·d²``) besides its class
+sums; alone, it forms the training split's scatter itself (``benchmarks/readout.py`` measures
+both).
 
 **Warm start** of the logistic readout: :func:`fit_logistic` takes ``init=(W, b)``; the
 registered probe starts from zero at each evaluation, because the probe plumbing keeps no
@@ -189,18 +191,36 @@ class ReadoutAccumulator:
         Seed of the split.
     max_train_rows : int
         How many training rows to keep (0: none; the training accuracy is then NaN).
+    shared : SpectrumAccumulator, optional
+        A float64 accumulator fed the *same* batches (all samples, both splits) by its owner
+        — in a :class:`~probes.evaluation.ProbePlan`, the ``"spectrum"`` accumulator of the
+        spectral probes.  The training split's statistics are then read from it instead of
+        being formed again: with ``n``, ``z̄``, ``M₂`` of all samples and the held-out rows
+        (``n_h``, mean ``h̄``, centred scatter ``S_h``), the training split has ``n_t = n −
+        n_h``, ``x̄ = z̄ + (n_h/n_t)(z̄ − h̄)`` and, inverting Chan, Golub & LeVeque's (1979)
+        pairwise merge,
+
+        .. math:: X_c^\top X_c = M_2 - S_h - \frac{n_t n_h}{n}(\bar x - \bar h)
+                  (\bar x - \bar h)^\top,
+
+        so only the held-out rows' scatter (``≈ held_out`` of the cost) is formed here.
     """
 
-    def __init__(self, held_out: float = 0.25, seed: int = 0,
-                 max_train_rows: int = 4096) -> None:
+    def __init__(self, held_out: float = 0.25, seed: int = 0, max_train_rows: int = 4096,
+                 shared: SpectrumAccumulator | None = None) -> None:
         held_out_mask(np.zeros(1), held_out, seed)  # validates held_out
         self.held_out, self.seed, self.max_train_rows = float(held_out), int(seed), \
             int(max_train_rows)
+        if shared is not None and shared.batch_dtype != STAT_DTYPE:
+            raise ValueError("the shared accumulator must form its products in float64 "
+                             f"(batch_dtype=torch.float64); it uses {shared.batch_dtype}")
+        self.shared = shared
         self.reset()
 
     def reset(self) -> None:
+        """Forget everything seen so far (a shared accumulator is its owner's to reset)."""
         self.n_seen = 0
-        self.train = SpectrumAccumulator()
+        self.train = SpectrumAccumulator() if self.shared is None else None
         self.d: int | None = None
         self._shift: torch.Tensor | None = None
         self._index: dict[int, int] = {}  # label → row of _sums
@@ -223,19 +243,21 @@ class ReadoutAccumulator:
         elif x.shape[1] != self.d:
             raise ValueError(f"batch has {x.shape[1]} features; earlier batches had {self.d}")
         x = x.to(STAT_DTYPE)
-        self._nonfinite.mark(~torch.isfinite(x).all())  # read once, at compute
         b = x.shape[0]
         held = torch.from_numpy(held_out_mask(np.arange(self.n_seen, self.n_seen + b),
                                               self.held_out, self.seed))
         self.n_seen += b
         held_d = held.to(x.device)
+        if self.shared is None:  # a shared accumulator checks every row it is fed
+            self._nonfinite.mark(~torch.isfinite(x).all())  # read once, at compute
         if bool(held.any()):
             self._held_x.append(x[held_d])
             self._held_y.append(y[held])
         xt, yt = x[~held_d], y[~held]
         if xt.shape[0] == 0:
             return self
-        self.train.update(xt)
+        if self.train is not None:
+            self.train.update(xt)
         if self._shift is None:
             self._shift = xt.mean(0)
         uniq, inv = torch.unique(yt, return_inverse=True)
@@ -281,6 +303,8 @@ class ReadoutAccumulator:
         """``(reason, None)`` when no readout can be fitted, else ``(None, statistics)``."""
         if self.n_seen == 0:
             raise ValueError("no samples were accumulated: call update(features, labels) first")
+        if self.shared is not None:
+            self._nonfinite.mark(self.shared._nonfinite)
         if bool(self._nonfinite):
             return "features are not finite (NaN or Inf): the readout is NaN", None
         n = self.n_train
@@ -294,7 +318,7 @@ class ReadoutAccumulator:
         if not self._held_x:
             return (f"no sample was held out (held_out={self.held_out}, {self.n_seen} "
                     "samples): the held-out scores are NaN"), None
-        n_, mean, scatter = self.train.moments()
+        mean, scatter = self._train_moments()
         counts = torch.tensor([self._counts[c] for c in classes], dtype=STAT_DTYPE,
                               device=mean.device)
         # X_cᵀY_c[:, c] = Σ_{i∈c} x_i − n_c x̄ = Σ_{i∈c}(x_i − shift) − n_c (x̄ − shift)
@@ -304,6 +328,26 @@ class ReadoutAccumulator:
         ybar = counts / n
         yty = float((counts - counts * counts / n).sum())  # tr(Y_cᵀY_c)
         return None, (classes, n, mean, scatter, xty, ybar, yty)
+
+    def _train_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training split's float64 mean and centred scatter ``X_cᵀX_c``: from its own
+        accumulator, or from the shared moments of all samples less the held-out rows'."""
+        if self.shared is None:
+            return self.train.moments()[1:]
+        n, mean_all, m2 = self.shared.moments()
+        if n != self.n_seen:
+            raise ValueError(f"the shared accumulator has seen {n} samples and the readout "
+                             f"{self.n_seen}: both must be fed the same batches")
+        h = torch.cat(self._held_x).to(m2.device)
+        n_h = h.shape[0]
+        n_t = n - n_h
+        h_mean = h.mean(0)
+        hc = h - h_mean
+        mean = mean_all + (mean_all - h_mean) * (n_h / n_t)
+        delta = mean - h_mean
+        scatter = m2 - hc.T @ hc
+        scatter.add_(torch.outer(delta, delta), alpha=-n_t * n_h / n)
+        return mean, (scatter + scatter.T) / 2
 
     def fit_ridge(self, ridge: float | None = None,
                   ridges: Sequence[float] = DEFAULT_RIDGES, criterion: str = "gcv"
@@ -811,7 +855,7 @@ class _SplitReader:
 
         register_accumulator(Accumulator(self.name, partial(
             ReadoutAccumulator, self.held_out, self.seed, self.max_train_rows),
-            needs_labels=True))
+            needs_labels=True, shares="spectrum"))
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -848,7 +892,8 @@ def register_probes() -> None:
         register_accumulator,
     )
 
-    register_accumulator(Accumulator("readout", ReadoutAccumulator, needs_labels=True))
+    register_accumulator(Accumulator("readout", ReadoutAccumulator, needs_labels=True,
+                                     shares="spectrum"))
     # the defaults are bound, so that every Dataset states them (attribute ``parameters``)
     register(Probe("linear_probe", "labelled_features",
                    {k: Variable(*v) for k, v in LINEAR_VARIABLES.items()}, SOURCE,

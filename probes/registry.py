@@ -162,6 +162,11 @@ class Accumulator:
     ``prepare(views)``, if given, receives the views of every layer of one evaluation before
     any probe reads them, so work shared across layers (a batched eigensolve of all layers'
     d × d statistics, on the device where small solves are fastest) can be done together.
+    ``shares``, if given, names another accumulator whose state this one can read instead of
+    forming the same statistic again: when that accumulator is in the plan too (a probe
+    reads it), the plan creates it first and calls ``factory(shared=that_accumulator)``; the
+    two are fed the same batches.  Otherwise ``factory()`` is called and the accumulator
+    keeps its own state.
     """
 
     name: str
@@ -169,6 +174,7 @@ class Accumulator:
     view: Callable[[Any], Any] = lambda acc: acc  # noqa: E731 - the identity
     needs_labels: bool = False
     prepare: Callable[[list[Any]], None] | None = None
+    shares: str | None = None
 
 
 @dataclass(frozen=True, eq=False)

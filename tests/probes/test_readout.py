@@ -133,6 +133,68 @@ def test_streamed_statistics_equal_all_at_once():
         assert_rel(vb[k], va[k], 1e-10, k)
 
 
+@pytest.mark.parametrize("n,d", [(300, 16), (40, 60)])  # moments, and rows kept (n < d)
+def test_shared_spectrum_moments_give_the_training_scatter(n, d):
+    from traindyn.probes.spectral import SpectrumAccumulator
+
+    x, y = _blobs(n=n, d=d, c=3, offset=50.0)  # a large mean: cancellation would show
+    xt, yt, xh, yh = _train_held(x, y)
+    spectrum = SpectrumAccumulator()
+    shared = R.ReadoutAccumulator(shared=spectrum)
+    for lo, hi in [(0, 7), (7, 23), (23, n)]:
+        spectrum.update(x[lo:hi])
+        shared.update(x[lo:hi], y[lo:hi])
+    assert shared.train is None  # no scatter of its own
+    mean, scatter = shared._train_moments()
+    xm = xt.mean(0)
+    assert_rel(mean.numpy(), xm, 1e-12, "training mean")
+    assert_rel(scatter.numpy(), (xt - xm).T @ (xt - xm), 1e-10, "training scatter")
+    lam = 0.7
+    fit = shared.fit_ridge(ridge=lam)
+    onehot = np.eye(3)[yt]
+    w_np = np.linalg.solve((xt - xm).T @ (xt - xm) + lam * np.eye(d),
+                           (xt - xm).T @ (onehot - onehot.mean(0)))
+    assert_rel(fit.weight.numpy(), w_np, 1e-8, "weights vs numpy.linalg.solve")
+    own = R.ReadoutAccumulator().update(x, y)
+    a, b = own.fit_ridge(), shared.fit_ridge()  # the grid scales with tr(X_cᵀX_c)/d
+    assert np.argmin(a.scores) == np.argmin(b.scores)
+    assert_rel(b.ridge, a.ridge, 1e-12, "ridge")
+    for k, v in own.compute().items():
+        assert_rel(shared.compute()[k], v, 1e-10, k)
+    spectrum.update(x[:5])  # the two no longer saw the same rows
+    with pytest.raises(ValueError, match="same batches"):
+        shared.compute()
+    with pytest.raises(ValueError, match="float64"):
+        R.ReadoutAccumulator(shared=SpectrumAccumulator(batch_dtype=None))
+
+
+def test_plan_hands_the_spectrum_accumulator_to_the_readout():
+    from traindyn.probes.evaluation import ProbePlan
+
+    x, y = _blobs(n=200, d=10, c=4)
+    alone = ProbePlan(["linear_probe"], ["a"])
+    with_spectra = ProbePlan(["linear_probe", "rankme"], ["a"])
+    st = with_spectra.start()["a"].accumulators
+    assert st["readout"].shared is st["spectrum"]
+    assert alone.start()["a"].accumulators["readout"].shared is None
+    direct = R.linear_probe(x, y)
+    a = alone.layer_values(alone.accumulate({"a": x}, y)).layer_values
+    state = with_spectra.start()
+    for lo in range(0, 200, 30):
+        with_spectra.update(state, "a", x[lo:lo + 30], y[lo:lo + 30])
+    b = with_spectra.layer_values(state).layer_values
+    for k, v in direct.items():
+        assert_rel(a[k]["a"], v, 1e-10, k)
+        assert_rel(b[k]["a"], v, 1e-10, k)
+    assert_rel(b["rankme"]["a"], rankme(x), 1e-10, "rankme")
+    bad = x.copy()
+    bad[3, 2] = np.nan  # a training row: only the shared accumulator sees it
+    assert not R.held_out_mask(np.arange(4), 0.25, 0)[3]
+    out = with_spectra.layer_values(with_spectra.accumulate({"a": bad}, y))
+    assert math.isnan(out.layer_values["linear_probe_accuracy"]["a"])
+    assert any("not finite" in note for note in out.layer_notes["a"])
+
+
 # ------------------------------------------------------------------------ logistic
 def test_logistic_matches_sklearn_with_matched_regularisation():
     from sklearn.linear_model import LogisticRegression
