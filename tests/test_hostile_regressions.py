@@ -24,3 +24,24 @@ def test_theory_kernel_flow_is_the_function_after_its_submodule_is_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert float(out) < 1e-12
+
+
+def test_report_never_replaces_a_page_it_did_not_write(tmp_path):
+    """``write_report(run, "index.html")`` over a user's own page: refused, the page kept
+    byte for byte; over its own page, or with ``overwrite=True``: written (the new page holds
+    the run's value, read back from the HTML)."""
+    import pytest
+    import xarray as xr
+    from traindyn.dynamics.report import write_report
+
+    ds = xr.Dataset({"rankme": (("step", "layer"), [[3.25], [7.125]])},
+                    coords={"step": [0, 10], "layer": ["fc"], "time": ("step", [0.0, 1.0])})
+    html = tmp_path / "index.html"
+    html.write_text("<html>my homepage</html>")
+    with pytest.raises(FileExistsError, match="did not write"):
+        write_report(ds, html)
+    assert html.read_text() == "<html>my homepage</html>"
+    write_report(ds, html, overwrite=True)
+    assert "7.125" in html.read_text()
+    write_report(ds.assign(rankme=ds["rankme"] * 2), html)  # its own page: replaced
+    assert "14.25" in html.read_text()
