@@ -1012,11 +1012,11 @@ def _analyze(folder: Path, fac: str, xfile: Path, out: Path, *more: str
                 "-o", str(out), *more])
 
 
-def _read_rankme(out: Path, step: int) -> float:
+def _read_rankme(out: Path, step: int, layer: str = "0") -> float:
     import xarray as xr
 
     with xr.open_dataset(out) as ds:
-        return float(ds["rankme"].sel(step=step, layer="0").squeeze())
+        return float(ds["rankme"].sel(step=step, layer=layer).squeeze())
 
 
 @case("folder of state dicts + factory", "traindyn analyze, uint8-scale .npy inputs → rankme")
@@ -1243,7 +1243,7 @@ def case_cli_trainer_values(tmp: Path) -> Result:
     model = GPT2Model.from_pretrained(run / "checkpoint-10").double()
     f = ref_features(model, {"input_ids": ids, "attention_mask": mask}, ["h.0"], reduce="mean",
                      mask=mask)["h.0"]
-    return judge(_read_rankme(out, 10), np_rankme(f), [], rtol=1e-7)
+    return judge(_read_rankme(out, 10, "h.0"), np_rankme(f), [], rtol=1e-7)
 
 
 def _lightning(path: Path, model_state: dict, ema_state: dict) -> None:

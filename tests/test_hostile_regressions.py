@@ -90,6 +90,8 @@ def test_analyze_refuses_sequences_longer_than_the_position_table():
         model(**long)
     with pytest.raises(ValueError, match=r"12 tokens.*most 8 positions \(config.*length 8"):
         check_positions(model, long)
+    with pytest.raises(ValueError, match="12 tokens"):  # byte ids: a plain tensor batch
+        check_positions(model, long["input_ids"])
     short = {"input_ids": torch.ones(2, 8, dtype=torch.long)}
     check_positions(model, short)
     assert model(**short).last_hidden_state.shape == (2, 8, 8)
