@@ -18,7 +18,7 @@ brute force).  Each case returns one class:
 ``raw traceback``       a Python traceback or a library-internal error reaches the user
 ``security``            code from a checkpoint or folder ran
 
-Run: ``python scripts/hostile_pass.py`` (about two minutes on two CPU cores); ``-k NAME``
+Run: ``python scripts/hostile_pass.py`` (about 2.5 minutes on two idle CPU cores); ``-k NAME``
 runs the cases whose name contains NAME.  Exit status 1 when a case is in one of the last
 five classes.
 """
@@ -1199,7 +1199,7 @@ def _trainer_run(tmp: Path) -> tuple[Path, Path, list[str]]:
         _hf_folder(run / f"checkpoint-{s}")
     (run / "runs").mkdir()
     (run / "trainer_state.json").write_text("{}")
-    texts = [f"sample {i}: " + "the quick brown fox " * (1 + i % 3) for i in range(12)]
+    texts = [f"sample {i}: " + "the quick brown fox " * (1 + i % 3) + "jumps" for i in range(12)]
     (tmp / "texts.txt").write_text("\n".join(texts) + "\n")
     return run, tmp / "texts.txt", texts
 
@@ -1391,6 +1391,7 @@ def main() -> int:
     ap.add_argument("--json", help="also write the table as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    from transformers import GPT2Config, GPT2Model  # noqa: F401 - imported once, not in threads
     t0 = time.perf_counter()
     chosen = [c for c in CASES if args.k in c.name]
     done: dict[str, tuple[Result, float]] = {}
