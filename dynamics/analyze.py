@@ -345,6 +345,25 @@ def _model_inputs(inputs: ProbeInputs, device: torch.device, dtype: torch.dtype)
     return x, y
 
 
+def check_positions(model: Any, inputs: Any) -> None:
+    """Refuse token sequences longer than a Hugging Face model's position table.
+
+    ``config.max_position_embeddings`` (BERT, Llama …) or ``config.n_positions`` (GPT-2):
+    longer inputs end in an ``IndexError`` from inside the embedding, which says nothing of the
+    cause."""
+    config = getattr(model, "config", None)
+    ids = inputs.get("input_ids") if isinstance(inputs, dict) else inputs
+    if (config is None or not isinstance(ids, torch.Tensor) or ids.ndim < 2
+            or ids.is_floating_point()):
+        return
+    for attr in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, attr, None)
+        if isinstance(limit, int) and 0 < limit < ids.shape[-1]:
+            raise ValueError(
+                f"the probe inputs are {ids.shape[-1]} tokens long but the model takes at most "
+                f"{limit} positions (config.{attr}); pass --max-length {limit} (max_length=)")
+
+
 def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
                        threads: int | None = None) -> dict[str, Any]:
     """Analyse one checkpoint; never raises for a bad checkpoint (status ``failed`` + reason).
@@ -387,6 +406,7 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
                     current["labels"] = (None if batch.labels is None
                                          else batch.labels.to(device))
                     cap.attention_mask = batch.mask
+                    check_positions(model, batch.inputs)
                     if isinstance(batch.inputs, dict):
                         model(**batch.inputs)
                     else:

@@ -87,8 +87,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from traindyn.dynamics.report import write_report
 
     try:
-        path = write_report(args.run, args.output, theory=args.theory, title=args.title)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+        path = write_report(args.run, args.output, theory=args.theory, title=args.title,
+                            overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
         print(f"traindyn report: error: {err}", file=sys.stderr)
         return 2
     print(f"wrote {path}")
@@ -155,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", "-o", help="the HTML file (default: RUN with .html)")
     report.add_argument("--theory", help="a theory Dataset (.nc) drawn beside the run")
     report.add_argument("--title", help="page title (default: the run's source attribute)")
+    report.add_argument("--overwrite", action="store_true",
+                        help="replace what is at --output even if traindyn report did not "
+                             "write it")
     report.set_defaults(func=_cmd_report)
 
     from traindyn.dynamics import cli_predict

@@ -212,7 +212,11 @@ def run(args: argparse.Namespace) -> int:
 
         html = args.report or (Path(args.output).with_suffix(".html") if args.output
                                else Path("analyze_report.html"))
-        print(f"wrote {write_report(ds, html)}")
+        try:
+            print(f"wrote {write_report(ds, html, overwrite=args.overwrite)}")
+        except FileExistsError as err:
+            print(f"traindyn analyze: error: {err}", file=sys.stderr)
+            return 2
     failed = int(ds.attrs.get("n_failed", 0))
     if failed:
         print(f"{failed} checkpoint(s) failed; see the table above and the 'reason' variable",

@@ -364,7 +364,7 @@ def build_report(ds: xr.Dataset, title: str | None = None, theory: xr.Dataset | 
     made = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
+        f"{GENERATOR}<title>{_esc(title)}</title><style>{_CSS}</style></head><body>"
         f"<h1>{_esc(title)}</h1>"
         f'<p class="muted">{_esc(origin) + " · " if origin else ""}{_esc(" · ".join(facts))}'
         f" · report written {made} by traindyn</p>"
@@ -374,14 +374,38 @@ def build_report(ds: xr.Dataset, title: str | None = None, theory: xr.Dataset | 
         "</body></html>\n")
 
 
+GENERATOR = '<meta name="generator" content="traindyn report">'
+"""The mark of a page this module wrote: only such a page is replaced without ``overwrite``."""
+
+
+def _check_replaceable(output: Path, overwrite: bool) -> None:
+    """Raise ``FileExistsError`` when ``output`` holds something a report did not write."""
+    import os
+
+    if overwrite or not os.path.lexists(output):
+        return
+    ours = False
+    if output.is_file() and not output.is_symlink():
+        with open(output, "rb") as handle:
+            ours = GENERATOR.encode() in handle.read(4096)
+    if not ours:
+        what = ("a symbolic link" if output.is_symlink() else
+                "a folder" if output.is_dir() else "a file")
+        raise FileExistsError(
+            f"{output} holds {what} that traindyn report did not write; refusing to replace "
+            "it: pass overwrite=True (--overwrite on the command line) or choose another path")
+
+
 def write_report(run: str | Path | xr.Dataset, output: str | Path | None = None,
-                 theory: str | Path | xr.Dataset | None = None, title: str | None = None
-                 ) -> Path:
+                 theory: str | Path | xr.Dataset | None = None, title: str | None = None,
+                 overwrite: bool = False) -> Path:
     """Write the HTML report of ``run`` (a path or a Dataset) to ``output`` (default: the
     run's path with the suffix ``.html``; required for a Dataset).  Returns its path.
 
     The page is written to a temporary file beside ``output`` and renamed into place, so a
-    reader never sees half a page."""
+    reader never sees half a page.  An ``output`` that holds anything but a page written by
+    this function (a user's own ``index.html``, a folder, a link) is refused with
+    ``FileExistsError`` unless ``overwrite=True``."""
     import os
     import tempfile
 
@@ -399,6 +423,7 @@ def write_report(run: str | Path | xr.Dataset, output: str | Path | None = None,
         theory = load_run(theory)
     page = build_report(ds, title=title, theory=theory, origin=origin)
     output = Path(output)
+    _check_replaceable(output, overwrite)
     output.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
     try:

@@ -52,6 +52,13 @@ def batch_coupled_modules(model: nn.Module) -> list[str]:
     return out
 
 
+def active_dropout_modules(model: nn.Module) -> list[str]:
+    """Names of Dropout modules in training mode with ``p > 0``: each forward pass draws a new
+    random mask, so Jacobians taken in separate passes belong to different networks."""
+    return [name or type(m).__name__ for name, m in model.named_modules()
+            if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+
+
 def select_parameters(model: nn.Module, params: ParamSpec = None) -> dict[str, nn.Parameter]:
     """Resolve a parameter subset to ``{name: parameter}`` (tied parameters appear once).
 

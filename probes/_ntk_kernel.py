@@ -15,6 +15,7 @@ from traindyn.probes import _ntk_engines as _eng
 from traindyn.probes._arrays import ArrayLike
 from traindyn.probes._ntk_common import (
     ParamSpec,
+    active_dropout_modules,
     batch_coupled_modules,
     device_dtype,
     prepare_input,
@@ -24,6 +25,11 @@ from traindyn.probes._ntk_common import (
 
 METHODS = ("auto", "jacobian", "ntk_vp", "structured")
 Output = Literal["trace", "mean", "full"]
+
+
+def _abbrev(names: list[str], limit: int = 6) -> str:
+    return str(names[:limit])[:-1] + (f", … ({len(names)} in all)]" if len(names) > limit
+                                      else "]")
 
 
 def _first_layer(model: nn.Module) -> nn.Module | None:
@@ -92,6 +98,12 @@ def ntk_kernel(model: nn.Module, x1: ArrayLike, x2: ArrayLike | None = None, *,
     same = x2 is None
     x2 = x1 if same else prepare_input(x2, device, dtype)
     coupled = batch_coupled_modules(model)
+    dropout = active_dropout_modules(model)
+    if dropout:
+        raise ValueError(
+            f"modules {_abbrev(dropout)} are Dropout in train mode: every pass draws a new "
+            "random mask, so the kernel would mix Jacobians of different networks. Call "
+            "model.eval() (the NTK of the trained network) first.")
     with torch.enable_grad(), requires_grad(chosen.values()):
         if coupled:
             if per_sample:

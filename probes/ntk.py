@@ -20,7 +20,9 @@ parameters, the rest by Jacobian contraction) live in :mod:`probes._ntk_engines`
 Per-sample methods assume that samples do not interact.  A model with BatchNorm in training
 mode couples the batch: it is refused with a clear message (switch to ``model.eval()``), or,
 with ``per_sample=False``, the kernel of the batch map ``X ↦ f(X)`` is computed without vmap by
-one backward pass per output entry (running statistics restored afterwards).
+one backward pass per output entry (running statistics restored afterwards).  Dropout in
+training mode draws a new mask in every pass, so Jacobians would come from different networks:
+it is refused too (call ``model.eval()``).
 
 Memory: ``chunk_size`` samples per block (default: chosen from free memory).  Peak memory is the
 kernel itself, the per-sample factors (``n·k·width`` per layer for ``"structured"``), and one

@@ -30,6 +30,8 @@ torch.  ``from theory import X`` and ``theory.X`` work for every name in ``__all
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -175,3 +177,18 @@ __all__ = [
     "time_to_strength",
     "two_layer_solution",
 ]
+
+
+class _Package(types.ModuleType):
+    """``theory`` itself: a submodule named like the function it exports
+    (``theory.kernel_flow``) must not replace that function when it is imported (the import
+    system sets the submodule as an attribute of the package)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if (isinstance(value, types.ModuleType) and _EXPORTS.get(name) == name
+                and value.__name__ == f"traindyn.theory.{name}"):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
