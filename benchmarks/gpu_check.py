@@ -301,7 +301,7 @@ def monitor_parity(device: str, n: int = 2048, width: int = 256) -> tuple[float,
     its process mode (probes on the CPU, from features captured on ``device``), and between
     two synchronous runs.  Each Monitor runs its own float32 forward pass, so the second
     number is the floor set by the device's forward pass alone (cuBLAS/cuDNN may sum in
-    another order from one call to the next); issue #16 asks that the modes agree to float64
+    another order from one call to the next); the target is that the modes agree to float64
     round-off or that the gap be explained — a first number at the level of the second is the
     forward pass, not the mode."""
     from torch import nn
@@ -336,7 +336,7 @@ def host_syncs(device: str = "cuda", width: int = 256) -> tuple[int, list[str]]:
     alpha-ReQ, neural collapse and weight spectra of two 256-wide layers), counted by torch's
     CUDA sync debug mode; returns the count and where they were made (file:line, distinct).
 
-    Expected (issue #16): one read of the feature probes' values and one of the parameter
+    Expected: one read of the feature probes' values and one of the parameter
     probes' (:mod:`probes._pending`), plus the waits no Python code can avoid — torch's
     LAPACK ``info`` check after each batched CUDA eigensolve / SVD, or the copy of a small
     matrix to the CPU where :mod:`probes._solve` places its solve.  The CPU test

@@ -264,7 +264,7 @@ def _report(r: dict, args: argparse.Namespace) -> None:
     floor = r["parts"][FLOOR_FORWARD] + r["parts"][FLOOR_SOLVES]
     print(f"  in-run cost per synchronous evaluation {per_eval * 1e3:.2f} ms; its floor "
           f"(forward pass + the unavoidable solves, measured above) {floor * 1e3:.2f} ms: "
-          f"{per_eval / floor:.2f}× the floor (issue #16 target on a GPU: ≤ 12 ms)")
+          f"{per_eval / floor:.2f}× the floor (target on a GPU: ≤ 12 ms)")
     counts = ", ".join(f"n={n}: {1 + n * per_eval / base:.3f}" for n in (10, 20, 40, 100, 400))
     print(f"  synchronous ratio(n) = 1 + n·t_eval/t_run: {counts}")
     print(f"  evaluations that fit a 5% budget: {int(0.05 * base / per_eval)}; "

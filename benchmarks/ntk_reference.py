@@ -14,9 +14,9 @@ names in ``names``).  It rebuilds the same function in neural-tangents' *own* la
 out)`` and applied as ``x @ W``, convolutions in ``NHWC`` with ``HWIO`` kernels, the attention
 projections as three ``(d, d)`` matrices.  The conversion is done once, before timing; the
 kernel in function space does not depend on how the parameters are laid out, so the kernels
-of both sides are compared entry by entry.  (An earlier version kept torch's ``(out, in)``
-layout and wrote ``x @ W.T``; neural-tangents' structured rules do not see through the
-transpose, which made its structured method 100× slower than it is.)
+of both sides are compared entry by entry.  (Keeping torch's ``(out, in)`` layout and writing
+``x @ W.T`` would be unfair to neural-tangents: its structured rules do not see through the
+transpose, which makes its structured method 100× slower than it is.)
 
 Writes a JSON list of ``{"method", "seconds" (median), "best", "cpu" (best process CPU time),
 "kernel_file"}`` over repeats (at least ``repeats``, up to 60 within ~2 s in all, as many as

@@ -1,4 +1,4 @@
-"""A hostile pass over traindyn on real models and real folders.
+"""An adversarial campaign over traindyn on real models and real folders.
 
 Each case builds a real structure (the zoo of ``tests/_zoo.py``: torchvision's ResNet-18 and
 VGG-11, a ViT, GPT-2 / BERT from ``transformers`` configurations, an MLP with in-place ReLUs
@@ -14,7 +14,7 @@ brute force).  Each case returns one class:
 ``NaN + warning``       NaN, and a warning says why
 ``NaN without warning`` NaN and no word
 ``silent wrong``        a number that disagrees with the reference, no word
-``data lost``           a file traindyn did not write was removed or replaced
+``data lost``           a file traindyn did not write is gone or overwritten
 ``raw traceback``       a Python traceback or a library-internal error reaches the user
 ``security``            code from a checkpoint or folder ran
 

@@ -1,4 +1,4 @@
-"""Regressions found by the hostile pass (``scripts/hostile_pass.py``) on real structures,
+"""Regressions found by the adversarial campaign (``scripts/hostile_pass.py``) on real structures,
 each against an independent reference."""
 
 from __future__ import annotations
