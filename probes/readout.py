@@ -129,6 +129,10 @@ def held_out_mask(index: ArrayLike, held_out: float = 0.25, seed: int = 0) -> np
 
 
 def _labels_host(labels: ArrayLike, n: int) -> torch.Tensor:
+    if isinstance(labels, (list, tuple, np.ndarray)) and np.asarray(labels).dtype.kind in "USO":
+        raise TypeError("labels must be integer class indices; got class names "
+                        f"({np.asarray(labels).dtype}): map them to 0…C−1 first, e.g. with "
+                        "numpy.unique(labels, return_inverse=True)")
     y = as_tensor(labels)
     if y.device.type != "cpu":
         y = y.cpu()
@@ -687,11 +691,14 @@ def _unit(z: ArrayLike, name: str) -> torch.Tensor | None:
     if not bool(torch.isfinite(t).all()):
         _warn(f"{name} are not finite (NaN or Inf): NaN")
         return None
-    norms = t.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):
+    # each row scaled by its largest entry first: its norm then neither overflows (rows at
+    # 1e200) nor underflows, and the direction is unchanged
+    peak = t.abs().amax(dim=1, keepdim=True)
+    if bool((peak == 0).any()):
         _warn(f"{name} have an all-zero row, which has no direction on the sphere: NaN")
         return None
-    return t / norms
+    t = t / peak
+    return t / t.norm(dim=1, keepdim=True)
 
 
 def alignment(z1: ArrayLike, z2: ArrayLike, alpha: float = 2.0) -> float:

@@ -486,3 +486,19 @@ def test_benchmark_runs_at_smoke_size():
     out = subprocess.run([sys.executable, "benchmarks/readout.py", "--smoke"], cwd=ROOT,
                          env=child_env(), capture_output=True, text=True, check=True).stdout
     assert "rankme + alpha_req (baseline)" in out and "load after" in out
+
+
+def test_uniformity_of_rows_at_1e200_equals_the_unit_scale_value():
+    """Rows at 1e200: l2 normalisation must not overflow (their norm squared is inf)."""
+    from traindyn.probes.readout import uniformity
+
+    z = np.random.default_rng(3).standard_normal((40, 6))
+    assert uniformity(z * 1e200) == pytest.approx(uniformity(z), rel=1e-12)
+
+
+def test_readouts_refuse_class_names_with_a_clear_error():
+    from traindyn.probes.readout import class_rankme
+
+    z = np.random.default_rng(4).standard_normal((12, 5))
+    with pytest.raises(TypeError, match="integer class indices"):
+        class_rankme(z, np.array(["cat", "dog"] * 6))
