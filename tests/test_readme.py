@@ -48,6 +48,11 @@ def _stand_ins() -> dict:
     }
 
 
+def test_readme_images_exist():
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text(encoding="utf-8"))
+    assert links and all((README.parent / link).is_file() for link in links), links
+
+
 def test_readme_has_python_snippets():
     assert len(_snippets()) >= 1
 
