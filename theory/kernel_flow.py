@@ -75,7 +75,7 @@ import xarray as xr
 from traindyn.theory._dataset import theory_attrs
 from traindyn.theory._validate import (
     count,
-    float_array,
+    finite_array,
     nonnegative_scalar,
     positive_scalar,
 )
@@ -101,16 +101,9 @@ def _choice(value: Any, name: str, options: tuple[str, ...]) -> str:
     return value
 
 
-def _finite(value: Any, name: str) -> np.ndarray:
-    arr = float_array(value, name)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite (it has NaN or inf entries)")
-    return arr
-
-
 def _kernel(kernel: Any, name: str, tol: float) -> tuple[np.ndarray, int | None]:
     """The train kernel as an (N, N) symmetric matrix and ``k`` (``None``: shared outputs)."""
-    K = _finite(kernel, name)
+    K = finite_array(kernel, name)
     if K.ndim == 2 and K.shape[0] == K.shape[1] and K.shape[0] > 0:
         mat, k = K, None
     elif K.ndim == 4 and K.shape[0] == K.shape[1] > 0 and K.shape[2] == K.shape[3] > 0:
@@ -156,7 +149,7 @@ def _check_psd(mat: np.ndarray, name: str, tol: float) -> None:
 
 
 def _outputs(value: Any, name: str, rows: int, k: int | None) -> np.ndarray:
-    arr = _finite(value, name)
+    arr = finite_array(value, name)
     if arr.ndim == 1:
         arr = arr[:, None]
     if arr.ndim != 2 or arr.shape[0] != rows or (k is not None and arr.shape[1] != k):
@@ -168,7 +161,7 @@ def _outputs(value: Any, name: str, rows: int, k: int | None) -> np.ndarray:
 
 def _labels(value: Any, name: str, rows: int, k: int | None, loss: str) -> np.ndarray:
     """Targets as an (rows, k) array: regression targets, or class probabilities for CE."""
-    arr = _finite(value, name)
+    arr = finite_array(value, name)
     if loss == "mse":
         return _outputs(arr, name, rows, k)
     if arr.ndim == 1:
@@ -188,7 +181,7 @@ def _labels(value: Any, name: str, rows: int, k: int | None, loss: str) -> np.nd
 
 
 def _steps(steps: Any, start: int, dynamics: str) -> np.ndarray:
-    arr = np.atleast_1d(_finite(steps, "steps"))
+    arr = np.atleast_1d(finite_array(steps, "steps"))
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"steps must be a non-empty 1-D array of training steps; got shape "
                          f"{arr.shape}")
@@ -229,7 +222,7 @@ class _Problem:
         self.m = 0
         self.Kt = self.Yt = self.F0t = None
         if kernel_test_train is not None:
-            Kt = _finite(kernel_test_train, "kernel_test_train")
+            Kt = finite_array(kernel_test_train, "kernel_test_train")
             want = (n, k, k) if self.full else (n,)
             if Kt.ndim != 1 + len(want) or Kt.shape[1:] != want:
                 shape = ", ".join(map(str, want))
