@@ -14,6 +14,8 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from traindyn.dynamics._cli_common import run_subcommand
+
 __all__ = ["add_parser", "main", "run"]
 
 _EPILOG = """\
@@ -225,11 +227,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``analyze`` on its own: ``python -m dynamics.cli_analyze PATH …``."""
-    parser = argparse.ArgumentParser(prog="traindyn")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["analyze", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """Run ``analyze`` on its own: ``python -m traindyn.dynamics.cli_analyze PATH …``."""
+    return run_subcommand("analyze", add_parser, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from traindyn.dynamics._cli_common import run_subcommand
+
 __all__ = ["add_parser", "run"]
 
 _EPILOG = """\
@@ -185,10 +187,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``predict`` on its own: ``python -m traindyn.dynamics.cli_predict PATH …``."""
-    parser = argparse.ArgumentParser(prog="traindyn")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["predict", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return run_subcommand("predict", add_parser, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
