@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from tests import _tiny_models as tiny
+
 __all__ = ["ZOO", "Entry", "bert", "gpt2", "mlp", "resnet18", "shared", "vgg11", "vit"]
 
 
@@ -212,8 +214,7 @@ def bert() -> nn.Module:
 # --------------------------------------------------------------- small models
 def mlp(d_in: int = 16, width: int = 24, classes: int = 4) -> nn.Module:
     """Linear → ReLU(inplace) → Dropout → Linear → ReLU(inplace) → Linear."""
-    return nn.Sequential(nn.Linear(d_in, width), nn.ReLU(inplace=True), nn.Dropout(0.2),
-                         nn.Linear(width, width), nn.ReLU(inplace=True), nn.Linear(width, classes))
+    return tiny.mlp(d_in, width, width, classes, inplace=True, dropout=0.2)
 
 
 class Shared(nn.Module):

@@ -19,6 +19,7 @@ from traindyn.dynamics.recipes import (
     train_tiny_lm,
 )
 
+from tests._tiny_models import mlp
 from traindyn import probes, theory
 
 _EIGS = np.arange(1, 201, dtype=float) ** -1.5
@@ -76,26 +77,19 @@ PRODUCERS = {
 }
 
 
-def _small_model():
-    import torch
-
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
-
-
 def _invariance():
     from functools import partial
 
     from traindyn.probes.invariance import cyclic_shift, invariance_scores
 
-    return invariance_scores(_small_model(), _FEATS.astype(np.float32),
+    return invariance_scores(mlp(8, 6, 2, act="tanh", seed=0), _FEATS.astype(np.float32),
                              (partial(cyclic_shift), [1, 2]), layers=["1"], dim="shift")
 
 
 def _lie():
     from traindyn.probes.invariance import lie_derivative_scores, translate
 
-    return lie_derivative_scores(_small_model(), _FEATS.astype(np.float32),
+    return lie_derivative_scores(mlp(8, 6, 2, act="tanh", seed=0), _FEATS.astype(np.float32),
                                  {"translate": translate}, layers=["1", "2"])
 
 

@@ -20,6 +20,7 @@ from traindyn.dynamics.monitor import Monitor
 from traindyn.probes.evaluation import ProbePlan, ReferenceBook, evaluate
 from traindyn.probes.registry import PROBES, Probe, Variable, get_probe, register
 
+from tests._tiny_models import Wrapped, mlp
 from tests.helpers import ROOT, assert_rel, child_env
 from traindyn import probes
 
@@ -67,19 +68,9 @@ def user_probes():
     PROBES.pop(WEIGHT_MOTION.name, None)
 
 
-class Net(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh(),
-                                 nn.Linear(16, 3))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 def _mlp(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return Net()
+    """12 → 24 → 16 → 3 with Tanh, layers under ``net.``."""
+    return Wrapped(mlp(12, 24, 16, 3, act="tanh", seed=seed))
 
 
 def _data(n: int = 90):

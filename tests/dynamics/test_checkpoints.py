@@ -27,9 +27,12 @@ from traindyn.dynamics.checkpoints import (
     resolve_factory,
 )
 
+from tests._tiny_models import mlp
+
 
 def make_net() -> nn.Module:
-    return nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    """4 → 8 → 3 ReLU MLP; also the factory ``tests.dynamics.test_checkpoints:make_net``."""
+    return mlp(4, 8, 3)
 
 
 class _OpenFile:

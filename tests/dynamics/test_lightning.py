@@ -16,12 +16,13 @@ from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 from traindyn.dynamics.lightning import MonitorCallback  # noqa: E402
 from traindyn.dynamics.monitor import Monitor  # noqa: E402
 
+from tests._tiny_models import mlp  # noqa: E402
+
 
 class _Module(lightning.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(),
-                                 nn.Linear(16, 3))
+        self.net = mlp(6, 16, 16, 3)
 
     def forward(self, x):
         return self.net(x)

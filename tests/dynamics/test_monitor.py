@@ -24,6 +24,7 @@ from traindyn.dynamics.monitor import COMPLETE_ATTR, Monitor, load_stream
 from traindyn.dynamics.schedules import at_steps, linear
 from traindyn.probes.registry import Probe, Variable
 
+from tests._tiny_models import mlp
 from tests.helpers import ROOT, child_env
 
 
@@ -49,8 +50,8 @@ def feature_probe(name: str, fn, long_name: str, units: str, source: str) -> Pro
 
 
 def make_net() -> nn.Module:
-    return nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3),
-                         nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    """Linear → BatchNorm → ReLU → Dropout(0.3) → Linear → ReLU → Linear: train mode differs."""
+    return mlp(6, 16, 16, 3, batchnorm=True, dropout=0.3)
 
 
 def disturbing_probe_factory():

@@ -17,6 +17,8 @@ from traindyn.dynamics.cli_analyze import add_parser
 from traindyn.dynamics.monitor import Monitor
 from traindyn.dynamics.schedules import linear
 
+from tests._tiny_models import mlp
+
 
 def test_rename_kwargs_moves_the_old_keyword_and_warns():
     @renamed_kwargs(old="new")
@@ -33,13 +35,8 @@ def test_rename_kwargs_moves_the_old_keyword_and_warns():
     assert rename_kwargs(kwargs, {"b": "c"}, "g") == {"a": 1}  # nothing to rename: no warning
 
 
-def _net() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
-
-
 def _monitored(**probe_kwargs) -> xr.Dataset:
-    model = _net()
+    model = mlp(6, 8, 3, seed=0)
     torch.manual_seed(1)
     x, y = torch.randn(30, 6), torch.arange(30) % 3
     with Monitor(model, probes=["rankme", "neural_collapse"], layers=["0", "2"],
@@ -69,7 +66,7 @@ def test_monitor_probe_targets_is_probe_labels_with_a_warning():
 @pytest.fixture(scope="module")
 def series(tmp_path_factory):
     folder = tmp_path_factory.mktemp("renamed")
-    model = nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    model = _make()
     for step in (1, 2):
         torch.manual_seed(step)
         for p in model.parameters():
@@ -78,8 +75,9 @@ def series(tmp_path_factory):
     return folder
 
 
-def _make():
-    return nn.Sequential(nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+def _make() -> nn.Module:
+    """The model factory handed to ``analyze``: 64 → 16 → 10 ReLU MLP."""
+    return mlp(64, 16, 10)
 
 
 def _analyzed(folder, **kw) -> xr.Dataset:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -10,29 +12,15 @@ from traindyn.probes.capture import capture, reduce_tokens, stream_features
 from traindyn.probes.collapse import CollapseAccumulator, neural_collapse
 from traindyn.probes.spectral import SpectralMetrics, alpha_req, rankme
 
+from tests._tiny_models import SharedReLUBlock, TokenModel, mlp
 from tests.helpers import assert_rel
 
-
-class Seq(nn.Module):
-    """Token model: (batch, tokens) ids → embeddings → linear; takes an attention mask."""
-
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(50, 16)
-        self.proj = nn.Linear(16, 16)
-
-    def forward(self, input_ids, attention_mask=None):
-        return self.proj(self.embed(input_ids))
-
-
-def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(),
-                         nn.Linear(32, 3))
+# 8 → 32 (ReLU, layer "1") → 32 (Tanh, layer "3") → 3
+relu_tanh_mlp = partial(mlp, 8, 32, 32, 3, act=("relu", "tanh"), seed=0)
 
 
 def test_captures_named_layers_and_lists_names_for_unknown_ones():
-    model, x = mlp(), torch.randn(20, 8)
+    model, x = relu_tanh_mlp(), torch.randn(20, 8)
     with capture(model, ["1", "3"]) as cap:
         model(x)
     h1 = torch.relu(model[0](x))
@@ -44,7 +32,7 @@ def test_captures_named_layers_and_lists_names_for_unknown_ones():
 
 
 def test_hooks_are_removed_even_when_the_forward_raises():
-    model = mlp()
+    model = relu_tanh_mlp()
     with pytest.raises(RuntimeError):
         with capture(model, ["*"]):
             model(torch.randn(4, 7))  # wrong width
@@ -83,7 +71,7 @@ def test_position_subsampling_keeps_valid_positions_and_is_seeded():
 
 
 def test_run_over_a_loader_matches_manual_features():
-    model, x, y = mlp(), torch.randn(50, 8), torch.randint(0, 3, (50,))
+    model, x, y = relu_tanh_mlp(), torch.randn(50, 8), torch.randint(0, 3, (50,))
     loader = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 50, 16)]
     with capture(model, ["3"]) as cap:
         assert cap.run(loader) == 4
@@ -94,7 +82,7 @@ def test_run_over_a_loader_matches_manual_features():
 
 def test_dict_batches_pass_their_attention_mask_to_the_reduction():
     torch.manual_seed(0)
-    model = Seq()
+    model = TokenModel()
     ids = torch.randint(0, 50, (6, 9))
     mask = torch.ones(6, 9, dtype=torch.long)
     mask[:, 6:] = 0
@@ -104,7 +92,7 @@ def test_dict_batches_pass_their_attention_mask_to_the_reduction():
 
 
 def test_streaming_spectral_metrics_equal_oneshot_on_captured_features():
-    model, x = mlp(), torch.randn(300, 8)
+    model, x = relu_tanh_mlp(), torch.randn(300, 8)
     loader = [(x[i:i + 64], None) for i in range(0, 300, 64)]
     accs = stream_features(model, loader, ["1", "3"],
                            lambda: SpectralMetrics(("rankme", "alpha_req"), fit_range=(2, 20)))
@@ -116,7 +104,7 @@ def test_streaming_spectral_metrics_equal_oneshot_on_captured_features():
 
 
 def test_streaming_collapse_with_labels_equals_oneshot():
-    model, x = mlp(), torch.randn(200, 8)
+    model, x = relu_tanh_mlp(), torch.randn(200, 8)
     y = torch.randint(0, 3, (200,))
     loader = [(x[i:i + 50], y[i:i + 50]) for i in range(0, 200, 50)]
     accs = stream_features(model, loader, "3", CollapseAccumulator, labels=True)
@@ -129,7 +117,7 @@ def test_streaming_collapse_with_labels_equals_oneshot():
 
 
 def test_sink_keeps_nothing_in_the_capture():
-    model, seen = mlp(), []
+    model, seen = relu_tanh_mlp(), []
     with capture(model, ["1"], sink=lambda name, t: seen.append(t.shape)) as cap:
         cap.run([torch.randn(10, 8), torch.randn(5, 8)])
     assert seen == [(10, 32), (5, 32)] and cap.activations() == {}
@@ -158,11 +146,6 @@ def test_layer_globs_are_dotted_with_an_fnmatch_fallback():
 
 
 # ---------------------------------------------------------------- features by value
-def _inplace_mlp() -> nn.Module:
-    torch.manual_seed(3)
-    return nn.Sequential(nn.Linear(10, 24), nn.ReLU(inplace=True), nn.Linear(24, 5))
-
-
 def _float64_output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     """The reference: module ``name``'s output cloned in float64 inside its own hook."""
     seen = []
@@ -178,7 +161,7 @@ def _float64_output(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tenso
 
 @pytest.mark.parametrize("reduce", ["flatten", "none"])
 def test_capture_keeps_a_value_that_a_later_inplace_relu_cannot_rewrite(reduce):
-    model, x = _inplace_mlp(), torch.randn(64, 10)
+    model, x = mlp(10, 24, 5, inplace=True, seed=3), torch.randn(64, 10)
     ref = _float64_output(model, "0", x)
     assert (ref < 0).any()       # the Linear output has negative entries the ReLU would zero
     with capture(model, ["0"], reduce=reduce) as cap, torch.no_grad():
@@ -194,7 +177,7 @@ def test_capture_keeps_a_value_that_a_later_inplace_relu_cannot_rewrite(reduce):
 def test_rankme_of_inplace_followed_layer_matches_a_plain_forward_pass_in_the_monitor():
     from traindyn.dynamics.monitor import Monitor
 
-    model, x = _inplace_mlp(), torch.randn(64, 10)
+    model, x = mlp(10, 24, 5, inplace=True, seed=3), torch.randn(64, 10)
     ref = float(rankme(_float64_output(model, "0", x)))
     relu_ref = float(rankme(_float64_output(model, "1", x)))
     assert abs(ref - relu_ref) > 1.0   # the two layers differ: the check can tell them apart
@@ -219,19 +202,6 @@ def test_no_reduction_leaves_a_captured_tensor_in_the_output_storage():
 
 
 # ---------------------------------------------------------------- a module called twice
-class SharedReLUBlock(nn.Module):
-    """torchvision's BasicBlock pattern: one ``self.relu`` used twice."""
-
-    def __init__(self, d: int = 12) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(d, d), nn.Linear(d, d)
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.fc1(x))
-        return self.relu(self.fc2(out) + x)
-
-
 def test_a_module_called_twice_is_refused_by_name_with_its_count():
     torch.manual_seed(0)
     model, x = SharedReLUBlock(), torch.randn(64, 12)

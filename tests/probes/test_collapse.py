@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from traindyn.probes.collapse import CollapseAccumulator, neural_collapse
 
+from tests._tiny_models import mlp
 from tests.helpers import assert_rel
 
 
@@ -229,12 +230,6 @@ def _coherence_classifier(W, classes):
     return np.mean(np.abs(np.array(cos) + 1 / (C - 1)))
 
 
-def _classifier_net(seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 12),
-                               torch.nn.Tanh(), torch.nn.Linear(12, 4)).double()
-
-
 def _check_against_reference(ds, net, x, y, layer_slices):
     """Every NC variable of each layer equals the float64 brute force (Papyan et al. 2020) on
     features from a plain forward pass, with the classifier's weight and bias."""
@@ -274,7 +269,7 @@ def test_monitor_with_classifier_gives_nc3_nc4_and_classifier_variants(backgroun
     from traindyn.dynamics.schedules import linear
     from traindyn.probes.collapse import collapse_with_classifier
 
-    net = _classifier_net()
+    net = mlp(6, 16, 12, 4, act=("relu", "tanh"), seed=0, double=True)
     x = torch.randn(90, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     y = _labels()
     with Monitor(net, probes=["rankme", "neural_collapse"], layers=["1", "3"],
@@ -352,7 +347,7 @@ def test_without_classifier_the_classifier_variables_are_nan_and_say_why():
 def test_a_classifier_that_is_not_there_is_a_clear_error():
     from traindyn.dynamics.monitor import Monitor
 
-    net = _classifier_net()
+    net = mlp(6, 16, 12, 4, act=("relu", "tanh"), seed=0, double=True)
     with pytest.raises(ValueError, match=r"classifier 'fc' not found; modules with a weight "
                                          r"matrix .*\['0', '2', '4'\]"):
         with Monitor(net, probes=["neural_collapse"], layers=["3"],

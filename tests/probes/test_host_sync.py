@@ -26,6 +26,8 @@ from torch.overrides import TorchFunctionMode
 from traindyn.probes.evaluation import ProbePlan, evaluate
 from traindyn.probes.spectral import SpectralMetrics, rankme
 
+from tests._tiny_models import mlp
+
 READS = {"__float__", "__int__", "__bool__", "__index__", "item", "tolist", "numpy", "cpu",
          "unique", "unique_consecutive", "nonzero", "argwhere", "bincount", "masked_select",
          "repeat_interleave", "__array__", "equal"}
@@ -120,10 +122,7 @@ KWARGS = {"alpha_req": {"fit_range": (2, 20)}}
 
 @pytest.fixture
 def model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
-                               torch.nn.Linear(64, 200), torch.nn.ReLU(),  # n < d: Gram side
-                               torch.nn.Linear(200, 10)).double()
+    return mlp(16, 64, 200, 10, seed=0, double=True)  # 200 features, n < d: Gram side
 
 
 def test_the_recorder_sees_reads_it_should():
@@ -243,9 +242,7 @@ def test_a_monitor_evaluation_reads_once_per_probe_family():
     one for the parameter probes."""
     from traindyn.dynamics.monitor import Monitor
 
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(),
-                                torch.nn.Linear(64, 10))
+    model = mlp(16, 64, 10, seed=0)
     x, y = torch.randn(200, 16), torch.arange(200) % 10
     monitor = Monitor(model, probe_data=x, probe_labels=y, layers=["0", "2"],
                       probes=["rankme", "alpha_req", "neural_collapse", "weight_spectra"],
@@ -287,9 +284,7 @@ FETCH = ("traindyn.probes._pending", "fetch", "to")
 
 
 def _mlp(width: int = 64) -> torch.nn.Sequential:
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.ReLU(),
-                               torch.nn.Linear(width, 10)).double()
+    return mlp(16, width, 10, seed=0, double=True)
 
 
 def _features(model: torch.nn.Sequential, x: torch.Tensor) -> dict[str, np.ndarray]:

@@ -11,32 +11,16 @@ import torch
 from torch import nn
 from traindyn.probes import invariance as inv
 
+from tests import _tiny_models as tiny
+from tests._tiny_models import circular_cnn
+
 N = 16
 F64 = torch.float64
 
 
-class GlobalMean(nn.Module):
-    def forward(self, x):
-        return x.mean(-1)
-
-
-def circular_cnn(seed: int = 0) -> nn.Module:
-    """Circular convolutions + global average pooling: exactly invariant to cyclic shifts."""
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv1d(1, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
-        nn.Conv1d(4, 4, 3, padding=1, padding_mode="circular"), nn.ReLU(),
-        GlobalMean(), nn.Linear(4, 3)).double()
-
-
-class Flat(nn.Module):
-    def forward(self, x):
-        return x.reshape(x.shape[0], -1)
-
-
 def mlp(seed: int = 0, n_in: int = N) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(Flat(), nn.Linear(n_in, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    """Flat → Linear(n_in, 32) → Tanh → Linear(32, 3), float64: no symmetry built in."""
+    return tiny.mlp(n_in, 32, 3, act="tanh", flatten=True, seed=seed, double=True)
 
 
 def signals(n: int = 200, seed: int = 1) -> torch.Tensor:
@@ -257,9 +241,7 @@ def test_equivariance_error_of_a_constant_representation_is_the_least_squares_an
 def _train_mode_net(seed: int = 0) -> nn.Module:
     """Linear → BatchNorm → ReLU → Dropout(0.5) → Linear, left in train mode, with one
     submodule deliberately in eval mode (the restored flags must be per module)."""
-    torch.manual_seed(seed)
-    net = nn.Sequential(Flat(), nn.Linear(N, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.5),
-                        nn.Linear(32, 3)).double()
+    net = tiny.mlp(N, 32, 3, batchnorm=True, dropout=0.5, flatten=True, seed=seed, double=True)
     net.train()
     net[3].eval()
     return net
