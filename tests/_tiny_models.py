@@ -17,11 +17,15 @@ What each one is for:
 :func:`circular_cnn`     circular 1-D convolutions and a global mean: exactly invariant to cyclic
                          shifts of the input.
 
+Real architectures with random weights (ResNet-18, VGG-11, ViT, GPT-2, BERT, and an MLP and a
+block with a shared activation at the zoo's sizes) are in ``tests/_zoo.py``.
+
 ``seed``, where a factory takes one, calls ``torch.manual_seed(seed)`` right before the first
 parameter is drawn; without it the model continues the current global torch stream (the suite
 seeds it with 0 before each test, ``tests/conftest.py``).  The parameters are drawn in float32
 and ``double=True`` converts them afterwards, so a float64 model has exactly the float32 one's
-values.  Layer names are those of ``nn.Sequential``: ``"0"``, ``"1"``, … in build order.
+values.  The layers of :func:`mlp` and :func:`circular_cnn` are named as in ``nn.Sequential``:
+``"0"``, ``"1"``, … in build order.
 """
 
 from __future__ import annotations
@@ -70,7 +74,7 @@ def mlp(*widths: int, act: str | Sequence[str] = "relu", inplace: bool = False,
     act
         ``"relu"`` or ``"tanh"`` for every hidden layer, or one name per hidden layer.
     inplace
-        ReLUs are ``nn.ReLU(inplace=True)``: they overwrite the preceding ``Linear``'s output.
+        ReLUs are ``nn.ReLU(inplace=True)``: they overwrite the preceding module's output.
     batchnorm
         A ``BatchNorm1d`` between the first ``Linear`` and its activation.
     dropout
