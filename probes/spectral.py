@@ -367,7 +367,7 @@ def rankme_from_spectrum(spectrum: ArrayLike, eps: float = DEFAULT_EPS) -> float
     spectrum : array of shape (k,)
         Non-negative values (singular values, or covariance eigenvalues), any order.
     eps : float
-        ε added after normalisation.
+        ε added after normalisation; with ``ε = 0``, zero entries add ``0 ln 0 = 0``.
 
     Returns
     -------
@@ -403,7 +403,8 @@ def _rankme_of_spectrum(s: torch.Tensor, eps: float, checks: Checks) -> Pending:
     by :func:`rankme_from_spectrum` and every accumulator route (:func:`_rankme_read`)."""
     total = s.sum()
     p = s / total + eps
-    value = torch.exp(-(p * p.log()).sum())
+    plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))  # 0 ln 0 = 0 when ε = 0
+    value = torch.exp(-plogp.sum())
     return scalar(value, [*checks, (~(total > 0), "RankMe: the features are all zero; RankMe "
                                                    "is undefined (NaN)")])
 
