@@ -165,7 +165,7 @@ def test_alpha_req_function_class_merge_equal_reference(name, dtype):
     assert_rel(streamed.compute(), alpha, TOL, f"class in batches {where}")
     assert_rel(streamed.compute_fit().r2, fit.r2, TOL, f"class r2 {where}")
     for split in _splits(z):
-        merged = _merged(lambda: S.AlphaReQ((lo, hi)), z, split)  # noqa: B023
+        merged = _merged(lambda: S.AlphaReQ((lo, hi)), z, split)
         assert_rel(merged.compute(), alpha, TOL, f"merged at {split} {where}")
     spec = torch.from_numpy(ref_spectrum(z64, "covariance"))
     assert_rel(S.power_law_fit(spec, (lo, hi)).alpha, alpha, TOL, f"from spectrum {where}")
