@@ -2,8 +2,9 @@
 
 For one ``n × d`` float32 feature matrix with ``C`` classes, streamed in batches of ``--batch``
 rows through :class:`probes.evaluation.ProbePlan` (accumulation and values, as in the
-Monitor), the script times, interleaved over ``--repeats`` rounds (median wall time and the
-median of per-round ratios, so a load change hits baseline and probe alike):
+Monitor), the script times, interleaved over ``--repeats`` rounds (median wall time and
+process CPU time, and the medians of per-round ratios, so a load change hits baseline and
+probe alike):
 
 * the baseline: RankMe + alpha-ReQ (the ``"spectrum"`` accumulator);
 * ``linear_probe`` alone (its ``"readout"`` accumulator: the training split's float64
@@ -89,18 +90,25 @@ def streamed(names: list, x: torch.Tensor, y: torch.Tensor, batch: int):
 
 
 def interleaved(routes: dict, device: torch.device, repeats: int) -> dict:
-    rounds: dict[str, list[float]] = {name: [] for name in routes}
+    """``{route: (median wall s, median wall ratio, median CPU s, median CPU ratio)}``; ratios
+    are per round against the first route; CPU time is this process's (all its threads)."""
+    wall: dict[str, list[float]] = {name: [] for name in routes}
+    cpu: dict[str, list[float]] = {name: [] for name in routes}
     for _ in range(repeats):
         for name, fn in routes.items():
             _sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             _sync(device)
-            rounds[name].append(time.perf_counter() - t0)
-    base = rounds[next(iter(routes))]
-    return {name: (statistics.median(t), statistics.median(a / b for a, b in zip(t, base,
-                                                                                  strict=True)))
-            for name, t in rounds.items()}
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+
+    def ratio(times: dict[str, list[float]], name: str) -> float:
+        base = times[next(iter(routes))]
+        return statistics.median(a / b for a, b in zip(times[name], base, strict=True))
+
+    return {name: (statistics.median(wall[name]), ratio(wall, name),
+                   statistics.median(cpu[name]), ratio(cpu, name)) for name in routes}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,13 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     res = interleaved(routes, device, args.repeats)
     print(f"\nn={args.n} d={args.d} C={args.classes} batch={args.batch}, median of "
           f"{args.repeats} interleaved rounds")
-    print(f"{'route':46s} {'wall ms':>10s} {'ratio':>8s}")
-    for route, (wall, ratio) in res.items():
-        print(f"{route:46s} {wall * 1e3:10.1f} {ratio:7.2f}×")
+    print(f"{'route':46s} {'wall ms':>10s} {'ratio':>8s} {'CPU ms':>10s} {'ratio':>8s}")
+    for route, (wall, ratio, cpu, cpu_ratio) in res.items():
+        print(f"{route:46s} {wall * 1e3:10.1f} {ratio:7.2f}× {cpu * 1e3:10.1f} "
+              f"{cpu_ratio:7.2f}×")
     base = res["rankme + alpha_req (baseline)"][0]
     both = res["rankme + alpha_req + linear_probe"][0]
     own = res["rankme + alpha_req + linear_probe (unshared)"][0]
-    print(f"\nthe ridge readout adds {both / base - 1:+.0%} to the spectral probes' time "
+    print(f"\nthe ridge readout adds {both / base - 1:+.0%} to the spectral probes' wall time "
           f"(sharing their moments; {own / base - 1:+.0%} when it forms its own scatter)")
     print(f"load after: {_loadavg()}")
 

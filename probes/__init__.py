@@ -77,7 +77,6 @@ _EXPORTS: dict[str, str] = {
     "ParticipationRatio": "spectral",
     "PowerLawFit": "spectral",
     "RankMe": "spectral",
-    "RankMeCovariance": "spectral",
     "SpectralMetrics": "spectral",
     "SpectrumAccumulator": "spectral",
     "StableRank": "spectral",

@@ -149,6 +149,16 @@ def _split(features: ArrayLike, labels: ArrayLike, held_out: float, seed: int
     return x[~held_d], y[~held], x[held_d], y[held]
 
 
+def _class_columns(labels: torch.Tensor, classes: Sequence[int]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, cols)``: the samples whose label is one of ``classes`` (ascending) and the
+    column of their label in ``classes`` — one comparison of the host labels with every class,
+    without a Python loop over the samples; a label not in ``classes`` has no entry."""
+    hits = labels[:, None] == torch.as_tensor(classes, dtype=labels.dtype)[None, :]
+    rows, cols = hits.nonzero(as_tuple=True)
+    return rows, cols
+
+
 # --------------------------------------------------------------------------- ridge
 @dataclass
 class RidgeFit:
@@ -398,9 +408,9 @@ class ReadoutAccumulator:
                              f"{self.max_train_rows}; raise max_train_rows or use 'gcv'")
         n = xr_.shape[0]
         p = (xr_ - mean) @ v
-        index = {c: j for j, c in enumerate(classes)}
         y = torch.zeros(n, len(classes), dtype=STAT_DTYPE, device=p.device)
-        y[torch.arange(n), torch.tensor([index[int(c)] for c in yr]).to(p.device)] = 1.0
+        rows, cols = _class_columns(yr, classes)  # every training label is a class
+        y[rows.to(p.device), cols.to(p.device)] = 1.0
         yc = y - ybar
         out = []
         for lam in cand:
@@ -423,12 +433,9 @@ class ReadoutAccumulator:
             _warn(f"linear probe: classes {absent} of the held-out split are absent from the "
                   "training split; their held-out samples count as errors")
         out = fit.outputs(xh)
-        index = {c: j for j, c in enumerate(fit.classes)}
-        target = torch.zeros_like(out)
-        known = [j for j, c in enumerate(yh.tolist()) if c in index]
-        if known:
-            cols = torch.tensor([index[int(yh[j])] for j in known], device=out.device)
-            target[torch.tensor(known, device=out.device), cols] = 1.0
+        target = torch.zeros_like(out)  # one-hot; zero rows for classes absent from training
+        rows, cols = _class_columns(yh, fit.classes)
+        target[rows.to(out.device), cols.to(out.device)] = 1.0
         loss = float(((out - target) ** 2).sum(1).mean())
         labels = torch.tensor(fit.classes, device=out.device)
         acc = float((labels[out.argmax(1)].cpu() == yh).double().mean())
@@ -522,9 +529,8 @@ def fit_logistic(x: ArrayLike, y: ArrayLike, l2: float = 1e-3, max_iter: int = 1
         raise ValueError(f"l2 must be > 0; got {l2}")
     xt = as_features(x).to(STAT_DTYPE)
     yt = _labels_host(y, xt.shape[0])
-    classes = sorted(set(yt.tolist()))
-    index = {c: j for j, c in enumerate(classes)}
-    target = torch.tensor([index[int(c)] for c in yt], device=xt.device)
+    classes = torch.unique(yt).tolist()  # sorted
+    target = _class_columns(yt, classes)[1].to(xt.device)
     d, c = xt.shape[1], len(classes)
     if init is not None:
         w = as_tensor(init[0]).to(xt).clone().reshape(d, c).requires_grad_(True)
@@ -552,14 +558,11 @@ def fit_logistic(x: ArrayLike, y: ArrayLike, l2: float = 1e-3, max_iter: int = 1
 def _cross_entropy(fit: LogisticFit, x: torch.Tensor, y: torch.Tensor) -> float:
     """Mean held-out cross-entropy (nats); a class unseen in training has probability 0
     (infinite loss): those samples are left out of the mean (the caller warns)."""
-    index = {c: j for j, c in enumerate(fit.classes)}
-    keep = [j for j, c in enumerate(y.tolist()) if c in index]
-    if not keep:
+    rows, cols = _class_columns(y, fit.classes)
+    if rows.numel() == 0:
         return float("nan")
     logp = torch.log_softmax(fit.logits(x), 1)
-    rows = torch.tensor(keep, device=logp.device)
-    cols = torch.tensor([index[int(y[j])] for j in keep], device=logp.device)
-    return float(-logp[rows, cols].mean())
+    return float(-logp[rows.to(logp.device), cols.to(logp.device)].mean())
 
 
 def logistic_probe(features: ArrayLike, labels: ArrayLike, held_out: float = 0.25,

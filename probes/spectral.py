@@ -8,14 +8,19 @@ Every metric comes in two forms that share their math, as torchmetrics does:
 
 * a one-shot function (``rankme(Z)``), and
 * a streaming metric (:class:`RankMe`, :class:`AlphaReQ`, … or :class:`SpectralMetrics` for
-  several at once) with ``update(batch)`` / ``compute()``, built on one
-  :class:`SpectrumAccumulator`.
+  several at once) with ``update(batch)`` / ``compute()`` / ``merge(other)`` / ``reset()``,
+  built on one :class:`SpectrumAccumulator`.
 
-The one-shot function is the accumulator fed once, followed by the same ``_compute`` function
-the streaming class calls.  Second moments are accumulated in float64 on the input's device;
-memory is ``O(d²)`` and does not grow with ``n``.  While fewer samples than features have been
-seen (``n < d``), the accumulator keeps the rows themselves (fewer than ``d²`` numbers) and
-works on the ``n × n`` Gram side, which has the same non-zero spectrum.
+The one-shot function is the accumulator fed once, followed by the same reader of the
+accumulator that the streaming class and the registered probe call, so the three give the
+same value.  Which spectrum a metric is taken of is a parameter (``spectrum="singular"`` or
+``"covariance"``, :data:`SPECTRA`): ``rankme(Z, spectrum="covariance")`` is the
+centred-covariance variant of RankMe.
+
+Second moments are accumulated in float64 on the input's device; memory is ``O(d²)`` and does
+not grow with ``n``.  While fewer samples than features have been seen (``n < d``), the
+accumulator keeps the rows themselves (fewer than ``d²`` numbers) and works on the ``n × n``
+Gram side, which has the same non-zero spectrum.
 
 Precision: half-precision (float16 / bfloat16) features are upcast exactly to float64 before
 any product, so they cannot overflow; non-finite features (NaN, Inf, e.g. a float16
@@ -24,6 +29,7 @@ overflow upstream) give NaN with a ``RuntimeWarning``.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -48,13 +54,13 @@ Checks = list[tuple[torch.Tensor | bool, str]]
 __all__ = [
     "DEFAULT_EPS",
     "DEFAULT_FIT_RANGE",
+    "SPECTRA",
     "SPECTRAL_METRICS",
     "AlphaReQ",
     "EffectiveRank",
     "ParticipationRatio",
     "PowerLawFit",
     "RankMe",
-    "RankMeCovariance",
     "SpectralMetrics",
     "SpectrumAccumulator",
     "StableRank",
@@ -346,18 +352,35 @@ def _spectrum_tensor(spectrum: ArrayLike) -> torch.Tensor:
 
 
 def rankme_from_spectrum(spectrum: ArrayLike, eps: float = DEFAULT_EPS) -> float:
-    r"""Exponential of the entropy of a normalised non-negative spectrum.
+    r"""RankMe of a given spectrum: the exponential of the entropy of the normalised spectrum.
 
     .. math:: \mathrm{RankMe} = \exp\Big(-\sum_k p_k \ln p_k\Big),\qquad
               p_k = \frac{s_k}{\sum_j s_j} + \varepsilon
 
-    (Garrido, Balestriero, Najman, LeCun 2023, Eq. 1; ε is added *after* normalisation.)
+    Garrido, Balestriero, Najman & LeCun, "RankMe: Assessing the downstream performance of
+    pretrained self-supervised representations by their rank", ICML 2023, Eq. 1 (ε is added
+    *after* normalisation).  :func:`rankme` is this formula on the singular values of the
+    features (or on their covariance eigenvalues, ``spectrum="covariance"``).
 
-    Returns NaN with a warning for a spectrum that is all zero or not finite; raises
-    ``ValueError`` for negative entries.
+    Parameters
+    ----------
+    spectrum : array of shape (k,)
+        Non-negative values (singular values, or covariance eigenvalues), any order.
+    eps : float
+        ε added after normalisation; with ``ε = 0``, zero entries add ``0 ln 0 = 0``.
+
+    Returns
+    -------
+    float
+        NaN with a ``RuntimeWarning`` for a spectrum that is all zero or not finite.
+
+    Raises
+    ------
+    ValueError
+        For negative entries.
     """
     s = _checked_spectrum(spectrum, "RankMe")
-    return _rankme_pending(s, eps, _spectrum_checks(s, "RankMe")).result()
+    return _rankme_of_spectrum(s, eps, _spectrum_checks(s, "RankMe")).result()
 
 
 def _checked_spectrum(spectrum: ArrayLike, what: str) -> torch.Tensor:
@@ -374,12 +397,14 @@ def _spectrum_checks(s: torch.Tensor, what: str) -> list[tuple[torch.Tensor, str
                                        "features)")]
 
 
-def _rankme_pending(s: torch.Tensor, eps: float, checks: Checks) -> Pending:
-    """RankMe of the spectrum ``s`` (a device tensor) as a :class:`~probes._pending.Pending`:
-    NaN, with the first failed check's warning, or for an all-zero spectrum."""
+def _rankme_of_spectrum(s: torch.Tensor, eps: float, checks: Checks) -> Pending:
+    """The RankMe formula (Garrido et al. 2023, Eq. 1) on the spectrum ``s`` (a device tensor),
+    pending: NaN, with the first failed check's warning, or for an all-zero spectrum.  Shared
+    by :func:`rankme_from_spectrum` and every accumulator route (:func:`_rankme_read`)."""
     total = s.sum()
     p = s / total + eps
-    value = torch.exp(-(p * p.log()).sum())
+    plogp = torch.where(p > 0, p * p.log(), torch.zeros_like(p))  # 0 ln 0 = 0 when ε = 0
+    value = torch.exp(-plogp.sum())
     return scalar(value, [*checks, (~(total > 0), "RankMe: the features are all zero; RankMe "
                                                    "is undefined (NaN)")])
 
@@ -515,18 +540,42 @@ def _power_law_pending(lam: torch.Tensor, lo: int, hi: int, checks: Checks) -> P
 
 
 # --------------------------------------------------------------------------- shared computes
-# Each metric of an accumulator is a ``_<metric>_pending(view, …)`` (device tensors, read later
-# with the whole evaluation) and a ``_<metric>_compute(acc, …)`` that reads it at once.
-def _rankme_pending_of(view: _CachedSpectra, eps: float = DEFAULT_EPS) -> Pending:
-    return _rankme_pending(view.singular_values(), eps, view.checks(False, "RankMe"))
+# A metric is computed from a view of an accumulator (:class:`_CachedSpectra`) by one
+# ``_<metric>_read(view, …)``, which answers with device tensors (a :class:`Pending`, read
+# with the whole evaluation, or at once by ``.result()``).  The metric's one-shot function,
+# its streaming class and its registered probe all call that one reader, as torchmetrics'
+# functional and module forms share their ``_update`` / ``_compute`` helpers.
+SPECTRA = ("singular", "covariance")
+"""The spectra a metric can be taken of: ``"singular"``, the singular values of the raw
+features (``min(n, d)`` of them); ``"covariance"``, the eigenvalues of the covariance of the
+column-centred features (``d`` of them)."""
 
 
-def _rankme_covariance_pending(view: _CachedSpectra, eps: float = DEFAULT_EPS) -> Pending:
-    return _rankme_pending(view.covariance_spectrum(), eps, view.checks(True, "RankMe"))
+def _check_spectrum(spectrum: str) -> str:
+    if spectrum not in SPECTRA:
+        raise ValueError(f"spectrum must be 'singular' or 'covariance'; got {spectrum!r}")
+    return spectrum
 
 
-def _alpha_req_pending(view: _CachedSpectra,
-                       fit_range: tuple[int, int] = DEFAULT_FIT_RANGE) -> Pending:
+def _spectrum_of(view: _CachedSpectra, spectrum: str) -> tuple[torch.Tensor, bool]:
+    """The spectrum named ``spectrum`` (:data:`SPECTRA`) and whether it is of the centred
+    features."""
+    if _check_spectrum(spectrum) == "singular":
+        return view.singular_values(), False
+    return view.covariance_spectrum(), True
+
+
+def _rankme_read(view: _CachedSpectra, eps: float = DEFAULT_EPS,
+                 spectrum: str = "singular") -> Pending:
+    """RankMe (:func:`rankme`) of the accumulated features, pending."""
+    s, centered = _spectrum_of(view, spectrum)
+    return _rankme_of_spectrum(s, eps, view.checks(centered, "RankMe"))
+
+
+def _alpha_req_read(view: _CachedSpectra,
+                    fit_range: tuple[int, int] = DEFAULT_FIT_RANGE) -> Pending:
+    """alpha-ReQ's :class:`PowerLawFit` (:func:`alpha_req_fit`) of the accumulated features,
+    pending."""
     lo, hi = _fit_range(fit_range)
     return _power_law_pending(view.covariance_spectrum(), lo, hi, view.checks(True, "alpha-ReQ"))
 
@@ -548,31 +597,12 @@ def _stable_rank_pending(view: _CachedSpectra, centered: bool = False) -> Pendin
 
 def _effective_rank_pending_of(view: _CachedSpectra, order: float = 1.0,
                                spectrum: str = "singular") -> Pending:
-    if spectrum == "singular":
-        s, centered = view.singular_values(), False
-    elif spectrum == "covariance":
-        s, centered = view.covariance_spectrum(), True
-    else:
-        raise ValueError(f"spectrum must be 'singular' or 'covariance'; got {spectrum!r}")
+    s, centered = _spectrum_of(view, spectrum)
     return _effective_rank_pending(s, order, view.checks(centered, "effective rank"))
 
 
 def _view(acc: SpectrumAccumulator | _CachedSpectra) -> _CachedSpectra:
     return acc if isinstance(acc, _CachedSpectra) else _CachedSpectra(acc)
-
-
-def _rankme_compute(acc: SpectrumAccumulator, eps: float = DEFAULT_EPS) -> float:
-    return _rankme_pending_of(_view(acc), eps).result()
-
-
-def _rankme_covariance_compute(acc: SpectrumAccumulator, eps: float = DEFAULT_EPS) -> float:
-    return _rankme_covariance_pending(_view(acc), eps).result()
-
-
-def _alpha_req_compute(
-    acc: SpectrumAccumulator, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE
-) -> PowerLawFit:
-    return _alpha_req_pending(_view(acc), fit_range).result()
 
 
 def _participation_ratio_compute(acc: SpectrumAccumulator) -> float:
@@ -589,73 +619,105 @@ def _effective_rank_compute(acc: SpectrumAccumulator, order: float = 1.0,
 
 
 # --------------------------------------------------------------------------- one-shot functions
-def rankme(features: ArrayLike, eps: float = DEFAULT_EPS) -> float:
-    r"""RankMe of features, the paper's definition: raw, uncentred singular values.
+def rankme(features: ArrayLike, eps: float = DEFAULT_EPS, spectrum: str = "singular") -> float:
+    r"""RankMe of features: the exponential of the entropy of their normalised spectrum.
 
-    .. math:: \mathrm{RankMe}(Z) = \exp\Big(-\sum_{k=1}^{\min(n,d)} p_k \ln p_k\Big),\qquad
-              p_k = \frac{\sigma_k(Z)}{\lVert\sigma(Z)\rVert_1} + \varepsilon
+    .. math:: \mathrm{RankMe}(Z) = \exp\Big(-\sum_{k} p_k \ln p_k\Big),\qquad
+              p_k = \frac{s_k}{\sum_j s_j} + \varepsilon
 
-    Garrido, Balestriero, Najman & LeCun, "RankMe: Assessing the downstream performance of
-    pretrained self-supervised representations by their rank", ICML 2023, Eq. 1.
+    With ``spectrum="singular"`` (default), ``s_k = σ_k(Z)`` are the ``min(n, d)`` singular
+    values of the raw, uncentred ``Z`` — the definition of Garrido, Balestriero, Najman &
+    LeCun, "RankMe: Assessing the downstream performance of pretrained self-supervised
+    representations by their rank", ICML 2023, Eq. 1.
+
+    With ``spectrum="covariance"``, ``s_k = λ_k(C)`` are the ``d`` eigenvalues of the
+    covariance ``C = (1/n) Z_cᵀZ_c`` of the column-centred ``Z_c = Z − z̄`` (squared singular
+    values of ``Z_c``, zeros included when ``n < d``): the variant of Agrawal et al. (NeurIPS
+    2022) and Li et al., "Tracing the representation geometry of language models" (NeurIPS
+    2025).  It is not the RankMe paper's formula and gives different numbers (≈613 vs ≈814 on
+    a 1000 × 1024 Gaussian matrix).
 
     Parameters
     ----------
     features : array of shape (n, d)
-        torch, numpy or jax; computed on the array's device in float64.
+        torch, numpy or jax (trailing axes are flattened); computed on the array's device in
+        float64.
     eps : float
         ε added after normalisation (1e-7, the paper's value for float32).
+    spectrum : {"singular", "covariance"}
+        Which spectrum of the features (:data:`SPECTRA`).
 
     Returns
     -------
     float
-        Between 1 and ``min(n, d)`` (up to ε terms).  NaN, with a ``RuntimeWarning``, for
-        all-zero or non-finite features.
+        Between 1 and the number of entries of the spectrum (up to ε terms).  NaN, with a
+        ``RuntimeWarning``, for all-zero (``"covariance"``: constant) or non-finite features,
+        or a second moment that overflows float64.
 
     See Also
     --------
-    rankme_covariance : the variant on centred covariance eigenvalues.
-    RankMe : the streaming form.
+    RankMe : the streaming form (``update`` batch by batch, ``merge``, ``compute``); it gives
+        the same value as this function on the same rows.
+    rankme_from_spectrum : the formula on a spectrum already computed.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> z = np.random.default_rng(0).normal(size=(500, 8))
+    >>> round(rankme(z), 2), round(rankme(z, spectrum="covariance"), 2)
+    (7.98, 7.92)
     """
-    return _rankme_compute(_accumulate(features), eps)
+    _check_spectrum(spectrum)
+    return _rankme_read(_CachedSpectra(_accumulate(features)), eps, spectrum).result()
 
 
 def rankme_covariance(features: ArrayLike, eps: float = DEFAULT_EPS) -> float:
-    r"""RankMe on the eigenvalues of the centred covariance (the alpha-ReQ / "Tracing" variant).
-
-    .. math:: p_k = \frac{\lambda_k(C)}{\sum_j \lambda_j(C)} + \varepsilon,\qquad
-              C = \tfrac{1}{n} Z_c^\top Z_c,\; Z_c = Z - \bar z
-
-    i.e. squared singular values of the column-centred features, over all ``d`` eigenvalues
-    of the ``d × d`` covariance.  Used by Agrawal et al. (NeurIPS 2022) and Li et al.,
-    "Tracing the representation geometry of language models" (NeurIPS 2025).  It is not the
-    RankMe paper's formula and gives different numbers (≈613 vs ≈814 on a 1000 × 1024
-    Gaussian matrix).
-    """
-    return _rankme_covariance_compute(_accumulate(features), eps)
+    """``rankme(features, eps, spectrum="covariance")``: RankMe of the centred-covariance
+    eigenvalues (Agrawal et al. 2022; Li et al. 2025), the function of the registered probe
+    ``rankme_covariance``.  See :func:`rankme`."""
+    return rankme(features, eps, spectrum="covariance")
 
 
 def alpha_req_fit(
     features: ArrayLike, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE
 ) -> PowerLawFit:
     """alpha-ReQ with the fit's details (:class:`PowerLawFit`): see :func:`alpha_req`."""
-    return _alpha_req_compute(_accumulate(features), fit_range)
+    return _alpha_req_read(_CachedSpectra(_accumulate(features)), fit_range).result()
 
 
 def alpha_req(features: ArrayLike, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE) -> float:
     r"""alpha-ReQ: decay exponent of the centred-covariance eigenspectrum, ``λ_r ∝ r^{-α}``.
 
+    .. math:: \hat\alpha = \arg\min_{\alpha,\,c}\sum_{r} \frac{1}{r}
+              \big(\ln\lambda_r - c + \alpha\ln r\big)^2,\qquad
+              r = \mathrm{lo}+1, \dots, \mathrm{hi}
+
     Agrawal, Mondal, Ghosh & Richards, "α-ReQ: Assessing representation quality in
-    self-supervised learning by measuring eigenspectrum decay", NeurIPS 2022 (Eq. 2).  The
-    spectrum is that of the covariance of **column-centred** features; the fit is the weighted
-    log-log least squares of :func:`power_law_fit` over 0-based indices ``fit_range``
-    (default ``[10, 100)``, i.e. ranks 11..100, reptrix's default; the "Tracing" paper uses
-    ``[11, 100)``).
+    self-supervised learning by measuring eigenspectrum decay", NeurIPS 2022 (Eq. 2).  ``λ_r``
+    are the eigenvalues of the covariance ``C = (1/n) Z_cᵀZ_c`` of the **column-centred**
+    features, in descending order; the fit is the weighted log-log least squares of
+    :func:`power_law_fit` (weights ``1/r``, following Stringer et al. 2019).
+
+    Parameters
+    ----------
+    features : array of shape (n, d)
+        torch, numpy or jax; computed on the array's device in float64.
+    fit_range : (int, int)
+        0-based half-open index range ``[lo, hi)`` of the fit (default ``[10, 100)``, i.e.
+        ranks 11..100, reptrix's default; the "Tracing" paper uses ``[11, 100)``).
 
     Returns
     -------
     float
         α (positive for a decaying spectrum); NaN with a warning when there are fewer
         positive eigenvalues than the fit range needs, or the features are not finite.
+
+    See Also
+    --------
+    alpha_req_fit : the same fit with its intercept and R².
+    AlphaReQ : the streaming form (``update`` batch by batch, ``merge``, ``compute``); it gives
+        the same value as this function on the same rows.
+    power_law_fit : the fit on a spectrum already computed.
     """
     return alpha_req_fit(features, fit_range).alpha
 
@@ -694,53 +756,123 @@ def effective_rank(features: ArrayLike, order: float = 1.0, spectrum: str = "sin
 
 # --------------------------------------------------------------------------- streaming metrics
 class _StreamingSpectral:
-    """Base of the streaming metrics: one :class:`SpectrumAccumulator` and a ``compute``."""
+    """Base of the streaming metrics: one :class:`SpectrumAccumulator` (the state) and a
+    ``compute`` that reads the metric from it.
+
+    Parameters
+    ----------
+    batch_dtype : torch.dtype or None
+        dtype of each batch's product (see :class:`SpectrumAccumulator`).
+    """
 
     def __init__(self, batch_dtype: torch.dtype | None = STAT_DTYPE) -> None:
         self.accumulator = SpectrumAccumulator(batch_dtype)
 
-    def update(self, features: ArrayLike):
-        """Add a batch ``(batch, d)``."""
+    def update(self, features: ArrayLike) -> _StreamingSpectral:
+        """Add a batch ``(batch, d)`` (trailing axes are flattened); returns ``self``."""
         self.accumulator.update(features)
         return self
 
+    def merge(self, other: _StreamingSpectral | SpectrumAccumulator) -> _StreamingSpectral:
+        """Add everything ``other`` has seen (e.g. the same metric on another process, device
+        or shard of the data); returns ``self``.
+
+        Every streaming spectral metric keeps the same state, so ``other`` may be any of them,
+        or a :class:`SpectrumAccumulator`; this metric's own parameters (``eps``, ``spectrum``,
+        ``fit_range`` …) are the ones :meth:`compute` uses.  The result equals feeding both
+        streams to one metric, up to float64 round-off (:meth:`SpectrumAccumulator.merge`).
+        """
+        acc = other.accumulator if isinstance(other, _StreamingSpectral) else other
+        if not isinstance(acc, SpectrumAccumulator):
+            raise TypeError(f"cannot merge a {type(other).__name__} into a "
+                            f"{type(self).__name__}: give a streaming spectral metric or a "
+                            "SpectrumAccumulator")
+        if acc is self.accumulator:
+            raise ValueError("cannot merge a metric with itself")
+        self.accumulator.merge(acc)
+        return self
+
     def reset(self) -> None:
+        """Forget everything seen so far."""
         self.accumulator.reset()
 
-    def compute(self):  # pragma: no cover - abstract
+    def compute(self) -> object:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(n={self.accumulator.n}, d={self.accumulator.d})"
 
 
 class RankMe(_StreamingSpectral):
-    """Streaming :func:`rankme` (Garrido et al. 2023, Eq. 1)."""
+    r"""Streaming RankMe: :func:`rankme` of every row given to :meth:`update` (and
+    :meth:`merge`), with memory ``O(d²)`` whatever the number of rows.
 
-    def __init__(self, eps: float = DEFAULT_EPS, batch_dtype: torch.dtype | None = STAT_DTYPE):
+    .. math:: \mathrm{RankMe}(Z) = \exp\Big(-\sum_{k} p_k \ln p_k\Big),\qquad
+              p_k = \frac{s_k}{\sum_j s_j} + \varepsilon
+
+    Garrido, Balestriero, Najman & LeCun, ICML 2023, Eq. 1, with ``s_k`` the singular values
+    of the raw rows (``spectrum="singular"``) or the eigenvalues of their centred covariance
+    (``spectrum="covariance"``: Agrawal et al. 2022; Li et al. 2025).  The one-shot
+    :func:`rankme` and the registered probes ``rankme`` / ``rankme_covariance`` compute the
+    same value from the same :class:`SpectrumAccumulator`.
+
+    Parameters
+    ----------
+    eps : float
+        ε added after normalisation (1e-7, the paper's value for float32).
+    spectrum : {"singular", "covariance"}
+        Which spectrum of the features (:data:`SPECTRA`).
+    batch_dtype : torch.dtype or None
+        dtype of each batch's product (see :class:`SpectrumAccumulator`); float64 (default)
+        gives :func:`rankme`'s value to float64 round-off.
+
+    Examples
+    --------
+    >>> metric = RankMe()
+    >>> for batch in loader:                    # doctest: +SKIP
+    ...     metric.update(model_features(batch))
+    >>> metric.compute()                        # doctest: +SKIP
+    """
+
+    def __init__(self, eps: float = DEFAULT_EPS, spectrum: str = "singular",
+                 batch_dtype: torch.dtype | None = STAT_DTYPE) -> None:
         super().__init__(batch_dtype)
-        self.eps = eps
+        self.eps, self.spectrum = eps, _check_spectrum(spectrum)
 
     def compute(self) -> float:
-        return _rankme_compute(self.accumulator, self.eps)
-
-
-class RankMeCovariance(RankMe):
-    """Streaming :func:`rankme_covariance` (centred-covariance variant)."""
-
-    def compute(self) -> float:
-        return _rankme_covariance_compute(self.accumulator, self.eps)
+        """RankMe of everything seen (NaN with a warning: see :func:`rankme`); raises
+        ``ValueError`` when nothing was seen."""
+        return _rankme_read(_CachedSpectra(self.accumulator), self.eps, self.spectrum).result()
 
 
 class AlphaReQ(_StreamingSpectral):
-    """Streaming :func:`alpha_req` (Agrawal et al. 2022); :meth:`compute_fit` gives the fit."""
+    """Streaming alpha-ReQ: :func:`alpha_req` (Agrawal, Mondal, Ghosh & Richards, NeurIPS 2022,
+    Eq. 2) of every row given to :meth:`update` (and :meth:`merge`), with memory ``O(d²)``.
+
+    :meth:`compute` gives α, :meth:`compute_fit` the whole :class:`PowerLawFit` (as
+    :func:`alpha_req_fit`).  The one-shot functions and the registered probe ``alpha_req``
+    compute the same values from the same :class:`SpectrumAccumulator`.
+
+    Parameters
+    ----------
+    fit_range : (int, int)
+        0-based half-open index range of the fit (see :func:`alpha_req`).
+    batch_dtype : torch.dtype or None
+        dtype of each batch's product (see :class:`SpectrumAccumulator`).
+    """
 
     def __init__(self, fit_range: tuple[int, int] = DEFAULT_FIT_RANGE,
-                 batch_dtype: torch.dtype | None = STAT_DTYPE):
+                 batch_dtype: torch.dtype | None = STAT_DTYPE) -> None:
         super().__init__(batch_dtype)
+        _fit_range(fit_range)  # a bad range fails here, not at compute()
         self.fit_range = fit_range
 
     def compute_fit(self) -> PowerLawFit:
-        return _alpha_req_compute(self.accumulator, self.fit_range)
+        """The power-law fit of everything seen (see :func:`alpha_req_fit`)."""
+        return _alpha_req_read(_CachedSpectra(self.accumulator), self.fit_range).result()
 
     def compute(self) -> float:
+        """α of everything seen (see :func:`alpha_req`)."""
         return self.compute_fit().alpha
 
 
@@ -870,10 +1002,10 @@ def prepare_spectra(views: Sequence[_CachedSpectra]) -> None:
 
 
 SPECTRAL_METRICS: dict[str, Callable[[SpectrumAccumulator], float]] = {
-    "rankme": _rankme_compute,
-    "rankme_covariance": _rankme_covariance_compute,
-    "alpha_req": lambda acc: _alpha_req_compute(acc).alpha,
-    "alpha_req_r2": lambda acc: _alpha_req_compute(acc).r2,
+    "rankme": lambda acc: _rankme_read(_view(acc)).result(),
+    "rankme_covariance": lambda acc: _rankme_read(_view(acc), spectrum="covariance").result(),
+    "alpha_req": lambda acc: _alpha_req_read(_view(acc)).result().alpha,
+    "alpha_req_r2": lambda acc: _alpha_req_read(_view(acc)).result().r2,
     "participation_ratio": _participation_ratio_compute,
     "stable_rank": _stable_rank_compute,
     "effective_rank": _effective_rank_compute,
@@ -905,11 +1037,10 @@ class SpectralMetrics(_StreamingSpectral):
         pendings: dict[str, Pending] = {}
         for name in self.metrics:
             if name in ("alpha_req", "alpha_req_r2"):
-                pendings.setdefault("fit", _alpha_req_pending(view, self.fit_range))
-            elif name == "rankme":
-                pendings[name] = _rankme_pending_of(view, self.eps)
-            elif name == "rankme_covariance":
-                pendings[name] = _rankme_covariance_pending(view, self.eps)
+                pendings.setdefault("fit", _alpha_req_read(view, self.fit_range))
+            elif name in ("rankme", "rankme_covariance"):
+                pendings[name] = _rankme_read(
+                    view, self.eps, "singular" if name == "rankme" else "covariance")
             else:
                 pendings[name] = _METRIC_PENDINGS[name](view)
         results = dict(zip(pendings, finish_all(list(pendings.values())), strict=True))
@@ -926,12 +1057,13 @@ _METRIC_PENDINGS = {"participation_ratio": _participation_ratio_pending,
 # --------------------------------------------------------------------------- registry
 def _read_alpha_req(view: _CachedSpectra,
                     fit_range: tuple[int, int] = DEFAULT_FIT_RANGE) -> Pending:
-    return _alpha_req_pending(view, tuple(fit_range)).then(
+    return _alpha_req_read(view, tuple(fit_range)).then(
         lambda fit: {"alpha_req": fit.alpha, "alpha_req_r2": fit.r2})
 
 
 _SPECTRUM_READERS = {  # from_accumulator of each registered probe: pending device values
-    "rankme": _rankme_pending_of, "rankme_covariance": _rankme_covariance_pending,
+    "rankme": _rankme_read,
+    "rankme_covariance": functools.partial(_rankme_read, spectrum="covariance"),
     "alpha_req": _read_alpha_req, "participation_ratio": _participation_ratio_pending,
     "stable_rank": _stable_rank_pending, "effective_rank": _effective_rank_pending_of,
 }

@@ -141,7 +141,7 @@ def test_streaming_equals_oneshot_equals_reference(rng):
     metrics = ("rankme", "rankme_covariance", "alpha_req", "participation_ratio",
                "stable_rank", "effective_rank")
     multi = S.SpectralMetrics(metrics)
-    single = {"rankme": S.RankMe(), "rankme_covariance": S.RankMeCovariance(),
+    single = {"rankme": S.RankMe(), "rankme_covariance": S.RankMe(spectrum="covariance"),
               "alpha_req": S.AlphaReQ(), "participation_ratio": S.ParticipationRatio(),
               "stable_rank": S.StableRank(), "effective_rank": S.EffectiveRank()}
     cuts = [0, 1, 50, 119, 121, 122, 300, 500]  # crosses n = d inside a batch
