@@ -421,7 +421,12 @@ class MinibatchCKA:
     kernel : {"linear", "rbf"}
     unbiased : bool
         ``True`` (default, the paper's estimator); ``False`` averages biased HSICs instead,
-        which keeps the small-batch bias of biased CKA.
+        which keeps the bias of biased HSIC at the batch size ``b``: more batches do not
+        remove it.  For Gaussian features its limit is ``(b‖Σ_xy‖² + tr Σ_x tr Σ_y) /
+        √((b‖Σ_x‖² + (tr Σ_x)²)(b‖Σ_y‖² + (tr Σ_y)²))`` (from the Wishart moments of the
+        sample covariance), which lies above the population CKA for weakly related,
+        high-rank representations and can lie below it for a pair of CKA near 1 whose
+        effective ranks differ.
     bandwidth : float
         RBF σ as a fraction of each batch's median pairwise distance.
     """
@@ -590,20 +595,35 @@ def minibatch_cka(
     unbiased: bool = True,
     generator: torch.Generator | None = None,
 ) -> xr.Dataset:
-    """:class:`MinibatchCKA` over ``features`` held in memory, cut into batches of
-    ``batch_size`` rows (shuffled with ``generator`` when given; a last batch of fewer than 4
-    rows is dropped).  For data that do not fit, feed the class batch by batch."""
+    """:class:`MinibatchCKA` over ``features`` held in memory, every row used once.
+
+    The ``n`` rows (shuffled with ``generator`` when given, in order otherwise) are cut into
+    ``k = ⌈n / batch_size⌉`` batches of near-equal size (sizes differ by at most one row, none
+    exceeds ``batch_size``).  Nguyen, Raghu & Kornblith (ICLR 2021, Eq. 3) weight every batch
+    equally, which assumes batches of one size: a short last batch given the weight of a full
+    one would add its larger sampling noise (and, for the biased HSIC, its larger bias) to the
+    average.  When near-equal batches would fall under the estimator's minimum (4 rows for the
+    unbiased HSIC, 2 for the biased one), fewer and slightly larger batches are used.  For data
+    that do not fit in memory, feed the class batch by batch.
+    """
     xa = _as_layers(features, "features")
     xb = None if other is None else _as_layers(other, "other")
     n = next(iter(xa.values())).shape[0]
+    least = 4 if unbiased else 2
+    if batch_size < least:
+        raise ValueError(f"batch_size must be >= {least} for the "
+                         f"{'unbiased' if unbiased else 'biased'} HSIC; got {batch_size}")
+    if n < least:
+        raise ValueError(f"minibatch CKA needs >= {least} samples; got n = {n}")
+    if xb is not None and next(iter(xb.values())).shape[0] != n:
+        raise ValueError(f"features and other must hold the same samples: n = {n} vs "
+                         f"n = {next(iter(xb.values())).shape[0]}")
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    k = min(-(-n // batch_size), n // least)
     acc = MinibatchCKA(kernel, unbiased)
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        if idx.numel() < 4:
-            break
-        sel_a = {k: v[idx.to(v.device)] for k, v in xa.items()}
-        sel_b = None if xb is None else {k: v[idx.to(v.device)] for k, v in xb.items()}
+    for idx in torch.tensor_split(order, k):
+        sel_a = {name: v[idx.to(v.device)] for name, v in xa.items()}
+        sel_b = None if xb is None else {name: v[idx.to(v.device)] for name, v in xb.items()}
         acc.update(sel_a, sel_b)
     return acc.to_dataset()
 
