@@ -106,8 +106,8 @@ from traindyn.dynamics.probe_inputs import (
     load_labels,
     load_probe_inputs,
 )
-from traindyn.probes.capture import REDUCTIONS, capture, module_names, resolve_layers
-from traindyn.probes.evaluation import Measurement, ProbePlan
+from traindyn.probes.capture import REDUCTIONS, module_names, resolve_layers
+from traindyn.probes.evaluation import ProbePlan, forward_pass, measure
 from traindyn.probes.registry import Probe, get_probe
 
 __all__ = [
@@ -364,6 +364,17 @@ def check_positions(model: Any, inputs: Any) -> None:
                 f"{limit} positions (config.{attr}); pass --max-length {limit} (max_length=)")
 
 
+def _batches(inputs: ProbeInputs, model: Any, device: torch.device, dtype: torch.dtype
+             ) -> Iterator[tuple[Any, Any, Any]]:
+    """The probe batches as :func:`probes.evaluation.forward_pass` takes them, moved to the
+    model's device and dtype one at a time (each checked against the model's positions)."""
+    for batch in inputs.batches:
+        batch = batch.to(device, dtype)
+        labels = None if batch.labels is None else batch.labels.to(device)
+        check_positions(model, batch.inputs)
+        yield batch.inputs, labels, batch.mask
+
+
 def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
                        threads: int | None = None) -> dict[str, Any]:
     """Analyse one checkpoint; never raises for a bad checkpoint (status ``failed`` + reason).
@@ -392,37 +403,20 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
         layers = match_layers(model, spec.layers)
         plan = spec.plan(layers)
         device, dtype = _device(spec.device), _DTYPES[spec.dtype]
-        measurement = Measurement()
         state = plan.start() if plan.has_layer_probes else None
         if state is not None:
-            current: dict[str, Any] = {}
-
-            def sink(layer: str, x: torch.Tensor) -> None:
-                plan.update(state, layer, x, current.get("labels"))
-
-            with torch.no_grad(), capture(model, layers, reduce=spec.reduce, sink=sink) as cap:
-                for batch in inputs.batches:
-                    batch = batch.to(device, dtype)
-                    current["labels"] = (None if batch.labels is None
-                                         else batch.labels.to(device))
-                    cap.attention_mask = batch.mask
-                    check_positions(model, batch.inputs)
-                    if isinstance(batch.inputs, dict):
-                        model(**batch.inputs)
-                    else:
-                        model(batch.inputs)
+            forward_pass(model, layers, _batches(inputs, model, device, dtype), spec.reduce,
+                         sink=lambda layer, x, y: plan.update(state, layer, x, y))
         forwarded = time.perf_counter()
         with _single_threaded(device):
-            if state is not None:
-                measurement = measurement | plan.layer_values(state)
-            measurement = measurement | plan.parameter_values(model)
+            x = y = None
             if plan.model_probes:
                 stateful = [p.name for p in plan.model_probes if p.factory is not None]
                 if stateful:
                     raise ValueError(f"model probes {stateful} keep state between calls in a "
                                      "way that cannot be resumed: use them in the Monitor")
                 x, y = _model_inputs(inputs, device, dtype)
-                measurement = measurement | plan.model_values(model, x, y)
+            measurement = measure(plan, model, state, x, y)
         result["values"] = {name: [_jsonable(per_layer.get(layer, float("nan")))
                                    for layer in layers]
                             for name, per_layer in measurement.layer_values.items()}

@@ -178,7 +178,7 @@ from traindyn.dynamics.storage import (
     save_netcdf,
 )
 from traindyn.probes.capture import capture
-from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook
+from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook, forward_pass
 from traindyn.probes.registry import Probe
 
 __all__ = ["COMPLETE_ATTR", "Monitor", "load_stream", "preserved_state"]
@@ -634,10 +634,8 @@ class Monitor:
         copies what would alias them), so neither in-place operations later in the forward
         pass nor later training can change them."""
         self.model.eval()
-        with capture(self.model, self.layers, reduce=self.reduce) as cap:
-            for batch in self._batches():
-                self.model(batch)
-        return cap.activations()
+        return forward_pass(self.model, self.layers,
+                            ((batch, None, None) for batch in self._batches()), self.reduce)
 
     def _probe_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of every scalar feature probe, from captured

@@ -33,7 +33,7 @@ import torch
 from traindyn.probes._pending import answer_pendings, fetch, resolve_answer
 from traindyn.probes.registry import ACCUMULATORS, Probe, get_probe
 
-__all__ = ["Measurement", "ProbePlan", "ReferenceBook", "evaluate"]
+__all__ = ["Measurement", "ProbePlan", "ReferenceBook", "evaluate", "forward_pass", "measure"]
 
 StateKey = tuple[str, str | None]
 """(probe name, layer or None for model probes)."""
@@ -594,41 +594,77 @@ class ReferenceBook:
             self._times["previous"][key] = time
 
 
-def _forward(model: torch.nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    else:
-        model(batch)
+def forward_pass(model: torch.nn.Module, layers: Sequence[str],
+                 batches: Iterable[tuple[Any, Any, Any]], reduce: str = "flatten",
+                 sink: Callable[[str, torch.Tensor, Any], None] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The probe batch through ``model`` under ``torch.no_grad``, with ``layers`` captured by
+    forward hooks (:class:`probes.capture.capture`, token reduction ``reduce``).
+
+    Parameters
+    ----------
+    batches : iterable of ``(inputs, labels, mask)``
+        ``inputs`` go to ``model(inputs)`` (a mapping as keyword arguments); ``labels`` (or
+        ``None``) are handed to ``sink`` with that batch's features; ``mask`` (``(batch,
+        tokens)``, 1 = real token, or ``None``) is the padding mask of the token reduction.
+    sink : callable ``(layer, features, labels) -> None``, optional
+        Streams each batch's reduced features of each layer (e.g. into
+        :meth:`ProbePlan.update`); nothing is kept.
+
+    Returns
+    -------
+    dict
+        Without ``sink``: ``{layer: features of all batches}`` (detached; copies where they
+        would alias the model's outputs); with ``sink``: ``{}``.
+
+    The caller sets the model's mode (the probes run in eval mode).
+    """
+    from traindyn.probes.capture import capture
+
+    current: dict[str, Any] = {}
+    hook = None if sink is None else (
+        lambda layer, x: sink(layer, x, current.get("labels")))
+    with torch.no_grad(), capture(model, layers, reduce=reduce, sink=hook) as cap:
+        for inputs, labels, mask in batches:
+            current["labels"] = labels
+            cap.attention_mask = mask
+            if isinstance(inputs, Mapping):
+                model(**inputs)
+            else:
+                model(inputs)
+    return {} if sink is not None else cap.activations()
+
+
+def measure(plan: ProbePlan, model: torch.nn.Module, state: Any = None, model_inputs: Any = None,
+            targets: Any = None, instances: Mapping[str, Callable[..., Any]] | None = None
+            ) -> Measurement:
+    """Every probe of ``plan`` after the forward pass: the per-layer probes from ``state``
+    (what :func:`forward_pass` streamed into :meth:`ProbePlan.start`'s state; ``None``: no
+    per-layer probes), the parameter probes of ``model``'s weights and the model probes on
+    ``model_inputs`` (with ``targets``; ``instances``: :meth:`ProbePlan.model_instances`)."""
+    out = Measurement()
+    if state is not None:
+        out = out | plan.layer_values(state)
+    out = out | plan.parameter_values(model)
+    if plan.model_probes:
+        out = out | plan.model_values(model, model_inputs, targets, instances)
+    return out
 
 
 def _measure(plan: ProbePlan, model: torch.nn.Module, batches: list[Any], labels: list[Any],
              masks: list[Any], reduce: str, targets: Any, model_inputs: Any,
              instances: Mapping[str, Callable[..., Any]] | None) -> Measurement:
     """The forward pass and every probe of :func:`evaluate` (the model in eval mode)."""
-    from traindyn.probes.capture import capture
-
-    out = Measurement()
+    state = None
     if plan.has_layer_probes:
         state = plan.start()
-        current: dict[str, Any] = {}
-
-        def sink(layer: str, x: torch.Tensor) -> None:
-            plan.update(state, layer, x, current.get("labels"))
-
-        with torch.no_grad(), capture(model, plan.layers, reduce=reduce, sink=sink) as cap:
-            for batch, y, mask in zip(batches, labels, masks, strict=True):
-                current["labels"] = y
-                cap.attention_mask = mask
-                _forward(model, batch)
-        out = out | plan.layer_values(state)
-    out = out | plan.parameter_values(model)
-    if plan.model_probes:
-        if model_inputs is None:
-            model_inputs = batches[0] if len(batches) == 1 else (
-                torch.cat(batches) if all(isinstance(b, torch.Tensor) for b in batches)
-                else batches)
-        out = out | plan.model_values(model, model_inputs, targets, instances)
-    return out
+        forward_pass(model, plan.layers, zip(batches, labels, masks, strict=True), reduce,
+                     sink=lambda layer, x, y: plan.update(state, layer, x, y))
+    if plan.model_probes and model_inputs is None:
+        model_inputs = batches[0] if len(batches) == 1 else (
+            torch.cat(batches) if all(isinstance(b, torch.Tensor) for b in batches)
+            else batches)
+    return measure(plan, model, state, model_inputs, targets, instances)
 
 
 def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
