@@ -18,7 +18,12 @@ import numpy as np
 import torch
 import xarray as xr
 from traindyn.dynamics import records
-from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook
+from traindyn.probes.evaluation import (
+    Measurement,
+    ProbePlan,
+    ReferenceBook,
+    compare_references,
+)
 from traindyn.probes.registry import RESERVED
 
 __all__ = ["Evaluator", "to_numpy"]
@@ -112,14 +117,9 @@ class Evaluator:
         """``out`` with its reference probes compared with this evaluator's first/previous
         states (at time learning rate × ``step``, as the Monitor's model probes), which are
         then recorded."""
-        plan = self.plan
-        if not (plan.references and out.states):
-            return out
         time = None if step is None else (
             1.0 if self.learning_rate is None else self.learning_rate) * step
-        out = out | plan.compare(out.states, self.references.get, time, self.references.time)
-        self.references.record(out.states, time)
-        return out
+        return compare_references(self.plan, out, self.references, time)
 
     def feature_values(self, feats: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of the scalar per-layer feature probes."""

@@ -107,7 +107,14 @@ from traindyn.dynamics.probe_inputs import (
     load_probe_inputs,
 )
 from traindyn.probes.capture import REDUCTIONS, module_names, resolve_layers
-from traindyn.probes.evaluation import ProbePlan, forward_pass, measure
+from traindyn.probes.evaluation import (
+    Measurement,
+    ProbePlan,
+    ReferenceBook,
+    compare_references,
+    forward_pass,
+    measure,
+)
 from traindyn.probes.registry import Probe, get_probe
 
 __all__ = [
@@ -455,18 +462,12 @@ def _compare_references(results: list[dict], plan_of: Callable[[list[str]], Prob
     if not plan.references:
         return
     lr = 1.0 if learning_rate is None else float(learning_rate)
-    for i, r in enumerate(ok):
-        others = {"first": ok[0], "previous": ok[i - 1] if i else None, "final": ok[-1]}
-
-        def lookup(key: tuple[str, str | None], kind: str, others: dict = others) -> Any:
-            other = others[kind]
-            return None if other is None else other["states"].get(_state_key(key))
-
-        def when(key: tuple[str, str | None], kind: str, others: dict = others) -> Any:
-            return None if others[kind] is None else lr * others[kind]["step"]
-
+    final = ok[-1]
+    book = ReferenceBook(plan, final=({_from_state_key(k): v for k, v in final["states"].items()},
+                                      lr * final["step"]))
+    for r in ok:
         states = {_from_state_key(k): v for k, v in r["states"].items()}
-        compared = plan.compare(states, lookup, lr * r["step"], when)
+        compared = compare_references(plan, Measurement(states=states), book, lr * r["step"])
         layers = r["layers"]
         for name, per_layer in compared.layer_values.items():
             r["values"][name] = [_jsonable(per_layer.get(layer, float("nan")))

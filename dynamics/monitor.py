@@ -178,7 +178,13 @@ from traindyn.dynamics.storage import (
     save_netcdf,
 )
 from traindyn.probes.capture import capture
-from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook, forward_pass
+from traindyn.probes.evaluation import (
+    Measurement,
+    ProbePlan,
+    ReferenceBook,
+    compare_references,
+    forward_pass,
+)
 from traindyn.probes.registry import Probe
 
 __all__ = ["COMPLETE_ATTR", "Monitor", "load_stream", "preserved_state"]
@@ -676,12 +682,8 @@ class Monitor:
             inputs, targets = _concat(self.probe_data), _concat(self.probe_labels)
             self.model.eval()
             out = out | plan.model_values(self.model, inputs, targets, self._model_instances)
-        if plan.references and out.states:
-            time = (1.0 if self.learning_rate is None else self.learning_rate) * step
-            out = out | plan.compare(out.states, self._references.get, time,
-                                     self._references.time)
-            self._references.record(out.states, time)
-        return out
+        time = (1.0 if self.learning_rate is None else self.learning_rate) * step
+        return compare_references(plan, out, self._references, time)
 
     def evaluate(self, step: int = 0, **scalars: float) -> xr.Dataset:
         """One evaluation as a Dataset with a length-1 ``step`` dimension (not recorded).

@@ -33,7 +33,8 @@ import torch
 from traindyn.probes._pending import answer_pendings, fetch, resolve_answer
 from traindyn.probes.registry import ACCUMULATORS, Probe, get_probe
 
-__all__ = ["Measurement", "ProbePlan", "ReferenceBook", "evaluate", "forward_pass", "measure"]
+__all__ = ["Measurement", "ProbePlan", "ReferenceBook", "compare_references", "evaluate",
+           "forward_pass", "measure"]
 
 StateKey = tuple[str, str | None]
 """(probe name, layer or None for model probes)."""
@@ -564,26 +565,32 @@ class ProbePlan:
 
 
 class ReferenceBook:
-    """In-memory reference states for a run evaluated in order (the Monitor).
+    """Reference states of a run evaluated in step order (the Monitor, ``analyze``).
 
     ``"first"`` keeps the first state of each key, ``"previous"`` the last one recorded;
-    ``"final"`` cannot be known during a run (``ValueError``)."""
+    ``"final"`` is known only for a finished series: pass ``final=(states, time)`` (the last
+    evaluation's states and time), else probes comparing with it are refused
+    (``ValueError``)."""
 
-    def __init__(self, plan: ProbePlan) -> None:
-        if "final" in plan.references:
+    def __init__(self, plan: ProbePlan,
+                 final: tuple[Mapping[StateKey, Any], float | None] | None = None) -> None:
+        if "final" in plan.references and final is None:
             raise ValueError("probes comparing with the final checkpoint "
                              f"({[p.name for p in plan.probes if 'final' in p.reference]}) "
                              "need the whole series: use dynamics.analyze")
         self.first: dict[StateKey, Any] = {}
         self.previous: dict[StateKey, Any] = {}
-        self._times: dict[str, dict[StateKey, float | None]] = {"first": {}, "previous": {}}
+        self.final: dict[StateKey, Any] = dict(final[0]) if final is not None else {}
+        final_time = final[1] if final is not None else None
+        self._times: dict[str, dict[StateKey, float | None]] = {
+            "first": {}, "previous": {}, "final": dict.fromkeys(self.final, final_time)}
 
     def get(self, key: StateKey, kind: str) -> Any:
-        return (self.first if kind == "first" else self.previous).get(key)
+        return getattr(self, kind if kind in ("first", "final") else "previous").get(key)
 
     def time(self, key: StateKey, kind: str) -> float | None:
         """The time at which the ``kind`` state of ``key`` was recorded (or ``None``)."""
-        return self._times["first" if kind == "first" else "previous"].get(key)
+        return self._times[kind if kind in ("first", "final") else "previous"].get(key)
 
     def record(self, states: Mapping[StateKey, Any], time: float | None = None) -> None:
         for key, state in states.items():
@@ -592,6 +599,41 @@ class ReferenceBook:
                 self._times["first"][key] = time
             self.previous[key] = state
             self._times["previous"][key] = time
+
+
+class _Lookup:
+    """A ``(key, kind) -> state`` callable seen as a book that records nothing."""
+
+    def __init__(self, lookup: Callable[[StateKey, str], Any]) -> None:
+        self.get = lookup
+
+    def time(self, key: StateKey, kind: str) -> None:
+        return None
+
+    def record(self, states: Mapping[StateKey, Any], time: float | None = None) -> None:
+        pass
+
+
+def compare_references(plan: ProbePlan, measurement: Measurement,
+                       references: ReferenceBook | Callable[[StateKey, str], Any] | None,
+                       time: float | None = None) -> Measurement:
+    """``measurement`` with its reference probes' comparisons added — every consumer's one
+    place for them (the Monitor in each mode, ``analyze``, :func:`evaluate`).
+
+    Each state of ``measurement`` is compared (:meth:`ProbePlan.compare`) with the states
+    ``references`` holds (a :class:`ReferenceBook`, then updated with this evaluation's
+    states at ``time``; or a callable ``(key, kind) -> state``); ``time`` is this
+    evaluation's (learning rate × step), for rates such as the kernel velocity."""
+    if not (plan.references and measurement.states):
+        return measurement
+    if references is None:
+        raise ValueError(f"probes {[p.name for p in plan.probes if p.reference]} compare "
+                         "with other evaluations: pass references=")
+    book = references if isinstance(references, ReferenceBook) else _Lookup(references)
+    out = measurement | plan.compare(measurement.states, book.get, time,
+                                     book.time if isinstance(book, ReferenceBook) else None)
+    book.record(out.states, time)
+    return out
 
 
 def forward_pass(model: torch.nn.Module, layers: Sequence[str],
@@ -704,14 +746,4 @@ def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
     finally:
         for module, mode in modes:
             module.training = mode
-    if plan.references and out.states:
-        lookup = references.get if isinstance(references, ReferenceBook) else references
-        if lookup is None:
-            raise ValueError(f"probes {[p.name for p in plan.probes if p.reference]} compare "
-                             "with other evaluations: pass references=")
-        book = references if isinstance(references, ReferenceBook) else None
-        out = out | plan.compare(out.states, lookup, time,
-                                 book.time if book is not None else None)
-        if book is not None:
-            book.record(out.states, time)
-    return out
+    return compare_references(plan, out, references, time)
