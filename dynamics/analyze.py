@@ -89,7 +89,7 @@ import numpy as np
 import torch
 import xarray as xr
 from traindyn.dynamics import _analyze_parts as parts_io
-from traindyn.dynamics import records, storage
+from traindyn.dynamics import measurement_dataset, records, storage
 from traindyn.dynamics._dask import local_client
 from traindyn.dynamics._renamed import renamed_kwargs
 from traindyn.dynamics.checkpoints import (
@@ -317,23 +317,6 @@ def _from_state_key(text: str) -> tuple[str, str | None]:
     return probe, layer or None
 
 
-def _jsonable(value: Any) -> Any:
-    """A measured value as JSON: a number, or a DataArray as ``to_dict`` (data as lists)."""
-    if isinstance(value, xr.DataArray):
-        return {"dataarray": value.to_dict(data="list")}
-    if isinstance(value, np.ndarray):
-        return {"array": value.tolist()}
-    return float(value)
-
-
-def _from_jsonable(value: Any) -> Any:
-    if isinstance(value, dict) and "dataarray" in value:
-        return xr.DataArray.from_dict(value["dataarray"])
-    if isinstance(value, dict) and "array" in value:
-        return np.asarray(value["array"], dtype=float)
-    return value
-
-
 def _model_inputs(inputs: ProbeInputs, device: torch.device, dtype: torch.dtype) -> tuple:
     """All probe inputs (and labels) in one batch, for model probes."""
     batches = [b.to(device, dtype) for b in inputs.batches]
@@ -424,13 +407,8 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
                                      "way that cannot be resumed: use them in the Monitor")
                 x, y = _model_inputs(inputs, device, dtype)
             measurement = measure(plan, model, state, x, y)
-        result["values"] = {name: [_jsonable(per_layer.get(layer, float("nan")))
-                                   for layer in layers]
-                            for name, per_layer in measurement.layer_values.items()}
-        result["model_values"] = {k: _jsonable(v) for k, v in measurement.values.items()}
+        result.update(measurement_dataset.to_record(measurement, layers))
         result["states"] = {_state_key(k): v for k, v in measurement.states.items()}
-        result["notes"] = "; ".join(measurement.notes)
-        result["layer_notes"] = {k: "; ".join(v) for k, v in measurement.layer_notes.items()}
         result["layers"] = layers
         result["status"] = "ok"
         done = time.perf_counter()
@@ -451,99 +429,52 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
 # references: comparisons once every state is known
 
 
-def _compare_references(results: list[dict], plan_of: Callable[[list[str]], ProbePlan],
-                        learning_rate: float | None = None) -> None:
-    """Fill in each ok result's reference-probe comparisons (first / previous / final), in
-    step order, from the states the checkpoints kept."""
-    ok = [r for r in sorted(results, key=lambda r: r["step"]) if r["status"] == "ok"]
+def _measurements(results: list[dict], plan_of: Callable[[list[str]], ProbePlan],
+                  learning_rate: float | None = None) -> list[Measurement]:
+    """Each result's measurement (in the order of ``results``), with the reference probes'
+    comparisons (first / previous / final) made in step order over the ok results from the
+    states the checkpoints kept (:func:`probes.evaluation.compare_references`)."""
+    measurements = [measurement_dataset.from_record(r, r["layers"]) for r in results]
+    ok = sorted((i for i, r in enumerate(results) if r["status"] == "ok"),
+                key=lambda i: results[i]["step"])
     if not ok:
-        return
-    plan = plan_of(ok[0]["layers"])
+        return measurements
+    plan = plan_of(results[ok[0]]["layers"])
     if not plan.references:
-        return
+        return measurements
     lr = 1.0 if learning_rate is None else float(learning_rate)
-    final = ok[-1]
-    book = ReferenceBook(plan, final=({_from_state_key(k): v for k, v in final["states"].items()},
-                                      lr * final["step"]))
-    for r in ok:
-        states = {_from_state_key(k): v for k, v in r["states"].items()}
-        compared = compare_references(plan, Measurement(states=states), book, lr * r["step"])
-        layers = r["layers"]
-        for name, per_layer in compared.layer_values.items():
-            r["values"][name] = [_jsonable(per_layer.get(layer, float("nan")))
-                                 for layer in layers]
-        r["model_values"].update({k: _jsonable(v) for k, v in compared.values.items()})
-        if compared.notes:
-            r["notes"] = "; ".join(filter(None, [r["notes"], *compared.notes]))
 
+    def states(i: int) -> dict[tuple[str, str | None], Any]:
+        return {_from_state_key(k): v for k, v in results[i]["states"].items()}
 
-# --------------------------------------------------------------------------------------------
-# assembly
-
-
-def _variable(name: str, results: list[dict], layers: list[str], attrs: dict[str, str],
-              per_layer: bool) -> xr.DataArray:
-    """One variable over the series (NaN for failed checkpoints and missing values)."""
-    steps = [r["step"] for r in results]
-    raw = [(r["values"] if per_layer else r["model_values"]).get(name) if r["status"] == "ok"
-           else None for r in results]
-    decoded = [None if v is None else ([_from_jsonable(x) for x in v] if per_layer
-                                       else _from_jsonable(v)) for v in raw]
-    sample = next((v for v in decoded if v is not None), None)
-    inner = sample[0] if per_layer and sample else sample
-    if not isinstance(inner, (xr.DataArray, np.ndarray)):
-        if per_layer:
-            values = np.full((len(results), len(layers)), np.nan)
-            for i, v in enumerate(decoded):
-                if v is not None:
-                    values[i] = np.asarray(v, dtype=float)
-            return xr.DataArray(values, dims=("step", "layer"), attrs=attrs)
-        return xr.DataArray(np.array([np.nan if v is None else float(v) for v in decoded]),
-                            dims=("step",), attrs=attrs)
-
-    def as_da(v: Any) -> xr.DataArray:
-        return v if isinstance(v, xr.DataArray) else xr.DataArray(v)
-
-    template = as_da(inner)
-    rows = []
-    for v in decoded:
-        if v is None:
-            row = (xr.concat([xr.full_like(template, np.nan, dtype=float)] * len(layers), "layer")
-                   if per_layer else xr.full_like(template, np.nan, dtype=float))
-        else:
-            row = xr.concat([as_da(x) for x in v], "layer") if per_layer else as_da(v)
-        rows.append(row)
-    da = xr.concat(rows, "step", join="outer").assign_coords(step=steps)
-    if per_layer:
-        da = da.assign_coords(layer=np.array(layers, dtype=object))
-    da.attrs = attrs
-    return da.drop_vars([c for c in da.coords if c not in da.dims])
+    book = ReferenceBook(plan, final=(states(ok[-1]), lr * results[ok[-1]]["step"]))
+    for i in ok:
+        compared = compare_references(plan, Measurement(states=states(i)), book,
+                                      lr * results[i]["step"])
+        measurements[i] = measurements[i] | Measurement(compared.layer_values,
+                                                        compared.values, notes=compared.notes)
+    return measurements
 
 
 def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
               learning_rate: float | None) -> xr.Dataset:
+    """The series' Dataset: the measurements (:func:`dynamics.measurement_dataset.build`) and
+    each checkpoint's bookkeeping (status, hash, duplicates, path, timings)."""
     results = sorted(results, key=lambda r: r["step"])
+    measurements = _measurements(results, spec.plan, learning_rate)
     layers = next((r["layers"] for r in results if r["status"] == "ok"), [])
-    for r in results:
+    for r, m in zip(results, measurements, strict=True):
         if r["status"] == "ok" and r["layers"] != layers:
-            r.update(status="failed", values={}, model_values={},
+            r.update(status="failed",
                      reason=f"its layers {r['layers'][:4]}… differ from the series' {layers[:4]}…")
+        if r["status"] != "ok":  # its notes stay; its values do not
+            m.layer_values, m.values = {}, {}
     steps = [r["step"] for r in results]
-    coords: dict[str, Any] = records.step_coords(steps, learning_rate)
-    coords["layer"] = ("layer", np.array(layers, dtype=object),
-                       {"long_name": records.DIMS["layer"], "units": ""})
-    declared = spec.plan(layers).variables()
-    per_layer_names = list(dict.fromkeys(n for r in results for n in r["values"]))
-    model_names = list(dict.fromkeys(n for r in results for n in r["model_values"]))
-    data_vars: dict[str, Any] = {}
-    for name in [n for n in declared if n in per_layer_names] + [
-            n for n in per_layer_names if n not in declared]:
-        attrs_ = declared.get(name, ((), records.variable_attrs(name)))[1]
-        data_vars[name] = _variable(name, results, layers, dict(attrs_), per_layer=True)
-    for name in [n for n in declared if n in model_names] + [
-            n for n in model_names if n not in declared]:
-        attrs_ = declared.get(name, ((), records.variable_attrs(name)))[1]
-        data_vars[name] = _variable(name, results, layers, dict(attrs_), per_layer=False)
+    ds = measurement_dataset.build(steps, measurements, layers=layers,
+                                   declared=spec.plan(layers).variables(),
+                                   learning_rate=learning_rate, notes=True)
+    ds = ds.assign_coords(layer=("layer", np.array(layers, dtype=object),
+                                 {"long_name": records.DIMS["layer"], "units": ""}))
     hashes = [r["checkpoint_hash"] for r in results]
     first_step: dict[str, int] = {}
     for h, step in zip(hashes, steps, strict=True):
@@ -556,18 +487,11 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
     def strings(key: str) -> np.ndarray:
         return np.array([str(r.get(key, "")) for r in results], dtype=object)
 
-    layer_notes = np.array([[r.get("layer_notes", {}).get(layer, "") for layer in layers]
-                            for r in results], dtype=object).reshape(len(results), len(layers))
-    data_vars.update({
+    data_vars: dict[str, Any] = {
         "status": ("step", strings("status"), {"long_name": "checkpoint status (ok / failed)",
                                                "units": ""}),
         "reason": ("step", strings("reason"), {"long_name": "why the checkpoint failed",
                                                "units": ""}),
-        "notes": ("step", strings("notes"), {"long_name": "warnings raised by the probes",
-                                             "units": ""}),
-        "layer_notes": (("step", "layer"), layer_notes,
-                        {"long_name": "why a layer's values are NaN (its probes' warnings)",
-                         "units": ""}),
         "checkpoint_hash": ("step", np.array(hashes, dtype=object),
                             {"long_name": "SHA-256 of the checkpoint's tensors (names, dtypes, "
                                           "shapes, bytes)", "units": ""}),
@@ -580,17 +504,18 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
         "step_source": ("step", strings("step_source"),
                         {"long_name": "where the step number came from (name, trainer_state, "
                                       "lightning, explicit, default)", "units": ""}),
-    })
+    }
     for key, var in zip(("load", "forward", "probes", "total", "cpu"), TIMING_VARIABLES,
                         strict=True):
         data_vars[var] = ("step", np.array([r["seconds"].get(key, np.nan) for r in results],
                                            dtype=float),
                           {"long_name": f"wall-clock time: {key}" if key != "cpu" else
                            "CPU time of the analysing process (all its threads)", "units": "s"})
-    attrs = dict(attrs)
-    attrs["n_failed"] = int(sum(r["status"] != "ok" for r in results))
-    attrs["n_duplicates"] = int(dup_flag.sum())
-    return records.validate(xr.Dataset(data_vars, coords=coords, attrs=attrs))
+    ds = ds.assign(data_vars)
+    ds.attrs = dict(attrs)
+    ds.attrs["n_failed"] = int(sum(r["status"] != "ok" for r in results))
+    ds.attrs["n_duplicates"] = int(dup_flag.sum())
+    return records.validate(ds)
 
 
 def summary_figures(ds: xr.Dataset, folder: str | os.PathLike, stem: str = "analyze"
@@ -1110,7 +1035,6 @@ def analyze(
         finally:
             bar.close()
 
-        _compare_references(list(results.values()), spec.plan, learning_rate)
         params = spec.params()
         params.update(checkpoints=str(checkpoints) if isinstance(checkpoints, (str, os.PathLike))
                       else [str(c.path if isinstance(c, Checkpoint) else c) for c in checkpoints],
