@@ -207,17 +207,21 @@ class AnalyzeSpec:
 # --------------------------------------------------------------------------------------------
 # one checkpoint (runs in the calling process or in a dask worker)
 
-_CACHE: dict[str, tuple[str, Any]] = {}
+_CACHE: dict[str, tuple[str, Any, Any]] = {}
 
 
-def _cached(slot: str, key: str, make: Callable[[], Any]) -> Any:
-    """One object per slot, rebuilt when its key changes (a worker keeps its model and inputs)."""
+def _cached(slot: str, key: str, make: Callable[[], Any], holds: Any = None) -> Any:
+    """One object per slot, rebuilt when its key changes (a worker keeps its model and inputs).
+
+    ``holds`` (the model factory) is kept with the entry and must be the very same object for
+    a hit: a factory without a stable name (a lambda) is otherwise known by its ``id`` only,
+    which a later factory can take over once the first is garbage-collected."""
     hit = _CACHE.get(slot)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and hit[2] is holds:
         return hit[1]
     _CACHE.pop(slot, None)
     value = make()
-    _CACHE[slot] = (key, value)
+    _CACHE[slot] = (key, value, holds)
     return value
 
 
@@ -280,7 +284,7 @@ def _load(checkpoint: Checkpoint, spec: AnalyzeSpec) -> tuple[torch.nn.Module, s
         raise CheckpointError(f"{checkpoint.path.name} is a state dict: a model factory "
                               f"(--model module:function) is needed to build the network")
     if spec.strict:
-        model = _cached("model", _model_key(spec), lambda: _build_model(spec))
+        model = _cached("model", _model_key(spec), lambda: _build_model(spec), spec.model)
     else:  # keys the checkpoint lacks must start from the same initialisation every time
         model = _build_model(spec)
     return model, load_into(model, checkpoint, strict=spec.strict, prefix=spec.prefix)
@@ -683,7 +687,8 @@ def _check_model_and_layers(series: list[Checkpoint], spec: AnalyzeSpec) -> None
         if spec.model is None:
             raise ValueError("state-dict checkpoints need a model factory: "
                              "model='package.module:function' or 'file.py:function'")
-        reference = _cached("model", _model_key(spec), lambda: _build_model(spec))
+        reference = _cached("model", _model_key(spec), lambda: _build_model(spec),
+                            spec.model)
         if not spec.layers:
             raise ValueError(f"choose layers (names or glob patterns); the model has: "
                              f"{', '.join(module_names(reference)[:60])}")
