@@ -1,9 +1,12 @@
-"""The monitor's evaluator: captured features, model-probe outputs and scalars → one
-evaluation's Dataset.
+"""The monitor's evaluator: one evaluation from the model (training side) and captured
+features (wherever the feature probes run) to its Dataset.
 
 :class:`Evaluator` is a small picklable object (the probe plan, labels, learning rate, seed,
-source, reduce, reference states) shared by the monitor's three modes: it runs on the training
-thread, on a worker thread, or in the worker process (:mod:`dynamics._monitor_worker`).
+source, reduce, reference books) shared by the monitor's three modes: it runs on the training
+thread, on a worker thread, or in the worker process (:mod:`dynamics._monitor_worker`).  It
+measures through :mod:`probes.evaluation` (forward pass, probes, reference comparisons) and
+builds the Dataset with :func:`dynamics.measurement_dataset.build`; the monitor schedules and
+transports.
 
 Used by :mod:`dynamics.monitor`; not public.
 """

@@ -51,8 +51,9 @@ same state preservation; the modes differ in where the *feature probes*, buildin
 and the Zarr append run (and, in thread mode, the parameter probes, on a snapshot of the
 weights).  Every mode reads the probes' numbers from the device once per probe family and
 evaluation (:mod:`probes._pending`).  All three record the same Dataset and the same Zarr
-store (tested) through one code path (:class:`dynamics._evaluator.Evaluator` and
-:class:`dynamics.storage.ZarrStream`).
+store (tested) through one code path (:class:`dynamics._evaluator.Evaluator`, which measures
+through :mod:`probes.evaluation` and builds with :mod:`dynamics.measurement_dataset`, the
+builder ``analyze`` uses too, and :class:`dynamics.storage.ZarrStream`).
 
 * ``background=False`` (default) — *synchronous*: everything on the training thread.  The
   simplest; the only mode in which feature probes run on the model's device (GPU probes on the

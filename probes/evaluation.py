@@ -4,8 +4,11 @@
 evaluation into steps that can run in different places (the Monitor's training thread does the
 forward pass and the model probes; its worker computes the feature probes):
 
-1. :meth:`ProbePlan.start` → per-layer streaming state; :meth:`ProbePlan.update` (a capture
-   ``sink``) feeds each batch of a layer's features (and its labels) into the shared
+0. :func:`forward_pass` → the probe batch through the model, batch by batch (with each
+   batch's labels and token mask), its layers captured by forward hooks: kept whole (the
+   Monitor hands them to its worker) or streamed into the plan's state;
+1. :meth:`ProbePlan.start` → per-layer streaming state; :meth:`ProbePlan.update` (the
+   forward pass's ``sink``) feeds each batch of a layer's features (and its labels) into the shared
    accumulators — one per accumulator *name* and layer, so RankMe, alpha-ReQ and the effective
    ranks read one float64 second moment and its eigenvalues are computed once, and NC1–NC4 and
    CDNV read one set of class statistics; an accumulator that ``shares`` another (the ridge
@@ -14,11 +17,14 @@ forward pass and the model probes; its worker computes the feature probes):
 2. :meth:`ProbePlan.layer_values` → the per-layer probes' values from that state;
    :meth:`ProbePlan.parameter_values` → the ``parameters`` probes' values from the weights;
    :meth:`ProbePlan.model_values` → the ``model`` probes' values;
-3. :meth:`ProbePlan.compare` → reference-based probes' comparisons with the states of other
-   evaluations (first / previous / final).
+   :func:`measure` → all three after a forward pass;
+3. :func:`compare_references` → reference-based probes' comparisons with the states of other
+   evaluations (first / previous / final) held by a :class:`ReferenceBook` — the one place
+   where the Monitor (each mode) and ``analyze`` compare.
 
 :func:`evaluate` does all of it for a model and a batch source.  Each step returns a
-:class:`Measurement`; measurements merge with ``|``.
+:class:`Measurement`; measurements merge with ``|``, and
+:mod:`traindyn.dynamics.measurement_dataset` turns them into the Dataset.
 """
 
 from __future__ import annotations
