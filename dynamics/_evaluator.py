@@ -131,6 +131,30 @@ class Evaluator:
             out = out | plan.model_values(model, inputs, targets, instances)
         return compare_references(plan, out, self.model_references, self.time(step))
 
+    def model_side(self, model: torch.nn.Module, inputs: Any, targets: Any,
+                   instances: Mapping[str, Any], step: int, due: bool, parameters: bool = True
+                   ) -> Measurement:
+        """:meth:`model_measurement` if the model probes are ``due``, else NaN for the scalar
+        variables of the parameter and model probes."""
+        if not due:
+            return self.not_due(("parameters", "model"))
+        return self.model_measurement(model, inputs, targets, instances, step, parameters)
+
+    def synchronous(self, model: torch.nn.Module, batches: Sequence[Any], inputs: Any,
+                    targets: Any, instances: Mapping[str, Any], step: int,
+                    features_due: bool = True, model_due: bool = True) -> Measurement:
+        """One evaluation on the training thread (call inside the preserved state): the
+        feature probes of the captured features, then the parameter and model probes (NaN
+        for the scalar variables of a family not due)."""
+        with torch.no_grad():
+            if not features_due:
+                features = self.not_due(("features", "labelled_features"))
+            elif self.plan.has_layer_probes:
+                features = self.feature_measurement(self.features(model, batches), step)
+            else:
+                features = Measurement()
+        return features | self.model_side(model, inputs, targets, instances, step, model_due)
+
     def not_due(self, kinds: tuple[str, ...]) -> Measurement:
         """NaN for the scalar variables of the probe kinds not due at this step (so every
         evaluation records the same variables; array-valued ones are left out)."""

@@ -659,16 +659,6 @@ class Monitor:
                 out[:, j] = values[probe.name]
         return out
 
-    def _model_side(self, step: int, due: bool, parameters: bool = True) -> Measurement:
-        """The parameter (unless ``parameters=False``) and model probes, measured on the
-        training thread inside the preserved state if ``due``, else NaN for their scalar
-        variables."""
-        if not due:
-            return self._eval.not_due(("parameters", "model"))
-        return self._evaluator().model_measurement(
-            self.model, _concat(self.probe_data), _concat(self.probe_labels),
-            self._model_instances, step, parameters)
-
     def evaluate(self, step: int = 0, **scalars: float) -> xr.Dataset:
         """One evaluation as a Dataset with a length-1 ``step`` dimension (not recorded).
 
@@ -681,15 +671,10 @@ class Monitor:
         """One synchronous evaluation of the probe families due at ``step``."""
         evaluator = self._evaluator()
         with preserved_state(self.model):
-            with torch.no_grad():
-                if not features_due:
-                    features = evaluator.not_due(("features", "labelled_features"))
-                elif self.plan.has_layer_probes:
-                    features = evaluator.feature_measurement(self._capture(), step)
-                else:
-                    features = Measurement()
-            extra = self._model_side(step, model_due)
-        return evaluator.build(step, features | extra, scalars)
+            measurement = evaluator.synchronous(
+                self.model, self._batches(), _concat(self.probe_data),
+                _concat(self.probe_labels), self._model_instances, step, features_due, model_due)
+        return evaluator.build(step, measurement, scalars)
 
     def _record(self, ds: xr.Dataset) -> None:
         if self._stream is not None:
@@ -796,7 +781,9 @@ class Monitor:
                 weights = (self.plan.weights(self.model, copy=True)
                            if not process and model_due and self.plan.parameter_probes
                            else None)
-                extra = self._model_side(step, model_due, parameters=weights is None)
+                extra = self._evaluator().model_side(
+                    self.model, _concat(self.probe_data), _concat(self.probe_labels),
+                    self._model_instances, step, model_due, parameters=weights is None)
                 if not features_due:
                     extra = extra | self._eval.not_due(("features", "labelled_features"))
             if process:
