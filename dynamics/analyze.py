@@ -239,6 +239,12 @@ def _build_model(spec: AnalyzeSpec) -> torch.nn.Module:
     return model.to(device=_device(spec.device), dtype=_DTYPES[spec.dtype]).eval()
 
 
+def _factory(spec: AnalyzeSpec) -> Any:
+    """The factory object a cached model must have been built from: a callable (known to the
+    key only by its ``id``); ``None`` for a factory named by a string (the key names it)."""
+    return None if isinstance(spec.model, str) else spec.model
+
+
 def _model_key(spec: AnalyzeSpec) -> str:
     return repr((spec.params()["model"], dict(spec.model_kwargs), spec.device, spec.dtype,
                  id(spec.model) if not isinstance(spec.model, str) else 0, _model_code(spec)))
@@ -284,7 +290,7 @@ def _load(checkpoint: Checkpoint, spec: AnalyzeSpec) -> tuple[torch.nn.Module, s
         raise CheckpointError(f"{checkpoint.path.name} is a state dict: a model factory "
                               f"(--model module:function) is needed to build the network")
     if spec.strict:
-        model = _cached("model", _model_key(spec), lambda: _build_model(spec), spec.model)
+        model = _cached("model", _model_key(spec), lambda: _build_model(spec), _factory(spec))
     else:  # keys the checkpoint lacks must start from the same initialisation every time
         model = _build_model(spec)
     return model, load_into(model, checkpoint, strict=spec.strict, prefix=spec.prefix)
@@ -688,7 +694,7 @@ def _check_model_and_layers(series: list[Checkpoint], spec: AnalyzeSpec) -> None
             raise ValueError("state-dict checkpoints need a model factory: "
                              "model='package.module:function' or 'file.py:function'")
         reference = _cached("model", _model_key(spec), lambda: _build_model(spec),
-                            spec.model)
+                            _factory(spec))
         if not spec.layers:
             raise ValueError(f"choose layers (names or glob patterns); the model has: "
                              f"{', '.join(module_names(reference)[:60])}")
