@@ -21,6 +21,9 @@ module               what
 ``cli``              the ``traindyn`` command line
 ===================  ==========================================================================
 
+``measurement_dataset`` turns probe measurements into the Dataset: the one builder behind the
+``monitor`` (each mode) and ``analyze``.
+
 Every name is imported on first use (PEP 562 module ``__getattr__``), so ``import dynamics``
 and ``traindyn --help`` load neither torch nor xarray; ``dynamics.Monitor``,
 ``dynamics.plot.compare`` … work as if imported eagerly.
@@ -77,8 +80,8 @@ _ATTRIBUTES = {
 """Names that are objects inside a submodule; every other public name is a submodule."""
 
 _SUBMODULES = ("analyze", "checkpoints", "cli", "cli_analyze", "cli_predict", "demo", "lightning",
-               "monitor", "plot", "predict", "probe_inputs", "recipes", "records", "report",
-               "schedules", "storage", "tensorboard")
+               "measurement_dataset", "monitor", "plot", "predict", "probe_inputs", "recipes",
+               "records", "report", "schedules", "storage", "tensorboard")
 
 
 def __getattr__(name: str) -> Any:

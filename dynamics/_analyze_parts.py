@@ -1,9 +1,10 @@
 """Resumable storage of ``analyze``'s per-checkpoint results, and what a result is keyed on.
 
-Each finished checkpoint is written atomically to ``<output>.parts/step<N>.json`` (values,
-status, timings) and, when reference-based probes ran, ``step<N>.npz`` (the states they keep:
-a kernel, a layer's features …).  A re-run reuses a part only when everything that determines
-its numbers is unchanged:
+Each finished checkpoint is written atomically to ``<output>.parts/step<N>.json`` (its
+measurement record — :func:`dynamics.measurement_dataset.to_record`: values and the probes'
+notes — with status and timings) and, when reference-based probes ran, ``step<N>.npz``
+(the states they keep: a kernel, a layer's features …).  A re-run reuses a part only when
+everything that determines its numbers is unchanged:
 
 * the analysis parameters (probes and their arguments, layers, reduction, device, dtype …);
 * the *content* of the checkpoint's weight files (SHA-256 of their bytes);

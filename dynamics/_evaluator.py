@@ -1,9 +1,12 @@
-"""The monitor's evaluator: captured features, model-probe outputs and scalars → one
-evaluation's Dataset.
+"""The monitor's evaluator: one evaluation from the model (training side) and captured
+features (wherever the feature probes run) to its Dataset.
 
 :class:`Evaluator` is a small picklable object (the probe plan, labels, learning rate, seed,
-source, reduce, reference states) shared by the monitor's three modes: it runs on the training
-thread, on a worker thread, or in the worker process (:mod:`dynamics._monitor_worker`).
+source, reduce, reference books) shared by the monitor's three modes: it runs on the training
+thread, on a worker thread, or in the worker process (:mod:`dynamics._monitor_worker`).  It
+measures through :mod:`probes.evaluation` (forward pass, probes, reference comparisons) and
+builds the Dataset with :func:`dynamics.measurement_dataset.build`; the monitor schedules and
+transports.
 
 Used by :mod:`dynamics.monitor`; not public.
 """
@@ -11,14 +14,20 @@ Used by :mod:`dynamics.monitor`; not public.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import xarray as xr
-from traindyn.dynamics import records
-from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook
+from traindyn.dynamics import measurement_dataset, records
+from traindyn.probes.evaluation import (
+    Measurement,
+    ProbePlan,
+    ReferenceBook,
+    compare_references,
+    forward_pass,
+)
 from traindyn.probes.registry import RESERVED
 
 __all__ = ["Evaluator", "to_numpy"]
@@ -55,7 +64,8 @@ class Evaluator:
     """
 
     def __init__(self, plan: ProbePlan, labels: Any, learning_rate: float | None,
-                 seed: int | None, source: str, reduce: str) -> None:
+                 seed: int | None, source: str, reduce: str,
+                 model_references: ReferenceBook | None = None) -> None:
         self.plan = plan
         self.layers = list(plan.layers)
         if isinstance(labels, torch.Tensor) and labels.device.type != "cpu":
@@ -65,7 +75,9 @@ class Evaluator:
         self.seed = seed
         self.source = source
         self.reduce = reduce
-        self.references = ReferenceBook(plan)
+        self.references = ReferenceBook(plan)  # feature probes (and parameter snapshots)
+        # model probes and parameter probes measured on the training side
+        self.model_references = model_references or ReferenceBook(plan)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -90,6 +102,82 @@ class Evaluator:
                              "that name; pass them under another name (e.g. "
                              f"{taken[0] + '_user'}=...)")
 
+    def time(self, step: int | None) -> float | None:
+        """The evaluation's time, learning rate × ``step`` (1 × step without a learning
+        rate)."""
+        return None if step is None else (
+            1.0 if self.learning_rate is None else self.learning_rate) * step
+
+    def features(self, model: torch.nn.Module, batches: Sequence[Any]
+                 ) -> dict[str, torch.Tensor]:
+        """Features of every plan layer on the probe batches, in eval mode
+        (:func:`probes.evaluation.forward_pass`; call inside the preserved state): detached
+        values that share no memory with the model's outputs, so neither in-place
+        operations later in the forward pass nor later training can change them."""
+        model.eval()
+        return forward_pass(model, self.layers, ((batch, None, None) for batch in batches),
+                            self.reduce)
+
+    def model_measurement(self, model: torch.nn.Module, inputs: Any, targets: Any,
+                          instances: Mapping[str, Any], step: int, parameters: bool = True
+                          ) -> Measurement:
+        """Parameter (unless ``parameters=False``) and model probes of ``model``, compared
+        with their references (call inside the preserved state; the model probes run in
+        eval mode)."""
+        plan = self.plan
+        out = plan.parameter_values(model) if parameters else Measurement()
+        if plan.model_probes:
+            model.eval()
+            out = out | plan.model_values(model, inputs, targets, instances)
+        return compare_references(plan, out, self.model_references, self.time(step))
+
+    def model_side(self, model: torch.nn.Module, inputs: Any, targets: Any,
+                   instances: Mapping[str, Any], step: int, due: bool, parameters: bool = True
+                   ) -> Measurement:
+        """:meth:`model_measurement` if the model probes are ``due``, else NaN for the scalar
+        variables of the parameter and model probes."""
+        if not due:
+            return self.not_due(("parameters", "model"))
+        return self.model_measurement(model, inputs, targets, instances, step, parameters)
+
+    def synchronous(self, model: torch.nn.Module, batches: Sequence[Any], inputs: Any,
+                    targets: Any, instances: Mapping[str, Any], step: int,
+                    features_due: bool = True, model_due: bool = True) -> Measurement:
+        """One evaluation on the training thread (call inside the preserved state): the
+        feature probes of the captured features, then the parameter and model probes (NaN
+        for the scalar variables of a family not due)."""
+        with torch.no_grad():
+            if not features_due:
+                features = self.not_due(("features", "labelled_features"))
+            elif self.plan.has_layer_probes:
+                features = self.feature_measurement(self.features(model, batches), step)
+            else:
+                features = Measurement()
+        return features | self.model_side(model, inputs, targets, instances, step, model_due)
+
+    def not_due(self, kinds: tuple[str, ...]) -> Measurement:
+        """NaN for the scalar variables of the probe kinds not due at this step (so every
+        evaluation records the same variables; array-valued ones are left out)."""
+        out = Measurement()
+        for probe in self.plan.probes:
+            if probe.consumes not in kinds:
+                continue
+            for name, var in probe.variables.items():
+                if var.dims:
+                    continue
+                if probe.per_layer:
+                    if self.layers:
+                        out.layer_values[name] = dict.fromkeys(self.layers, float("nan"))
+                else:
+                    out.values[name] = float("nan")
+        return out
+
+    def current_values(self, feats: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """``{variable: values over layers}`` of the scalar feature probes that compare with
+        no other evaluation (no reference state is kept or advanced)."""
+        plan = ProbePlan([p for p in self.plan.feature_probes if not p.reference], self.layers)
+        return plan.layer_values(plan.accumulate(feats, self.labels)).per_layer(self.layers)
+
     def feature_measurement(self, feats: Mapping[str, Any], step: int | None = None
                             ) -> Measurement:
         """The per-layer feature probes of captured features (shared accumulators; reference
@@ -112,14 +200,7 @@ class Evaluator:
         """``out`` with its reference probes compared with this evaluator's first/previous
         states (at time learning rate × ``step``, as the Monitor's model probes), which are
         then recorded."""
-        plan = self.plan
-        if not (plan.references and out.states):
-            return out
-        time = None if step is None else (
-            1.0 if self.learning_rate is None else self.learning_rate) * step
-        out = out | plan.compare(out.states, self.references.get, time, self.references.time)
-        self.references.record(out.states, time)
-        return out
+        return compare_references(self.plan, out, self.references, self.time(step))
 
     def feature_values(self, feats: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of the scalar per-layer feature probes."""
@@ -140,58 +221,15 @@ class Evaluator:
                 probe_kwargs={p.name: dict(p.kwargs) for p in self.plan.probes if p.kwargs})),
         }
 
-    def _layer_array(self, name: str, per_layer: Mapping[str, Any]) -> Any:
-        """One per-layer variable over ``(step, layer, …)``: an array of numbers, or a
-        DataArray when the values carry extra dims."""
-        dims = self.plan.variables().get(name, (("layer",), {}))[0][1:]
-        sample = next(iter(per_layer.values()))
-        if np.ndim(sample) == 0 and not isinstance(sample, xr.DataArray):
-            return np.array([[float(per_layer.get(layer, np.nan)) for layer in self.layers]])
-        items = []
-        for layer in self.layers:
-            v = per_layer.get(layer)
-            if v is None:
-                v = xr.full_like(xr.DataArray(sample) if not isinstance(sample, xr.DataArray)
-                                 else sample, np.nan, dtype=float)
-            if not isinstance(v, xr.DataArray):
-                v = xr.DataArray(np.asarray(v, dtype=float),
-                                 dims=dims or tuple(f"{name}_dim_{i}" for i in range(np.ndim(v))))
-            items.append(v)
-        da = xr.concat(items, dim="layer", join="outer").assign_coords(
-            layer=("layer", np.array(self.layers, dtype=object)))
-        return da
-
     def build(self, step: int, measurement: Measurement, scalars: Mapping[str, float]
               ) -> xr.Dataset:
-        """One evaluation as a Dataset with a length-1 ``step`` dimension."""
-        coords: dict[str, Any] = records.step_coords([step], self.learning_rate)
-        data_vars: dict[str, Any] = {}
-        arrays = []
-        if measurement.layer_values:
-            coords["layer"] = ("layer", np.array(self.layers, dtype=object))
-        for name, per_layer in measurement.layer_values.items():
-            value = self._layer_array(name, per_layer)
-            if isinstance(value, xr.DataArray):
-                da = value.expand_dims(step=1).assign_coords(step=[step])
-                da.attrs = self.variable_attrs(name)
-                arrays.append(da.rename(name))
-            else:
-                data_vars[name] = (("step", "layer"), value, self.variable_attrs(name))
-        for name, value in measurement.values.items():
-            if isinstance(value, xr.DataArray):
-                da = value.expand_dims(step=1).assign_coords(step=[step])
-                da.attrs = {**self.variable_attrs(name), **value.attrs}
-                arrays.append(da.rename(name))
-            else:
-                data_vars[name] = ("step", [float(value)], self.variable_attrs(name))
-        for name, value in scalars.items():
-            data_vars[name] = ("step", [float(value)], records.variable_attrs(name))
-        if self.seed is not None:
-            coords["seed"] = self.seed
+        """One evaluation as a Dataset with a length-1 ``step`` dimension
+        (:func:`dynamics.measurement_dataset.build`)."""
         self._surface(step, measurement)
-        ds = xr.Dataset(data_vars, coords=coords)
-        if arrays:
-            ds = xr.merge([ds, *arrays], join="outer", combine_attrs="override")
+        ds = measurement_dataset.build([step], [measurement], layers=self.layers,
+                                       declared=self.plan.variables(),
+                                       learning_rate=self.learning_rate, seed=self.seed,
+                                       scalars=[scalars])
         ds.attrs = self.attrs()
         return ds
 

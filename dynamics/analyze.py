@@ -89,7 +89,7 @@ import numpy as np
 import torch
 import xarray as xr
 from traindyn.dynamics import _analyze_parts as parts_io
-from traindyn.dynamics import records, storage
+from traindyn.dynamics import measurement_dataset, records, storage
 from traindyn.dynamics._dask import local_client
 from traindyn.dynamics._renamed import renamed_kwargs
 from traindyn.dynamics.checkpoints import (
@@ -106,8 +106,15 @@ from traindyn.dynamics.probe_inputs import (
     load_labels,
     load_probe_inputs,
 )
-from traindyn.probes.capture import REDUCTIONS, capture, module_names, resolve_layers
-from traindyn.probes.evaluation import Measurement, ProbePlan
+from traindyn.probes.capture import REDUCTIONS, module_names, resolve_layers
+from traindyn.probes.evaluation import (
+    Measurement,
+    ProbePlan,
+    ReferenceBook,
+    compare_references,
+    forward_pass,
+    measure,
+)
 from traindyn.probes.registry import Probe, get_probe
 
 __all__ = [
@@ -200,17 +207,21 @@ class AnalyzeSpec:
 # --------------------------------------------------------------------------------------------
 # one checkpoint (runs in the calling process or in a dask worker)
 
-_CACHE: dict[str, tuple[str, Any]] = {}
+_CACHE: dict[str, tuple[str, Any, Any]] = {}
 
 
-def _cached(slot: str, key: str, make: Callable[[], Any]) -> Any:
-    """One object per slot, rebuilt when its key changes (a worker keeps its model and inputs)."""
+def _cached(slot: str, key: str, make: Callable[[], Any], holds: Any = None) -> Any:
+    """One object per slot, rebuilt when its key changes (a worker keeps its model and inputs).
+
+    ``holds`` (the model factory) is kept with the entry and must be the very same object for
+    a hit: a factory without a stable name (a lambda) is otherwise known by its ``id`` only,
+    which a later factory can take over once the first is garbage-collected."""
     hit = _CACHE.get(slot)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and hit[2] is holds:
         return hit[1]
     _CACHE.pop(slot, None)
     value = make()
-    _CACHE[slot] = (key, value)
+    _CACHE[slot] = (key, value, holds)
     return value
 
 
@@ -226,6 +237,12 @@ def _build_model(spec: AnalyzeSpec) -> torch.nn.Module:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"the model factory returned a {type(model).__name__}, not an nn.Module")
     return model.to(device=_device(spec.device), dtype=_DTYPES[spec.dtype]).eval()
+
+
+def _factory(spec: AnalyzeSpec) -> Any:
+    """The factory object a cached model must have been built from: a callable (known to the
+    key only by its ``id``); ``None`` for a factory named by a string (the key names it)."""
+    return None if isinstance(spec.model, str) else spec.model
 
 
 def _model_key(spec: AnalyzeSpec) -> str:
@@ -273,7 +290,7 @@ def _load(checkpoint: Checkpoint, spec: AnalyzeSpec) -> tuple[torch.nn.Module, s
         raise CheckpointError(f"{checkpoint.path.name} is a state dict: a model factory "
                               f"(--model module:function) is needed to build the network")
     if spec.strict:
-        model = _cached("model", _model_key(spec), lambda: _build_model(spec))
+        model = _cached("model", _model_key(spec), lambda: _build_model(spec), _factory(spec))
     else:  # keys the checkpoint lacks must start from the same initialisation every time
         model = _build_model(spec)
     return model, load_into(model, checkpoint, strict=spec.strict, prefix=spec.prefix)
@@ -308,23 +325,6 @@ def _state_key(key: tuple[str, str | None]) -> str:
 def _from_state_key(text: str) -> tuple[str, str | None]:
     probe, _, layer = text.partition("\t")
     return probe, layer or None
-
-
-def _jsonable(value: Any) -> Any:
-    """A measured value as JSON: a number, or a DataArray as ``to_dict`` (data as lists)."""
-    if isinstance(value, xr.DataArray):
-        return {"dataarray": value.to_dict(data="list")}
-    if isinstance(value, np.ndarray):
-        return {"array": value.tolist()}
-    return float(value)
-
-
-def _from_jsonable(value: Any) -> Any:
-    if isinstance(value, dict) and "dataarray" in value:
-        return xr.DataArray.from_dict(value["dataarray"])
-    if isinstance(value, dict) and "array" in value:
-        return np.asarray(value["array"], dtype=float)
-    return value
 
 
 def _model_inputs(inputs: ProbeInputs, device: torch.device, dtype: torch.dtype) -> tuple:
@@ -364,6 +364,17 @@ def check_positions(model: Any, inputs: Any) -> None:
                 f"{limit} positions (config.{attr}); pass --max-length {limit} (max_length=)")
 
 
+def _batches(inputs: ProbeInputs, model: Any, device: torch.device, dtype: torch.dtype
+             ) -> Iterator[tuple[Any, Any, Any]]:
+    """The probe batches as :func:`probes.evaluation.forward_pass` takes them, moved to the
+    model's device and dtype one at a time (each checked against the model's positions)."""
+    for batch in inputs.batches:
+        batch = batch.to(device, dtype)
+        labels = None if batch.labels is None else batch.labels.to(device)
+        check_positions(model, batch.inputs)
+        yield batch.inputs, labels, batch.mask
+
+
 def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
                        threads: int | None = None) -> dict[str, Any]:
     """Analyse one checkpoint; never raises for a bad checkpoint (status ``failed`` + reason).
@@ -392,44 +403,22 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
         layers = match_layers(model, spec.layers)
         plan = spec.plan(layers)
         device, dtype = _device(spec.device), _DTYPES[spec.dtype]
-        measurement = Measurement()
         state = plan.start() if plan.has_layer_probes else None
         if state is not None:
-            current: dict[str, Any] = {}
-
-            def sink(layer: str, x: torch.Tensor) -> None:
-                plan.update(state, layer, x, current.get("labels"))
-
-            with torch.no_grad(), capture(model, layers, reduce=spec.reduce, sink=sink) as cap:
-                for batch in inputs.batches:
-                    batch = batch.to(device, dtype)
-                    current["labels"] = (None if batch.labels is None
-                                         else batch.labels.to(device))
-                    cap.attention_mask = batch.mask
-                    check_positions(model, batch.inputs)
-                    if isinstance(batch.inputs, dict):
-                        model(**batch.inputs)
-                    else:
-                        model(batch.inputs)
+            forward_pass(model, layers, _batches(inputs, model, device, dtype), spec.reduce,
+                         sink=lambda layer, x, y: plan.update(state, layer, x, y))
         forwarded = time.perf_counter()
         with _single_threaded(device):
-            if state is not None:
-                measurement = measurement | plan.layer_values(state)
-            measurement = measurement | plan.parameter_values(model)
+            x = y = None
             if plan.model_probes:
                 stateful = [p.name for p in plan.model_probes if p.factory is not None]
                 if stateful:
                     raise ValueError(f"model probes {stateful} keep state between calls in a "
                                      "way that cannot be resumed: use them in the Monitor")
                 x, y = _model_inputs(inputs, device, dtype)
-                measurement = measurement | plan.model_values(model, x, y)
-        result["values"] = {name: [_jsonable(per_layer.get(layer, float("nan")))
-                                   for layer in layers]
-                            for name, per_layer in measurement.layer_values.items()}
-        result["model_values"] = {k: _jsonable(v) for k, v in measurement.values.items()}
+            measurement = measure(plan, model, state, x, y)
+        result.update(measurement_dataset.to_record(measurement, layers))
         result["states"] = {_state_key(k): v for k, v in measurement.states.items()}
-        result["notes"] = "; ".join(measurement.notes)
-        result["layer_notes"] = {k: "; ".join(v) for k, v in measurement.layer_notes.items()}
         result["layers"] = layers
         result["status"] = "ok"
         done = time.perf_counter()
@@ -450,105 +439,52 @@ def analyze_checkpoint(checkpoint: Checkpoint, spec: AnalyzeSpec,
 # references: comparisons once every state is known
 
 
-def _compare_references(results: list[dict], plan_of: Callable[[list[str]], ProbePlan],
-                        learning_rate: float | None = None) -> None:
-    """Fill in each ok result's reference-probe comparisons (first / previous / final), in
-    step order, from the states the checkpoints kept."""
-    ok = [r for r in sorted(results, key=lambda r: r["step"]) if r["status"] == "ok"]
+def _measurements(results: list[dict], plan_of: Callable[[list[str]], ProbePlan],
+                  learning_rate: float | None = None) -> list[Measurement]:
+    """Each result's measurement (in the order of ``results``), with the reference probes'
+    comparisons (first / previous / final) made in step order over the ok results from the
+    states the checkpoints kept (:func:`probes.evaluation.compare_references`)."""
+    measurements = [measurement_dataset.from_record(r, r["layers"]) for r in results]
+    ok = sorted((i for i, r in enumerate(results) if r["status"] == "ok"),
+                key=lambda i: results[i]["step"])
     if not ok:
-        return
-    plan = plan_of(ok[0]["layers"])
+        return measurements
+    plan = plan_of(results[ok[0]]["layers"])
     if not plan.references:
-        return
+        return measurements
     lr = 1.0 if learning_rate is None else float(learning_rate)
-    for i, r in enumerate(ok):
-        others = {"first": ok[0], "previous": ok[i - 1] if i else None, "final": ok[-1]}
 
-        def lookup(key: tuple[str, str | None], kind: str, others: dict = others) -> Any:
-            other = others[kind]
-            return None if other is None else other["states"].get(_state_key(key))
+    def states(i: int) -> dict[tuple[str, str | None], Any]:
+        return {_from_state_key(k): v for k, v in results[i]["states"].items()}
 
-        def when(key: tuple[str, str | None], kind: str, others: dict = others) -> Any:
-            return None if others[kind] is None else lr * others[kind]["step"]
-
-        states = {_from_state_key(k): v for k, v in r["states"].items()}
-        compared = plan.compare(states, lookup, lr * r["step"], when)
-        layers = r["layers"]
-        for name, per_layer in compared.layer_values.items():
-            r["values"][name] = [_jsonable(per_layer.get(layer, float("nan")))
-                                 for layer in layers]
-        r["model_values"].update({k: _jsonable(v) for k, v in compared.values.items()})
-        if compared.notes:
-            r["notes"] = "; ".join(filter(None, [r["notes"], *compared.notes]))
-
-
-# --------------------------------------------------------------------------------------------
-# assembly
-
-
-def _variable(name: str, results: list[dict], layers: list[str], attrs: dict[str, str],
-              per_layer: bool) -> xr.DataArray:
-    """One variable over the series (NaN for failed checkpoints and missing values)."""
-    steps = [r["step"] for r in results]
-    raw = [(r["values"] if per_layer else r["model_values"]).get(name) if r["status"] == "ok"
-           else None for r in results]
-    decoded = [None if v is None else ([_from_jsonable(x) for x in v] if per_layer
-                                       else _from_jsonable(v)) for v in raw]
-    sample = next((v for v in decoded if v is not None), None)
-    inner = sample[0] if per_layer and sample else sample
-    if not isinstance(inner, (xr.DataArray, np.ndarray)):
-        if per_layer:
-            values = np.full((len(results), len(layers)), np.nan)
-            for i, v in enumerate(decoded):
-                if v is not None:
-                    values[i] = np.asarray(v, dtype=float)
-            return xr.DataArray(values, dims=("step", "layer"), attrs=attrs)
-        return xr.DataArray(np.array([np.nan if v is None else float(v) for v in decoded]),
-                            dims=("step",), attrs=attrs)
-
-    def as_da(v: Any) -> xr.DataArray:
-        return v if isinstance(v, xr.DataArray) else xr.DataArray(v)
-
-    template = as_da(inner)
-    rows = []
-    for v in decoded:
-        if v is None:
-            row = (xr.concat([xr.full_like(template, np.nan, dtype=float)] * len(layers), "layer")
-                   if per_layer else xr.full_like(template, np.nan, dtype=float))
-        else:
-            row = xr.concat([as_da(x) for x in v], "layer") if per_layer else as_da(v)
-        rows.append(row)
-    da = xr.concat(rows, "step", join="outer").assign_coords(step=steps)
-    if per_layer:
-        da = da.assign_coords(layer=np.array(layers, dtype=object))
-    da.attrs = attrs
-    return da.drop_vars([c for c in da.coords if c not in da.dims])
+    book = ReferenceBook(plan, final=(states(ok[-1]), lr * results[ok[-1]]["step"]))
+    for i in ok:
+        compared = compare_references(plan, Measurement(states=states(i)), book,
+                                      lr * results[i]["step"])
+        measurements[i] = measurements[i] | Measurement(compared.layer_values,
+                                                        compared.values, notes=compared.notes)
+    return measurements
 
 
 def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
               learning_rate: float | None) -> xr.Dataset:
+    """The series' Dataset: the measurements (:func:`dynamics.measurement_dataset.build`) and
+    each checkpoint's bookkeeping (status, hash, duplicates, path, timings)."""
     results = sorted(results, key=lambda r: r["step"])
+    measurements = _measurements(results, spec.plan, learning_rate)
     layers = next((r["layers"] for r in results if r["status"] == "ok"), [])
-    for r in results:
+    for r, m in zip(results, measurements, strict=True):
         if r["status"] == "ok" and r["layers"] != layers:
-            r.update(status="failed", values={}, model_values={},
+            r.update(status="failed",
                      reason=f"its layers {r['layers'][:4]}… differ from the series' {layers[:4]}…")
+        if r["status"] != "ok":  # its notes stay; its values do not
+            m.layer_values, m.values = {}, {}
     steps = [r["step"] for r in results]
-    coords: dict[str, Any] = records.step_coords(steps, learning_rate)
-    coords["layer"] = ("layer", np.array(layers, dtype=object),
-                       {"long_name": records.DIMS["layer"], "units": ""})
-    declared = spec.plan(layers).variables()
-    per_layer_names = list(dict.fromkeys(n for r in results for n in r["values"]))
-    model_names = list(dict.fromkeys(n for r in results for n in r["model_values"]))
-    data_vars: dict[str, Any] = {}
-    for name in [n for n in declared if n in per_layer_names] + [
-            n for n in per_layer_names if n not in declared]:
-        attrs_ = declared.get(name, ((), records.variable_attrs(name)))[1]
-        data_vars[name] = _variable(name, results, layers, dict(attrs_), per_layer=True)
-    for name in [n for n in declared if n in model_names] + [
-            n for n in model_names if n not in declared]:
-        attrs_ = declared.get(name, ((), records.variable_attrs(name)))[1]
-        data_vars[name] = _variable(name, results, layers, dict(attrs_), per_layer=False)
+    ds = measurement_dataset.build(steps, measurements, layers=layers,
+                                   declared=spec.plan(layers).variables(),
+                                   learning_rate=learning_rate, notes=True)
+    ds = ds.assign_coords(layer=("layer", np.array(layers, dtype=object),
+                                 {"long_name": records.DIMS["layer"], "units": ""}))
     hashes = [r["checkpoint_hash"] for r in results]
     first_step: dict[str, int] = {}
     for h, step in zip(hashes, steps, strict=True):
@@ -561,18 +497,11 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
     def strings(key: str) -> np.ndarray:
         return np.array([str(r.get(key, "")) for r in results], dtype=object)
 
-    layer_notes = np.array([[r.get("layer_notes", {}).get(layer, "") for layer in layers]
-                            for r in results], dtype=object).reshape(len(results), len(layers))
-    data_vars.update({
+    data_vars: dict[str, Any] = {
         "status": ("step", strings("status"), {"long_name": "checkpoint status (ok / failed)",
                                                "units": ""}),
         "reason": ("step", strings("reason"), {"long_name": "why the checkpoint failed",
                                                "units": ""}),
-        "notes": ("step", strings("notes"), {"long_name": "warnings raised by the probes",
-                                             "units": ""}),
-        "layer_notes": (("step", "layer"), layer_notes,
-                        {"long_name": "why a layer's values are NaN (its probes' warnings)",
-                         "units": ""}),
         "checkpoint_hash": ("step", np.array(hashes, dtype=object),
                             {"long_name": "SHA-256 of the checkpoint's tensors (names, dtypes, "
                                           "shapes, bytes)", "units": ""}),
@@ -585,17 +514,18 @@ def _assemble(results: list[dict], spec: AnalyzeSpec, attrs: dict[str, Any],
         "step_source": ("step", strings("step_source"),
                         {"long_name": "where the step number came from (name, trainer_state, "
                                       "lightning, explicit, default)", "units": ""}),
-    })
+    }
     for key, var in zip(("load", "forward", "probes", "total", "cpu"), TIMING_VARIABLES,
                         strict=True):
         data_vars[var] = ("step", np.array([r["seconds"].get(key, np.nan) for r in results],
                                            dtype=float),
                           {"long_name": f"wall-clock time: {key}" if key != "cpu" else
                            "CPU time of the analysing process (all its threads)", "units": "s"})
-    attrs = dict(attrs)
-    attrs["n_failed"] = int(sum(r["status"] != "ok" for r in results))
-    attrs["n_duplicates"] = int(dup_flag.sum())
-    return records.validate(xr.Dataset(data_vars, coords=coords, attrs=attrs))
+    ds = ds.assign(data_vars)
+    ds.attrs = dict(attrs)
+    ds.attrs["n_failed"] = int(sum(r["status"] != "ok" for r in results))
+    ds.attrs["n_duplicates"] = int(dup_flag.sum())
+    return records.validate(ds)
 
 
 def summary_figures(ds: xr.Dataset, folder: str | os.PathLike, stem: str = "analyze"
@@ -763,7 +693,8 @@ def _check_model_and_layers(series: list[Checkpoint], spec: AnalyzeSpec) -> None
         if spec.model is None:
             raise ValueError("state-dict checkpoints need a model factory: "
                              "model='package.module:function' or 'file.py:function'")
-        reference = _cached("model", _model_key(spec), lambda: _build_model(spec))
+        reference = _cached("model", _model_key(spec), lambda: _build_model(spec),
+                            _factory(spec))
         if not spec.layers:
             raise ValueError(f"choose layers (names or glob patterns); the model has: "
                              f"{', '.join(module_names(reference)[:60])}")
@@ -1115,7 +1046,6 @@ def analyze(
         finally:
             bar.close()
 
-        _compare_references(list(results.values()), spec.plan, learning_rate)
         params = spec.params()
         params.update(checkpoints=str(checkpoints) if isinstance(checkpoints, (str, os.PathLike))
                       else [str(c.path if isinstance(c, Checkpoint) else c) for c in checkpoints],

@@ -51,8 +51,9 @@ same state preservation; the modes differ in where the *feature probes*, buildin
 and the Zarr append run (and, in thread mode, the parameter probes, on a snapshot of the
 weights).  Every mode reads the probes' numbers from the device once per probe family and
 evaluation (:mod:`probes._pending`).  All three record the same Dataset and the same Zarr
-store (tested) through one code path (:class:`dynamics._evaluator.Evaluator` and
-:class:`dynamics.storage.ZarrStream`).
+store (tested) through one code path (:class:`dynamics._evaluator.Evaluator`, which measures
+through :mod:`probes.evaluation` and builds with :mod:`dynamics.measurement_dataset`, the
+builder ``analyze`` uses too, and :class:`dynamics.storage.ZarrStream`).
 
 * ``background=False`` (default) — *synchronous*: everything on the training thread.  The
   simplest; the only mode in which feature probes run on the model's device (GPU probes on the
@@ -156,7 +157,7 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import nn
-from traindyn.dynamics import records
+from traindyn.dynamics import measurement_dataset
 from traindyn.dynamics._evaluator import Evaluator, to_numpy
 from traindyn.dynamics._monitor_worker import (
     WORKER_NAME,
@@ -178,7 +179,11 @@ from traindyn.dynamics.storage import (
     save_netcdf,
 )
 from traindyn.probes.capture import capture
-from traindyn.probes.evaluation import Measurement, ProbePlan, ReferenceBook
+from traindyn.probes.evaluation import (
+    Measurement,
+    ProbePlan,
+    ReferenceBook,
+)
 from traindyn.probes.registry import Probe
 
 __all__ = ["COMPLETE_ATTR", "Monitor", "load_stream", "preserved_state"]
@@ -440,7 +445,7 @@ class Monitor:
         needs_labels = [p.name for p in self.probes if p.needs_labels]
         if needs_labels and self.layers and probe_labels is None:
             raise ValueError(f"probes {needs_labels} need labels: pass probe_labels=")
-        self._references = ReferenceBook(self.plan)  # model and parameter probes' states
+        references = ReferenceBook(self.plan)  # model and parameter probes' states
         if mode == "process":
             check_picklable(self.probes)
         self.schedule = schedule or log_spaced(10_000, 30)
@@ -491,7 +496,7 @@ class Monitor:
         self._pending: list[Future] = []
         self._worker: ProcessWorker | None = None
         self._eval = Evaluator(self.plan, _concat(probe_labels), learning_rate, seed, source,
-                               reduce)
+                               reduce, model_references=references)
         if store_mode == "resume":   # the learning rate, if set later, is checked at the append
             check_resume(self.store, held["settings"],
                          run_settings(self._eval.attrs()["parameters"], seed),
@@ -629,26 +634,13 @@ class Monitor:
         return [data] if isinstance(data, torch.Tensor) else list(data)
 
     def _capture(self) -> dict[str, torch.Tensor]:
-        """Features of every layer on the probe batch (call inside preserved state, no_grad):
-        detached values that share no memory with the model's outputs (``probes.capture``
-        copies what would alias them), so neither in-place operations later in the forward
-        pass nor later training can change them."""
-        self.model.eval()
-        with capture(self.model, self.layers, reduce=self.reduce) as cap:
-            for batch in self._batches():
-                self.model(batch)
-        return cap.activations()
+        """Features of every layer on the probe batch (inside preserved state)."""
+        return self._evaluator().features(self.model, self._batches())
 
     def _probe_features(self, feats: Mapping[str, torch.Tensor]) -> dict[str, np.ndarray]:
         """``{variable: values over layers}`` of every scalar feature probe, from captured
         features (see :meth:`dynamics._evaluator.Evaluator.feature_values`)."""
         return self._evaluator().feature_values(feats)
-
-    def _feature_measurement(self, step: int) -> Measurement:
-        """Every per-layer feature probe (inside preserved state)."""
-        if not self.plan.has_layer_probes:
-            return Measurement()
-        return self._evaluator().feature_measurement(self._capture(), step)
 
     def measure(self) -> np.ndarray:
         """Feature-probe values now, shape ``(len(layers), len(probes))``, not recorded.
@@ -661,28 +653,10 @@ class Monitor:
             return out
         with preserved_state(self.model), torch.no_grad():
             feats = self._capture()
-        plan = ProbePlan([p for p in self.probes if not p.reference], self.layers)
-        values = plan.layer_values(plan.accumulate(feats, self._eval.labels)
-                                   ).per_layer(self.layers)
+        values = self._eval.current_values(feats)
         for j, probe in enumerate(self.probes):
             if probe.name in values:
                 out[:, j] = values[probe.name]
-        return out
-
-    def _model_measurement(self, step: int = 0, parameters: bool = True) -> Measurement:
-        """Parameter (unless ``parameters=False``) and model probes, compared with their
-        references (inside preserved state; the model probes run in eval mode)."""
-        plan = self.plan
-        out = plan.parameter_values(self.model) if parameters else Measurement()
-        if plan.model_probes:
-            inputs, targets = _concat(self.probe_data), _concat(self.probe_labels)
-            self.model.eval()
-            out = out | plan.model_values(self.model, inputs, targets, self._model_instances)
-        if plan.references and out.states:
-            time = (1.0 if self.learning_rate is None else self.learning_rate) * step
-            out = out | plan.compare(out.states, self._references.get, time,
-                                     self._references.time)
-            self._references.record(out.states, time)
         return out
 
     def evaluate(self, step: int = 0, **scalars: float) -> xr.Dataset:
@@ -690,39 +664,17 @@ class Monitor:
 
         Always synchronous (whatever ``background`` is)."""
         self._eval.check_scalars(scalars)
-        with preserved_state(self.model):
-            with torch.no_grad():
-                features = self._feature_measurement(step)
-            extra = self._model_measurement(step)
-        return self._evaluator().build(step, features | extra, scalars)
-
-    def _not_due(self, kinds: tuple[str, ...]) -> Measurement:
-        """NaN for the scalar variables of the probe kinds not due at this step (so every
-        evaluation records the same variables; array-valued ones are left out)."""
-        out = Measurement()
-        for probe in self.plan.probes:
-            if probe.consumes not in kinds:
-                continue
-            for name, var in probe.variables.items():
-                if var.dims:
-                    continue
-                if probe.per_layer:
-                    if self.layers:
-                        out.layer_values[name] = dict.fromkeys(self.layers, float("nan"))
-                else:
-                    out.values[name] = float("nan")
-        return out
+        return self._evaluate_due(step, True, True, scalars)
 
     def _evaluate_due(self, step: int, features_due: bool, model_due: bool,
                       scalars: Mapping[str, float]) -> xr.Dataset:
         """One synchronous evaluation of the probe families due at ``step``."""
+        evaluator = self._evaluator()
         with preserved_state(self.model):
-            with torch.no_grad():
-                features = (self._feature_measurement(step) if features_due
-                            else self._not_due(("features", "labelled_features")))
-            extra = (self._model_measurement(step) if model_due
-                     else self._not_due(("parameters", "model")))
-        return self._evaluator().build(step, features | extra, scalars)
+            measurement = evaluator.synchronous(
+                self.model, self._batches(), _concat(self.probe_data),
+                _concat(self.probe_labels), self._model_instances, step, features_due, model_due)
+        return evaluator.build(step, measurement, scalars)
 
     def _record(self, ds: xr.Dataset) -> None:
         if self._stream is not None:
@@ -829,10 +781,11 @@ class Monitor:
                 weights = (self.plan.weights(self.model, copy=True)
                            if not process and model_due and self.plan.parameter_probes
                            else None)
-                extra = (self._model_measurement(step, parameters=weights is None)
-                         if model_due else self._not_due(("parameters", "model")))
+                extra = self._evaluator().model_side(
+                    self.model, _concat(self.probe_data), _concat(self.probe_labels),
+                    self._model_instances, step, model_due, parameters=weights is None)
                 if not features_due:
-                    extra = extra | self._not_due(("features", "labelled_features"))
+                    extra = extra | self._eval.not_due(("features", "labelled_features"))
             if process:
                 self._worker.submit(int(step), arrays, extra, scalars,
                                     dict(learning_rate=self.learning_rate, seed=self.seed,
@@ -855,25 +808,11 @@ class Monitor:
         self.flush()
         evaluator = self._evaluator()
         if self._evaluations:
-            names = {n for ds in self._evaluations for n in ds.data_vars}
-            filled = []
-            for ds in self._evaluations:
-                for name in names - set(ds.data_vars):
-                    template = next(e[name] for e in self._evaluations if name in e)
-                    ds = ds.assign({name: xr.full_like(template, np.nan, dtype=float)
-                                    .assign_coords(step=ds["step"].values)})
-                filled.append(ds)
-            ds = xr.concat(filled, dim="step", data_vars="all", coords="minimal",
-                           compat="override", join="outer", combine_attrs="override")
+            ds = measurement_dataset.concat_steps(self._evaluations)
         else:
-            ds = xr.Dataset(coords=records.step_coords([], self.learning_rate))
-            if self.plan.has_layer_probes:
-                ds = ds.assign_coords(layer=("layer", np.array(self.layers, dtype=object)))
-                for name, (dims, attrs) in self.plan.variables().items():
-                    if dims == ("layer",):
-                        ds[name] = (("step", "layer"), np.empty((0, len(self.layers))), attrs)
-            if self.seed is not None:
-                ds = ds.assign_coords(seed=self.seed)
+            ds = measurement_dataset.empty(self.layers, self.plan.variables(),
+                                           self.learning_rate, self.seed,
+                                           per_layer=self.plan.has_layer_probes)
         ds.attrs = {**evaluator.attrs(), "monitor_seconds": self.seconds_spent,
                     "monitor_seconds_storing": self.seconds_storing, **(attrs or {})}
         if self.background:

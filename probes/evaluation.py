@@ -4,8 +4,11 @@
 evaluation into steps that can run in different places (the Monitor's training thread does the
 forward pass and the model probes; its worker computes the feature probes):
 
-1. :meth:`ProbePlan.start` → per-layer streaming state; :meth:`ProbePlan.update` (a capture
-   ``sink``) feeds each batch of a layer's features (and its labels) into the shared
+0. :func:`forward_pass` → the probe batch through the model, batch by batch (with each
+   batch's labels and token mask), its layers captured by forward hooks: kept whole (the
+   Monitor hands them to its worker) or streamed into the plan's state;
+1. :meth:`ProbePlan.start` → per-layer streaming state; :meth:`ProbePlan.update` (the
+   forward pass's ``sink``) feeds each batch of a layer's features (and its labels) into the shared
    accumulators — one per accumulator *name* and layer, so RankMe, alpha-ReQ and the effective
    ranks read one float64 second moment and its eigenvalues are computed once, and NC1–NC4 and
    CDNV read one set of class statistics; an accumulator that ``shares`` another (the ridge
@@ -14,11 +17,14 @@ forward pass and the model probes; its worker computes the feature probes):
 2. :meth:`ProbePlan.layer_values` → the per-layer probes' values from that state;
    :meth:`ProbePlan.parameter_values` → the ``parameters`` probes' values from the weights;
    :meth:`ProbePlan.model_values` → the ``model`` probes' values;
-3. :meth:`ProbePlan.compare` → reference-based probes' comparisons with the states of other
-   evaluations (first / previous / final).
+   :func:`measure` → all three after a forward pass;
+3. :func:`compare_references` → reference-based probes' comparisons with the states of other
+   evaluations (first / previous / final) held by a :class:`ReferenceBook` — the one place
+   where the Monitor (each mode) and ``analyze`` compare.
 
 :func:`evaluate` does all of it for a model and a batch source.  Each step returns a
-:class:`Measurement`; measurements merge with ``|``.
+:class:`Measurement`; measurements merge with ``|``, and
+:mod:`traindyn.dynamics.measurement_dataset` turns them into the Dataset.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ import torch
 from traindyn.probes._pending import answer_pendings, fetch, resolve_answer
 from traindyn.probes.registry import ACCUMULATORS, Probe, get_probe
 
-__all__ = ["Measurement", "ProbePlan", "ReferenceBook", "evaluate"]
+__all__ = ["Measurement", "ProbePlan", "ReferenceBook", "compare_references", "evaluate",
+           "forward_pass", "measure"]
 
 StateKey = tuple[str, str | None]
 """(probe name, layer or None for model probes)."""
@@ -564,26 +571,32 @@ class ProbePlan:
 
 
 class ReferenceBook:
-    """In-memory reference states for a run evaluated in order (the Monitor).
+    """Reference states of a run evaluated in step order (the Monitor, ``analyze``).
 
     ``"first"`` keeps the first state of each key, ``"previous"`` the last one recorded;
-    ``"final"`` cannot be known during a run (``ValueError``)."""
+    ``"final"`` is known only for a finished series: pass ``final=(states, time)`` (the last
+    evaluation's states and time), else probes comparing with it are refused
+    (``ValueError``)."""
 
-    def __init__(self, plan: ProbePlan) -> None:
-        if "final" in plan.references:
+    def __init__(self, plan: ProbePlan,
+                 final: tuple[Mapping[StateKey, Any], float | None] | None = None) -> None:
+        if "final" in plan.references and final is None:
             raise ValueError("probes comparing with the final checkpoint "
                              f"({[p.name for p in plan.probes if 'final' in p.reference]}) "
                              "need the whole series: use dynamics.analyze")
         self.first: dict[StateKey, Any] = {}
         self.previous: dict[StateKey, Any] = {}
-        self._times: dict[str, dict[StateKey, float | None]] = {"first": {}, "previous": {}}
+        self.final: dict[StateKey, Any] = dict(final[0]) if final is not None else {}
+        final_time = final[1] if final is not None else None
+        self._times: dict[str, dict[StateKey, float | None]] = {
+            "first": {}, "previous": {}, "final": dict.fromkeys(self.final, final_time)}
 
     def get(self, key: StateKey, kind: str) -> Any:
-        return (self.first if kind == "first" else self.previous).get(key)
+        return getattr(self, kind if kind in ("first", "final") else "previous").get(key)
 
     def time(self, key: StateKey, kind: str) -> float | None:
         """The time at which the ``kind`` state of ``key`` was recorded (or ``None``)."""
-        return self._times["first" if kind == "first" else "previous"].get(key)
+        return self._times[kind if kind in ("first", "final") else "previous"].get(key)
 
     def record(self, states: Mapping[StateKey, Any], time: float | None = None) -> None:
         for key, state in states.items():
@@ -594,41 +607,112 @@ class ReferenceBook:
             self._times["previous"][key] = time
 
 
-def _forward(model: torch.nn.Module, batch: Any) -> None:
-    if isinstance(batch, Mapping):
-        model(**batch)
-    else:
-        model(batch)
+class _Lookup:
+    """A ``(key, kind) -> state`` callable seen as a book that records nothing."""
+
+    def __init__(self, lookup: Callable[[StateKey, str], Any]) -> None:
+        self.get = lookup
+
+    def time(self, key: StateKey, kind: str) -> None:
+        return None
+
+    def record(self, states: Mapping[StateKey, Any], time: float | None = None) -> None:
+        pass
+
+
+def compare_references(plan: ProbePlan, measurement: Measurement,
+                       references: ReferenceBook | Callable[[StateKey, str], Any] | None,
+                       time: float | None = None) -> Measurement:
+    """``measurement`` with its reference probes' comparisons added — every consumer's one
+    place for them (the Monitor in each mode, ``analyze``, :func:`evaluate`).
+
+    Each state of ``measurement`` is compared (:meth:`ProbePlan.compare`) with the states
+    ``references`` holds (a :class:`ReferenceBook`, then updated with this evaluation's
+    states at ``time``; or a callable ``(key, kind) -> state``); ``time`` is this
+    evaluation's (learning rate × step), for rates such as the kernel velocity."""
+    if not (plan.references and measurement.states):
+        return measurement
+    if references is None:
+        raise ValueError(f"probes {[p.name for p in plan.probes if p.reference]} compare "
+                         "with other evaluations: pass references=")
+    book = references if isinstance(references, ReferenceBook) else _Lookup(references)
+    out = measurement | plan.compare(measurement.states, book.get, time,
+                                     book.time if isinstance(book, ReferenceBook) else None)
+    book.record(out.states, time)
+    return out
+
+
+def forward_pass(model: torch.nn.Module, layers: Sequence[str],
+                 batches: Iterable[tuple[Any, Any, Any]], reduce: str = "flatten",
+                 sink: Callable[[str, torch.Tensor, Any], None] | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """The probe batch through ``model`` under ``torch.no_grad``, with ``layers`` captured by
+    forward hooks (:class:`probes.capture.capture`, token reduction ``reduce``).
+
+    Parameters
+    ----------
+    batches : iterable of ``(inputs, labels, mask)``
+        ``inputs`` go to ``model(inputs)`` (a mapping as keyword arguments); ``labels`` (or
+        ``None``) are handed to ``sink`` with that batch's features; ``mask`` (``(batch,
+        tokens)``, 1 = real token, or ``None``) is the padding mask of the token reduction.
+    sink : callable ``(layer, features, labels) -> None``, optional
+        Streams each batch's reduced features of each layer (e.g. into
+        :meth:`ProbePlan.update`); nothing is kept.
+
+    Returns
+    -------
+    dict
+        Without ``sink``: ``{layer: features of all batches}`` (detached; copies where they
+        would alias the model's outputs); with ``sink``: ``{}``.
+
+    The caller sets the model's mode (the probes run in eval mode).
+    """
+    from traindyn.probes.capture import capture
+
+    current: dict[str, Any] = {}
+    hook = None if sink is None else (
+        lambda layer, x: sink(layer, x, current.get("labels")))
+    with torch.no_grad(), capture(model, layers, reduce=reduce, sink=hook) as cap:
+        for inputs, labels, mask in batches:
+            current["labels"] = labels
+            cap.attention_mask = mask
+            if isinstance(inputs, Mapping):
+                model(**inputs)
+            else:
+                model(inputs)
+    return {} if sink is not None else cap.activations()
+
+
+def measure(plan: ProbePlan, model: torch.nn.Module, state: Any = None, model_inputs: Any = None,
+            targets: Any = None, instances: Mapping[str, Callable[..., Any]] | None = None
+            ) -> Measurement:
+    """Every probe of ``plan`` after the forward pass: the per-layer probes from ``state``
+    (what :func:`forward_pass` streamed into :meth:`ProbePlan.start`'s state; ``None``: no
+    per-layer probes), the parameter probes of ``model``'s weights and the model probes on
+    ``model_inputs`` (with ``targets``; ``instances``: :meth:`ProbePlan.model_instances`)."""
+    out = Measurement()
+    if state is not None:
+        out = out | plan.layer_values(state)
+    out = out | plan.parameter_values(model)
+    if plan.model_probes:
+        out = out | plan.model_values(model, model_inputs, targets, instances)
+    return out
 
 
 def _measure(plan: ProbePlan, model: torch.nn.Module, batches: list[Any], labels: list[Any],
              masks: list[Any], reduce: str, targets: Any, model_inputs: Any,
              instances: Mapping[str, Callable[..., Any]] | None) -> Measurement:
     """The forward pass and every probe of :func:`evaluate` (the model in eval mode)."""
-    from traindyn.probes.capture import capture
-
-    out = Measurement()
+    state = None
     if plan.has_layer_probes:
         state = plan.start()
-        current: dict[str, Any] = {}
-
-        def sink(layer: str, x: torch.Tensor) -> None:
-            plan.update(state, layer, x, current.get("labels"))
-
-        with torch.no_grad(), capture(model, plan.layers, reduce=reduce, sink=sink) as cap:
-            for batch, y, mask in zip(batches, labels, masks, strict=True):
-                current["labels"] = y
-                cap.attention_mask = mask
-                _forward(model, batch)
-        out = out | plan.layer_values(state)
-    out = out | plan.parameter_values(model)
-    if plan.model_probes:
-        if model_inputs is None:
-            model_inputs = batches[0] if len(batches) == 1 else (
-                torch.cat(batches) if all(isinstance(b, torch.Tensor) for b in batches)
-                else batches)
-        out = out | plan.model_values(model, model_inputs, targets, instances)
-    return out
+        forward_pass(model, plan.layers, zip(batches, labels, masks, strict=True), reduce,
+                     sink=lambda layer, x, y: plan.update(state, layer, x, y))
+    if plan.model_probes and model_inputs is None:
+        model_inputs = batches[0] if len(batches) == 1 else (
+            torch.cat(batches) if all(isinstance(b, torch.Tensor) for b in batches)
+            else batches)
+    return measure(plan, model, state, model_inputs, targets, instances)
 
 
 def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
@@ -668,14 +752,4 @@ def evaluate(plan: ProbePlan, model: torch.nn.Module, batches: Iterable[Any],
     finally:
         for module, mode in modes:
             module.training = mode
-    if plan.references and out.states:
-        lookup = references.get if isinstance(references, ReferenceBook) else references
-        if lookup is None:
-            raise ValueError(f"probes {[p.name for p in plan.probes if p.reference]} compare "
-                             "with other evaluations: pass references=")
-        book = references if isinstance(references, ReferenceBook) else None
-        out = out | plan.compare(out.states, lookup, time,
-                                 book.time if book is not None else None)
-        if book is not None:
-            book.record(out.states, time)
-    return out
+    return compare_references(plan, out, references, time)
