@@ -48,9 +48,12 @@ is the infinite-width limit :func:`rich_grokking` integrates by default.  ``B`` 
 of feature learning: the statistics move at rate ``ε/α`` per unit time (``η`` × step) in ``G``,
 so the time to learn the ``β`` direction grows like ``α/ε`` (Kumar et al. 2024, Sec. 5:
 feature learning slowed by laziness ``α`` and by small ``ε``).  These equations are derived
-here from the paper's model and statistics; the paper states the statistics and the loss
-decomposition, not these update equations.  Not covered: the dynamical mean-field theory of
-the ``P, D → ∞`` limit at fixed ``P/D`` (the data average), and trained readouts.
+here from the paper's model and statistics; the paper (ICLR text) states the statistics and the
+loss decomposition, not these update equations.  Not covered: the dynamical mean-field theory
+of the ``P, D → ∞`` limit at fixed ``P/D``, averaged over data sets (arXiv:2310.06110v1 of the
+paper; Bordelon, Kumar, Gershman & Pehlevan 2024, "Asymptotic dynamics for delayed feature
+learning in a toy model", ICML HiLD workshop), and trained readouts.  Here the data set is the
+given one, and the dimension is finite.
 """
 
 from __future__ import annotations

@@ -24,6 +24,11 @@ Recorded through :class:`dynamics.Monitor` on a log-spaced schedule: ``train_los
 the NTK probe (``probes.empirical_ntk`` → ``ntk_alignment``, ``ntk_centered_alignment`` …
 against the labels of the first ``ntk_samples`` training points) and ``rankme`` of the hidden
 layer ``act`` (``φ(Wx)`` on those points).
+
+All (α, seed) networks train together as one tensor of first-layer weights ``(A, S, N, D)``
+(batched matrix products, the closed-form gradient); ``vectorize=False`` trains them one after
+the other with autograd, and the two agree to round-off.  ``traindyn.theory.rich_grokking``
+follows the same gradient descent through ``(m, M)`` alone.
 """
 
 from __future__ import annotations
