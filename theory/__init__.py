@@ -73,6 +73,7 @@ _EXPORTS: dict[str, str] = {
     "kernel_flow_limit": "kernel_flow",
     "lazy_grokking": "grokking",
     "polynomial_network_kernel": "grokking",
+    "rich_grokking": "grokking",
 }
 
 _SUBMODULES = ("deep_linear", "dmft", "grokking", "kernel_flow", "kernels", "linear",
@@ -88,7 +89,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         two_layer_solution,
     )
     from traindyn.theory.dmft import DMFTConvergenceWarning, dmft_two_layer, initial_kernels
-    from traindyn.theory.grokking import lazy_grokking, polynomial_network_kernel
+    from traindyn.theory.grokking import lazy_grokking, polynomial_network_kernel, rich_grokking
     from traindyn.theory.kernel_flow import kernel_flow, kernel_flow_limit
     from traindyn.theory.kernels import (
         Spectrum,
@@ -163,6 +164,7 @@ __all__ = [
     "mode_strength",
     "optimal_ridge",
     "polynomial_network_kernel",
+    "rich_grokking",
     "power_law_optimal_fitting_ratio",
     "power_law_spectrum",
     "predicted_exponents",

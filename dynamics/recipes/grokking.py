@@ -24,6 +24,11 @@ Recorded through :class:`dynamics.Monitor` on a log-spaced schedule: ``train_los
 the NTK probe (``probes.empirical_ntk`` → ``ntk_alignment``, ``ntk_centered_alignment`` …
 against the labels of the first ``ntk_samples`` training points) and ``rankme`` of the hidden
 layer ``act`` (``φ(Wx)`` on those points).
+
+All (α, seed) networks train together as one tensor of first-layer weights ``(A, S, N, D)``
+(batched matrix products, the closed-form gradient); ``vectorize=False`` trains them one after
+the other with autograd, and the two agree to round-off.  ``traindyn.theory.rich_grokking``
+follows the same gradient descent through ``(m, M)`` alone.
 """
 
 from __future__ import annotations
@@ -163,6 +168,75 @@ def _one_run(x, y, xt, yt, beta, width, alpha, epsilon, lr, steps, schedule, see
     return ds
 
 
+def _batched_runs(x, y, xt, yt, beta, width, alphas, epsilon, lr, steps, eval_steps, seeds,
+                  ntk_samples, device, dtype) -> list[list[xr.Dataset]]:
+    """Every (α, seed) network trained at once: first-layer weights ``(A, S, N, D)``.
+
+    One step is the per-network step of :func:`_one_run` for each (α, seed): the gradient of
+    ``L`` with respect to ``w_i`` is ``(α/(NP)) Σ_μ r_μ φ'(w_i·x_μ) x_μ`` (``r = f − y``,
+    ``φ'(h) = 1 + εh``), applied with the step ``η N/α²`` of its own α.  Each (α, seed) keeps a
+    :class:`GrokkingNet` and a :class:`Monitor`; at the recorded steps its weights are copied
+    into that network and the Monitor evaluates it as in the per-network loop.
+    """
+    dev = torch.device(device)
+    dim = x.shape[1]
+    nets = [[GrokkingNet(dim, width, float(a), epsilon, s, dtype).to(dev) for s in seeds]
+            for a in alphas]
+    w = torch.stack([torch.stack([n.linear.weight.detach().clone() for n in row])
+                     for row in nets])                                 # (A, S, N, D)
+    X, Y = (torch.as_tensor(a, dtype=dtype, device=dev) for a in (x, y))
+    Xt, Yt = (torch.as_tensor(a, dtype=dtype, device=dev) for a in (xt, yt))
+    b = torch.as_tensor(beta, dtype=dtype, device=dev)
+    alpha_t = torch.as_tensor(np.asarray(alphas, dtype=float), dtype=dtype, device=dev)
+    scale = alpha_t.view(-1, 1, 1)                                     # α, for (A, S, P)
+    step_size = (lr * width / alpha_t**2).view(-1, 1, 1, 1)            # η N/α², (A, S, N, D)
+    eps = float(epsilon)
+
+    def hidden_mean(weights: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        h = torch.matmul(weights, inputs.T)                             # (A, S, N, n)
+        return (h + 0.5 * eps * h * h).mean(-2)
+
+    init_train, init_test = hidden_mean(w, X), hidden_mean(w, Xt)
+    schedule = at_steps(eval_steps)
+    monitors = [[Monitor(n, probes=["ntk", "rankme"], layers=["act"], schedule=schedule,
+                         probe_data=X[:ntk_samples], probe_labels=Y[:ntk_samples],
+                         learning_rate=lr, seed=int(s), source=_SOURCE)
+                 for n, s in zip(row, seeds, strict=True)] for row in nets]
+    try:
+        for step in range(steps + 1):
+            h = torch.matmul(w, X.T)                                    # (A, S, N, P)
+            f = scale * ((h + 0.5 * eps * h * h).mean(-2) - init_train)  # (A, S, P)
+            r = f - Y
+            if schedule(step):
+                f_test = scale * (hidden_mean(w, Xt) - init_test)
+                train_loss = (r * r).mean(-1)
+                test_loss = ((f_test - Yt) ** 2).mean(-1)
+                for i, row in enumerate(nets):
+                    for j, net in enumerate(row):
+                        with torch.no_grad():
+                            net.linear.weight.copy_(w[i, j])
+                        stats = net.statistics(b)
+                        monitors[i][j].step(
+                            step, train_loss=float(train_loss[i, j]),
+                            test_loss=float(test_loss[i, j]),
+                            test_loss_population=population_test_loss(
+                                stats, float(alphas[i]), eps), **stats)
+            if step == steps:
+                break
+            # ∂L/∂w_i = (α/(N P)) Σ_μ r_μ (1 + ε h_iμ) x_μ
+            coef = (1.0 + eps * h) * (r * scale / (width * X.shape[0])).unsqueeze(-2)
+            w = w - step_size * torch.matmul(coef, X)
+        out = [[mon.to_dataset() for mon in row] for row in monitors]
+    finally:
+        for row in monitors:
+            for mon in row:
+                mon.close()
+    for ds in (d for row in out for d in row):
+        for name, long_name in _MSE.items():
+            ds[name].attrs.update(long_name=long_name, units="1")
+    return out
+
+
 def train_grokking(
     alpha: Sequence[float] = (1.0,),
     n_train: int = 550,
@@ -178,6 +252,7 @@ def train_grokking(
     ntk_samples: int = 128,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float64,
+    vectorize: bool = True,
 ) -> xr.Dataset:
     """Train the grokking model for each ``alpha`` and seed; the standard Dataset.
 
@@ -200,6 +275,11 @@ def train_grokking(
         Training points on which the NTK probe and RankMe are evaluated.
     device, dtype
         Torch device (``"cpu"``, ``"cuda"``) and dtype.
+    vectorize : bool
+        Train every (α, seed) network at once, as one tensor of first-layer weights
+        ``(A, S, N, D)`` with batched matrix products (default), or one network after the
+        other (autograd on each :class:`GrokkingNet`).  Both apply the same gradient-descent
+        step to each network; they agree to round-off.
 
     Returns
     -------
@@ -212,12 +292,15 @@ def train_grokking(
         raise ValueError("learning_rate > 0, steps >= 1 and n_evals >= 2 are needed")
     x, y, xt, yt, beta = grokking_task(n_train, n_test, dim, data_seed)
     eval_steps = np.unique(np.concatenate([[0], log_steps(steps, n_evals), [steps]]))
-    runs = []
-    for a in alpha:
-        per_seed = [_one_run(x, y, xt, yt, beta, width, float(a), epsilon, learning_rate,
-                             steps, at_steps(eval_steps), s, min(ntk_samples, n_train),
-                             device, dtype) for s in seeds]
-        runs.append(xr.concat(per_seed, dim="seed", combine_attrs="override"))
+    if vectorize:
+        grid = _batched_runs(x, y, xt, yt, beta, width, [float(a) for a in alpha], epsilon,
+                             learning_rate, steps, eval_steps, list(seeds),
+                             min(ntk_samples, n_train), device, dtype)
+    else:
+        grid = [[_one_run(x, y, xt, yt, beta, width, float(a), epsilon, learning_rate,
+                          steps, at_steps(eval_steps), s, min(ntk_samples, n_train),
+                          device, dtype) for s in seeds] for a in alpha]
+    runs = [xr.concat(per_seed, dim="seed", combine_attrs="override") for per_seed in grid]
     ds = xr.concat(runs, dim=xr.DataArray(np.asarray(alpha, dtype=float), dims="alpha",
                                           attrs={"long_name": "output scale α (laziness)",
                                                  "units": "1"}),

@@ -348,6 +348,15 @@ FUNCTIONS: dict[str, Fn] = {
                              y_train=Arg("array", match="rows"),
                              steps=Arg("array", "nonneg", dim="step"),
                              learning_rate=Arg("scalar", "pos"), epsilon=Arg("scalar"))),
+    "rich_grokking": Fn(theory.rich_grokking,
+                        dict(x_train=np.random.default_rng(1).normal(size=(6, 3)),
+                             y_train=TARGETS, steps=np.array([0.0, 3.0]), learning_rate=0.5,
+                             alpha=np.array([0.5, 2.0]), epsilon=0.3),
+                        dict(x_train=Arg("matrix", match="rows"),
+                             y_train=Arg("array", match="rows"),
+                             steps=Arg("array", "nonneg", dim="step"),
+                             learning_rate=Arg("scalar", "pos"),
+                             alpha=Arg("array", "pos", dim="alpha"), epsilon=Arg("scalar"))),
 }
 # legal values that the generic kinds would call bad
 FUNCTIONS["saxe_dynamics"].skip.add(("initial_strength", "length-2 array"))  # one per mode
