@@ -53,6 +53,21 @@ def test_readme_images_exist():
     assert links and all((README.parent / link).is_file() for link in links), links
 
 
+def test_gallery_images_are_the_notebooks_figures():
+    """Each gallery image is byte for byte an output of the committed notebook of its name, so
+    a notebook re-run without ``scripts/update_gallery.py`` fails here."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "update_gallery", README.parent / "scripts" / "update_gallery.py")
+    gallery = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gallery)
+    images = sorted((README.parent / "docs" / "gallery").glob("*.png"))
+    assert images
+    stale = [image.name for image in images if image.read_bytes() != gallery.gallery_source(image)]
+    assert not stale, f"run scripts/update_gallery.py: {stale}"
+
+
 def test_readme_has_python_snippets():
     assert len(_snippets()) >= 1
 
