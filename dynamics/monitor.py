@@ -502,6 +502,8 @@ class Monitor:
                          run_settings(self._eval.attrs()["parameters"], seed),
                          ignore=("learning_rate",) if learning_rate is None else ())
         self._closed = False
+        self._finished_closing = False
+        self._closing = threading.Lock()
         _keep_until_exit(self)
         if mode == "process":  # start now: the worker's imports overlap early training
             self._worker = ProcessWorker(self._eval, self.store, store_mode)
@@ -557,22 +559,33 @@ class Monitor:
         A monitor left open (no ``with``, no ``close``) is closed when it is garbage-collected
         or at interpreter exit, whichever comes first: its pending evaluations are stored
         (a thread-mode monitor is not collected while any is pending), its ``netcdf=`` file
-        written."""
-        self._closed = True
-        _OPEN.discard(self)
-        try:
-            self.flush()
-        finally:
-            if self._executor is not None:
-                self._executor.shutdown(wait=True)
-                self._executor = None
-            if self._worker is not None:
-                worker, self._worker = self._worker, None
-                worker.close()
-            if self._tensorboard is not None:
-                self._tensorboard.close()
-        if self.netcdf is not None and self._evaluations:
-            self.save(self.netcdf, overwrite=self._overwrite)
+        written.
+
+        Closing is done once, by whichever thread comes first; another caller waits until it
+        has finished. When the last reference to a thread-mode monitor is a finished job of its
+        own worker thread, the monitor is collected (and closed) on that thread, which cannot
+        wait for itself: it stops taking work (every job is done) and ends once the NetCDF
+        file is written; interpreter exit waits for it."""
+        with self._closing:
+            if self._finished_closing:
+                return
+            self._closed = True
+            _OPEN.discard(self)
+            try:
+                self.flush()
+            finally:
+                if self._executor is not None:
+                    executor, self._executor = self._executor, None
+                    own_thread = threading.current_thread() in getattr(executor, "_threads", ())
+                    executor.shutdown(wait=not own_thread)
+                if self._worker is not None:
+                    worker, self._worker = self._worker, None
+                    worker.close()
+                if self._tensorboard is not None:
+                    self._tensorboard.close()
+            if self.netcdf is not None and self._evaluations:
+                self.save(self.netcdf, overwrite=self._overwrite)
+            self._finished_closing = True
 
     def __del__(self) -> None:
         if getattr(self, "_closed", True):  # closed, or its construction failed

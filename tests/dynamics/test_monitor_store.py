@@ -238,3 +238,41 @@ def test_process_mode_refuses_a_script_without_a_main_guard_at_construction(tmp_
         last = out.stderr.strip().splitlines()[-1]
         assert last.startswith("RuntimeError: the monitor's worker process could not start")
         assert "if __name__ ==" in last and str(script) in last
+
+
+def _slow_mean_norm(features):
+    import time
+
+    time.sleep(0.4)   # still running on the worker thread when the training loop drops the monitor
+    return float(torch.as_tensor(features).double().norm(dim=1).mean())
+
+
+def test_a_thread_monitor_collected_on_its_own_worker_thread_still_writes_its_file(
+        tmp_path, capfd):
+    """The loop drops its monitor while an evaluation runs: the last reference is the worker
+    thread's finished job, so the monitor is collected on that thread. Its close cannot join
+    its own thread; it must still write ``netcdf=`` and report no error."""
+    import time
+    import weakref
+
+    from traindyn.dynamics import storage
+    from traindyn.probes.registry import Probe, Variable
+
+    slow = Probe("slow_mean_norm", "features", {"slow_mean_norm": Variable("mean feature norm")},
+                 source="test", fn=_slow_mean_norm)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    x = torch.randn(16, 4)
+    monitor = Monitor(model, probes=[slow], layers=["1"], schedule=linear(1), probe_data=x,
+                      background="thread", netcdf=tmp_path / "left.nc")
+    monitor.step(0, train_loss=1.0)
+    alive = weakref.ref(monitor)
+    del monitor
+    deadline = time.monotonic() + 30
+    while alive() is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert alive() is None
+    assert "failed" not in capfd.readouterr().err
+    ds = storage.load(tmp_path / "left.nc")
+    expected = model[1](model[0](x)).double().norm(dim=1).mean()
+    np.testing.assert_allclose(ds["slow_mean_norm"].values, [[float(expected)]], rtol=1e-12)
