@@ -647,8 +647,8 @@ def _make_spec(series: list[Checkpoint], *, model: Any, model_kwargs: Any, hf_cl
     if not probes:
         raise ValueError("no probes were asked for")
     plan = ProbePlan(probes, (), probe_kwargs)  # unknown names and kwargs fail now
-    if plan.needs_labels and labels is None:
-        raise ValueError(f"probes {[p.name for p in plan.feature_probes if p.needs_labels]} "
+    if plan.label_users and labels is None:
+        raise ValueError(f"probes {plan.label_users} "
                          "need labels of the probe inputs: probe_labels='digits' or a file")
     text_inputs = str(inputs) in ("stdlib-text", "text") or (
         Path(inputs).suffix not in (".npz", ".npy", ".pt", ".pth") and str(inputs) != "digits")

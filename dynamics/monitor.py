@@ -445,6 +445,9 @@ class Monitor:
         needs_labels = [p.name for p in self.probes if p.needs_labels]
         if needs_labels and self.layers and probe_labels is None:
             raise ValueError(f"probes {needs_labels} need labels: pass probe_labels=")
+        model_needs = [p.name for p in self.model_probes if p.needs_labels]
+        if model_needs and probe_labels is None:
+            raise ValueError(f"probes {model_needs} need labels: pass probe_labels=")
         references = ReferenceBook(self.plan)  # model and parameter probes' states
         if mode == "process":
             check_picklable(self.probes)

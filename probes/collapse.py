@@ -867,7 +867,7 @@ class CollapseProbe(Probe):
                      {k: Variable(v["long_name"], v["units"], ("layer",))
                       for k, v in NC_VARIABLES.items()},
                      self.source, fn=_collapse_with_classifier,
-                     kwargs={**merged, "classifier": str(classifier)})
+                     kwargs={**merged, "classifier": str(classifier)}, requires_labels=True)
 
 
 def register_probes() -> None:

@@ -305,6 +305,9 @@ class ProbePlan:
         self.keep_raw = any(p.accumulator is None for p in self.feature_probes)
         self.needs_labels = any(p.needs_labels for p in self.feature_probes) or any(
             ACCUMULATORS[a].needs_labels for a in self.accumulator_names)
+        self.label_users = [p.name for p in resolved if p.needs_labels or (
+            p.accumulator is not None and ACCUMULATORS[p.accumulator].needs_labels)]
+        """Names of the probes (feature and model) that need the probe batch's labels."""
         self.references = sorted({r for p in resolved for r in p.reference})
 
     # -- declarations --------------------------------------------------------------------

@@ -54,6 +54,10 @@ A probe (:class:`Probe`) declares
     callable, made once per Monitor.  ``analyze`` refuses such a probe (its state cannot be
     resumed from disk): declare ``reference=`` and ``compare`` instead, which every consumer
     runs.
+``requires_labels``
+    For a ``model`` probe that needs the class labels of the probe batch (its ``targets``):
+    the Monitor and ``analyze`` then refuse to start without ``probe_labels=``, as they do for
+    ``labelled_features`` probes, instead of failing at every evaluation.
 
 Names are unique
 ----------------
@@ -192,6 +196,7 @@ class Probe:
     compare: Callable[..., Any] | None = None
     factory: Callable[[], Callable[..., Any]] | None = None
     kwargs: Mapping[str, Any] = field(default_factory=dict)
+    requires_labels: bool = False
 
     def __post_init__(self) -> None:
         if self.consumes not in CONSUMES:
@@ -224,7 +229,9 @@ class Probe:
 
     @property
     def needs_labels(self) -> bool:
-        return self.consumes == "labelled_features"
+        """Whether the probe needs the probe batch's labels (a ``labelled_features`` probe,
+        or a model probe declared with ``requires_labels``)."""
+        return self.consumes == "labelled_features" or self.requires_labels
 
     @property
     def streams(self) -> bool:

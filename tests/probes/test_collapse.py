@@ -357,6 +357,28 @@ def test_a_classifier_that_is_not_there_is_a_clear_error():
             monitor.step(0)
 
 
+def test_a_classifier_without_labels_is_refused_before_any_evaluation(tmp_path):
+    """With ``classifier=`` neural collapse runs as a model probe that needs the labels: the
+    Monitor refuses at construction and ``analyze`` before loading any checkpoint (not one
+    failure per checkpoint)."""
+    from traindyn.dynamics.analyze import analyze
+    from traindyn.dynamics.monitor import Monitor
+
+    net = mlp(6, 16, 12, 4, act=("relu", "tanh"), seed=0, double=True)
+    kwargs = {"neural_collapse": {"classifier": "4"}}
+    with pytest.raises(ValueError, match=r"\['neural_collapse'\] need labels"):
+        Monitor(net, probes=["neural_collapse"], layers=["3"], probe_kwargs=kwargs,
+                probe_data=torch.randn(8, 6, dtype=torch.float64))
+    (tmp_path / "ckpts").mkdir()
+    torch.save(net.state_dict(), tmp_path / "ckpts" / "step0.pt")
+    np.save(tmp_path / "x.npy", np.zeros((8, 6)))
+    with pytest.raises(ValueError, match=r"\['neural_collapse'\] need labels"):
+        analyze(tmp_path / "ckpts", model=lambda: mlp(6, 16, 12, 4, act=("relu", "tanh")),
+                layers=["3"], probes=["neural_collapse"], probe_kwargs=kwargs,
+                probe_data=tmp_path / "x.npy", output=tmp_path / "out.nc")
+    assert not (tmp_path / "out.nc").exists()
+
+
 def test_string_labels_are_mapped_to_sorted_indices_or_refused_with_a_classifier(rng):
     """Class names: without a classifier they are mapped to
     0 … C−1 in sorted order — the same numbers as those integer labels, names recorded;
