@@ -21,17 +21,10 @@ import warnings
 
 import numpy as np
 import torch
+from _timing import load_average  # benchmarks/_timing.py
 from threadpoolctl import threadpool_limits
 from traindyn.dynamics.recipes.grokking import grokking_task, train_grokking
 from traindyn.theory import rich_grokking
-
-
-def _load() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().strip()
-    except OSError:
-        return f"{os.getloadavg()[0]:.2f}"
 
 
 def best_of(fn, repeat: int = 2) -> tuple[float, float]:
@@ -56,7 +49,7 @@ def main() -> None:
     dim, n, width, steps = (10, 55, 50, 20) if args.smoke else (100, 550, 500, 300)
     alphas = (1.0, 4.0, 16.0, 64.0)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, "
-          f"{os.cpu_count()} cores; threads {args.threads}; load {_load()}")
+          f"{os.cpu_count()} cores; threads {args.threads}; load {load_average()}")
     print(f"D = {dim}, P = {n}, N = {width}, A = {len(alphas)} alphas, {steps} steps")
     common = dict(alpha=alphas, n_train=n, n_test=200, dim=dim, width=width, epsilon=0.02,
                   learning_rate=0.5, n_evals=2, ntk_samples=16)
@@ -78,7 +71,7 @@ def main() -> None:
         cpu, wall = per_step[key]
         print(f"{name:36s} {1e3 * cpu:8.2f} ms CPU/step [{1e3 * wall:8.2f} wall]  "
               f"{1 / max(cpu, 1e-12):8.1f} steps/s  loop ÷ this = {loop / max(cpu, 1e-12):5.2f}")
-    print(f"load {_load()}")
+    print(f"load {load_average()}")
 
 
 if __name__ == "__main__":

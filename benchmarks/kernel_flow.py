@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+from _timing import load_average  # benchmarks/_timing.py
 from threadpoolctl import threadpool_limits
 from torch import nn
 from traindyn.dynamics.predict import predict_from_model
@@ -48,13 +49,6 @@ def best_of(fn, repeat: int = 3):
             best, wall = c, w
     return best, wall, out
 
-
-def _load() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return f.read().strip()
-    except OSError:
-        return f"{os.getloadavg()[0]:.2f}"
 
 
 def same_run(n: int, width: int, steps: int, lr: float, repeat: int) -> None:
@@ -144,7 +138,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)  # numpy/scipy BLAS: the same thread count as torch
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"torch threads {torch.get_num_threads()}; load (/proc/loadavg) {_load()}")
+          f"torch threads {torch.get_num_threads()}; load (/proc/loadavg) {load_average()}")
     n, width, steps = (32, 32, 20) if args.smoke else (256, 256, 1000)
     print(f"\n1. same run: digits MLP 64-{width}-10, n = {n} train / {n} test, {steps} "
           f"full-batch GD steps, lr 0.1, losses at 20 steps")
@@ -153,7 +147,7 @@ def main() -> None:
     print(f"\n2. theory.kernel_flow cost, 20 output steps up to s = {s} "
           "(squared loss: one eigh; cross-entropy: s GD steps)")
     scaling(ns, ks, s)
-    print(f"\nload after: {_load()}")
+    print(f"\nload after: {load_average()}")
 
 
 if __name__ == "__main__":
