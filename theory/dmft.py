@@ -72,6 +72,7 @@ from typing import Any
 
 import numpy as np
 import xarray as xr
+from scipy.interpolate import CubicSpline
 from traindyn.theory._dataset import theory_attrs, time_axis
 from traindyn.theory._dmft_jax import SEGMENT, bucket, compilations, enable_cache, passes
 
@@ -320,6 +321,31 @@ def _single_thread_lapack() -> Iterator[None]:
         yield
 
 
+def _anderson(hist: list[tuple[Any, Any]], beta: float):
+    r"""Next iterate of Anderson mixing from the history ``[(x_i, f_i)]``, ``f_i = G(x_i) − x_i``.
+
+    Walker & Ni (2011, SIAM J. Numer. Anal. 49, 1715), Sec. 3, with mixing parameter ``β``
+    (Anderson 1965, J. ACM 12, 547; the DIIS of Pulay 1980):
+
+    .. math::
+        γ = \arg\min_γ ‖f_k − ΔF_k γ‖_2,\qquad
+        x_{k+1} = x_k + β f_k − (ΔX_k + β ΔF_k) γ,
+
+    with ``ΔX_k``, ``ΔF_k`` the differences of consecutive iterates and residuals in the
+    history.  One pair is plain damped iteration ``x + β f``.  The least-squares problem is
+    solved by SVD with small singular values cut (``rcond = 1e-10``).
+    """
+    x, f = hist[-1]
+    if len(hist) == 1:
+        return x + beta * f
+    xs = np.stack([np.asarray(v).ravel() for v, _ in hist])
+    fs = np.stack([np.asarray(r).ravel() for _, r in hist])
+    dx, df = np.diff(xs, axis=0).T, np.diff(fs, axis=0).T
+    gamma = np.linalg.lstsq(df, fs[-1], rcond=1e-10)[0]
+    step = xs[-1] + beta * fs[-1] - (dx + beta * df) @ gamma
+    return x + (step.reshape(x.shape) - np.asarray(x))
+
+
 def _fields(kx: np.ndarray, n_samples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sampled fields ``u ~ N(0, K^x)`` (through a symmetric square root) and ``a(0) ~ N(0, 1)``
     in antithetic pairs ``(u, a)``, ``(u, −a)`` next to each other (so every even prefix of the
@@ -438,6 +464,9 @@ def dmft_two_layer(
     warm_start: bool = True,
     step_tol: float | None = 1e-3,
     cache_dir: str | None = None,
+    mixing: str = "anderson",
+    anderson_depth: int = 4,
+    adaptive: bool = False,
 ) -> xr.Dataset:
     r"""Solve the two-layer DMFT self-consistently; loss, predictions and kernels over time.
 
@@ -530,6 +559,9 @@ def dmft_two_layer(
         chunk_size = check.count(chunk_size, "chunk_size", 2)
     if step_tol is not None:
         step_tol = check.positive_scalar(step_tol, "step_tol")
+    if mixing not in ("anderson", "damped"):
+        raise ValueError(f"mixing must be 'anderson' or 'damped'; got {mixing!r}")
+    anderson_depth = check.count(anderson_depth, "anderson_depth", 1)
     t_out, tdims, tcoords = time_axis(time)
     if np.any(~np.isfinite(t_out)) or np.any(t_out < 0):
         raise ValueError("time must be finite and non-negative")
@@ -554,6 +586,7 @@ def dmft_two_layer(
 
     residuals: list[float] = []
     n_warm = 0
+    work = [0.0]  # passes in units of one pass of all fields over the whole grid
     ynorm = float(np.linalg.norm(y)) or 1.0
     with jax.enable_x64(True), jax.default_device(dev), _single_thread_lapack():
         put = functools.partial(jax.device_put, device=dev)
@@ -570,8 +603,8 @@ def dmft_two_layer(
             """One pass driven by ``deltas``: the new error and test outputs on the grid, the
             kernels at the grid points ``keep_k`` and the two-time buffers."""
             dts, tslot, seg, _ = pb.time(full if sub is None else sub)
-            h0, a0_, inv_m = fields
-            inv_m = put(jnp.asarray(inv_m))
+            h0, a0_, inv_m0 = fields
+            inv_m = put(jnp.asarray(inv_m0))
             h = jnp.array(h0)
             a = jnp.array(a0_)
             shape_h = (n_t if keep else 0, *h.shape[:2], pb.Pp)
@@ -581,7 +614,8 @@ def dmft_two_layer(
             delta, f_te, k_prev = pb.y, jnp.zeros(pb.k0.shape[0] - pb.Pp), pb.k0
             ds, fs, kept = [delta[None]], [f_te[None]], {0: pb.k0}
             grid_of = full if sub is None else sub
-            want = {int(i): j for j, i in enumerate(grid_of)} if sub is None else {}
+            work[0] += (grid_of.size - 1) / max(grid.size - 1, 1) / (inv_m0 * n_samples)
+            want = {int(i): j for j, i in enumerate(grid_of)}
             for lo in range(0, dts.size, seg):
                 h, a, hbuf, abuf, ks = field_seg(
                     h, a, hbuf, abuf, deltas[lo:lo + seg + 1], put(dts[lo:lo + seg]),
@@ -597,52 +631,120 @@ def dmft_two_layer(
                         kept[int(gi)] = ks[j]
             new = jnp.concatenate(ds)
             f_all = jnp.concatenate(fs)
-            kbuf = jnp.stack([kept[int(gi)] for gi in keep_k]) if sub is None else None
+            kbuf = (jnp.stack([kept[int(gi)] for gi in keep_k])
+                    if all(int(gi) in kept for gi in keep_k) else None)
             return new, f_all, kbuf, hbuf, abuf
 
         def residual(new, deltas) -> float:
             return float(jnp.max(jnp.linalg.norm(new - deltas, axis=1))) / ynorm
 
-        deltas = pb.static_deltas(full, pb.time(full)[3])
-        if warm_start and n_samples >= 16384 and gamma0 > 0:
-            small = pb.fields(2 * (n_samples // 16))
-            last = np.inf
-            for _ in range(int(max_iter)):
-                new = run(small, deltas, keep=False)[0]
+        def level_grid(k: int) -> np.ndarray:
+            """Every ``2^k``-th grid point, with the output times and the end point."""
+            if k == 0:
+                return full
+            return np.unique(np.r_[np.arange(0, grid.size, 1 << k), idx.ravel(), grid.size - 1])
+
+        def on_grid(values, src: np.ndarray, dst: np.ndarray):
+            """``Δ`` given on ``grid[src]`` carried to ``grid[dst]`` (cubic spline in time),
+            padded to whole segments like a pass's own output."""
+            v = np.asarray(values)[:src.size]
+            if src.size > 3:
+                w = CubicSpline(grid[src], v, axis=0)(grid[dst])
+            else:
+                w = np.stack([np.interp(grid[dst], grid[src], c) for c in v.T], axis=1)
+            n = pb.time(dst)[3]
+            return put(np.concatenate([w, np.broadcast_to(w[-1], (n - dst.size, w.shape[1]))]))
+
+        def iterate(flds, deltas, sub: np.ndarray, cap: int, stop: float, want_two: bool,
+                    record: bool):
+            """Fixed-point iteration on the sub-grid ``sub``, Anderson-mixed or damped.
+
+            Returns the last pass's output, the driving ``Δ`` of that pass, and whether the
+            residual fell below ``stop``."""
+            nonlocal n_warm
+            beta = float(damping)
+            hist: list[tuple[Any, Any]] = []
+            res: list[float] = []
+            out, drive, done = None, deltas, False
+            for _ in range(cap):
+                # the two-time states are written only in a pass predicted to be the last
+                rho = res[-1] / res[-2] if len(res) > 1 else 1.0
+                keep = want_two and len(res) > 0 and res[-1] * min(rho, 1.0) < stop
+                out = run(flds, deltas, sub, keep=keep)
+                new = out[0]
                 r = residual(new, deltas)
-                n_warm += 1
-                deltas = new
-                if r < max(tol, 1e-4) or r > 0.5 * last:
+                drive = deltas
+                if record:
+                    if residuals and r > residuals[-1]:
+                        beta = max(beta / 2, 1 / 64)
+                    residuals.append(r)
+                else:
+                    n_warm += 1
+                grew = bool(res) and r > res[-1]
+                res.append(r)
+                if r < stop:
+                    done = True
                     break
-                last = r
+                f = new - deltas
+                if mixing == "anderson":
+                    if grew:  # restart the history from the latest pair (safeguard)
+                        hist = []
+                    hist = [*hist, (deltas, f)][-(anderson_depth + 1):]
+                    deltas = _anderson(hist, beta)
+                else:
+                    deltas = deltas + beta * f
+            if want_two and done and not (out[3].shape[0] > 0):
+                out = run(flds, drive, sub, keep=True)  # converged before a keeping pass
+            return out, drive, done
+
+        step_error = float("nan")
+        warm_fields = warm_start and n_samples >= 16384 and gamma0 > 0
+        levels = [0]
+        if adaptive and step_tol is not None and gamma0 > 0:
+            k_top = 0
+            while (grid.size - 1) >> (k_top + 1) >= 16:
+                k_top += 1
+            levels = list(range(k_top, -1, -1))
+        sub = level_grid(levels[0])
+        deltas = pb.static_deltas(sub, pb.time(sub)[3])
+        if warm_fields:
+            deltas = iterate(pb.fields(2 * (n_samples // 16)), deltas, sub,
+                             min(int(max_iter), 12), max(tol, 1e-4), False, False)[0][0]
         fields = pb.fields()
-        beta, converged = float(damping), False
-        out = None
-        driving = deltas
-        for _ in range(int(max_iter)):
-            out = run(fields, deltas)
+        converged = False
+        prev = None
+        for k in levels:
+            last_level = k == levels[-1]
+            if prev is not None:
+                deltas = on_grid(prev[0], prev[1], level_grid(k))
+            sub = level_grid(k)
+            out, driving, converged = iterate(fields, deltas, sub, int(max_iter), tol,
+                                              bool(two_idx.size), True)
             new = out[0]
-            r = residual(new, deltas)
-            if residuals and r > residuals[-1]:
-                beta = max(beta / 2, 1 / 64)
-            residuals.append(r)
-            driving = deltas
-            if r < tol:
-                converged = True
+            if prev is not None and converged:
+                # Richardson: second-order scheme, Δ_h − Δ_2h ≈ 3 × (error of Δ_h), on the
+                # points the two grids share (all of the coarser one)
+                common = np.searchsorted(sub, prev[1])
+                diff = np.asarray(new)[common] - np.asarray(prev[0])[:prev[1].size]
+                step_error = float(np.linalg.norm(diff, axis=1).max()) / (3 * ynorm)
+                if step_error <= step_tol:
+                    break
+            if last_level or not converged:
                 break
-            deltas = (1 - beta) * deltas + beta * new
+            prev = (new, sub)
         if not converged:  # the kernels and predictions of the last iterate
             driving = deltas
-            out = run(fields, deltas)
+            out = run(fields, deltas, sub, keep=bool(two_idx.size))
         new, f_te, kbuf, hbuf, abuf = out
-        step_error = float("nan")
-        if step_tol is not None and grid.size > 2:
-            sub = np.unique(np.r_[np.arange(0, grid.size, 2), grid.size - 1])
-            n_sub = pb.time(sub)[3]
-            drive = jnp.concatenate([driving[sub], jnp.broadcast_to(
-                driving[sub[-1]], (n_sub - sub.size, pb.Pp))])
-            coarse = run(fields, drive, sub, keep=False)[0]
-            one_pass = float(jnp.max(jnp.linalg.norm(coarse[:sub.size] - new[sub], axis=1))
+        out_grid = sub
+        if len(levels) == 1 and step_tol is not None and sub.size > 2:
+            half = np.unique(np.r_[np.arange(0, sub.size, 2), sub.size - 1])
+            coarse_idx = sub[half]
+            n_sub = pb.time(coarse_idx)[3]
+            drive = jnp.concatenate([driving[half], jnp.broadcast_to(
+                driving[half[-1]], (n_sub - half.size, pb.Pp))])
+            coarse = run(fields, drive, coarse_idx, keep=False)[0]
+            one_pass = float(jnp.max(jnp.linalg.norm(coarse[:half.size] - new[half], axis=1))
                              ) / (3 * ynorm)
             # the fixed point moves by the one-pass error amplified by 1/(1 − ρ), ρ the
             # contraction of the iteration (median of its last residual ratios)
@@ -656,8 +758,9 @@ def dmft_two_layer(
             if two_idx[0] == 0:  # control variate: the sampled (0, 0) kernels -> exact ones
                 phi_two = phi_two - phi_two[0, 0] + phi0[:P, :P]
                 g_two = g_two - g_two[0, 0] + gdot0[:P, :P]
-        deltas = np.asarray(new)[:grid.size, :P]
-        f_te = np.asarray(f_te)[:grid.size][:, pb.rows[P:] - pb.Pp] if xt is not None else None
+        at = np.searchsorted(out_grid, idx)  # the output times on the grid solved last
+        deltas = np.asarray(new)[at, :P]
+        f_te = np.asarray(f_te)[at][:, pb.rows[P:] - pb.Pp] if xt is not None else None
         kbuf = np.asarray(kbuf)[:, pb.rows][:, :, :P]
     n_compiled = compilations() - traces0
     if not converged:
@@ -673,7 +776,7 @@ def dmft_two_layer(
             "Use more n_steps or a smaller dt", DMFTStepWarning, stacklevel=2)
 
     shape = t_out.shape
-    delta_out = deltas[idx]                                  # (T, P)
+    delta_out = deltas                                       # (T, P)
     k_out = kbuf[np.searchsorted(keep_k, idx)]               # (T, P+Q, P)
     k_tr = 0.5 * (k_out[:, :P] + np.transpose(k_out[:, :P], (0, 2, 1)))
     align, calign = _alignments(k_tr, y)
@@ -696,7 +799,7 @@ def dmft_two_layer(
             "long_name": "mean NTK diagonal tr(K)/n", "units": "1"}),
     }
     if xt is not None:
-        f_test = f_te[idx]
+        f_test = f_te
         data["test_prediction"] = (*over_time(f_test, ("test_sample",)), {
             "long_name": "network output f on the test points", "units": "1"})
         data["ntk_test"] = (*over_time(k_out[:, P:], ("test_sample", "sample")), {
@@ -724,8 +827,9 @@ def dmft_two_layer(
         "long_name": "DMFT residual max_t ‖Δ_new − Δ‖/‖y‖", "units": "1"})
     coords["iteration"] = ("iteration", np.arange(1, len(residuals) + 1))
     params = dict(gamma0=float(gamma0), activation=activation, epsilon=float(epsilon),
-                  n_samples=int(n_samples), n_grid=int(grid.size), damping=damping, tol=tol,
-                  max_iter=max_iter, seed=seed, P=P, D=D,
+                  n_samples=int(n_samples), n_grid=int(out_grid.size), damping=damping, tol=tol,
+                  max_iter=max_iter, seed=seed, P=P, D=D, mixing=mixing,
+                  adaptive=int(adaptive),
                   Q=0 if xt is None else int(xt.shape[0]))
     ds = xr.Dataset(data, coords=coords, attrs=theory_attrs(
         SOURCE, params,
@@ -735,7 +839,9 @@ def dmft_two_layer(
     ds.attrs.update(converged=int(converged), n_iterations=len(residuals),
                     n_warm_iterations=n_warm,
                     final_residual=float(residuals[-1]) if residuals else float("nan"),
-                    step_error=step_error, n_compilations=n_compiled,
+                    step_error=step_error, n_steps_solved=int(out_grid.size - 1),
+                    n_pass_equivalents=round(work[0], 4),
+                    n_compilations=n_compiled,
                     chunk_size=int(pb.chunk), compilation_cache=cache or "")
     if "time" in ds.coords:
         ds["time"].attrs.update(long_name="training time, learning rate × step", units="1")

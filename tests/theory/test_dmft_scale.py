@@ -241,3 +241,10 @@ def test_warm_start_reaches_the_same_fixed_point():
     for name in ("train_prediction", "test_prediction", "ntk", "phi_kernel"):
         np.testing.assert_allclose(warm[name].values, cold[name].values, atol=1e-7,
                                    err_msg=name)
+
+
+def test_step_warning_is_exported_from_the_theory_package():
+    from traindyn import theory
+
+    assert theory.DMFTStepWarning is DMFTStepWarning
+    assert "DMFTStepWarning" in theory.__all__ and issubclass(DMFTStepWarning, RuntimeWarning)
