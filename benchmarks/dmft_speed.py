@@ -10,14 +10,14 @@ Task: he2 single-index (``two_layer_task(P, 1, 10, "he2", 0)``), tanh, γ₀ = 1
    grid, ``step_tol = 1e-5``); ``σ_MC`` of every output is its standard deviation over the seeds
    (the error of one solve with ``M`` fields).  ``e_MC = max_t ‖σ_MC(f(t))‖ / ‖y‖`` is the same
    error in the units of ``step_error``.
-2. **Timed solves at seed 0**: the reference solver (``theory/dmft.py`` of commit ``--ref``, the
-   code before the memory/speed work, loaded with ``git show``), this solver on the fixed
-   ``--steps`` grid (Anderson mixing, two-time states only in the last pass), and this solver
-   with the error-controlled grid (``adaptive=True``, ``step_tol = e_MC / 10``).  Wall time,
-   process CPU time, iterations (full-size passes; warm-start passes on an eighth of the fields
-   counted apart) and the load average.  ``--ref-iterations N`` times the reference with a fixed
-   ``N`` iterations and reports per-iteration cost × its iteration count instead (said in the
-   output).
+2. **Timed solves at seed 0**: the reference solver (``benchmarks/_dmft_reference.py``, the
+   solver of commit dd32ac4; or ``theory/dmft.py`` of another commit ``--ref`` by
+   ``git show``); this solver on the fixed ``--steps`` grid (Anderson mixing, two-time states
+   only in the last pass); this solver with the error-controlled grid (``adaptive=True``,
+   ``step_tol = e_MC / 10``).  Wall time, process CPU time, iterations (full-size passes;
+   warm-start passes on an eighth of the fields counted apart), the work in full-pass
+   equivalents and the load average.  ``--ref-iterations N`` times the reference with a fixed
+   ``N`` iterations instead (said in the output).
 3. **Agreement**: for each output, ``max |new − reference|`` over all entries against
    ``max σ_MC`` of that output; the stated tolerance is 10 % of the Monte-Carlo error.
 """
@@ -38,6 +38,7 @@ from traindyn.dynamics.recipes.two_layer import two_layer_task
 from traindyn.theory.dmft import dmft_two_layer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dmft_reference  # noqa: E402 - benchmarks/_dmft_reference.py (commit dd32ac4's solver)
 from dmft import _reference_solver  # noqa: E402 - benchmarks/dmft.py
 
 OUTPUTS = ("train_loss", "test_loss", "train_prediction", "test_prediction", "ntk",
@@ -72,7 +73,9 @@ def main() -> None:
     parser.add_argument("--M", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", type=int, default=4, help="extra seeds for σ_MC")
-    parser.add_argument("--ref", default="dd32ac4", help="commit of the reference solver")
+    parser.add_argument("--ref", default="dd32ac4",
+                        help="commit of the reference solver (dd32ac4: the copy in "
+                             "benchmarks/_dmft_reference.py, no git needed)")
     parser.add_argument("--ref-iterations", type=int, default=0,
                         help="time the reference with this many iterations (0: to the end)")
     parser.add_argument("--no-fixed", action="store_true",
@@ -104,15 +107,14 @@ def main() -> None:
     # 2. timed solves at seed 0
     step_tol = e_mc / 10
     rows = {}
-    old = _reference_solver(args.ref)
+    old = _dmft_reference if args.ref == "dd32ac4" else _reference_solver(args.ref)
     if old is not None:
         cap = dict(max_iter=args.ref_iterations, tol=1e-300) if args.ref_iterations else {}
         ds, wall, cpu = _timed(lambda: old.dmft_two_layer(x, y, t, 1.0, xt, yt, **kw, **cap))
         n_it = ds.attrs["n_iterations"]
         note = ""
         if args.ref_iterations:
-            note = (f" ({n_it} fixed iterations; the figures below are per-iteration cost × "
-                    "its iteration count to tol 1e-7 from the run to the end)")
+            note = f" (capped at {n_it} iterations: not a full solve)"
         rows[f"commit {args.ref}"] = (ds, wall, cpu, n_it, 0, note)
     if not args.no_fixed:
         ds, wall, cpu = _timed(lambda: dmft_two_layer(x, y, t, 1.0, xt, yt, **kw))

@@ -66,6 +66,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
+import time as _time
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -78,6 +80,8 @@ from traindyn.theory._dmft_jax import SEGMENT, bucket, compilations, enable_cach
 
 __all__ = ["ACTIVATIONS", "DMFTConvergenceWarning", "DMFTStepWarning", "compilations",
            "dmft_two_layer", "initial_kernels"]
+
+_LOG = logging.getLogger(__name__)
 
 SOURCE = ("Bordelon & Pehlevan (NeurIPS 2022), self-consistent DMFT of kernel evolution, "
           "two-layer network")
@@ -587,6 +591,7 @@ def dmft_two_layer(
     residuals: list[float] = []
     n_warm = 0
     work = [0.0]  # passes in units of one pass of all fields over the whole grid
+    started = _time.perf_counter()
     ynorm = float(np.linalg.norm(y)) or 1.0
     with jax.enable_x64(True), jax.default_device(dev), _single_thread_lapack():
         put = functools.partial(jax.device_put, device=dev)
@@ -673,6 +678,9 @@ def dmft_two_layer(
                 out = run(flds, deltas, sub, keep=keep)
                 new = out[0]
                 r = residual(new, deltas)
+                _LOG.info("DMFT pass: %d steps, %d fields, residual %.3g, work %.3f passes, "
+                          "%.1f s", sub.size - 1, round(1 / flds[2]), r, work[0],
+                          _time.perf_counter() - started)
                 drive = deltas
                 if record:
                     if residuals and r > residuals[-1]:
