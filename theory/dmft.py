@@ -475,6 +475,7 @@ def dmft_two_layer(
     mixing: str = "anderson",
     anderson_depth: int = 4,
     adaptive: bool = False,
+    field_dtype: str = "float64",
 ) -> xr.Dataset:
     r"""Solve the two-layer DMFT self-consistently; loss, predictions and kernels over time.
 
@@ -590,6 +591,10 @@ def dmft_two_layer(
     if mixing not in ("anderson", "damped"):
         raise ValueError(f"mixing must be 'anderson' or 'damped'; got {mixing!r}")
     anderson_depth = check.count(anderson_depth, "anderson_depth", 1)
+    field_dtype = str(np.dtype(field_dtype)) if field_dtype in (
+        "float32", "float64", np.float32, np.float64) else field_dtype
+    if field_dtype not in ("float32", "float64"):
+        raise ValueError(f"field_dtype must be 'float64' or 'float32'; got {field_dtype!r}")
     t_out, tdims, tcoords = time_axis(time)
     if np.any(~np.isfinite(t_out)) or np.any(t_out < 0):
         raise ValueError("time must be finite and non-negative")
@@ -621,7 +626,7 @@ def dmft_two_layer(
         put = functools.partial(jax.device_put, device=dev)
         pb = _Problem(x, xt, y, kx, k0, u, a0, grid, keep_k, two_idx, chunk_size, put, jnp)
         khat_fn, field_seg, error_seg, two_time_fn = passes(activation, float(epsilon),
-                                                             pb.factored)
+                                                             pb.factored, field_dtype)
         g = put(jnp.asarray(float(gamma0)))
         inv_p = put(jnp.asarray(1.0 / P))
         full = np.arange(grid.size)
@@ -634,8 +639,8 @@ def dmft_two_layer(
             dts, tslot, seg, _ = pb.time(full if sub is None else sub)
             h0, a0_, inv_m0 = fields
             inv_m = put(jnp.asarray(inv_m0))
-            h = jnp.array(h0)
-            a = jnp.array(a0_)
+            h = jnp.array(h0, dtype=field_dtype)
+            a = jnp.array(a0_, dtype=field_dtype)
             shape_h = (n_t if keep else 0, *h.shape[:2], pb.Pp)
             hbuf = jnp.array(jnp.broadcast_to(h[None, :, :, :pb.Pp], shape_h))
             abuf = jnp.array(jnp.broadcast_to(a[None], shape_h[:3]))
@@ -860,7 +865,7 @@ def dmft_two_layer(
     coords["iteration"] = ("iteration", np.arange(1, len(residuals) + 1))
     params = dict(gamma0=float(gamma0), activation=activation, epsilon=float(epsilon),
                   n_samples=int(n_samples), n_grid=int(out_grid.size), damping=damping, tol=tol,
-                  max_iter=max_iter, seed=seed, P=P, D=D, mixing=mixing,
+                  max_iter=max_iter, seed=seed, P=P, D=D, mixing=mixing, field_dtype=field_dtype,
                   adaptive=int(adaptive),
                   Q=0 if xt is None else int(xt.shape[0]))
     ds = xr.Dataset(data, coords=coords, attrs=theory_attrs(

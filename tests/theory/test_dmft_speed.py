@@ -89,3 +89,19 @@ def test_adaptive_grid_error_estimate_against_the_fine_grid():
     est = adaptive.attrs["step_error"]
     assert measured <= 2e-4 and est <= 2e-4
     assert 1 / 3 < est / measured < 3, (est, measured)
+
+
+def test_float32_fields_stay_within_a_micro_tolerance_of_float64():
+    """Same fields in float32 (kernel sums in float64): every output differs from the float64
+    solve, by less than 2e-5; float64 stays the default."""
+    x, y, xt, yt = two_layer_task(10, 4, 5, "he2", 1)
+    t = np.linspace(0, 10, 4)
+    kw = dict(n_samples=256, n_steps=24, two_time=2)
+    f64 = dmft_two_layer(x, y, t, 1.0, xt, yt, **kw)
+    f32 = dmft_two_layer(x, y, t, 1.0, xt, yt, field_dtype="float32", **kw)
+    assert f32.attrs["converged"] == 1
+    for v in ("train_prediction", "test_prediction", "ntk", "phi_kernel", "g_kernel"):
+        diff = float(np.abs(f32[v].values - f64[v].values).max())
+        assert 0 < diff < 2e-5, (v, diff)
+    with pytest.raises(ValueError, match="field_dtype"):
+        dmft_two_layer(x, y, t, 1.0, field_dtype="float16", **kw)
