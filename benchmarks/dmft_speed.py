@@ -11,13 +11,13 @@ Task: he2 single-index (``two_layer_task(P, 1, 10, "he2", 0)``), tanh, γ₀ = 1
    (the error of one solve with ``M`` fields).  ``e_MC = max_t ‖σ_MC(f(t))‖ / ‖y‖`` is the same
    error in the units of ``step_error``.
 2. **Timed solves at seed 0**: the reference solver (``benchmarks/_dmft_reference.py``, the
-   solver of commit dd32ac4; or ``theory/dmft.py`` of another commit ``--ref`` by
-   ``git show``); this solver on the fixed ``--steps`` grid (Anderson mixing, two-time states
-   only in the last pass); this solver with the error-controlled grid (``adaptive=True``,
-   ``step_tol = e_MC / 10``).  Wall time, process CPU time, iterations (full-size passes;
-   warm-start passes on an eighth of the fields counted apart), the work in full-pass
-   equivalents and the load average.  ``--ref-iterations N`` times the reference with a fixed
-   ``N`` iterations instead (said in the output).
+   solver of commit dd32ac4; or ``theory/dmft.py`` of another commit ``--ref`` by ``git show``);
+   this solver on the fixed ``--steps`` grid (Anderson mixing, two-time states only in the last
+   pass); this solver with the error-controlled grid (``adaptive=True``, ``step_tol = e_MC /
+   10``), and the same with ``field_dtype="float32"``. Wall time, process CPU time, iterations
+   (full-size passes; warm-start passes on an eighth of the fields counted apart), the work in
+   full-pass equivalents and the load average. ``--ref-iterations N`` times the reference with a
+   fixed ``N`` iterations instead (said in the output).
 3. **Agreement**: for each output, ``max |new − reference|`` over all entries against
    ``max σ_MC`` of that output; the stated tolerance is 10 % of the Monte-Carlo error.
 """
@@ -138,6 +138,11 @@ def main() -> None:
                                                   step_tol=step_tol, **kw))
     rows["this, adaptive grid"] = (ds, wall, cpu, ds.attrs["n_iterations"],
                                    ds.attrs["n_warm_iterations"], "")
+    ds, wall, cpu = _timed(lambda: dmft_two_layer(x, y, t, 1.0, xt, yt, adaptive=True,
+                                                  step_tol=step_tol, field_dtype="float32",
+                                                  **kw))
+    rows["adaptive + float32"] = (ds, wall, cpu, ds.attrs["n_iterations"],
+                                  ds.attrs["n_warm_iterations"], "")
     print(f"2. seed 0, one LAPACK thread each; adaptive step_tol = e_MC/10 = {step_tol:.1e}")
     base = rows.get(f"commit {args.ref}")
     for name, (ds, wall, cpu, n_it, n_warm, note) in rows.items():
