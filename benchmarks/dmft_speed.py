@@ -83,6 +83,10 @@ def main() -> None:
                              "end to count its iterations")
     parser.add_argument("--step-tol", type=float, default=None,
                         help="step_tol of the adaptive solve (default e_MC/10 from the seeds)")
+    parser.add_argument("--exact-k0", action="store_true",
+                        help="give the reference solver this module's exact initial kernels "
+                             "(its tanh K0 is 48-node Gauss-Hermite, 1.8e-3 off at P = 160), so "
+                             "the comparison isolates the solver")
     parser.add_argument("--no-fixed", action="store_true",
                         help="skip this solver on the fixed grid")
     args = parser.parse_args()
@@ -116,6 +120,11 @@ def main() -> None:
     step_tol = args.step_tol if args.step_tol is not None else e_mc / 10
     rows = {}
     old = _dmft_reference if args.ref == "dd32ac4" else _reference_solver(args.ref)
+    if old is not None and args.exact_k0:
+        from traindyn.theory.dmft import initial_kernels
+
+        old.initial_kernels = initial_kernels
+        print("   the reference solver uses the exact initial kernels (--exact-k0)")
     if old is not None:
         cap = dict(max_iter=args.ref_iterations, tol=1e-300) if args.ref_iterations else {}
         ds, wall, cpu = _timed(lambda: old.dmft_two_layer(x, y, t, 1.0, xt, yt, **kw, **cap))
