@@ -518,7 +518,8 @@ def dmft_two_layer(
         Fields processed together (default: about 2²¹ / (P + Q), a power of two).  Peak memory
         grows like ``8 B × M (P+Q) (4 + 2·two_time)`` for ``M`` fields, plus ``O(chunk (P+Q))``
         temporaries and one segment of kernels, independent of the number of time steps
-        (measured: 2.9 GB at P = 550, M = 32,768, two_time = 6); the result does not depend on
+        (measured peak RSS: 2.9 GB at P = 550, M = 32,768, two_time = 6 over one 32-step pass;
+        3.06 GiB for the whole adaptive solve); the result does not depend on
         the chunk size beyond round-off.
     warm_start : bool
         With at least 16384 fields, first iterate on the first eighth of them (same draws) and
