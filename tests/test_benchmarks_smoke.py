@@ -5,9 +5,9 @@ automatically); they run as parallel subprocesses, and each must exit 0 within i
 Costs (CPU seconds of each smoke run, measured on the 2-core machine): eigvalsh_crossover 1.6,
 gpu_check 1.5, spectral 1.7, theory_cost, theory_device and ntk_reference about as much — these
 run in the default suite (under 10 s together); analyze 4.6, import_time 5.2, invariance 5.8,
-ntk 5.7, similarity 12.3, dmft 28, monitor_overhead 42.5 are marked slow (``HEAVY``), ~105 s
-together.  A script not listed runs in the default suite: list it in ``HEAVY`` if its smoke run
-costs more than a few seconds."""
+ntk 5.7, similarity 12.3, dmft_speed 12, dmft 28, monitor_overhead 42.5 are marked slow
+(``HEAVY``), ~117 s together.  A script not listed runs in the default suite: list it in
+``HEAVY`` if its smoke run costs more than a few seconds."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ SKIP = {
     "run_all.py": "runs every other script in sequence (`run_all.py --smoke` forwards the flag); "
                   "each of them is smoked here on its own",
 }
-HEAVY = {"analyze.py", "dmft.py", "import_time.py", "invariance.py", "monitor_overhead.py",
-         "ntk.py", "similarity.py"}
+HEAVY = {"analyze.py", "dmft.py", "dmft_speed.py", "import_time.py", "invariance.py",
+         "monitor_overhead.py", "ntk.py", "similarity.py"}
 """Scripts whose smoke run costs more than ~5 s of CPU (torch/jax start-up, model builds,
 compilations): marked slow."""
 TIMEOUT = 600

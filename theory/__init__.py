@@ -69,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "dmft_two_layer": "dmft",
     "initial_kernels": "dmft",
     "DMFTConvergenceWarning": "dmft",
+    "DMFTStepWarning": "dmft",
     "kernel_flow": "kernel_flow",
     "kernel_flow_limit": "kernel_flow",
     "lazy_grokking": "grokking",
@@ -88,7 +89,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see ordinary imports
         time_to_strength,
         two_layer_solution,
     )
-    from traindyn.theory.dmft import DMFTConvergenceWarning, dmft_two_layer, initial_kernels
+    from traindyn.theory.dmft import (
+        DMFTConvergenceWarning,
+        DMFTStepWarning,
+        dmft_two_layer,
+        initial_kernels,
+    )
     from traindyn.theory.grokking import lazy_grokking, polynomial_network_kernel, rich_grokking
     from traindyn.theory.kernel_flow import kernel_flow, kernel_flow_limit
     from traindyn.theory.kernels import (
@@ -142,6 +148,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "DMFTConvergenceWarning",
+    "DMFTStepWarning",
     "dmft_two_layer",
     "initial_kernels",
     "Spectrum",

@@ -84,16 +84,21 @@ steps only, ``SEGMENT × points × P``), then the error over the same segment.""
 
 
 @functools.lru_cache(maxsize=64)
-def passes(activation: str, epsilon: float, factored: bool) -> tuple[Any, ...]:
+def passes(activation: str, epsilon: float, factored: bool,
+           field_dtype: str = "float64") -> tuple[Any, ...]:
     """jit-compiled ``(khat, field_segment, error_segment, two_time_kernels)``.
 
     ``factored``: the field drift ``(γ₀/P) (gΔ) K^{xT}`` is applied as ``((gΔ) X_tr) X_allᵀ/D``
     (cheaper when the input dimension ``D`` is below the number of points).
+    ``field_dtype``: the fields, their drift and each chunk's Gram products are computed in this
+    type (the arrays passed in are in it); every chunk's Gram product is added to the kernel
+    in float64, and the error ``Δ`` is integrated in float64.
     """
     import jax
     import jax.numpy as jnp
 
     phi, dphi = phi_dphi(activation, epsilon)
+    fdt = jnp.dtype(field_dtype)
 
     def rhs(h, a, delta, scale, kx_tr, xs_tr, xs_all):
         p = delta.shape[0]
@@ -105,13 +110,14 @@ def passes(activation: str, epsilon: float, factored: bool) -> tuple[Any, ...]:
     def gram(h, a, p):
         ph = phi(h)
         g = a[:, None] * dphi(h)
-        return ph.T @ ph[:, :p], g.T @ g[:, :p]
+        return ((ph.T @ ph[:, :p]).astype(jnp.float64),
+                (g.T @ g[:, :p]).astype(jnp.float64))
 
     def khat(h, a, kx_tr, inv_m):
         """Sampled kernel ``K̂ = (Φ̂ + Ĝ∘K^x)`` between all points and the training points."""
         _traced()
         p = kx_tr.shape[1]
-        zeros = jnp.zeros(kx_tr.shape, dtype=kx_tr.dtype)
+        zeros = jnp.zeros(kx_tr.shape, dtype=jnp.float64)
 
         def body(acc, xs):
             pk, gk = gram(*xs, p)
@@ -128,18 +134,20 @@ def passes(activation: str, epsilon: float, factored: bool) -> tuple[Any, ...]:
         ``tslot``."""
         _traced()
         p = kx_tr.shape[1]
-        scale = gamma0 * inv_p
-        zeros = jnp.zeros(kx_tr.shape, dtype=kx_tr.dtype)
+        scale = (gamma0 * inv_p).astype(fdt)
+        zeros = jnp.zeros(kx_tr.shape, dtype=jnp.float64)
         keep = hbuf.shape[0] > 0
+        kx_f, xs_tr_f, xs_all_f = (v.astype(fdt) for v in (kx_tr, xs_tr, xs_all))
 
         def step(carry, xs):
             h, a, hbuf, abuf = carry
             dt, d0, d1, ts = xs
+            dt, d0, d1 = dt.astype(fdt), d0.astype(fdt), d1.astype(fdt)
 
             def chunk(acc, hc_ac):
                 hc, ac = hc_ac
-                dh1, da1 = rhs(hc, ac, d0, scale, kx_tr, xs_tr, xs_all)
-                dh2, da2 = rhs(hc + dt * dh1, ac + dt * da1, d1, scale, kx_tr, xs_tr, xs_all)
+                dh1, da1 = rhs(hc, ac, d0, scale, kx_f, xs_tr_f, xs_all_f)
+                dh2, da2 = rhs(hc + dt * dh1, ac + dt * da1, d1, scale, kx_f, xs_tr_f, xs_all_f)
                 hc = hc + 0.5 * dt * (dh1 + dh2)
                 ac = ac + 0.5 * dt * (da1 + da2)
                 pk, gk = gram(hc, ac, p)
@@ -189,15 +197,15 @@ def passes(activation: str, epsilon: float, factored: bool) -> tuple[Any, ...]:
         chunk by chunk: (slots, slots, P, P) each."""
         _traced()
         s, p = hbuf.shape[0], hbuf.shape[-1]
-        zeros = jnp.zeros((s, s, p, p), dtype=hbuf.dtype)
+        zeros = jnp.zeros((s, s, p, p), dtype=jnp.float64)
 
         def body(c, acc):
             hc = jax.lax.dynamic_index_in_dim(hbuf, c, 1, False)      # (S, chunk, P)
             ac = jax.lax.dynamic_index_in_dim(abuf, c, 1, False)      # (S, chunk)
             ph = phi(hc)
             g = ac[..., None] * dphi(hc)
-            return (acc[0] + jnp.einsum("tmp,smq->tspq", ph, ph),
-                    acc[1] + jnp.einsum("tmp,smq->tspq", g, g))
+            return (acc[0] + jnp.einsum("tmp,smq->tspq", ph, ph).astype(jnp.float64),
+                    acc[1] + jnp.einsum("tmp,smq->tspq", g, g).astype(jnp.float64))
 
         pt, gt = jax.lax.fori_loop(0, hbuf.shape[1], body, (zeros, zeros))
         return pt * inv_m, gt * inv_m
