@@ -596,6 +596,9 @@ def dmft_two_layer(
         chunk_size = check.count(chunk_size, "chunk_size", 2)
     if step_tol is not None:
         step_tol = check.positive_scalar(step_tol, "step_tol")
+    if adaptive and step_tol is None:
+        raise ValueError("adaptive=True refines the time grid until the step error is below "
+                         "step_tol: give step_tol (below the Monte-Carlo error of the outputs)")
     if mixing not in ("anderson", "damped"):
         raise ValueError(f"mixing must be 'anderson' or 'damped'; got {mixing!r}")
     anderson_depth = check.count(anderson_depth, "anderson_depth", 1)

@@ -165,6 +165,13 @@ def test_bad_input_raises_clear_errors():
         dmft_two_layer(x, y, t, 0.5, activation="gelu")
     with pytest.raises(ValueError, match="time"):
         dmft_two_layer(x, y, [-1.0, 1.0], 0.5)
+    with pytest.raises(ValueError, match="adaptive=True .* give step_tol"):
+        dmft_two_layer(x, y, t, 0.5, adaptive=True, step_tol=None)
+    for option, text in ((dict(mixing="newton"), "mixing"), (dict(anderson_depth=0), "depth"),
+                         (dict(field_dtype="float16"), "field_dtype"),
+                         (dict(adaptive=True, step_tol=-1e-5), "step_tol")):
+        with pytest.raises(ValueError, match=text):
+            dmft_two_layer(x, y, t, 0.5, **option)
 
 
 def test_unconverged_solve_warns_and_says_so():
