@@ -135,8 +135,14 @@ def scaling(base: dict, device: str, factors: tuple[int, ...],
 
 
 # --- the research-scale targets -------------------------------------------------------------
-def _reference_solver(ref: str):
-    """``theory/dmft.py`` of commit ``ref`` as a module (``git show``), or None."""
+def _reference_solver(ref: str | None):
+    """The reference solver as a module: ``benchmarks/_dmft_reference.py`` (commit dd32ac4's
+    solver, kept verbatim; no git needed) when ``ref`` is None, else ``theory/dmft.py`` of
+    commit ``ref`` (``git show``), or None when that is unavailable."""
+    if ref is None:
+        import _dmft_reference
+
+        return _dmft_reference
     try:
         src = subprocess.run(["git", "show", f"{ref}:theory/dmft.py"], cwd=ROOT, check=True,
                              capture_output=True, text=True).stdout
@@ -174,7 +180,7 @@ def target_memory(P: int, M: int, steps: int, device: str) -> None:
 def target_speed(P: int, M: int, steps: int, ref: str, device: str) -> None:
     print(f"\n4b. this solver vs commit {ref} in the same run (P={P}, M={M}, {steps} steps, "
           f"two_time=0 for both); {_load()}")
-    old = _reference_solver(ref)
+    old = _reference_solver(None if ref == "dd32ac4" else ref)
     x, y, xt, yt = two_layer_task(P, 1, 10, "he2", 0)
     t = np.linspace(0, 10, 11)
     kw = dict(n_samples=M, n_steps=steps, two_time=0)
@@ -229,7 +235,9 @@ def main() -> None:
     parser.add_argument("--scaling", action="store_true",
                         help="only the P-scaling table at M = 32768, 400 steps, P = 40 … 320 "
                              "(for a GPU: --device gpu)")
-    parser.add_argument("--ref", default="dd32ac4", help="commit of the reference solver")
+    parser.add_argument("--ref", default="dd32ac4",
+                        help="commit of the reference solver (dd32ac4: the copy kept in "
+                             "benchmarks/_dmft_reference.py; another commit: read with git)")
     parser.add_argument("--device", default="cpu", help="jax device of the DMFT (cpu, gpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
