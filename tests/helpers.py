@@ -1,14 +1,26 @@
-"""Helpers shared by tests: tolerances, notebook execution."""
+"""Helpers shared by tests: tolerances, notebook execution, loading a script as a module."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
+
+
+def load_script(path: str | os.PathLike, name: str | None = None) -> ModuleType:
+    """The Python file ``path`` (a script under ``scripts/``, ``benchmarks/`` or ``docs/``, or
+    a file a test wrote) executed as a module named ``name`` (default: the file's stem)."""
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def assert_rel(actual, expected, rtol: float, what: str = "") -> None:

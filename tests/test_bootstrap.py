@@ -1,18 +1,15 @@
 """Set-up policy: keep an installed torch; never a CUDA build on a machine without a GPU."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, load_script
 
 
 @pytest.fixture
 def bootstrap(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bootstrap", ROOT / "scripts" / "bootstrap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script(ROOT / "scripts" / "bootstrap.py")
     calls = []
     monkeypatch.setattr(module, "run", lambda cmd, **kw: calls.append(cmd))
     module.calls = calls

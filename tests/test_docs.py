@@ -3,20 +3,15 @@ and LICENSE / CITATION.cff are well-formed."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, load_script
 
 
 def _builder():
-    spec = importlib.util.spec_from_file_location("traindyn_build_api", ROOT / "docs" /
-                                                  "build_api.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "docs" / "build_api.py", "traindyn_build_api")
 
 
 def test_the_api_reference_builds_without_warnings(tmp_path):

@@ -1,22 +1,17 @@
 """benchmarks/gpu_check.py: exits 0 without CUDA, and its checks run (on the CPU) here."""
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
 def gpu_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "benchmarks" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "gpu_check.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")

@@ -10,22 +10,17 @@ traindyn's figures appear inline (``image/png`` outputs) when no backend is forc
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, load_script
 
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("run_notebooks",
-                                                  ROOT / "scripts" / "run_notebooks.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "scripts" / "run_notebooks.py")
 
 
 def test_committed_outputs_come_from_the_committed_code():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 _BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 
@@ -56,12 +58,7 @@ def test_readme_images_exist():
 def test_gallery_images_are_the_notebooks_figures():
     """Each gallery image is byte for byte an output of the committed notebook of its name, so
     a notebook re-run without ``scripts/update_gallery.py`` fails here."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "update_gallery", README.parent / "scripts" / "update_gallery.py")
-    gallery = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gallery)
+    gallery = load_script(README.parent / "scripts" / "update_gallery.py")
     images = sorted((README.parent / "docs" / "gallery").glob("*.png"))
     assert images
     stale = [image.name for image in images if image.read_bytes() != gallery.gallery_source(image)]

@@ -19,6 +19,8 @@ from traindyn.dynamics import storage
 from traindyn.dynamics.cli import main as cli_main
 from traindyn.dynamics.report import build_report, load_run, write_report
 
+from tests.helpers import ROOT, load_script
+
 FACTORY = '''
 from torch import nn
 
@@ -243,18 +245,13 @@ def test_report_tables_any_category_dimension(tmp_path):
 def test_report_renders_in_headless_chromium(analyzed, tmp_path):
     """The page, opened offline in a real browser (scripts/report_screenshot.py), renders: a
     screenshot of the window size with content (not a blank page)."""
-    import importlib.util
     import shutil
 
     if not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")):
         pytest.skip("no Chromium on this machine (Debian: apt-get install chromium)")
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location(
-        "report_screenshot", Path(__file__).resolve().parents[2] / "scripts"
-        / "report_screenshot.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_script(ROOT / "scripts" / "report_screenshot.py")
     page = write_report(analyzed[0], tmp_path / "r.html")
     png = tool.screenshot(page, tmp_path / "r.png", width=1000, height=1500)
     image = np.asarray(Image.open(png).convert("L"), dtype=float)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from traindyn.probes.collapse import CollapseAccumulator, neural_collapse
 
 from tests._tiny_models import mlp
-from tests.helpers import assert_rel
+from tests.helpers import assert_rel, load_script
 
 
 def reference(h, y, W=None, b=None, global_mean="class_means"):
@@ -305,12 +305,7 @@ def test_analyze_cli_with_classifier_gives_nc3_nc4(tmp_path):
         "        return self.net(x)\n\n"
         "def make():\n"
         "    return Net()\n")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("nc_factory", factory)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    net = module.make()
+    net = load_script(factory, "nc_factory").make()
     (tmp_path / "ckpts").mkdir()
     torch.save(net.state_dict(), tmp_path / "ckpts" / "step10.pt")
     x = torch.randn(90, 6, generator=torch.Generator().manual_seed(2))

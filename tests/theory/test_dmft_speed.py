@@ -7,9 +7,6 @@ from the fine grid with the same fields."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -18,17 +15,14 @@ pytest.importorskip("jax")
 from traindyn.dynamics.recipes.two_layer import two_layer_task  # noqa: E402
 from traindyn.theory.dmft import dmft_two_layer  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import ROOT, load_script  # noqa: E402
+
 OUTPUTS = ("train_loss", "test_loss", "train_prediction", "test_prediction", "ntk", "ntk_test",
            "ntk_alignment", "phi_kernel", "g_kernel")
 
 
 def _reference():
-    spec = importlib.util.spec_from_file_location("_dmft_reference",
-                                                  ROOT / "benchmarks" / "_dmft_reference.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(ROOT / "benchmarks" / "_dmft_reference.py")
 
 
 @pytest.mark.slow
