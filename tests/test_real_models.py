@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -291,6 +292,26 @@ def test_capture_and_evaluate_equal_the_by_value_reference(name):
     compare(s, get, "evaluate", _monitor_probes())
 
 
+def checkpoint_folder(s: Series, tmp_path: Path) -> Path:
+    """The series' states saved as ``run/step{N}.pt``, the folder ``analyze`` reads."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for t, step in enumerate(STEPS):
+        torch.save(s.states[t], folder / f"step{step}.pt")
+    return folder
+
+
+def monitored_replay(s: Series, **monitor_kwargs: Any) -> xr.Dataset:
+    """A synchronous Monitor over the series' states, one evaluation per recorded step."""
+    model = s.model(0)
+    monitor = Monitor(model, schedule=lambda step: True, **monitor_kwargs)
+    with monitor:
+        for t, step in enumerate(STEPS):
+            model.load_state_dict(s.states[t])
+            monitor.step(step)
+    return monitor.to_dataset()
+
+
 def _monitor_run(s: Series, mode: bool | str, probes: list[Probe]) -> xr.Dataset:
     model = s.model(0, train=True)
     x = s.x["input_ids"] if isinstance(s.x, Mapping) else s.x
@@ -373,10 +394,7 @@ def test_analyze_over_a_checkpoint_folder_equals_the_reference(name, tmp_path):
     from traindyn.dynamics.probe_inputs import load_probe_inputs
 
     s = series(name)
-    folder = tmp_path / "run"
-    folder.mkdir()
-    for t, step in enumerate(STEPS):
-        torch.save(s.states[t], folder / f"step{step}.pt")
+    folder = checkpoint_folder(s, tmp_path)
     if isinstance(s.x, Mapping):      # text: analyze tokenises a text file (bytes)
         n = N_SAMPLES.get(name, 48)
         rng = np.random.default_rng(0)
@@ -457,25 +475,16 @@ def test_ntk_through_the_monitor_and_analyze_equals_brute_force_jacobians(name, 
     kernels = [brute_ntk(s.model(t).eval(), x) for t in range(len(STEPS))]
     expected = [ntk_summary(K, y.numpy(), kernels[0], kernels[t - 1] if t else None)
                 for t, K in enumerate(kernels)]
-    model = s.model(0)
-    monitor = Monitor(model, probes=["ntk"], layers=[], probe_data=x, probe_labels=y,
-                      schedule=lambda step: True, learning_rate=1.0,
-                      probe_kwargs={"ntk": {"max_samples": n}})
-    with monitor:
-        for t, step in enumerate(STEPS):
-            model.load_state_dict(s.states[t])
-            monitor.step(step)
-    folder = tmp_path / "run"
-    folder.mkdir()
-    for t, step in enumerate(STEPS):
-        torch.save(s.states[t], folder / f"step{step}.pt")
+    ds_m = monitored_replay(s, probes=["ntk"], layers=[], probe_data=x, probe_labels=y,
+                            learning_rate=1.0, probe_kwargs={"ntk": {"max_samples": n}})
+    folder = checkpoint_folder(s, tmp_path)
     torch.save(x, tmp_path / "x.pt")
     torch.save(y, tmp_path / "y.pt")
     ds_a = analyze(folder, model=f"tests._zoo:{name}", layers=s.layers[:1],
                    probe_data=str(tmp_path / "x.pt"), probe_labels=str(tmp_path / "y.pt"),
                    probes=["ntk"], probe_kwargs={"ntk": {"max_samples": n}}, dtype="float64",
                    learning_rate=1.0, batch_size=n, progress=False)
-    for path, ds in (("monitor-sync", monitor.to_dataset()), ("analyze", ds_a)):
+    for path, ds in (("monitor-sync", ds_m), ("analyze", ds_a)):
         worst = 0.0
         for var in expected[0]:
             got = ds[var].values
@@ -507,22 +516,13 @@ def test_log_partition_through_the_monitor_and_analyze_equals_numpy_logsumexp(tm
         logits.append(float((top[:, 0] + np.log(np.exp(y - top).sum(1))).mean()))
     expected = {"mean_log_z": np.array(logits),
                 "log_z_drift": np.array(logits) - logits[0]}
-    model = s.model(0)
-    monitor = Monitor(model, probes=["log_partition"], layers=[], probe_data=s.x,
-                      schedule=lambda step: True)
-    with monitor:
-        for t, step in enumerate(STEPS):
-            model.load_state_dict(s.states[t])
-            monitor.step(step)
-    folder = tmp_path / "run"
-    folder.mkdir()
-    for t, step in enumerate(STEPS):
-        torch.save(s.states[t], folder / f"step{step}.pt")
+    ds_m = monitored_replay(s, probes=["log_partition"], layers=[], probe_data=s.x)
+    folder = checkpoint_folder(s, tmp_path)
     torch.save(s.x, tmp_path / "x.pt")
     ds_a = analyze(folder, model="tests._zoo:mlp", layers=["0"], probe_data=str(tmp_path / "x.pt"),
                    probes=["log_partition"], dtype="float64", batch_size=len(s.x),
                    progress=False)
-    for path, ds in (("monitor-sync", monitor.to_dataset()), ("analyze", ds_a)):
+    for path, ds in (("monitor-sync", ds_m), ("analyze", ds_a)):
         worst = 0.0
         for var, want in expected.items():
             got = ds[var].values
