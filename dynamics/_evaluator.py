@@ -105,8 +105,7 @@ class Evaluator:
     def time(self, step: int | None) -> float | None:
         """The evaluation's time, learning rate × ``step`` (1 × step without a learning
         rate)."""
-        return None if step is None else (
-            1.0 if self.learning_rate is None else self.learning_rate) * step
+        return None if step is None else records.time_of(step, self.learning_rate)
 
     def features(self, model: torch.nn.Module, batches: Sequence[Any]
                  ) -> dict[str, torch.Tensor]:

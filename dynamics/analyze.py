@@ -452,15 +452,16 @@ def _measurements(results: list[dict], plan_of: Callable[[list[str]], ProbePlan]
     plan = plan_of(results[ok[0]]["layers"])
     if not plan.references:
         return measurements
-    lr = 1.0 if learning_rate is None else float(learning_rate)
+    lr = None if learning_rate is None else float(learning_rate)
 
     def states(i: int) -> dict[tuple[str, str | None], Any]:
         return {_from_state_key(k): v for k, v in results[i]["states"].items()}
 
-    book = ReferenceBook(plan, final=(states(ok[-1]), lr * results[ok[-1]]["step"]))
+    last = ok[-1]
+    book = ReferenceBook(plan, final=(states(last), records.time_of(results[last]["step"], lr)))
     for i in ok:
         compared = compare_references(plan, Measurement(states=states(i)), book,
-                                      lr * results[i]["step"])
+                                      records.time_of(results[i]["step"], lr))
         measurements[i] = measurements[i] | Measurement(compared.layer_values,
                                                         compared.values, notes=compared.notes)
     return measurements

@@ -126,16 +126,22 @@ def provenance() -> dict[str, str]:
     return {"versions": json.dumps(versions, sort_keys=True)}
 
 
+def time_of(step: Any, learning_rate: float | np.ndarray | None) -> Any:
+    """``time = learning_rate × step``: gradient-flow time of a discrete step (``step``
+    itself when no learning rate is given)."""
+    return (1.0 if learning_rate is None else learning_rate) * step
+
+
 def step_coords(steps: Any, learning_rate: float | np.ndarray | None) -> dict[str, Any]:
     """Coordinates ``step`` and ``time = learning_rate × step`` for a measured Dataset.
 
     With no learning rate (``None``), ``time`` equals ``step`` and says so in its attributes.
     """
     steps = np.asarray(steps, dtype=np.int64)
-    lr = 1.0 if learning_rate is None else learning_rate
+    lr = None if learning_rate is None else np.asarray(learning_rate, dtype=float)
     return {
         "step": ("step", steps, {"long_name": DIMS["step"], "units": "1"}),
-        "time": ("step", steps * np.asarray(lr, dtype=float),
+        "time": ("step", time_of(steps, lr),
                  {"long_name": "training time, learning rate × step", "units": "1",
                   **({"note": "no learning rate given: time = step"} if learning_rate is None
                      else {})}),
